@@ -1,0 +1,22 @@
+//! The onceonly participant PKI, identities and mutual TLS.
+//!
+//! - [`pki`]: create a root CA for a trust domain, issue participant
+//!   certificates (`spiffe://<trust-domain>/<role>/<id>`), revoke them into a
+//!   standard CRL; [`pki::Pki::throwaway`] makes a whole PKI for a test.
+//! - [`identity`]: the one place that turns a certificate into a
+//!   [`Participant`] and verifies chain, validity and revocation.
+//! - [`tls`]: rustls TLS 1.3 server and client configurations, a reloadable
+//!   server configuration, and the glue that hands verified streams (with the
+//!   peer's identity) to tonic.
+//! - [`inspect`]: what `onceonly-certs inspect` prints.
+//!
+//! The `onceonly-certs` binary is a thin CLI over this library.
+
+pub mod identity;
+pub mod inspect;
+pub mod pki;
+pub mod tls;
+
+pub use identity::{IdentityError, IdentityVerifier, Participant, Role};
+pub use pki::{InitOptions, IssueOptions, KeyAlgorithm, Pki, PkiError, TlsFiles};
+pub use tls::{MtlsConnector, MtlsIncoming, PeerIdentity, ReloadableServerTls, peer_identity};

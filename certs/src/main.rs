@@ -1,0 +1,249 @@
+//! `onceonly-certs`: create and manage the participant PKI.
+//!
+//! Exit codes: 0 success, 1 the operation failed (the message says why),
+//! 2 usage error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use onceonly_certs::inspect::CertificateSummary;
+use onceonly_certs::pki::{self, InitOptions, IssueOptions, KeyAlgorithm, Pki};
+use onceonly_certs::{Participant, Role};
+
+/// Create and manage the onceonly participant PKI: a root CA per trust
+/// domain and one certificate per participant, whose identity is the URI SAN
+/// spiffe://<trust-domain>/<role>/<id>.
+#[derive(Debug, Parser)]
+#[command(name = "onceonly-certs", version)]
+struct Cli {
+    /// The PKI directory.
+    #[arg(long, global = true, default_value = "pki", env = "ONCEONLY_PKI_DIR")]
+    dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a root CA for a trust domain, an empty revocation list and the
+    /// broker's certificate.
+    Init {
+        /// The SPIFFE trust domain, e.g. onceonly.test.
+        #[arg(long, default_value = "onceonly.test")]
+        trust_domain: String,
+        /// Key algorithm for the CA and, by default, every participant.
+        #[arg(long, value_enum, default_value_t = Algorithm::EcdsaP256)]
+        key_algorithm: Algorithm,
+        /// How long the CA is valid, e.g. "10y" or "3650days".
+        #[arg(long, default_value = "10years", value_parser = humantime::parse_duration)]
+        ca_validity: Duration,
+        /// The broker's id.
+        #[arg(long, default_value = "broker")]
+        broker_id: String,
+        /// A DNS name or IP address for the broker's server certificate;
+        /// repeat for several (default: localhost, 127.0.0.1, ::1).
+        #[arg(long = "broker-name")]
+        broker_names: Vec<String>,
+        /// How long the broker's certificate is valid.
+        #[arg(long, default_value = "90days", value_parser = humantime::parse_duration)]
+        validity: Duration,
+        /// Overwrite an existing PKI in the directory.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a participant certificate and key: <dir>/<role>/<id>.pem and .key.
+    Issue {
+        /// authority, connector, auditor, portal, broker or admin.
+        #[arg(long)]
+        role: Role,
+        /// The participant's id: letters, digits, '.', '-', '_'.
+        #[arg(long)]
+        id: String,
+        /// A DNS name or IP address the certificate covers (for connectors
+        /// and brokers; default localhost, 127.0.0.1, ::1); repeatable.
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// How long the certificate is valid, e.g. "90days", "12h".
+        #[arg(long, default_value = "90days", value_parser = humantime::parse_duration)]
+        validity: Duration,
+        /// Key algorithm (default: the PKI's).
+        #[arg(long, value_enum)]
+        key_algorithm: Option<Algorithm>,
+        /// Overwrite an existing certificate and key of this participant.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Put a certificate on the revocation list (crl.pem), which brokers and
+    /// connectors reload.
+    Revoke {
+        /// The certificate file to revoke.
+        #[arg(long, conflicts_with_all = ["serial", "role"])]
+        cert: Option<PathBuf>,
+        /// The serial to revoke, hex.
+        #[arg(long, conflicts_with = "role")]
+        serial: Option<String>,
+        /// With --id: revoke this participant's current certificate.
+        #[arg(long, requires = "id")]
+        role: Option<Role>,
+        /// With --role.
+        #[arg(long, requires = "role")]
+        id: Option<String>,
+    },
+    /// Print a certificate's identity, role, validity, serial and fingerprint.
+    Inspect {
+        /// The certificate (PEM); or --role and --id to name a participant.
+        cert: Option<PathBuf>,
+        /// With --id.
+        #[arg(long, requires = "id")]
+        role: Option<Role>,
+        /// With --role.
+        #[arg(long, requires = "role")]
+        id: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the revoked serials.
+    Revoked,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Algorithm {
+    EcdsaP256,
+    Ed25519,
+}
+
+impl From<Algorithm> for KeyAlgorithm {
+    fn from(a: Algorithm) -> Self {
+        match a {
+            Algorithm::EcdsaP256 => KeyAlgorithm::EcdsaP256,
+            Algorithm::Ed25519 => KeyAlgorithm::Ed25519,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init {
+            trust_domain,
+            key_algorithm,
+            ca_validity,
+            broker_id,
+            broker_names,
+            validity,
+            force,
+        } => {
+            let mut options = InitOptions::new(&trust_domain);
+            options.key_algorithm = key_algorithm.into();
+            options.ca_validity = ca_validity;
+            options.broker_id = broker_id;
+            if !broker_names.is_empty() {
+                options.broker_names = broker_names;
+            }
+            options.broker_validity = validity;
+            options.force = force;
+            let (pki, broker) = Pki::init(&cli.dir, &options)?;
+            println!("created PKI for trust domain {}", pki.trust_domain());
+            println!("  CA certificate   {}", pki.ca_cert_path().display());
+            println!("  revocation list  {}", pki.crl_path().display());
+            print_issued(&broker);
+        }
+        Command::Issue {
+            role,
+            id,
+            names,
+            validity,
+            key_algorithm,
+            force,
+        } => {
+            let pki = Pki::open(&cli.dir)?;
+            let mut options = IssueOptions::new(role, &id);
+            options.server_names = names;
+            options.validity = validity;
+            options.key_algorithm = key_algorithm.map(Into::into);
+            options.force = force;
+            print_issued(&pki.issue(&options)?);
+        }
+        Command::Revoke {
+            cert,
+            serial,
+            role,
+            id,
+        } => {
+            let pki = Pki::open(&cli.dir)?;
+            let cert = match (role, id) {
+                (Some(role), Some(id)) => Some(pki.participant_paths(role, &id).0),
+                _ => cert,
+            };
+            let serial = match (cert, serial) {
+                (Some(path), _) => {
+                    let der = pki::load_certs(&path)?.remove(0);
+                    CertificateSummary::of(&der)?.serial
+                }
+                (None, Some(serial)) => serial,
+                (None, None) => anyhow::bail!(
+                    "say what to revoke: --cert FILE, --serial HEX, or --role ROLE --id ID"
+                ),
+            };
+            if pki.revoke(&serial)? {
+                println!(
+                    "revoked serial {serial}; {} updated",
+                    pki.crl_path().display()
+                );
+            } else {
+                println!("serial {serial} was already revoked");
+            }
+        }
+        Command::Inspect {
+            cert,
+            role,
+            id,
+            json,
+        } => {
+            let path = match (role, id, cert) {
+                (Some(role), Some(id), _) => Pki::open(&cli.dir)?.participant_paths(role, &id).0,
+                (_, _, Some(cert)) => cert,
+                _ => anyhow::bail!("name a certificate file, or --role ROLE --id ID"),
+            };
+            let der = pki::load_certs(&path)?.remove(0);
+            let summary = CertificateSummary::of(&der)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                println!("{summary}");
+            }
+        }
+        Command::Revoked => {
+            let pki = Pki::open(&cli.dir)?;
+            let (serials, number) = pki.revoked_serials().context("reading the CRL")?;
+            println!("CRL number {number}, {} revoked", serials.len());
+            for (serial, when) in serials {
+                println!("{serial}  revoked at unix time {when}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_issued(issued: &pki::IssuedCertificate) {
+    let participant: &Participant = &issued.participant;
+    println!("issued {participant}");
+    println!("  certificate  {}", issued.cert_path.display());
+    println!("  key          {} (mode 0600)", issued.key_path.display());
+    println!("  serial       {}", issued.serial_hex);
+    println!("  valid until  {}", issued.not_after);
+}

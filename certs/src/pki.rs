@@ -1,0 +1,739 @@
+//! The participant PKI on disk: one root CA per trust domain, one
+//! certificate per participant, and a revocation list.
+//!
+//! A PKI directory looks like this (everything the `onceonly-certs` CLI and
+//! the demo touch):
+//!
+//! ```text
+//! pki/
+//!   pki.toml                 trust domain and key algorithm
+//!   ca.pem     ca.key        the root CA (the key is mode 0600)
+//!   crl.pem                  the revocation list, signed by the CA
+//!   <role>/<id>.pem          a participant's certificate
+//!   <role>/<id>.key          its private key (mode 0600)
+//! ```
+//!
+//! [`Pki::throwaway`] creates a complete PKI in a temporary directory in one
+//! call, for tests and the demo.
+
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rand::RngCore;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SanType, SerialNumber,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use crate::identity::{IdentityError, Participant, Role, validate_trust_domain};
+
+/// The signature algorithm of generated keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyAlgorithm {
+    /// ECDSA on P-256 with SHA-256: the most widely supported choice.
+    #[default]
+    EcdsaP256,
+    /// Ed25519: smaller and faster, supported by rustls and most modern stacks.
+    Ed25519,
+}
+
+impl KeyAlgorithm {
+    fn rcgen(self) -> &'static rcgen::SignatureAlgorithm {
+        match self {
+            KeyAlgorithm::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            KeyAlgorithm::Ed25519 => &rcgen::PKCS_ED25519,
+        }
+    }
+
+    /// Generates a fresh key pair.
+    pub fn generate(self) -> Result<KeyPair, PkiError> {
+        KeyPair::generate_for(self.rcgen()).map_err(PkiError::Rcgen)
+    }
+}
+
+/// What went wrong in a PKI operation.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A file exists where we would write; nothing was overwritten.
+    #[error("{0} already exists; pass --force to overwrite it")]
+    Exists(PathBuf),
+    /// No PKI at this directory.
+    #[error("{0} holds no PKI (no pki.toml); create one with `onceonly-certs init`")]
+    NotInitialised(PathBuf),
+    /// A file's content is not what it should be.
+    #[error("{path}: {reason}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An identity part was invalid.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// A DNS name or IP address for the certificate was invalid.
+    #[error("invalid server name {name:?}: {reason}")]
+    InvalidName {
+        /// The name as given.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// Certificate generation failed.
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// The serial is not a certificate of this CA.
+    #[error("no certificate with serial {0} was found in this PKI")]
+    UnknownSerial(String),
+}
+
+/// The PKI's metadata file, `pki.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PkiMeta {
+    /// The SPIFFE trust domain, e.g. `onceonly.test`.
+    pub trust_domain: String,
+    /// The algorithm participant keys get by default.
+    pub key_algorithm: KeyAlgorithm,
+}
+
+/// How `init` creates a PKI.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// The SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Key algorithm for the CA and, by default, every participant.
+    pub key_algorithm: KeyAlgorithm,
+    /// How long the root CA is valid.
+    pub ca_validity: Duration,
+    /// The broker's id (its certificate is issued at init).
+    pub broker_id: String,
+    /// DNS names and IP addresses the broker's server certificate covers.
+    pub broker_names: Vec<String>,
+    /// How long the broker's certificate is valid.
+    pub broker_validity: Duration,
+    /// Overwrite existing material.
+    pub force: bool,
+}
+
+impl InitOptions {
+    /// Defaults for a trust domain: ECDSA P-256, a 10-year CA, a broker
+    /// `broker` valid 90 days for `localhost`, `127.0.0.1` and `::1`.
+    pub fn new(trust_domain: &str) -> Self {
+        InitOptions {
+            trust_domain: trust_domain.to_owned(),
+            key_algorithm: KeyAlgorithm::default(),
+            ca_validity: Duration::from_secs(10 * 365 * 86_400),
+            broker_id: "broker".to_owned(),
+            broker_names: default_server_names(),
+            broker_validity: DEFAULT_VALIDITY,
+            force: false,
+        }
+    }
+}
+
+/// Participant certificates are valid 90 days unless told otherwise.
+pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(90 * 86_400);
+
+/// The names a server certificate covers by default: loopback only.
+pub fn default_server_names() -> Vec<String> {
+    vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
+}
+
+/// How `issue` creates a participant certificate.
+#[derive(Debug, Clone)]
+pub struct IssueOptions {
+    /// The role.
+    pub role: Role,
+    /// The id within the role.
+    pub id: String,
+    /// DNS names and IP addresses, for participants that serve (broker,
+    /// connector); empty gives [`default_server_names`] for those roles.
+    pub server_names: Vec<String>,
+    /// Start of validity; `None` is one minute ago (tolerates small clock skew).
+    pub not_before: Option<OffsetDateTime>,
+    /// How long the certificate is valid from `not_before`.
+    pub validity: Duration,
+    /// Key algorithm; `None` takes the PKI's.
+    pub key_algorithm: Option<KeyAlgorithm>,
+    /// Overwrite an existing certificate and key of this participant.
+    pub force: bool,
+}
+
+impl IssueOptions {
+    /// Defaults for a participant.
+    pub fn new(role: Role, id: &str) -> Self {
+        IssueOptions {
+            role,
+            id: id.to_owned(),
+            server_names: Vec::new(),
+            not_before: None,
+            validity: DEFAULT_VALIDITY,
+            key_algorithm: None,
+            force: false,
+        }
+    }
+}
+
+/// A certificate just issued, with where it was written.
+#[derive(Debug, Clone)]
+pub struct IssuedCertificate {
+    /// Whose it is.
+    pub participant: Participant,
+    /// The certificate (PEM).
+    pub cert_path: PathBuf,
+    /// The private key (PEM, PKCS#8, mode 0600).
+    pub key_path: PathBuf,
+    /// The serial number, lower-case hex.
+    pub serial_hex: String,
+    /// End of validity.
+    pub not_after: OffsetDateTime,
+}
+
+/// The file paths a participant's TLS configuration needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The trust bundle: the CA certificate(s), PEM.
+    pub ca: PathBuf,
+    /// This participant's certificate (chain), PEM.
+    pub cert: PathBuf,
+    /// This participant's private key, PEM.
+    pub key: PathBuf,
+    /// The revocation list, PEM or DER; optional.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
+}
+
+/// A PKI directory.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    dir: PathBuf,
+    meta: PkiMeta,
+}
+
+impl Pki {
+    /// Creates a new PKI in `dir`: root CA, empty revocation list and the
+    /// broker's certificate. Refuses to overwrite unless `options.force`.
+    pub fn init(dir: &Path, options: &InitOptions) -> Result<(Pki, IssuedCertificate), PkiError> {
+        validate_trust_domain(&options.trust_domain)?;
+        let meta = PkiMeta {
+            trust_domain: options.trust_domain.clone(),
+            key_algorithm: options.key_algorithm,
+        };
+        let pki = Pki {
+            dir: dir.to_owned(),
+            meta,
+        };
+        for path in [pki.meta_path(), pki.ca_cert_path(), pki.ca_key_path()] {
+            if path.exists() && !options.force {
+                return Err(PkiError::Exists(path));
+            }
+        }
+        create_dir(dir)?;
+
+        let ca_key = options.key_algorithm.generate()?;
+        let ca_params = ca_params(&options.trust_domain, options.ca_validity);
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let meta_text = toml::to_string(&pki.meta).map_err(|e| PkiError::Malformed {
+            path: pki.meta_path(),
+            reason: e.to_string(),
+        })?;
+        write_file(&pki.meta_path(), meta_text.as_bytes(), false, true)?;
+        write_file(
+            &pki.ca_key_path(),
+            ca_key.serialize_pem().as_bytes(),
+            true,
+            true,
+        )?;
+        write_file(&pki.ca_cert_path(), ca_cert.pem().as_bytes(), false, true)?;
+        pki.write_crl(Vec::new(), 1)?;
+
+        let mut broker = IssueOptions::new(Role::Broker, &options.broker_id);
+        broker.server_names = options.broker_names.clone();
+        broker.validity = options.broker_validity;
+        broker.force = options.force;
+        let issued = pki.issue(&broker)?;
+        Ok((pki, issued))
+    }
+
+    /// Opens an existing PKI directory.
+    pub fn open(dir: &Path) -> Result<Pki, PkiError> {
+        let meta_path = dir.join("pki.toml");
+        let text = match fs::read_to_string(&meta_path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(PkiError::NotInitialised(dir.to_owned()));
+            }
+            Err(source) => {
+                return Err(PkiError::Io {
+                    path: meta_path,
+                    source,
+                });
+            }
+        };
+        let meta: PkiMeta = toml::from_str(&text).map_err(|e| PkiError::Malformed {
+            path: meta_path.clone(),
+            reason: e.to_string(),
+        })?;
+        validate_trust_domain(&meta.trust_domain)?;
+        Ok(Pki {
+            dir: dir.to_owned(),
+            meta,
+        })
+    }
+
+    /// Creates a whole throw-away PKI in a new temporary directory: the CA,
+    /// the broker (id `broker`) and one certificate per `(role, id)`. The
+    /// directory is removed when the returned [`ThrowawayPki`] is dropped.
+    pub fn throwaway(
+        trust_domain: &str,
+        participants: &[(Role, &str)],
+    ) -> Result<ThrowawayPki, PkiError> {
+        let temp = tempfile::Builder::new()
+            .prefix("onceonly-pki-")
+            .tempdir()
+            .map_err(|source| PkiError::Io {
+                path: std::env::temp_dir(),
+                source,
+            })?;
+        let (pki, _broker) = Pki::init(temp.path(), &InitOptions::new(trust_domain))?;
+        for (role, id) in participants {
+            pki.issue(&IssueOptions::new(*role, id))?;
+        }
+        Ok(ThrowawayPki { pki, _temp: temp })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &str {
+        &self.meta.trust_domain
+    }
+
+    fn meta_path(&self) -> PathBuf {
+        self.dir.join("pki.toml")
+    }
+
+    /// The CA certificate (the trust bundle every participant needs).
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    fn ca_key_path(&self) -> PathBuf {
+        self.dir.join("ca.key")
+    }
+
+    /// The revocation list.
+    pub fn crl_path(&self) -> PathBuf {
+        self.dir.join("crl.pem")
+    }
+
+    /// Where a participant's certificate and key live.
+    pub fn participant_paths(&self, role: Role, id: &str) -> (PathBuf, PathBuf) {
+        let folder = self.dir.join(role.as_str());
+        (
+            folder.join(format!("{id}.pem")),
+            folder.join(format!("{id}.key")),
+        )
+    }
+
+    /// The TLS files of a participant, with the CA and the revocation list.
+    pub fn tls_files(&self, role: Role, id: &str) -> TlsFiles {
+        let (cert, key) = self.participant_paths(role, id);
+        TlsFiles {
+            ca: self.ca_cert_path(),
+            cert,
+            key,
+            crl: Some(self.crl_path()),
+        }
+    }
+
+    /// The participant a role and id give in this trust domain.
+    pub fn participant(&self, role: Role, id: &str) -> Result<Participant, PkiError> {
+        Ok(Participant::new(&self.meta.trust_domain, role, id)?)
+    }
+
+    fn issuer(&self) -> Result<Issuer<'static, KeyPair>, PkiError> {
+        let key_pem = read_string(&self.ca_key_path())?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::Malformed {
+            path: self.ca_key_path(),
+            reason: format!("not a usable private key: {e}"),
+        })?;
+        let cert_pem = read_string(&self.ca_cert_path())?;
+        Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| PkiError::Malformed {
+            path: self.ca_cert_path(),
+            reason: format!("not a usable CA certificate: {e}"),
+        })
+    }
+
+    /// Issues a participant certificate and writes it with its key.
+    pub fn issue(&self, options: &IssueOptions) -> Result<IssuedCertificate, PkiError> {
+        let participant = self.participant(options.role, &options.id)?;
+        let (cert_path, key_path) = self.participant_paths(options.role, &options.id);
+        for path in [&cert_path, &key_path] {
+            if path.exists() && !options.force {
+                return Err(PkiError::Exists(path.clone()));
+            }
+        }
+        let names = if options.server_names.is_empty() && options.role.serves() {
+            default_server_names()
+        } else {
+            options.server_names.clone()
+        };
+        let not_before = options
+            .not_before
+            .unwrap_or_else(|| OffsetDateTime::now_utc() - time::Duration::minutes(1));
+        let mut params = participant_params(&participant, &names, not_before, options.validity)?;
+        let serial = random_serial();
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+
+        let key = options
+            .key_algorithm
+            .unwrap_or(self.meta.key_algorithm)
+            .generate()?;
+        let cert = params.signed_by(&key, &self.issuer()?)?;
+
+        create_dir(cert_path.parent().unwrap_or(&self.dir))?;
+        write_file(
+            &key_path,
+            key.serialize_pem().as_bytes(),
+            true,
+            options.force,
+        )?;
+        write_file(&cert_path, cert.pem().as_bytes(), false, options.force)?;
+        Ok(IssuedCertificate {
+            participant,
+            cert_path,
+            key_path,
+            serial_hex: hex::encode(serial),
+            not_after: params.not_after,
+        })
+    }
+
+    /// Signs certificate parameters of the caller's own making with the CA.
+    /// For special cases and tests (e.g. a certificate with no SPIFFE id);
+    /// participants get theirs from [`Pki::issue`].
+    pub fn sign_custom(
+        &self,
+        params: &CertificateParams,
+        public_key: &KeyPair,
+    ) -> Result<rcgen::Certificate, PkiError> {
+        Ok(params.signed_by(public_key, &self.issuer()?)?)
+    }
+
+    /// The serials on the current revocation list (lower-case hex) and the
+    /// list's number.
+    pub fn revoked_serials(&self) -> Result<(Vec<(String, i64)>, u64), PkiError> {
+        let path = self.crl_path();
+        let der = load_crl(&path)?;
+        let (_, crl) =
+            x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| PkiError::Malformed {
+                path: path.clone(),
+                reason: format!("not a CRL: {e}"),
+            })?;
+        let number = crl
+            .crl_number()
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(0);
+        let serials = crl
+            .iter_revoked_certificates()
+            .map(|entry| {
+                (
+                    hex::encode(strip_sign_byte(entry.raw_serial())),
+                    entry.revocation_date.timestamp(),
+                )
+            })
+            .collect();
+        Ok((serials, number))
+    }
+
+    /// Puts `serial_hex` on the revocation list and re-signs it. Revoking a
+    /// serial twice keeps the first revocation. Returns whether it was new.
+    pub fn revoke(&self, serial_hex: &str) -> Result<bool, PkiError> {
+        let serial_hex = serial_hex
+            .trim()
+            .trim_start_matches("0x")
+            .to_ascii_lowercase();
+        let serial = hex::decode(serial_hex.replace(':', ""))
+            .map_err(|_| PkiError::UnknownSerial(format!("{serial_hex} (not hexadecimal)")))?;
+        let serial_hex = hex::encode(strip_sign_byte(&serial));
+        let (mut revoked, number) = self.revoked_serials()?;
+        if revoked.iter().any(|(s, _)| *s == serial_hex) {
+            return Ok(false);
+        }
+        revoked.push((serial_hex, OffsetDateTime::now_utc().unix_timestamp()));
+        self.write_crl(revoked, number + 1)?;
+        Ok(true)
+    }
+
+    fn write_crl(&self, revoked: Vec<(String, i64)>, number: u64) -> Result<(), PkiError> {
+        let now = OffsetDateTime::now_utc();
+        let revoked_certs = revoked
+            .into_iter()
+            .map(|(serial_hex, when)| {
+                let serial = hex::decode(&serial_hex).map_err(|_| PkiError::Malformed {
+                    path: self.crl_path(),
+                    reason: format!("serial {serial_hex} is not hex"),
+                })?;
+                Ok(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&serial),
+                    revocation_time: OffsetDateTime::from_unix_timestamp(when).unwrap_or(now),
+                    reason_code: Some(RevocationReason::Unspecified),
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, PkiError>>()?;
+        let params = CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(1),
+            next_update: now + time::Duration::days(30),
+            crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer()?)?;
+        write_file(&self.crl_path(), crl.pem()?.as_bytes(), false, true)
+    }
+}
+
+/// A PKI in a temporary directory, removed on drop. Derefs to [`Pki`].
+#[derive(Debug)]
+pub struct ThrowawayPki {
+    pki: Pki,
+    _temp: tempfile::TempDir,
+}
+
+impl std::ops::Deref for ThrowawayPki {
+    type Target = Pki;
+
+    fn deref(&self) -> &Pki {
+        &self.pki
+    }
+}
+
+fn ca_params(trust_domain: &str, validity: Duration) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::OrganizationName, "onceonly");
+    name.push(
+        DnType::CommonName,
+        format!("onceonly root CA {trust_domain}"),
+    );
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(1);
+    params.not_after = now + validity;
+    params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+    // The trust domain is a URI SAN of the CA too: SPIFFE bundles do the same.
+    if let Ok(uri) = format!("spiffe://{trust_domain}").try_into() {
+        params.subject_alt_names = vec![SanType::URI(uri)];
+    }
+    params
+}
+
+fn participant_params(
+    participant: &Participant,
+    server_names: &[String],
+    not_before: OffsetDateTime,
+    validity: Duration,
+) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::OrganizationName, "onceonly");
+    name.push(DnType::OrganizationalUnitName, participant.role().as_str());
+    name.push(DnType::CommonName, participant.id());
+    params.distinguished_name = name;
+    params.not_before = not_before;
+    params.not_after = not_before + validity;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    if participant.role().serves() {
+        params
+            .extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ServerAuth);
+    }
+    params.use_authority_key_identifier_extension = true;
+    let uri = participant
+        .spiffe_id()
+        .try_into()
+        .map_err(|e: rcgen::Error| PkiError::InvalidName {
+            name: participant.spiffe_id(),
+            reason: e.to_string(),
+        })?;
+    params.subject_alt_names.push(SanType::URI(uri));
+    for name in server_names {
+        params.subject_alt_names.push(server_name_san(name)?);
+    }
+    Ok(params)
+}
+
+fn server_name_san(name: &str) -> Result<SanType, PkiError> {
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
+        });
+    if !valid {
+        return Err(PkiError::InvalidName {
+            name: name.to_owned(),
+            reason: "not a DNS name or IP address".into(),
+        });
+    }
+    let ia5 = name
+        .try_into()
+        .map_err(|e: rcgen::Error| PkiError::InvalidName {
+            name: name.to_owned(),
+            reason: e.to_string(),
+        })?;
+    Ok(SanType::DnsName(ia5))
+}
+
+/// 16 random bytes, first bit clear so the DER INTEGER stays positive and
+/// the serial stays within RFC 5280's 20 octets.
+fn random_serial() -> [u8; 16] {
+    let mut serial = [0u8; 16];
+    rand::rng().fill_bytes(&mut serial);
+    serial[0] &= 0x7f;
+    if serial[0] == 0 {
+        serial[0] = 0x01;
+    }
+    serial
+}
+
+/// DER integers carry a leading zero byte where the top bit is set; serials
+/// are compared without it.
+fn strip_sign_byte(serial: &[u8]) -> &[u8] {
+    match serial {
+        [0, rest @ ..] if !rest.is_empty() => rest,
+        _ => serial,
+    }
+}
+
+/// SHA-256 over a DER certificate, colon-free lower-case hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
+fn create_dir(dir: &Path) -> Result<(), PkiError> {
+    fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+        path: dir.to_owned(),
+        source,
+    })
+}
+
+fn read_string(path: &Path) -> Result<String, PkiError> {
+    fs::read_to_string(path).map_err(|source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Writes a file, creating it with mode 0600 when `secret`; refuses to
+/// replace an existing file unless `overwrite`. Syncs before returning so a
+/// crash never leaves a half-written key.
+fn write_file(path: &Path, contents: &[u8], secret: bool, overwrite: bool) -> Result<(), PkiError> {
+    let io = |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut options = fs::OpenOptions::new();
+    options.write(true);
+    if overwrite {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(if secret { 0o600 } else { 0o644 });
+    }
+    let mut file = options.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            PkiError::Exists(path.to_owned())
+        } else {
+            io(e)
+        }
+    })?;
+    #[cfg(unix)]
+    if secret {
+        // An overwritten file keeps its old mode; make sure a key is 0600.
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(io)?;
+    }
+    file.write_all(contents).map_err(io)?;
+    file.sync_all().map_err(io)
+}
+
+/// Reads every certificate of a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let bytes = fs::read(path).map_err(|source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PkiError::Malformed {
+            path: path.to_owned(),
+            reason: format!("not PEM certificates: {e}"),
+        })?;
+    if certs.is_empty() {
+        return Err(PkiError::Malformed {
+            path: path.to_owned(),
+            reason: "no CERTIFICATE block found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads a revocation list, PEM or DER.
+pub fn load_crl(path: &Path) -> Result<CertificateRevocationListDer<'static>, PkiError> {
+    let bytes = fs::read(path).map_err(|source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    if bytes.starts_with(b"-----") {
+        CertificateRevocationListDer::from_pem_slice(&bytes).map_err(|e| PkiError::Malformed {
+            path: path.to_owned(),
+            reason: format!("not a PEM X509 CRL: {e}"),
+        })
+    } else {
+        Ok(CertificateRevocationListDer::from(bytes))
+    }
+}

@@ -1,0 +1,512 @@
+//! Mutual TLS 1.3 for every hop, with rustls.
+//!
+//! tonic's built-in TLS cannot check revocation lists or reload
+//! certificates, so servers here accept TCP themselves, run the rustls
+//! handshake with an [`IdentityVerifier`] (chain, validity, CRL and SPIFFE id
+//! in one), and hand tonic finished streams through `serve_with_incoming`.
+//! Each stream carries the peer's verified [`PeerIdentity`], which handlers
+//! read from the request extensions ([`peer_identity`]).
+//!
+//! Clients connect with [`MtlsConnector`], which presents the client
+//! certificate and, beyond the usual server-name check, insists that the
+//! server's SPIFFE id is the one expected: a connector presenting another
+//! connector's certificate is refused before any request is sent.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tonic::transport::server::Connected;
+
+use crate::identity::{IdentityError, IdentityVerifier, Participant, explain_tls_error};
+use crate::pki::{PkiError, TlsFiles, load_certs, load_crl};
+
+/// The ALPN protocol gRPC runs on.
+const ALPN_H2: &[u8] = b"h2";
+
+/// What can go wrong setting up TLS.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A certificate, key or CRL file could not be used.
+    #[error(transparent)]
+    Files(#[from] PkiError),
+    /// The private key file holds no usable key.
+    #[error("{path}: no usable private key ({reason})")]
+    Key {
+        /// The key file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Our own certificate has no valid identity.
+    #[error("own certificate {path}: {source}")]
+    OwnIdentity {
+        /// The certificate file.
+        path: String,
+        /// Why.
+        source: IdentityError,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration refused: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The identity verifier could not be built.
+    #[error(transparent)]
+    Verifier(#[from] IdentityError),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Key {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Our own certificate chain, key and identity, as read from `files`.
+fn load_own(
+    files: &TlsFiles,
+) -> Result<
+    (
+        Vec<CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+        Participant,
+    ),
+    TlsError,
+> {
+    let chain = load_certs(&files.cert)?;
+    let key = load_key(&files.key)?;
+    let participant =
+        Participant::from_certificate(&chain[0]).map_err(|source| TlsError::OwnIdentity {
+            path: files.cert.display().to_string(),
+            source,
+        })?;
+    Ok((chain, key, participant))
+}
+
+/// Builds the identity verifier for `files` (CA and optional CRL).
+pub fn identity_verifier(
+    files: &TlsFiles,
+    trust_domain: &str,
+) -> Result<IdentityVerifier, TlsError> {
+    let roots = load_certs(&files.ca)?;
+    let crls = match &files.crl {
+        Some(path) => vec![load_crl(path)?],
+        None => Vec::new(),
+    };
+    Ok(IdentityVerifier::new(trust_domain, roots, crls)?)
+}
+
+/// A TLS 1.3 server configuration that requires a client certificate with a
+/// valid identity of our trust domain (the trust domain is our own
+/// certificate's).
+pub fn server_config(files: &TlsFiles) -> Result<(ServerConfig, Participant), TlsError> {
+    let (chain, key, me) = load_own(files)?;
+    let verifier = identity_verifier(files, me.trust_domain())?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok((config, me))
+}
+
+/// A TLS 1.3 client configuration presenting our certificate and trusting
+/// the trust domain's CA.
+pub fn client_config(files: &TlsFiles) -> Result<(Arc<ClientConfig>, Participant), TlsError> {
+    let (chain, key, me) = load_own(files)?;
+    let mut roots = RootCertStore::empty();
+    for root in load_certs(&files.ca)? {
+        roots.add(root)?;
+    }
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok((Arc::new(config), me))
+}
+
+/// A server TLS configuration that can be swapped while serving: new
+/// connections use the new certificates and revocation list, established
+/// ones keep theirs. A failed reload leaves the old configuration in force.
+#[derive(Debug)]
+pub struct ReloadableServerTls {
+    files: TlsFiles,
+    current: RwLock<Arc<ServerConfig>>,
+    identity: Participant,
+}
+
+impl ReloadableServerTls {
+    /// Loads the configuration from `files`.
+    pub fn load(files: TlsFiles) -> Result<Arc<Self>, TlsError> {
+        let (config, identity) = server_config(&files)?;
+        Ok(Arc::new(ReloadableServerTls {
+            files,
+            current: RwLock::new(Arc::new(config)),
+            identity,
+        }))
+    }
+
+    /// Re-reads the files. On error the previous configuration stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let (config, _) = server_config(&self.files)?;
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *current = Arc::new(config);
+        Ok(())
+    }
+
+    /// The configuration new connections get.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// The server's own identity.
+    pub fn identity(&self) -> &Participant {
+        &self.identity
+    }
+}
+
+/// The verified identity of the peer of a connection, as request handlers
+/// see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// Who the peer is, from its verified certificate.
+    pub participant: Participant,
+    /// Its address.
+    pub remote_addr: Option<SocketAddr>,
+}
+
+/// Reads the caller's verified identity from a tonic request. `None` only
+/// where the server was not started with [`MtlsIncoming`] (a bug), which
+/// handlers answer with UNAUTHENTICATED.
+pub fn peer_identity<T>(request: &tonic::Request<T>) -> Option<&PeerIdentity> {
+    request.extensions().get::<PeerIdentity>()
+}
+
+/// A server-side TLS stream whose peer is verified.
+#[derive(Debug)]
+pub struct MtlsStream {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: PeerIdentity,
+}
+
+impl Connected for MtlsStream {
+    type ConnectInfo = PeerIdentity;
+
+    fn connect_info(&self) -> PeerIdentity {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for MtlsStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MtlsStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// How long a client may take to complete its handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts TCP connections and completes mutual TLS handshakes concurrently
+/// (a slow client never holds up others), yielding verified streams for
+/// `tonic::transport::Server::serve_with_incoming`. Refused handshakes are
+/// logged with the reason and never reach tonic. The accept task ends when
+/// the stream is dropped.
+pub struct MtlsIncoming {
+    receiver: mpsc::Receiver<MtlsStream>,
+}
+
+impl MtlsIncoming {
+    /// Starts accepting on `listener` with the configuration `tls` holds at
+    /// the time of each connection.
+    pub fn new(listener: TcpListener, tls: Arc<ReloadableServerTls>) -> Self {
+        let (sender, receiver) = mpsc::channel(64);
+        tokio::spawn(accept_loop(listener, tls, sender));
+        MtlsIncoming { receiver }
+    }
+}
+
+impl futures::Stream for MtlsIncoming {
+    type Item = Result<MtlsStream, io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.receiver.poll_recv(cx).map(|stream| stream.map(Ok))
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Arc<ReloadableServerTls>,
+    sender: mpsc::Sender<MtlsStream>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = sender.closed() => return,
+        };
+        let (tcp, remote_addr) = match accepted {
+            Ok(pair) => pair,
+            Err(error) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = TlsAcceptor::from(tls.current());
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            match handshake(acceptor, tcp, remote_addr).await {
+                Ok(stream) => {
+                    let _ = sender.send(stream).await;
+                }
+                Err(reason) => {
+                    tracing::warn!(%remote_addr, %reason, "TLS handshake refused");
+                }
+            }
+        });
+    }
+}
+
+async fn handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    remote_addr: SocketAddr,
+) -> Result<MtlsStream, String> {
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .map_err(|_| format!("handshake not completed within {HANDSHAKE_TIMEOUT:?}"))?
+        .map_err(|e| explain_io_error(&e))?;
+    let (_, connection) = tls.get_ref();
+    let end_entity = connection
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or("no client certificate presented")?;
+    let participant = Participant::from_certificate(end_entity).map_err(|e| e.to_string())?;
+    Ok(MtlsStream {
+        inner: tls,
+        peer: PeerIdentity {
+            participant,
+            remote_addr: Some(remote_addr),
+        },
+    })
+}
+
+/// Describes a TLS I/O error, unwrapping the rustls error inside it.
+pub fn explain_io_error(error: &io::Error) -> String {
+    match error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(tls) => explain_tls_error(tls),
+        None => error.to_string(),
+    }
+}
+
+/// Why a client connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The address in the URI is unusable.
+    #[error("invalid endpoint {0:?}: expected host:port")]
+    InvalidEndpoint(String),
+    /// TCP connect failed.
+    #[error("cannot connect to {endpoint}: {source}")]
+    Tcp {
+        /// Where.
+        endpoint: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The TLS handshake failed.
+    #[error("TLS handshake with {endpoint} failed: {reason}")]
+    Handshake {
+        /// Where.
+        endpoint: String,
+        /// Why.
+        reason: String,
+    },
+    /// The server is not who we expected.
+    #[error("{endpoint} presented identity {found}, expected {expected}")]
+    IdentityMismatch {
+        /// Where.
+        endpoint: String,
+        /// Whom we expected.
+        expected: String,
+        /// Whom we found (or why none).
+        found: String,
+    },
+}
+
+/// A tonic connector that opens mutual TLS connections and checks the
+/// server's SPIFFE id.
+#[derive(Clone)]
+pub struct MtlsConnector {
+    connector: TlsConnector,
+    expected_server: Option<Participant>,
+}
+
+impl MtlsConnector {
+    /// A connector presenting the client certificate of `config`, accepting
+    /// only `expected_server` (any identity of the trust domain if `None`).
+    pub fn new(config: Arc<ClientConfig>, expected_server: Option<Participant>) -> Self {
+        MtlsConnector {
+            connector: TlsConnector::from(config),
+            expected_server,
+        }
+    }
+
+    /// A lazily connecting tonic channel to `authority` (`host:port`)
+    /// through this connector.
+    pub fn channel(
+        self,
+        authority: &str,
+        connect_timeout: Duration,
+    ) -> Result<tonic::transport::Channel, ConnectError> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{authority}"))
+            .map_err(|_| ConnectError::InvalidEndpoint(authority.to_owned()))?
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true);
+        Ok(endpoint.connect_with_connector_lazy(self))
+    }
+
+    async fn connect(
+        self,
+        uri: http::Uri,
+    ) -> Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, ConnectError> {
+        let endpoint = uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .ok_or_else(|| ConnectError::InvalidEndpoint(uri.to_string()))?;
+        let host = uri
+            .host()
+            .ok_or_else(|| ConnectError::InvalidEndpoint(endpoint.clone()))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = uri
+            .port_u16()
+            .ok_or_else(|| ConnectError::InvalidEndpoint(endpoint.clone()))?;
+        let server_name = ServerName::try_from(host.to_owned())
+            .map_err(|_| ConnectError::InvalidEndpoint(endpoint.clone()))?;
+        let tcp = TcpStream::connect((host, port))
+            .await
+            .map_err(|source| ConnectError::Tcp {
+                endpoint: endpoint.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self
+            .connector
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| ConnectError::Handshake {
+                endpoint: endpoint.clone(),
+                reason: explain_io_error(&e),
+            })?;
+        if let Some(expected) = &self.expected_server {
+            let found = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|cert| Participant::from_certificate(cert));
+            let matches = matches!(&found, Some(Ok(p)) if p == expected);
+            if !matches {
+                return Err(ConnectError::IdentityMismatch {
+                    endpoint,
+                    expected: expected.to_string(),
+                    found: match found {
+                        Some(Ok(p)) => p.to_string(),
+                        Some(Err(e)) => e.to_string(),
+                        None => "no certificate".into(),
+                    },
+                });
+            }
+        }
+        Ok(TokioIo::new(tls))
+    }
+}
+
+impl tower::Service<http::Uri> for MtlsConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        Box::pin(self.clone().connect(uri))
+    }
+}
+
+/// Finds a [`ConnectError`] in an error's source chain (tonic wraps
+/// connector errors), to tell an identity mismatch from a plain outage.
+pub fn find_connect_error<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a ConnectError> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(err) = current {
+        if let Some(found) = err.downcast_ref::<ConnectError>() {
+            return Some(found);
+        }
+        current = err.source();
+    }
+    None
+}

@@ -1,0 +1,126 @@
+//! The mutual TLS plumbing over a real socket: a tonic server fed by
+//! `MtlsIncoming`, clients through `MtlsConnector`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use onceonly_certs::tls::{self, ConnectError, ReloadableServerTls};
+use onceonly_certs::{MtlsConnector, MtlsIncoming, Pki, Role};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+async fn serve(pki: &Pki) -> (std::net::SocketAddr, Arc<ReloadableServerTls>) {
+    let server_tls = ReloadableServerTls::load(pki.tls_files(Role::Broker, "broker")).expect("tls");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let incoming = MtlsIncoming::new(listener, server_tls.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(incoming),
+    );
+    (addr, server_tls)
+}
+
+async fn health_check(
+    pki: &Pki,
+    role: Role,
+    id: &str,
+    addr: std::net::SocketAddr,
+    expect_server: Option<onceonly_certs::Participant>,
+) -> Result<(), tonic::Status> {
+    let (config, _) = tls::client_config(&pki.tls_files(role, id)).expect("client tls");
+    let channel = MtlsConnector::new(config, expect_server)
+        .channel(&addr.to_string(), Duration::from_secs(5))
+        .expect("channel");
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn valid_client_is_served_and_revoked_one_refused_after_live_reload() {
+    let pki = Pki::throwaway(
+        "onceonly.test",
+        &[(Role::Authority, "a"), (Role::Authority, "b")],
+    )
+    .expect("pki");
+    let (addr, server_tls) = serve(&pki).await;
+    let broker = pki.participant(Role::Broker, "broker").expect("id");
+
+    health_check(&pki, Role::Authority, "a", addr, Some(broker.clone()))
+        .await
+        .expect("a is served");
+
+    let serial = onceonly_certs::inspect::CertificateSummary::of(
+        &onceonly_certs::pki::load_certs(&pki.participant_paths(Role::Authority, "a").0)
+            .expect("c")[0],
+    )
+    .expect("summary")
+    .serial;
+    pki.revoke(&serial).expect("revoke");
+    // Before the reload the server still uses the old list...
+    health_check(&pki, Role::Authority, "a", addr, None)
+        .await
+        .expect("old CRL still in force");
+    // ...after it, a new connection with the revoked certificate fails.
+    server_tls.reload().expect("reload");
+    let refused = health_check(&pki, Role::Authority, "a", addr, None).await;
+    assert!(refused.is_err(), "revoked client was served");
+    health_check(&pki, Role::Authority, "b", addr, None)
+        .await
+        .expect("b is still served");
+}
+
+#[tokio::test]
+async fn client_from_a_foreign_ca_is_refused() {
+    let pki = Pki::throwaway("onceonly.test", &[]).expect("pki");
+    let foreign = Pki::throwaway("onceonly.test", &[(Role::Authority, "x")]).expect("pki");
+    let (addr, _) = serve(&pki).await;
+    // The foreign client trusts our CA (it has our ca.pem) but its own
+    // certificate is from another CA.
+    let mut files = foreign.tls_files(Role::Authority, "x");
+    files.ca = pki.ca_cert_path();
+    let (config, _) = tls::client_config(&files).expect("tls");
+    let channel = MtlsConnector::new(config, None)
+        .channel(&addr.to_string(), Duration::from_secs(5))
+        .expect("channel");
+    let result = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await;
+    assert!(result.is_err(), "foreign client was served");
+}
+
+#[tokio::test]
+async fn server_with_unexpected_identity_is_refused_by_the_client() {
+    let pki = Pki::throwaway("onceonly.test", &[(Role::Authority, "a")]).expect("pki");
+    let (addr, _) = serve(&pki).await;
+    let expected = pki
+        .participant(Role::Connector, "civil-register")
+        .expect("id");
+    let (config, _) = tls::client_config(&pki.tls_files(Role::Authority, "a")).expect("tls");
+    let channel = MtlsConnector::new(config, Some(expected))
+        .channel(&addr.to_string(), Duration::from_secs(5))
+        .expect("channel");
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect_err("mismatched server accepted");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    let source = std::error::Error::source(&status).expect("status has a source");
+    let found = tls::find_connect_error(source).expect("connect error in chain");
+    assert!(
+        matches!(found, ConnectError::IdentityMismatch { found, .. } if found.ends_with("/broker/broker")),
+        "{found:?}"
+    );
+}
