@@ -12,6 +12,7 @@
 //!
 //! The `onceonly-certs` binary is a thin CLI over this library.
 
+pub mod config_file;
 pub mod identity;
 pub mod inspect;
 pub mod pki;

@@ -11,6 +11,10 @@
 //! assert_eq!(subject.scheme(), SubjectIdScheme::DeIdnr);
 //! ```
 
+pub mod metadata;
+pub mod status;
+pub mod validate;
+
 /// Package `onceonly.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod v1 {

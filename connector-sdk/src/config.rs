@@ -1,0 +1,288 @@
+//! A connector's configuration: a TOML file, environment overrides, and
+//! validation whose errors name the file, the key and the fix.
+//!
+//! ```toml
+//! listen = "127.0.0.1:7101"
+//! allowed_broker_id = "broker"        # optional: only this broker may call
+//!
+//! [tls]
+//! ca = "../pki/ca.pem"                # paths are relative to this file
+//! cert = "../pki/connector/civil-register.pem"
+//! key = "../pki/connector/civil-register.key"
+//! crl = "../pki/crl.pem"              # optional, reloaded on SIGHUP
+//!
+//! [limits]
+//! concurrency = 256                   # requests in the register at once
+//! max_request_time = "30s"            # cap on any deadline
+//! max_payload_size = "4MiB"
+//! ```
+//!
+//! Environment overrides (for containers): `ONCEONLY_CONNECTOR_LISTEN`,
+//! `ONCEONLY_CONNECTOR_ALLOWED_BROKER_ID`, `ONCEONLY_CONNECTOR_TLS_CA`,
+//! `ONCEONLY_CONNECTOR_TLS_CERT`, `ONCEONLY_CONNECTOR_TLS_KEY`,
+//! `ONCEONLY_CONNECTOR_TLS_CRL`, `ONCEONLY_CONNECTOR_CONCURRENCY`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use onceonly_certs::TlsFiles;
+use onceonly_certs::config_file::{self, ConfigFileError, relative_to};
+use serde::Deserialize;
+
+/// Everything a connector server needs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorConfig {
+    /// Where to listen.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The connector's certificate, key, the CA and the CRL.
+    pub tls: TlsFiles,
+    /// Where set, only the broker with this id may call.
+    #[serde(default)]
+    pub allowed_broker_id: Option<String>,
+    /// Limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// How long shutdown waits for requests in flight.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// A connector's limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Requests handed to the register at once; further ones wait (within
+    /// their deadline).
+    pub concurrency: usize,
+    /// The longest any request may take, and the deadline of requests that
+    /// bring none.
+    #[serde(with = "humantime_serde")]
+    pub max_request_time: Duration,
+    /// The largest payload the connector sends.
+    pub max_payload_size: ByteSize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            concurrency: 256,
+            max_request_time: Duration::from_secs(30),
+            max_payload_size: ByteSize::mib(4),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7101))
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl ConnectorConfig {
+    /// A configuration with defaults around `tls`.
+    pub fn new(tls: TlsFiles) -> Self {
+        ConnectorConfig {
+            listen: default_listen(),
+            tls,
+            allowed_broker_id: None,
+            limits: Limits::default(),
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+
+    /// Reads `path`, applies the process environment's overrides and
+    /// validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigFileError> {
+        let mut config: ConnectorConfig = config_file::load_toml(path)?;
+        config.resolve_paths(path);
+        config.apply_env(path, |key| std::env::var(key).ok())?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Makes the TLS paths relative to the config file's folder.
+    pub fn resolve_paths(&mut self, config_path: &Path) {
+        let tls = &mut self.tls;
+        tls.ca = relative_to(config_path, &tls.ca);
+        tls.cert = relative_to(config_path, &tls.cert);
+        tls.key = relative_to(config_path, &tls.key);
+        tls.crl = tls.crl.as_ref().map(|crl| relative_to(config_path, crl));
+    }
+
+    /// Applies `ONCEONLY_CONNECTOR_*` overrides read through `env`.
+    pub fn apply_env(
+        &mut self,
+        config_path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigFileError> {
+        const PREFIX: &str = "ONCEONLY_CONNECTOR_";
+        let var = |name: &str| env(&format!("{PREFIX}{name}"));
+        if let Some(listen) = var("LISTEN") {
+            self.listen = listen.parse().map_err(|e| {
+                ConfigFileError::invalid(
+                    config_path,
+                    format!("{PREFIX}LISTEN"),
+                    format!("{listen:?} is not an address: {e}"),
+                    "write host:port, e.g. 0.0.0.0:7101",
+                )
+            })?;
+        }
+        if let Some(id) = var("ALLOWED_BROKER_ID") {
+            self.allowed_broker_id = Some(id).filter(|id| !id.is_empty());
+        }
+        for (name, slot) in [
+            ("TLS_CA", &mut self.tls.ca),
+            ("TLS_CERT", &mut self.tls.cert),
+            ("TLS_KEY", &mut self.tls.key),
+        ] {
+            if let Some(path) = var(name) {
+                *slot = PathBuf::from(path);
+            }
+        }
+        if let Some(crl) = var("TLS_CRL") {
+            self.tls.crl = Some(PathBuf::from(crl)).filter(|p| !p.as_os_str().is_empty());
+        }
+        if let Some(concurrency) = var("CONCURRENCY") {
+            self.limits.concurrency = concurrency.parse().map_err(|_| {
+                ConfigFileError::invalid(
+                    config_path,
+                    format!("{PREFIX}CONCURRENCY"),
+                    format!("{concurrency:?} is not a whole number"),
+                    "set a number of requests, e.g. 256",
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Checks the values; `config_path` names the file in errors.
+    pub fn validate(&self, config_path: &Path) -> Result<(), ConfigFileError> {
+        let invalid = |key: &str, problem: String, fix: &str| {
+            Err(ConfigFileError::invalid(config_path, key, problem, fix))
+        };
+        if !(1..=100_000).contains(&self.limits.concurrency) {
+            return invalid(
+                "limits.concurrency",
+                format!("{} is out of range", self.limits.concurrency),
+                "use 1 to 100000",
+            );
+        }
+        if self.limits.max_request_time.is_zero() {
+            return invalid(
+                "limits.max_request_time",
+                "is zero".into(),
+                "give a duration such as \"30s\"",
+            );
+        }
+        let size = self.limits.max_payload_size.as_u64();
+        if !(1024..=64 * 1024 * 1024).contains(&size) {
+            return invalid(
+                "limits.max_payload_size",
+                format!("{} is out of range", self.limits.max_payload_size),
+                "use 1KiB to 64MiB",
+            );
+        }
+        for (key, path) in [
+            ("tls.ca", Some(&self.tls.ca)),
+            ("tls.cert", Some(&self.tls.cert)),
+            ("tls.key", Some(&self.tls.key)),
+            ("tls.crl", self.tls.crl.as_ref()),
+        ] {
+            if let Some(path) = path
+                && !path.is_file()
+            {
+                return invalid(
+                    key,
+                    format!("{} does not exist", path.display()),
+                    "point it at a file from `onceonly-certs` (e.g. onceonly-certs issue --role connector --id <id>)",
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ConnectorConfig, ConfigFileError> {
+        config_file::parse_toml(Path::new("connector.toml"), text)
+    }
+
+    #[test]
+    fn defaults_fill_what_is_not_written() {
+        let config = parse("[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n").expect("parses");
+        assert_eq!(config.limits.concurrency, 256);
+        assert_eq!(config.limits.max_payload_size, ByteSize::mib(4));
+        assert_eq!(config.listen, default_listen());
+    }
+
+    #[test]
+    fn sizes_and_durations_are_written_as_people_write_them() {
+        let config = parse(
+            "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[limits]\nmax_request_time = \"250ms\"\nmax_payload_size = \"512KiB\"\n",
+        )
+        .expect("parses");
+        assert_eq!(config.limits.max_request_time, Duration::from_millis(250));
+        assert_eq!(config.limits.max_payload_size, ByteSize::kib(512));
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_line() {
+        let error =
+            parse("[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[limits]\nconcurency = 5\n")
+                .expect_err("typo");
+        let message = error.to_string();
+        assert!(message.starts_with("connector.toml:6:"), "{message}");
+        assert!(message.contains("concurency"), "{message}");
+    }
+
+    #[test]
+    fn validation_names_key_and_fix() {
+        let mut config = parse("[tls]\nca = \"/nonexistent/ca.pem\"\ncert = \"b\"\nkey = \"c\"\n")
+            .expect("parses");
+        let message = config
+            .validate(Path::new("c.toml"))
+            .expect_err("missing")
+            .to_string();
+        assert!(message.contains("c.toml: tls.ca"), "{message}");
+        assert!(message.contains("onceonly-certs"), "{message}");
+        config.limits.concurrency = 0;
+        let message = config
+            .validate(Path::new("c.toml"))
+            .expect_err("zero")
+            .to_string();
+        assert!(message.contains("limits.concurrency"), "{message}");
+    }
+
+    #[test]
+    fn environment_overrides_apply() {
+        let mut config = parse("[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n").expect("parses");
+        config
+            .apply_env(Path::new("c.toml"), |key| match key {
+                "ONCEONLY_CONNECTOR_LISTEN" => Some("0.0.0.0:9000".into()),
+                "ONCEONLY_CONNECTOR_CONCURRENCY" => Some("8".into()),
+                "ONCEONLY_CONNECTOR_TLS_CERT" => Some("/etc/conn.pem".into()),
+                _ => None,
+            })
+            .expect("applies");
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.limits.concurrency, 8);
+        assert_eq!(config.tls.cert, PathBuf::from("/etc/conn.pem"));
+        let bad = config.apply_env(Path::new("c.toml"), |key| {
+            (key == "ONCEONLY_CONNECTOR_CONCURRENCY").then(|| "many".into())
+        });
+        assert!(
+            bad.expect_err("not a number")
+                .to_string()
+                .contains("ONCEONLY_CONNECTOR_CONCURRENCY")
+        );
+    }
+}

@@ -1,0 +1,340 @@
+//! Running a connector: bind, serve over mutual TLS with health and
+//! reflection, reload certificates and the CRL on SIGHUP, and shut down
+//! gracefully (health says NOT_SERVING, no new connections, requests in
+//! flight finish within the grace period).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use onceonly_certs::tls::TlsError;
+use onceonly_certs::{MtlsIncoming, Participant, ReloadableServerTls, TlsFiles};
+use onceonly_proto::v1::connector_service_server::ConnectorServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::config::ConnectorConfig;
+use crate::connector::Connector;
+use crate::service::{ConnectorGrpc, ServiceLimits};
+
+/// Request messages are small (ids and short texts); anything larger is
+/// refused by the gRPC layer with RESOURCE_EXHAUSTED.
+const MAX_REQUEST_MESSAGE: usize = 64 * 1024;
+
+/// Why a connector could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The certificate, key, CA or CRL is unusable.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// The connector's certificate is not a connector's.
+    #[error(
+        "the certificate {path} is {identity}, which is not a connector identity (role connector); issue one with `onceonly-certs issue --role connector --id <id>`"
+    )]
+    NotAConnector {
+        /// The certificate.
+        path: String,
+        /// Whose it is.
+        identity: Participant,
+    },
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Server reflection could not be set up.
+    #[error("reflection: {0}")]
+    Reflection(String),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A connector server, configured; [`ConnectorServer::bind`] starts it.
+pub struct ConnectorServer<C> {
+    connector: Arc<C>,
+    config: ConnectorConfig,
+}
+
+impl<C: Connector> ConnectorServer<C> {
+    /// A server for `connector` with `config` (e.g. from
+    /// [`ConnectorConfig::load`]).
+    pub fn new(connector: C, config: ConnectorConfig) -> Self {
+        ConnectorServer {
+            connector: Arc::new(connector),
+            config,
+        }
+    }
+
+    /// A server with defaults around `tls`; adjust with the builder methods.
+    pub fn builder(connector: C, tls: TlsFiles) -> Self {
+        Self::new(connector, ConnectorConfig::new(tls))
+    }
+
+    /// Listen here (default 127.0.0.1:7101; port 0 picks a free one).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.config.listen = addr;
+        self
+    }
+
+    /// Accept only the broker with this id.
+    pub fn allowed_broker(mut self, broker_id: impl Into<String>) -> Self {
+        self.config.allowed_broker_id = Some(broker_id.into());
+        self
+    }
+
+    /// Requests in the register at once (default 256).
+    pub fn concurrency(mut self, limit: usize) -> Self {
+        self.config.limits.concurrency = limit;
+        self
+    }
+
+    /// Cap on any request's time (default 30 s).
+    pub fn max_request_time(mut self, limit: Duration) -> Self {
+        self.config.limits.max_request_time = limit;
+        self
+    }
+
+    /// Loads TLS and binds the listener; the returned server knows its
+    /// address and identity before it serves.
+    pub async fn bind(self) -> Result<BoundConnector<C>, ServeError> {
+        let tls = ReloadableServerTls::load(self.config.tls.clone())?;
+        let identity = tls.identity().clone();
+        if identity.role() != onceonly_certs::Role::Connector {
+            return Err(ServeError::NotAConnector {
+                path: self.config.tls.cert.display().to_string(),
+                identity,
+            });
+        }
+        let listener = TcpListener::bind(self.config.listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: self.config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+            addr: self.config.listen,
+            source,
+        })?;
+        Ok(BoundConnector {
+            server: self,
+            tls,
+            listener,
+            local_addr,
+            identity,
+        })
+    }
+}
+
+/// A connector bound to its address, ready to serve.
+pub struct BoundConnector<C> {
+    server: ConnectorServer<C>,
+    tls: Arc<ReloadableServerTls>,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    identity: Participant,
+}
+
+impl<C: Connector> BoundConnector<C> {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Its identity, from its certificate.
+    pub fn identity(&self) -> &Participant {
+        &self.identity
+    }
+
+    /// The TLS configuration; `reload()` picks up new certificates and CRLs.
+    pub fn tls(&self) -> Arc<ReloadableServerTls> {
+        self.tls.clone()
+    }
+
+    /// Serves until `shutdown` completes, then drains requests in flight
+    /// (for at most the configured grace period).
+    pub async fn serve_with_shutdown(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let config = &self.server.config;
+        let grpc = ConnectorGrpc::new(
+            self.server.connector.clone(),
+            &self.identity,
+            config.allowed_broker_id.clone(),
+            ServiceLimits {
+                concurrency: config.limits.concurrency,
+                max_request_time: config.limits.max_request_time,
+                max_payload_size: usize::try_from(config.limits.max_payload_size.as_u64())
+                    .unwrap_or(usize::MAX),
+            },
+        );
+        let max_response = usize::try_from(config.limits.max_payload_size.as_u64())
+            .unwrap_or(usize::MAX)
+            .saturating_add(MAX_REQUEST_MESSAGE);
+        let service = ConnectorServiceServer::new(grpc)
+            .max_decoding_message_size(MAX_REQUEST_MESSAGE)
+            .max_encoding_message_size(max_response);
+
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<ConnectorServiceServer<ConnectorGrpc<C>>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(onceonly_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+        tracing::info!(
+            addr = %self.local_addr,
+            identity = %self.identity,
+            "connector serving"
+        );
+        let incoming = MtlsIncoming::new(self.listener, self.tls.clone());
+        let grace = config.shutdown_grace;
+        let (drain_started, drain_signal) = oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            health_reporter
+                .set_not_serving::<ConnectorServiceServer<ConnectorGrpc<C>>>()
+                .await;
+            tracing::info!("connector shutting down; draining requests in flight");
+            let _ = drain_started.send(());
+        };
+        let serving = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, signal);
+        tokio::pin!(serving);
+        tokio::select! {
+            result = &mut serving => result?,
+            () = async {
+                let _ = drain_signal.await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(?grace, "requests still in flight after the grace period; stopping anyway");
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves until Ctrl-C or SIGTERM; reloads TLS files on SIGHUP.
+    pub async fn serve(self) -> Result<(), ServeError> {
+        spawn_sighup_reload(self.tls.clone());
+        self.serve_with_shutdown(terminate_signal()).await
+    }
+
+    /// Serves in a background task; the handle stops it.
+    pub fn spawn(self) -> RunningConnector {
+        let local_addr = self.local_addr;
+        let identity = self.identity.clone();
+        let tls = self.tls.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(self.serve_with_shutdown(async move {
+            let _ = stopped.await;
+        }));
+        RunningConnector {
+            local_addr,
+            identity,
+            tls,
+            stop: Some(stop),
+            task,
+        }
+    }
+}
+
+/// A connector serving in the background.
+pub struct RunningConnector {
+    local_addr: SocketAddr,
+    identity: Participant,
+    tls: Arc<ReloadableServerTls>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+impl RunningConnector {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Its identity.
+    pub fn identity(&self) -> &Participant {
+        &self.identity
+    }
+
+    /// Its TLS configuration (call `reload()` after revoking a certificate).
+    pub fn tls(&self) -> &ReloadableServerTls {
+        &self.tls
+    }
+
+    /// Stops accepting, drains requests in flight, and waits for the end.
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(join_error) => Err(ServeError::Reflection(format!(
+                "server task failed: {join_error}"
+            ))),
+        }
+    }
+}
+
+impl Drop for RunningConnector {
+    fn drop(&mut self) {
+        if self.stop.is_some() {
+            self.task.abort();
+        }
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn terminate_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+/// Reloads the TLS files on every SIGHUP; a failed reload keeps the old ones.
+pub fn spawn_sighup_reload(tls: Arc<ReloadableServerTls>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificates and CRL reloaded"),
+                Err(error) => {
+                    tracing::error!(%error, "TLS reload failed; keeping the previous configuration")
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,386 @@
+//! The `onceonly.v1.ConnectorService` implementation around a
+//! [`Connector`]: the caller check, request validation, the deadline, the
+//! concurrency limit, and the evidence envelope (digest, connector id, time
+//! of issue). The implementer's code is reached only by a well-formed
+//! request from the broker.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use onceonly_certs::{Participant, Role, peer_identity};
+use onceonly_proto::metadata::{TraceContext, grpc_timeout};
+use onceonly_proto::status::{error, invalid_request};
+use onceonly_proto::v1::connector_service_server::ConnectorService;
+use onceonly_proto::v1::{
+    DescribeConnectorRequest, DescribeConnectorResponse, ErrorReason, Evidence, EvidenceTypeInfo,
+    ProvideEvidenceRequest, ProvideEvidenceResponse, SubjectIdScheme,
+};
+use onceonly_proto::validate::{self, FieldViolation, Violations};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
+
+use crate::connector::{Connector, EvidencePayload, EvidenceRequest, ProvideError, Subject};
+
+/// The share of the caller's deadline kept back so that our
+/// DEADLINE_EXCEEDED reaches the caller before it gives up by itself.
+const DEADLINE_HEADROOM_MAX: Duration = Duration::from_millis(20);
+
+/// The limits a connector service enforces.
+#[derive(Debug, Clone)]
+pub(crate) struct ServiceLimits {
+    /// Requests handed to the implementer at once; more wait their turn
+    /// (within their deadline).
+    pub concurrency: usize,
+    /// The longest a request may take when the caller sets no deadline, and
+    /// the cap on any deadline.
+    pub max_request_time: Duration,
+    /// The largest payload the connector will send.
+    pub max_payload_size: usize,
+}
+
+/// The gRPC service wrapping a connector.
+pub(crate) struct ConnectorGrpc<C> {
+    connector: Arc<C>,
+    /// This connector's id, from its own certificate.
+    connector_id: String,
+    register_name: String,
+    /// The evidence types served, by id: read once, checked on every request.
+    served: HashMap<String, EvidenceTypeInfo>,
+    /// Where set, only this broker id may call.
+    allowed_broker: Option<String>,
+    permits: Arc<Semaphore>,
+    limits: ServiceLimits,
+}
+
+impl<C: Connector> ConnectorGrpc<C> {
+    pub(crate) fn new(
+        connector: Arc<C>,
+        me: &Participant,
+        allowed_broker: Option<String>,
+        limits: ServiceLimits,
+    ) -> Self {
+        let served = connector
+            .evidence_types()
+            .into_iter()
+            .map(|info| (info.evidence_type.clone(), info))
+            .collect();
+        ConnectorGrpc {
+            register_name: connector.register_name(),
+            connector,
+            connector_id: me.id().to_owned(),
+            served,
+            allowed_broker,
+            permits: Arc::new(Semaphore::new(limits.concurrency.max(1))),
+            limits,
+        }
+    }
+
+    /// Only the broker may call a connector.
+    fn check_caller<T>(&self, request: &Request<T>) -> Result<Participant, Status> {
+        let Some(peer) = peer_identity(request) else {
+            return Err(error(
+                Code::Unauthenticated,
+                ErrorReason::Unauthenticated,
+                "no verified client certificate on this connection",
+            ));
+        };
+        let caller = &peer.participant;
+        if caller.role() != Role::Broker {
+            return Err(error(
+                Code::PermissionDenied,
+                ErrorReason::RoleNotPermitted,
+                format!(
+                    "{caller} has role {}; only the broker (role broker) may call a connector",
+                    caller.role()
+                ),
+            ));
+        }
+        if let Some(allowed) = &self.allowed_broker
+            && caller.id() != allowed
+        {
+            return Err(error(
+                Code::PermissionDenied,
+                ErrorReason::RoleNotPermitted,
+                format!("{caller} is not the broker this connector serves (broker id {allowed})"),
+            ));
+        }
+        Ok(caller.clone())
+    }
+
+    /// Checks the request and turns it into what the implementer sees.
+    fn validate(&self, request: ProvideEvidenceRequest) -> Result<EvidenceRequest, Status> {
+        let mut violations = Violations::new();
+        violations
+            .check(validate::request_id("exchange_id", &request.exchange_id))
+            .check(validate::evidence_type_id(
+                "evidence_type",
+                &request.evidence_type,
+            ))
+            .check(validate::subject(request.subject.as_ref(), "subject"))
+            .check(validate::required_text("purpose", &request.purpose))
+            .check(validate::required_text("legal_basis", &request.legal_basis))
+            .check(validate::optional_text(
+                "jurisdiction",
+                &request.jurisdiction,
+            ))
+            .check(validate::optional_text(
+                "requester_id",
+                &request.requester_id,
+            ));
+        let served = self.served.get(&request.evidence_type);
+        if let Some(info) = served {
+            check_against_type(info, &request, &mut violations);
+        }
+        violations
+            .into_result()
+            .map_err(|v| invalid_request(ErrorReason::InvalidRequest, &v))?;
+        if served.is_none() {
+            return Err(provide_error_status(&ProvideError::EvidenceTypeNotServed(
+                request.evidence_type,
+            )));
+        }
+        let subject = request.subject.unwrap_or_default();
+        Ok(EvidenceRequest {
+            exchange_id: request.exchange_id,
+            evidence_type: request.evidence_type,
+            subject: Subject {
+                scheme: subject.scheme(),
+                value: subject.value,
+            },
+            jurisdiction: Some(request.jurisdiction).filter(|j| !j.is_empty()),
+            purpose: request.purpose,
+            legal_basis: request.legal_basis,
+            requester_id: request.requester_id,
+            parameters: request.parameters,
+            deadline: None,
+        })
+    }
+
+    fn envelope(
+        &self,
+        evidence_type: String,
+        payload: EvidencePayload,
+    ) -> Result<Evidence, Status> {
+        if payload.bytes.len() > self.limits.max_payload_size {
+            tracing::error!(
+                size = payload.bytes.len(),
+                limit = self.limits.max_payload_size,
+                "payload exceeds max_payload_size"
+            );
+            return Err(error(
+                Code::ResourceExhausted,
+                ErrorReason::LimitExceeded,
+                format!(
+                    "the register's payload is {} bytes, over this connector's limit of {} bytes",
+                    payload.bytes.len(),
+                    self.limits.max_payload_size
+                ),
+            ));
+        }
+        let now = time::OffsetDateTime::now_utc();
+        Ok(Evidence {
+            evidence_type,
+            payload_sha256: Sha256::digest(&payload.bytes).to_vec(),
+            payload: payload.bytes,
+            media_type: payload.media_type,
+            connector_id: self.connector_id.clone(),
+            issued_at: Some(prost_types::Timestamp {
+                seconds: now.unix_timestamp(),
+                nanos: i32::try_from(now.nanosecond()).unwrap_or(0),
+            }),
+            register_signature: payload.register_signature,
+        })
+    }
+
+    /// The time this request may take: the caller's deadline less a little
+    /// headroom, capped by `max_request_time`.
+    fn budget<T>(&self, request: &Request<T>) -> Duration {
+        match grpc_timeout(request.metadata()) {
+            Some(timeout) => {
+                let headroom = (timeout / 10).min(DEADLINE_HEADROOM_MAX);
+                (timeout - headroom).min(self.limits.max_request_time)
+            }
+            None => self.limits.max_request_time,
+        }
+    }
+}
+
+/// Checks subject scheme and parameters against the evidence type.
+fn check_against_type(
+    info: &EvidenceTypeInfo,
+    request: &ProvideEvidenceRequest,
+    violations: &mut Violations,
+) {
+    if let Some(subject) = &request.subject {
+        let scheme = subject.scheme();
+        if scheme != SubjectIdScheme::Unspecified
+            && !info.subject_schemes.is_empty()
+            && !info.subject_schemes.contains(&subject.scheme)
+        {
+            let expected: Vec<&str> = info
+                .subject_schemes
+                .iter()
+                .filter_map(|s| SubjectIdScheme::try_from(*s).ok())
+                .map(|s| s.as_str_name())
+                .collect();
+            violations.push(FieldViolation::new(
+                "subject.scheme",
+                format!(
+                    "{} is not keyed by {}; use one of {}",
+                    info.evidence_type,
+                    scheme.as_str_name(),
+                    expected.join(", ")
+                ),
+            ));
+        }
+    }
+    for (name, value) in &request.parameters {
+        let field = format!("parameters[{name}]");
+        if !info.parameters.iter().any(|p| &p.name == name) {
+            violations.push(FieldViolation::new(
+                field,
+                format!("{} takes no parameter {name:?}", info.evidence_type),
+            ));
+        } else {
+            violations.check(validate::optional_text(&field, value));
+        }
+    }
+    for parameter in info.parameters.iter().filter(|p| p.required) {
+        if request
+            .parameters
+            .get(&parameter.name)
+            .is_none_or(|v| v.is_empty())
+        {
+            violations.push(FieldViolation::new(
+                format!("parameters[{}]", parameter.name),
+                format!("required: {}", parameter.description),
+            ));
+        }
+    }
+}
+
+/// The documented status of each [`ProvideError`].
+pub(crate) fn provide_error_status(provide_error: &ProvideError) -> Status {
+    match provide_error {
+        ProvideError::SubjectNotFound => error(
+            Code::NotFound,
+            ErrorReason::SubjectNotFound,
+            provide_error.to_string(),
+        ),
+        ProvideError::EvidenceTypeNotServed(_) => error(
+            Code::Unimplemented,
+            ErrorReason::NoRoute,
+            provide_error.to_string(),
+        ),
+        ProvideError::SubjectBlocked(_) => error(
+            Code::PermissionDenied,
+            ErrorReason::SubjectBlocked,
+            provide_error.to_string(),
+        ),
+        ProvideError::InvalidParameter { name, reason } => invalid_request(
+            ErrorReason::InvalidRequest,
+            &[FieldViolation::new(
+                format!("parameters[{name}]"),
+                reason.clone(),
+            )],
+        ),
+        ProvideError::RegisterUnavailable(_) => error(
+            Code::Unavailable,
+            ErrorReason::ConnectorUnavailable,
+            provide_error.to_string(),
+        ),
+        ProvideError::Internal(_) => Status::internal(
+            "the connector failed unexpectedly; its operator has the details in its log",
+        ),
+    }
+}
+
+fn deadline_exceeded(budget: Duration) -> Status {
+    error(
+        Code::DeadlineExceeded,
+        ErrorReason::DeadlineExceeded,
+        format!("the register did not answer within the deadline ({budget:?})"),
+    )
+}
+
+#[tonic::async_trait]
+impl<C: Connector> ConnectorService for ConnectorGrpc<C> {
+    async fn provide_evidence(
+        &self,
+        request: Request<ProvideEvidenceRequest>,
+    ) -> Result<Response<ProvideEvidenceResponse>, Status> {
+        let started = Instant::now();
+        let caller = self.check_caller(&request)?;
+        let trace =
+            TraceContext::extract(request.metadata()).unwrap_or_else(TraceContext::new_root);
+        let budget = self.budget(&request);
+        let deadline = started + budget;
+        let span = tracing::info_span!(
+            "provide_evidence",
+            exchange_id = %request.get_ref().exchange_id,
+            evidence_type = %request.get_ref().evidence_type,
+            trace_id = %trace.trace_id(),
+            caller = %caller,
+        );
+        async move {
+            let mut evidence_request = self.validate(request.into_inner())?;
+            evidence_request.deadline = Some(deadline);
+            let evidence_type = evidence_request.evidence_type.clone();
+
+            let outcome = tokio::time::timeout_at(deadline.into(), async {
+                let _permit = self
+                    .permits
+                    .acquire()
+                    .await
+                    .map_err(|_| Status::unavailable("connector is shutting down"))?;
+                self.connector
+                    .provide(evidence_request)
+                    .await
+                    .map_err(|e| {
+                        if let ProvideError::Internal(detail) = &e {
+                            tracing::error!(%detail, "connector failed");
+                        }
+                        provide_error_status(&e)
+                    })
+            })
+            .await;
+            let result = match outcome {
+                Ok(Ok(payload)) => self.envelope(evidence_type, payload),
+                Ok(Err(status)) => Err(status),
+                Err(_elapsed) => Err(deadline_exceeded(budget)),
+            };
+            let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+            match &result {
+                Ok(evidence) => tracing::info!(latency_ms, bytes = evidence.payload.len(), "evidence provided"),
+                Err(status) => tracing::info!(latency_ms, code = ?status.code(), message = status.message(), "evidence refused"),
+            }
+            result.map(|evidence| {
+                Response::new(ProvideEvidenceResponse {
+                    evidence: Some(evidence),
+                })
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn describe_connector(
+        &self,
+        request: Request<DescribeConnectorRequest>,
+    ) -> Result<Response<DescribeConnectorResponse>, Status> {
+        self.check_caller(&request)?;
+        let mut evidence_types: Vec<EvidenceTypeInfo> = self.served.values().cloned().collect();
+        evidence_types.sort_by(|a, b| a.evidence_type.cmp(&b.evidence_type));
+        for info in &mut evidence_types {
+            info.consent_required = false;
+        }
+        Ok(Response::new(DescribeConnectorResponse {
+            connector_id: self.connector_id.clone(),
+            register_name: self.register_name.clone(),
+            evidence_types,
+        }))
+    }
+}

@@ -1,0 +1,398 @@
+//! The well-formedness rules the `.proto` comments promise, in one place:
+//! subject identifiers by scheme (German IDNr with its ISO/IEC 7064 MOD 11,10
+//! check digit, commercial register numbers, eIDAS identifiers), ids, and
+//! required text fields with their size limits.
+//!
+//! The broker checks every request with these before anything else; the
+//! connector SDK checks again so a malformed id never reaches a register's
+//! code. Checks collect every violation ([`Violations`]) so one answer names
+//! every wrong field.
+
+use crate::v1::{SubjectId, SubjectIdScheme};
+
+/// The longest purpose, legal basis or other free-text field we accept.
+pub const MAX_TEXT_LEN: usize = 256;
+/// The longest request id.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+/// The most evidence parameters a request may carry.
+pub const MAX_PARAMETERS: usize = 16;
+
+/// One field that is missing or malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {description}")]
+pub struct FieldViolation {
+    /// The field's path in the request, e.g. `subject.value`.
+    pub field: String,
+    /// What is wrong and how to write it instead.
+    pub description: String,
+}
+
+impl FieldViolation {
+    /// A violation of `field`.
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// Collects violations across a request's fields.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Violations(Vec<FieldViolation>);
+
+impl Violations {
+    /// No violations yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records `result`'s violation, if any.
+    pub fn check(&mut self, result: Result<(), FieldViolation>) -> &mut Self {
+        if let Err(violation) = result {
+            self.0.push(violation);
+        }
+        self
+    }
+
+    /// Records a violation.
+    pub fn push(&mut self, violation: FieldViolation) -> &mut Self {
+        self.0.push(violation);
+        self
+    }
+
+    /// `Ok` where nothing was recorded, else every violation.
+    pub fn into_result(self) -> Result<(), Vec<FieldViolation>> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(self.0)
+        }
+    }
+}
+
+/// Computes the ISO/IEC 7064 MOD 11,10 check digit over `digits` (each 0-9).
+pub fn mod_11_10_check_digit(digits: &[u8]) -> u8 {
+    let mut product: u8 = 10;
+    for &digit in digits {
+        let mut sum = (digit + product) % 10;
+        if sum == 0 {
+            sum = 10;
+        }
+        product = (sum * 2) % 11;
+    }
+    let check = 11 - product;
+    if check == 10 { 0 } else { check }
+}
+
+/// Checks a German IDNr: 11 digits, first not 0, valid check digit.
+pub fn idnr(value: &str) -> Result<(), String> {
+    let bytes = value.as_bytes();
+    if bytes.len() != 11 || !bytes.iter().all(u8::is_ascii_digit) {
+        return Err(format!(
+            "an IDNr is exactly 11 digits without spaces; got {} characters",
+            value.chars().count()
+        ));
+    }
+    if bytes[0] == b'0' {
+        return Err("an IDNr never starts with 0".into());
+    }
+    let digits: Vec<u8> = bytes.iter().map(|b| b - b'0').collect();
+    let expected = mod_11_10_check_digit(&digits[..10]);
+    if digits[10] != expected {
+        return Err(format!(
+            "check digit is {}, but the first ten digits give {expected} (ISO/IEC 7064 MOD 11,10): probably a typing error",
+            digits[10]
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a German commercial register number:
+/// `<court>:<HRA|HRB> <number>[ <suffix>]`, court a letter and four digits
+/// (the XJustiz court code), number 1 to 6 digits without a leading zero,
+/// suffix 1 or 2 capital letters. Example: `D2601:HRB 12345`.
+pub fn commercial_register_number(value: &str) -> Result<(), String> {
+    let hint = "write it as <court code>:<HRA|HRB> <number>, e.g. \"D2601:HRB 12345\"";
+    let (court, rest) = value
+        .split_once(':')
+        .ok_or_else(|| format!("missing ':' after the court code; {hint}"))?;
+    let court_ok = court.len() == 5
+        && court.as_bytes()[0].is_ascii_uppercase()
+        && court.as_bytes()[1..].iter().all(u8::is_ascii_digit);
+    if !court_ok {
+        return Err(format!(
+            "court code {court:?} is not a capital letter and four digits; {hint}"
+        ));
+    }
+    let (section, rest) = rest
+        .split_once(' ')
+        .ok_or_else(|| format!("missing space after the register section; {hint}"))?;
+    if section != "HRA" && section != "HRB" {
+        return Err(format!(
+            "register section {section:?} is not HRA or HRB; {hint}"
+        ));
+    }
+    let (number, suffix) = match rest.split_once(' ') {
+        Some((number, suffix)) => (number, Some(suffix)),
+        None => (rest, None),
+    };
+    let number_ok = !number.is_empty()
+        && number.len() <= 6
+        && !number.starts_with('0')
+        && number.bytes().all(|b| b.is_ascii_digit());
+    if !number_ok {
+        return Err(format!(
+            "register number {number:?} is not 1 to 6 digits without a leading zero; {hint}"
+        ));
+    }
+    if let Some(suffix) = suffix
+        && (suffix.is_empty()
+            || suffix.len() > 2
+            || !suffix.bytes().all(|b| b.is_ascii_uppercase()))
+    {
+        return Err(format!(
+            "suffix {suffix:?} is not 1 or 2 capital letters; {hint}"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an eIDAS unique identifier: `XX/YY/<id>`, two two-letter country
+/// codes and 1 to 256 visible ASCII characters.
+pub fn eidas_identifier(value: &str) -> Result<(), String> {
+    let hint =
+        "write it as <issuing country>/<receiving country>/<identifier>, e.g. \"DE/AT/0123456789\"";
+    let mut parts = value.splitn(3, '/');
+    let (Some(from), Some(to), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(format!("not three '/'-separated parts; {hint}"));
+    };
+    let country = |c: &str| c.len() == 2 && c.bytes().all(|b| b.is_ascii_uppercase());
+    if !country(from) || !country(to) {
+        return Err(format!("country codes must be two capital letters; {hint}"));
+    }
+    if id.is_empty() || id.len() > 256 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "identifier must be 1 to 256 visible ASCII characters; {hint}"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a subject identifier; `field` is its path, e.g. `subject`.
+pub fn subject(subject: Option<&SubjectId>, field: &str) -> Result<(), FieldViolation> {
+    let Some(subject) = subject else {
+        return Err(FieldViolation::new(
+            field,
+            "required: the subject's typed identifier (scheme and value)",
+        ));
+    };
+    let value_field = format!("{field}.value");
+    let result = match SubjectIdScheme::try_from(subject.scheme) {
+        Ok(SubjectIdScheme::DeIdnr) => idnr(&subject.value),
+        Ok(SubjectIdScheme::DeCommercialRegister) => commercial_register_number(&subject.value),
+        Ok(SubjectIdScheme::Eidas) => eidas_identifier(&subject.value),
+        Ok(SubjectIdScheme::Unspecified) => {
+            return Err(FieldViolation::new(
+                format!("{field}.scheme"),
+                "required: one of DE_IDNR, DE_COMMERCIAL_REGISTER, EIDAS",
+            ));
+        }
+        Err(_) => {
+            return Err(FieldViolation::new(
+                format!("{field}.scheme"),
+                format!("unknown scheme {}", subject.scheme),
+            ));
+        }
+    };
+    result.map_err(|reason| FieldViolation::new(value_field, reason))
+}
+
+/// Checks a required free-text field (purpose, legal basis): present, at
+/// most [`MAX_TEXT_LEN`] characters, no control characters.
+pub fn required_text(field: &str, value: &str) -> Result<(), FieldViolation> {
+    if value.trim().is_empty() {
+        return Err(FieldViolation::new(field, "required and must not be blank"));
+    }
+    optional_text(field, value)
+}
+
+/// Checks an optional free-text field: at most [`MAX_TEXT_LEN`] characters,
+/// no control characters.
+pub fn optional_text(field: &str, value: &str) -> Result<(), FieldViolation> {
+    if value.chars().count() > MAX_TEXT_LEN {
+        return Err(FieldViolation::new(
+            field,
+            format!("at most {MAX_TEXT_LEN} characters"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(FieldViolation::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a caller's request id: 1 to 128 of `[A-Za-z0-9._:-]`.
+pub fn request_id(field: &str, value: &str) -> Result<(), FieldViolation> {
+    let ok = !value.is_empty()
+        && value.len() <= MAX_REQUEST_ID_LEN
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldViolation::new(
+            field,
+            "required: 1 to 128 characters of A-Z a-z 0-9 . _ : -",
+        ))
+    }
+}
+
+/// Checks an evidence type id's shape: 1 to 64 lower-case letters, digits
+/// and '-'. (Whether it is catalogued is the caller's check.)
+pub fn evidence_type_id(field: &str, value: &str) -> Result<(), FieldViolation> {
+    if value.is_empty() {
+        return Err(FieldViolation::new(
+            field,
+            "required, e.g. \"birth-certificate\"",
+        ));
+    }
+    let ok = value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldViolation::new(
+            field,
+            "1 to 64 lower-case letters, digits and '-', e.g. \"birth-certificate\"",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn with_check_digit(first10: &str) -> String {
+        let digits: Vec<u8> = first10.bytes().map(|b| b - b'0').collect();
+        format!("{first10}{}", mod_11_10_check_digit(&digits))
+    }
+
+    #[test]
+    fn known_idnr_examples() {
+        // Published sample IDNrs (BZSt test numbers / examples in the literature).
+        assert_eq!(idnr("86095742719"), Ok(()));
+        assert_eq!(idnr("65929970489"), Ok(()));
+        assert!(idnr("86095742718").is_err(), "wrong check digit");
+        assert!(idnr("06095742719").is_err(), "leading zero");
+        assert!(idnr("8609574271").is_err(), "10 digits");
+        assert!(idnr("8609574271 9").is_err(), "space");
+        assert!(idnr("860957427190").is_err(), "12 digits");
+    }
+
+    #[test]
+    fn commercial_register_numbers() {
+        for good in [
+            "D2601:HRB 12345",
+            "F1103:HRA 1",
+            "R3101:HRB 999999 B",
+            "M1201:HRB 7 AB",
+        ] {
+            assert_eq!(commercial_register_number(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "D2601 HRB 12345",
+            "d2601:HRB 12345",
+            "D260:HRB 12345",
+            "D2601:HRC 12345",
+            "D2601:HRB 012345",
+            "D2601:HRB 1234567",
+            "D2601:HRB",
+            "D2601:HRB 12 abc",
+        ] {
+            assert!(commercial_register_number(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn eidas_identifiers() {
+        assert_eq!(eidas_identifier("DE/AT/0123456789abcdef"), Ok(()));
+        assert!(eidas_identifier("DE/AT/").is_err());
+        assert!(eidas_identifier("de/AT/1").is_err());
+        assert!(eidas_identifier("DE/AT/a b").is_err());
+        assert!(eidas_identifier("DEAT1").is_err());
+    }
+
+    #[test]
+    fn subject_names_the_failing_field() {
+        let bad = SubjectId {
+            scheme: SubjectIdScheme::DeIdnr.into(),
+            value: "123".into(),
+        };
+        assert_eq!(
+            subject(Some(&bad), "subject").map_err(|v| v.field),
+            Err("subject.value".into())
+        );
+        let unspecified = SubjectId {
+            scheme: 0,
+            value: "86095742719".into(),
+        };
+        assert_eq!(
+            subject(Some(&unspecified), "subject").map_err(|v| v.field),
+            Err("subject.scheme".into())
+        );
+        assert_eq!(
+            subject(None, "subject").map_err(|v| v.field),
+            Err("subject".into())
+        );
+    }
+
+    #[test]
+    fn violations_collect_every_field() {
+        let mut violations = Violations::new();
+        violations
+            .check(required_text("purpose", ""))
+            .check(required_text("legal_basis", "§ 9 BEEG"))
+            .check(request_id("request_id", "bad id"));
+        let fields: Vec<String> = violations
+            .into_result()
+            .expect_err("two violations")
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(fields, ["purpose", "request_id"]);
+    }
+
+    proptest! {
+        #[test]
+        fn every_generated_idnr_is_valid(first in 1u8..=9, rest in "[0-9]{9}") {
+            let candidate = with_check_digit(&format!("{first}{rest}"));
+            prop_assert_eq!(idnr(&candidate), Ok(()));
+        }
+
+        #[test]
+        fn any_single_digit_change_is_caught(first in 1u8..=9, rest in "[0-9]{9}", pos in 0usize..11, delta in 1u8..=9) {
+            let valid = with_check_digit(&format!("{first}{rest}"));
+            let mut bytes = valid.into_bytes();
+            bytes[pos] = b'0' + (bytes[pos] - b'0' + delta) % 10;
+            let mutated = String::from_utf8(bytes).expect("ascii");
+            // MOD 11,10 catches every single-digit error (a leading zero is caught by its own rule).
+            prop_assert!(idnr(&mutated).is_err(), "{} accepted", mutated);
+        }
+
+        #[test]
+        fn validators_never_panic(s in "\\PC{0,40}") {
+            let _ = idnr(&s);
+            let _ = commercial_register_number(&s);
+            let _ = eidas_identifier(&s);
+            let _ = required_text("f", &s);
+        }
+    }
+}

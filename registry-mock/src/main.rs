@@ -1,0 +1,66 @@
+//! `onceonly-registry-mock`: runs one sample register as a connector.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use onceonly_connector_sdk::ConnectorServer;
+use onceonly_registry_mock::config::MockConfig;
+use onceonly_registry_mock::{MockRegister, RegisterKind};
+
+/// Run a sample register (civil, vehicle or business) with fictitious data
+/// as a onceonly connector over mutual TLS.
+#[derive(Debug, Parser)]
+#[command(name = "onceonly-registry-mock", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the register a config file describes, until Ctrl-C or SIGTERM
+    /// (SIGHUP reloads certificates and the CRL).
+    Serve {
+        /// The config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// List the subjects a register holds: what a demo can ask for.
+    Subjects {
+        /// Which register.
+        #[arg(value_enum)]
+        register: RegisterKind,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Serve { config } => {
+            let config = MockConfig::load(&config)?;
+            let register = config.register().context("loading register data")?;
+            let server = ConnectorServer::new(register, config.connector)
+                .bind()
+                .await?;
+            println!(
+                "{:?} register serving as {} on {}",
+                config.register,
+                server.identity(),
+                server.local_addr()
+            );
+            server.serve().await?;
+        }
+        Command::Subjects { register } => {
+            for subject in MockRegister::embedded(register)?.subjects() {
+                println!("{subject}");
+            }
+        }
+    }
+    Ok(())
+}
