@@ -1,1 +1,34 @@
-//! placeholder
+//! The onceonly broker: the service requesting authorities call to fetch
+//! evidence from the register that holds it.
+//!
+//! Start with [`exchange`], the path of one request from authentication to
+//! the durable audit record and the answer. Around it:
+//!
+//! - [`config`] reads `broker.toml`;
+//! - [`routing`] is the evidence-type catalogue and where each type is served;
+//! - [`policy`] says who may fetch what, why, and with whose consent;
+//! - [`consent`] keeps subjects' consents, in sled;
+//! - [`audit`] is the durable, group-committed audit log;
+//! - [`pseudonym`] makes keyed pseudonyms of subject ids for the log;
+//! - [`idempotency`] gives repeated request ids the first outcome;
+//! - [`forward`] calls connectors over mutual TLS, with identity checks and
+//!   failover;
+//! - [`services`] are the gRPC services; [`server`] starts, serves, reloads
+//!   and stops them.
+//!
+//! The `onceonly-broker` binary is a thin CLI over [`server`].
+
+pub mod audit;
+pub mod config;
+pub mod consent;
+pub mod exchange;
+pub mod forward;
+pub mod idempotency;
+pub mod policy;
+pub mod pseudonym;
+pub mod routing;
+pub mod server;
+pub mod services;
+
+pub use config::BrokerConfig;
+pub use server::{BoundBroker, RunningBroker, StartError};

@@ -1,0 +1,215 @@
+//! The broker's configuration file, `broker.toml`:
+//!
+//! ```toml
+//! listen = "127.0.0.1:7443"
+//! data_dir = "data"                     # sled: audit log, consents
+//! policy = "policy.toml"                # reloaded on SIGHUP and on change
+//! routing = "routing.toml"
+//! pseudonym_key = "secrets/pseudonym.key"   # keep it outside data_dir
+//!
+//! [tls]
+//! ca = "pki/ca.pem"
+//! cert = "pki/broker/broker.pem"
+//! key = "pki/broker/broker.key"
+//! crl = "pki/crl.pem"                   # reloaded on SIGHUP
+//!
+//! [limits]
+//! max_request_time = "30s"              # cap on any caller's deadline
+//! concurrency = 1024                    # exchanges in flight at once
+//!
+//! [idempotency]
+//! window = "10m"
+//! max_entries = 100000
+//!
+//! [audit]
+//! durable = true                        # fsync before answering (keep it on)
+//! ```
+//!
+//! Relative paths are relative to the config file's folder.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use onceonly_certs::TlsFiles;
+use onceonly_certs::config_file::{self, ConfigFileError, relative_to};
+use serde::Deserialize;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Where authorities, portals and auditors connect.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The sled data directory (audit log, consents).
+    pub data_dir: PathBuf,
+    /// The policy file.
+    pub policy: PathBuf,
+    /// The routing table and evidence-type catalogue.
+    pub routing: PathBuf,
+    /// The key that pseudonymises subject ids in the audit log; created
+    /// (mode 0600) where missing. Keep it apart from `data_dir`, so a copied
+    /// data directory does not reveal whom records are about.
+    pub pseudonym_key: PathBuf,
+    /// The broker's certificate, key, CA and CRL. The broker's certificate
+    /// is also its client certificate towards connectors.
+    pub tls: TlsFiles,
+    /// Limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Idempotency.
+    #[serde(default)]
+    pub idempotency: Idempotency,
+    /// Audit.
+    #[serde(default)]
+    pub audit: AuditConfig,
+    /// How long shutdown waits for exchanges in flight.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// The cap on any caller's deadline, and the deadline of requests that
+    /// bring none.
+    #[serde(with = "humantime_serde")]
+    pub max_request_time: Duration,
+    /// Exchanges in flight at once; more wait for a slot within their
+    /// deadline.
+    pub concurrency: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_time: Duration::from_secs(30),
+            concurrency: 1024,
+        }
+    }
+}
+
+/// How long request ids are remembered.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Idempotency {
+    /// A request id repeated within this window gets the first outcome.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// The most outcomes remembered; the oldest are forgotten first.
+    pub max_entries: usize,
+}
+
+impl Default for Idempotency {
+    fn default() -> Self {
+        Idempotency {
+            window: Duration::from_secs(600),
+            max_entries: 100_000,
+        }
+    }
+}
+
+/// The audit log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Flush every batch to disk before answering. Turning it off loses
+    /// the guarantee that an answered request has its record; only for
+    /// measuring what durability costs.
+    pub durable: bool,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { durable: true }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7443))
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(15)
+}
+
+impl BrokerConfig {
+    /// Reads `path`, resolves relative paths against its folder, validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigFileError> {
+        let mut config: BrokerConfig = config_file::load_toml(path)?;
+        config.resolve_paths(path);
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, path: &Path) {
+        for slot in [
+            &mut self.data_dir,
+            &mut self.policy,
+            &mut self.routing,
+            &mut self.pseudonym_key,
+            &mut self.tls.ca,
+            &mut self.tls.cert,
+            &mut self.tls.key,
+        ] {
+            *slot = relative_to(path, slot);
+        }
+        self.tls.crl = self.tls.crl.as_ref().map(|crl| relative_to(path, crl));
+    }
+
+    /// Checks the values; errors name the file, the key and the fix.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigFileError> {
+        let invalid = |key: &str, problem: String, fix: &str| {
+            Err(ConfigFileError::invalid(path, key, problem, fix))
+        };
+        if self.limits.max_request_time.is_zero() {
+            return invalid(
+                "limits.max_request_time",
+                "is zero".into(),
+                "give e.g. \"30s\"",
+            );
+        }
+        if !(1..=1_000_000).contains(&self.limits.concurrency) {
+            return invalid(
+                "limits.concurrency",
+                format!("{} is out of range", self.limits.concurrency),
+                "use 1 to 1000000",
+            );
+        }
+        if self.idempotency.max_entries == 0 {
+            return invalid(
+                "idempotency.max_entries",
+                "is zero".into(),
+                "remember at least one request, e.g. 100000",
+            );
+        }
+        if self.pseudonym_key.starts_with(&self.data_dir) {
+            return invalid(
+                "pseudonym_key",
+                format!("{} is inside data_dir", self.pseudonym_key.display()),
+                "keep the key apart from the data (e.g. secrets/pseudonym.key), so a copied data directory does not reveal whom records are about",
+            );
+        }
+        for (key, file) in [
+            ("policy", Some(&self.policy)),
+            ("routing", Some(&self.routing)),
+            ("tls.ca", Some(&self.tls.ca)),
+            ("tls.cert", Some(&self.tls.cert)),
+            ("tls.key", Some(&self.tls.key)),
+            ("tls.crl", self.tls.crl.as_ref()),
+        ] {
+            if let Some(file) = file
+                && !file.is_file()
+            {
+                return invalid(
+                    key,
+                    format!("{} does not exist", file.display()),
+                    "point it at an existing file (paths are relative to the config file)",
+                );
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,372 @@
+//! Consents, kept in sled: a subject agreed that an authority may fetch an
+//! evidence type about them for a purpose until a time. Revocation takes
+//! effect at once: the request path reads the store on every check.
+//!
+//! Trees: `consents` (consent id -> record, JSON) and `consents_by_subject`
+//! (subject pseudonym, newest first, consent id -> nothing), so a subject's
+//! consents are found without a scan.
+
+use std::sync::Arc;
+
+use onceonly_proto::v1::{Consent, ConsentState, SubjectId};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::pseudonym::Pseudonymiser;
+
+/// A stored consent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredConsent {
+    /// Its id.
+    pub consent_id: String,
+    /// Subject scheme (enum value).
+    pub subject_scheme: i32,
+    /// Subject id: a consent is a legal record that must name its person.
+    pub subject_value: String,
+    /// The authority's SPIFFE id.
+    pub authority_id: String,
+    /// The evidence type.
+    pub evidence_type: String,
+    /// The purpose.
+    pub purpose: String,
+    /// Unix milliseconds.
+    pub granted_at_ms: i64,
+    /// Unix milliseconds.
+    pub expires_at_ms: i64,
+    /// Unix milliseconds, once revoked.
+    pub revoked_at_ms: Option<i64>,
+    /// The portal that recorded it.
+    pub recorded_by: String,
+}
+
+impl StoredConsent {
+    /// Its state at `now_ms`.
+    pub fn state(&self, now_ms: i64) -> ConsentState {
+        if self.revoked_at_ms.is_some() {
+            ConsentState::Revoked
+        } else if now_ms >= self.expires_at_ms {
+            ConsentState::Expired
+        } else {
+            ConsentState::Active
+        }
+    }
+
+    /// The wire form at `now_ms`.
+    pub fn to_proto(&self, now_ms: i64) -> Consent {
+        Consent {
+            consent_id: self.consent_id.clone(),
+            subject: Some(SubjectId {
+                scheme: self.subject_scheme,
+                value: self.subject_value.clone(),
+            }),
+            authority_id: self.authority_id.clone(),
+            evidence_type: self.evidence_type.clone(),
+            purpose: self.purpose.clone(),
+            granted_at: Some(timestamp(self.granted_at_ms)),
+            expires_at: Some(timestamp(self.expires_at_ms)),
+            revoked_at: self.revoked_at_ms.map(timestamp),
+            state: self.state(now_ms) as i32,
+            recorded_by: self.recorded_by.clone(),
+        }
+    }
+}
+
+/// A protobuf timestamp from Unix milliseconds.
+pub fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+/// Unix milliseconds from a protobuf timestamp.
+pub fn millis(ts: &prost_types::Timestamp) -> i64 {
+    ts.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(ts.nanos / 1_000_000))
+}
+
+/// Why a consent operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsentError {
+    /// No consent with that id.
+    #[error("no consent {0:?}")]
+    NotFound(String),
+    /// The storage failed.
+    #[error("consent storage failed: {0}")]
+    Storage(String),
+}
+
+impl From<sled::Error> for ConsentError {
+    fn from(e: sled::Error) -> Self {
+        ConsentError::Storage(e.to_string())
+    }
+}
+
+/// What a new consent covers.
+#[derive(Debug, Clone)]
+pub struct NewConsent {
+    /// The subject.
+    pub subject: SubjectId,
+    /// The authority's SPIFFE id.
+    pub authority_id: String,
+    /// The evidence type.
+    pub evidence_type: String,
+    /// The purpose.
+    pub purpose: String,
+    /// Unix milliseconds.
+    pub expires_at_ms: i64,
+    /// The portal's SPIFFE id.
+    pub recorded_by: String,
+}
+
+/// The consent store.
+#[derive(Clone)]
+pub struct ConsentStore {
+    db: sled::Db,
+    consents: sled::Tree,
+    by_subject: sled::Tree,
+    pseudonyms: Arc<Pseudonymiser>,
+}
+
+impl ConsentStore {
+    /// Opens the store in `db`.
+    pub fn open(db: &sled::Db, pseudonyms: Arc<Pseudonymiser>) -> Result<Self, ConsentError> {
+        Ok(ConsentStore {
+            consents: db.open_tree("consents")?,
+            by_subject: db.open_tree("consents_by_subject")?,
+            db: db.clone(),
+            pseudonyms,
+        })
+    }
+
+    fn subject_prefix(&self, subject: &SubjectId) -> Vec<u8> {
+        self.pseudonyms.pseudonym(subject.scheme, &subject.value)
+    }
+
+    /// Records a consent durably.
+    pub async fn grant(&self, new: NewConsent, now_ms: i64) -> Result<StoredConsent, ConsentError> {
+        let mut id = [0u8; 12];
+        rand::rng().fill_bytes(&mut id);
+        let consent = StoredConsent {
+            consent_id: format!("cns-{}", hex::encode(id)),
+            subject_scheme: new.subject.scheme,
+            subject_value: new.subject.value.clone(),
+            authority_id: new.authority_id,
+            evidence_type: new.evidence_type,
+            purpose: new.purpose,
+            granted_at_ms: now_ms,
+            expires_at_ms: new.expires_at_ms,
+            revoked_at_ms: None,
+            recorded_by: new.recorded_by,
+        };
+        let mut index_key = self.subject_prefix(&new.subject);
+        index_key.extend_from_slice(&(u64::MAX - now_ms.max(0) as u64).to_be_bytes());
+        index_key.extend_from_slice(consent.consent_id.as_bytes());
+        let value =
+            serde_json::to_vec(&consent).map_err(|e| ConsentError::Storage(e.to_string()))?;
+        self.consents.insert(consent.consent_id.as_bytes(), value)?;
+        self.by_subject
+            .insert(index_key, consent.consent_id.as_bytes())?;
+        self.db.flush_async().await?;
+        Ok(consent)
+    }
+
+    /// The consent `id`.
+    pub fn get(&self, id: &str) -> Result<Option<StoredConsent>, ConsentError> {
+        self.consents
+            .get(id.as_bytes())?
+            .map(|bytes| {
+                serde_json::from_slice(&bytes).map_err(|e| ConsentError::Storage(e.to_string()))
+            })
+            .transpose()
+    }
+
+    /// Revokes consent `id` durably; an already revoked consent keeps its
+    /// first revocation time.
+    pub async fn revoke(&self, id: &str, now_ms: i64) -> Result<StoredConsent, ConsentError> {
+        let updated = self.consents.update_and_fetch(id.as_bytes(), |old| {
+            let old = old?;
+            let mut consent: StoredConsent = serde_json::from_slice(old).ok()?;
+            consent.revoked_at_ms.get_or_insert(now_ms);
+            serde_json::to_vec(&consent).ok()
+        })?;
+        let Some(bytes) = updated else {
+            return Err(ConsentError::NotFound(id.to_owned()));
+        };
+        self.db.flush_async().await?;
+        serde_json::from_slice(&bytes).map_err(|e| ConsentError::Storage(e.to_string()))
+    }
+
+    /// A subject's consents, newest first: up to `limit` after `skip`.
+    pub fn list(
+        &self,
+        subject: &SubjectId,
+        skip: usize,
+        limit: usize,
+    ) -> Result<(Vec<StoredConsent>, bool), ConsentError> {
+        let mut found = Vec::new();
+        let mut more = false;
+        for entry in self
+            .by_subject
+            .scan_prefix(self.subject_prefix(subject))
+            .skip(skip)
+        {
+            let (_, id) = entry?;
+            if found.len() == limit {
+                more = true;
+                break;
+            }
+            if let Some(consent) = self.get(&String::from_utf8_lossy(&id))? {
+                found.push(consent);
+            }
+        }
+        Ok((found, more))
+    }
+
+    /// An active consent covering the request, if any. With `consent_id`,
+    /// only that consent is considered.
+    pub fn find_active(
+        &self,
+        subject: &SubjectId,
+        authority_id: &str,
+        evidence_type: &str,
+        purpose: &str,
+        consent_id: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Option<StoredConsent>, ConsentError> {
+        let covers = |c: &StoredConsent| {
+            c.subject_scheme == subject.scheme
+                && c.subject_value == subject.value
+                && c.authority_id == authority_id
+                && c.evidence_type == evidence_type
+                && c.purpose == purpose
+                && c.state(now_ms) == ConsentState::Active
+        };
+        if let Some(id) = consent_id {
+            return Ok(self.get(id)?.filter(covers));
+        }
+        for entry in self.by_subject.scan_prefix(self.subject_prefix(subject)) {
+            let (_, id) = entry?;
+            if let Some(consent) = self.get(&String::from_utf8_lossy(&id))?
+                && covers(&consent)
+            {
+                return Ok(Some(consent));
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subject(value: &str) -> SubjectId {
+        SubjectId {
+            scheme: 1,
+            value: value.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn grant_find_revoke_and_expire() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sled::open(dir.path()).expect("db");
+        let store =
+            ConsentStore::open(&db, Arc::new(Pseudonymiser::from_secret(&[1; 32]))).expect("store");
+        let anna = subject("82281866209");
+        let new = NewConsent {
+            subject: anna.clone(),
+            authority_id: "spiffe://t/authority/a".into(),
+            evidence_type: "proof-of-residence".into(),
+            purpose: "parental-allowance".into(),
+            expires_at_ms: 10_000,
+            recorded_by: "spiffe://t/portal/p".into(),
+        };
+        let consent = store.grant(new.clone(), 1_000).await.expect("grant");
+        let find = |now| {
+            store
+                .find_active(
+                    &anna,
+                    "spiffe://t/authority/a",
+                    "proof-of-residence",
+                    "parental-allowance",
+                    None,
+                    now,
+                )
+                .expect("find")
+        };
+        assert_eq!(
+            find(2_000).map(|c| c.consent_id),
+            Some(consent.consent_id.clone())
+        );
+        assert_eq!(find(10_000), None, "expired");
+        assert!(
+            store
+                .find_active(
+                    &anna,
+                    "spiffe://t/authority/b",
+                    "proof-of-residence",
+                    "parental-allowance",
+                    None,
+                    2_000
+                )
+                .expect("find")
+                .is_none(),
+            "another authority"
+        );
+        assert!(
+            store
+                .find_active(
+                    &anna,
+                    "spiffe://t/authority/a",
+                    "proof-of-residence",
+                    "other-purpose",
+                    None,
+                    2_000
+                )
+                .expect("find")
+                .is_none(),
+            "another purpose"
+        );
+
+        let revoked = store
+            .revoke(&consent.consent_id, 3_000)
+            .await
+            .expect("revoke");
+        assert_eq!(revoked.revoked_at_ms, Some(3_000));
+        assert_eq!(find(3_001), None, "revoked");
+        let again = store
+            .revoke(&consent.consent_id, 4_000)
+            .await
+            .expect("revoke again");
+        assert_eq!(
+            again.revoked_at_ms,
+            Some(3_000),
+            "first revocation time kept"
+        );
+        assert!(matches!(
+            store.revoke("cns-nope", 1).await,
+            Err(ConsentError::NotFound(_))
+        ));
+
+        let newer = store.grant(new, 5_000).await.expect("grant");
+        let (listed, more) = store.list(&anna, 0, 10).expect("list");
+        assert!(!more);
+        assert_eq!(
+            listed
+                .iter()
+                .map(|c| c.consent_id.clone())
+                .collect::<Vec<_>>(),
+            [newer.consent_id, consent.consent_id]
+        );
+        assert!(
+            store
+                .list(&subject("21641045750"), 0, 10)
+                .expect("list")
+                .0
+                .is_empty()
+        );
+    }
+}

@@ -1,0 +1,191 @@
+//! Forwarding an allowed request to the connector the routing table names:
+//! over mutual TLS with the broker's certificate, insisting that the
+//! connector's certificate carries the connector id the table expects, with
+//! the caller's deadline (capped by the connector's timeout), the exchange
+//! id and the W3C trace context. A second endpoint is tried only where the
+//! first could not be reached or its register reported itself unavailable
+//! (evidence retrieval is a read, so that is safe). The evidence that comes
+//! back is checked: digest, connector id, evidence type.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use onceonly_certs::tls::{ConnectError, find_connect_error};
+use onceonly_certs::{MtlsConnector, Participant, Role};
+use onceonly_proto::metadata::{EXCHANGE_ID_HEADER, TraceContext};
+use onceonly_proto::status::reason_of;
+use onceonly_proto::v1::connector_service_client::ConnectorServiceClient;
+use onceonly_proto::v1::{ErrorReason, Evidence, ProvideEvidenceRequest};
+use rustls::ClientConfig;
+use sha2::{Digest, Sha256};
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use crate::routing::Destination;
+
+/// How long a TCP + TLS connect to a connector may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why a forward failed.
+#[derive(Debug)]
+pub enum ForwardError {
+    /// The connector answered with an error status (passed on).
+    Connector(tonic::Status),
+    /// No endpoint could be reached; the last reason.
+    Unreachable(String),
+    /// An endpoint presented another identity than the table expects.
+    IdentityMismatch(String),
+    /// The deadline passed.
+    DeadlineExceeded,
+    /// The evidence failed the broker's checks.
+    BadEvidence(String),
+}
+
+/// Opens and keeps one channel per connector endpoint.
+pub struct Forwarder {
+    client_config: Arc<ClientConfig>,
+    trust_domain: String,
+    channels: Mutex<HashMap<(String, String), Channel>>,
+}
+
+impl Forwarder {
+    /// A forwarder presenting the broker's client configuration.
+    pub fn new(client_config: Arc<ClientConfig>, trust_domain: &str) -> Self {
+        Forwarder {
+            client_config,
+            trust_domain: trust_domain.to_owned(),
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn channel(&self, connector_id: &str, endpoint: &str) -> Result<Channel, ForwardError> {
+        let key = (connector_id.to_owned(), endpoint.to_owned());
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(channel) = channels.get(&key) {
+            return Ok(channel.clone());
+        }
+        let expected = Participant::new(&self.trust_domain, Role::Connector, connector_id)
+            .map_err(|e| ForwardError::Unreachable(e.to_string()))?;
+        let channel = MtlsConnector::new(self.client_config.clone(), Some(expected))
+            .channel(endpoint, CONNECT_TIMEOUT)
+            .map_err(|e| ForwardError::Unreachable(e.to_string()))?;
+        channels.insert(key, channel.clone());
+        Ok(channel)
+    }
+
+    /// Forwards `request` to `destination`, finishing by `deadline`.
+    pub async fn forward(
+        &self,
+        destination: &Destination,
+        request: &ProvideEvidenceRequest,
+        trace: &TraceContext,
+        deadline: Instant,
+    ) -> Result<Evidence, ForwardError> {
+        let mut last_failure = ForwardError::Unreachable("no endpoints".into());
+        for endpoint in &destination.endpoints {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let budget = remaining.min(destination.timeout);
+            if budget.is_zero() {
+                return Err(ForwardError::DeadlineExceeded);
+            }
+            let mut call = tonic::Request::new(request.clone());
+            call.set_timeout(budget);
+            trace.child().inject(call.metadata_mut());
+            if let Ok(value) = MetadataValue::try_from(request.exchange_id.as_str()) {
+                call.metadata_mut().insert(EXCHANGE_ID_HEADER, value);
+            }
+            let mut client =
+                ConnectorServiceClient::new(self.channel(&destination.connector_id, endpoint)?);
+            let answer = tokio::time::timeout(budget, client.provide_evidence(call)).await;
+            let status = match answer {
+                Err(_) => return Err(ForwardError::DeadlineExceeded),
+                Ok(Ok(response)) => {
+                    return check_evidence(destination, request, response.into_inner().evidence);
+                }
+                Ok(Err(status)) => status,
+            };
+            match classify(&status) {
+                Failure::Unreachable(reason) => {
+                    tracing::warn!(%endpoint, connector = %destination.connector_id, %reason, "connector endpoint unreachable; trying the next");
+                    last_failure = ForwardError::Unreachable(format!("{endpoint}: {reason}"));
+                }
+                Failure::Identity(reason) => {
+                    tracing::error!(%endpoint, connector = %destination.connector_id, %reason, "connector presented the wrong identity");
+                    last_failure = ForwardError::IdentityMismatch(reason);
+                }
+                Failure::RegisterDown => {
+                    tracing::warn!(%endpoint, connector = %destination.connector_id, message = status.message(), "register unavailable; trying the next endpoint");
+                    last_failure = ForwardError::Connector(status);
+                }
+                Failure::Final => {
+                    if status.code() == Code::DeadlineExceeded {
+                        return Err(ForwardError::DeadlineExceeded);
+                    }
+                    return Err(ForwardError::Connector(status));
+                }
+            }
+        }
+        Err(last_failure)
+    }
+}
+
+enum Failure {
+    /// Never reached the connector: try the next endpoint.
+    Unreachable(String),
+    /// The endpoint is not the connector we expect.
+    Identity(String),
+    /// The connector said its register is down: the next endpoint may serve.
+    RegisterDown,
+    /// An answer to pass on.
+    Final,
+}
+
+fn classify(status: &tonic::Status) -> Failure {
+    if let Some(source) = std::error::Error::source(status)
+        && let Some(connect) = find_connect_error(source)
+    {
+        return match connect {
+            ConnectError::IdentityMismatch { .. } => Failure::Identity(connect.to_string()),
+            other => Failure::Unreachable(other.to_string()),
+        };
+    }
+    match (status.code(), reason_of(status)) {
+        (Code::Unavailable, Some(ErrorReason::ConnectorUnavailable)) => Failure::RegisterDown,
+        // A transport failure without a reason from the connector: the
+        // request never got an answer from it.
+        (Code::Unavailable | Code::Unknown, None) => {
+            Failure::Unreachable(status.message().to_owned())
+        }
+        _ => Failure::Final,
+    }
+}
+
+fn check_evidence(
+    destination: &Destination,
+    request: &ProvideEvidenceRequest,
+    evidence: Option<Evidence>,
+) -> Result<Evidence, ForwardError> {
+    let evidence = evidence.ok_or_else(|| {
+        ForwardError::BadEvidence("the connector answered without evidence".into())
+    })?;
+    if evidence.payload_sha256 != Sha256::digest(&evidence.payload).as_slice() {
+        return Err(ForwardError::BadEvidence(
+            "payload_sha256 does not match the payload".into(),
+        ));
+    }
+    if evidence.connector_id != destination.connector_id {
+        return Err(ForwardError::BadEvidence(format!(
+            "evidence claims connector {:?}, but came from {:?}",
+            evidence.connector_id, destination.connector_id
+        )));
+    }
+    if evidence.evidence_type != request.evidence_type {
+        return Err(ForwardError::BadEvidence(format!(
+            "asked for {:?}, got {:?}",
+            request.evidence_type, evidence.evidence_type
+        )));
+    }
+    Ok(evidence)
+}

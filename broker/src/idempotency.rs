@@ -1,0 +1,237 @@
+//! Idempotency: a caller that repeats a request id within the window gets
+//! the first outcome instead of a second exchange. A repeat that arrives
+//! while the first is still in flight waits for it. A request id reused for
+//! a different request is refused (ALREADY_EXISTS).
+//!
+//! Outcomes are kept in memory only, for the window, bounded in number:
+//! evidence payloads are never written to disk.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use onceonly_proto::v1::RequestEvidenceResponse;
+use tokio::sync::watch;
+
+/// A finished exchange's outcome, as it can be replayed.
+#[derive(Debug, Clone)]
+pub struct StoredOutcome {
+    /// The exchange that produced it (the replay's audit record names it).
+    pub exchange_id: String,
+    /// The response, or the refusal.
+    pub result: Result<RequestEvidenceResponse, StoredStatus>,
+}
+
+/// A `tonic::Status` in a form that can be cloned and rebuilt.
+#[derive(Debug, Clone)]
+pub struct StoredStatus {
+    /// Code.
+    pub code: tonic::Code,
+    /// Message.
+    pub message: String,
+    /// Encoded `google.rpc.Status` details.
+    pub details: Vec<u8>,
+}
+
+impl StoredStatus {
+    /// Captures a status.
+    pub fn capture(status: &tonic::Status) -> Self {
+        StoredStatus {
+            code: status.code(),
+            message: status.message().to_owned(),
+            details: status.details().to_vec(),
+        }
+    }
+
+    /// Rebuilds the status.
+    pub fn rebuild(&self) -> tonic::Status {
+        tonic::Status::with_details(self.code, self.message.clone(), self.details.clone().into())
+    }
+}
+
+type Key = (String, String);
+
+struct Entry {
+    fingerprint: [u8; 32],
+    created: Instant,
+    outcome: watch::Receiver<Option<StoredOutcome>>,
+}
+
+/// What [`IdempotencyCache::begin`] found.
+pub enum Begin {
+    /// First time: run the exchange and [`Pending::finish`] it.
+    New(Pending),
+    /// Seen before with the same content: this is (or will be) its outcome.
+    Replay(watch::Receiver<Option<StoredOutcome>>),
+    /// Seen before with different content.
+    Conflict,
+}
+
+/// The first request's duty to publish its outcome. Dropped unfinished
+/// (the caller went away), it forgets the request id so a retry can run.
+pub struct Pending {
+    key: Key,
+    sender: Option<watch::Sender<Option<StoredOutcome>>>,
+    cache: std::sync::Weak<Mutex<Inner>>,
+}
+
+impl Pending {
+    /// Publishes the outcome to waiting and later repeats.
+    pub fn finish(mut self, outcome: StoredOutcome) {
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.send(Some(outcome));
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.sender.is_some()
+            && let Some(inner) = self.cache.upgrade()
+        {
+            let mut inner = inner.lock().unwrap_or_else(|p| p.into_inner());
+            inner.entries.remove(&self.key);
+        }
+    }
+}
+
+struct Inner {
+    entries: HashMap<Key, Entry>,
+    order: VecDeque<(Key, Instant)>,
+}
+
+/// The cache of recent request ids.
+pub struct IdempotencyCache {
+    inner: std::sync::Arc<Mutex<Inner>>,
+    window: Duration,
+    max_entries: usize,
+}
+
+impl IdempotencyCache {
+    /// A cache remembering up to `max_entries` ids for `window`.
+    pub fn new(window: Duration, max_entries: usize) -> Self {
+        IdempotencyCache {
+            inner: std::sync::Arc::new(Mutex::new(Inner {
+                entries: HashMap::new(),
+                order: VecDeque::new(),
+            })),
+            window,
+            max_entries: max_entries.max(1),
+        }
+    }
+
+    /// Looks up (`caller`, `request_id`) with the request's content
+    /// `fingerprint`, registering it where new.
+    pub fn begin(&self, caller: &str, request_id: &str, fingerprint: [u8; 32]) -> Begin {
+        let key = (caller.to_owned(), request_id.to_owned());
+        let now = Instant::now();
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget what is past the window, and the oldest beyond the bound.
+        while let Some((old_key, created)) = inner.order.front().cloned() {
+            let expired = now.duration_since(created) > self.window;
+            if !expired && inner.entries.len() < self.max_entries {
+                break;
+            }
+            inner.order.pop_front();
+            if inner
+                .entries
+                .get(&old_key)
+                .is_some_and(|e| e.created == created)
+            {
+                inner.entries.remove(&old_key);
+            }
+        }
+        if let Some(entry) = inner.entries.get(&key) {
+            return if entry.fingerprint == fingerprint {
+                Begin::Replay(entry.outcome.clone())
+            } else {
+                Begin::Conflict
+            };
+        }
+        let (sender, receiver) = watch::channel(None);
+        inner.entries.insert(
+            key.clone(),
+            Entry {
+                fingerprint,
+                created: now,
+                outcome: receiver,
+            },
+        );
+        inner.order.push_back((key.clone(), now));
+        Begin::New(Pending {
+            key,
+            sender: Some(sender),
+            cache: std::sync::Arc::downgrade(&self.inner),
+        })
+    }
+}
+
+/// Waits for a replayed outcome; `None` where the first request was
+/// abandoned before it finished.
+pub async fn wait_for(
+    mut receiver: watch::Receiver<Option<StoredOutcome>>,
+) -> Option<StoredOutcome> {
+    loop {
+        if let Some(outcome) = receiver.borrow_and_update().clone() {
+            return Some(outcome);
+        }
+        if receiver.changed().await.is_err() {
+            return receiver.borrow().clone();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(id: &str) -> StoredOutcome {
+        StoredOutcome {
+            exchange_id: id.into(),
+            result: Err(StoredStatus {
+                code: tonic::Code::NotFound,
+                message: "x".into(),
+                details: vec![],
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn repeats_get_the_first_outcome_and_conflicts_are_refused() {
+        let cache = IdempotencyCache::new(Duration::from_secs(60), 10);
+        let Begin::New(pending) = cache.begin("a", "r1", [1; 32]) else {
+            panic!("new")
+        };
+        let Begin::Replay(waiting) = cache.begin("a", "r1", [1; 32]) else {
+            panic!("replay")
+        };
+        let waiter = tokio::spawn(wait_for(waiting));
+        pending.finish(outcome("ex-1"));
+        assert_eq!(
+            waiter.await.expect("task").map(|o| o.exchange_id),
+            Some("ex-1".into())
+        );
+        assert!(matches!(cache.begin("a", "r1", [2; 32]), Begin::Conflict));
+        assert!(
+            matches!(cache.begin("b", "r1", [1; 32]), Begin::New(_)),
+            "ids are per caller"
+        );
+    }
+
+    #[test]
+    fn abandoned_requests_are_forgotten_and_old_ones_expire() {
+        let cache = IdempotencyCache::new(Duration::from_millis(0), 10);
+        drop(cache.begin("a", "r1", [1; 32]));
+        assert!(matches!(cache.begin("a", "r1", [1; 32]), Begin::New(_)));
+        let bounded = IdempotencyCache::new(Duration::from_secs(60), 2);
+        for id in ["r1", "r2", "r3"] {
+            if let Begin::New(p) = bounded.begin("a", id, [1; 32]) {
+                p.finish(outcome(id));
+            }
+        }
+        assert!(
+            matches!(bounded.begin("a", "r1", [1; 32]), Begin::New(_)),
+            "oldest evicted"
+        );
+    }
+}

@@ -1,0 +1,510 @@
+//! The policy ("abstract authorization", the NOOTS Vermittlungsstelle's
+//! check): rules of caller x evidence type x purpose x legal basis that
+//! allow a request, and whether the subject's consent is required. Anything
+//! no rule allows is denied.
+//!
+//! ```toml
+//! [groups]
+//! family-benefits = ["elterngeld-berlin", "kindergeld-nuernberg"]
+//!
+//! [[rule]]
+//! id = "parental-allowance-birth-certificate"
+//! callers = ["group:family-benefits"]        # authority ids, or group:<name>
+//! evidence_types = ["birth-certificate"]
+//! purposes = ["parental-allowance"]
+//! legal_bases = ["§ 9 Abs. 1 BEEG"]
+//! consent = "not-required"                   # or "required"
+//! ```
+//!
+//! Where several rules allow a request, one that needs no consent wins: a
+//! legal basis that suffices on its own suffices. [`PolicyStore`] holds the
+//! policy in force and swaps in a new one only if it loads and checks
+//! cleanly, so a broken edit never weakens or drops the old one.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use onceonly_certs::config_file::{self, ConfigFileError, line_and_column};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::routing::RoutingTable;
+
+/// Whether a rule needs the subject's consent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConsentRequirement {
+    /// The legal basis suffices.
+    NotRequired,
+    /// An active consent of the subject must exist.
+    Required,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleEntry {
+    id: Spanned<String>,
+    callers: Spanned<Vec<String>>,
+    evidence_types: Spanned<Vec<String>>,
+    purposes: Spanned<Vec<String>>,
+    legal_bases: Spanned<Vec<String>>,
+    consent: ConsentRequirement,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    groups: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    rule: Vec<RuleEntry>,
+}
+
+/// One checked rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Its id, quoted in audit logs and denials.
+    pub id: String,
+    /// Authority ids it covers (groups expanded).
+    pub callers: BTreeSet<String>,
+    /// Evidence types.
+    pub evidence_types: BTreeSet<String>,
+    /// Purposes.
+    pub purposes: BTreeSet<String>,
+    /// Legal bases.
+    pub legal_bases: BTreeSet<String>,
+    /// Consent.
+    pub consent: ConsentRequirement,
+}
+
+/// What the policy says about one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed by `rule`; consent needed or not.
+    Allow {
+        /// The deciding rule.
+        rule: String,
+        /// Whether the subject's consent must be checked.
+        consent: ConsentRequirement,
+    },
+    /// No rule allows it.
+    Deny,
+}
+
+/// A checked policy.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    rules: Vec<Rule>,
+}
+
+impl Policy {
+    /// Parses and checks policy TOML. Evidence types must be in `routing`'s
+    /// catalogue; errors name the file, the line and the fix.
+    pub fn parse(path: &Path, text: &str, routing: &RoutingTable) -> Result<Self, ConfigFileError> {
+        let file: PolicyFile = config_file::parse_toml(path, text)?;
+        let at = |span: std::ops::Range<usize>, key: &str| {
+            let (line, _) = line_and_column(text, span.start);
+            format!("line {line}: {key}")
+        };
+        for (group, members) in &file.groups {
+            for member in members {
+                onceonly_certs::identity::validate_id(member).map_err(|e| {
+                    ConfigFileError::invalid(
+                        path,
+                        format!("groups.{group}"),
+                        e.to_string(),
+                        "list authority ids as in their certificates",
+                    )
+                })?;
+            }
+        }
+        let mut seen = BTreeSet::new();
+        let mut rules = Vec::new();
+        for entry in file.rule {
+            let id = entry.id.get_ref().clone();
+            if id.trim().is_empty() || !seen.insert(id.clone()) {
+                return Err(ConfigFileError::invalid(
+                    path,
+                    at(entry.id.span(), "rule.id"),
+                    format!("rule id {id:?} is empty or used twice"),
+                    "give every rule its own id",
+                ));
+            }
+            let mut callers = BTreeSet::new();
+            for caller in entry.callers.get_ref() {
+                if let Some(group) = caller.strip_prefix("group:") {
+                    let members = file.groups.get(group).ok_or_else(|| {
+                        ConfigFileError::invalid(
+                            path,
+                            at(entry.callers.span(), &format!("rule {id:?} callers")),
+                            format!("group {group:?} is not defined"),
+                            format!(
+                                "add it under [groups] or fix the name ({})",
+                                known(file.groups.keys().map(String::as_str))
+                            ),
+                        )
+                    })?;
+                    callers.extend(members.iter().cloned());
+                } else {
+                    onceonly_certs::identity::validate_id(caller).map_err(|e| {
+                        ConfigFileError::invalid(
+                            path,
+                            at(entry.callers.span(), &format!("rule {id:?} callers")),
+                            e.to_string(),
+                            "write an authority id, or group:<name>",
+                        )
+                    })?;
+                    callers.insert(caller.clone());
+                }
+            }
+            for evidence_type in entry.evidence_types.get_ref() {
+                if routing.evidence_type(evidence_type).is_none() {
+                    let catalogue = routing
+                        .evidence_types()
+                        .into_iter()
+                        .map(|t| t.entry.id.as_str());
+                    return Err(ConfigFileError::invalid(
+                        path,
+                        at(
+                            entry.evidence_types.span(),
+                            &format!("rule {id:?} evidence_types"),
+                        ),
+                        format!(
+                            "evidence type {evidence_type:?} is not in the routing table's catalogue"
+                        ),
+                        format!("use one of: {}", known(catalogue)),
+                    ));
+                }
+            }
+            for (name, list) in [
+                ("callers", &entry.callers),
+                ("evidence_types", &entry.evidence_types),
+                ("purposes", &entry.purposes),
+                ("legal_bases", &entry.legal_bases),
+            ] {
+                if list.get_ref().iter().all(|v| v.trim().is_empty()) {
+                    return Err(ConfigFileError::invalid(
+                        path,
+                        at(list.span(), &format!("rule {id:?} {name}")),
+                        "is empty",
+                        "list at least one value; a rule must say exactly whom, what and why it allows",
+                    ));
+                }
+            }
+            rules.push(Rule {
+                id,
+                callers,
+                evidence_types: entry.evidence_types.into_inner().into_iter().collect(),
+                purposes: entry.purposes.into_inner().into_iter().collect(),
+                legal_bases: entry.legal_bases.into_inner().into_iter().collect(),
+                consent: entry.consent,
+            });
+        }
+        Ok(Policy { rules })
+    }
+
+    /// Decides a request by the caller's id (authority id).
+    pub fn decide(
+        &self,
+        caller_id: &str,
+        evidence_type: &str,
+        purpose: &str,
+        legal_basis: &str,
+    ) -> Decision {
+        let mut decision = Decision::Deny;
+        for rule in &self.rules {
+            let matches = rule.callers.contains(caller_id)
+                && rule.evidence_types.contains(evidence_type)
+                && rule.purposes.contains(purpose)
+                && rule.legal_bases.contains(legal_basis);
+            if !matches {
+                continue;
+            }
+            if rule.consent == ConsentRequirement::NotRequired {
+                return Decision::Allow {
+                    rule: rule.id.clone(),
+                    consent: ConsentRequirement::NotRequired,
+                };
+            }
+            if decision == Decision::Deny {
+                decision = Decision::Allow {
+                    rule: rule.id.clone(),
+                    consent: ConsentRequirement::Required,
+                };
+            }
+        }
+        decision
+    }
+
+    /// The evidence types `caller_id` may request for some purpose, with
+    /// whether every allowing rule needs consent.
+    pub fn allowed_types(&self, caller_id: &str) -> HashMap<String, bool> {
+        let mut allowed: HashMap<String, bool> = HashMap::new();
+        for rule in self.rules.iter().filter(|r| r.callers.contains(caller_id)) {
+            for evidence_type in &rule.evidence_types {
+                let needs = rule.consent == ConsentRequirement::Required;
+                allowed
+                    .entry(evidence_type.clone())
+                    .and_modify(|all_need| *all_need &= needs)
+                    .or_insert(needs);
+            }
+        }
+        allowed
+    }
+
+    /// The number of rules.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Whether there are no rules (everything is denied).
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+}
+
+fn known<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let names: Vec<&str> = names.collect();
+    if names.is_empty() {
+        "none defined".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The policy in force, reloadable from its file.
+#[derive(Debug)]
+pub struct PolicyStore {
+    path: PathBuf,
+    current: RwLock<Arc<Policy>>,
+    routing: Arc<RoutingTable>,
+}
+
+impl PolicyStore {
+    /// Loads the policy at `path`; fails where it does not check.
+    pub fn load(path: &Path, routing: Arc<RoutingTable>) -> Result<Self, ConfigFileError> {
+        let policy = Self::read(path, &routing)?;
+        Ok(PolicyStore {
+            path: path.to_owned(),
+            current: RwLock::new(Arc::new(policy)),
+            routing,
+        })
+    }
+
+    fn read(path: &Path, routing: &RoutingTable) -> Result<Policy, ConfigFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Policy::parse(path, &text, routing)
+    }
+
+    /// The policy in force. Requests take it once and decide with it.
+    pub fn current(&self) -> Arc<Policy> {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the file; on any error the policy in force stays.
+    pub fn reload(&self) -> Result<usize, ConfigFileError> {
+        let policy = Self::read(&self.path, &self.routing)?;
+        let rules = policy.len();
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(policy);
+        Ok(rules)
+    }
+
+    /// The policy file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routing() -> RoutingTable {
+        RoutingTable::parse(
+            Path::new("routing.toml"),
+            r#"
+[connectors.civil-register]
+endpoints = ["127.0.0.1:7101"]
+[[evidence_types]]
+id = "birth-certificate"
+subject_schemes = ["DE_IDNR"]
+routes = [{ connector = "civil-register" }]
+[[evidence_types]]
+id = "proof-of-residence"
+subject_schemes = ["DE_IDNR"]
+routes = [{ connector = "civil-register" }]
+"#,
+        )
+        .expect("routing")
+    }
+
+    const POLICY: &str = r#"
+[groups]
+family = ["elterngeld-berlin", "kindergeld"]
+
+[[rule]]
+id = "birth"
+callers = ["group:family"]
+evidence_types = ["birth-certificate"]
+purposes = ["parental-allowance"]
+legal_bases = ["§ 9 BEEG"]
+consent = "not-required"
+
+[[rule]]
+id = "residence-with-consent"
+callers = ["elterngeld-berlin"]
+evidence_types = ["proof-of-residence"]
+purposes = ["parental-allowance"]
+legal_bases = ["§ 9 BEEG"]
+consent = "required"
+"#;
+
+    #[test]
+    fn decides_by_all_four_dimensions_and_denies_by_default() {
+        let policy = Policy::parse(Path::new("p.toml"), POLICY, &routing()).expect("parses");
+        assert_eq!(
+            policy.decide(
+                "kindergeld",
+                "birth-certificate",
+                "parental-allowance",
+                "§ 9 BEEG"
+            ),
+            Decision::Allow {
+                rule: "birth".into(),
+                consent: ConsentRequirement::NotRequired
+            }
+        );
+        assert_eq!(
+            policy.decide(
+                "elterngeld-berlin",
+                "proof-of-residence",
+                "parental-allowance",
+                "§ 9 BEEG"
+            ),
+            Decision::Allow {
+                rule: "residence-with-consent".into(),
+                consent: ConsentRequirement::Required
+            }
+        );
+        for (caller, evidence, purpose, basis) in [
+            (
+                "kindergeld",
+                "proof-of-residence",
+                "parental-allowance",
+                "§ 9 BEEG",
+            ),
+            (
+                "elterngeld-berlin",
+                "birth-certificate",
+                "curiosity",
+                "§ 9 BEEG",
+            ),
+            (
+                "elterngeld-berlin",
+                "birth-certificate",
+                "parental-allowance",
+                "§ 1 BGB",
+            ),
+            (
+                "stranger",
+                "birth-certificate",
+                "parental-allowance",
+                "§ 9 BEEG",
+            ),
+        ] {
+            assert_eq!(
+                policy.decide(caller, evidence, purpose, basis),
+                Decision::Deny,
+                "{caller} {evidence} {purpose} {basis}"
+            );
+        }
+        assert!(Policy::default().decide("x", "y", "z", "w") == Decision::Deny);
+    }
+
+    #[test]
+    fn lists_allowed_types_with_consent_flags() {
+        let policy = Policy::parse(Path::new("p.toml"), POLICY, &routing()).expect("parses");
+        let allowed = policy.allowed_types("elterngeld-berlin");
+        assert_eq!(allowed.get("birth-certificate"), Some(&false));
+        assert_eq!(allowed.get("proof-of-residence"), Some(&true));
+        assert!(policy.allowed_types("stranger").is_empty());
+    }
+
+    #[test]
+    fn errors_name_file_line_and_fix() {
+        let broken = POLICY.replace("group:family", "group:famly");
+        let message = Policy::parse(Path::new("policy.toml"), &broken, &routing())
+            .expect_err("unknown group")
+            .to_string();
+        assert!(message.starts_with("policy.toml: line 7:"), "{message}");
+        assert!(
+            message.contains("group \"famly\" is not defined"),
+            "{message}"
+        );
+        assert!(
+            message.contains("family"),
+            "names the known groups: {message}"
+        );
+
+        let broken = POLICY.replace("[\"proof-of-residence\"]", "[\"passport\"]");
+        let message = Policy::parse(Path::new("policy.toml"), &broken, &routing())
+            .expect_err("unknown type")
+            .to_string();
+        assert!(message.contains("line 16"), "{message}");
+        assert!(
+            message.contains("birth-certificate, proof-of-residence"),
+            "{message}"
+        );
+
+        let broken = POLICY.replace("consent = \"required\"", "consent = \"maybe\"");
+        let message = Policy::parse(Path::new("policy.toml"), &broken, &routing())
+            .expect_err("bad consent")
+            .to_string();
+        assert!(message.starts_with("policy.toml:19:"), "{message}");
+
+        let broken = POLICY.replace("purposes = [\"parental-allowance\"]\nlegal_bases = [\"§ 9 BEEG\"]\nconsent = \"not-required\"", "purposes = []\nlegal_bases = [\"§ 9 BEEG\"]\nconsent = \"not-required\"");
+        let message = Policy::parse(Path::new("policy.toml"), &broken, &routing())
+            .expect_err("empty purposes")
+            .to_string();
+        assert!(
+            message.contains("purposes") && message.contains("is empty"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn broken_reload_keeps_the_policy_in_force() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("policy.toml");
+        std::fs::write(&path, POLICY).expect("write");
+        let store = PolicyStore::load(&path, Arc::new(routing())).expect("loads");
+        assert_eq!(store.current().len(), 2);
+        std::fs::write(&path, "[[rule]\nid = ").expect("write");
+        assert!(store.reload().is_err());
+        assert_eq!(
+            store.current().len(),
+            2,
+            "the broken edit replaced the policy"
+        );
+        std::fs::write(
+            &path,
+            POLICY
+                .split("[[rule]]\nid = \"residence")
+                .next()
+                .expect("part"),
+        )
+        .expect("write");
+        assert_eq!(store.reload().expect("reloads"), 1);
+        assert_eq!(store.current().len(), 1);
+    }
+}

@@ -1,0 +1,411 @@
+//! Starting the broker: load and check configuration, policy and routing,
+//! open the data directory, bind, and serve the three services with health
+//! and reflection over mutual TLS. SIGHUP reloads the policy and the TLS
+//! files (certificates, CRL); the policy file is also watched for changes.
+//! A broken policy edit is refused and logged; the old policy stays.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use onceonly_certs::config_file::ConfigFileError;
+use onceonly_certs::tls::{self, TlsError};
+use onceonly_certs::{MtlsIncoming, Participant, ReloadableServerTls, Role};
+use onceonly_proto::v1::audit_service_server::AuditServiceServer;
+use onceonly_proto::v1::consent_service_server::ConsentServiceServer;
+use onceonly_proto::v1::evidence_service_server::EvidenceServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::audit::{AuditError, AuditLog};
+use crate::config::BrokerConfig;
+use crate::consent::{ConsentError, ConsentStore};
+use crate::exchange::Broker;
+use crate::forward::Forwarder;
+use crate::idempotency::IdempotencyCache;
+use crate::policy::PolicyStore;
+use crate::pseudonym::Pseudonymiser;
+use crate::routing::RoutingTable;
+use crate::services::{AuditGrpc, ConsentGrpc, EvidenceGrpc};
+
+/// Request messages are small; larger ones are refused by the gRPC layer.
+const MAX_REQUEST_MESSAGE: usize = 64 * 1024;
+/// Evidence payloads pass through; the largest the broker relays.
+const MAX_RESPONSE_MESSAGE: usize = 16 * 1024 * 1024;
+/// How often the policy file is checked for changes.
+const POLICY_POLL: Duration = Duration::from_secs(1);
+
+/// Why the broker could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A configuration, policy or routing file is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigFileError),
+    /// TLS material is unusable.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// The certificate is not a broker's.
+    #[error(
+        "{path} is the certificate of {identity}, not of a broker (role broker); issue one with `onceonly-certs init`"
+    )]
+    NotABroker {
+        /// The certificate file.
+        path: String,
+        /// Whose it is.
+        identity: Participant,
+    },
+    /// The data directory or the pseudonym key could not be opened.
+    #[error("{what}: {reason}")]
+    Storage {
+        /// What.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Serve(String),
+}
+
+impl From<AuditError> for StartError {
+    fn from(e: AuditError) -> Self {
+        StartError::Storage {
+            what: "audit log".into(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+impl From<ConsentError> for StartError {
+    fn from(e: ConsentError) -> Self {
+        StartError::Storage {
+            what: "consent store".into(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// A broker with everything loaded and its port bound.
+pub struct BoundBroker {
+    broker: Arc<Broker>,
+    tls: Arc<ReloadableServerTls>,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    identity: Participant,
+    audit_writer: JoinHandle<()>,
+    grace: Duration,
+}
+
+impl BoundBroker {
+    /// Loads `config` and binds its listen address.
+    pub async fn bind(config: &BrokerConfig) -> Result<Self, StartError> {
+        let routing = Arc::new(RoutingTable::load(&config.routing)?);
+        let policy = Arc::new(PolicyStore::load(&config.policy, routing.clone())?);
+        let server_tls = ReloadableServerTls::load(config.tls.clone())?;
+        let identity = server_tls.identity().clone();
+        if identity.role() != Role::Broker {
+            return Err(StartError::NotABroker {
+                path: config.tls.cert.display().to_string(),
+                identity,
+            });
+        }
+        let (client_config, _) = tls::client_config(&config.tls)?;
+        let pseudonyms = Arc::new(
+            Pseudonymiser::load_or_create(&config.pseudonym_key).map_err(|e| {
+                StartError::Storage {
+                    what: format!("pseudonym key {}", config.pseudonym_key.display()),
+                    reason: e.to_string(),
+                }
+            })?,
+        );
+        let db = sled::Config::new()
+            .path(&config.data_dir)
+            .open()
+            .map_err(|e| StartError::Storage {
+                what: format!("data directory {}", config.data_dir.display()),
+                reason: e.to_string(),
+            })?;
+        let (audit, audit_writer) = AuditLog::open(&db, config.audit.durable)?;
+        let consents = ConsentStore::open(&db, pseudonyms.clone())?;
+        let broker = Arc::new(Broker {
+            routing,
+            policy,
+            consents,
+            audit,
+            pseudonyms,
+            forwarder: Forwarder::new(client_config, identity.trust_domain()),
+            idempotency: IdempotencyCache::new(
+                config.idempotency.window,
+                config.idempotency.max_entries,
+            ),
+            permits: Semaphore::new(config.limits.concurrency),
+            max_request_time: config.limits.max_request_time,
+        });
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        Ok(BoundBroker {
+            broker,
+            tls: server_tls,
+            listener,
+            local_addr,
+            identity,
+            audit_writer,
+            grace: config.shutdown_grace,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The broker's identity.
+    pub fn identity(&self) -> &Participant {
+        &self.identity
+    }
+
+    /// The shared state (policy, audit log, ...).
+    pub fn broker(&self) -> Arc<Broker> {
+        self.broker.clone()
+    }
+
+    /// Serves until `shutdown` completes, then drains exchanges in flight
+    /// (at most the grace period) and closes the data directory.
+    pub async fn serve_with_shutdown(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        let BoundBroker {
+            broker,
+            tls,
+            listener,
+            local_addr,
+            identity,
+            audit_writer,
+            grace,
+        } = self;
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<EvidenceServiceServer<EvidenceGrpc>>()
+            .await;
+        health_reporter
+            .set_serving::<ConsentServiceServer<ConsentGrpc>>()
+            .await;
+        health_reporter
+            .set_serving::<AuditServiceServer<AuditGrpc>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(onceonly_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Serve(e.to_string()))?;
+        let watcher = tokio::spawn(watch_policy(broker.policy.clone()));
+
+        let (drain_started, drain_signal) = oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            health_reporter
+                .set_not_serving::<EvidenceServiceServer<EvidenceGrpc>>()
+                .await;
+            tracing::info!("broker shutting down; draining exchanges in flight");
+            let _ = drain_started.send(());
+        };
+        tracing::info!(addr = %local_addr, identity = %identity, "broker serving");
+        // Boxed so it can be dropped (with the services' handles on the
+        // broker) before waiting for the audit writer below.
+        let mut serving = Box::pin(
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .add_service(reflection)
+                .add_service(
+                    EvidenceServiceServer::new(EvidenceGrpc(broker.clone()))
+                        .max_decoding_message_size(MAX_REQUEST_MESSAGE)
+                        .max_encoding_message_size(MAX_RESPONSE_MESSAGE),
+                )
+                .add_service(
+                    ConsentServiceServer::new(ConsentGrpc(broker.clone()))
+                        .max_decoding_message_size(MAX_REQUEST_MESSAGE),
+                )
+                .add_service(
+                    AuditServiceServer::new(AuditGrpc(broker.clone()))
+                        .max_decoding_message_size(MAX_REQUEST_MESSAGE),
+                )
+                .serve_with_incoming_shutdown(MtlsIncoming::new(listener, tls), signal),
+        );
+        let result = tokio::select! {
+            result = &mut serving => result.map_err(|e| StartError::Serve(e.to_string())),
+            () = async {
+                let _ = drain_signal.await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(?grace, "exchanges still in flight after the grace period; stopping anyway");
+                Ok(())
+            }
+        };
+        watcher.abort();
+        drop(serving);
+        // The audit writer ends once the last handle to the log is gone;
+        // waiting for it means every batch is flushed and the data
+        // directory closed before we return.
+        drop(broker);
+        let _ = audit_writer.await;
+        result
+    }
+
+    /// Serves until Ctrl-C or SIGTERM; SIGHUP reloads policy and TLS.
+    pub async fn serve(self) -> Result<(), StartError> {
+        spawn_sighup_reload(self.broker.policy.clone(), self.tls.clone());
+        self.serve_with_shutdown(terminate_signal()).await
+    }
+
+    /// Serves in the background; the handle stops it.
+    pub fn spawn(self) -> RunningBroker {
+        let local_addr = self.local_addr;
+        let tls = self.tls.clone();
+        let broker = Arc::downgrade(&self.broker);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(self.serve_with_shutdown(async move {
+            let _ = stopped.await;
+        }));
+        RunningBroker {
+            local_addr,
+            tls,
+            broker,
+            stop: Some(stop),
+            task,
+        }
+    }
+}
+
+/// A broker serving in the background (tests, the demo).
+pub struct RunningBroker {
+    local_addr: SocketAddr,
+    tls: Arc<ReloadableServerTls>,
+    broker: std::sync::Weak<Broker>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), StartError>>,
+}
+
+impl RunningBroker {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The server TLS configuration (reload after revoking a certificate).
+    pub fn tls(&self) -> &ReloadableServerTls {
+        &self.tls
+    }
+
+    /// The shared state while serving.
+    pub fn broker(&self) -> Option<Arc<Broker>> {
+        self.broker.upgrade()
+    }
+
+    /// Stops, drains, flushes and closes the data directory.
+    pub async fn shutdown(mut self) -> Result<(), StartError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(e) => Err(StartError::Serve(format!("server task failed: {e}"))),
+        }
+    }
+}
+
+impl Drop for RunningBroker {
+    fn drop(&mut self) {
+        if self.stop.is_some() {
+            self.task.abort();
+        }
+    }
+}
+
+/// Reloads the policy when its file changes (modification time or size).
+async fn watch_policy(policy: Arc<PolicyStore>) {
+    let stamp = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut last = stamp(policy.path());
+    loop {
+        tokio::time::sleep(POLICY_POLL).await;
+        let now = stamp(policy.path());
+        if now != last {
+            last = now;
+            reload_policy(&policy);
+        }
+    }
+}
+
+fn reload_policy(policy: &PolicyStore) {
+    match policy.reload() {
+        Ok(rules) => tracing::info!(rules, file = %policy.path().display(), "policy reloaded"),
+        Err(error) => {
+            tracing::error!(%error, "policy NOT reloaded; the previous policy stays in force")
+        }
+    }
+}
+
+fn spawn_sighup_reload(policy: Arc<PolicyStore>, tls: Arc<ReloadableServerTls>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            reload_policy(&policy);
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificates and CRL reloaded"),
+                Err(error) => {
+                    tracing::error!(%error, "TLS NOT reloaded; the previous configuration stays")
+                }
+            }
+        }
+    });
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn terminate_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

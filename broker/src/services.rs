@@ -1,0 +1,379 @@
+//! The broker's gRPC services: thin adapters from `onceonly.v1` to the
+//! request path ([`crate::exchange`]), the consent store and the audit log.
+//! Each method first checks the caller's role (from its certificate).
+
+use std::sync::Arc;
+
+use onceonly_certs::{Participant, Role, peer_identity};
+use onceonly_proto::status::{error, invalid_request};
+use onceonly_proto::v1::audit_service_server::AuditService;
+use onceonly_proto::v1::consent_service_server::ConsentService;
+use onceonly_proto::v1::evidence_service_server::EvidenceService;
+use onceonly_proto::v1::*;
+use onceonly_proto::validate::{self, FieldViolation, Violations};
+use tonic::{Code, Request, Response, Status};
+
+use crate::audit::AuditFilter;
+use crate::consent::{ConsentError, NewConsent, millis};
+use crate::exchange::{Broker, now_ms};
+
+/// The longest a consent may be granted for.
+const MAX_CONSENT_MS: i64 = 5 * 366 * 86_400_000;
+
+/// The caller, if its role is one of `allowed`.
+fn require_role<T>(
+    request: &Request<T>,
+    allowed: &[Role],
+    what: &str,
+) -> Result<Participant, Status> {
+    let peer = peer_identity(request).ok_or_else(|| {
+        error(
+            Code::Unauthenticated,
+            ErrorReason::Unauthenticated,
+            "no verified client certificate on this connection",
+        )
+    })?;
+    let caller = &peer.participant;
+    if allowed.contains(&caller.role()) {
+        return Ok(caller.clone());
+    }
+    let roles: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
+    Err(error(
+        Code::PermissionDenied,
+        ErrorReason::RoleNotPermitted,
+        format!(
+            "{caller} has role {}; {what} is for role {}",
+            caller.role(),
+            roles.join(" or ")
+        ),
+    ))
+}
+
+/// `EvidenceService`, for authorities.
+pub struct EvidenceGrpc(pub Arc<Broker>);
+
+#[tonic::async_trait]
+impl EvidenceService for EvidenceGrpc {
+    async fn request_evidence(
+        &self,
+        request: Request<RequestEvidenceRequest>,
+    ) -> Result<Response<RequestEvidenceResponse>, Status> {
+        let peer = peer_identity(&request).cloned();
+        let metadata = request.metadata().clone();
+        self.0
+            .request_evidence(peer.as_ref(), &metadata, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_evidence_types(
+        &self,
+        request: Request<ListEvidenceTypesRequest>,
+    ) -> Result<Response<ListEvidenceTypesResponse>, Status> {
+        let caller = require_role(&request, &[Role::Authority], "EvidenceService")?;
+        let allowed = self.0.policy.current().allowed_types(caller.id());
+        let evidence_types = self
+            .0
+            .routing
+            .evidence_types()
+            .into_iter()
+            .filter_map(|t| {
+                allowed
+                    .get(&t.entry.id)
+                    .map(|consent_required| EvidenceTypeInfo {
+                        consent_required: *consent_required,
+                        ..t.info()
+                    })
+            })
+            .collect();
+        Ok(Response::new(ListEvidenceTypesResponse { evidence_types }))
+    }
+}
+
+/// `ConsentService`, for portals (and auditors, read-only).
+pub struct ConsentGrpc(pub Arc<Broker>);
+
+fn consent_storage(e: ConsentError) -> Status {
+    match e {
+        ConsentError::NotFound(id) => error(
+            Code::NotFound,
+            ErrorReason::NotFound,
+            format!("no consent {id:?}"),
+        ),
+        ConsentError::Storage(reason) => {
+            tracing::error!(%reason, "consent storage failed");
+            Status::unavailable("the consent store is unavailable; retry")
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ConsentService for ConsentGrpc {
+    async fn grant_consent(
+        &self,
+        request: Request<GrantConsentRequest>,
+    ) -> Result<Response<GrantConsentResponse>, Status> {
+        let portal = require_role(&request, &[Role::Portal], "GrantConsent")?;
+        let grant = request.into_inner();
+        let now = now_ms();
+        let mut violations = Violations::new();
+        violations
+            .check(validate::subject(grant.subject.as_ref(), "subject"))
+            .check(validate::required_text("purpose", &grant.purpose))
+            .check(validate::evidence_type_id(
+                "evidence_type",
+                &grant.evidence_type,
+            ));
+        if violations.clone().into_result().is_ok()
+            && self.0.routing.evidence_type(&grant.evidence_type).is_none()
+        {
+            violations.push(FieldViolation::new(
+                "evidence_type",
+                format!("{:?} is not in the catalogue", grant.evidence_type),
+            ));
+        }
+        match grant.authority_id.parse::<Participant>() {
+            Ok(p) if p.role() == Role::Authority && p.trust_domain() == portal.trust_domain() => {}
+            Ok(p) => {
+                violations.push(FieldViolation::new(
+                    "authority_id",
+                    format!(
+                        "{p} is not an authority of trust domain {}",
+                        portal.trust_domain()
+                    ),
+                ));
+            }
+            Err(e) => {
+                violations.push(FieldViolation::new(
+                    "authority_id",
+                    format!("{e}; write spiffe://<trust-domain>/authority/<id>"),
+                ));
+            }
+        }
+        let expires_at_ms = grant.expires_at.as_ref().map(millis);
+        match expires_at_ms {
+            None => {
+                violations.push(FieldViolation::new(
+                    "expires_at",
+                    "required: when the consent ends",
+                ));
+            }
+            Some(t) if t <= now => {
+                violations.push(FieldViolation::new("expires_at", "must be in the future"));
+            }
+            Some(t) if t - now > MAX_CONSENT_MS => {
+                violations.push(FieldViolation::new("expires_at", "at most 5 years ahead"));
+            }
+            Some(_) => {}
+        }
+        violations
+            .into_result()
+            .map_err(|v| invalid_request(ErrorReason::InvalidRequest, &v))?;
+        let consent = self
+            .0
+            .consents
+            .grant(
+                NewConsent {
+                    subject: grant.subject.unwrap_or_default(),
+                    authority_id: grant.authority_id,
+                    evidence_type: grant.evidence_type,
+                    purpose: grant.purpose,
+                    expires_at_ms: expires_at_ms.unwrap_or(now),
+                    recorded_by: portal.spiffe_id(),
+                },
+                now,
+            )
+            .await
+            .map_err(consent_storage)?;
+        tracing::info!(consent_id = %consent.consent_id, portal = %portal, "consent granted");
+        Ok(Response::new(GrantConsentResponse {
+            consent: Some(consent.to_proto(now)),
+        }))
+    }
+
+    async fn revoke_consent(
+        &self,
+        request: Request<RevokeConsentRequest>,
+    ) -> Result<Response<RevokeConsentResponse>, Status> {
+        let portal = require_role(&request, &[Role::Portal], "RevokeConsent")?;
+        let id = request.into_inner().consent_id;
+        if id.is_empty() {
+            return Err(invalid_request(
+                ErrorReason::InvalidRequest,
+                &[FieldViolation::new("consent_id", "required")],
+            ));
+        }
+        let now = now_ms();
+        let consent = self
+            .0
+            .consents
+            .revoke(&id, now)
+            .await
+            .map_err(consent_storage)?;
+        tracing::info!(consent_id = %id, portal = %portal, "consent revoked");
+        Ok(Response::new(RevokeConsentResponse {
+            consent: Some(consent.to_proto(now)),
+        }))
+    }
+
+    async fn list_consents(
+        &self,
+        request: Request<ListConsentsRequest>,
+    ) -> Result<Response<ListConsentsResponse>, Status> {
+        require_role(&request, &[Role::Portal, Role::Auditor], "ListConsents")?;
+        let list = request.into_inner();
+        validate::subject(list.subject.as_ref(), "subject")
+            .map_err(|v| invalid_request(ErrorReason::InvalidRequest, &[v]))?;
+        let skip = parse_page_token(&list.page_token)?;
+        let limit = page_size(list.page_size, 50, 500);
+        let (consents, more) = self
+            .0
+            .consents
+            .list(
+                &list.subject.unwrap_or_default(),
+                usize::try_from(skip).unwrap_or(usize::MAX),
+                limit,
+            )
+            .map_err(consent_storage)?;
+        let now = now_ms();
+        let next_page_token = if more {
+            (skip + consents.len() as u64).to_string()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListConsentsResponse {
+            consents: consents.iter().map(|c| c.to_proto(now)).collect(),
+            next_page_token,
+        }))
+    }
+}
+
+fn page_size(asked: u32, default: usize, max: usize) -> usize {
+    match asked {
+        0 => default,
+        n => (n as usize).min(max),
+    }
+}
+
+fn parse_page_token(token: &str) -> Result<u64, Status> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    token.parse().map_err(|_| {
+        invalid_request(
+            ErrorReason::InvalidRequest,
+            &[FieldViolation::new(
+                "page_token",
+                "not a token this service issued; pass next_page_token unchanged",
+            )],
+        )
+    })
+}
+
+/// `AuditService`: record queries scoped by role. Tree heads and proofs
+/// arrive with the tamper-evident log.
+pub struct AuditGrpc(pub Arc<Broker>);
+
+#[tonic::async_trait]
+impl AuditService for AuditGrpc {
+    async fn query_records(
+        &self,
+        request: Request<QueryRecordsRequest>,
+    ) -> Result<Response<QueryRecordsResponse>, Status> {
+        let caller = require_role(
+            &request,
+            &[Role::Auditor, Role::Portal, Role::Authority],
+            "QueryRecords",
+        )?;
+        let query = request.into_inner();
+        let mut filter = AuditFilter {
+            caller_id: Some(query.caller_id.clone()).filter(|c| !c.is_empty()),
+            evidence_type: Some(query.evidence_type.clone()).filter(|e| !e.is_empty()),
+            connector_id: Some(query.connector_id.clone()).filter(|c| !c.is_empty()),
+            outcome: ExchangeOutcome::try_from(query.outcome)
+                .ok()
+                .filter(|o| *o != ExchangeOutcome::Unspecified),
+            received_after: query.received_after.as_ref().map(|t| t.seconds),
+            received_before: query.received_before.as_ref().map(|t| t.seconds),
+            subject_pseudonym: None,
+        };
+        if let Some(subject) = &query.subject {
+            validate::subject(Some(subject), "subject")
+                .map_err(|v| invalid_request(ErrorReason::InvalidRequest, &[v]))?;
+            filter.subject_pseudonym =
+                Some(self.0.pseudonyms.pseudonym(subject.scheme, &subject.value));
+        }
+        match caller.role() {
+            Role::Portal if filter.subject_pseudonym.is_none() => {
+                return Err(invalid_request(
+                    ErrorReason::InvalidRequest,
+                    &[FieldViolation::new(
+                        "subject",
+                        "required for a portal: the transparency view shows one person's records",
+                    )],
+                ));
+            }
+            Role::Authority => {
+                let own = caller.spiffe_id();
+                if filter.caller_id.as_ref().is_some_and(|c| *c != own) {
+                    return Err(error(
+                        Code::PermissionDenied,
+                        ErrorReason::RoleNotPermitted,
+                        "an authority sees only its own requests",
+                    ));
+                }
+                filter.caller_id = Some(own);
+            }
+            _ => {}
+        }
+        let start = parse_page_token(&query.page_token)?;
+        let (records, next) = self
+            .0
+            .audit
+            .query(&filter, start, page_size(query.page_size, 100, 1000))
+            .map_err(|e| {
+                tracing::error!(error = %e, "audit query failed");
+                Status::unavailable("the audit log is unavailable; retry")
+            })?;
+        Ok(Response::new(QueryRecordsResponse {
+            records,
+            next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn get_signed_tree_head(
+        &self,
+        _request: Request<GetSignedTreeHeadRequest>,
+    ) -> Result<Response<GetSignedTreeHeadResponse>, Status> {
+        Err(Status::unimplemented(
+            "signed tree heads are not served by this broker version",
+        ))
+    }
+
+    async fn get_inclusion_proof(
+        &self,
+        _request: Request<GetInclusionProofRequest>,
+    ) -> Result<Response<GetInclusionProofResponse>, Status> {
+        Err(Status::unimplemented(
+            "inclusion proofs are not served by this broker version",
+        ))
+    }
+
+    async fn get_consistency_proof(
+        &self,
+        _request: Request<GetConsistencyProofRequest>,
+    ) -> Result<Response<GetConsistencyProofResponse>, Status> {
+        Err(Status::unimplemented(
+            "consistency proofs are not served by this broker version",
+        ))
+    }
+
+    async fn get_entries(
+        &self,
+        _request: Request<GetEntriesRequest>,
+    ) -> Result<Response<GetEntriesResponse>, Status> {
+        Err(Status::unimplemented(
+            "raw log entries are not served by this broker version",
+        ))
+    }
+}
