@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use onceonly_certs::{Participant, PeerIdentity, Role};
+use onceonly_certs::{Participant, PeerRefusal, Role};
 use onceonly_proto::metadata::{TraceContext, grpc_timeout};
 use onceonly_proto::status::{error, error_with_metadata, invalid_request};
 use onceonly_proto::v1::{
@@ -112,7 +112,7 @@ impl Broker {
     /// Runs one evidence request from `peer` to its answer.
     pub async fn request_evidence(
         &self,
-        peer: Option<&PeerIdentity>,
+        peer: Result<Participant, PeerRefusal>,
         metadata: &tonic::metadata::MetadataMap,
         request: RequestEvidenceRequest,
     ) -> Result<RequestEvidenceResponse, Status> {
@@ -129,7 +129,13 @@ impl Broker {
         // 1. authenticate
         let caller = match authenticate(peer) {
             Ok(caller) => caller,
-            Err(refusal) => return self.audit_and_answer(exchange, Err(refusal)).await,
+            Err((refusal, claimed)) => {
+                // Recorded apart from real callers: the claim is unverified.
+                exchange.record.caller_id = claimed
+                    .map(|c| format!("unverified:{c}"))
+                    .unwrap_or_default();
+                return self.audit_and_answer(exchange, Err(refusal)).await;
+            }
         };
         span.record("caller", tracing::field::display(&caller));
         exchange.record.caller_id = caller.spiffe_id();
@@ -481,30 +487,40 @@ fn outcome_of(code: Code) -> ExchangeOutcome {
     }
 }
 
-/// 1. The caller is who its verified certificate says, and an authority.
-pub fn authenticate(peer: Option<&PeerIdentity>) -> Result<Participant, Refusal> {
-    let Some(peer) = peer else {
-        return Err(Refusal::denied(error(
+/// Step 1: the caller is who its verified certificate says, and an authority.
+/// A refusal comes with the identity the certificate claimed, if any.
+pub fn authenticate(
+    peer: Result<Participant, PeerRefusal>,
+) -> Result<Participant, (Refusal, Option<String>)> {
+    let caller = peer.map_err(|refusal| {
+        let status = error(
             Code::Unauthenticated,
             ErrorReason::Unauthenticated,
-            "no verified client certificate on this connection",
-        )));
-    };
-    let caller = &peer.participant;
-    if caller.role() != Role::Authority {
-        return Err(Refusal::denied(error(
-            Code::PermissionDenied,
-            ErrorReason::RoleNotPermitted,
             format!(
-                "{caller} has role {}; only authorities (role authority) may request evidence",
-                caller.role()
+                "client certificate refused: {}; present a current certificate of this trust domain (onceonly-certs issue)",
+                refusal.reason
             ),
-        )));
+        );
+        (Refusal::denied(status), refusal.claimed)
+    })?;
+    if caller.role() != Role::Authority {
+        let claimed = Some(caller.spiffe_id());
+        return Err((
+            Refusal::denied(error(
+                Code::PermissionDenied,
+                ErrorReason::RoleNotPermitted,
+                format!(
+                    "{caller} has role {}; only authorities (role authority) may request evidence",
+                    caller.role()
+                ),
+            )),
+            claimed,
+        ));
     }
-    Ok(caller.clone())
+    Ok(caller)
 }
 
-/// 2. Checks every field; the status names each bad one.
+/// Step 2: checks every field; the status names each bad one.
 pub fn validate(routing: &RoutingTable, request: &RequestEvidenceRequest) -> Result<(), Status> {
     let mut violations = Violations::new();
     violations

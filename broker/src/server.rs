@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use onceonly_certs::config_file::ConfigFileError;
 use onceonly_certs::tls::{self, TlsError};
-use onceonly_certs::{MtlsIncoming, Participant, ReloadableServerTls, Role};
+use onceonly_certs::{ClientAuth, MtlsIncoming, Participant, ReloadableServerTls, Role};
 use onceonly_proto::v1::audit_service_server::AuditServiceServer;
 use onceonly_proto::v1::consent_service_server::ConsentServiceServer;
 use onceonly_proto::v1::evidence_service_server::EvidenceServiceServer;
@@ -111,7 +111,7 @@ impl BoundBroker {
     pub async fn bind(config: &BrokerConfig) -> Result<Self, StartError> {
         let routing = Arc::new(RoutingTable::load(&config.routing)?);
         let policy = Arc::new(PolicyStore::load(&config.policy, routing.clone())?);
-        let server_tls = ReloadableServerTls::load(config.tls.clone())?;
+        let server_tls = ReloadableServerTls::load_with(config.tls.clone(), ClientAuth::Deferred)?;
         let identity = server_tls.identity().clone();
         if identity.role() != Role::Broker {
             return Err(StartError::NotABroker {

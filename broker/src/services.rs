@@ -26,14 +26,13 @@ fn require_role<T>(
     allowed: &[Role],
     what: &str,
 ) -> Result<Participant, Status> {
-    let peer = peer_identity(request).ok_or_else(|| {
+    let caller = peer_identity(request).map_err(|refusal| {
         error(
             Code::Unauthenticated,
             ErrorReason::Unauthenticated,
-            "no verified client certificate on this connection",
+            format!("client certificate refused: {}", refusal.reason),
         )
     })?;
-    let caller = &peer.participant;
     if allowed.contains(&caller.role()) {
         return Ok(caller.clone());
     }
@@ -61,7 +60,7 @@ impl EvidenceService for EvidenceGrpc {
         let peer = peer_identity(&request).cloned();
         let metadata = request.metadata().clone();
         self.0
-            .request_evidence(peer.as_ref(), &metadata, request.into_inner())
+            .request_evidence(peer, &metadata, request.into_inner())
             .await
             .map(Response::new)
     }

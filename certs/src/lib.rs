@@ -20,4 +20,7 @@ pub mod tls;
 
 pub use identity::{IdentityError, IdentityVerifier, Participant, Role};
 pub use pki::{InitOptions, IssueOptions, KeyAlgorithm, Pki, PkiError, TlsFiles};
-pub use tls::{MtlsConnector, MtlsIncoming, PeerIdentity, ReloadableServerTls, peer_identity};
+pub use tls::{
+    ClientAuth, MtlsConnector, MtlsIncoming, PeerIdentity, PeerRefusal, ReloadableServerTls,
+    peer_identity,
+};

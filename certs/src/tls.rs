@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -112,18 +113,91 @@ pub fn identity_verifier(
     Ok(IdentityVerifier::new(trust_domain, roots, crls)?)
 }
 
-/// A TLS 1.3 server configuration that requires a client certificate with a
-/// valid identity of our trust domain (the trust domain is our own
-/// certificate's).
-pub fn server_config(files: &TlsFiles) -> Result<(ServerConfig, Participant), TlsError> {
+/// When a server judges a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// In the handshake: a client without a valid certificate of our trust
+    /// domain never gets a connection. For connectors, which serve only the
+    /// broker.
+    Strict,
+    /// Right after the handshake, with the same verifier: the handshake
+    /// still proves the client holds the certificate's key, but a refused
+    /// client gets a connection whose every call the server answers with
+    /// the precise reason (and can audit). For the broker, whose callers
+    /// must learn why they were refused.
+    Deferred,
+}
+
+/// A TLS 1.3 server configuration asking for a client certificate of our
+/// trust domain (the trust domain is our own certificate's), and the
+/// verifier that judges it.
+pub fn server_config(
+    files: &TlsFiles,
+    mode: ClientAuth,
+) -> Result<(ServerConfig, Arc<IdentityVerifier>, Participant), TlsError> {
     let (chain, key, me) = load_own(files)?;
-    let verifier = identity_verifier(files, me.trust_domain())?;
+    let verifier = Arc::new(identity_verifier(files, me.trust_domain())?);
+    let client_verifier: Arc<dyn ClientCertVerifier> = match mode {
+        ClientAuth::Strict => verifier.clone(),
+        ClientAuth::Deferred => Arc::new(DeferredVerifier(verifier.clone())),
+    };
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(verifier))
+        .with_client_cert_verifier(client_verifier)
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    Ok((config, me))
+    Ok((config, verifier, me))
+}
+
+/// Accepts any client certificate (or none) in the handshake, while still
+/// checking the handshake signature, which proves possession of the
+/// certificate's key. The chain is judged after the handshake.
+#[derive(Debug)]
+struct DeferredVerifier(Arc<IdentityVerifier>);
+
+impl ClientCertVerifier for DeferredVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// A TLS 1.3 client configuration presenting our certificate and trusting
@@ -148,38 +222,52 @@ pub fn client_config(files: &TlsFiles) -> Result<(Arc<ClientConfig>, Participant
 #[derive(Debug)]
 pub struct ReloadableServerTls {
     files: TlsFiles,
-    current: RwLock<Arc<ServerConfig>>,
+    mode: ClientAuth,
+    current: RwLock<(Arc<ServerConfig>, Arc<IdentityVerifier>)>,
     identity: Participant,
 }
 
 impl ReloadableServerTls {
-    /// Loads the configuration from `files`.
+    /// Loads the configuration from `files`, judging clients in the
+    /// handshake ([`ClientAuth::Strict`]).
     pub fn load(files: TlsFiles) -> Result<Arc<Self>, TlsError> {
-        let (config, identity) = server_config(&files)?;
+        Self::load_with(files, ClientAuth::Strict)
+    }
+
+    /// Loads the configuration from `files` with the given client
+    /// authentication mode.
+    pub fn load_with(files: TlsFiles, mode: ClientAuth) -> Result<Arc<Self>, TlsError> {
+        let (config, verifier, identity) = server_config(&files, mode)?;
         Ok(Arc::new(ReloadableServerTls {
             files,
-            current: RwLock::new(Arc::new(config)),
+            mode,
+            current: RwLock::new((Arc::new(config), verifier)),
             identity,
         }))
     }
 
     /// Re-reads the files. On error the previous configuration stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let (config, _) = server_config(&self.files)?;
+        let (config, verifier, _) = server_config(&self.files, self.mode)?;
         let mut current = self
             .current
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *current = Arc::new(config);
+        *current = (Arc::new(config), verifier);
         Ok(())
     }
 
-    /// The configuration new connections get.
-    pub fn current(&self) -> Arc<ServerConfig> {
+    /// The configuration new connections get, with its verifier.
+    pub fn current(&self) -> (Arc<ServerConfig>, Arc<IdentityVerifier>) {
         self.current
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
+    }
+
+    /// When clients are judged.
+    pub fn mode(&self) -> ClientAuth {
+        self.mode
     }
 
     /// The server's own identity.
@@ -188,21 +276,44 @@ impl ReloadableServerTls {
     }
 }
 
-/// The verified identity of the peer of a connection, as request handlers
+/// What a server knows about the peer of a connection, as request handlers
 /// see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity {
-    /// Who the peer is, from its verified certificate.
-    pub participant: Participant,
+    /// Who the peer is, from its verified certificate; or, on a server with
+    /// [`ClientAuth::Deferred`], why its certificate was refused.
+    pub identity: Result<Participant, PeerRefusal>,
     /// Its address.
     pub remote_addr: Option<SocketAddr>,
 }
 
-/// Reads the caller's verified identity from a tonic request. `None` only
-/// where the server was not started with [`MtlsIncoming`] (a bug), which
-/// handlers answer with UNAUTHENTICATED.
-pub fn peer_identity<T>(request: &tonic::Request<T>) -> Option<&PeerIdentity> {
-    request.extensions().get::<PeerIdentity>()
+/// Why a peer's certificate was refused, and whom it claimed to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRefusal {
+    /// The reason, for the caller and the log (e.g. "certificate has been
+    /// revoked").
+    pub reason: String,
+    /// The SPIFFE id the certificate claims (unverified), if readable.
+    pub claimed: Option<String>,
+}
+
+/// The caller's verified identity from a tonic request, or why there is
+/// none (refused certificate, or a server not fed by [`MtlsIncoming`]).
+pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<&Participant, PeerRefusal> {
+    match request.extensions().get::<PeerIdentity>() {
+        Some(PeerIdentity {
+            identity: Ok(participant),
+            ..
+        }) => Ok(participant),
+        Some(PeerIdentity {
+            identity: Err(refusal),
+            ..
+        }) => Err(refusal.clone()),
+        None => Err(PeerRefusal {
+            reason: "not a mutual-TLS connection".into(),
+            claimed: None,
+        }),
+    }
 }
 
 /// A server-side TLS stream whose peer is verified.
@@ -310,10 +421,11 @@ async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = TlsAcceptor::from(tls.current());
+        let (config, verifier) = tls.current();
+        let acceptor = TlsAcceptor::from(config);
         let sender = sender.clone();
         tokio::spawn(async move {
-            match handshake(acceptor, tcp, remote_addr).await {
+            match handshake(acceptor, verifier, tcp, remote_addr).await {
                 Ok(stream) => {
                     let _ = sender.send(stream).await;
                 }
@@ -327,6 +439,7 @@ async fn accept_loop(
 
 async fn handshake(
     acceptor: TlsAcceptor,
+    verifier: Arc<IdentityVerifier>,
     tcp: TcpStream,
     remote_addr: SocketAddr,
 ) -> Result<MtlsStream, String> {
@@ -335,15 +448,29 @@ async fn handshake(
         .map_err(|_| format!("handshake not completed within {HANDSHAKE_TIMEOUT:?}"))?
         .map_err(|e| explain_io_error(&e))?;
     let (_, connection) = tls.get_ref();
-    let end_entity = connection
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .ok_or("no client certificate presented")?;
-    let participant = Participant::from_certificate(end_entity).map_err(|e| e.to_string())?;
+    // In strict mode the handshake has verified the chain already; verifying
+    // again is cheap and keeps one code path for both modes.
+    let identity = match connection.peer_certificates() {
+        Some([end_entity, intermediates @ ..]) => verifier
+            .verify(end_entity, intermediates)
+            .map_err(|e| PeerRefusal {
+                reason: e.to_string(),
+                claimed: Participant::from_certificate(end_entity)
+                    .ok()
+                    .map(|p| p.spiffe_id()),
+            }),
+        _ => Err(PeerRefusal {
+            reason: "no client certificate presented".into(),
+            claimed: None,
+        }),
+    };
+    if let Err(refusal) = &identity {
+        tracing::warn!(%remote_addr, reason = %refusal.reason, claimed = ?refusal.claimed, "client certificate refused");
+    }
     Ok(MtlsStream {
         inner: tls,
         peer: PeerIdentity {
-            participant,
+            identity,
             remote_addr: Some(remote_addr),
         },
     })

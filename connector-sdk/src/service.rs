@@ -80,14 +80,13 @@ impl<C: Connector> ConnectorGrpc<C> {
 
     /// Only the broker may call a connector.
     fn check_caller<T>(&self, request: &Request<T>) -> Result<Participant, Status> {
-        let Some(peer) = peer_identity(request) else {
-            return Err(error(
+        let caller = peer_identity(request).map_err(|refusal| {
+            error(
                 Code::Unauthenticated,
                 ErrorReason::Unauthenticated,
-                "no verified client certificate on this connection",
-            ));
-        };
-        let caller = &peer.participant;
+                format!("client certificate refused: {}", refusal.reason),
+            )
+        })?;
         if caller.role() != Role::Broker {
             return Err(error(
                 Code::PermissionDenied,

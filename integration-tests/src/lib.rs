@@ -2,6 +2,8 @@
 //! on `127.0.0.1:0`, and gRPC channels presenting a chosen participant's
 //! certificate over mutual TLS.
 
+pub mod world;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,210 @@
+//! A whole onceonly installation on loopback for tests and the demo: a
+//! throw-away PKI, the three mock registers, and the broker, configured
+//! from the sample files shipped in `broker/config/` with the registers'
+//! real ports filled in.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use onceonly_broker::{BoundBroker, BrokerConfig, RunningBroker};
+use onceonly_certs::pki::ThrowawayPki;
+use onceonly_certs::{Pki, Role};
+use onceonly_connector_sdk::RunningConnector;
+use onceonly_proto::v1::audit_service_client::AuditServiceClient;
+use onceonly_proto::v1::consent_service_client::ConsentServiceClient;
+use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
+use onceonly_proto::v1::{AuditRecord, QueryRecordsRequest};
+use onceonly_registry_mock::{MockRegister, RegisterKind};
+use tonic::transport::Channel;
+
+use crate::{channel_as, start_connector};
+
+/// The shipped sample policy.
+pub const SAMPLE_POLICY: &str = include_str!("../../broker/config/policy.toml");
+/// The shipped sample routing table (endpoints 127.0.0.1:7101..7103).
+pub const SAMPLE_ROUTING: &str = include_str!("../../broker/config/routing.toml");
+
+/// The authorities the sample policy names.
+pub const AUTHORITIES: [&str; 4] = [
+    "elterngeld-berlin",
+    "elterngeld-muenchen",
+    "kfz-steuer-koeln",
+    "gewerbeamt-muenchen",
+];
+/// The citizen portal's id.
+pub const PORTAL: &str = "buergerportal";
+/// The auditor's id.
+pub const AUDITOR: &str = "datenschutz";
+
+/// A running installation.
+pub struct World {
+    /// The PKI (removed on drop).
+    pub pki: ThrowawayPki,
+    /// Configuration and data (removed on drop unless kept).
+    pub dir: tempfile::TempDir,
+    /// The broker's configuration file.
+    pub config_path: PathBuf,
+    /// Civil, vehicle and business registers.
+    pub registers: Vec<RunningConnector>,
+    /// The broker, while running.
+    pub broker: Option<RunningBroker>,
+}
+
+impl World {
+    /// PKI, registers, broker; sample policy and routing.
+    pub async fn start() -> World {
+        Self::start_with(|routing| routing).await
+    }
+
+    /// Like [`World::start`], with the routing table text (already pointing
+    /// at the registers' real ports) adjusted by `routing`.
+    pub async fn start_with(routing: impl FnOnce(String) -> String) -> World {
+        let mut participants = vec![(Role::Portal, PORTAL), (Role::Auditor, AUDITOR)];
+        participants.extend(AUTHORITIES.iter().map(|a| (Role::Authority, *a)));
+        for kind in [
+            RegisterKind::Civil,
+            RegisterKind::Vehicle,
+            RegisterKind::Business,
+        ] {
+            participants.push((Role::Connector, kind.default_connector_id()));
+        }
+        let pki = crate::pki_with(&participants);
+        let mut registers = Vec::new();
+        let mut routing_text = SAMPLE_ROUTING.to_owned();
+        for (kind, sample_port) in [
+            (RegisterKind::Civil, 7101),
+            (RegisterKind::Vehicle, 7102),
+            (RegisterKind::Business, 7103),
+        ] {
+            let register = MockRegister::embedded(kind).expect("shipped data");
+            let running = start_connector(&pki, kind.default_connector_id(), register).await;
+            routing_text = routing_text.replace(
+                &format!("127.0.0.1:{sample_port}"),
+                &running.local_addr().to_string(),
+            );
+            registers.push(running);
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("onceonly-world-")
+            .tempdir()
+            .expect("temp dir");
+        std::fs::write(dir.path().join("routing.toml"), routing(routing_text)).expect("routing");
+        std::fs::write(dir.path().join("policy.toml"), SAMPLE_POLICY).expect("policy");
+        let config_path = write_broker_config(dir.path(), &pki);
+        let mut world = World {
+            pki,
+            dir,
+            config_path,
+            registers,
+            broker: None,
+        };
+        world.start_broker().await;
+        world
+    }
+
+    /// (Re)starts the broker on a free port with the same data directory.
+    pub async fn start_broker(&mut self) {
+        let config = BrokerConfig::load(&self.config_path).expect("broker config");
+        let bound = BoundBroker::bind(&config).await.expect("broker binds");
+        self.broker = Some(bound.spawn());
+    }
+
+    /// Stops the broker: drains, flushes and closes its data directory.
+    pub async fn stop_broker(&mut self) {
+        if let Some(broker) = self.broker.take() {
+            tokio::time::timeout(Duration::from_secs(30), broker.shutdown())
+                .await
+                .expect("broker stops in time")
+                .expect("broker stops cleanly");
+        }
+    }
+
+    /// The broker's address.
+    pub fn broker_addr(&self) -> SocketAddr {
+        self.broker.as_ref().expect("broker running").local_addr()
+    }
+
+    /// The broker's running handle.
+    pub fn running_broker(&self) -> &RunningBroker {
+        self.broker.as_ref().expect("broker running")
+    }
+
+    /// The policy file the broker watches.
+    pub fn policy_path(&self) -> PathBuf {
+        self.dir.path().join("policy.toml")
+    }
+
+    /// A channel to the broker as (`role`, `id`).
+    pub fn channel(&self, role: Role, id: &str) -> Channel {
+        let broker = self.pki.participant(Role::Broker, "broker").expect("id");
+        channel_as(&self.pki, role, id, self.broker_addr(), Some(broker))
+    }
+
+    /// An EvidenceService client for authority `id`.
+    pub fn authority(&self, id: &str) -> EvidenceServiceClient<Channel> {
+        EvidenceServiceClient::new(self.channel(Role::Authority, id))
+    }
+
+    /// The portal's ConsentService client.
+    pub fn portal(&self) -> ConsentServiceClient<Channel> {
+        ConsentServiceClient::new(self.channel(Role::Portal, PORTAL))
+    }
+
+    /// The auditor's AuditService client.
+    pub fn auditor(&self) -> AuditServiceClient<Channel> {
+        AuditServiceClient::new(self.channel(Role::Auditor, AUDITOR))
+    }
+
+    /// Every audit record, as the auditor sees them.
+    pub async fn audit_records(&self) -> Vec<AuditRecord> {
+        let mut records = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .auditor()
+                .query_records(QueryRecordsRequest {
+                    page_token: page_token.clone(),
+                    page_size: 1000,
+                    ..Default::default()
+                })
+                .await
+                .expect("auditor queries")
+                .into_inner();
+            records.extend(page.records);
+            if page.next_page_token.is_empty() {
+                return records;
+            }
+            page_token = page.next_page_token;
+        }
+    }
+}
+
+fn write_broker_config(dir: &Path, pki: &Pki) -> PathBuf {
+    let files = pki.tls_files(Role::Broker, "broker");
+    let text = format!(
+        r#"listen = "127.0.0.1:0"
+data_dir = "data"
+policy = "policy.toml"
+routing = "routing.toml"
+pseudonym_key = "secrets/pseudonym.key"
+shutdown_grace = "5s"
+
+[tls]
+ca = {ca:?}
+cert = {cert:?}
+key = {key:?}
+crl = {crl:?}
+
+[limits]
+max_request_time = "10s"
+"#,
+        ca = files.ca,
+        cert = files.cert,
+        key = files.key,
+        crl = pki.crl_path(),
+    );
+    let path = dir.join("broker.toml");
+    std::fs::write(&path, text).expect("broker.toml");
+    path
+}

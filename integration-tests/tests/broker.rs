@@ -1,0 +1,760 @@
+//! The broker end to end: real broker, real mock registers, real mutual TLS
+//! on loopback. Every refusal is checked for its status code and for the
+//! one audit record it leaves.
+
+use std::time::Duration;
+
+use onceonly_certs::Role;
+use onceonly_integration_tests::world::{AUTHORITIES, PORTAL, World};
+use onceonly_integration_tests::{anonymous_client_config, channel_with};
+use onceonly_proto::status::{reason_of, violated_fields};
+use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
+use onceonly_proto::v1::{
+    AuditRecord, ErrorReason, ExchangeOutcome, GrantConsentRequest, ListEvidenceTypesRequest,
+    QueryRecordsRequest, RequestEvidenceRequest, RevokeConsentRequest, SubjectId, SubjectIdScheme,
+};
+use sha2::{Digest, Sha256};
+use tonic::Code;
+
+const BERLIN: &str = AUTHORITIES[0];
+/// Anna Lena Schneider, in the civil register (Berlin).
+const ANNA: &str = "82281866209";
+/// A well-formed IDNr no register holds.
+const NOBODY: &str = "86095742719";
+const PURPOSE: &str = "parental-allowance";
+const BEEG: &str = "§ 9 Abs. 1 BEEG";
+const CONSENT_BASIS: &str = "Art. 6 Abs. 1 lit. a DSGVO";
+
+fn idnr(value: &str) -> Option<SubjectId> {
+    Some(SubjectId {
+        scheme: SubjectIdScheme::DeIdnr.into(),
+        value: value.into(),
+    })
+}
+
+fn request(
+    id: &str,
+    evidence_type: &str,
+    subject: &str,
+    legal_basis: &str,
+) -> RequestEvidenceRequest {
+    RequestEvidenceRequest {
+        request_id: id.into(),
+        evidence_type: evidence_type.into(),
+        subject: idnr(subject),
+        purpose: PURPOSE.into(),
+        legal_basis: legal_basis.into(),
+        ..Default::default()
+    }
+}
+
+fn birth_certificate(id: &str) -> RequestEvidenceRequest {
+    request(id, "birth-certificate", ANNA, BEEG)
+}
+
+fn residence(id: &str) -> RequestEvidenceRequest {
+    request(id, "proof-of-residence", ANNA, CONSENT_BASIS)
+}
+
+/// The one audit record of `request_id`; fails where there is not exactly one.
+async fn record_of(world: &World, request_id: &str) -> AuditRecord {
+    let records: Vec<AuditRecord> = world
+        .audit_records()
+        .await
+        .into_iter()
+        .filter(|r| r.request_id == request_id)
+        .collect();
+    assert_eq!(records.len(), 1, "records of {request_id}: {records:#?}");
+    records.into_iter().next().expect("one record")
+}
+
+fn assert_recorded(record: &AuditRecord, outcome: ExchangeOutcome, code: Code) {
+    assert_eq!(record.outcome(), outcome, "{record:#?}");
+    assert_eq!(record.status_code, code as i32, "{record:#?}");
+    assert!(!record.exchange_id.is_empty());
+    assert!(record.received_at.is_some());
+}
+
+#[tokio::test]
+async fn allowed_request_delivers_evidence_with_a_digest_the_caller_can_recompute() {
+    let world = World::start().await;
+    let response = world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("allowed-1"))
+        .await
+        .expect("allowed by rule parental-allowance-birth-certificate")
+        .into_inner();
+    let evidence = response.evidence.expect("evidence");
+    assert_eq!(
+        evidence.payload_sha256,
+        Sha256::digest(&evidence.payload).to_vec()
+    );
+    assert_eq!(evidence.connector_id, "civil-register");
+    assert!(String::from_utf8_lossy(&evidence.payload).contains("Schneider"));
+    assert_eq!(response.request_id, "allowed-1");
+
+    let record = record_of(&world, "allowed-1").await;
+    assert_recorded(&record, ExchangeOutcome::Delivered, Code::Ok);
+    assert_eq!(record.exchange_id, response.exchange_id);
+    assert_eq!(record.log_index, response.audit_log_index);
+    assert_eq!(
+        record.payload_sha256, evidence.payload_sha256,
+        "digest, never the payload"
+    );
+    assert_eq!(record.connector_id, "civil-register");
+    assert_eq!(
+        record.caller_id,
+        format!("spiffe://onceonly.test/authority/{BERLIN}")
+    );
+    assert_eq!(record.policy_rule, "parental-allowance-birth-certificate");
+    assert_eq!(record.purpose, PURPOSE);
+    assert_eq!(record.legal_basis, BEEG);
+    assert_eq!(record.subject_pseudonym.len(), 32, "keyed hash");
+    let stored = prost::Message::encode_to_vec(&record);
+    assert!(
+        !stored.windows(ANNA.len()).any(|w| w == ANNA.as_bytes()),
+        "the subject id is stored in the clear"
+    );
+}
+
+#[tokio::test]
+async fn request_outside_the_policy_is_permission_denied() {
+    let world = World::start().await;
+    // Berlin's parental allowance office asks for vehicle data.
+    let status = world
+        .authority(BERLIN)
+        .request_evidence(request("denied-1", "vehicle-registration", ANNA, BEEG))
+        .await
+        .expect_err("no rule allows it");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason_of(&status), Some(ErrorReason::PolicyDenied));
+    assert!(
+        status.message().contains("vehicle-registration"),
+        "{}",
+        status.message()
+    );
+    let record = record_of(&world, "denied-1").await;
+    assert_recorded(&record, ExchangeOutcome::Denied, Code::PermissionDenied);
+    assert!(record.connector_id.is_empty(), "nothing was routed");
+    assert!(record.policy_rule.is_empty());
+}
+
+#[tokio::test]
+async fn consent_is_required_then_granted_then_revoked() {
+    let world = World::start().await;
+    let mut authority = world.authority(BERLIN);
+
+    let missing = authority
+        .request_evidence(residence("consent-1"))
+        .await
+        .expect_err("no consent yet");
+    assert_eq!(missing.code(), Code::FailedPrecondition);
+    assert_eq!(reason_of(&missing), Some(ErrorReason::ConsentMissing));
+    assert_recorded(
+        &record_of(&world, "consent-1").await,
+        ExchangeOutcome::Denied,
+        Code::FailedPrecondition,
+    );
+
+    let consent = world
+        .portal()
+        .grant_consent(GrantConsentRequest {
+            subject: idnr(ANNA),
+            authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
+            evidence_type: "proof-of-residence".into(),
+            purpose: PURPOSE.into(),
+            expires_at: Some(prost_types::Timestamp {
+                seconds: time_now() + 3600,
+                nanos: 0,
+            }),
+        })
+        .await
+        .expect("portal grants")
+        .into_inner()
+        .consent
+        .expect("consent");
+
+    let delivered = authority
+        .request_evidence(residence("consent-2"))
+        .await
+        .expect("consent granted")
+        .into_inner();
+    assert!(delivered.evidence.is_some());
+    let record = record_of(&world, "consent-2").await;
+    assert_recorded(&record, ExchangeOutcome::Delivered, Code::Ok);
+    assert_eq!(record.consent_id, consent.consent_id);
+
+    world
+        .portal()
+        .revoke_consent(RevokeConsentRequest {
+            consent_id: consent.consent_id.clone(),
+        })
+        .await
+        .expect("portal revokes");
+    let revoked = authority
+        .request_evidence(residence("consent-3"))
+        .await
+        .expect_err("consent revoked");
+    assert_eq!(revoked.code(), Code::FailedPrecondition);
+    assert_recorded(
+        &record_of(&world, "consent-3").await,
+        ExchangeOutcome::Denied,
+        Code::FailedPrecondition,
+    );
+}
+
+#[tokio::test]
+async fn malformed_requests_are_invalid_argument_naming_the_field() {
+    let world = World::start().await;
+    let mut authority = world.authority(BERLIN);
+    let mut bad_idnr = birth_certificate("invalid-idnr");
+    bad_idnr.subject = idnr("82281866208");
+    let mut unknown_type = birth_certificate("invalid-type");
+    unknown_type.evidence_type = "passport".into();
+    let mut no_purpose = birth_certificate("invalid-purpose");
+    no_purpose.purpose.clear();
+    for (request, field, reason) in [
+        (bad_idnr, "subject.value", ErrorReason::InvalidRequest),
+        (
+            unknown_type,
+            "evidence_type",
+            ErrorReason::UnknownEvidenceType,
+        ),
+        (no_purpose, "purpose", ErrorReason::InvalidRequest),
+    ] {
+        let id = request.request_id.clone();
+        let status = authority
+            .request_evidence(request)
+            .await
+            .expect_err("invalid");
+        assert_eq!(status.code(), Code::InvalidArgument, "{id}");
+        assert_eq!(violated_fields(&status), [field], "{id}");
+        assert_eq!(reason_of(&status), Some(reason), "{id}");
+        assert!(
+            status.message().contains(field),
+            "{id}: {}",
+            status.message()
+        );
+        assert_recorded(
+            &record_of(&world, &id).await,
+            ExchangeOutcome::Rejected,
+            Code::InvalidArgument,
+        );
+    }
+}
+
+#[tokio::test]
+async fn unknown_subject_is_not_found_from_the_register() {
+    let world = World::start().await;
+    let status = world
+        .authority(BERLIN)
+        .request_evidence(request("nobody-1", "birth-certificate", NOBODY, BEEG))
+        .await
+        .expect_err("no such person");
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(
+        reason_of(&status),
+        Some(ErrorReason::SubjectNotFound),
+        "details passed through"
+    );
+    let record = record_of(&world, "nobody-1").await;
+    assert_recorded(&record, ExchangeOutcome::Failed, Code::NotFound);
+    assert_eq!(record.connector_id, "civil-register");
+}
+
+#[tokio::test]
+async fn certificate_from_an_untrusted_ca_is_refused_and_audited() {
+    let world = World::start().await;
+    let foreign = onceonly_integration_tests::pki_with(&[(Role::Authority, BERLIN)]);
+    let mut files = foreign.tls_files(Role::Authority, BERLIN);
+    files.ca = world.pki.ca_cert_path();
+    let (config, _) = onceonly_certs::tls::client_config(&files).expect("tls");
+    let status = EvidenceServiceClient::new(channel_with(config, world.broker_addr(), None))
+        .request_evidence(birth_certificate("foreign-1"))
+        .await
+        .expect_err("foreign CA");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(
+        status.message().contains("signature does not verify"),
+        "{}",
+        status.message()
+    );
+    let record = record_of(&world, "foreign-1").await;
+    assert_recorded(&record, ExchangeOutcome::Denied, Code::Unauthenticated);
+    assert_eq!(
+        record.caller_id,
+        format!("unverified:spiffe://onceonly.test/authority/{BERLIN}"),
+        "a forged claim is never recorded as the real caller"
+    );
+}
+
+#[tokio::test]
+async fn client_without_certificate_is_refused_and_audited() {
+    let world = World::start().await;
+    let status = EvidenceServiceClient::new(channel_with(
+        anonymous_client_config(&world.pki),
+        world.broker_addr(),
+        None,
+    ))
+    .request_evidence(birth_certificate("anonymous-1"))
+    .await
+    .expect_err("no certificate");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(
+        status.message().contains("no client certificate"),
+        "{}",
+        status.message()
+    );
+    let record = record_of(&world, "anonymous-1").await;
+    assert_recorded(&record, ExchangeOutcome::Denied, Code::Unauthenticated);
+    assert!(record.caller_id.is_empty());
+}
+
+#[tokio::test]
+async fn revoked_certificate_is_refused_after_reload() {
+    let world = World::start().await;
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("before-revocation"))
+        .await
+        .expect("valid before revocation");
+    let cert =
+        onceonly_certs::pki::load_certs(&world.pki.participant_paths(Role::Authority, BERLIN).0)
+            .expect("cert");
+    let serial = onceonly_certs::inspect::CertificateSummary::of(&cert[0])
+        .expect("summary")
+        .serial;
+    world.pki.revoke(&serial).expect("revoke");
+    world.running_broker().tls().reload().expect("reload CRL");
+
+    let status = world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("after-revocation"))
+        .await
+        .expect_err("revoked");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(status.message().contains("revoked"), "{}", status.message());
+    assert_recorded(
+        &record_of(&world, "after-revocation").await,
+        ExchangeOutcome::Denied,
+        Code::Unauthenticated,
+    );
+}
+
+#[tokio::test]
+async fn connector_calling_the_evidence_service_is_refused() {
+    let world = World::start().await;
+    let status = EvidenceServiceClient::new(world.channel(Role::Connector, "civil-register"))
+        .request_evidence(birth_certificate("wrong-role-1"))
+        .await
+        .expect_err("a connector is not an authority");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason_of(&status), Some(ErrorReason::RoleNotPermitted));
+    let record = record_of(&world, "wrong-role-1").await;
+    assert_recorded(&record, ExchangeOutcome::Denied, Code::PermissionDenied);
+    assert_eq!(
+        record.caller_id,
+        "unverified:spiffe://onceonly.test/connector/civil-register"
+    );
+
+    let status = world
+        .portal()
+        .list_consents(onceonly_proto::v1::ListConsentsRequest {
+            subject: idnr(ANNA),
+            ..Default::default()
+        })
+        .await;
+    assert!(status.is_ok(), "the portal may list consents");
+    let status = onceonly_proto::v1::consent_service_client::ConsentServiceClient::new(
+        world.channel(Role::Authority, BERLIN),
+    )
+    .grant_consent(GrantConsentRequest::default())
+    .await
+    .expect_err("an authority cannot grant consents for citizens");
+    assert_eq!(status.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn connector_presenting_the_wrong_identity_is_refused() {
+    // The routing table sends civil-register traffic to the vehicle
+    // register's address: a connector with another identity.
+    let world = World::start_with(|routing| routing).await;
+    let vehicle_addr = world.registers[1].local_addr().to_string();
+    let civil_addr = world.registers[0].local_addr().to_string();
+    let mut world = world;
+    let routing = std::fs::read_to_string(world.dir.path().join("routing.toml")).expect("routing");
+    std::fs::write(
+        world.dir.path().join("routing.toml"),
+        routing.replacen(&civil_addr, &vehicle_addr, 1),
+    )
+    .expect("write");
+    world.stop_broker().await;
+    world.start_broker().await;
+
+    let status = world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("impostor-1"))
+        .await
+        .expect_err("impostor connector");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(
+        reason_of(&status),
+        Some(ErrorReason::ConnectorIdentityMismatch)
+    );
+    assert!(
+        status.message().contains("vehicle-register"),
+        "{}",
+        status.message()
+    );
+    assert_recorded(
+        &record_of(&world, "impostor-1").await,
+        ExchangeOutcome::Failed,
+        Code::Unavailable,
+    );
+}
+
+#[tokio::test]
+async fn connector_down_is_unavailable_and_failover_reaches_the_second_endpoint() {
+    let world = World::start().await;
+    let civil = world.registers[0].local_addr().to_string();
+    // A port nobody listens on.
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").to_string()
+    };
+    let mut world = world;
+    let routing_path = world.dir.path().join("routing.toml");
+    let original = std::fs::read_to_string(&routing_path).expect("routing");
+
+    // Only the dead endpoint: UNAVAILABLE.
+    std::fs::write(
+        &routing_path,
+        original.replace(&format!("[\"{civil}\"]"), &format!("[\"{dead}\"]")),
+    )
+    .expect("write");
+    world.stop_broker().await;
+    world.start_broker().await;
+    let status = world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("down-1"))
+        .await
+        .expect_err("connector down");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(reason_of(&status), Some(ErrorReason::ConnectorUnavailable));
+    assert_recorded(
+        &record_of(&world, "down-1").await,
+        ExchangeOutcome::Failed,
+        Code::Unavailable,
+    );
+
+    // The dead endpoint first, the live one second: failover delivers.
+    std::fs::write(
+        &routing_path,
+        original.replace(
+            &format!("[\"{civil}\"]"),
+            &format!("[\"{dead}\", \"{civil}\"]"),
+        ),
+    )
+    .expect("write");
+    world.stop_broker().await;
+    world.start_broker().await;
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("failover-1"))
+        .await
+        .expect("second endpoint serves");
+    assert_recorded(
+        &record_of(&world, "failover-1").await,
+        ExchangeOutcome::Delivered,
+        Code::Ok,
+    );
+}
+
+#[tokio::test]
+async fn connector_slower_than_the_deadline_is_deadline_exceeded() {
+    use onceonly_registry_mock::{Faults, MockRegister, RegisterKind};
+    let mut world = World::start().await;
+    // Replace the civil register with a slow one on the same certificate.
+    let slow = MockRegister::embedded(RegisterKind::Civil)
+        .expect("data")
+        .with_faults(Faults {
+            latency: Duration::from_secs(5),
+            ..Faults::default()
+        });
+    let slow =
+        onceonly_integration_tests::start_connector(&world.pki, "civil-register", slow).await;
+    let routing_path = world.dir.path().join("routing.toml");
+    let routing = std::fs::read_to_string(&routing_path).expect("routing");
+    let civil = world.registers[0].local_addr().to_string();
+    std::fs::write(
+        &routing_path,
+        routing.replace(&civil, &slow.local_addr().to_string()),
+    )
+    .expect("write");
+    world.stop_broker().await;
+    world.start_broker().await;
+
+    let mut call = tonic::Request::new(birth_certificate("slow-1"));
+    call.set_timeout(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let status = world
+        .authority(BERLIN)
+        .request_evidence(call)
+        .await
+        .expect_err("too slow");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the broker waited past the deadline"
+    );
+    assert_recorded(
+        &record_of(&world, "slow-1").await,
+        ExchangeOutcome::Failed,
+        Code::DeadlineExceeded,
+    );
+}
+
+#[tokio::test]
+async fn no_record_means_no_evidence() {
+    let world = World::start().await;
+    let broker = world.running_broker().broker().expect("running");
+    broker.audit.inject_failure(true);
+    let status = world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("unaudited-1"))
+        .await
+        .expect_err("evidence without its audit record");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(reason_of(&status), Some(ErrorReason::AuditUnavailable));
+    broker.audit.inject_failure(false);
+    assert!(
+        world
+            .audit_records()
+            .await
+            .iter()
+            .all(|r| r.request_id != "unaudited-1"),
+        "a failed audit write left a record"
+    );
+    // The retry with the same request id runs again and succeeds.
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("unaudited-1"))
+        .await
+        .expect("retry after the audit log recovers");
+    assert_recorded(
+        &record_of(&world, "unaudited-1").await,
+        ExchangeOutcome::Delivered,
+        Code::Ok,
+    );
+}
+
+#[tokio::test]
+async fn repeated_request_id_gets_the_first_outcome_and_reuse_is_refused() {
+    let world = World::start().await;
+    let mut authority = world.authority(BERLIN);
+    let first = authority
+        .request_evidence(birth_certificate("idem-1"))
+        .await
+        .expect("first")
+        .into_inner();
+    let again = authority
+        .request_evidence(birth_certificate("idem-1"))
+        .await
+        .expect("repeat")
+        .into_inner();
+    assert_eq!(
+        again.evidence, first.evidence,
+        "the first outcome, not a second exchange"
+    );
+    assert_ne!(again.exchange_id, first.exchange_id);
+
+    let records: Vec<AuditRecord> = world
+        .audit_records()
+        .await
+        .into_iter()
+        .filter(|r| r.request_id == "idem-1")
+        .collect();
+    assert_eq!(records.len(), 2, "each request leaves its own record");
+    assert_eq!(records[1].replay_of_exchange_id, first.exchange_id);
+    assert_eq!(records[1].payload_sha256, records[0].payload_sha256);
+
+    let mut different = birth_certificate("idem-1");
+    different.purpose = "something-else".into();
+    let status = authority
+        .request_evidence(different)
+        .await
+        .expect_err("reused id");
+    assert_eq!(status.code(), Code::AlreadyExists);
+    assert_eq!(reason_of(&status), Some(ErrorReason::RequestIdReused));
+}
+
+#[tokio::test]
+async fn a_broker_restart_loses_no_audit_record() {
+    let mut world = World::start().await;
+    let mut authority = world.authority(BERLIN);
+    let mut expected = Vec::new();
+    for n in 0..5 {
+        let id = format!("restart-ok-{n}");
+        authority
+            .request_evidence(birth_certificate(&id))
+            .await
+            .expect("allowed");
+        expected.push(id);
+        let id = format!("restart-denied-{n}");
+        let _ = authority
+            .request_evidence(request(&id, "vehicle-registration", ANNA, BEEG))
+            .await
+            .expect_err("denied");
+        expected.push(id);
+    }
+    let before = world.audit_records().await;
+    world.stop_broker().await;
+    world.start_broker().await;
+    let after = world.audit_records().await;
+    assert_eq!(after, before, "records changed across the restart");
+    for id in expected {
+        assert!(after.iter().any(|r| r.request_id == id), "{id} lost");
+    }
+    // New records continue the log.
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("after-restart"))
+        .await
+        .expect("serves after restart");
+    assert_eq!(
+        record_of(&world, "after-restart").await.log_index,
+        before.len() as u64
+    );
+}
+
+#[tokio::test]
+async fn live_policy_reload_allows_after_an_edit_and_keeps_the_old_one_when_broken() {
+    let world = World::start().await;
+    let munich = AUTHORITIES[3]; // gewerbeamt-muenchen
+    let birth = |id: &str| request(id, "birth-certificate", ANNA, BEEG);
+    let status = world
+        .authority(munich)
+        .request_evidence(birth("reload-before"))
+        .await
+        .expect_err("not in policy yet");
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    // A broken edit: refused, the old policy stays.
+    let policy = std::fs::read_to_string(world.policy_path()).expect("policy");
+    std::fs::write(
+        world.policy_path(),
+        format!("{policy}\n[[rule]]\nid = \"broken\"\ncallers = [\"group:nope\"]\n"),
+    )
+    .expect("write");
+    wait_for_reload().await;
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("reload-broken-old-still-allows"))
+        .await
+        .expect("the old policy is still in force");
+
+    // A good edit: allowed from then on, without a restart.
+    let rule = format!(
+        "\n[[rule]]\nid = \"munich-birth\"\ncallers = [\"{munich}\"]\nevidence_types = [\"birth-certificate\"]\npurposes = [\"{PURPOSE}\"]\nlegal_bases = [\"{BEEG}\"]\nconsent = \"not-required\"\n"
+    );
+    std::fs::write(world.policy_path(), format!("{policy}{rule}")).expect("write");
+    wait_for_reload().await;
+    world
+        .authority(munich)
+        .request_evidence(birth("reload-after"))
+        .await
+        .expect("allowed after the edit");
+    assert_eq!(
+        record_of(&world, "reload-after").await.policy_rule,
+        "munich-birth"
+    );
+}
+
+async fn wait_for_reload() {
+    // The broker polls the policy file once a second.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+}
+
+#[tokio::test]
+async fn authorities_list_what_they_may_request_and_see_only_their_own_records() {
+    let world = World::start().await;
+    let types = world
+        .authority(BERLIN)
+        .list_evidence_types(ListEvidenceTypesRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .evidence_types;
+    let listed: Vec<(&str, bool)> = types
+        .iter()
+        .map(|t| (t.evidence_type.as_str(), t.consent_required))
+        .collect();
+    assert_eq!(
+        listed,
+        [("birth-certificate", false), ("proof-of-residence", true)]
+    );
+
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("own-1"))
+        .await
+        .expect("ok");
+    let koeln = AUTHORITIES[2];
+    let _ = world
+        .authority(koeln)
+        .request_evidence(request("other-1", "birth-certificate", ANNA, BEEG))
+        .await;
+    let own = onceonly_proto::v1::audit_service_client::AuditServiceClient::new(
+        world.channel(Role::Authority, BERLIN),
+    )
+    .query_records(QueryRecordsRequest::default())
+    .await
+    .expect("own records")
+    .into_inner()
+    .records;
+    assert!(own.iter().any(|r| r.request_id == "own-1"));
+    assert!(
+        own.iter().all(|r| r.caller_id.ends_with(BERLIN)),
+        "saw another authority's records"
+    );
+
+    // The portal sees one subject's records, and must name the subject.
+    let portal = onceonly_proto::v1::audit_service_client::AuditServiceClient::new(
+        world.channel(Role::Portal, PORTAL),
+    );
+    let status = portal
+        .clone()
+        .query_records(QueryRecordsRequest::default())
+        .await
+        .expect_err("no subject");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let annas = portal
+        .clone()
+        .query_records(QueryRecordsRequest {
+            subject: idnr(ANNA),
+            ..Default::default()
+        })
+        .await
+        .expect("transparency view")
+        .into_inner()
+        .records;
+    assert_eq!(annas.len(), 2, "{annas:#?}");
+    let nobodys = portal
+        .clone()
+        .query_records(QueryRecordsRequest {
+            subject: idnr(NOBODY),
+            ..Default::default()
+        })
+        .await
+        .expect("transparency view")
+        .into_inner()
+        .records;
+    assert!(nobodys.is_empty());
+}
+
+fn time_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
