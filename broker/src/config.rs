@@ -6,6 +6,7 @@
 //! policy = "policy.toml"                # reloaded on SIGHUP and on change
 //! routing = "routing.toml"
 //! pseudonym_key = "secrets/pseudonym.key"   # keep it outside data_dir
+//! audit_key = "secrets/audit.key"       # signs tree heads; .pub beside it
 //!
 //! [tls]
 //! ca = "pki/ca.pem"
@@ -52,6 +53,10 @@ pub struct BrokerConfig {
     /// (mode 0600) where missing. Keep it apart from `data_dir`, so a copied
     /// data directory does not reveal whom records are about.
     pub pseudonym_key: PathBuf,
+    /// The Ed25519 key that signs the audit log's tree heads (PKCS#8);
+    /// created (mode 0600) where missing, its public key written beside it
+    /// as `<file>.pub` for auditors. Keep it apart from `data_dir`.
+    pub audit_key: PathBuf,
     /// The broker's certificate, key, CA and CRL. The broker's certificate
     /// is also its client certificate towards connectors.
     pub tls: TlsFiles,
@@ -150,6 +155,7 @@ impl BrokerConfig {
             &mut self.policy,
             &mut self.routing,
             &mut self.pseudonym_key,
+            &mut self.audit_key,
             &mut self.tls.ca,
             &mut self.tls.cert,
             &mut self.tls.key,
@@ -183,6 +189,13 @@ impl BrokerConfig {
                 "idempotency.max_entries",
                 "is zero".into(),
                 "remember at least one request, e.g. 100000",
+            );
+        }
+        if self.audit_key.starts_with(&self.data_dir) {
+            return invalid(
+                "audit_key",
+                format!("{} is inside data_dir", self.audit_key.display()),
+                "keep the signing key apart from the log it signs (e.g. secrets/audit.key)",
             );
         }
         if self.pseudonym_key.starts_with(&self.data_dir) {

@@ -135,7 +135,14 @@ impl BoundBroker {
                 what: format!("data directory {}", config.data_dir.display()),
                 reason: e.to_string(),
             })?;
-        let (audit, audit_writer) = AuditLog::open(&db, config.audit.durable)?;
+        let audit_key =
+            crate::audit::load_or_create_signing_key(&config.audit_key).map_err(|e| {
+                StartError::Storage {
+                    what: format!("audit key {}", config.audit_key.display()),
+                    reason: e.to_string(),
+                }
+            })?;
+        let (audit, audit_writer) = AuditLog::open(&db, config.audit.durable, audit_key)?;
         let consents = ConsentStore::open(&db, pseudonyms.clone())?;
         let broker = Arc::new(Broker {
             routing,

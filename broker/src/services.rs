@@ -342,37 +342,119 @@ impl AuditService for AuditGrpc {
 
     async fn get_signed_tree_head(
         &self,
-        _request: Request<GetSignedTreeHeadRequest>,
+        request: Request<GetSignedTreeHeadRequest>,
     ) -> Result<Response<GetSignedTreeHeadResponse>, Status> {
-        Err(Status::unimplemented(
-            "signed tree heads are not served by this broker version",
-        ))
+        require_role(
+            &request,
+            &[Role::Auditor, Role::Portal, Role::Authority],
+            "GetSignedTreeHead",
+        )?;
+        let head = self.0.audit.signed_tree_head().map_err(audit_status)?;
+        Ok(Response::new(GetSignedTreeHeadResponse {
+            tree_head: head.as_ref().map(crate::audit::head_to_proto),
+        }))
     }
 
     async fn get_inclusion_proof(
         &self,
-        _request: Request<GetInclusionProofRequest>,
+        request: Request<GetInclusionProofRequest>,
     ) -> Result<Response<GetInclusionProofResponse>, Status> {
-        Err(Status::unimplemented(
-            "inclusion proofs are not served by this broker version",
-        ))
+        require_role(
+            &request,
+            &[Role::Auditor, Role::Portal, Role::Authority],
+            "GetInclusionProof",
+        )?;
+        let ask = request.into_inner();
+        if ask.leaf_index >= ask.tree_size {
+            return Err(invalid_request(
+                ErrorReason::InvalidRequest,
+                &[FieldViolation::new(
+                    "leaf_index",
+                    format!("must be below tree_size {}", ask.tree_size),
+                )],
+            ));
+        }
+        let audit_path = self
+            .0
+            .audit
+            .inclusion_proof(ask.leaf_index, ask.tree_size)
+            .map_err(audit_status)?;
+        let leaf_hash = self
+            .0
+            .audit
+            .leaf_hash(ask.leaf_index)
+            .map_err(audit_status)?;
+        Ok(Response::new(GetInclusionProofResponse {
+            leaf_index: ask.leaf_index,
+            tree_size: ask.tree_size,
+            audit_path: audit_path.iter().map(|h| h.to_vec()).collect(),
+            leaf_hash: leaf_hash.to_vec(),
+        }))
     }
 
     async fn get_consistency_proof(
         &self,
-        _request: Request<GetConsistencyProofRequest>,
+        request: Request<GetConsistencyProofRequest>,
     ) -> Result<Response<GetConsistencyProofResponse>, Status> {
-        Err(Status::unimplemented(
-            "consistency proofs are not served by this broker version",
-        ))
+        require_role(
+            &request,
+            &[Role::Auditor, Role::Portal, Role::Authority],
+            "GetConsistencyProof",
+        )?;
+        let ask = request.into_inner();
+        if ask.first_size > ask.second_size {
+            return Err(invalid_request(
+                ErrorReason::InvalidRequest,
+                &[FieldViolation::new(
+                    "first_size",
+                    "must not exceed second_size",
+                )],
+            ));
+        }
+        let proof = self
+            .0
+            .audit
+            .consistency_proof(ask.first_size, ask.second_size)
+            .map_err(audit_status)?;
+        Ok(Response::new(GetConsistencyProofResponse {
+            first_size: ask.first_size,
+            second_size: ask.second_size,
+            proof: proof.iter().map(|h| h.to_vec()).collect(),
+        }))
     }
 
     async fn get_entries(
         &self,
-        _request: Request<GetEntriesRequest>,
+        request: Request<GetEntriesRequest>,
     ) -> Result<Response<GetEntriesResponse>, Status> {
-        Err(Status::unimplemented(
-            "raw log entries are not served by this broker version",
-        ))
+        require_role(&request, &[Role::Auditor], "GetEntries")?;
+        let ask = request.into_inner();
+        let max = page_size(ask.max_entries, 100, 1000) as u64;
+        let end = self.0.audit.len().min(ask.start_index.saturating_add(max));
+        let mut entries = Vec::new();
+        for index in ask.start_index..end {
+            if let Some((record, leaf_data)) = self.0.audit.entry(index).map_err(audit_status)? {
+                entries.push(LogEntry {
+                    leaf_index: index,
+                    leaf_data,
+                    record: Some(record),
+                });
+            }
+        }
+        Ok(Response::new(GetEntriesResponse { entries }))
+    }
+}
+
+/// The status of an audit log failure.
+fn audit_status(e: crate::audit::AuditError) -> Status {
+    match e {
+        crate::audit::AuditError::OutOfRange(reason) => invalid_request(
+            ErrorReason::InvalidRequest,
+            &[FieldViolation::new("tree_size", reason)],
+        ),
+        other => {
+            tracing::error!(error = %other, "audit log failed");
+            Status::unavailable("the audit log is unavailable; retry")
+        }
     }
 }

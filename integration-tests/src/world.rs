@@ -188,6 +188,7 @@ data_dir = "data"
 policy = "policy.toml"
 routing = "routing.toml"
 pseudonym_key = "secrets/pseudonym.key"
+audit_key = "secrets/audit.key"
 shutdown_grace = "5s"
 
 [tls]
