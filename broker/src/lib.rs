@@ -19,6 +19,7 @@
 //! The `onceonly-broker` binary is a thin CLI over [`server`].
 
 pub mod audit;
+pub mod auditor;
 pub mod config;
 pub mod consent;
 pub mod exchange;

@@ -1,0 +1,403 @@
+//! `onceonly-audit`: query the exchange log, and verify it offline.
+//!
+//! Exit codes: 0 success (and, for the verify commands, the log verified),
+//! 1 the log did not verify or the operation failed (the message says
+//! where), 2 usage error.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use onceonly_broker::audit::verify_dir;
+use onceonly_broker::auditor::{SavedHead, load_public_key, verify_remote};
+use onceonly_certs::{MtlsConnector, Participant, Pki, Role, TlsFiles};
+use onceonly_proto::v1::audit_service_client::AuditServiceClient;
+use onceonly_proto::v1::{
+    AuditRecord, ExchangeOutcome, QueryRecordsRequest, SubjectId, SubjectIdScheme,
+};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tonic::transport::Channel;
+
+/// Query the onceonly exchange log and prove it was not altered.
+#[derive(Debug, Parser)]
+#[command(name = "onceonly-audit", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Query exchange records (as the auditor, every record; as a portal,
+    /// one subject's; as an authority, its own).
+    Query {
+        #[command(flatten)]
+        connection: Connection,
+        #[command(flatten)]
+        filters: Filters,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// At most this many records (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+    },
+    /// Fetch the signed tree head, check it with the broker's public key,
+    /// download every entry and recompute the tree; with --saved-head,
+    /// prove the log extends the head saved at the last audit.
+    Verify {
+        #[command(flatten)]
+        connection: Connection,
+        /// The broker's audit public key (the broker's audit.key.pub).
+        #[arg(long)]
+        public_key: PathBuf,
+        /// A head saved by an earlier `verify --save-head`.
+        #[arg(long)]
+        saved_head: Option<PathBuf>,
+        /// Save the verified head here, for the next audit.
+        #[arg(long)]
+        save_head: Option<PathBuf>,
+        /// Only check the head and consistency; do not download entries.
+        #[arg(long)]
+        no_recompute: bool,
+    },
+    /// Check a copied data directory end to end and name the first record
+    /// that was altered, removed or reordered. Stop the broker first, or
+    /// check a copy: the directory is opened for reading its lock.
+    VerifyDir {
+        /// The broker's data directory (a copy).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The broker's audit public key (audit.key.pub).
+        #[arg(long)]
+        public_key: PathBuf,
+    },
+}
+
+/// How to reach the broker: its address and the caller's certificate.
+#[derive(Debug, Args)]
+struct Connection {
+    /// The broker, host:port.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    broker: String,
+    /// A PKI directory made with onceonly-certs (with --id).
+    #[arg(long, default_value = "pki")]
+    pki: PathBuf,
+    /// Your participant id in the PKI.
+    #[arg(long)]
+    id: String,
+    /// Your role.
+    #[arg(long, default_value = "auditor")]
+    role: Role,
+}
+
+#[derive(Debug, Args)]
+struct Filters {
+    /// Records about this German IDNr.
+    #[arg(long)]
+    subject_idnr: Option<String>,
+    /// Records about this commercial register number, e.g. "F1103:HRB 123456".
+    #[arg(long)]
+    subject_register: Option<String>,
+    /// Records of this caller (SPIFFE id).
+    #[arg(long)]
+    caller: Option<String>,
+    /// Records of this evidence type.
+    #[arg(long)]
+    evidence_type: Option<String>,
+    /// Records that went to this connector.
+    #[arg(long)]
+    connector: Option<String>,
+    /// Records with this outcome.
+    #[arg(long, value_enum)]
+    outcome: Option<Outcome>,
+    /// Received at or after (RFC 3339, e.g. 2026-11-23T00:00:00Z).
+    #[arg(long)]
+    after: Option<String>,
+    /// Received before (RFC 3339).
+    #[arg(long)]
+    before: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Outcome {
+    Delivered,
+    Rejected,
+    Denied,
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// Aligned columns for people.
+    Table,
+    /// One JSON object per line.
+    Jsonl,
+    /// CSV with a header row, for spreadsheets.
+    Csv,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn client(connection: &Connection) -> anyhow::Result<AuditServiceClient<Channel>> {
+    let pki = Pki::open(&connection.pki)?;
+    let files: TlsFiles = pki.tls_files(connection.role, &connection.id);
+    let (config, _) = onceonly_certs::tls::client_config(&files)?;
+    let broker: Participant = pki.participant(Role::Broker, "broker")?;
+    let channel = MtlsConnector::new(config, Some(broker))
+        .channel(&connection.broker, Duration::from_secs(5))?;
+    Ok(AuditServiceClient::new(channel))
+}
+
+fn timestamp(text: &Option<String>, flag: &str) -> anyhow::Result<Option<prost_types::Timestamp>> {
+    text.as_ref()
+        .map(|t| {
+            let when = OffsetDateTime::parse(t, &Rfc3339)
+                .with_context(|| format!("{flag} {t:?} is not RFC 3339"))?;
+            Ok(prost_types::Timestamp {
+                seconds: when.unix_timestamp(),
+                nanos: 0,
+            })
+        })
+        .transpose()
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Query {
+            connection,
+            filters,
+            format,
+            limit,
+        } => {
+            let mut client = client(&connection).await?;
+            let subject = match (&filters.subject_idnr, &filters.subject_register) {
+                (Some(idnr), _) => Some(SubjectId {
+                    scheme: SubjectIdScheme::DeIdnr.into(),
+                    value: idnr.clone(),
+                }),
+                (None, Some(number)) => Some(SubjectId {
+                    scheme: SubjectIdScheme::DeCommercialRegister.into(),
+                    value: number.clone(),
+                }),
+                (None, None) => None,
+            };
+            let mut request = QueryRecordsRequest {
+                subject,
+                caller_id: filters.caller.clone().unwrap_or_default(),
+                evidence_type: filters.evidence_type.clone().unwrap_or_default(),
+                connector_id: filters.connector.clone().unwrap_or_default(),
+                outcome: filters.outcome.map_or(0, |o| match o {
+                    Outcome::Delivered => ExchangeOutcome::Delivered as i32,
+                    Outcome::Rejected => ExchangeOutcome::Rejected as i32,
+                    Outcome::Denied => ExchangeOutcome::Denied as i32,
+                    Outcome::Failed => ExchangeOutcome::Failed as i32,
+                }),
+                received_after: timestamp(&filters.after, "--after")?,
+                received_before: timestamp(&filters.before, "--before")?,
+                page_size: 1000,
+                page_token: String::new(),
+            };
+            let mut out = Output::new(format)?;
+            let mut written = 0usize;
+            loop {
+                let page = client.query_records(request.clone()).await?.into_inner();
+                for record in &page.records {
+                    if limit != 0 && written == limit {
+                        return out.finish();
+                    }
+                    out.write(record)?;
+                    written += 1;
+                }
+                if page.next_page_token.is_empty() {
+                    return out.finish();
+                }
+                request.page_token = page.next_page_token;
+            }
+        }
+        Command::Verify {
+            connection,
+            public_key,
+            saved_head,
+            save_head,
+            no_recompute,
+        } => {
+            let public_key = load_public_key(&public_key)?;
+            let saved = saved_head.as_deref().map(SavedHead::load).transpose()?;
+            let mut client = client(&connection).await?;
+            let audit =
+                verify_remote(&mut client, &public_key, saved.as_ref(), !no_recompute).await?;
+            match &audit.head {
+                None => println!("the log is empty; nothing to verify"),
+                Some(head) => {
+                    println!(
+                        "signed tree head verified: {} records, root {}",
+                        head.tree_size,
+                        hex::encode(head.root_hash)
+                    );
+                    if !no_recompute {
+                        println!(
+                            "all {} entries downloaded and re-hashed: they give the signed root",
+                            audit.entries_checked
+                        );
+                    }
+                    if let Some(saved) = &saved {
+                        println!(
+                            "the log extends the head saved earlier ({} records): consistency proven",
+                            saved.tree_size
+                        );
+                    }
+                    if let Some(path) = &save_head {
+                        SavedHead::store(head, path)?;
+                        println!("head saved to {} for the next audit", path.display());
+                    }
+                }
+            }
+        }
+        Command::VerifyDir {
+            data_dir,
+            public_key,
+        } => {
+            let public_key = load_public_key(&public_key)?;
+            let verified = verify_dir(&data_dir, &public_key)
+                .map_err(|tamper| anyhow::anyhow!("NOT VERIFIED: {tamper}"))?;
+            println!(
+                "verified: {} records; every record in place and unaltered, and they hash to the signed tree head",
+                verified.records
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Writes records in the chosen format.
+enum Output {
+    Table(std::io::Stdout),
+    Jsonl(std::io::Stdout),
+    Csv(Box<csv::Writer<std::io::Stdout>>),
+}
+
+const COLUMNS: [&str; 16] = [
+    "log_index",
+    "received_at",
+    "exchange_id",
+    "request_id",
+    "caller_id",
+    "evidence_type",
+    "purpose",
+    "legal_basis",
+    "subject_pseudonym",
+    "jurisdiction",
+    "connector_id",
+    "outcome",
+    "status_code",
+    "status_message",
+    "payload_sha256",
+    "consent_id",
+];
+
+fn fields(r: &AuditRecord) -> [String; 16] {
+    let received = r
+        .received_at
+        .as_ref()
+        .and_then(|t| OffsetDateTime::from_unix_timestamp(t.seconds).ok())
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default();
+    [
+        r.log_index.to_string(),
+        received,
+        r.exchange_id.clone(),
+        r.request_id.clone(),
+        r.caller_id.clone(),
+        r.evidence_type.clone(),
+        r.purpose.clone(),
+        r.legal_basis.clone(),
+        hex::encode(&r.subject_pseudonym),
+        r.jurisdiction.clone(),
+        r.connector_id.clone(),
+        r.outcome()
+            .as_str_name()
+            .trim_start_matches("EXCHANGE_OUTCOME_")
+            .to_owned(),
+        format!("{:?}", tonic::Code::from_i32(r.status_code)),
+        r.status_message.clone(),
+        hex::encode(&r.payload_sha256),
+        r.consent_id.clone(),
+    ]
+}
+
+impl Output {
+    fn new(format: Format) -> anyhow::Result<Self> {
+        Ok(match format {
+            Format::Table => {
+                let mut out = std::io::stdout();
+                writeln!(
+                    out,
+                    "{:>6}  {:<20}  {:<34}  {:<24}  {:<10}  {:<18}  {:<10}",
+                    "index",
+                    "received",
+                    "caller",
+                    "evidence type",
+                    "outcome",
+                    "status",
+                    "connector"
+                )?;
+                Output::Table(out)
+            }
+            Format::Jsonl => Output::Jsonl(std::io::stdout()),
+            Format::Csv => {
+                let mut writer = csv::Writer::from_writer(std::io::stdout());
+                writer.write_record(COLUMNS)?;
+                Output::Csv(Box::new(writer))
+            }
+        })
+    }
+
+    fn write(&mut self, record: &AuditRecord) -> anyhow::Result<()> {
+        let f = fields(record);
+        match self {
+            Output::Table(out) => writeln!(
+                out,
+                "{:>6}  {:<20}  {:<34}  {:<24}  {:<10}  {:<18}  {:<10}",
+                f[0], f[1], f[4], f[5], f[11], f[12], f[10]
+            )?,
+            Output::Jsonl(out) => {
+                let object: serde_json::Map<String, serde_json::Value> = COLUMNS
+                    .iter()
+                    .zip(f)
+                    .map(|(k, v)| ((*k).to_owned(), serde_json::Value::String(v)))
+                    .collect();
+                writeln!(out, "{}", serde_json::Value::Object(object))?;
+            }
+            Output::Csv(writer) => writer.write_record(&f)?,
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        if let Output::Csv(mut writer) = self {
+            writer.flush()?;
+        }
+        Ok(())
+    }
+}
