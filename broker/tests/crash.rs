@@ -107,7 +107,7 @@ async fn acknowledged_records_survive_sigkill_and_the_log_verifies() {
                     }),
                     purpose: "p".into(),
                     // Every third request is denied: refusals are records too.
-                    legal_basis: if n % 3 == 0 {
+                    legal_basis: if n.is_multiple_of(3) {
                         "other".into()
                     } else {
                         "l".into()
