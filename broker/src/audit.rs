@@ -221,19 +221,8 @@ pub fn load_or_create_signing_key(path: &Path) -> std::io::Result<Ed25519KeyPair
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
                 .map_err(|_| invalid("cannot generate an Ed25519 key".into()))?;
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create_new(true);
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::OpenOptionsExt;
-                options.mode(0o600);
-            }
-            let mut file = options.open(path)?;
-            std::io::Write::write_all(&mut file, pkcs8.as_ref())?;
-            file.sync_all()?;
+            onceonly_certs::pki::write_secret_file(path, pkcs8.as_ref())
+                .map_err(std::io::Error::other)?;
             pkcs8.as_ref().to_vec()
         }
         Err(e) => return Err(e),

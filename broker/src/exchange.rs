@@ -545,55 +545,12 @@ pub fn validate(routing: &RoutingTable, request: &RequestEvidenceRequest) -> Res
     }
     let known = routing.evidence_type(&request.evidence_type);
     if let Some(evidence_type) = known {
-        if let Some(subject) = &request.subject
-            && subject.scheme != 0
-            && !evidence_type
-                .schemes
-                .iter()
-                .any(|s| *s as i32 == subject.scheme)
-        {
-            let expected: Vec<&str> = evidence_type
-                .schemes
-                .iter()
-                .map(|s| s.as_str_name())
-                .collect();
-            violations.push(FieldViolation::new(
-                "subject.scheme",
-                format!(
-                    "{} is keyed by {}",
-                    request.evidence_type,
-                    expected.join(", ")
-                ),
-            ));
-        }
-        for (name, value) in &request.parameters {
-            let field = format!("parameters[{name}]");
-            if evidence_type
-                .entry
-                .parameters
-                .iter()
-                .any(|p| &p.name == name)
-            {
-                violations.check(validate::optional_text(&field, value));
-            } else {
-                violations.push(FieldViolation::new(
-                    field,
-                    format!("{} takes no parameter {name:?}", request.evidence_type),
-                ));
-            }
-        }
-        for parameter in evidence_type.entry.parameters.iter().filter(|p| p.required) {
-            if request
-                .parameters
-                .get(&parameter.name)
-                .is_none_or(|v| v.is_empty())
-            {
-                violations.push(FieldViolation::new(
-                    format!("parameters[{}]", parameter.name),
-                    format!("required: {}", parameter.description),
-                ));
-            }
-        }
+        validate::against_type(
+            &evidence_type.info,
+            request.subject.as_ref(),
+            &request.parameters,
+            &mut violations,
+        );
     }
     violations
         .into_result()

@@ -3,7 +3,6 @@
 //! so a stolen data directory does not reveal whom records are about, while
 //! an auditor who is given a subject id can still find its records.
 
-use std::io::Write;
 use std::path::Path;
 
 use onceonly_proto::v1::SubjectIdScheme;
@@ -41,19 +40,8 @@ impl Pseudonymiser {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut secret = vec![0u8; 32];
                 rand::rng().fill_bytes(&mut secret);
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent)?;
-                }
-                let mut options = std::fs::OpenOptions::new();
-                options.write(true).create_new(true);
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    options.mode(0o600);
-                }
-                let mut file = options.open(path)?;
-                file.write_all(hex::encode(&secret).as_bytes())?;
-                file.sync_all()?;
+                onceonly_certs::pki::write_secret_file(path, hex::encode(&secret).as_bytes())
+                    .map_err(std::io::Error::other)?;
                 secret
             }
             Err(e) => return Err(e),

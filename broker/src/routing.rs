@@ -105,18 +105,27 @@ pub struct EvidenceType {
     pub entry: EvidenceTypeEntry,
     /// Parsed subject schemes.
     pub schemes: Vec<SubjectIdScheme>,
+    /// The wire description (consent_required left false: the policy's).
+    pub info: EvidenceTypeInfo,
 }
 
 impl EvidenceType {
-    /// The wire description (consent_required filled in by the caller).
-    pub fn info(&self) -> EvidenceTypeInfo {
-        let entry = &self.entry;
+    fn new(entry: EvidenceTypeEntry, schemes: Vec<SubjectIdScheme>) -> Self {
+        let info = Self::describe(&entry, &schemes);
+        EvidenceType {
+            entry,
+            schemes,
+            info,
+        }
+    }
+
+    fn describe(entry: &EvidenceTypeEntry, schemes: &[SubjectIdScheme]) -> EvidenceTypeInfo {
         EvidenceTypeInfo {
             evidence_type: entry.id.clone(),
             display_name: entry.display_name.clone(),
             description: entry.description.clone(),
             media_types: entry.media_types.clone(),
-            subject_schemes: self.schemes.iter().map(|s| *s as i32).collect(),
+            subject_schemes: schemes.iter().map(|s| *s as i32).collect(),
             jurisdictions: {
                 let mut all: Vec<String> = entry
                     .routes
@@ -282,7 +291,7 @@ impl RoutingTable {
             }
             table
                 .evidence_types
-                .insert(entry.id.clone(), EvidenceType { entry, schemes });
+                .insert(entry.id.clone(), EvidenceType::new(entry, schemes));
         }
         Ok(table)
     }

@@ -281,7 +281,8 @@ impl BoundBroker {
     /// Serves until Ctrl-C or SIGTERM; SIGHUP reloads policy and TLS.
     pub async fn serve(self) -> Result<(), StartError> {
         spawn_sighup_reload(self.broker.policy.clone(), self.tls.clone());
-        self.serve_with_shutdown(terminate_signal()).await
+        self.serve_with_shutdown(onceonly_certs::serve::terminate_signal())
+            .await
     }
 
     /// Serves in the background; the handle stops it.
@@ -376,43 +377,13 @@ fn reload_policy(policy: &PolicyStore) {
 }
 
 fn spawn_sighup_reload(policy: Arc<PolicyStore>, tls: Arc<ReloadableServerTls>) {
-    #[cfg(unix)]
-    tokio::spawn(async move {
-        let Ok(mut hangups) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            return;
-        };
-        while hangups.recv().await.is_some() {
-            reload_policy(&policy);
-            match tls.reload() {
-                Ok(()) => tracing::info!("TLS certificates and CRL reloaded"),
-                Err(error) => {
-                    tracing::error!(%error, "TLS NOT reloaded; the previous configuration stays")
-                }
+    onceonly_certs::serve::on_sighup(move || {
+        reload_policy(&policy);
+        match tls.reload() {
+            Ok(()) => tracing::info!("TLS certificates and CRL reloaded"),
+            Err(error) => {
+                tracing::error!(%error, "TLS NOT reloaded; the previous configuration stays")
             }
         }
     });
-}
-
-/// Completes on Ctrl-C or SIGTERM.
-async fn terminate_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
 }

@@ -81,7 +81,7 @@ impl EvidenceService for EvidenceGrpc {
                     .get(&t.entry.id)
                     .map(|consent_required| EvidenceTypeInfo {
                         consent_required: *consent_required,
-                        ..t.info()
+                        ..t.info.clone()
                     })
             })
             .collect();

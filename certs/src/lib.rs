@@ -16,6 +16,7 @@ pub mod config_file;
 pub mod identity;
 pub mod inspect;
 pub mod pki;
+pub mod serve;
 pub mod tls;
 
 pub use identity::{IdentityError, IdentityVerifier, Participant, Role};

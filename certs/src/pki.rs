@@ -663,6 +663,15 @@ fn read_string(path: &Path) -> Result<String, PkiError> {
     })
 }
 
+/// Creates a new secret file (mode 0600) with `contents`, and its parent
+/// folders; refuses to replace an existing file. Synced before returning.
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
+    if let Some(parent) = path.parent() {
+        create_dir(parent)?;
+    }
+    write_file(path, contents, true, false)
+}
+
 /// Writes a file, creating it with mode 0600 when `secret`; refuses to
 /// replace an existing file unless `overwrite`. Syncs before returning so a
 /// crash never leaves a half-written key.

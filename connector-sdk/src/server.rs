@@ -228,7 +228,8 @@ impl<C: Connector> BoundConnector<C> {
     /// Serves until Ctrl-C or SIGTERM; reloads TLS files on SIGHUP.
     pub async fn serve(self) -> Result<(), ServeError> {
         spawn_sighup_reload(self.tls.clone());
-        self.serve_with_shutdown(terminate_signal()).await
+        self.serve_with_shutdown(onceonly_certs::serve::terminate_signal())
+            .await
     }
 
     /// Serves in a background task; the handle stops it.
@@ -297,44 +298,12 @@ impl Drop for RunningConnector {
     }
 }
 
-/// Completes on Ctrl-C or SIGTERM.
-pub async fn terminate_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-}
-
 /// Reloads the TLS files on every SIGHUP; a failed reload keeps the old ones.
 pub fn spawn_sighup_reload(tls: Arc<ReloadableServerTls>) {
-    #[cfg(unix)]
-    tokio::spawn(async move {
-        let Ok(mut hangups) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            return;
-        };
-        while hangups.recv().await.is_some() {
-            match tls.reload() {
-                Ok(()) => tracing::info!("TLS certificates and CRL reloaded"),
-                Err(error) => {
-                    tracing::error!(%error, "TLS reload failed; keeping the previous configuration")
-                }
-            }
+    onceonly_certs::serve::on_sighup(move || match tls.reload() {
+        Ok(()) => tracing::info!("TLS certificates and CRL reloaded"),
+        Err(error) => {
+            tracing::error!(%error, "TLS reload failed; keeping the previous configuration")
         }
     });
 }

@@ -14,7 +14,7 @@ use onceonly_proto::status::{error, invalid_request};
 use onceonly_proto::v1::connector_service_server::ConnectorService;
 use onceonly_proto::v1::{
     DescribeConnectorRequest, DescribeConnectorResponse, ErrorReason, Evidence, EvidenceTypeInfo,
-    ProvideEvidenceRequest, ProvideEvidenceResponse, SubjectIdScheme,
+    ProvideEvidenceRequest, ProvideEvidenceResponse,
 };
 use onceonly_proto::validate::{self, FieldViolation, Violations};
 use sha2::{Digest, Sha256};
@@ -131,7 +131,12 @@ impl<C: Connector> ConnectorGrpc<C> {
             ));
         let served = self.served.get(&request.evidence_type);
         if let Some(info) = served {
-            check_against_type(info, &request, &mut violations);
+            validate::against_type(
+                info,
+                request.subject.as_ref(),
+                &request.parameters,
+                &mut violations,
+            );
         }
         violations
             .into_result()
@@ -203,60 +208,6 @@ impl<C: Connector> ConnectorGrpc<C> {
                 (timeout - headroom).min(self.limits.max_request_time)
             }
             None => self.limits.max_request_time,
-        }
-    }
-}
-
-/// Checks subject scheme and parameters against the evidence type.
-fn check_against_type(
-    info: &EvidenceTypeInfo,
-    request: &ProvideEvidenceRequest,
-    violations: &mut Violations,
-) {
-    if let Some(subject) = &request.subject {
-        let scheme = subject.scheme();
-        if scheme != SubjectIdScheme::Unspecified
-            && !info.subject_schemes.is_empty()
-            && !info.subject_schemes.contains(&subject.scheme)
-        {
-            let expected: Vec<&str> = info
-                .subject_schemes
-                .iter()
-                .filter_map(|s| SubjectIdScheme::try_from(*s).ok())
-                .map(|s| s.as_str_name())
-                .collect();
-            violations.push(FieldViolation::new(
-                "subject.scheme",
-                format!(
-                    "{} is not keyed by {}; use one of {}",
-                    info.evidence_type,
-                    scheme.as_str_name(),
-                    expected.join(", ")
-                ),
-            ));
-        }
-    }
-    for (name, value) in &request.parameters {
-        let field = format!("parameters[{name}]");
-        if !info.parameters.iter().any(|p| &p.name == name) {
-            violations.push(FieldViolation::new(
-                field,
-                format!("{} takes no parameter {name:?}", info.evidence_type),
-            ));
-        } else {
-            violations.check(validate::optional_text(&field, value));
-        }
-    }
-    for parameter in info.parameters.iter().filter(|p| p.required) {
-        if request
-            .parameters
-            .get(&parameter.name)
-            .is_none_or(|v| v.is_empty())
-        {
-            violations.push(FieldViolation::new(
-                format!("parameters[{}]", parameter.name),
-                format!("required: {}", parameter.description),
-            ));
         }
     }
 }

@@ -8,7 +8,9 @@
 //! code. Checks collect every violation ([`Violations`]) so one answer names
 //! every wrong field.
 
-use crate::v1::{SubjectId, SubjectIdScheme};
+use std::collections::HashMap;
+
+use crate::v1::{EvidenceTypeInfo, SubjectId, SubjectIdScheme};
 
 /// The longest purpose, legal basis or other free-text field we accept.
 pub const MAX_TEXT_LEN: usize = 256;
@@ -272,6 +274,59 @@ pub fn evidence_type_id(field: &str, value: &str) -> Result<(), FieldViolation> 
             field,
             "1 to 64 lower-case letters, digits and '-', e.g. \"birth-certificate\"",
         ))
+    }
+}
+
+/// Checks a request's subject scheme and parameters against the evidence
+/// type it asks for: the scheme must be one the type is keyed by, every
+/// parameter one the type declares, every required parameter present.
+pub fn against_type(
+    info: &EvidenceTypeInfo,
+    subject: Option<&SubjectId>,
+    parameters: &HashMap<String, String>,
+    violations: &mut Violations,
+) {
+    if let Some(subject) = subject {
+        let scheme = subject.scheme();
+        if scheme != SubjectIdScheme::Unspecified
+            && !info.subject_schemes.is_empty()
+            && !info.subject_schemes.contains(&subject.scheme)
+        {
+            let expected: Vec<&str> = info
+                .subject_schemes
+                .iter()
+                .filter_map(|s| SubjectIdScheme::try_from(*s).ok())
+                .map(|s| s.as_str_name())
+                .collect();
+            violations.push(FieldViolation::new(
+                "subject.scheme",
+                format!(
+                    "{} is not keyed by {}; use one of {}",
+                    info.evidence_type,
+                    scheme.as_str_name(),
+                    expected.join(", ")
+                ),
+            ));
+        }
+    }
+    for (name, value) in parameters {
+        let field = format!("parameters[{name}]");
+        if info.parameters.iter().any(|p| &p.name == name) {
+            violations.check(optional_text(&field, value));
+        } else {
+            violations.push(FieldViolation::new(
+                field,
+                format!("{} takes no parameter {name:?}", info.evidence_type),
+            ));
+        }
+    }
+    for parameter in info.parameters.iter().filter(|p| p.required) {
+        if parameters.get(&parameter.name).is_none_or(|v| v.is_empty()) {
+            violations.push(FieldViolation::new(
+                format!("parameters[{}]", parameter.name),
+                format!("required: {}", parameter.description),
+            ));
+        }
     }
 }
 
