@@ -211,6 +211,28 @@ impl Subtrees for StoredSubtrees<'_> {
     }
 }
 
+/// Opens a sled data directory. A directory this process has just closed
+/// can stay locked for a moment while sled frees its caches (deferred,
+/// epoch-based reclamation), so a busy lock is retried for up to 5 s before
+/// the error is returned.
+pub fn open_storage(config: sled::Config) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.to_string().contains("could not acquire lock") =>
+            {
+                if std::time::Instant::now() >= deadline {
+                    return Err(sled::Error::Io(e));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The broker's audit signing key: Ed25519, PKCS#8 in a file kept apart
 /// from the data directory; created (mode 0600) where missing, with the
 /// public key beside it (`<file>.pub`, hex) for auditors.
@@ -799,7 +821,7 @@ mod tests {
             verify_dir(dir.path(), &public).expect("verifies").records,
             64
         );
-        let db = sled::open(dir.path()).expect("reopen");
+        let db = open_storage(sled::Config::new().path(dir.path())).expect("reopen");
         let (log, _writer) = AuditLog::open(
             &db,
             true,

@@ -7,6 +7,7 @@
 //! routing = "routing.toml"
 //! pseudonym_key = "secrets/pseudonym.key"   # keep it outside data_dir
 //! audit_key = "secrets/audit.key"       # signs tree heads; .pub beside it
+//! storage_cache = "32MiB"               # sled page cache
 //!
 //! [tls]
 //! ca = "pki/ca.pem"
@@ -21,6 +22,7 @@
 //! [idempotency]
 //! window = "10m"
 //! max_entries = 100000
+//! max_bytes = "16MiB"                   # memory for remembered outcomes
 //!
 //! [audit]
 //! durable = true                        # fsync before answering (keep it on)
@@ -60,6 +62,11 @@ pub struct BrokerConfig {
     /// The broker's certificate, key, CA and CRL. The broker's certificate
     /// is also its client certificate towards connectors.
     pub tls: TlsFiles,
+    /// Memory for sled's page cache (audit log and consents). sled's own
+    /// default is 1 GiB; the broker keeps it small and leaves the rest to
+    /// the operating system's file cache.
+    #[serde(default = "default_storage_cache")]
+    pub storage_cache: bytesize::ByteSize,
     /// Limits.
     #[serde(default)]
     pub limits: Limits,
@@ -105,6 +112,9 @@ pub struct Idempotency {
     pub window: Duration,
     /// The most outcomes remembered; the oldest are forgotten first.
     pub max_entries: usize,
+    /// The most memory outcomes (evidence included) may hold; the oldest
+    /// are forgotten first.
+    pub max_bytes: bytesize::ByteSize,
 }
 
 impl Default for Idempotency {
@@ -112,6 +122,7 @@ impl Default for Idempotency {
         Idempotency {
             window: Duration::from_secs(600),
             max_entries: 100_000,
+            max_bytes: bytesize::ByteSize::mib(16),
         }
     }
 }
@@ -134,6 +145,10 @@ impl Default for AuditConfig {
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7443))
+}
+
+fn default_storage_cache() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(32)
 }
 
 fn default_grace() -> Duration {

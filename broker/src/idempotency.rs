@@ -3,8 +3,9 @@
 //! while the first is still in flight waits for it. A request id reused for
 //! a different request is refused (ALREADY_EXISTS).
 //!
-//! Outcomes are kept in memory only, for the window, bounded in number:
-//! evidence payloads are never written to disk.
+//! Outcomes are kept in memory only, for the window, bounded in number and
+//! in bytes (the oldest are forgotten first): evidence payloads are never
+//! written to disk, and the cache never grows past its budget.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -55,6 +56,22 @@ struct Entry {
     fingerprint: [u8; 32],
     created: Instant,
     outcome: watch::Receiver<Option<StoredOutcome>>,
+    /// The outcome's approximate size, once finished.
+    bytes: usize,
+}
+
+/// Bookkeeping per entry beyond its outcome (keys, maps, channel).
+const ENTRY_OVERHEAD: usize = 256;
+
+impl StoredOutcome {
+    /// Approximate memory an outcome holds.
+    fn size(&self) -> usize {
+        ENTRY_OVERHEAD
+            + match &self.result {
+                Ok(response) => prost::Message::encoded_len(response),
+                Err(status) => status.message.len() + status.details.len(),
+            }
+    }
 }
 
 /// What [`IdempotencyCache::begin`] found.
@@ -78,8 +95,17 @@ pub struct Pending {
 impl Pending {
     /// Publishes the outcome to waiting and later repeats.
     pub fn finish(mut self, outcome: StoredOutcome) {
-        if let Some(sender) = self.sender.take() {
-            let _ = sender.send(Some(outcome));
+        let Some(sender) = self.sender.take() else {
+            return;
+        };
+        let size = outcome.size();
+        let _ = sender.send(Some(outcome));
+        if let Some(inner) = self.cache.upgrade() {
+            let mut inner = inner.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(entry) = inner.entries.get_mut(&self.key) {
+                entry.bytes = size;
+                inner.bytes += size;
+            }
         }
     }
 }
@@ -90,7 +116,9 @@ impl Drop for Pending {
             && let Some(inner) = self.cache.upgrade()
         {
             let mut inner = inner.lock().unwrap_or_else(|p| p.into_inner());
-            inner.entries.remove(&self.key);
+            if let Some(entry) = inner.entries.remove(&self.key) {
+                inner.bytes -= entry.bytes;
+            }
         }
     }
 }
@@ -98,6 +126,8 @@ impl Drop for Pending {
 struct Inner {
     entries: HashMap<Key, Entry>,
     order: VecDeque<(Key, Instant)>,
+    /// The sum of the entries' sizes.
+    bytes: usize,
 }
 
 /// The cache of recent request ids.
@@ -105,19 +135,28 @@ pub struct IdempotencyCache {
     inner: std::sync::Arc<Mutex<Inner>>,
     window: Duration,
     max_entries: usize,
+    max_bytes: usize,
 }
 
 impl IdempotencyCache {
-    /// A cache remembering up to `max_entries` ids for `window`.
-    pub fn new(window: Duration, max_entries: usize) -> Self {
+    /// A cache remembering up to `max_entries` ids, holding at most
+    /// `max_bytes` of outcomes, for `window`.
+    pub fn new(window: Duration, max_entries: usize, max_bytes: usize) -> Self {
         IdempotencyCache {
             inner: std::sync::Arc::new(Mutex::new(Inner {
                 entries: HashMap::new(),
                 order: VecDeque::new(),
+                bytes: 0,
             })),
             window,
             max_entries: max_entries.max(1),
+            max_bytes,
         }
+    }
+
+    /// The approximate bytes of outcomes held.
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).bytes
     }
 
     /// Looks up (`caller`, `request_id`) with the request's content
@@ -126,10 +165,10 @@ impl IdempotencyCache {
         let key = (caller.to_owned(), request_id.to_owned());
         let now = Instant::now();
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        // Forget what is past the window, and the oldest beyond the bound.
+        // Forget what is past the window, and the oldest beyond the bounds.
         while let Some((old_key, created)) = inner.order.front().cloned() {
             let expired = now.duration_since(created) > self.window;
-            if !expired && inner.entries.len() < self.max_entries {
+            if !expired && inner.entries.len() < self.max_entries && inner.bytes <= self.max_bytes {
                 break;
             }
             inner.order.pop_front();
@@ -137,8 +176,9 @@ impl IdempotencyCache {
                 .entries
                 .get(&old_key)
                 .is_some_and(|e| e.created == created)
+                && let Some(entry) = inner.entries.remove(&old_key)
             {
-                inner.entries.remove(&old_key);
+                inner.bytes -= entry.bytes;
             }
         }
         if let Some(entry) = inner.entries.get(&key) {
@@ -155,6 +195,7 @@ impl IdempotencyCache {
                 fingerprint,
                 created: now,
                 outcome: receiver,
+                bytes: 0,
             },
         );
         inner.order.push_back((key.clone(), now));
@@ -198,7 +239,7 @@ mod tests {
 
     #[tokio::test]
     async fn repeats_get_the_first_outcome_and_conflicts_are_refused() {
-        let cache = IdempotencyCache::new(Duration::from_secs(60), 10);
+        let cache = IdempotencyCache::new(Duration::from_secs(60), 10, 1 << 20);
         let Begin::New(pending) = cache.begin("a", "r1", [1; 32]) else {
             panic!("new")
         };
@@ -220,10 +261,10 @@ mod tests {
 
     #[test]
     fn abandoned_requests_are_forgotten_and_old_ones_expire() {
-        let cache = IdempotencyCache::new(Duration::from_millis(0), 10);
+        let cache = IdempotencyCache::new(Duration::from_millis(0), 10, 1 << 20);
         drop(cache.begin("a", "r1", [1; 32]));
         assert!(matches!(cache.begin("a", "r1", [1; 32]), Begin::New(_)));
-        let bounded = IdempotencyCache::new(Duration::from_secs(60), 2);
+        let bounded = IdempotencyCache::new(Duration::from_secs(60), 2, 1 << 20);
         for id in ["r1", "r2", "r3"] {
             if let Begin::New(p) = bounded.begin("a", id, [1; 32]) {
                 p.finish(outcome(id));
@@ -232,6 +273,44 @@ mod tests {
         assert!(
             matches!(bounded.begin("a", "r1", [1; 32]), Begin::New(_)),
             "oldest evicted"
+        );
+    }
+
+    #[test]
+    fn memory_stays_within_the_byte_budget() {
+        let budget = 64 * 1024;
+        let cache = IdempotencyCache::new(Duration::from_secs(600), 1_000_000, budget);
+        let outcome = |n: u32| StoredOutcome {
+            exchange_id: format!("ex-{n}"),
+            result: Ok(RequestEvidenceResponse {
+                evidence: Some(onceonly_proto::v1::Evidence {
+                    payload: vec![7; 1000],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        };
+        let one_entry = outcome(1999).size();
+        for n in 0..2_000 {
+            let Begin::New(pending) = cache.begin("a", &format!("r{n}"), [1; 32]) else {
+                panic!("new")
+            };
+            pending.finish(outcome(n));
+            // The newest entry may overshoot until the next request evicts.
+            assert!(
+                cache.bytes() <= budget + one_entry,
+                "{} bytes held, budget {budget}, entry {one_entry}",
+                cache.bytes()
+            );
+        }
+        assert!(cache.bytes() > budget / 2, "the budget is used, not wasted");
+        assert!(
+            matches!(cache.begin("a", "r1999", [1; 32]), Begin::Replay(_)),
+            "the newest is kept"
+        );
+        assert!(
+            matches!(cache.begin("a", "r0", [1; 32]), Begin::New(_)),
+            "the oldest is forgotten"
         );
     }
 }

@@ -128,13 +128,15 @@ impl BoundBroker {
                 }
             })?,
         );
-        let db = sled::Config::new()
-            .path(&config.data_dir)
-            .open()
-            .map_err(|e| StartError::Storage {
-                what: format!("data directory {}", config.data_dir.display()),
-                reason: e.to_string(),
-            })?;
+        let db = crate::audit::open_storage(
+            sled::Config::new()
+                .path(&config.data_dir)
+                .cache_capacity(config.storage_cache.as_u64()),
+        )
+        .map_err(|e| StartError::Storage {
+            what: format!("data directory {}", config.data_dir.display()),
+            reason: e.to_string(),
+        })?;
         let audit_key =
             crate::audit::load_or_create_signing_key(&config.audit_key).map_err(|e| {
                 StartError::Storage {
@@ -154,6 +156,7 @@ impl BoundBroker {
             idempotency: IdempotencyCache::new(
                 config.idempotency.window,
                 config.idempotency.max_entries,
+                usize::try_from(config.idempotency.max_bytes.as_u64()).unwrap_or(usize::MAX),
             ),
             permits: Semaphore::new(config.limits.concurrency),
             max_request_time: config.limits.max_request_time,

@@ -13,7 +13,7 @@ async fn verify_dir_reports_clean_and_tampered_copies() {
     let data = dir.path().join("data");
     let key_path = dir.path().join("secrets/audit.key");
     {
-        let db = sled::open(&data).expect("db");
+        let db = onceonly_broker::audit::open_storage(sled::Config::new().path(&data)).expect("db");
         let (log, writer) = AuditLog::open(
             &db,
             true,
@@ -51,7 +51,7 @@ async fn verify_dir_reports_clean_and_tampered_copies() {
     assert!(String::from_utf8_lossy(&clean.stdout).contains("verified: 12 records"));
 
     {
-        let db = sled::open(&data).expect("db");
+        let db = onceonly_broker::audit::open_storage(sled::Config::new().path(&data)).expect("db");
         let tree = db.open_tree("audit").expect("tree");
         tree.remove(keys::record(4)).expect("remove");
         db.flush().expect("flush");

@@ -150,7 +150,9 @@ async fn acknowledged_records_survive_sigkill_and_the_log_verifies() {
         .expect("the log verifies after the crash");
     assert!(verified.records >= acknowledged.len() as u64);
 
-    let db = sled::open(dir.path().join("data")).expect("reopen");
+    let db =
+        onceonly_broker::audit::open_storage(sled::Config::new().path(dir.path().join("data")))
+            .expect("reopen");
     let tree = db.open_tree("audit").expect("tree");
     let recorded: HashSet<String> = tree
         .scan_prefix([onceonly_broker::audit::keys::RECORD])

@@ -15,7 +15,7 @@ async fn make_log(dir: &Path) -> Vec<u8> {
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).expect("key");
     let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key");
     let public = key.public_key().as_ref().to_vec();
-    let db = sled::open(dir).expect("db");
+    let db = onceonly_broker::audit::open_storage(sled::Config::new().path(dir)).expect("db");
     let (log, writer) = AuditLog::open(&db, true, key).expect("log");
     for n in 0..RECORDS {
         log.append(AuditRecord {
@@ -37,7 +37,7 @@ async fn make_log(dir: &Path) -> Vec<u8> {
 
 /// Opens the directory with raw sled, as an attacker with file access would.
 fn tamper(dir: &Path, change: impl FnOnce(&sled::Tree)) {
-    let db = sled::open(dir).expect("db");
+    let db = onceonly_broker::audit::open_storage(sled::Config::new().path(dir)).expect("db");
     change(&db.open_tree("audit").expect("tree"));
     db.flush().expect("flush");
 }

@@ -1,0 +1,621 @@
+//! `onceonly-bench`: what the broker costs, side by side, in one run.
+//!
+//! Starts, on loopback with mutual TLS everywhere, a mock register connector
+//! and two brokers as separate processes (this same binary in its
+//! `serve-connector` / `serve-broker` modes), then drives load from N
+//! concurrent clients over reused connections and measures, in one run:
+//!
+//! 1. direct: client -> connector;
+//! 2. brokered, audit durable (the default);
+//! 3. brokered, audit flushing disabled (what durability costs);
+//! 4. the raw cost of one flush on this disk (the floor of a durable request);
+//!
+//! with requests/s, latency p50/p90/p99/max (HDR histogram), the broker's
+//! CPU seconds per 1,000 requests and its peak RSS, and the ratios; then
+//! full mTLS handshakes per second accepted by the broker, with and without
+//! session resumption. Prints a Markdown table; `--json FILE` writes JSON.
+//!
+//! `cargo run --release -p onceonly-integration-tests --bin onceonly-bench -- --quick`
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use onceonly_certs::{MtlsConnector, Pki, Role};
+use onceonly_proto::v1::connector_service_client::ConnectorServiceClient;
+use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
+use onceonly_proto::v1::{
+    ProvideEvidenceRequest, RequestEvidenceRequest, SubjectId, SubjectIdScheme,
+};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tonic::transport::Channel;
+
+/// Measure what the broker adds to a direct call.
+#[derive(Debug, Parser)]
+#[command(name = "onceonly-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Option<Mode>,
+    /// A short run (under 30 s): fewer seconds per measurement.
+    #[arg(long)]
+    quick: bool,
+    /// Concurrency levels, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
+    concurrency: Vec<usize>,
+    /// Seconds of load per measurement (default 10, or 1.5 with --quick).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// (internal) Run the civil mock register for the benchmark.
+    ServeConnector {
+        /// The PKI directory.
+        #[arg(long)]
+        pki: PathBuf,
+    },
+    /// (internal) Run a broker for the benchmark.
+    ServeBroker {
+        /// The broker configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+const ANNA: &str = "82281866209";
+/// Client connections shared by the concurrent callers (HTTP/2 multiplexes).
+const CONNECTIONS: usize = 8;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new()?;
+    match cli.mode {
+        Some(Mode::ServeConnector { pki }) => runtime.block_on(serve_connector(&pki)),
+        Some(Mode::ServeBroker { config }) => runtime.block_on(serve_broker(&config)),
+        None => runtime.block_on(run(cli)),
+    }
+}
+
+async fn serve_connector(pki: &Path) -> anyhow::Result<()> {
+    let pki = Pki::open(pki)?;
+    let register = onceonly_registry_mock::MockRegister::embedded(
+        onceonly_registry_mock::RegisterKind::Civil,
+    )?;
+    let server = onceonly_connector_sdk::ConnectorServer::builder(
+        register,
+        pki.tls_files(Role::Connector, "civil-register"),
+    )
+    .listen("127.0.0.1:0".parse()?)
+    .concurrency(1024)
+    .bind()
+    .await?;
+    println!("ADDR {}", server.local_addr());
+    std::io::stdout().flush()?;
+    server.serve().await?;
+    Ok(())
+}
+
+async fn serve_broker(config: &Path) -> anyhow::Result<()> {
+    let config = onceonly_broker::BrokerConfig::load(config)?;
+    let broker = onceonly_broker::BoundBroker::bind(&config).await?;
+    println!("ADDR {}", broker.local_addr());
+    std::io::stdout().flush()?;
+    broker.serve().await?;
+    Ok(())
+}
+
+/// A child process of this binary in a serving mode.
+struct Server {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    async fn start(args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .args(args)
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines
+                .next_line()
+                .await?
+                .context("server exited before printing its address")?;
+            if let Some(addr) = line.strip_prefix("ADDR ") {
+                break addr.parse()?;
+            }
+        };
+        Ok(Server { child, addr })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces) in parentheses.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the stat line: here 11 and 12.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Peak resident set size of a process so far, MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    scenario: String,
+    concurrency: usize,
+    requests: u64,
+    errors: u64,
+    requests_per_second: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    broker_cpu_seconds_per_1000: Option<f64>,
+    broker_peak_rss_mib: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Handshakes {
+    resumption: bool,
+    handshakes_per_second: f64,
+    resumed_share: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    cores: usize,
+    seconds_per_measurement: f64,
+    rows: Vec<Row>,
+    handshakes: Vec<Handshakes>,
+    ratios: Vec<(String, f64)>,
+}
+
+/// What one measurement calls.
+#[derive(Clone)]
+enum Target {
+    Direct(Vec<ConnectorServiceClient<Channel>>),
+    Brokered(Vec<EvidenceServiceClient<Channel>>),
+}
+
+fn subject() -> Option<SubjectId> {
+    Some(SubjectId {
+        scheme: SubjectIdScheme::DeIdnr.into(),
+        value: ANNA.into(),
+    })
+}
+
+async fn call(target: &Target, slot: usize, id: u64) -> bool {
+    match target {
+        Target::Direct(clients) => {
+            let mut client = clients[slot % clients.len()].clone();
+            client
+                .provide_evidence(ProvideEvidenceRequest {
+                    exchange_id: format!("ex-{id}"),
+                    evidence_type: "birth-certificate".into(),
+                    subject: subject(),
+                    purpose: "parental-allowance".into(),
+                    legal_basis: "§ 9 Abs. 1 BEEG".into(),
+                    requester_id: "spiffe://onceonly.test/authority/bench".into(),
+                    ..Default::default()
+                })
+                .await
+                .is_ok()
+        }
+        Target::Brokered(clients) => {
+            let mut client = clients[slot % clients.len()].clone();
+            client
+                .request_evidence(RequestEvidenceRequest {
+                    request_id: format!("bench-{id}"),
+                    evidence_type: "birth-certificate".into(),
+                    subject: subject(),
+                    purpose: "parental-allowance".into(),
+                    legal_basis: "§ 9 Abs. 1 BEEG".into(),
+                    ..Default::default()
+                })
+                .await
+                .is_ok()
+        }
+    }
+}
+
+/// Drives `concurrency` callers for `seconds` (after a short warm-up).
+async fn measure(
+    target: &Target,
+    concurrency: usize,
+    seconds: f64,
+    broker_pid: Option<u32>,
+    scenario: &str,
+) -> Row {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+    let warmup = Duration::from_secs_f64((seconds / 5.0).min(1.0));
+    let run = |duration: Duration, record: bool| {
+        let target = target.clone();
+        async move {
+            let stop = Instant::now() + duration;
+            let mut tasks = Vec::new();
+            for slot in 0..concurrency {
+                let target = target.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut histogram =
+                        Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("histogram");
+                    let mut errors = 0u64;
+                    while Instant::now() < stop {
+                        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+                        let started = Instant::now();
+                        if call(&target, slot, id).await {
+                            if record {
+                                let _ = histogram.record(started.elapsed().as_micros() as u64);
+                            }
+                        } else {
+                            errors += 1;
+                        }
+                    }
+                    (histogram, errors)
+                }));
+            }
+            let mut all = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("histogram");
+            let mut errors = 0;
+            for task in tasks {
+                let (histogram, e) = task.await.expect("caller");
+                let _ = all.add(histogram);
+                errors += e;
+            }
+            (all, errors)
+        }
+    };
+    run(warmup, false).await;
+    let cpu_before = broker_pid.map(cpu_seconds);
+    let started = Instant::now();
+    let (histogram, errors) = run(Duration::from_secs_f64(seconds), true).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let requests = histogram.len();
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    Row {
+        scenario: scenario.into(),
+        concurrency,
+        requests,
+        errors,
+        requests_per_second: requests as f64 / elapsed,
+        p50_ms: ms(0.5),
+        p90_ms: ms(0.9),
+        p99_ms: ms(0.99),
+        max_ms: histogram.max() as f64 / 1000.0,
+        broker_cpu_seconds_per_1000: broker_pid
+            .zip(cpu_before)
+            .map(|(pid, before)| (cpu_seconds(pid) - before) * 1000.0 / requests.max(1) as f64),
+        broker_peak_rss_mib: broker_pid.map(peak_rss_mib),
+    }
+}
+
+/// The raw cost of one small append plus fdatasync on this disk.
+fn raw_flush(dir: &Path, seconds: f64) -> Row {
+    let mut file = std::fs::File::create(dir.join("flush-probe")).expect("probe file");
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("histogram");
+    let stop = Instant::now() + Duration::from_secs_f64(seconds.min(2.0));
+    let started = Instant::now();
+    while Instant::now() < stop {
+        let t = Instant::now();
+        file.write_all(&[0u8; 512]).expect("write");
+        file.sync_data().expect("fdatasync");
+        let _ = histogram.record(t.elapsed().as_micros() as u64);
+    }
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    Row {
+        scenario: "raw flush (512-byte append + fdatasync)".into(),
+        concurrency: 1,
+        requests: histogram.len(),
+        errors: 0,
+        requests_per_second: histogram.len() as f64 / started.elapsed().as_secs_f64(),
+        p50_ms: ms(0.5),
+        p90_ms: ms(0.9),
+        p99_ms: ms(0.99),
+        max_ms: histogram.max() as f64 / 1000.0,
+        broker_cpu_seconds_per_1000: None,
+        broker_peak_rss_mib: None,
+    }
+}
+
+/// Full mTLS handshakes per second accepted by the broker.
+async fn handshakes(
+    pki: &Pki,
+    broker: SocketAddr,
+    resumption: bool,
+    seconds: f64,
+) -> anyhow::Result<Handshakes> {
+    let (config, _) = onceonly_certs::tls::client_config(&pki.tls_files(Role::Authority, "bench"))?;
+    let mut config = (*config).clone();
+    if !resumption {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let done = Arc::new(AtomicU64::new(0));
+    let resumed = Arc::new(AtomicU64::new(0));
+    let stop = Instant::now() + Duration::from_secs_f64(seconds.min(3.0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (connector, done, resumed) = (connector.clone(), done.clone(), resumed.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < stop {
+                let Ok(tcp) = tokio::net::TcpStream::connect(broker).await else {
+                    continue;
+                };
+                let name = rustls::pki_types::ServerName::IpAddress(broker.ip().into());
+                if let Ok(mut tls) = connector.connect(name, tcp).await {
+                    // TLS 1.3 session tickets arrive after the handshake:
+                    // read up to the server's first bytes (its HTTP/2
+                    // SETTINGS) so the client stores them for resumption.
+                    let mut first = [0u8; 1];
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(200),
+                        tokio::io::AsyncReadExt::read(&mut tls, &mut first),
+                    )
+                    .await;
+                    done.fetch_add(1, Ordering::Relaxed);
+                    if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                        resumed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let count = done.load(Ordering::Relaxed);
+    Ok(Handshakes {
+        resumption,
+        handshakes_per_second: count as f64 / started.elapsed().as_secs_f64(),
+        resumed_share: resumed.load(Ordering::Relaxed) as f64 / count.max(1) as f64,
+    })
+}
+
+fn write_broker_config(
+    dir: &Path,
+    pki: &Pki,
+    connector: SocketAddr,
+    durable: bool,
+) -> anyhow::Result<PathBuf> {
+    let tls = pki.tls_files(Role::Broker, "broker");
+    std::fs::write(
+        dir.join("routing.toml"),
+        format!(
+            "[connectors.civil-register]\nendpoints = [\"{connector}\"]\n[[evidence_types]]\nid = \"birth-certificate\"\nmedia_types = [\"application/xml\"]\nsubject_schemes = [\"DE_IDNR\"]\nroutes = [{{ connector = \"civil-register\" }}]\n"
+        ),
+    )?;
+    std::fs::write(
+        dir.join("policy.toml"),
+        "[[rule]]\nid = \"bench\"\ncallers = [\"bench\"]\nevidence_types = [\"birth-certificate\"]\npurposes = [\"parental-allowance\"]\nlegal_bases = [\"§ 9 Abs. 1 BEEG\"]\nconsent = \"not-required\"\n",
+    )?;
+    let path = dir.join("broker.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\npolicy = \"policy.toml\"\nrouting = \"routing.toml\"\npseudonym_key = \"secrets/pseudonym.key\"\naudit_key = \"secrets/audit.key\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[limits]\nconcurrency = 4096\n[audit]\ndurable = {durable}\n",
+            tls.ca, tls.cert, tls.key
+        ),
+    )?;
+    Ok(path)
+}
+
+fn channels(pki: &Pki, role: Role, id: &str, addr: SocketAddr) -> anyhow::Result<Vec<Channel>> {
+    let (config, _) = onceonly_certs::tls::client_config(&pki.tls_files(role, id))?;
+    (0..CONNECTIONS)
+        .map(|_| {
+            Ok(MtlsConnector::new(config.clone(), None)
+                .channel(&addr.to_string(), Duration::from_secs(5))?)
+        })
+        .collect()
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let seconds = cli.seconds.unwrap_or(if cli.quick { 1.5 } else { 10.0 });
+    let pki = Pki::throwaway(
+        "onceonly.test",
+        &[
+            (Role::Authority, "bench"),
+            (Role::Connector, "civil-register"),
+        ],
+    )?;
+    let work = tempfile::tempdir()?;
+    let pki_dir = pki.dir().display().to_string();
+    let connector = Server::start(&["serve-connector", "--pki", &pki_dir]).await?;
+    let mut brokers = Vec::new();
+    for durable in [true, false] {
+        let dir = work
+            .path()
+            .join(if durable { "durable" } else { "no-flush" });
+        std::fs::create_dir_all(&dir)?;
+        let config = write_broker_config(&dir, &pki, connector.addr, durable)?;
+        brokers.push(
+            Server::start(&["serve-broker", "--config", &config.display().to_string()]).await?,
+        );
+    }
+    let direct = Target::Direct(
+        channels(&pki, Role::Broker, "broker", connector.addr)?
+            .into_iter()
+            .map(ConnectorServiceClient::new)
+            .collect(),
+    );
+    let brokered: Vec<Target> = brokers
+        .iter()
+        .map(|b| {
+            Ok(Target::Brokered(
+                channels(&pki, Role::Authority, "bench", b.addr)?
+                    .into_iter()
+                    .map(EvidenceServiceClient::new)
+                    .collect(),
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+
+    let mut rows = Vec::new();
+    for &concurrency in &cli.concurrency {
+        eprintln!("measuring at concurrency {concurrency} ...");
+        rows.push(
+            measure(
+                &direct,
+                concurrency,
+                seconds,
+                None,
+                "direct: client -> connector",
+            )
+            .await,
+        );
+        rows.push(
+            measure(
+                &brokered[0],
+                concurrency,
+                seconds,
+                Some(brokers[0].pid()),
+                "brokered, audit durable",
+            )
+            .await,
+        );
+        rows.push(
+            measure(
+                &brokered[1],
+                concurrency,
+                seconds,
+                Some(brokers[1].pid()),
+                "brokered, audit not flushed",
+            )
+            .await,
+        );
+    }
+    let flush = raw_flush(work.path(), seconds);
+    rows.push(flush.clone());
+    eprintln!("measuring handshakes ...");
+    let handshakes = vec![
+        handshakes(&pki, brokers[0].addr, false, seconds).await?,
+        handshakes(&pki, brokers[0].addr, true, seconds).await?,
+    ];
+
+    let mut ratios = Vec::new();
+    for &concurrency in &cli.concurrency {
+        let find = |scenario: &str| {
+            rows.iter()
+                .find(|r| r.concurrency == concurrency && r.scenario.starts_with(scenario))
+        };
+        if let (Some(d), Some(b), Some(n)) = (
+            find("direct"),
+            find("brokered, audit durable"),
+            find("brokered, audit not"),
+        ) {
+            ratios.push((
+                format!("c={concurrency}: brokered-durable / direct throughput"),
+                b.requests_per_second / d.requests_per_second,
+            ));
+            ratios.push((
+                format!("c={concurrency}: durable / not-flushed throughput"),
+                b.requests_per_second / n.requests_per_second,
+            ));
+            ratios.push((
+                format!("c={concurrency}: brokered-durable p50 - direct p50 - one flush p50 (ms)"),
+                b.p50_ms - d.p50_ms - flush.p50_ms,
+            ));
+        }
+    }
+    let report = Report {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        seconds_per_measurement: seconds,
+        rows,
+        handshakes,
+        ratios,
+    };
+    print_markdown(&report);
+    if let Some(path) = &cli.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        println!("\nJSON written to {}", path.display());
+    }
+    drop(brokers);
+    drop(connector);
+    Ok(())
+}
+
+fn print_markdown(report: &Report) {
+    println!(
+        "\n# onceonly-bench: {} cores, {} s per measurement, mutual TLS 1.3 on loopback\n",
+        report.cores, report.seconds_per_measurement
+    );
+    println!(
+        "| scenario | concurrency | req/s | p50 ms | p90 ms | p99 ms | max ms | broker CPU s / 1000 req | broker peak RSS MiB | errors |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in &report.rows {
+        let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+        println!(
+            "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} |",
+            r.scenario,
+            r.concurrency,
+            r.requests_per_second,
+            r.p50_ms,
+            r.p90_ms,
+            r.p99_ms,
+            r.max_ms,
+            opt(r.broker_cpu_seconds_per_1000),
+            opt(r.broker_peak_rss_mib),
+            r.errors
+        );
+    }
+    println!("\n| ratio | value |\n| --- | ---: |");
+    for (name, value) in &report.ratios {
+        println!("| {name} | {value:.2} |");
+    }
+    println!(
+        "\n| new mTLS connections to the broker | handshakes/s | resumed |\n| --- | ---: | ---: |"
+    );
+    for h in &report.handshakes {
+        println!(
+            "| {} | {:.0} | {:.0} % |",
+            if h.resumption {
+                "with session resumption"
+            } else {
+                "full handshakes"
+            },
+            h.handshakes_per_second,
+            h.resumed_share * 100.0
+        );
+    }
+}
