@@ -1,0 +1,40 @@
+//! The benchmark harness runs end to end (briefly, in the test profile):
+//! its table has the four scenarios, the ratios and the handshake rows, and
+//! its JSON parses. The figures themselves are not judged here.
+
+#[test]
+fn onceonly_bench_prints_every_row_and_writes_json() {
+    let dir = tempfile::tempdir().expect("dir");
+    let json = dir.path().join("bench.json");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_onceonly-bench"))
+        .args(["--concurrency", "1,4", "--seconds", "0.3", "--json"])
+        .arg(&json)
+        .output()
+        .expect("bench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for row in [
+        "| direct: client -> connector | 1 |",
+        "| brokered, audit durable | 4 |",
+        "| brokered, audit not flushed | 4 |",
+        "| raw flush (512-byte append + fdatasync) | 1 |",
+        "c=4: brokered-durable / direct throughput",
+        "| full handshakes |",
+        "| with session resumption |",
+    ] {
+        assert!(stdout.contains(row), "missing {row:?} in\n{stdout}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parses");
+    let rows = report["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 7, "three scenarios at two levels and the flush");
+    assert!(rows.iter().all(|r| r["errors"] == 0), "{rows:#?}");
+    assert!(
+        rows.iter().all(|r| r["requests"].as_u64().unwrap_or(0) > 0),
+        "{rows:#?}"
+    );
+}
