@@ -353,7 +353,7 @@ impl Output {
                 let mut out = std::io::stdout();
                 writeln!(
                     out,
-                    "{:>6}  {:<20}  {:<34}  {:<24}  {:<10}  {:<18}  {:<10}",
+                    "{:>6}  {:<20}  {:<52}  {:<28}  {:<10}  {:<18}  {:<10}",
                     "index",
                     "received",
                     "caller",
@@ -378,7 +378,7 @@ impl Output {
         match self {
             Output::Table(out) => writeln!(
                 out,
-                "{:>6}  {:<20}  {:<34}  {:<24}  {:<10}  {:<18}  {:<10}",
+                "{:>6}  {:<20}  {:<52}  {:<28}  {:<10}  {:<18}  {:<10}",
                 f[0], f[1], f[4], f[5], f[11], f[12], f[10]
             )?,
             Output::Jsonl(out) => {
