@@ -378,7 +378,7 @@ async fn connector_calling_the_evidence_service_is_refused() {
 async fn connector_presenting_the_wrong_identity_is_refused() {
     // The routing table sends civil-register traffic to the vehicle
     // register's address: a connector with another identity.
-    let world = World::start_with(|routing| routing).await;
+    let world = World::start().await;
     let vehicle_addr = world.registers[1].local_addr().to_string();
     let civil_addr = world.registers[0].local_addr().to_string();
     let mut world = world;
