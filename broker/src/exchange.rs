@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use onceonly_certs::{Participant, PeerRefusal, Role};
 use onceonly_proto::metadata::{TraceContext, grpc_timeout};
-use onceonly_proto::status::{error, error_with_metadata, invalid_request};
+use onceonly_proto::status::{certificate_refused, error, error_with_metadata, invalid_request};
 use onceonly_proto::v1::{
     AuditRecord, ErrorReason, Evidence, ExchangeOutcome, ProvideEvidenceRequest,
     RequestEvidenceRequest, RequestEvidenceResponse,
@@ -35,6 +35,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 use crate::audit::AuditLog;
 use crate::consent::{ConsentStore, timestamp};
@@ -116,7 +117,7 @@ impl Broker {
         metadata: &tonic::metadata::MetadataMap,
         request: RequestEvidenceRequest,
     ) -> Result<RequestEvidenceResponse, Status> {
-        let mut exchange = self.begin(metadata, &request);
+        let exchange = self.begin(metadata, &request);
         let span = tracing::info_span!(
             "request_evidence",
             exchange_id = %exchange.record.exchange_id,
@@ -124,8 +125,19 @@ impl Broker {
             trace_id = %exchange.trace.trace_id(),
             caller = tracing::field::Empty,
         );
-        let _entered = span.enter();
+        // Instrumented, not entered: an entered guard held across awaits
+        // would stay entered on the worker thread while this request waits,
+        // and other requests' logs would land in its span.
+        self.run(exchange, peer, request).instrument(span).await
+    }
 
+    /// The path itself, inside the request's span.
+    async fn run(
+        &self,
+        mut exchange: Exchange,
+        peer: Result<Participant, PeerRefusal>,
+        request: RequestEvidenceRequest,
+    ) -> Result<RequestEvidenceResponse, Status> {
         // 1. authenticate
         let caller = match authenticate(peer) {
             Ok(caller) => caller,
@@ -137,7 +149,7 @@ impl Broker {
                 return self.audit_and_answer(exchange, Err(refusal)).await;
             }
         };
-        span.record("caller", tracing::field::display(&caller));
+        tracing::Span::current().record("caller", tracing::field::display(&caller));
         exchange.record.caller_id = caller.spiffe_id();
 
         // Idempotency: a repeated request id gets the first outcome.
@@ -493,14 +505,7 @@ pub fn authenticate(
     peer: Result<Participant, PeerRefusal>,
 ) -> Result<Participant, (Refusal, Option<String>)> {
     let caller = peer.map_err(|refusal| {
-        let status = error(
-            Code::Unauthenticated,
-            ErrorReason::Unauthenticated,
-            format!(
-                "client certificate refused: {}; present a current certificate of this trust domain (onceonly-certs issue)",
-                refusal.reason
-            ),
-        );
+        let status = certificate_refused(&refusal.reason);
         (Refusal::denied(status), refusal.claimed)
     })?;
     if caller.role() != Role::Authority {

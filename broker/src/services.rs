@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use onceonly_certs::{Participant, Role, peer_identity};
-use onceonly_proto::status::{error, invalid_request};
+use onceonly_proto::status::{certificate_refused, error, invalid_request};
 use onceonly_proto::v1::audit_service_server::AuditService;
 use onceonly_proto::v1::consent_service_server::ConsentService;
 use onceonly_proto::v1::evidence_service_server::EvidenceService;
@@ -26,13 +26,7 @@ fn require_role<T>(
     allowed: &[Role],
     what: &str,
 ) -> Result<Participant, Status> {
-    let caller = peer_identity(request).map_err(|refusal| {
-        error(
-            Code::Unauthenticated,
-            ErrorReason::Unauthenticated,
-            format!("client certificate refused: {}", refusal.reason),
-        )
-    })?;
+    let caller = peer_identity(request).map_err(|refusal| certificate_refused(&refusal.reason))?;
     if allowed.contains(&caller.role()) {
         return Ok(caller.clone());
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use onceonly_certs::{Participant, Role, peer_identity};
 use onceonly_proto::metadata::{TraceContext, grpc_timeout};
-use onceonly_proto::status::{error, invalid_request};
+use onceonly_proto::status::{certificate_refused, error, invalid_request};
 use onceonly_proto::v1::connector_service_server::ConnectorService;
 use onceonly_proto::v1::{
     DescribeConnectorRequest, DescribeConnectorResponse, ErrorReason, Evidence, EvidenceTypeInfo,
@@ -80,13 +80,8 @@ impl<C: Connector> ConnectorGrpc<C> {
 
     /// Only the broker may call a connector.
     fn check_caller<T>(&self, request: &Request<T>) -> Result<Participant, Status> {
-        let caller = peer_identity(request).map_err(|refusal| {
-            error(
-                Code::Unauthenticated,
-                ErrorReason::Unauthenticated,
-                format!("client certificate refused: {}", refusal.reason),
-            )
-        })?;
+        let caller =
+            peer_identity(request).map_err(|refusal| certificate_refused(&refusal.reason))?;
         if caller.role() != Role::Broker {
             return Err(error(
                 Code::PermissionDenied,

@@ -29,6 +29,18 @@ pub fn error_with_metadata(
     Status::with_error_details(code, message, details)
 }
 
+/// UNAUTHENTICATED for a caller whose client certificate was refused,
+/// with the verifier's `reason` (revoked, expired, unknown issuer, ...).
+pub fn certificate_refused(reason: &str) -> Status {
+    error(
+        Code::Unauthenticated,
+        ErrorReason::Unauthenticated,
+        format!(
+            "client certificate refused: {reason}; present a current certificate of this trust domain (onceonly-certs issue)"
+        ),
+    )
+}
+
 /// INVALID_ARGUMENT naming every violated field, in the message and as a
 /// `BadRequest` detail.
 pub fn invalid_request(reason: ErrorReason, violations: &[FieldViolation]) -> Status {
