@@ -658,10 +658,9 @@ pub struct VerifiedLog {
 /// that was altered, removed or reordered.
 pub fn verify_dir(data_dir: &Path, public_key: &[u8]) -> Result<VerifiedLog, Tamper> {
     let unreadable = |e: &dyn std::fmt::Display| Tamper::Unreadable(e.to_string());
-    let db = sled::Config::new()
-        .path(data_dir)
-        .open()
-        .map_err(|e| unreadable(&e))?;
+    // Through `open_storage`: the process that last held the directory may
+    // still be releasing sled's lock (its flusher thread outlives the Db).
+    let db = open_storage(sled::Config::new().path(data_dir)).map_err(|e| unreadable(&e))?;
     let tree = db.open_tree("audit").map_err(|e| unreadable(&e))?;
     let Some(head) = read_head(&tree).map_err(|e| unreadable(&e))? else {
         return Ok(VerifiedLog {
