@@ -2,28 +2,44 @@
 //! the manner of Certificate Transparency (RFC 9162), durable before the
 //! caller is answered.
 //!
-//! Appends go through one writer task that batches whatever is waiting
+//! Appends go through one writer thread that batches whatever is waiting
 //! (group commit). For a batch it assigns log indexes, hashes the records
 //! into the tree ([`onceonly_merkle::Frontier`]), signs the new tree head
-//! with the broker's audit key, and writes records, tree nodes, index
-//! entries and the signed head as ONE atomic sled batch, flushed with one
-//! fsync; only then is every request in the batch answered. A crash leaves
-//! either the whole batch or none of it: the log always reopens at its last
-//! signed head. A batch that fails fails every request in it, and those
-//! callers get no evidence.
+//! with the broker's audit key, and appends records, the tree nodes they
+//! complete and the signed head as ONE frame to the log file
+//! ([`segment`]), made durable with one `fdatasync`; only then is every
+//! request in the batch answered. A crash leaves either the whole frame or
+//! a torn tail that reopening cuts off (no one was answered for it), so
+//! the log always reopens at its last signed head. A batch that fails
+//! fails every request in it, and those callers get no evidence; after a
+//! failed flush the log refuses all appends until restarted (the kernel
+//! may have dropped the unflushed pages, so nothing later could be
+//! trusted to be on disk).
+//!
+//! Sled holds only what can be rebuilt from the file: where each batch's
+//! frame starts, and the query indexes (one entry per batch and indexed
+//! value, listing the records). They are written after the flush without
+//! one of their own; on opening, frames the index has not seen are indexed
+//! again.
 //!
 //! Records hold the payload digest, never the payload, and the subject only
 //! as a keyed pseudonym. [`verify_dir`] checks a copied data directory end
-//! to end with nothing but the public key.
-//!
-//! Storage layout, one sled tree `audit` (see [`keys`]).
+//! to end with nothing but the public key and the file.
 
+pub mod segment;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use onceonly_merkle::sth::SignedTreeHead;
-use onceonly_merkle::{Frontier, Hash, ProofError, Subtrees, leaf_hash};
+use onceonly_merkle::{
+    Frontier, Hash, ProofError, Subtrees, last_leaf, leaf_hash, subtree_position,
+    subtrees_completed,
+};
 use onceonly_proto::v1::{self as pb, AuditRecord, ExchangeOutcome};
 use prost::Message;
 use ring::signature::{Ed25519KeyPair, KeyPair};
@@ -32,37 +48,23 @@ use tokio::sync::{mpsc, oneshot};
 /// The most records one batch takes.
 const MAX_BATCH: usize = 4096;
 
-/// The key layout of the `audit` tree.
+/// The sled tree of the log's (rebuildable) indexes.
+const INDEX_TREE: &str = "audit-index";
+
+/// The key layout of the `audit-index` tree.
 pub mod keys {
-    /// `r` + index (u64 BE) -> the record's canonical protobuf bytes (the leaf data).
-    pub const RECORD: u8 = b'r';
-    /// `n` + level (u8) + index (u64 BE) -> perfect subtree hash (level 0: leaf hash).
-    pub const NODE: u8 = b'n';
-    /// `h` -> the latest signed tree head (protobuf `SignedTreeHead`).
-    pub const HEAD: &[u8] = b"h";
-    /// `s` + tree size (u64 BE) -> the signed tree head at that size (history).
-    pub const HISTORY: u8 = b's';
-    /// `x` + field (u8) + value length (u16 BE) + value + index (u64 BE) -> empty.
+    /// `b` + first log index (u64 BE) -> the batch's frame: offset in the
+    /// file (u64 BE) and record count (u32 BE).
+    pub const BATCH: u8 = b'b';
+    /// `x` + field (u8) + value length (u16 BE) + value + first log index
+    /// of the batch (u64 BE) -> the batch's records with that value (u64
+    /// BE each, ascending).
     pub const INDEX: u8 = b'x';
 
-    /// The key of record `index`.
-    pub fn record(index: u64) -> Vec<u8> {
-        let mut key = vec![RECORD];
-        key.extend_from_slice(&index.to_be_bytes());
-        key
-    }
-
-    /// The key of a perfect subtree.
-    pub fn node(level: u32, index: u64) -> Vec<u8> {
-        let mut key = vec![NODE, level as u8];
-        key.extend_from_slice(&index.to_be_bytes());
-        key
-    }
-
-    /// The key of a historical head.
-    pub fn history(size: u64) -> Vec<u8> {
-        let mut key = vec![HISTORY];
-        key.extend_from_slice(&size.to_be_bytes());
+    /// The key of the batch starting at `first_index`.
+    pub fn batch(first_index: u64) -> [u8; 9] {
+        let mut key = [BATCH; 9];
+        key[1..].copy_from_slice(&first_index.to_be_bytes());
         key
     }
 
@@ -86,22 +88,58 @@ enum Field {
     Outcome = 5,
 }
 
-fn index_entries(record: &AuditRecord) -> Vec<(Field, Vec<u8>)> {
-    let mut entries = vec![
-        (Field::Caller, record.caller_id.as_bytes().to_vec()),
-        (
-            Field::EvidenceType,
-            record.evidence_type.as_bytes().to_vec(),
-        ),
-        (Field::Outcome, record.outcome.to_be_bytes().to_vec()),
-    ];
-    if !record.subject_pseudonym.is_empty() {
-        entries.push((Field::Subject, record.subject_pseudonym.clone()));
+/// The index prefixes a record is listed under.
+fn index_prefixes(record: &AuditRecord) -> impl Iterator<Item = Vec<u8>> + '_ {
+    [
+        Some(keys::index_prefix(
+            Field::Caller as u8,
+            record.caller_id.as_bytes(),
+        )),
+        Some(keys::index_prefix(
+            Field::EvidenceType as u8,
+            record.evidence_type.as_bytes(),
+        )),
+        Some(keys::index_prefix(
+            Field::Outcome as u8,
+            &record.outcome.to_be_bytes(),
+        )),
+        (!record.subject_pseudonym.is_empty())
+            .then(|| keys::index_prefix(Field::Subject as u8, &record.subject_pseudonym)),
+        (!record.connector_id.is_empty())
+            .then(|| keys::index_prefix(Field::Connector as u8, record.connector_id.as_bytes())),
+    ]
+    .into_iter()
+    .flatten()
+}
+
+/// The index entries of one batch: its frame's place, and per indexed
+/// value one entry listing the batch's records with it.
+fn index_batch<'a>(
+    first_index: u64,
+    offset: u64,
+    records: impl Iterator<Item = &'a AuditRecord>,
+) -> sled::Batch {
+    let mut lists: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut count = 0u32;
+    for (n, record) in records.enumerate() {
+        let index = first_index + n as u64;
+        for prefix in index_prefixes(record) {
+            lists
+                .entry(prefix)
+                .or_default()
+                .extend_from_slice(&index.to_be_bytes());
+        }
+        count += 1;
     }
-    if !record.connector_id.is_empty() {
-        entries.push((Field::Connector, record.connector_id.as_bytes().to_vec()));
+    let mut batch = sled::Batch::default();
+    for (mut key, list) in lists {
+        key.extend_from_slice(&first_index.to_be_bytes());
+        batch.insert(key, list);
     }
-    entries
+    let mut place = offset.to_be_bytes().to_vec();
+    place.extend_from_slice(&count.to_be_bytes());
+    batch.insert(&keys::batch(first_index)[..], place);
+    batch
 }
 
 /// Why the log failed.
@@ -124,6 +162,12 @@ pub enum AuditError {
 impl From<sled::Error> for AuditError {
     fn from(e: sled::Error) -> Self {
         AuditError::Storage(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for AuditError {
+    fn from(e: std::io::Error) -> Self {
+        AuditError::Storage(format!("{}: {e}", segment::FILE_NAME))
     }
 }
 
@@ -193,21 +237,102 @@ impl AuditFilter {
     }
 }
 
-/// Perfect subtrees stored in the `audit` tree.
-struct StoredSubtrees<'a>(&'a sled::Tree);
+/// What readers and the writer share: the file, the index, the head.
+struct Store {
+    file: File,
+    index: sled::Tree,
+    head: RwLock<Option<SignedTreeHead>>,
+}
 
-impl Subtrees for StoredSubtrees<'_> {
+/// Where a batch's frame is.
+#[derive(Debug, Clone, Copy)]
+struct BatchPlace {
+    first_index: u64,
+    offset: u64,
+    count: u64,
+}
+
+impl BatchPlace {
+    fn decode(key: &[u8], value: &[u8]) -> Result<Self, AuditError> {
+        let corrupt = || AuditError::Corrupt("a batch index entry is malformed".into());
+        let first_index = u64::from_be_bytes(key[1..].try_into().map_err(|_| corrupt())?);
+        if value.len() != 12 {
+            return Err(corrupt());
+        }
+        Ok(BatchPlace {
+            first_index,
+            offset: u64::from_be_bytes(value[..8].try_into().map_err(|_| corrupt())?),
+            count: u64::from(u32::from_be_bytes(
+                value[8..].try_into().map_err(|_| corrupt())?,
+            )),
+        })
+    }
+}
+
+impl Store {
+    /// The batch holding log index `index`, where indexed.
+    fn batch_of(&self, index: u64) -> Result<Option<BatchPlace>, AuditError> {
+        let Some(entry) = self
+            .index
+            .range(keys::batch(0)..=keys::batch(index))
+            .next_back()
+        else {
+            return Ok(None);
+        };
+        let (key, value) = entry?;
+        let place = BatchPlace::decode(&key, &value)?;
+        Ok((index < place.first_index + place.count).then_some(place))
+    }
+
+    /// The batches from the one holding `start` on.
+    fn batches_from(
+        &self,
+        start: u64,
+    ) -> impl Iterator<Item = Result<BatchPlace, AuditError>> + '_ {
+        let first = self.batch_of(start).transpose();
+        let rest = self
+            .index
+            .range(keys::batch(start.saturating_add(1))..=keys::batch(u64::MAX))
+            .map(|entry| {
+                let (key, value) = entry?;
+                BatchPlace::decode(&key, &value)
+            });
+        first.into_iter().chain(rest)
+    }
+
+    /// The exact bytes of record `index`.
+    fn record_bytes(&self, index: u64) -> Result<Option<Vec<u8>>, AuditError> {
+        let Some(place) = self.batch_of(index)? else {
+            return Ok(None);
+        };
+        Ok(Some(segment::read_record(
+            &self.file,
+            place.offset,
+            index - place.first_index,
+        )?))
+    }
+
+    fn signed_size(&self) -> u64 {
+        self.head
+            .read()
+            .map(|head| head.as_ref().map_or(0, |h| h.tree_size))
+            .unwrap_or(0)
+    }
+}
+
+/// Perfect subtrees, from the frames that completed them.
+impl Subtrees for Store {
     type Error = AuditError;
 
     fn perfect(&self, level: u32, index: u64) -> Result<Hash, AuditError> {
-        let bytes = self
-            .0
-            .get(keys::node(level, index))?
-            .ok_or_else(|| AuditError::Corrupt(format!("tree node {level}/{index} missing")))?;
-        bytes
-            .as_ref()
-            .try_into()
-            .map_err(|_| AuditError::Corrupt(format!("tree node {level}/{index} is not 32 bytes")))
+        let missing = || AuditError::Corrupt(format!("tree node {level}/{index} missing"));
+        let place = self
+            .batch_of(last_leaf(level, index))?
+            .ok_or_else(missing)?;
+        let j = subtree_position(level, index)
+            .checked_sub(subtrees_completed(place.first_index))
+            .ok_or_else(missing)?;
+        Ok(segment::read_node(&self.file, place.offset, j)?)
     }
 }
 
@@ -306,48 +431,70 @@ pub fn head_from_proto(head: &pb::SignedTreeHead) -> Result<SignedTreeHead, Audi
 /// The audit log.
 #[derive(Clone)]
 pub struct AuditLog {
-    tree: sled::Tree,
+    store: Arc<Store>,
     appends: mpsc::Sender<Append>,
     /// Fault injection for fail-closed drills: while set, appends fail.
     fault: Arc<AtomicBool>,
 }
 
 impl AuditLog {
-    /// Opens the log in `db` and starts its writer, which signs tree heads
-    /// with `key`. `durable`: flush every batch to disk before answering.
-    /// The writer ends (after its last flush) once every handle to the log
-    /// is dropped; the returned task completes then.
+    /// Opens the log kept in `data_dir` (its file) and `db` (its indexes),
+    /// cutting off a torn tail and indexing frames the index has not seen,
+    /// and starts its writer, which signs tree heads with `key`.
+    /// `durable`: flush every batch to disk before answering. The writer
+    /// ends once every handle to the log is dropped; the returned task
+    /// completes then.
     pub fn open(
+        data_dir: &Path,
         db: &sled::Db,
         durable: bool,
         key: Ed25519KeyPair,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), AuditError> {
-        let tree = db.open_tree("audit")?;
-        let size = match read_head(&tree)? {
-            Some(head) => head.tree_size,
-            None => 0,
+        let path = data_dir.join(segment::FILE_NAME);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| AuditError::Storage(format!("{}: {e}", path.display())))?;
+        let store = Store {
+            file,
+            index: db.open_tree(INDEX_TREE)?,
+            head: RwLock::new(None),
         };
-        let records = count_records(&tree)?;
-        if records != size {
+        let (end, head) = recover(&store, &path)?;
+        let size = head.as_ref().map_or(0, |h| h.tree_size);
+        let frontier = Frontier::from_store(&store, size)?;
+        if let Some(head) = &head
+            && frontier.root() != head.root_hash
+        {
             return Err(AuditError::Corrupt(format!(
-                "{records} records but the last signed head covers {size}; check it with `onceonly-audit verify-dir`"
+                "{}: the records do not hash to the last signed head; check it with `onceonly-audit verify-dir`",
+                path.display()
             )));
         }
-        let frontier = Frontier::from_store(&StoredSubtrees(&tree), size)?;
+        *store.head.write().map_err(|_| poisoned())? = head;
+        let store = Arc::new(store);
         let (appends, queue) = mpsc::channel(MAX_BATCH * 4);
         let fault = Arc::new(AtomicBool::new(false));
         let writer = Writer {
-            db: db.clone(),
-            tree: tree.clone(),
+            store: store.clone(),
+            end,
             frontier,
             key,
             durable,
             fault: fault.clone(),
+            broken: None,
+            area: Vec::new(),
+            ends: Vec::new(),
+            nodes: Vec::new(),
+            frame: Vec::new(),
         };
-        let task = tokio::spawn(writer.run(queue));
+        let task = tokio::task::spawn_blocking(move || writer.run(queue));
         Ok((
             AuditLog {
-                tree,
+                store,
                 appends,
                 fault,
             },
@@ -368,15 +515,12 @@ impl AuditLog {
 
     /// The latest signed tree head (None for an empty log).
     pub fn signed_tree_head(&self) -> Result<Option<SignedTreeHead>, AuditError> {
-        read_head(&self.tree)
+        Ok(self.store.head.read().map_err(|_| poisoned())?.clone())
     }
 
     /// The number of records (the latest head's size).
     pub fn len(&self) -> u64 {
-        self.signed_tree_head()
-            .ok()
-            .flatten()
-            .map_or(0, |h| h.tree_size)
+        self.store.signed_size()
     }
 
     /// Whether the log is empty.
@@ -386,12 +530,15 @@ impl AuditLog {
 
     /// The record at `index` and its exact leaf bytes.
     pub fn entry(&self, index: u64) -> Result<Option<(AuditRecord, Vec<u8>)>, AuditError> {
-        let Some(bytes) = self.tree.get(keys::record(index))? else {
+        if index >= self.len() {
+            return Ok(None);
+        }
+        let Some(bytes) = self.store.record_bytes(index)? else {
             return Ok(None);
         };
-        let record = AuditRecord::decode(bytes.as_ref())
+        let record = AuditRecord::decode(bytes.as_slice())
             .map_err(|e| AuditError::Corrupt(format!("record {index}: {e}")))?;
-        Ok(Some((record, bytes.to_vec())))
+        Ok(Some((record, bytes)))
     }
 
     /// The record at `index`.
@@ -401,21 +548,20 @@ impl AuditLog {
 
     /// The leaf hash of record `index`.
     pub fn leaf_hash(&self, index: u64) -> Result<Hash, AuditError> {
-        StoredSubtrees(&self.tree).perfect(0, index)
+        self.check_size(index.saturating_add(1))?;
+        self.store.perfect(0, index)
     }
 
     /// The inclusion proof of leaf `index` in the tree of `size` leaves.
     pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, AuditError> {
         self.check_size(size)?;
-        onceonly_merkle::inclusion_proof(&StoredSubtrees(&self.tree), index, size)
-            .map_err(proof_error)
+        onceonly_merkle::inclusion_proof(&*self.store, index, size).map_err(proof_error)
     }
 
     /// The consistency proof between two tree sizes.
     pub fn consistency_proof(&self, first: u64, second: u64) -> Result<Vec<Hash>, AuditError> {
         self.check_size(second)?;
-        onceonly_merkle::consistency_proof(&StoredSubtrees(&self.tree), first, second)
-            .map_err(proof_error)
+        onceonly_merkle::consistency_proof(&*self.store, first, second).map_err(proof_error)
     }
 
     fn check_size(&self, size: u64) -> Result<(), AuditError> {
@@ -430,48 +576,74 @@ impl AuditLog {
 
     /// Up to `limit` records matching `filter`, from index `start` on, and
     /// the index to continue from (None at the end). Uses the most
-    /// selective index of the filter; scans only without one.
+    /// selective index of the filter; scans the file only without one.
     pub fn query(
         &self,
         filter: &AuditFilter,
         start: u64,
         limit: usize,
     ) -> Result<(Vec<AuditRecord>, Option<u64>), AuditError> {
+        let size = self.len();
         let mut found = Vec::new();
-        let consider =
-            |index: u64, found: &mut Vec<AuditRecord>| -> Result<Option<u64>, AuditError> {
-                if found.len() == limit {
-                    return Ok(Some(index));
-                }
-                if let Some(record) = self.get(index)?
-                    && filter.matches(&record)
-                {
-                    found.push(record);
-                }
-                Ok(None)
-            };
         match filter.index() {
             Some(prefix) => {
                 let mut from = prefix.clone();
                 from.extend_from_slice(&start.to_be_bytes());
-                for entry in self.tree.range(from..) {
-                    let (key, _) = entry?;
+                // The batch entry before `start` may list records after it.
+                let before = self
+                    .store
+                    .index
+                    .range(prefix.clone()..from.clone())
+                    .next_back();
+                for entry in before.into_iter().chain(self.store.index.range(from..)) {
+                    let (key, list) = entry?;
                     if !key.starts_with(&prefix) || key.len() != prefix.len() + 8 {
                         break;
                     }
-                    let index =
-                        u64::from_be_bytes(key[prefix.len()..].try_into().unwrap_or_default());
-                    if let Some(next) = consider(index, &mut found)? {
-                        return Ok((found, Some(next)));
+                    for bytes in list.chunks_exact(8) {
+                        let index = u64::from_be_bytes(bytes.try_into().unwrap_or_default());
+                        if index < start || index >= size {
+                            continue;
+                        }
+                        if found.len() == limit {
+                            return Ok((found, Some(index)));
+                        }
+                        if let Some(record) = self.get(index)?
+                            && filter.matches(&record)
+                        {
+                            found.push(record);
+                        }
                     }
                 }
             }
             None => {
-                for entry in self.tree.range(keys::record(start)..keys::record(u64::MAX)) {
-                    let (key, _) = entry?;
-                    let index = u64::from_be_bytes(key[1..].try_into().unwrap_or_default());
-                    if let Some(next) = consider(index, &mut found)? {
-                        return Ok((found, Some(next)));
+                let file_len = self.store.file.metadata()?.len();
+                for place in self.store.batches_from(start) {
+                    let place = place?;
+                    let segment::Read::Frame { frame, .. } =
+                        segment::read_at(&self.store.file, place.offset, file_len)?
+                    else {
+                        return Err(AuditError::Corrupt(format!(
+                            "no frame at byte {} for records from {}",
+                            place.offset, place.first_index
+                        )));
+                    };
+                    for (n, bytes) in frame.records.iter().enumerate() {
+                        let index = place.first_index + n as u64;
+                        if index < start {
+                            continue;
+                        }
+                        if index >= size {
+                            return Ok((found, None));
+                        }
+                        if found.len() == limit {
+                            return Ok((found, Some(index)));
+                        }
+                        let record = AuditRecord::decode(bytes.as_slice())
+                            .map_err(|e| AuditError::Corrupt(format!("record {index}: {e}")))?;
+                        if filter.matches(&record) {
+                            found.push(record);
+                        }
                     }
                 }
             }
@@ -486,6 +658,10 @@ impl AuditLog {
     }
 }
 
+fn poisoned() -> AuditError {
+    AuditError::Storage("a thread panicked while holding the signed head".into())
+}
+
 fn proof_error(e: ProofError<AuditError>) -> AuditError {
     match e {
         ProofError::OutOfRange(reason) => AuditError::OutOfRange(reason),
@@ -493,47 +669,152 @@ fn proof_error(e: ProofError<AuditError>) -> AuditError {
     }
 }
 
-fn read_head(tree: &sled::Tree) -> Result<Option<SignedTreeHead>, AuditError> {
-    tree.get(keys::HEAD)?
-        .map(|bytes| {
-            pb::SignedTreeHead::decode(bytes.as_ref())
-                .map_err(|e| AuditError::Corrupt(format!("signed tree head: {e}")))
-                .and_then(|h| head_from_proto(&h))
-        })
-        .transpose()
+fn decode_head(bytes: &[u8]) -> Result<SignedTreeHead, AuditError> {
+    pb::SignedTreeHead::decode(bytes)
+        .map_err(|e| AuditError::Corrupt(format!("signed tree head: {e}")))
+        .and_then(|h| head_from_proto(&h))
 }
 
-fn count_records(tree: &sled::Tree) -> Result<u64, AuditError> {
-    Ok(
-        match tree
-            .range(keys::record(0)..keys::record(u64::MAX))
-            .next_back()
-        {
-            Some(entry) => {
-                let (key, _) = entry?;
-                u64::from_be_bytes(key[1..].try_into().unwrap_or_default()) + 1
+/// Brings the index up to the file and finds where the next frame goes
+/// and the last signed head. Cuts off a torn last frame (written while
+/// the process died; nobody was answered for it); refuses a file damaged
+/// anywhere else.
+fn recover(store: &Store, path: &Path) -> Result<(u64, Option<SignedTreeHead>), AuditError> {
+    let corrupt = |offset: u64, what: &str| {
+        AuditError::Corrupt(format!(
+            "{}: byte {offset}: {what}; check it with `onceonly-audit verify-dir`",
+            path.display()
+        ))
+    };
+    let file_len = store.file.metadata()?.len();
+    let (mut offset, mut next_index, mut head) = (0u64, 0u64, None);
+    // Resume after the last indexed frame, where the file still holds it.
+    if let Some(entry) = store
+        .index
+        .range(keys::batch(0)..=keys::batch(u64::MAX))
+        .next_back()
+    {
+        let (key, value) = entry?;
+        let place = BatchPlace::decode(&key, &value)?;
+        match segment::read_at(&store.file, place.offset, file_len)? {
+            segment::Read::Frame {
+                frame,
+                len,
+                checksum_ok: true,
+            } if frame.first_index == place.first_index
+                && frame.records.len() as u64 == place.count =>
+            {
+                offset = place.offset + len;
+                next_index = place.first_index + place.count;
+                head = Some(frame.head);
             }
-            None => 0,
-        },
-    )
+            _ => {
+                // The index is ahead of the file (a log not flushed and a
+                // power cut) or belongs to another file: rebuild it.
+                tracing::warn!(path = %path.display(), "the audit index does not match the log file; rebuilding it");
+                store.index.clear()?;
+            }
+        }
+    }
+    loop {
+        let (frame, len) = match segment::read_at(&store.file, offset, file_len)? {
+            segment::Read::End => break,
+            segment::Read::Frame {
+                frame,
+                len,
+                checksum_ok: true,
+            } => (frame, len),
+            segment::Read::Frame { len, .. } if offset + len < file_len => {
+                return Err(corrupt(offset, "a frame fails its checksum"));
+            }
+            segment::Read::Malformed { reason } => return Err(corrupt(offset, &reason)),
+            segment::Read::Torn { reason } => {
+                cut_torn_tail(store, path, offset, &reason)?;
+                break;
+            }
+            segment::Read::Frame { .. } => {
+                cut_torn_tail(store, path, offset, "the last frame fails its checksum")?;
+                break;
+            }
+        };
+        if frame.first_index != next_index {
+            return Err(corrupt(
+                offset,
+                &format!(
+                    "a frame of records from {} where record {next_index} was due",
+                    frame.first_index
+                ),
+            ));
+        }
+        let records = frame
+            .records
+            .iter()
+            .enumerate()
+            .map(|(n, bytes)| {
+                AuditRecord::decode(bytes.as_slice())
+                    .map_err(|e| corrupt(offset, &format!("record {}: {e}", next_index + n as u64)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        store
+            .index
+            .apply_batch(index_batch(next_index, offset, records.iter()))?;
+        next_index += records.len() as u64;
+        offset += len;
+        head = Some(frame.head);
+    }
+    let head = head.map(|bytes| decode_head(&bytes)).transpose()?;
+    if head.as_ref().map_or(0, |h| h.tree_size) != next_index {
+        return Err(corrupt(
+            offset,
+            &format!("{next_index} records but the last signed head says otherwise"),
+        ));
+    }
+    Ok((offset, head))
 }
 
-/// The writer task's state.
+fn cut_torn_tail(store: &Store, path: &Path, offset: u64, reason: &str) -> Result<(), AuditError> {
+    tracing::warn!(
+        path = %path.display(),
+        offset,
+        reason,
+        "cutting off a torn audit frame: the process died while appending it, before anyone was answered"
+    );
+    store.file.set_len(offset)?;
+    store.file.sync_all()?;
+    Ok(())
+}
+
+/// The writer thread's state.
 struct Writer {
-    db: sled::Db,
-    tree: sled::Tree,
+    store: Arc<Store>,
+    /// Where the next frame goes.
+    end: u64,
     frontier: Frontier,
     key: Ed25519KeyPair,
     durable: bool,
     fault: Arc<AtomicBool>,
+    /// Set after a failed flush: no later append can be trusted to land.
+    broken: Option<String>,
+    // Buffers reused from batch to batch.
+    area: Vec<u8>,
+    ends: Vec<usize>,
+    nodes: Vec<Hash>,
+    frame: Vec<u8>,
 }
 
 impl Writer {
-    async fn run(mut self, mut queue: mpsc::Receiver<Append>) {
+    fn run(mut self, mut queue: mpsc::Receiver<Append>) {
         let mut batch: Vec<Append> = Vec::with_capacity(MAX_BATCH);
-        while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        while let Some(append) = queue.blocking_recv() {
+            batch.push(append);
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(append) => batch.push(append),
+                    Err(_) => break,
+                }
+            }
             let first = self.frontier.size();
-            match self.commit(&mut batch).await {
+            match self.commit(&mut batch) {
                 Ok(()) => {
                     for (offset, append) in batch.drain(..).enumerate() {
                         let _ = append.done.send(Ok(first + offset as u64));
@@ -549,44 +830,79 @@ impl Writer {
         }
     }
 
-    /// Writes one batch atomically and (if durable) flushes it. On error
-    /// the in-memory tree is left as it was, so the next batch reuses the
-    /// indexes.
-    async fn commit(&mut self, batch: &mut [Append]) -> Result<(), AuditError> {
+    /// Appends one batch as one frame and (if durable) flushes it, then
+    /// indexes it. On error the file is cut back to where it was and the
+    /// in-memory tree left as it was.
+    fn commit(&mut self, batch: &mut [Append]) -> Result<(), AuditError> {
         if self.fault.load(Ordering::SeqCst) {
             return Err(AuditError::Storage("injected failure".into()));
         }
+        if let Some(reason) = &self.broken {
+            return Err(AuditError::Storage(format!(
+                "appends refused since an earlier failure ({reason}); restart the broker"
+            )));
+        }
+        let first_index = self.frontier.size();
         let mut frontier = self.frontier.clone();
-        let mut write = sled::Batch::default();
+        self.area.clear();
+        self.ends.clear();
+        self.nodes.clear();
         for append in batch.iter_mut() {
-            let index = frontier.size();
-            append.record.log_index = index;
-            let leaf = append.record.encode_to_vec();
-            for (level, node_index, hash) in frontier.push(leaf_hash(&leaf)) {
-                write.insert(keys::node(level, node_index), hash.to_vec());
-            }
-            for (field, value) in index_entries(&append.record) {
-                let mut key = keys::index_prefix(field as u8, &value);
-                key.extend_from_slice(&index.to_be_bytes());
-                write.insert(key, Vec::<u8>::new());
-            }
-            write.insert(keys::record(index), leaf);
+            append.record.log_index = frontier.size();
+            let start = self.area.len();
+            append
+                .record
+                .encode(&mut self.area)
+                .map_err(|e| AuditError::Storage(format!("encoding a record: {e}")))?;
+            self.ends.push(self.area.len());
+            let completed = frontier.push(leaf_hash(&self.area[start..]));
+            self.nodes
+                .extend(completed.into_iter().map(|(_, _, hash)| hash));
         }
         let now_ms = u64::try_from(crate::exchange::now_ms()).unwrap_or(0);
         let head = SignedTreeHead::sign(&self.key, frontier.size(), frontier.root(), now_ms);
-        let encoded = head_to_proto(&head).encode_to_vec();
-        write.insert(keys::history(head.tree_size), encoded.clone());
-        write.insert(keys::HEAD, encoded);
-        self.tree.apply_batch(write)?;
-        if self.durable {
-            let db = self.db.clone();
-            tokio::task::spawn_blocking(move || db.flush())
-                .await
-                .map_err(|e| AuditError::Storage(format!("flush task: {e}")))?
-                .map_err(|e| AuditError::Storage(format!("flush: {e}")))?;
+        let head_bytes = head_to_proto(&head).encode_to_vec();
+        segment::encode(
+            &mut self.frame,
+            first_index,
+            &self.ends,
+            &self.area,
+            &self.nodes,
+            &head_bytes,
+        );
+        if let Err(e) = self.store.file.write_all_at(&self.frame, self.end) {
+            self.cut_back();
+            return Err(e.into());
         }
+        if self.durable
+            && let Err(e) = self.store.file.sync_data()
+        {
+            return Err(self.break_down(format!("flushing {}: {e}", segment::FILE_NAME)));
+        }
+        let index = index_batch(first_index, self.end, batch.iter().map(|a| &a.record));
+        if let Err(e) = self.store.index.apply_batch(index) {
+            return Err(self.break_down(format!("indexing: {e}")));
+        }
+        self.end += self.frame.len() as u64;
         self.frontier = frontier;
+        *self.store.head.write().map_err(|_| poisoned())? = Some(head);
         Ok(())
+    }
+
+    /// Cuts the file back to its last whole frame.
+    fn cut_back(&self) {
+        if let Err(e) = self.store.file.set_len(self.end) {
+            tracing::error!(error = %e, "cannot cut the audit log back after a failed append");
+        }
+    }
+
+    /// After a failed flush or index update: cut back, and refuse every
+    /// later append until restarted.
+    fn break_down(&mut self, reason: String) -> AuditError {
+        self.cut_back();
+        tracing::error!(%reason, "the audit log refuses further appends until the broker restarts");
+        self.broken = Some(reason.clone());
+        AuditError::Storage(reason)
     }
 }
 
@@ -641,6 +957,30 @@ pub enum Tamper {
         /// End of the range.
         to: u64,
     },
+    /// Tree nodes stored with a batch do not match its records: proofs
+    /// served from them would be wrong.
+    #[error("the tree nodes stored with records {from}..{to} do not match the records")]
+    TreeNodes {
+        /// First record of the batch.
+        from: u64,
+        /// End of the batch.
+        to: u64,
+    },
+    /// A frame's bytes fail their checksum though its records and head
+    /// verify: the file was damaged or edited.
+    #[error("the frame at byte {offset} fails its checksum: the file was damaged or edited")]
+    Damaged {
+        /// Where the frame starts.
+        offset: u64,
+    },
+    /// The log does not extend a head saved earlier: history was rewritten.
+    #[error(
+        "the log does not extend the head saved at {size} records: its first {size} records hash to another root"
+    )]
+    NotExtending {
+        /// The saved head's size.
+        size: u64,
+    },
 }
 
 /// What a clean [`verify_dir`] saw.
@@ -653,102 +993,180 @@ pub struct VerifiedLog {
 }
 
 /// Checks a (copied) data directory end to end with the audit public key
-/// (raw 32 bytes): the head's signature, every record's place and content,
-/// and that the records hash to the signed root. Names the first record
-/// that was altered, removed or reordered.
+/// (raw 32 bytes) and nothing else: every batch's signed head, every
+/// record's place and content, the stored tree nodes, and that the records
+/// hash to each signed root. Names the first record that was altered,
+/// removed or reordered. A torn last frame (a crash during an append) is
+/// not counted: nobody was answered for it.
 pub fn verify_dir(data_dir: &Path, public_key: &[u8]) -> Result<VerifiedLog, Tamper> {
-    let unreadable = |e: &dyn std::fmt::Display| Tamper::Unreadable(e.to_string());
-    // Through `open_storage`: the process that last held the directory may
-    // still be releasing sled's lock (its flusher thread outlives the Db).
-    let db = open_storage(sled::Config::new().path(data_dir)).map_err(|e| unreadable(&e))?;
-    let tree = db.open_tree("audit").map_err(|e| unreadable(&e))?;
-    let Some(head) = read_head(&tree).map_err(|e| unreadable(&e))? else {
-        return Ok(VerifiedLog {
-            records: 0,
-            head: None,
-        });
-    };
-    head.verify(public_key)
-        .map_err(|e| Tamper::ForgedHead(e.to_string()))?;
+    verify_dir_against(data_dir, public_key, None)
+}
 
-    // Signed heads of earlier sizes whose signatures verify, for localizing.
-    let mut history: Vec<SignedTreeHead> = Vec::new();
-    for entry in tree.scan_prefix([keys::HISTORY]) {
-        let (_, bytes) = entry.map_err(|e| unreadable(&e))?;
-        if let Ok(h) = pb::SignedTreeHead::decode(bytes.as_ref())
-            .map_err(|e| AuditError::Corrupt(e.to_string()))
-            .and_then(|h| head_from_proto(&h))
-            && h.verify(public_key).is_ok()
-            && h.tree_size <= head.tree_size
-        {
-            history.push(h);
-        }
+/// [`verify_dir`], and that the log still holds the records of `saved`, a
+/// head the auditor kept from an earlier check: a log cut back by whole
+/// batches, or rewritten and re-signed, is only found this way.
+pub fn verify_dir_against(
+    data_dir: &Path,
+    public_key: &[u8],
+    saved: Option<&SignedTreeHead>,
+) -> Result<VerifiedLog, Tamper> {
+    let path = data_dir.join(segment::FILE_NAME);
+    let unreadable =
+        |e: &dyn std::fmt::Display| Tamper::Unreadable(format!("{}: {e}", path.display()));
+    if let Some(saved) = saved {
+        saved
+            .verify(public_key)
+            .map_err(|e| Tamper::Unreadable(format!("the saved head does not verify: {e}")))?;
     }
-    history.sort_by_key(|h| h.tree_size);
-    let mut history = history.into_iter().peekable();
-    let mut last_good = 0u64;
-
-    let mut frontier = Frontier::new();
-    let stored = StoredSubtrees(&tree);
-    for entry in tree.range(keys::record(0)..keys::record(u64::MAX)) {
-        let (key, bytes) = entry.map_err(|e| unreadable(&e))?;
-        let position = u64::from_be_bytes(
-            key[1..]
-                .try_into()
-                .map_err(|_| unreadable(&"bad record key"))?,
-        );
-        let expected = frontier.size();
-        if position != expected {
-            return Err(Tamper::Removed {
-                index: expected,
-                next: position,
-            });
-        }
-        let record =
-            AuditRecord::decode(bytes.as_ref()).map_err(|_| Tamper::Altered { index: position })?;
-        if record.log_index != position {
-            return Err(Tamper::Reordered {
-                position,
-                claims: record.log_index,
-            });
-        }
-        let leaf = leaf_hash(&bytes);
-        if stored.perfect(0, position).ok() != Some(leaf) {
-            return Err(Tamper::Altered { index: position });
-        }
-        frontier.push(leaf);
-        while let Some(h) = history.peek() {
-            if h.tree_size > frontier.size() {
-                break;
+    let file = File::open(&path).map_err(|e| unreadable(&e))?;
+    let file_len = file.metadata().map_err(|e| unreadable(&e))?.len();
+    let frames = |visit: &mut dyn FnMut(u64, segment::Frame, bool) -> Result<(), Tamper>| {
+        let mut offset = 0;
+        loop {
+            match segment::read_at(&file, offset, file_len).map_err(|e| unreadable(&e))? {
+                segment::Read::End | segment::Read::Torn { .. } => return Ok(()),
+                segment::Read::Malformed { reason } => {
+                    return Err(unreadable(&format!("byte {offset}: {reason}")));
+                }
+                // A last frame failing its checksum is torn, as on reopening.
+                segment::Read::Frame {
+                    checksum_ok: false,
+                    len,
+                    ..
+                } if offset + len == file_len => return Ok(()),
+                segment::Read::Frame {
+                    frame,
+                    len,
+                    checksum_ok,
+                } => {
+                    visit(offset, frame, checksum_ok)?;
+                    offset += len;
+                }
             }
-            if h.tree_size == frontier.size() {
-                if h.root_hash != frontier.root() {
-                    return Err(Tamper::RootMismatch {
-                        from: last_good,
-                        to: h.tree_size,
+        }
+    };
+
+    // First pass: which positions some record elsewhere claims, to tell a
+    // removed record from a moved one. (Three reads of the file keep the
+    // memory flat however long the log; verification is not a hot path.)
+    let mut claimed_elsewhere = std::collections::HashSet::new();
+    let mut position = 0u64;
+    let mut frame_count = 0usize;
+    frames(&mut |_, frame, _| {
+        frame_count += 1;
+        for bytes in &frame.records {
+            if let Ok(record) = AuditRecord::decode(bytes.as_slice())
+                && record.log_index != position
+            {
+                claimed_elsewhere.insert(record.log_index);
+            }
+            position += 1;
+        }
+        Ok(())
+    })?;
+
+    // Second pass: every record where it says it belongs.
+    let mut position = 0u64;
+    frames(&mut |_, frame, _| {
+        for bytes in &frame.records {
+            let record = AuditRecord::decode(bytes.as_slice())
+                .map_err(|_| Tamper::Altered { index: position })?;
+            if record.log_index != position {
+                return Err(
+                    if record.log_index > position && !claimed_elsewhere.contains(&position) {
+                        Tamper::Removed {
+                            index: position,
+                            next: record.log_index,
+                        }
+                    } else {
+                        Tamper::Reordered {
+                            position,
+                            claims: record.log_index,
+                        }
+                    },
+                );
+            }
+            position += 1;
+        }
+        Ok(())
+    })?;
+
+    // Third pass: leaves, stored tree nodes and signed heads.
+    let mut frontier = Frontier::new();
+    let mut last_good = 0u64;
+    let mut last_head: Option<SignedTreeHead> = None;
+    let mut saved_checked = saved.is_none_or(|s| s.tree_size == 0);
+    let mut frames_seen = 0usize;
+    frames(&mut |offset, frame, checksum_ok| {
+        frames_seen += 1;
+        let is_last = frames_seen == frame_count;
+        let from = frontier.size();
+        let mut nodes = frame.nodes.iter();
+        for bytes in &frame.records {
+            let position = frontier.size();
+            for (level, _, hash) in frontier.push(leaf_hash(bytes)) {
+                if nodes.next() != Some(&hash) {
+                    return Err(if level == 0 {
+                        Tamper::Altered { index: position }
+                    } else {
+                        Tamper::TreeNodes {
+                            from,
+                            to: from + frame.records.len() as u64,
+                        }
                     });
                 }
-                last_good = h.tree_size;
             }
-            history.next();
+            if let Some(saved) = saved
+                && saved.tree_size == frontier.size()
+            {
+                if saved.root_hash != frontier.root() {
+                    return Err(Tamper::NotExtending {
+                        size: saved.tree_size,
+                    });
+                }
+                saved_checked = true;
+            }
         }
-    }
-    let present = frontier.size();
-    if present < head.tree_size {
+        let present = frontier.size();
+        if nodes.next().is_some() {
+            return Err(Tamper::TreeNodes { from, to: present });
+        }
+        let head = decode_head(&frame.head).map_err(|e| {
+            Tamper::ForgedHead(format!("the head of records {from}..{present}: {e}"))
+        })?;
+        head.verify(public_key).map_err(|e| {
+            Tamper::ForgedHead(format!("the head of records {from}..{present}: {e}"))
+        })?;
+        if head.tree_size > present && is_last {
+            return Err(Tamper::Truncated {
+                signed: head.tree_size,
+                present,
+            });
+        }
+        if head.tree_size != present || head.root_hash != frontier.root() {
+            return Err(Tamper::RootMismatch {
+                from: last_good,
+                to: present.max(head.tree_size),
+            });
+        }
+        if !checksum_ok {
+            return Err(Tamper::Damaged { offset });
+        }
+        last_good = present;
+        last_head = Some(head);
+        Ok(())
+    })?;
+    if let Some(saved) = saved
+        && !saved_checked
+    {
         return Err(Tamper::Truncated {
-            signed: head.tree_size,
-            present,
-        });
-    }
-    if present > head.tree_size || frontier.root() != head.root_hash {
-        return Err(Tamper::RootMismatch {
-            from: last_good,
-            to: present.max(head.tree_size),
+            signed: saved.tree_size,
+            present: frontier.size(),
         });
     }
     Ok(VerifiedLog {
-        records: present,
-        head: Some(head),
+        records: frontier.size(),
+        head: last_head,
     })
 }
 
@@ -782,6 +1200,7 @@ mod tests {
         {
             let db = sled::open(dir.path()).expect("db");
             let (log, writer) = AuditLog::open(
+                dir.path(),
                 &db,
                 true,
                 Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key"),
@@ -822,6 +1241,7 @@ mod tests {
         );
         let db = open_storage(sled::Config::new().path(dir.path())).expect("reopen");
         let (log, _writer) = AuditLog::open(
+            dir.path(),
             &db,
             true,
             Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key"),
@@ -857,7 +1277,7 @@ mod tests {
     async fn injected_failure_fails_the_append_and_leaves_no_trace() {
         let dir = tempfile::tempdir().expect("dir");
         let db = sled::open(dir.path()).expect("db");
-        let (log, _writer) = AuditLog::open(&db, true, key()).expect("log");
+        let (log, _writer) = AuditLog::open(dir.path(), &db, true, key()).expect("log");
         log.inject_failure(true);
         assert!(log.append(record("x")).await.is_err());
         log.inject_failure(false);
@@ -869,7 +1289,7 @@ mod tests {
     async fn queries_use_indexes_and_page() {
         let dir = tempfile::tempdir().expect("dir");
         let db = sled::open(dir.path()).expect("db");
-        let (log, _writer) = AuditLog::open(&db, false, key()).expect("log");
+        let (log, _writer) = AuditLog::open(dir.path(), &db, false, key()).expect("log");
         for n in 0..30u64 {
             let mut r = record(if n % 3 == 0 { "a" } else { "b" });
             r.subject_pseudonym = vec![(n % 5) as u8; 32];

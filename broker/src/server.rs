@@ -144,7 +144,8 @@ impl BoundBroker {
                     reason: e.to_string(),
                 }
             })?;
-        let (audit, audit_writer) = AuditLog::open(&db, config.audit.durable, audit_key)?;
+        let (audit, audit_writer) =
+            AuditLog::open(&config.data_dir, &db, config.audit.durable, audit_key)?;
         let consents = ConsentStore::open(&db, pseudonyms.clone())?;
         let broker = Arc::new(Broker {
             routing,

@@ -4,7 +4,8 @@
 
 use std::process::Command;
 
-use onceonly_broker::audit::{AuditLog, keys, load_or_create_signing_key, public_key_path};
+use onceonly_broker::audit::segment::{self, FILE_NAME, Frame};
+use onceonly_broker::audit::{AuditLog, load_or_create_signing_key, public_key_path};
 use onceonly_proto::v1::AuditRecord;
 
 #[tokio::test]
@@ -15,6 +16,7 @@ async fn verify_dir_reports_clean_and_tampered_copies() {
     {
         let db = onceonly_broker::audit::open_storage(sled::Config::new().path(&data)).expect("db");
         let (log, writer) = AuditLog::open(
+            &data,
             &db,
             true,
             load_or_create_signing_key(&key_path).expect("key"),
@@ -32,17 +34,19 @@ async fn verify_dir_reports_clean_and_tampered_copies() {
         drop(db);
         writer.await.expect("writer");
     }
-    let run = || {
+    let saved = dir.path().join("saved-head.json");
+    let run = |extra: &[&std::ffi::OsStr]| {
         Command::new(env!("CARGO_BIN_EXE_onceonly-audit"))
             .arg("verify-dir")
             .arg("--data-dir")
             .arg(&data)
             .arg("--public-key")
             .arg(public_key_path(&key_path))
+            .args(extra)
             .output()
             .expect("runs")
     };
-    let clean = run();
+    let clean = run(&["--save-head".as_ref(), saved.as_os_str()]);
     assert!(
         clean.status.success(),
         "{}",
@@ -50,13 +54,31 @@ async fn verify_dir_reports_clean_and_tampered_copies() {
     );
     assert!(String::from_utf8_lossy(&clean.stdout).contains("verified: 12 records"));
 
-    {
-        let db = onceonly_broker::audit::open_storage(sled::Config::new().path(&data)).expect("db");
-        let tree = db.open_tree("audit").expect("tree");
-        tree.remove(keys::record(4)).expect("remove");
-        db.flush().expect("flush");
-    }
-    let tampered = run();
+    assert!(saved.exists(), "no head saved");
+    let log_file = data.join(FILE_NAME);
+    let frames: Vec<Frame> = segment::read_all(&log_file)
+        .expect("read")
+        .into_iter()
+        .map(|(_, frame, _)| frame)
+        .collect();
+
+    // Whole batches cut off the end: caught against the saved head only.
+    segment::write_all(&log_file, &frames[..frames.len() - 2]).expect("write");
+    assert!(run(&[]).status.success());
+    let cut = run(&["--saved-head".as_ref(), saved.as_os_str()]);
+    assert_eq!(cut.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&cut.stderr);
+    assert!(message.contains("the log was truncated"), "{message}");
+
+    // A record removed from the middle: named.
+    let mut tampered_frames = frames.clone();
+    let frame = tampered_frames
+        .iter_mut()
+        .find(|f| f.first_index <= 4 && 4 < f.first_index + f.records.len() as u64)
+        .expect("frame of record 4");
+    frame.records.remove((4 - frame.first_index) as usize);
+    segment::write_all(&log_file, &tampered_frames).expect("write");
+    let tampered = run(&[]);
     assert_eq!(tampered.status.code(), Some(1));
     let message = String::from_utf8_lossy(&tampered.stderr);
     assert!(message.contains("record 4 is missing"), "{message}");

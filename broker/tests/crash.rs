@@ -150,18 +150,38 @@ async fn acknowledged_records_survive_sigkill_and_the_log_verifies() {
         .expect("the log verifies after the crash");
     assert!(verified.records >= acknowledged.len() as u64);
 
-    let db =
-        onceonly_broker::audit::open_storage(sled::Config::new().path(dir.path().join("data")))
-            .expect("reopen");
-    let tree = db.open_tree("audit").expect("tree");
-    let recorded: HashSet<String> = tree
-        .scan_prefix([onceonly_broker::audit::keys::RECORD])
-        .map(|entry| {
-            AuditRecord::decode(entry.expect("entry").1.as_ref())
-                .expect("record")
-                .request_id
-        })
-        .collect();
+    let data = dir.path().join("data");
+    let recorded: HashSet<String> = onceonly_broker::audit::segment::read_all(
+        &data.join(onceonly_broker::audit::segment::FILE_NAME),
+    )
+    .expect("read the log file")
+    .into_iter()
+    .flat_map(|(_, frame, _)| frame.records)
+    .map(|bytes| {
+        AuditRecord::decode(bytes.as_slice())
+            .expect("record")
+            .request_id
+    })
+    .collect();
+    // And the broker's own reopening gets the same log and goes on from it.
+    {
+        let db = onceonly_broker::audit::open_storage(sled::Config::new().path(&data))
+            .expect("reopen storage");
+        let key = onceonly_broker::audit::load_or_create_signing_key(
+            &dir.path().join("secrets/audit.key"),
+        )
+        .expect("key");
+        let (log, writer) =
+            onceonly_broker::audit::AuditLog::open(&data, &db, true, key).expect("reopen log");
+        assert_eq!(log.len(), verified.records);
+        assert_eq!(
+            log.append(AuditRecord::default()).await.expect("append"),
+            verified.records
+        );
+        drop(log);
+        drop(db);
+        writer.await.expect("writer");
+    }
     let lost: Vec<&String> = acknowledged
         .iter()
         .filter(|id| !recorded.contains(*id))

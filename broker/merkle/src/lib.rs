@@ -317,6 +317,28 @@ pub fn verify_consistency(
     Ok(())
 }
 
+/// How many perfect subtrees (leaves included) a tree of `leaves` leaves
+/// has completed: 2n - popcount(n). [`Frontier::push`] yields them in this
+/// order (post-order), so a store can keep them in one append-only
+/// sequence and find each by [`subtree_position`].
+pub fn subtrees_completed(leaves: u64) -> u64 {
+    2 * leaves - u64::from(leaves.count_ones())
+}
+
+/// The place of perfect subtree (`level`, `index`) in the post-order
+/// sequence [`Frontier::push`] yields: it is completed by leaf
+/// [`last_leaf`]`(level, index)`, right after that leaf and the `level - 1`
+/// subtrees below it.
+pub fn subtree_position(level: u32, index: u64) -> u64 {
+    subtrees_completed(last_leaf(level, index)) + u64::from(level)
+}
+
+/// The last leaf of perfect subtree (`level`, `index`): the leaf whose
+/// append completes it.
+pub fn last_leaf(level: u32, index: u64) -> u64 {
+    ((index + 1) << level) - 1
+}
+
 /// The right edge of a growing tree: for each level, the perfect subtree
 /// still waiting for its right sibling. Appending a leaf yields the perfect
 /// subtrees it completes (for the store), and the root is always at hand.

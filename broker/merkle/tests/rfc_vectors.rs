@@ -254,3 +254,22 @@ proptest! {
         prop_assert!(verify_consistency(first, size, &root_m, &root_n, short).is_err());
     }
 }
+
+#[test]
+fn frontier_yields_subtrees_in_the_order_of_their_positions() {
+    use onceonly_merkle::{Frontier, leaf_hash, subtree_position, subtrees_completed};
+    let mut frontier = Frontier::new();
+    let mut next = 0u64;
+    for n in 0..1000u64 {
+        assert_eq!(subtrees_completed(n), next, "after {n} leaves");
+        for (level, index, _) in frontier.push(leaf_hash(&n.to_be_bytes())) {
+            assert_eq!(
+                subtree_position(level, index),
+                next,
+                "subtree {level}/{index}"
+            );
+            next += 1;
+        }
+    }
+    assert_eq!(subtrees_completed(1000), next);
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use onceonly_broker::audit::verify_dir;
+use onceonly_broker::audit::verify_dir_against;
 use onceonly_broker::auditor::{SavedHead, load_public_key, verify_remote};
 use onceonly_certs::{MtlsConnector, Participant, Pki, Role, TlsFiles};
 use onceonly_proto::v1::audit_service_client::AuditServiceClient;
@@ -65,16 +65,23 @@ enum Command {
         #[arg(long)]
         no_recompute: bool,
     },
-    /// Check a copied data directory end to end and name the first record
-    /// that was altered, removed or reordered. Stop the broker first, or
-    /// check a copy: the directory is opened for reading its lock.
+    /// Check a data directory (or a copy) end to end and name the first
+    /// record that was altered, removed or reordered. Reads only the log
+    /// file, so it may run beside a live broker; with --saved-head, also
+    /// prove the log still holds the head saved at the last audit.
     VerifyDir {
-        /// The broker's data directory (a copy).
+        /// The broker's data directory.
         #[arg(long)]
         data_dir: PathBuf,
         /// The broker's audit public key (audit.key.pub).
         #[arg(long)]
         public_key: PathBuf,
+        /// A head saved by an earlier `verify --save-head` or `verify-dir --save-head`.
+        #[arg(long)]
+        saved_head: Option<PathBuf>,
+        /// Save the verified head here, for the next audit.
+        #[arg(long)]
+        save_head: Option<PathBuf>,
     },
 }
 
@@ -277,14 +284,27 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::VerifyDir {
             data_dir,
             public_key,
+            saved_head,
+            save_head,
         } => {
             let public_key = load_public_key(&public_key)?;
-            let verified = verify_dir(&data_dir, &public_key)
+            let saved = saved_head.as_deref().map(SavedHead::load).transpose()?;
+            let verified = verify_dir_against(&data_dir, &public_key, saved.as_ref())
                 .map_err(|tamper| anyhow::anyhow!("NOT VERIFIED: {tamper}"))?;
             println!(
-                "verified: {} records; every record in place and unaltered, and they hash to the signed tree head",
+                "verified: {} records; every record in place and unaltered, and they hash to the signed tree heads",
                 verified.records
             );
+            if let Some(saved) = &saved {
+                println!(
+                    "the log extends the head saved earlier ({} records)",
+                    saved.tree_size
+                );
+            }
+            if let (Some(path), Some(head)) = (save_head, &verified.head) {
+                SavedHead::store(head, &path)?;
+                println!("head saved to {} for the next audit", path.display());
+            }
         }
     }
     Ok(())
