@@ -11,6 +11,11 @@ use onceonly_broker::policy::Policy;
 use onceonly_broker::routing::RoutingTable;
 use onceonly_broker::{BoundBroker, BrokerConfig};
 
+/// mimalloc instead of glibc's malloc, which under load took a quarter of
+/// the broker's CPU and kept freed memory per thread (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The onceonly evidence-exchange broker.
 #[derive(Debug, Parser)]
 #[command(name = "onceonly-broker", version)]

@@ -8,6 +8,11 @@ use onceonly_connector_sdk::ConnectorServer;
 use onceonly_registry_mock::config::MockConfig;
 use onceonly_registry_mock::{MockRegister, RegisterKind};
 
+/// mimalloc instead of glibc's malloc, which under load took a quarter of
+/// the broker's CPU and kept freed memory per thread (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Run a sample register (civil, vehicle or business) with fictitious data
 /// as a onceonly connector over mutual TLS.
 #[derive(Debug, Parser)]

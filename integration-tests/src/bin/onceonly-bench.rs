@@ -37,6 +37,11 @@ use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::Channel;
 
+/// mimalloc instead of glibc's malloc, which under load took a quarter of
+/// the broker's CPU and kept freed memory per thread (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Measure what the broker adds to a direct call.
 #[derive(Debug, Parser)]
 #[command(name = "onceonly-bench", version)]
