@@ -2,12 +2,12 @@
 //!
 //! ```toml
 //! listen = "127.0.0.1:7443"
-//! data_dir = "data"                     # sled: audit log, consents
+//! data_dir = "data"                     # audit.log; sled: its indexes, consents
 //! policy = "policy.toml"                # reloaded on SIGHUP and on change
 //! routing = "routing.toml"
 //! pseudonym_key = "secrets/pseudonym.key"   # keep it outside data_dir
 //! audit_key = "secrets/audit.key"       # signs tree heads; .pub beside it
-//! storage_cache = "32MiB"               # sled page cache
+//! storage_cache = "16MiB"               # sled page cache
 //!
 //! [tls]
 //! ca = "pki/ca.pem"
@@ -45,7 +45,7 @@ pub struct BrokerConfig {
     /// Where authorities, portals and auditors connect.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// The sled data directory (audit log, consents).
+    /// The data directory: the audit log file, and sled (the log's indexes, consents).
     pub data_dir: PathBuf,
     /// The policy file.
     pub policy: PathBuf,
@@ -62,7 +62,8 @@ pub struct BrokerConfig {
     /// The broker's certificate, key, CA and CRL. The broker's certificate
     /// is also its client certificate towards connectors.
     pub tls: TlsFiles,
-    /// Memory for sled's page cache (audit log and consents). sled's own
+    /// Memory for sled's page cache (the audit log's indexes and the
+    /// consents; the log's records are read from its file). sled's own
     /// default is 1 GiB; the broker keeps it small and leaves the rest to
     /// the operating system's file cache.
     #[serde(default = "default_storage_cache")]
@@ -148,7 +149,7 @@ fn default_listen() -> SocketAddr {
 }
 
 fn default_storage_cache() -> bytesize::ByteSize {
-    bytesize::ByteSize::mib(32)
+    bytesize::ByteSize::mib(16)
 }
 
 fn default_grace() -> Duration {
