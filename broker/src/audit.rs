@@ -724,16 +724,12 @@ fn recover(store: &Store, path: &Path) -> Result<(u64, Option<SignedTreeHead>), 
                 len,
                 checksum_ok: true,
             } => (frame, len),
-            segment::Read::Frame { len, .. } if offset + len < file_len => {
+            segment::Read::Frame { .. } => {
                 return Err(corrupt(offset, "a frame fails its checksum"));
             }
             segment::Read::Malformed { reason } => return Err(corrupt(offset, &reason)),
             segment::Read::Torn { reason } => {
                 cut_torn_tail(store, path, offset, &reason)?;
-                break;
-            }
-            segment::Read::Frame { .. } => {
-                cut_torn_tail(store, path, offset, "the last frame fails its checksum")?;
                 break;
             }
         };
@@ -1028,12 +1024,6 @@ pub fn verify_dir_against(
                 segment::Read::Malformed { reason } => {
                     return Err(unreadable(&format!("byte {offset}: {reason}")));
                 }
-                // A last frame failing its checksum is torn, as on reopening.
-                segment::Read::Frame {
-                    checksum_ok: false,
-                    len,
-                    ..
-                } if offset + len == file_len => return Ok(()),
                 segment::Read::Frame {
                     frame,
                     len,

@@ -112,7 +112,8 @@ pub fn encode(
 #[derive(Debug)]
 pub enum Read {
     /// A whole frame, `len` bytes with its header; `checksum_ok` false when
-    /// its body does not match its CRC.
+    /// its body does not match its CRC (never for the last frame, which is
+    /// then [`Read::Torn`]).
     Frame {
         /// The frame.
         frame: Frame,
@@ -121,8 +122,9 @@ pub enum Read {
         /// Whether the body matches the CRC.
         checksum_ok: bool,
     },
-    /// The file ends inside a frame, or the bytes there are no frame and
-    /// nothing but zeros follows: what a crash during an append leaves.
+    /// The file ends inside a frame, the last frame fails its checksum, or
+    /// the bytes there are no frame and nothing but zeros follows: what a
+    /// crash during an append leaves.
     Torn {
         /// Why it is not a frame.
         reason: String,
@@ -170,15 +172,19 @@ pub fn read_at(file: &File, offset: u64, file_len: u64) -> io::Result<Read> {
     let mut body = vec![0u8; body_len as usize];
     file.read_exact_at(&mut body, offset + HEADER_LEN)?;
     let checksum_ok = crc32fast::hash(&body) == crc;
+    // The last frame failing its checksum is torn: its pages did not all
+    // land before the crash. Nobody was answered for it.
+    if !checksum_ok && offset + HEADER_LEN + body_len == file_len {
+        return Ok(Read::Torn {
+            reason: "the last frame fails its checksum".into(),
+        });
+    }
     match decode_body(first_index, &body) {
         Ok(frame) => Ok(Read::Frame {
             frame,
             len: HEADER_LEN + body_len,
             checksum_ok,
         }),
-        Err(reason) if !checksum_ok && offset + HEADER_LEN + body_len == file_len => {
-            Ok(Read::Torn { reason })
-        }
         Err(reason) => Ok(Read::Malformed { reason }),
     }
 }
@@ -446,5 +452,14 @@ mod tests {
         let read = read_all(&path).expect("read");
         assert!(!read[0].2);
         assert!(read[1].2);
+        // The same flipped bit in the last frame: torn, as a crash leaves it.
+        std::fs::write(&path, [&whole[..], &flipped[..]].concat()).expect("write");
+        let file = File::open(&path).expect("open");
+        let len = file.metadata().expect("meta").len();
+        assert!(matches!(
+            read_at(&file, whole.len() as u64, len),
+            Ok(Read::Torn { .. })
+        ));
+        assert_eq!(read_all(&path).expect("read").len(), 1);
     }
 }
