@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use onceonly_merkle::sth::SignedTreeHead;
@@ -242,6 +242,8 @@ struct Store {
     file: File,
     index: sled::Tree,
     head: RwLock<Option<SignedTreeHead>>,
+    /// Successful `fdatasync`s of the file, the frames' and the cut-backs'.
+    flushes: AtomicU64,
 }
 
 /// Where a batch's frame is.
@@ -433,8 +435,24 @@ pub fn head_from_proto(head: &pb::SignedTreeHead) -> Result<SignedTreeHead, Audi
 pub struct AuditLog {
     store: Arc<Store>,
     appends: mpsc::Sender<Append>,
-    /// Fault injection for fail-closed drills: while set, appends fail.
-    fault: Arc<AtomicBool>,
+    /// Fault injection for fail-closed drills ([`AuditFault`]).
+    fault: Arc<AtomicU8>,
+    /// While set, the writer holds its next batch open (tests that need
+    /// several appends in one frame).
+    held: Arc<AtomicBool>,
+}
+
+/// A fault to inject into the log's writer, for fail-closed drills and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AuditFault {
+    /// None: appends work.
+    None = 0,
+    /// Every append fails before it is written.
+    Append = 1,
+    /// Appends are written and flushed, then indexing them fails (the
+    /// writer must cut the frame back durably and refuse further appends).
+    IndexAfterFlush = 2,
 }
 
 impl AuditLog {
@@ -462,6 +480,7 @@ impl AuditLog {
             file,
             index: db.open_tree(INDEX_TREE)?,
             head: RwLock::new(None),
+            flushes: AtomicU64::new(0),
         };
         let (end, head) = recover(&store, &path)?;
         let size = head.as_ref().map_or(0, |h| h.tree_size);
@@ -477,7 +496,8 @@ impl AuditLog {
         *store.head.write().map_err(|_| poisoned())? = head;
         let store = Arc::new(store);
         let (appends, queue) = mpsc::channel(MAX_BATCH * 4);
-        let fault = Arc::new(AtomicBool::new(false));
+        let fault = Arc::new(AtomicU8::new(AuditFault::None as u8));
+        let held = Arc::new(AtomicBool::new(false));
         let writer = Writer {
             store: store.clone(),
             end,
@@ -485,6 +505,7 @@ impl AuditLog {
             key,
             durable,
             fault: fault.clone(),
+            held: held.clone(),
             broken: None,
             area: Vec::new(),
             ends: Vec::new(),
@@ -497,6 +518,7 @@ impl AuditLog {
                 store,
                 appends,
                 fault,
+                held,
             },
             task,
         ))
@@ -654,7 +676,32 @@ impl AuditLog {
     /// Makes every append fail while `failing` (fail-closed drills and
     /// tests: the broker must then release no evidence).
     pub fn inject_failure(&self, failing: bool) {
-        self.fault.store(failing, Ordering::SeqCst);
+        self.inject(if failing {
+            AuditFault::Append
+        } else {
+            AuditFault::None
+        });
+    }
+
+    /// Injects `fault` into the writer until another is injected.
+    pub fn inject(&self, fault: AuditFault) {
+        self.fault.store(fault as u8, Ordering::SeqCst);
+    }
+
+    /// While `held`, the writer keeps the batch it has begun open, so every
+    /// append sent meanwhile joins the same frame (tests of group commit).
+    pub fn hold_commits(&self, held: bool) {
+        self.held.store(held, Ordering::SeqCst);
+    }
+
+    /// Appends waiting for the writer (beyond the one it holds).
+    pub fn queued(&self) -> usize {
+        self.appends.max_capacity() - self.appends.capacity()
+    }
+
+    /// Successful flushes (`fdatasync`) of the log file so far.
+    pub fn flushes(&self) -> u64 {
+        self.store.flushes.load(Ordering::Relaxed)
     }
 }
 
@@ -788,7 +835,8 @@ struct Writer {
     frontier: Frontier,
     key: Ed25519KeyPair,
     durable: bool,
-    fault: Arc<AtomicBool>,
+    fault: Arc<AtomicU8>,
+    held: Arc<AtomicBool>,
     /// Set after a failed flush: no later append can be trusted to land.
     broken: Option<String>,
     // Buffers reused from batch to batch.
@@ -802,6 +850,9 @@ impl Writer {
     fn run(mut self, mut queue: mpsc::Receiver<Append>) {
         let mut batch: Vec<Append> = Vec::with_capacity(MAX_BATCH);
         while let Some(append) = queue.blocking_recv() {
+            while self.held.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             batch.push(append);
             while batch.len() < MAX_BATCH {
                 match queue.try_recv() {
@@ -830,7 +881,8 @@ impl Writer {
     /// indexes it. On error the file is cut back to where it was and the
     /// in-memory tree left as it was.
     fn commit(&mut self, batch: &mut [Append]) -> Result<(), AuditError> {
-        if self.fault.load(Ordering::SeqCst) {
+        let fault = self.fault.load(Ordering::SeqCst);
+        if fault == AuditFault::Append as u8 {
             return Err(AuditError::Storage("injected failure".into()));
         }
         if let Some(reason) = &self.broken {
@@ -870,13 +922,19 @@ impl Writer {
             self.cut_back();
             return Err(e.into());
         }
-        if self.durable
-            && let Err(e) = self.store.file.sync_data()
-        {
-            return Err(self.break_down(format!("flushing {}: {e}", segment::FILE_NAME)));
+        if self.durable {
+            if let Err(e) = self.store.file.sync_data() {
+                return Err(self.break_down(format!("flushing {}: {e}", segment::FILE_NAME)));
+            }
+            self.store.flushes.fetch_add(1, Ordering::Relaxed);
         }
         let index = index_batch(first_index, self.end, batch.iter().map(|a| &a.record));
-        if let Err(e) = self.store.index.apply_batch(index) {
+        let indexed = if fault == AuditFault::IndexAfterFlush as u8 {
+            Err(sled::Error::Unsupported("injected index failure".into()))
+        } else {
+            self.store.index.apply_batch(index)
+        };
+        if let Err(e) = indexed {
             return Err(self.break_down(format!("indexing: {e}")));
         }
         self.end += self.frame.len() as u64;
@@ -885,10 +943,24 @@ impl Writer {
         Ok(())
     }
 
-    /// Cuts the file back to its last whole frame.
+    /// Cuts the file back to its last whole frame, durably where the log is
+    /// durable: a frame that was flushed and is then cut back must not
+    /// reappear after a crash, since its requests got no evidence.
     fn cut_back(&self) {
         if let Err(e) = self.store.file.set_len(self.end) {
             tracing::error!(error = %e, "cannot cut the audit log back after a failed append");
+            return;
+        }
+        if self.durable {
+            match self.store.file.sync_data() {
+                Ok(()) => {
+                    self.store.flushes.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "cannot flush the cut-back audit log: after a crash the failed batch may reappear, holding records of requests that got no evidence"
+                ),
+            }
         }
     }
 
@@ -1272,6 +1344,32 @@ mod tests {
         assert!(log.append(record("x")).await.is_err());
         log.inject_failure(false);
         assert_eq!(log.append(record("y")).await.expect("append"), 0);
+        assert_eq!(log.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_flushed_batch_whose_indexing_fails_is_cut_back_durably() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sled::open(dir.path()).expect("db");
+        let path = dir.path().join(segment::FILE_NAME);
+        let (log, _writer) = AuditLog::open(dir.path(), &db, true, key()).expect("log");
+        assert_eq!(log.append(record("kept")).await.expect("append"), 0);
+        let length = std::fs::metadata(&path).expect("file").len();
+        let flushes = log.flushes();
+
+        log.inject(AuditFault::IndexAfterFlush);
+        assert!(log.append(record("lost")).await.is_err());
+        log.inject(AuditFault::None);
+        assert_eq!(std::fs::metadata(&path).expect("file").len(), length);
+        assert_eq!(
+            log.flushes(),
+            flushes + 2,
+            "the frame's flush and the cut-back's flush"
+        );
+        assert!(
+            log.append(record("after")).await.is_err(),
+            "appends are refused until restart"
+        );
         assert_eq!(log.len(), 1);
     }
 

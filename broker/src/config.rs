@@ -17,7 +17,22 @@
 //!
 //! [limits]
 //! max_request_time = "30s"              # cap on any caller's deadline
-//! concurrency = 1024                    # exchanges in flight at once
+//! concurrency = 1024                    # exchanges with registers at once
+//! max_waiting = 1024                    # more may wait; the rest are shed
+//! max_request_message = "64KiB"         # any service's request, health too
+//!
+//! [connections]                         # see onceonly_certs::connection
+//! max_connections = 10000
+//! max_connections_per_address = 512
+//! handshake_timeout = "10s"
+//! idle_timeout = "5m"                   # no call in flight this long: closed
+//! max_concurrent_streams = 256          # calls at once on one connection
+//! max_local_reset_streams = 64
+//! max_pending_accept_reset_streams = 32
+//! keepalive_interval = "30s"
+//! keepalive_timeout = "10s"
+//! max_connection_age = "1h"             # then GOAWAY: rotation reaches everyone
+//! max_connection_age_grace = "30s"
 //!
 //! [idempotency]
 //! window = "10m"
@@ -34,8 +49,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use onceonly_certs::TlsFiles;
 use onceonly_certs::config_file::{self, ConfigFileError, relative_to};
+use onceonly_certs::{ConnectionLimits, TlsFiles};
 use serde::Deserialize;
 
 /// The whole configuration.
@@ -68,9 +83,12 @@ pub struct BrokerConfig {
     /// the operating system's file cache.
     #[serde(default = "default_storage_cache")]
     pub storage_cache: bytesize::ByteSize,
-    /// Limits.
+    /// Limits on requests.
     #[serde(default)]
     pub limits: Limits,
+    /// Limits on connections.
+    #[serde(default)]
+    pub connections: ConnectionLimits,
     /// Idempotency.
     #[serde(default)]
     pub idempotency: Idempotency,
@@ -90,9 +108,14 @@ pub struct Limits {
     /// bring none.
     #[serde(with = "humantime_serde")]
     pub max_request_time: Duration,
-    /// Exchanges in flight at once; more wait for a slot within their
-    /// deadline.
+    /// Exchanges with registers at once.
     pub concurrency: usize,
+    /// Exchanges that may wait for one of those slots (within their
+    /// deadline); any more are shed with RESOURCE_EXHAUSTED (OVERLOADED).
+    pub max_waiting: usize,
+    /// The largest request message any service accepts (health and
+    /// reflection included).
+    pub max_request_message: bytesize::ByteSize,
 }
 
 impl Default for Limits {
@@ -100,6 +123,8 @@ impl Default for Limits {
         Limits {
             max_request_time: Duration::from_secs(30),
             concurrency: 1024,
+            max_waiting: 1024,
+            max_request_message: bytesize::ByteSize::kib(64),
         }
     }
 }
@@ -198,6 +223,23 @@ impl BrokerConfig {
                 "limits.concurrency",
                 format!("{} is out of range", self.limits.concurrency),
                 "use 1 to 1000000",
+            );
+        }
+        if self.limits.max_request_message.as_u64() < 1024 {
+            return invalid(
+                "limits.max_request_message",
+                format!(
+                    "{} is too small for any request",
+                    self.limits.max_request_message
+                ),
+                "give at least \"1KiB\", e.g. \"64KiB\"",
+            );
+        }
+        if let Err(limit) = self.connections.validate() {
+            return invalid(
+                &format!("connections.{}", limit.key),
+                limit.problem,
+                limit.fix,
             );
         }
         if self.idempotency.max_entries == 0 {

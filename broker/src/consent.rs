@@ -95,6 +95,15 @@ pub enum ConsentError {
     /// The storage failed.
     #[error("consent storage failed: {0}")]
     Storage(String),
+    /// A stored consent cannot be read; its bytes are left as they are for
+    /// the operator to inspect.
+    #[error("stored consent {id:?} cannot be decoded ({reason}); it was left unchanged")]
+    Corrupt {
+        /// The consent id.
+        id: String,
+        /// Why it does not decode.
+        reason: String,
+    },
 }
 
 impl From<sled::Error> for ConsentError {
@@ -177,7 +186,10 @@ impl ConsentStore {
         self.consents
             .get(id.as_bytes())?
             .map(|bytes| {
-                serde_json::from_slice(&bytes).map_err(|e| ConsentError::Storage(e.to_string()))
+                serde_json::from_slice(&bytes).map_err(|e| ConsentError::Corrupt {
+                    id: id.to_owned(),
+                    reason: e.to_string(),
+                })
             })
             .transpose()
     }
@@ -185,17 +197,31 @@ impl ConsentStore {
     /// Revokes consent `id` durably; an already revoked consent keeps its
     /// first revocation time.
     pub async fn revoke(&self, id: &str, now_ms: i64) -> Result<StoredConsent, ConsentError> {
-        let updated = self.consents.update_and_fetch(id.as_bytes(), |old| {
-            let old = old?;
-            let mut consent: StoredConsent = serde_json::from_slice(old).ok()?;
+        // Compare and swap, so that bytes that do not decode are reported
+        // and kept, never replaced or deleted.
+        let consent = loop {
+            let Some(old) = self.consents.get(id.as_bytes())? else {
+                return Err(ConsentError::NotFound(id.to_owned()));
+            };
+            let mut consent: StoredConsent =
+                serde_json::from_slice(&old).map_err(|e| ConsentError::Corrupt {
+                    id: id.to_owned(),
+                    reason: e.to_string(),
+                })?;
             consent.revoked_at_ms.get_or_insert(now_ms);
-            serde_json::to_vec(&consent).ok()
-        })?;
-        let Some(bytes) = updated else {
-            return Err(ConsentError::NotFound(id.to_owned()));
+            let new =
+                serde_json::to_vec(&consent).map_err(|e| ConsentError::Storage(e.to_string()))?;
+            match self
+                .consents
+                .compare_and_swap(id.as_bytes(), Some(old), Some(new))?
+            {
+                Ok(()) => break consent,
+                // Changed in between (another revocation): read again.
+                Err(_) => continue,
+            }
         };
         self.db.flush_async().await?;
-        serde_json::from_slice(&bytes).map_err(|e| ConsentError::Storage(e.to_string()))
+        Ok(consent)
     }
 
     /// A subject's consents, newest first: up to `limit` after `skip`.
@@ -267,6 +293,37 @@ mod tests {
             scheme: 1,
             value: value.into(),
         }
+    }
+
+    #[tokio::test]
+    async fn revoking_a_consent_that_does_not_decode_fails_and_keeps_its_bytes() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sled::open(dir.path()).expect("db");
+        let store =
+            ConsentStore::open(&db, Arc::new(Pseudonymiser::from_secret(&[1; 32]))).expect("store");
+        let garbage = b"{not json".to_vec();
+        store
+            .consents
+            .insert("c-broken", garbage.clone())
+            .expect("insert");
+        let error = store.revoke("c-broken", 5).await.expect_err("corrupt");
+        assert!(
+            matches!(&error, ConsentError::Corrupt { id, .. } if id == "c-broken"),
+            "{error:?}"
+        );
+        assert_eq!(
+            store
+                .consents
+                .get("c-broken")
+                .expect("read")
+                .map(|b| b.to_vec()),
+            Some(garbage),
+            "the undecodable consent was changed or deleted"
+        );
+        assert!(matches!(
+            store.revoke("c-missing", 5).await,
+            Err(ConsentError::NotFound(_))
+        ));
     }
 
     #[tokio::test]

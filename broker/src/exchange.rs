@@ -2,6 +2,9 @@
 //!
 //! 1. [`authenticate`]: the caller's identity and role, from its verified
 //!    certificate only; an authority may request evidence, nobody else.
+//!    Then the limits that need to know the caller: its quota
+//!    ([`crate::quota`]) and whether its deadline can hold the exchange and
+//!    its record ([`onceonly_proto::deadline`]).
 //! 2. [`validate`]: request id, evidence type known, subject well-formed for
 //!    a scheme the type is keyed by, purpose and legal basis present,
 //!    parameters known, sizes within limits. Every bad field is named.
@@ -10,22 +13,32 @@
 //! 4. [`Broker::check_consent`]: where the policy requires it, an active
 //!    consent of the subject.
 //! 5. [`Broker::route`]: evidence type and jurisdiction to a connector.
-//! 6. forward ([`crate::forward`]): with the caller's deadline, the trace
-//!    context and the exchange id; fail over only where safe.
+//! 6. forward ([`crate::forward`]): within the exchange limit
+//!    ([`ExchangeLimit`]: excess is shed, not queued without bound), with
+//!    the work deadline, the trace context and the exchange id; fail over
+//!    only where safe.
 //! 7. [`Broker::audit_and_answer`]: one audit record, durable, BEFORE the
 //!    evidence is released; no record, no evidence.
 //!
-//! Every request, refused or not, leaves exactly one audit record. A request
-//! id repeated within the idempotency window is answered with the first
-//! outcome (and its own audit record naming the first exchange).
+//! Every request, refused or not, leaves exactly one audit record, also
+//! when the caller cancels or drops its connection: the exchange runs in a
+//! task of its own ([`Broker::request_evidence`]), which the caller's
+//! going away only asks to stop waiting (the register call is dropped, so
+//! the register sees the cancellation), never to skip the record. Every
+//! way an exchange ends without evidence is a [`Refusal`], classed in one
+//! place ([`crate::refusal`]). A request id repeated within the idempotency
+//! window is answered with the first outcome (and its own audit record
+//! naming the first exchange).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use onceonly_certs::{Participant, PeerRefusal, Role};
-use onceonly_proto::metadata::{TraceContext, grpc_timeout};
-use onceonly_proto::status::{certificate_refused, error, error_with_metadata, invalid_request};
+use onceonly_proto::deadline::{Deadline, LatencyWindow, Reserve};
+use onceonly_proto::metadata::TraceContext;
+use onceonly_proto::status::invalid_request;
 use onceonly_proto::v1::{
     AuditRecord, ErrorReason, Evidence, ExchangeOutcome, ProvideEvidenceRequest,
     RequestEvidenceRequest, RequestEvidenceResponse,
@@ -33,57 +46,36 @@ use onceonly_proto::v1::{
 use onceonly_proto::validate::{self, FieldViolation, Violations};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 use tracing::Instrument;
 
 use crate::audit::AuditLog;
 use crate::consent::{ConsentStore, timestamp};
-use crate::forward::{ForwardError, Forwarder};
+use crate::forward::Forwarder;
 use crate::idempotency::{Begin, IdempotencyCache, StoredOutcome, StoredStatus, wait_for};
 use crate::policy::{ConsentRequirement, Decision, PolicyStore};
 use crate::pseudonym::Pseudonymiser;
+pub use crate::refusal::{DeniedRequest, Refusal};
 use crate::routing::{Destination, RoutingTable};
 
-/// The largest share of a deadline kept back so that the broker's answer
-/// (and its audit write) land before the caller gives up.
-const DEADLINE_HEADROOM_MAX: Duration = Duration::from_millis(20);
+/// What the broker keeps back from a caller's deadline for its audit write
+/// and answer: 5 ms for the answer, three times the slowest append of the
+/// last seconds, and at least a tenth of the caller's timeout.
+const RESERVE: Reserve = Reserve {
+    fixed: Duration::from_millis(5),
+    factor: 3,
+};
 
-/// A refusal: what the caller gets and how the audit log classes it.
-#[derive(Debug)]
-pub struct Refusal {
-    /// The audit outcome.
-    pub outcome: ExchangeOutcome,
-    /// The caller's status.
-    pub status: Status,
-}
-
-impl Refusal {
-    fn rejected(status: Status) -> Self {
-        Refusal {
-            outcome: ExchangeOutcome::Rejected,
-            status,
-        }
-    }
-    fn denied(status: Status) -> Self {
-        Refusal {
-            outcome: ExchangeOutcome::Denied,
-            status,
-        }
-    }
-    fn failed(status: Status) -> Self {
-        Refusal {
-            outcome: ExchangeOutcome::Failed,
-            status,
-        }
-    }
-}
+/// The retry hint a shed exchange gets.
+const SHED_RETRY_AFTER: Duration = Duration::from_millis(100);
 
 /// Everything the request path needs, shared by every request.
 pub struct Broker {
     /// The evidence-type catalogue and routes.
     pub routing: Arc<RoutingTable>,
-    /// The policy in force (reloadable).
+    /// The policy in force, quotas included (reloadable).
     pub policy: Arc<PolicyStore>,
     /// Consents.
     pub consents: ConsentStore,
@@ -95,24 +87,33 @@ pub struct Broker {
     pub forwarder: Forwarder,
     /// Recently seen request ids.
     pub idempotency: IdempotencyCache,
-    /// Exchanges in flight at once.
-    pub permits: Semaphore,
+    /// Exchanges with a register at once, and how many may wait.
+    pub exchanges: ExchangeLimit,
     /// Cap on any deadline.
     pub max_request_time: Duration,
+    /// How long audit appends took lately: sizes the deadline reserve.
+    pub append_latency: LatencyWindow,
 }
 
 /// What the path knows about the exchange so far; becomes the audit record.
 struct Exchange {
     record: AuditRecord,
     started: Instant,
-    deadline: Instant,
+    /// The caller's deadline.
+    deadline: Deadline,
+    /// The deadline for the work: the caller's less the reserve for the
+    /// audit write and the answer.
+    work_deadline: Deadline,
     trace: TraceContext,
 }
 
 impl Broker {
-    /// Runs one evidence request from `peer` to its answer.
+    /// Runs one evidence request from `peer` to its answer. The exchange
+    /// runs in its own task: if this future is dropped (the caller
+    /// cancelled, or its connection went), the task is told to stop
+    /// waiting, records the exchange as cancelled and ends.
     pub async fn request_evidence(
-        &self,
+        self: &Arc<Self>,
         peer: Result<Participant, PeerRefusal>,
         metadata: &tonic::metadata::MetadataMap,
         request: RequestEvidenceRequest,
@@ -125,19 +126,36 @@ impl Broker {
             trace_id = %exchange.trace.trace_id(),
             caller = tracing::field::Empty,
         );
+        let caller_gone = CancellationToken::new();
+        let cancel_on_drop = caller_gone.clone().drop_guard();
+        let broker = self.clone();
         // Instrumented, not entered: an entered guard held across awaits
         // would stay entered on the worker thread while this request waits,
         // and other requests' logs would land in its span.
-        self.run(exchange, peer, request).instrument(span).await
+        let exchange = tokio::spawn(
+            async move { broker.run(exchange, peer, request, caller_gone).await }.instrument(span),
+        );
+        let answer = match exchange.await {
+            Ok(answer) => answer.map_err(|refusal| refusal.status()),
+            Err(join_error) => {
+                tracing::error!(%join_error, "exchange task failed");
+                Err(Status::internal(
+                    "the broker failed on this request; its operator has the details in its log",
+                ))
+            }
+        };
+        cancel_on_drop.disarm();
+        answer
     }
 
-    /// The path itself, inside the request's span.
+    /// The path itself, in the exchange's own task.
     async fn run(
         &self,
         mut exchange: Exchange,
         peer: Result<Participant, PeerRefusal>,
         request: RequestEvidenceRequest,
-    ) -> Result<RequestEvidenceResponse, Status> {
+        caller_gone: CancellationToken,
+    ) -> Result<RequestEvidenceResponse, Refusal> {
         // 1. authenticate
         let caller = match authenticate(peer) {
             Ok(caller) => caller,
@@ -152,6 +170,25 @@ impl Broker {
         tracing::Span::current().record("caller", tracing::field::display(&caller));
         exchange.record.caller_id = caller.spiffe_id();
 
+        // The caller's quota, then whether its deadline can hold anything.
+        if let Err(over) = self.policy.current().quotas().check(caller.id()) {
+            let refusal = Refusal::QuotaExceeded {
+                caller: caller.spiffe_id(),
+                quota: over.quota,
+                retry_after: over.retry_after,
+            };
+            return self.audit_and_answer(exchange, Err(refusal)).await;
+        }
+        let reserve = RESERVE.for_call(exchange.deadline.total(), self.append_latency.recent_max());
+        match exchange.deadline.keep_back(reserve) {
+            Ok(work_deadline) => exchange.work_deadline = work_deadline,
+            Err(too_short) => {
+                return self
+                    .audit_and_answer(exchange, Err(Refusal::DeadlineTooShort(too_short)))
+                    .await;
+            }
+        }
+
         // Idempotency: a repeated request id gets the first outcome.
         let pending = if validate::request_id("request_id", &request.request_id).is_ok() {
             match self.idempotency.begin(
@@ -160,26 +197,23 @@ impl Broker {
                 fingerprint(&request),
             ) {
                 Begin::New(pending) => Some(pending),
-                Begin::Replay(first) => return self.replay(exchange, first).await,
+                Begin::Replay(first) => return self.replay(exchange, first, caller_gone).await,
                 Begin::Conflict => {
-                    let status = error(
-                        Code::AlreadyExists,
-                        ErrorReason::RequestIdReused,
-                        format!(
-                            "request_id {:?} was used for a different request within the idempotency window; use a new request_id",
-                            request.request_id
-                        ),
-                    );
-                    return self
-                        .audit_and_answer(exchange, Err(Refusal::rejected(status)))
-                        .await;
+                    let refusal = Refusal::RequestIdReused {
+                        request_id: request.request_id,
+                    };
+                    return self.audit_and_answer(exchange, Err(refusal)).await;
                 }
             }
         } else {
             None
         };
 
-        let result = self.decide_and_fetch(&mut exchange, &caller, request).await;
+        let result = tokio::select! {
+            biased;
+            () = caller_gone.cancelled() => Err(Refusal::Cancelled),
+            result = self.decide_and_fetch(&mut exchange, &caller, request) => result,
+        };
         let answer = self.audit_and_answer(exchange, result).await;
         if let Some(pending) = pending {
             remember(pending, &answer);
@@ -195,7 +229,7 @@ impl Broker {
         request: RequestEvidenceRequest,
     ) -> Result<Evidence, Refusal> {
         // 2. validate
-        validate(&self.routing, &request).map_err(Refusal::rejected)?;
+        validate(&self.routing, &request).map_err(Refusal::Invalid)?;
         // 3. authorize
         let consent = self.authorize(exchange, caller, &request)?;
         // 4. consent
@@ -205,11 +239,8 @@ impl Broker {
         // 5. route
         let destination = self.route(&request)?;
         exchange.record.connector_id = destination.connector_id.clone();
-        // 6. forward, within the concurrency limit and the deadline
-        let _permit = tokio::time::timeout_at(exchange.deadline.into(), self.permits.acquire())
-            .await
-            .map_err(|_| Refusal::failed(deadline_status("waiting for a free slot")))?
-            .map_err(|_| Refusal::failed(Status::unavailable("the broker is shutting down")))?;
+        // 6. forward, within the exchange limit and the work deadline
+        let _slot = self.exchanges.admit(exchange.work_deadline).await?;
         let forward = ProvideEvidenceRequest {
             exchange_id: exchange.record.exchange_id.clone(),
             evidence_type: request.evidence_type,
@@ -221,9 +252,18 @@ impl Broker {
             parameters: request.parameters,
         };
         self.forwarder
-            .forward(&destination, &forward, &exchange.trace, exchange.deadline)
+            .forward(
+                &destination,
+                &forward,
+                &exchange.trace,
+                exchange.work_deadline,
+                &mut exchange.record.register_contacted,
+            )
             .await
-            .map_err(|e| forward_refusal(&destination, e))
+            .map_err(|error| Refusal::Forward {
+                connector: destination.connector_id.clone(),
+                error,
+            })
     }
 
     /// 3. The policy decides; deny by default.
@@ -243,21 +283,12 @@ impl Broker {
                 exchange.record.policy_rule = rule;
                 Ok(consent)
             }
-            Decision::Deny => Err(Refusal::denied(error_with_metadata(
-                Code::PermissionDenied,
-                ErrorReason::PolicyDenied,
-                format!(
-                    "no policy rule allows {caller} to request {:?} for purpose {:?} under legal basis {:?}; ask the broker operator for a rule",
-                    request.evidence_type, request.purpose, request.legal_basis
-                ),
-                [
-                    ("caller".to_owned(), caller.spiffe_id()),
-                    ("evidence_type".to_owned(), request.evidence_type.clone()),
-                    ("purpose".to_owned(), request.purpose.clone()),
-                    ("legal_basis".to_owned(), request.legal_basis.clone()),
-                ]
-                .into(),
-            ))),
+            Decision::Deny => Err(Refusal::PolicyDenied(Box::new(DeniedRequest {
+                caller: caller.clone(),
+                evidence_type: request.evidence_type.clone(),
+                purpose: request.purpose.clone(),
+                legal_basis: request.legal_basis.clone(),
+            }))),
         }
     }
 
@@ -281,27 +312,18 @@ impl Broker {
             )
             .map_err(|e| {
                 tracing::error!(error = %e, "consent lookup failed");
-                Refusal::failed(Status::unavailable(
-                    "the consent store is unavailable; retry",
-                ))
+                Refusal::ConsentStoreUnavailable
             })?;
         match found {
             Some(consent) => {
                 exchange.record.consent_id = consent.consent_id;
                 Ok(())
             }
-            None => Err(Refusal::denied(error(
-                Code::FailedPrecondition,
-                ErrorReason::ConsentMissing,
-                format!(
-                    "the policy requires the subject's consent for {:?} for purpose {:?}, and no active consent exists (none granted, expired or revoked){}",
-                    request.evidence_type,
-                    request.purpose,
-                    consent_id
-                        .map(|id| format!("; consent {id:?} does not cover this request"))
-                        .unwrap_or_default()
-                ),
-            ))),
+            None => Err(Refusal::ConsentMissing {
+                evidence_type: request.evidence_type.clone(),
+                purpose: request.purpose.clone(),
+                consent_id: consent_id.map(str::to_owned),
+            }),
         }
     }
 
@@ -310,18 +332,9 @@ impl Broker {
         let jurisdiction = Some(request.jurisdiction.as_str()).filter(|j| !j.is_empty());
         self.routing
             .route(&request.evidence_type, jurisdiction)
-            .ok_or_else(|| {
-                Refusal::failed(error(
-                    Code::NotFound,
-                    ErrorReason::NoRoute,
-                    format!(
-                        "no register serves {:?}{}",
-                        request.evidence_type,
-                        jurisdiction
-                            .map(|j| format!(" for jurisdiction {j:?}"))
-                            .unwrap_or_default()
-                    ),
-                ))
+            .ok_or_else(|| Refusal::NoRoute {
+                evidence_type: request.evidence_type.clone(),
+                jurisdiction: jurisdiction.map(str::to_owned),
             })
     }
 
@@ -333,12 +346,7 @@ impl Broker {
         request: &RequestEvidenceRequest,
     ) -> Exchange {
         let started = Instant::now();
-        let budget = match grpc_timeout(metadata) {
-            Some(timeout) => {
-                (timeout - (timeout / 10).min(DEADLINE_HEADROOM_MAX)).min(self.max_request_time)
-            }
-            None => self.max_request_time,
-        };
+        let deadline = Deadline::of_call(metadata, started, self.max_request_time);
         let trace = TraceContext::extract(metadata).unwrap_or_else(TraceContext::new_root);
         let subject = request.subject.clone().unwrap_or_default();
         let mut id = [0u8; 12];
@@ -363,7 +371,8 @@ impl Broker {
         Exchange {
             record,
             started,
-            deadline: started + budget,
+            deadline,
+            work_deadline: deadline,
             trace,
         }
     }
@@ -374,31 +383,34 @@ impl Broker {
         &self,
         exchange: Exchange,
         result: Result<Evidence, Refusal>,
-    ) -> Result<RequestEvidenceResponse, Status> {
+    ) -> Result<RequestEvidenceResponse, Refusal> {
         let Exchange {
             mut record,
             started,
             ..
         } = exchange;
-        let evidence = match result {
+        match &result {
             Ok(evidence) => {
                 record.outcome = ExchangeOutcome::Delivered as i32;
                 record.status_code = Code::Ok as i32;
                 record.payload_sha256 = evidence.payload_sha256.clone();
-                Ok(evidence)
             }
             Err(refusal) => {
-                record.outcome = refusal.outcome as i32;
-                record.status_code = refusal.status.code() as i32;
-                record.status_message = truncate(refusal.status.message(), 1024);
-                Err(refusal.status)
+                let status = refusal.status();
+                record.outcome = refusal.outcome() as i32;
+                record.status_code = status.code() as i32;
+                record.status_message = truncate(status.message(), 1024);
+                record.error_reason = refusal.reason() as i32;
             }
-        };
+        }
         record.latency_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let exchange_id = record.exchange_id.clone();
         let request_id = record.request_id.clone();
         let outcome = record.outcome();
-        match self.audit.append(record).await {
+        let appending = Instant::now();
+        let appended = self.audit.append(record).await;
+        self.append_latency.record(appending.elapsed());
+        match appended {
             Ok(index) => {
                 tracing::info!(
                     ?outcome,
@@ -406,7 +418,7 @@ impl Broker {
                     latency_ms = started.elapsed().as_secs_f64() * 1000.0,
                     "exchange audited"
                 );
-                evidence.map(|evidence| RequestEvidenceResponse {
+                result.map(|evidence| RequestEvidenceResponse {
                     request_id,
                     exchange_id,
                     evidence: Some(evidence),
@@ -415,11 +427,7 @@ impl Broker {
             }
             Err(audit_error) => {
                 tracing::error!(%audit_error, ?outcome, "audit record not written: no evidence released");
-                Err(error(
-                    Code::Unavailable,
-                    ErrorReason::AuditUnavailable,
-                    "the audit record of this exchange could not be written, so no evidence was released; retry with the same request_id",
-                ))
+                Err(Refusal::AuditUnavailable)
             }
         }
     }
@@ -430,17 +438,19 @@ impl Broker {
         &self,
         mut exchange: Exchange,
         first: tokio::sync::watch::Receiver<Option<StoredOutcome>>,
-    ) -> Result<RequestEvidenceResponse, Status> {
-        let outcome = tokio::time::timeout_at(exchange.deadline.into(), wait_for(first)).await;
-        let Ok(Some(first)) = outcome else {
-            let status = error(
-                Code::Unavailable,
-                ErrorReason::ConnectorUnavailable,
-                "the first request with this request_id did not finish; retry",
-            );
-            return self
-                .audit_and_answer(exchange, Err(Refusal::failed(status)))
-                .await;
+        caller_gone: CancellationToken,
+    ) -> Result<RequestEvidenceResponse, Refusal> {
+        let first = tokio::select! {
+            biased;
+            () = caller_gone.cancelled() => Err(Refusal::Cancelled),
+            first = exchange.work_deadline.run(wait_for(first)) => match first {
+                Ok(Some(first)) => Ok(first),
+                _ => Err(Refusal::FirstDidNotFinish),
+            },
+        };
+        let first = match first {
+            Ok(first) => first,
+            Err(refusal) => return self.audit_and_answer(exchange, Err(refusal)).await,
         };
         exchange.record.replay_of_exchange_id = first.exchange_id.clone();
         match first.result {
@@ -450,9 +460,7 @@ impl Broker {
                 self.audit_and_answer(exchange, Ok(evidence)).await
             }
             Err(stored) => {
-                let status = stored.rebuild();
-                let outcome = outcome_of(status.code());
-                self.audit_and_answer(exchange, Err(Refusal { outcome, status }))
+                self.audit_and_answer(exchange, Err(Refusal::Replayed(stored)))
                     .await
             }
         }
@@ -460,22 +468,16 @@ impl Broker {
 }
 
 /// Keeps a final outcome for repeats; a transient failure (UNAVAILABLE,
-/// DEADLINE_EXCEEDED) is forgotten so the retry runs again.
+/// DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, CANCELLED) is forgotten so the
+/// retry runs again.
 fn remember(
     pending: crate::idempotency::Pending,
-    answer: &Result<RequestEvidenceResponse, Status>,
+    answer: &Result<RequestEvidenceResponse, Refusal>,
 ) {
     let result = match answer {
         Ok(response) => Ok(response.clone()),
-        Err(status)
-            if matches!(
-                status.code(),
-                Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted
-            ) =>
-        {
-            return;
-        }
-        Err(status) => Err(StoredStatus::capture(status)),
+        Err(refusal) if refusal.is_transient() => return,
+        Err(refusal) => Err(StoredStatus::capture(&refusal.status(), refusal.outcome())),
     };
     let exchange_id = match &result {
         Ok(response) => response.exchange_id.clone(),
@@ -487,15 +489,72 @@ fn remember(
     });
 }
 
-/// The audit class of a status code.
-fn outcome_of(code: Code) -> ExchangeOutcome {
-    match code {
-        Code::Ok => ExchangeOutcome::Delivered,
-        Code::InvalidArgument | Code::AlreadyExists => ExchangeOutcome::Rejected,
-        Code::PermissionDenied | Code::FailedPrecondition | Code::Unauthenticated => {
-            ExchangeOutcome::Denied
+/// How many exchanges may be with registers at once, and how many more may
+/// wait for a slot; the rest are shed (RESOURCE_EXHAUSTED, audited) rather
+/// than queued without bound. A shed exchange must leave its audit record,
+/// so this limit sits inside the request path rather than as a tower layer
+/// in front of it.
+pub struct ExchangeLimit {
+    slots: Semaphore,
+    capacity: usize,
+    waiting: AtomicUsize,
+    max_waiting: usize,
+    peak: AtomicUsize,
+}
+
+impl ExchangeLimit {
+    /// `concurrency` exchanges at once, `max_waiting` more waiting.
+    pub fn new(concurrency: usize, max_waiting: usize) -> Self {
+        ExchangeLimit {
+            slots: Semaphore::new(concurrency),
+            capacity: concurrency,
+            waiting: AtomicUsize::new(0),
+            max_waiting,
+            peak: AtomicUsize::new(0),
         }
-        _ => ExchangeOutcome::Failed,
+    }
+
+    /// A slot, waiting (at most until `deadline`) only where fewer than
+    /// `max_waiting` already wait.
+    pub async fn admit(&self, deadline: Deadline) -> Result<SemaphorePermit<'_>, Refusal> {
+        let slot = match self.slots.try_acquire() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
+                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    return Err(Refusal::Overloaded {
+                        retry_after: SHED_RETRY_AFTER,
+                    });
+                }
+                let waited = deadline.run(self.slots.acquire()).await;
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                match waited {
+                    Ok(Ok(slot)) => slot,
+                    Ok(Err(_closed)) => {
+                        return Err(Refusal::Overloaded {
+                            retry_after: SHED_RETRY_AFTER,
+                        });
+                    }
+                    Err(_elapsed) => {
+                        return Err(Refusal::DeadlineExceeded {
+                            what: "waiting for a free exchange slot".into(),
+                        });
+                    }
+                }
+            }
+        };
+        self.peak.fetch_max(self.in_flight(), Ordering::Relaxed);
+        Ok(slot)
+    }
+
+    /// Exchanges with registers now.
+    pub fn in_flight(&self) -> usize {
+        self.capacity - self.slots.available_permits()
+    }
+
+    /// The most exchanges with registers at once since start.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
     }
 }
 
@@ -505,22 +564,16 @@ pub fn authenticate(
     peer: Result<Participant, PeerRefusal>,
 ) -> Result<Participant, (Refusal, Option<String>)> {
     let caller = peer.map_err(|refusal| {
-        let status = certificate_refused(&refusal.reason);
-        (Refusal::denied(status), refusal.claimed)
+        (
+            Refusal::Unauthenticated {
+                reason: refusal.reason,
+            },
+            refusal.claimed,
+        )
     })?;
     if caller.role() != Role::Authority {
         let claimed = Some(caller.spiffe_id());
-        return Err((
-            Refusal::denied(error(
-                Code::PermissionDenied,
-                ErrorReason::RoleNotPermitted,
-                format!(
-                    "{caller} has role {}; only authorities (role authority) may request evidence",
-                    caller.role()
-                ),
-            )),
-            claimed,
-        ));
+        return Err((Refusal::RoleNotPermitted { caller }, claimed));
     }
     Ok(caller)
 }
@@ -579,72 +632,6 @@ pub fn validate(routing: &RoutingTable, request: &RequestEvidenceRequest) -> Res
         ));
     }
     Ok(())
-}
-
-/// The status and audit class of a failed forward.
-fn forward_refusal(destination: &Destination, failure: ForwardError) -> Refusal {
-    let connector = &destination.connector_id;
-    match failure {
-        ForwardError::DeadlineExceeded => Refusal::failed(deadline_status(&format!(
-            "waiting for connector {connector}"
-        ))),
-        ForwardError::Unreachable(reason) => Refusal::failed(error(
-            Code::Unavailable,
-            ErrorReason::ConnectorUnavailable,
-            format!(
-                "connector {connector} is unreachable ({reason}); retry later with the same request_id"
-            ),
-        )),
-        ForwardError::IdentityMismatch(reason) => Refusal::failed(error(
-            Code::Unavailable,
-            ErrorReason::ConnectorIdentityMismatch,
-            format!(
-                "connector {connector} could not be verified ({reason}); the broker did not send it the request"
-            ),
-        )),
-        ForwardError::BadEvidence(reason) => Refusal::failed(error(
-            Code::DataLoss,
-            ErrorReason::ConnectorUnavailable,
-            format!(
-                "connector {connector} returned evidence that fails the broker's checks: {reason}"
-            ),
-        )),
-        ForwardError::Connector(status) => {
-            // Allowed, but the register did not deliver: FAILED, whatever
-            // the register's reason.
-            let passed_on = match status.code() {
-                // The register's own answers, passed through with their details.
-                Code::NotFound
-                | Code::PermissionDenied
-                | Code::InvalidArgument
-                | Code::Unavailable
-                | Code::ResourceExhausted => Status::with_details(
-                    status.code(),
-                    format!("register {connector}: {}", status.message()),
-                    status.details().to_vec().into(),
-                ),
-                code => error(
-                    Code::Unavailable,
-                    ErrorReason::ConnectorUnavailable,
-                    format!(
-                        "connector {connector} failed ({code:?}: {})",
-                        status.message()
-                    ),
-                ),
-            };
-            Refusal::failed(passed_on)
-        }
-    }
-}
-
-fn deadline_status(what: &str) -> Status {
-    error(
-        Code::DeadlineExceeded,
-        ErrorReason::DeadlineExceeded,
-        format!(
-            "the deadline passed while {what}; give the request a longer deadline, or retry later"
-        ),
-    )
 }
 
 /// The request's content, for telling a retry from a reused request id.

@@ -9,10 +9,11 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use onceonly_certs::tls::{ConnectError, find_connect_error};
 use onceonly_certs::{MtlsConnector, Participant, Role};
+use onceonly_proto::deadline::{Deadline, deadline_aware};
 use onceonly_proto::metadata::{EXCHANGE_ID_HEADER, TraceContext};
 use onceonly_proto::status::reason_of;
 use onceonly_proto::v1::connector_service_client::ConnectorServiceClient;
@@ -75,43 +76,52 @@ impl Forwarder {
         Ok(channel)
     }
 
-    /// Forwards `request` to `destination`, finishing by `deadline`.
+    /// Forwards `request` to `destination`, finishing by `deadline` (each
+    /// endpoint also within the connector's timeout). `contacted` is set
+    /// while a call is under way with an endpoint that was reached, and
+    /// stays set once one answered: whether the register saw the request.
+    /// Dropping the future drops the call, which cancels it at the
+    /// connector.
     pub async fn forward(
         &self,
         destination: &Destination,
         request: &ProvideEvidenceRequest,
         trace: &TraceContext,
-        deadline: Instant,
+        deadline: Deadline,
+        contacted: &mut bool,
     ) -> Result<Evidence, ForwardError> {
         let mut last_failure = ForwardError::Unreachable("no endpoints".into());
         for endpoint in &destination.endpoints {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let budget = remaining.min(destination.timeout);
-            if budget.is_zero() {
+            let attempt = deadline.at_most(destination.timeout);
+            if attempt.has_passed() {
                 return Err(ForwardError::DeadlineExceeded);
             }
             let mut call = tonic::Request::new(request.clone());
-            call.set_timeout(budget);
+            attempt.apply(&mut call);
             trace.child().inject(call.metadata_mut());
             if let Ok(value) = MetadataValue::try_from(request.exchange_id.as_str()) {
                 call.metadata_mut().insert(EXCHANGE_ID_HEADER, value);
             }
             let mut client =
                 ConnectorServiceClient::new(self.channel(&destination.connector_id, endpoint)?);
-            let answer = tokio::time::timeout(budget, client.provide_evidence(call)).await;
-            let status = match answer {
-                Err(_) => return Err(ForwardError::DeadlineExceeded),
+            let already = *contacted;
+            // Until the call proves otherwise, the register may see it.
+            *contacted = true;
+            let status = match attempt.run(client.provide_evidence(call)).await {
+                Err(_elapsed) => return Err(ForwardError::DeadlineExceeded),
                 Ok(Ok(response)) => {
                     return check_evidence(destination, request, response.into_inner().evidence);
                 }
-                Ok(Err(status)) => status,
+                Ok(Err(status)) => deadline_aware(status),
             };
             match classify(&status) {
                 Failure::Unreachable(reason) => {
+                    *contacted = already;
                     tracing::warn!(%endpoint, connector = %destination.connector_id, %reason, "connector endpoint unreachable; trying the next");
                     last_failure = ForwardError::Unreachable(format!("{endpoint}: {reason}"));
                 }
                 Failure::Identity(reason) => {
+                    *contacted = already;
                     tracing::error!(%endpoint, connector = %destination.connector_id, %reason, "connector presented the wrong identity");
                     last_failure = ForwardError::IdentityMismatch(reason);
                 }

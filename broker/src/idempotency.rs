@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use onceonly_proto::v1::RequestEvidenceResponse;
+use onceonly_proto::v1::{ExchangeOutcome, RequestEvidenceResponse};
 use tokio::sync::watch;
 
 /// A finished exchange's outcome, as it can be replayed.
@@ -32,15 +32,19 @@ pub struct StoredStatus {
     pub message: String,
     /// Encoded `google.rpc.Status` details.
     pub details: Vec<u8>,
+    /// How the first exchange's record classed it; a replay's record is
+    /// classed the same.
+    pub outcome: ExchangeOutcome,
 }
 
 impl StoredStatus {
-    /// Captures a status.
-    pub fn capture(status: &tonic::Status) -> Self {
+    /// Captures a status and its audit class.
+    pub fn capture(status: &tonic::Status, outcome: ExchangeOutcome) -> Self {
         StoredStatus {
             code: status.code(),
             message: status.message().to_owned(),
             details: status.details().to_vec(),
+            outcome,
         }
     }
 
@@ -233,6 +237,7 @@ mod tests {
                 code: tonic::Code::NotFound,
                 message: "x".into(),
                 details: vec![],
+                outcome: ExchangeOutcome::Failed,
             }),
         }
     }

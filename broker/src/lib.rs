@@ -6,7 +6,10 @@
 //!
 //! - [`config`] reads `broker.toml`;
 //! - [`routing`] is the evidence-type catalogue and where each type is served;
-//! - [`policy`] says who may fetch what, why, and with whose consent;
+//! - [`policy`] says who may fetch what, why, and with whose consent, and
+//!   [`quota`] how often;
+//! - [`refusal`] is every way an exchange ends without evidence, classed
+//!   once into a gRPC status and an audit outcome;
 //! - [`consent`] keeps subjects' consents, in sled;
 //! - [`audit`] is the durable, group-committed audit log;
 //! - [`pseudonym`] makes keyed pseudonyms of subject ids for the log;
@@ -27,6 +30,8 @@ pub mod forward;
 pub mod idempotency;
 pub mod policy;
 pub mod pseudonym;
+pub mod quota;
+pub mod refusal;
 pub mod routing;
 pub mod server;
 pub mod services;

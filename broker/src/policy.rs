@@ -29,6 +29,7 @@ use onceonly_certs::config_file::{self, ConfigFileError, line_and_column};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::quota::{QuotaEntry, QuotaSpec, Quotas};
 use crate::routing::RoutingTable;
 
 /// Whether a rule needs the subject's consent.
@@ -59,6 +60,10 @@ struct PolicyFile {
     groups: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     rule: Vec<RuleEntry>,
+    #[serde(default)]
+    quota: Vec<QuotaEntry>,
+    #[serde(default)]
+    default_quota: Option<QuotaSpec>,
 }
 
 /// One checked rule.
@@ -96,6 +101,7 @@ pub enum Decision {
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     rules: Vec<Rule>,
+    quotas: Arc<Quotas>,
 }
 
 impl Policy {
@@ -119,6 +125,7 @@ impl Policy {
                 })?;
             }
         }
+        let quotas = Self::parse_quotas(path, text, &file)?;
         let mut seen = BTreeSet::new();
         let mut rules = Vec::new();
         for entry in file.rule {
@@ -201,7 +208,103 @@ impl Policy {
                 consent: entry.consent,
             });
         }
-        Ok(Policy { rules })
+
+        Ok(Policy {
+            rules,
+            quotas: Arc::new(quotas),
+        })
+    }
+
+    /// Checks and builds the `[[quota]]` entries and `[default_quota]`.
+    fn parse_quotas(path: &Path, text: &str, file: &PolicyFile) -> Result<Quotas, ConfigFileError> {
+        let at = |span: std::ops::Range<usize>, key: &str| {
+            let (line, _) = line_and_column(text, span.start);
+            format!("line {line}: {key}")
+        };
+        let mut seen = BTreeSet::new();
+        for entry in &file.quota {
+            let key = at(
+                entry.callers.span(),
+                &format!("quota {:?} callers", entry.id),
+            );
+            if entry.id.trim().is_empty() || !seen.insert(entry.id.clone()) {
+                return Err(ConfigFileError::invalid(
+                    path,
+                    key,
+                    format!("quota id {:?} is empty or used twice", entry.id),
+                    "give every quota its own id",
+                ));
+            }
+            if !entry.spec.is_valid() {
+                return Err(ConfigFileError::invalid(
+                    path,
+                    key,
+                    format!("quota {:?} gives {}", entry.id, entry.spec),
+                    "give exactly one of per_second and per_minute",
+                ));
+            }
+            if entry.callers.get_ref().is_empty() {
+                return Err(ConfigFileError::invalid(
+                    path,
+                    key,
+                    "is empty",
+                    "list the authority ids or group:<name> the quota applies to",
+                ));
+            }
+            for caller in entry.callers.get_ref() {
+                match caller.strip_prefix("group:") {
+                    Some(group) if !file.groups.contains_key(group) => {
+                        return Err(ConfigFileError::invalid(
+                            path,
+                            key,
+                            format!("group {group:?} is not defined"),
+                            format!(
+                                "add it under [groups] or fix the name ({})",
+                                known(file.groups.keys().map(String::as_str))
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                    None => onceonly_certs::identity::validate_id(caller).map_err(|e| {
+                        ConfigFileError::invalid(
+                            path,
+                            key.clone(),
+                            e.to_string(),
+                            "write an authority id, or group:<name>",
+                        )
+                    })?,
+                }
+            }
+        }
+        if let Some(spec) = file.default_quota
+            && !spec.is_valid()
+        {
+            return Err(ConfigFileError::invalid(
+                path,
+                "default_quota",
+                format!("gives {spec}"),
+                "give exactly one of per_second and per_minute",
+            ));
+        }
+        Quotas::build(&file.quota, &file.groups, file.default_quota).map_err(
+            |(position, conflict)| {
+                let entry = &file.quota[position];
+                ConfigFileError::invalid(
+                    path,
+                    at(entry.callers.span(), &format!("quota {:?} callers", entry.id)),
+                    format!(
+                        "{} is already limited by quota {:?}, and would also be by {:?}",
+                        conflict.caller, conflict.quotas.0, conflict.quotas.1
+                    ),
+                    "name each authority in at most one quota directly and in at most one group quota",
+                )
+            },
+        )
+    }
+
+    /// The request quotas in force.
+    pub fn quotas(&self) -> &Quotas {
+        &self.quotas
     }
 
     /// Decides a request by the caller's id (authority id).
@@ -279,6 +382,8 @@ pub struct PolicyStore {
     path: PathBuf,
     current: RwLock<Arc<Policy>>,
     routing: Arc<RoutingTable>,
+    /// Reloads tried, whether they took or not.
+    reloads: std::sync::atomic::AtomicU64,
 }
 
 impl PolicyStore {
@@ -289,6 +394,7 @@ impl PolicyStore {
             path: path.to_owned(),
             current: RwLock::new(Arc::new(policy)),
             routing,
+            reloads: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -310,13 +416,22 @@ impl PolicyStore {
 
     /// Re-reads the file; on any error the policy in force stays.
     pub fn reload(&self) -> Result<usize, ConfigFileError> {
-        let policy = Self::read(&self.path, &self.routing)?;
+        let tried = Self::read(&self.path, &self.routing);
+        self.reloads
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let policy = tried?;
         let rules = policy.len();
         *self
             .current
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(policy);
         Ok(rules)
+    }
+
+    /// Reloads tried so far (from the file watcher or SIGHUP), whether the
+    /// file checked or not.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The policy file.
@@ -480,6 +595,52 @@ consent = "required"
             message.contains("purposes") && message.contains("is empty"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn quotas_are_read_checked_and_enforced() {
+        let with_quota = format!(
+            "{POLICY}\n[[quota]]\nid = \"family\"\ncallers = [\"group:family\"]\nper_minute = 1\nburst = 1\n"
+        );
+        let policy =
+            Policy::parse(Path::new("policy.toml"), &with_quota, &routing()).expect("parses");
+        assert!(policy.quotas().check("kindergeld").is_ok());
+        let over = policy
+            .quotas()
+            .check("elterngeld-berlin")
+            .expect_err("the group shares one request a minute");
+        assert_eq!(over.quota, "family: 1/min, burst 1");
+        assert!(
+            policy.quotas().check("stranger").is_ok(),
+            "no quota, no limit"
+        );
+
+        let both = with_quota.replace("per_minute = 1", "per_minute = 1\nper_second = 1");
+        let message = Policy::parse(Path::new("policy.toml"), &both, &routing())
+            .expect_err("two rates")
+            .to_string();
+        assert!(message.contains("line 23"), "{message}");
+        assert!(
+            message.contains("exactly one of per_second and per_minute"),
+            "{message}"
+        );
+
+        let unknown = with_quota.replace("group:family\"]\nper", "group:famly\"]\nper");
+        let message = Policy::parse(Path::new("policy.toml"), &unknown, &routing())
+            .expect_err("unknown group")
+            .to_string();
+        assert!(
+            message.contains("group \"famly\" is not defined"),
+            "{message}"
+        );
+
+        let twice = format!(
+            "{with_quota}\n[[quota]]\nid = \"again\"\ncallers = [\"group:family\"]\nper_second = 5\nburst = 5\n"
+        );
+        let message = Policy::parse(Path::new("policy.toml"), &twice, &routing())
+            .expect_err("conflict")
+            .to_string();
+        assert!(message.contains("already limited by quota"), "{message}");
     }
 
     #[test]

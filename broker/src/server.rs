@@ -10,19 +10,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use onceonly_certs::config_file::ConfigFileError;
+use onceonly_certs::connection::CallTracking;
 use onceonly_certs::tls::{self, TlsError};
-use onceonly_certs::{ClientAuth, MtlsIncoming, Participant, ReloadableServerTls, Role};
+use onceonly_certs::{
+    ClientAuth, ConnectionLimits, MtlsIncoming, Participant, ReloadableServerTls, Role,
+};
+use onceonly_proto::deadline::LatencyWindow;
 use onceonly_proto::v1::audit_service_server::AuditServiceServer;
 use onceonly_proto::v1::consent_service_server::ConsentServiceServer;
 use onceonly_proto::v1::evidence_service_server::EvidenceServiceServer;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::audit::{AuditError, AuditLog};
 use crate::config::BrokerConfig;
 use crate::consent::{ConsentError, ConsentStore};
-use crate::exchange::Broker;
+use crate::exchange::{Broker, ExchangeLimit};
 use crate::forward::Forwarder;
 use crate::idempotency::IdempotencyCache;
 use crate::policy::PolicyStore;
@@ -30,8 +34,6 @@ use crate::pseudonym::Pseudonymiser;
 use crate::routing::RoutingTable;
 use crate::services::{AuditGrpc, ConsentGrpc, EvidenceGrpc};
 
-/// Request messages are small; larger ones are refused by the gRPC layer.
-const MAX_REQUEST_MESSAGE: usize = 64 * 1024;
 /// Evidence payloads pass through; the largest the broker relays.
 const MAX_RESPONSE_MESSAGE: usize = 16 * 1024 * 1024;
 /// How often the policy file is checked for changes.
@@ -104,6 +106,8 @@ pub struct BoundBroker {
     identity: Participant,
     audit_writer: JoinHandle<()>,
     grace: Duration,
+    connections: ConnectionLimits,
+    max_request_message: usize,
 }
 
 impl BoundBroker {
@@ -128,15 +132,21 @@ impl BoundBroker {
                 }
             })?,
         );
-        let db = crate::audit::open_storage(
-            sled::Config::new()
-                .path(&config.data_dir)
-                .cache_capacity(config.storage_cache.as_u64()),
-        )
-        .map_err(|e| StartError::Storage {
-            what: format!("data directory {}", config.data_dir.display()),
-            reason: e.to_string(),
-        })?;
+        // Opening waits out another process's lock with sleeps: off the
+        // async workers.
+        let storage = sled::Config::new()
+            .path(&config.data_dir)
+            .cache_capacity(config.storage_cache.as_u64());
+        let db = tokio::task::spawn_blocking(move || crate::audit::open_storage(storage))
+            .await
+            .map_err(|e| StartError::Storage {
+                what: format!("data directory {}", config.data_dir.display()),
+                reason: e.to_string(),
+            })?
+            .map_err(|e| StartError::Storage {
+                what: format!("data directory {}", config.data_dir.display()),
+                reason: e.to_string(),
+            })?;
         let audit_key =
             crate::audit::load_or_create_signing_key(&config.audit_key).map_err(|e| {
                 StartError::Storage {
@@ -159,8 +169,9 @@ impl BoundBroker {
                 config.idempotency.max_entries,
                 usize::try_from(config.idempotency.max_bytes.as_u64()).unwrap_or(usize::MAX),
             ),
-            permits: Semaphore::new(config.limits.concurrency),
+            exchanges: ExchangeLimit::new(config.limits.concurrency, config.limits.max_waiting),
             max_request_time: config.limits.max_request_time,
+            append_latency: LatencyWindow::new(),
         });
         let listener =
             TcpListener::bind(config.listen)
@@ -181,6 +192,9 @@ impl BoundBroker {
             identity,
             audit_writer,
             grace: config.shutdown_grace,
+            connections: config.connections.clone(),
+            max_request_message: usize::try_from(config.limits.max_request_message.as_u64())
+                .unwrap_or(usize::MAX),
         })
     }
 
@@ -213,6 +227,8 @@ impl BoundBroker {
             identity,
             audit_writer,
             grace,
+            connections,
+            max_request_message,
         } = self;
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
@@ -243,24 +259,29 @@ impl BoundBroker {
         tracing::info!(addr = %local_addr, identity = %identity, "broker serving");
         // Boxed so it can be dropped (with the services' handles on the
         // broker) before waiting for the audit writer below.
+        let health = health.max_decoding_message_size(max_request_message);
+        let reflection = reflection.max_decoding_message_size(max_request_message);
+        let incoming = MtlsIncoming::new(listener, tls, connections.clone());
         let mut serving = Box::pin(
-            tonic::transport::Server::builder()
+            connections
+                .apply(tonic::transport::Server::builder())
+                .layer(CallTracking)
                 .add_service(health)
                 .add_service(reflection)
                 .add_service(
                     EvidenceServiceServer::new(EvidenceGrpc(broker.clone()))
-                        .max_decoding_message_size(MAX_REQUEST_MESSAGE)
+                        .max_decoding_message_size(max_request_message)
                         .max_encoding_message_size(MAX_RESPONSE_MESSAGE),
                 )
                 .add_service(
                     ConsentServiceServer::new(ConsentGrpc(broker.clone()))
-                        .max_decoding_message_size(MAX_REQUEST_MESSAGE),
+                        .max_decoding_message_size(max_request_message),
                 )
                 .add_service(
                     AuditServiceServer::new(AuditGrpc(broker.clone()))
-                        .max_decoding_message_size(MAX_REQUEST_MESSAGE),
+                        .max_decoding_message_size(max_request_message),
                 )
-                .serve_with_incoming_shutdown(MtlsIncoming::new(listener, tls), signal),
+                .serve_with_incoming_shutdown(incoming, signal),
         );
         let result = tokio::select! {
             result = &mut serving => result.map_err(|e| StartError::Serve(e.to_string())),

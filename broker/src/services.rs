@@ -93,6 +93,12 @@ fn consent_storage(e: ConsentError) -> Status {
             ErrorReason::NotFound,
             format!("no consent {id:?}"),
         ),
+        ConsentError::Corrupt { id, reason } => {
+            tracing::error!(consent_id = %id, %reason, "stored consent cannot be decoded");
+            Status::data_loss(format!(
+                "consent {id:?} is stored but cannot be read, and was left unchanged; the broker operator must restore it from a backup"
+            ))
+        }
         ConsentError::Storage(reason) => {
             tracing::error!(%reason, "consent storage failed");
             Status::unavailable("the consent store is unavailable; retry")
@@ -320,14 +326,20 @@ impl AuditService for AuditGrpc {
             _ => {}
         }
         let start = parse_page_token(&query.page_token)?;
-        let (records, next) = self
-            .0
-            .audit
-            .query(&filter, start, page_size(query.page_size, 100, 1000))
-            .map_err(|e| {
-                tracing::error!(error = %e, "audit query failed");
-                Status::unavailable("the audit log is unavailable; retry")
-            })?;
+        let limit = page_size(query.page_size, 100, 1000);
+        // A query may scan the index and read the file: off the async workers.
+        let audit = self.0.audit.clone();
+        let (records, next) =
+            tokio::task::spawn_blocking(move || audit.query(&filter, start, limit))
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "audit query task failed");
+                    Status::internal("the audit query failed; the operator has the details")
+                })?
+                .map_err(|e| {
+                    tracing::error!(error = %e, "audit query failed");
+                    Status::unavailable("the audit log is unavailable; retry")
+                })?;
         Ok(Response::new(QueryRecordsResponse {
             records,
             next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
@@ -424,17 +436,28 @@ impl AuditService for AuditGrpc {
         require_role(&request, &[Role::Auditor], "GetEntries")?;
         let ask = request.into_inner();
         let max = page_size(ask.max_entries, 100, 1000) as u64;
-        let end = self.0.audit.len().min(ask.start_index.saturating_add(max));
-        let mut entries = Vec::new();
-        for index in ask.start_index..end {
-            if let Some((record, leaf_data)) = self.0.audit.entry(index).map_err(audit_status)? {
-                entries.push(LogEntry {
-                    leaf_index: index,
-                    leaf_data,
-                    record: Some(record),
-                });
+        let audit = self.0.audit.clone();
+        // Reads from the file: off the async workers.
+        let entries = tokio::task::spawn_blocking(move || {
+            let end = audit.len().min(ask.start_index.saturating_add(max));
+            let mut entries = Vec::new();
+            for index in ask.start_index..end {
+                if let Some((record, leaf_data)) = audit.entry(index)? {
+                    entries.push(LogEntry {
+                        leaf_index: index,
+                        leaf_data,
+                        record: Some(record),
+                    });
+                }
             }
-        }
+            Ok(entries)
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "log entries task failed");
+            Status::internal("reading log entries failed; the operator has the details")
+        })?
+        .map_err(audit_status)?;
         Ok(Response::new(GetEntriesResponse { entries }))
     }
 }

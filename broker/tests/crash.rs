@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use onceonly_certs::{MtlsConnector, Pki, Role};
@@ -18,7 +18,11 @@ use onceonly_registry_mock::{MockRegister, RegisterKind};
 use prost::Message;
 
 const WRITERS: usize = 16;
-const LOAD_TIME: Duration = Duration::from_millis(1500);
+/// Acknowledged requests to wait for before the kill: enough load to mean
+/// something, counted rather than timed, so a slow machine only waits longer.
+const ACKS_BEFORE_KILL: usize = 200;
+/// The most the test waits for them.
+const PATIENCE: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_records_survive_sigkill_and_the_log_verifies() {
@@ -84,18 +88,22 @@ async fn acknowledged_records_survive_sigkill_and_the_log_verifies() {
     let (config, _) =
         onceonly_certs::tls::client_config(&pki.tls_files(Role::Authority, "a")).expect("tls");
     let acknowledged = Arc::new(Mutex::new(HashSet::new()));
-    let stop_at = Instant::now() + LOAD_TIME;
+    let killed_at: Arc<OnceLock<Instant>> = Arc::default();
     let mut writers = Vec::new();
     for writer in 0..WRITERS {
         let channel = MtlsConnector::new(config.clone(), None)
             .channel(&addr, Duration::from_secs(2))
             .expect("channel");
         let acknowledged = acknowledged.clone();
+        let killed_at = killed_at.clone();
         writers.push(tokio::spawn(async move {
             let mut client = EvidenceServiceClient::new(channel);
             let mut n = 0u64;
             // Keep going past the kill, until requests fail for real.
-            while Instant::now() < stop_at + Duration::from_secs(2) {
+            while killed_at
+                .get()
+                .is_none_or(|at| at.elapsed() < Duration::from_secs(2))
+            {
                 let id = format!("w{writer}-{n}");
                 n += 1;
                 let request = RequestEvidenceRequest {
@@ -130,8 +138,14 @@ async fn acknowledged_records_survive_sigkill_and_the_log_verifies() {
             }
         }));
     }
-    tokio::time::sleep(LOAD_TIME).await;
+    let loading = Instant::now();
+    while acknowledged.lock().expect("lock").len() < ACKS_BEFORE_KILL
+        && loading.elapsed() < PATIENCE
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     child.kill().expect("SIGKILL");
+    let _ = killed_at.set(Instant::now());
     child.wait().expect("reaped");
     for writer in writers {
         writer.await.expect("writer");
@@ -139,7 +153,7 @@ async fn acknowledged_records_survive_sigkill_and_the_log_verifies() {
 
     let acknowledged = acknowledged.lock().expect("lock").clone();
     assert!(
-        acknowledged.len() > 50,
+        acknowledged.len() >= ACKS_BEFORE_KILL,
         "too little load to mean anything: {}",
         acknowledged.len()
     );

@@ -46,12 +46,18 @@ async fn make_log(dir: &Path) -> Written {
     let db = onceonly_broker::audit::open_storage(sled::Config::new().path(dir)).expect("db");
     let (log, writer) = AuditLog::open(dir, &db, true, key).expect("log");
     for wave in 0..RECORDS / WAVE {
+        // Held until the whole wave is queued: one frame per wave.
+        log.hold_commits(true);
         let appends: Vec<_> = (0..WAVE)
             .map(|n| {
                 let log = log.clone();
                 tokio::spawn(async move { log.append(record(wave * WAVE + n)).await })
             })
             .collect();
+        while log.queued() < (WAVE - 1) as usize {
+            tokio::task::yield_now().await;
+        }
+        log.hold_commits(false);
         for append in appends {
             append.await.expect("task").expect("append");
         }
@@ -101,10 +107,10 @@ async fn an_untouched_log_verifies_and_was_written_in_batches() {
     let verified = verify_dir(dir.path(), &public).expect("clean");
     assert_eq!(verified.records, RECORDS);
     let frames = segment::read_all(&dir.path().join(FILE_NAME)).expect("read");
-    assert!(
-        (frames.len() as u64) < RECORDS,
-        "{} frames for {RECORDS} records: no group commit",
-        frames.len()
+    assert_eq!(
+        frames.len() as u64,
+        RECORDS / WAVE,
+        "one frame per wave of {WAVE} appends"
     );
 }
 

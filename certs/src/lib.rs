@@ -8,17 +8,21 @@
 //! - [`tls`]: rustls TLS 1.3 server and client configurations, a reloadable
 //!   server configuration, and the glue that hands verified streams (with the
 //!   peer's identity) to tonic.
+//! - [`connection`]: limits on the connections a server accepts (at the
+//!   door, in the handshake, per HTTP/2 connection, when idle).
 //! - [`inspect`]: what `onceonly-certs inspect` prints.
 //!
 //! The `onceonly-certs` binary is a thin CLI over this library.
 
 pub mod config_file;
+pub mod connection;
 pub mod identity;
 pub mod inspect;
 pub mod pki;
 pub mod serve;
 pub mod tls;
 
+pub use connection::ConnectionLimits;
 pub use identity::{IdentityError, IdentityVerifier, Participant, Role};
 pub use pki::{InitOptions, IssueOptions, KeyAlgorithm, Pki, PkiError, TlsFiles};
 pub use tls::{

@@ -17,9 +17,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -31,6 +32,9 @@ use tokio::sync::mpsc;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tonic::transport::server::Connected;
 
+use crate::connection::{
+    CallActivity, ConnectionGate, ConnectionLimits, ConnectionSlot, GateRefusal,
+};
 use crate::identity::{IdentityError, IdentityVerifier, Participant, explain_tls_error};
 use crate::pki::{PkiError, TlsFiles, load_certs, load_crl};
 
@@ -278,13 +282,15 @@ impl ReloadableServerTls {
 
 /// What a server knows about the peer of a connection, as request handlers
 /// see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct PeerIdentity {
     /// Who the peer is, from its verified certificate; or, on a server with
     /// [`ClientAuth::Deferred`], why its certificate was refused.
     pub identity: Result<Participant, PeerRefusal>,
     /// Its address.
     pub remote_addr: Option<SocketAddr>,
+    /// The connection's calls in flight, for its idle timeout.
+    pub activity: Option<Arc<CallActivity>>,
 }
 
 /// Why a peer's certificate was refused, and whom it claimed to be.
@@ -316,11 +322,41 @@ pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<&Participant, Pee
     }
 }
 
-/// A server-side TLS stream whose peer is verified.
+/// A server-side TLS stream whose peer is verified. It holds its place at
+/// the door ([`ConnectionSlot`]) until it closes, and ends itself (reads
+/// end of stream) once no call has been in flight for the idle timeout.
 #[derive(Debug)]
 pub struct MtlsStream {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     peer: PeerIdentity,
+    activity: Arc<CallActivity>,
+    idle_timeout: Duration,
+    idle_timer: Pin<Box<tokio::time::Sleep>>,
+    _slot: ConnectionSlot,
+}
+
+impl MtlsStream {
+    /// Whether the connection has been idle past its timeout; otherwise
+    /// arms the timer to wake the connection when that could next be so.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            let now = tokio::time::Instant::now();
+            let expires = match self.activity.idle_since() {
+                Some(since) => tokio::time::Instant::from_std(since + self.idle_timeout),
+                // Calls in flight: look again a timeout from now.
+                None => now + self.idle_timeout,
+            };
+            if expires <= now {
+                return true;
+            }
+            if self.idle_timer.deadline() != expires {
+                self.idle_timer.as_mut().reset(expires);
+            }
+            if self.idle_timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+        }
+    }
 }
 
 impl Connected for MtlsStream {
@@ -337,7 +373,15 @@ impl AsyncRead for MtlsStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Pending if this.idle_expired(cx) => {
+                tracing::debug!(peer = ?this.peer.remote_addr, "closing idle connection");
+                // End of stream: the HTTP/2 server closes the connection.
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
     }
 }
 
@@ -371,24 +415,27 @@ impl AsyncWrite for MtlsStream {
     }
 }
 
-/// How long a client may take to complete its handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Accepts TCP connections and completes mutual TLS handshakes concurrently
 /// (a slow client never holds up others), yielding verified streams for
-/// `tonic::transport::Server::serve_with_incoming`. Refused handshakes are
-/// logged with the reason and never reach tonic. The accept task ends when
-/// the stream is dropped.
+/// `tonic::transport::Server::serve_with_incoming`. Connections over the
+/// [`ConnectionLimits`] are closed at the door, before any TLS work; a
+/// handshake not finished within the limit is dropped. Refused handshakes
+/// are logged with the reason (at most one line a second) and never reach
+/// tonic. The accept task ends when the stream is dropped.
 pub struct MtlsIncoming {
     receiver: mpsc::Receiver<MtlsStream>,
 }
 
 impl MtlsIncoming {
     /// Starts accepting on `listener` with the configuration `tls` holds at
-    /// the time of each connection.
-    pub fn new(listener: TcpListener, tls: Arc<ReloadableServerTls>) -> Self {
+    /// the time of each connection, within `limits`.
+    pub fn new(
+        listener: TcpListener,
+        tls: Arc<ReloadableServerTls>,
+        limits: ConnectionLimits,
+    ) -> Self {
         let (sender, receiver) = mpsc::channel(64);
-        tokio::spawn(accept_loop(listener, tls, sender));
+        tokio::spawn(accept_loop(listener, tls, limits, sender));
         MtlsIncoming { receiver }
     }
 }
@@ -401,11 +448,36 @@ impl futures::Stream for MtlsIncoming {
     }
 }
 
+/// Logs a flood of refusals as one line a second with a count, so that a
+/// flood costs neither disk nor time in proportion to its size.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    last: Mutex<Option<Instant>>,
+    suppressed: AtomicU64,
+}
+
+impl RefusalLog {
+    fn refused(&self, remote_addr: SocketAddr, reason: &str) {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last = Some(now);
+        let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+        tracing::warn!(%remote_addr, %reason, suppressed, "connection refused (and `suppressed` more in the last second)");
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     tls: Arc<ReloadableServerTls>,
+    limits: ConnectionLimits,
     sender: mpsc::Sender<MtlsStream>,
 ) {
+    let gate = ConnectionGate::new(&limits);
+    let refusals = Arc::new(RefusalLog::default());
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -420,18 +492,42 @@ async fn accept_loop(
                 continue;
             }
         };
+        let slot = match gate.admit(remote_addr.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                let reason = match refusal {
+                    GateRefusal::Full => "max_connections reached",
+                    GateRefusal::AddressFull => "max_connections_per_address reached",
+                };
+                refusals.refused(remote_addr, reason);
+                drop(tcp);
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let (config, verifier) = tls.current();
         let acceptor = TlsAcceptor::from(config);
         let sender = sender.clone();
+        let refusals = refusals.clone();
+        let limits = limits.clone();
         tokio::spawn(async move {
-            match handshake(acceptor, verifier, tcp, remote_addr).await {
-                Ok(stream) => {
+            match handshake(acceptor, verifier, tcp, remote_addr, &limits).await {
+                Ok((inner, peer)) => {
+                    let activity = Arc::new(CallActivity::default());
+                    let stream = MtlsStream {
+                        inner,
+                        peer: PeerIdentity {
+                            activity: Some(activity.clone()),
+                            ..peer
+                        },
+                        activity,
+                        idle_timeout: limits.idle_timeout,
+                        idle_timer: Box::pin(tokio::time::sleep(limits.idle_timeout)),
+                        _slot: slot,
+                    };
                     let _ = sender.send(stream).await;
                 }
-                Err(reason) => {
-                    tracing::warn!(%remote_addr, %reason, "TLS handshake refused");
-                }
+                Err(reason) => refusals.refused(remote_addr, &reason),
             }
         });
     }
@@ -442,10 +538,12 @@ async fn handshake(
     verifier: Arc<IdentityVerifier>,
     tcp: TcpStream,
     remote_addr: SocketAddr,
-) -> Result<MtlsStream, String> {
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+    limits: &ConnectionLimits,
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, PeerIdentity), String> {
+    let timeout = limits.handshake_timeout;
+    let tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
         .await
-        .map_err(|_| format!("handshake not completed within {HANDSHAKE_TIMEOUT:?}"))?
+        .map_err(|_| format!("handshake not completed within {timeout:?}"))?
         .map_err(|e| explain_io_error(&e))?;
     let (_, connection) = tls.get_ref();
     // In strict mode the handshake has verified the chain already; verifying
@@ -467,13 +565,14 @@ async fn handshake(
     if let Err(refusal) = &identity {
         tracing::warn!(%remote_addr, reason = %refusal.reason, claimed = ?refusal.claimed, "client certificate refused");
     }
-    Ok(MtlsStream {
-        inner: tls,
-        peer: PeerIdentity {
+    Ok((
+        tls,
+        PeerIdentity {
             identity,
             remote_addr: Some(remote_addr),
+            activity: None,
         },
-    })
+    ))
 }
 
 /// Describes a TLS I/O error, unwrapping the rustls error inside it.

@@ -15,6 +15,13 @@
 //! concurrency = 256                   # requests in the register at once
 //! max_request_time = "30s"            # cap on any deadline
 //! max_payload_size = "4MiB"
+//!
+//! [connections]                       # see onceonly_certs::connection
+//! max_connections = 10000
+//! handshake_timeout = "10s"
+//! idle_timeout = "5m"
+//! max_concurrent_streams = 256
+//! max_connection_age = "1h"
 //! ```
 //!
 //! Environment overrides (for containers): `ONCEONLY_CONNECTOR_LISTEN`,
@@ -27,8 +34,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use onceonly_certs::TlsFiles;
 use onceonly_certs::config_file::{self, ConfigFileError, relative_to};
+use onceonly_certs::{ConnectionLimits, TlsFiles};
 use serde::Deserialize;
 
 /// Everything a connector server needs.
@@ -43,9 +50,12 @@ pub struct ConnectorConfig {
     /// Where set, only the broker with this id may call.
     #[serde(default)]
     pub allowed_broker_id: Option<String>,
-    /// Limits.
+    /// Limits on requests.
     #[serde(default)]
     pub limits: Limits,
+    /// Limits on connections.
+    #[serde(default)]
+    pub connections: ConnectionLimits,
     /// How long shutdown waits for requests in flight.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -92,6 +102,7 @@ impl ConnectorConfig {
             tls,
             allowed_broker_id: None,
             limits: Limits::default(),
+            connections: ConnectionLimits::default(),
             shutdown_grace: default_shutdown_grace(),
         }
     }
@@ -186,6 +197,13 @@ impl ConnectorConfig {
                 "limits.max_payload_size",
                 format!("{} is out of range", self.limits.max_payload_size),
                 "use 1KiB to 64MiB",
+            );
+        }
+        if let Err(limit) = self.connections.validate() {
+            return invalid(
+                &format!("connections.{}", limit.key),
+                limit.problem,
+                limit.fix,
             );
         }
         for (key, path) in [

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use onceonly_certs::connection::CallTracking;
 use onceonly_certs::tls::TlsError;
 use onceonly_certs::{MtlsIncoming, Participant, ReloadableServerTls, TlsFiles};
 use onceonly_proto::v1::connector_service_server::ConnectorServiceServer;
@@ -196,7 +197,10 @@ impl<C: Connector> BoundConnector<C> {
             identity = %self.identity,
             "connector serving"
         );
-        let incoming = MtlsIncoming::new(self.listener, self.tls.clone());
+        let health = health.max_decoding_message_size(MAX_REQUEST_MESSAGE);
+        let reflection = reflection.max_decoding_message_size(MAX_REQUEST_MESSAGE);
+        let incoming =
+            MtlsIncoming::new(self.listener, self.tls.clone(), config.connections.clone());
         let grace = config.shutdown_grace;
         let (drain_started, drain_signal) = oneshot::channel::<()>();
         let signal = async move {
@@ -207,7 +211,10 @@ impl<C: Connector> BoundConnector<C> {
             tracing::info!("connector shutting down; draining requests in flight");
             let _ = drain_started.send(());
         };
-        let serving = tonic::transport::Server::builder()
+        let serving = config
+            .connections
+            .apply(tonic::transport::Server::builder())
+            .layer(CallTracking)
             .add_service(health)
             .add_service(reflection)
             .add_service(service)

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use onceonly_certs::{Participant, Role, peer_identity};
-use onceonly_proto::metadata::{TraceContext, grpc_timeout};
+use onceonly_proto::deadline::{Deadline, Reserve};
+use onceonly_proto::metadata::TraceContext;
 use onceonly_proto::status::{certificate_refused, error, invalid_request};
 use onceonly_proto::v1::connector_service_server::ConnectorService;
 use onceonly_proto::v1::{
@@ -24,9 +25,14 @@ use tracing::Instrument;
 
 use crate::connector::{Connector, EvidencePayload, EvidenceRequest, ProvideError, Subject};
 
-/// The share of the caller's deadline kept back so that our
-/// DEADLINE_EXCEEDED reaches the caller before it gives up by itself.
-const DEADLINE_HEADROOM_MAX: Duration = Duration::from_millis(20);
+/// What a connector keeps back from the broker's deadline for its answer's
+/// trip back: 5 ms, and at least a tenth of the deadline (the one deadline
+/// model of [`onceonly_proto::deadline`]), so that its DEADLINE_EXCEEDED
+/// reaches the broker before the broker's own timer fires.
+const RESERVE: Reserve = Reserve {
+    fixed: Duration::from_millis(5),
+    factor: 0,
+};
 
 /// The limits a connector service enforces.
 #[derive(Debug, Clone)]
@@ -194,16 +200,21 @@ impl<C: Connector> ConnectorGrpc<C> {
         })
     }
 
-    /// The time this request may take: the caller's deadline less a little
-    /// headroom, capped by `max_request_time`.
-    fn budget<T>(&self, request: &Request<T>) -> Duration {
-        match grpc_timeout(request.metadata()) {
-            Some(timeout) => {
-                let headroom = (timeout / 10).min(DEADLINE_HEADROOM_MAX);
-                (timeout - headroom).min(self.limits.max_request_time)
-            }
-            None => self.limits.max_request_time,
-        }
+    /// The caller's deadline (capped by `max_request_time`) and, within
+    /// it, the deadline for the register's work; Err where the caller's
+    /// deadline is too short to do anything.
+    fn deadlines<T>(
+        &self,
+        request: &Request<T>,
+        received: Instant,
+    ) -> Result<(Deadline, Deadline), Status> {
+        let deadline =
+            Deadline::of_call(request.metadata(), received, self.limits.max_request_time);
+        let reserve = RESERVE.for_call(deadline.total(), Duration::ZERO);
+        let work = deadline
+            .keep_back(reserve)
+            .map_err(|too_short| too_short.status())?;
+        Ok((deadline, work))
     }
 }
 
@@ -243,11 +254,14 @@ pub(crate) fn provide_error_status(provide_error: &ProvideError) -> Status {
     }
 }
 
-fn deadline_exceeded(budget: Duration) -> Status {
+fn deadline_exceeded(deadline: &Deadline) -> Status {
     error(
         Code::DeadlineExceeded,
         ErrorReason::DeadlineExceeded,
-        format!("the register did not answer within the deadline ({budget:?})"),
+        format!(
+            "the register did not answer within the deadline ({:?})",
+            deadline.total()
+        ),
     )
 }
 
@@ -261,8 +275,7 @@ impl<C: Connector> ConnectorService for ConnectorGrpc<C> {
         let caller = self.check_caller(&request)?;
         let trace =
             TraceContext::extract(request.metadata()).unwrap_or_else(TraceContext::new_root);
-        let budget = self.budget(&request);
-        let deadline = started + budget;
+        let (deadline, work_deadline) = self.deadlines(&request, started)?;
         let span = tracing::info_span!(
             "provide_evidence",
             exchange_id = %request.get_ref().exchange_id,
@@ -272,10 +285,13 @@ impl<C: Connector> ConnectorService for ConnectorGrpc<C> {
         );
         async move {
             let mut evidence_request = self.validate(request.into_inner())?;
-            evidence_request.deadline = Some(deadline);
+            evidence_request.deadline = Some(work_deadline.instant());
             let evidence_type = evidence_request.evidence_type.clone();
 
-            let outcome = tokio::time::timeout_at(deadline.into(), async {
+            // Dropped at the deadline, or when the broker cancels the call
+            // (tonic drops this future): either way the register's work is
+            // cancelled.
+            let outcome = work_deadline.run(async {
                 let _permit = self
                     .permits
                     .acquire()
@@ -295,7 +311,7 @@ impl<C: Connector> ConnectorService for ConnectorGrpc<C> {
             let result = match outcome {
                 Ok(Ok(payload)) => self.envelope(evidence_type, payload),
                 Ok(Err(status)) => Err(status),
-                Err(_elapsed) => Err(deadline_exceeded(budget)),
+                Err(_elapsed) => Err(deadline_exceeded(&deadline)),
             };
             let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
             match &result {

@@ -2,6 +2,7 @@
 //! on `127.0.0.1:0`, and gRPC channels presenting a chosen participant's
 //! certificate over mutual TLS.
 
+pub mod probe;
 pub mod world;
 
 use std::net::SocketAddr;
@@ -83,4 +84,57 @@ pub fn anonymous_client_config(pki: &Pki) -> Arc<rustls::ClientConfig> {
     .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
     Arc::new(config)
+}
+
+/// A channel whose TCP connections the test can cut from outside, as a
+/// client that vanishes mid-request would (`shutdown` on the socket: the
+/// server reads end of stream).
+pub struct CuttableChannel {
+    /// The channel.
+    pub channel: Channel,
+    sockets: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl CuttableChannel {
+    /// Cuts every connection the channel opened.
+    pub fn cut(&self) {
+        for socket in self
+            .sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// A channel to `addr` with `config` whose connections [`CuttableChannel::cut`]
+/// can cut.
+pub fn cuttable_channel(config: Arc<rustls::ClientConfig>, addr: SocketAddr) -> CuttableChannel {
+    use std::os::fd::AsFd;
+    let sockets: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+    let kept = sockets.clone();
+    let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
+        let config = config.clone();
+        let kept = kept.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let handle = tcp.as_fd().try_clone_to_owned()?;
+            kept.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(std::net::TcpStream::from(handle));
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1")
+                .map_err(std::io::Error::other)?
+                .to_owned();
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect_with_connector_lazy(connector);
+    CuttableChannel { channel, sockets }
 }

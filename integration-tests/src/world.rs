@@ -51,11 +51,28 @@ pub struct World {
     pub broker: Option<RunningBroker>,
 }
 
+/// A test's additions to the broker's configuration file: `limits` lines
+/// go under `[limits]`, `sections` are appended as whole tables (e.g.
+/// `"[connections]\nmax_connections_per_address = 50\n"`).
+#[derive(Debug, Clone, Default)]
+pub struct BrokerSettings {
+    /// Lines added under `[limits]`.
+    pub limits: String,
+    /// Tables appended to the file.
+    pub sections: String,
+}
+
 impl World {
     /// PKI, registers, broker; sample policy and routing (pointing at the
     /// registers' real ports). Tests that need another routing table
     /// rewrite `routing.toml` in [`World::dir`] and restart the broker.
     pub async fn start() -> World {
+        Self::start_with(BrokerSettings::default()).await
+    }
+
+    /// Like [`World::start`], with `settings` added to the broker's
+    /// configuration.
+    pub async fn start_with(settings: BrokerSettings) -> World {
         let mut participants = vec![(Role::Portal, PORTAL), (Role::Auditor, AUDITOR)];
         participants.extend(AUTHORITIES.iter().map(|a| (Role::Authority, *a)));
         for kind in [
@@ -87,7 +104,7 @@ impl World {
             .expect("temp dir");
         std::fs::write(dir.path().join("routing.toml"), routing_text).expect("routing");
         std::fs::write(dir.path().join("policy.toml"), SAMPLE_POLICY).expect("policy");
-        let config_path = write_broker_config(dir.path(), &pki);
+        let config_path = write_broker_config(dir.path(), &pki, &settings);
         let mut world = World {
             pki,
             dir,
@@ -113,6 +130,51 @@ impl World {
                 .await
                 .expect("broker stops in time")
                 .expect("broker stops cleanly");
+        }
+    }
+
+    /// Puts `replacement` (serving with connector `connector_id`'s
+    /// certificate) in the place of the register that serves as
+    /// `connector_id`, and restarts the broker so it routes there.
+    pub async fn replace_register(&mut self, connector_id: &str, replacement: RunningConnector) {
+        let position = self
+            .registers
+            .iter()
+            .position(|r| r.identity().id() == connector_id)
+            .expect("a register with that connector id");
+        let routing_path = self.dir.path().join("routing.toml");
+        let routing = std::fs::read_to_string(&routing_path).expect("routing");
+        let old = self.registers[position].local_addr().to_string();
+        std::fs::write(
+            &routing_path,
+            routing.replace(&old, &replacement.local_addr().to_string()),
+        )
+        .expect("write routing");
+        self.registers[position] = replacement;
+        self.stop_broker().await;
+        self.start_broker().await;
+    }
+
+    /// The audit records of `request_id`, waiting (at most `limit`) until
+    /// there are at least `count`.
+    pub async fn wait_for_records(
+        &self,
+        request_id: &str,
+        count: usize,
+        limit: Duration,
+    ) -> Vec<AuditRecord> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let records: Vec<AuditRecord> = self
+                .audit_records()
+                .await
+                .into_iter()
+                .filter(|r| r.request_id == request_id)
+                .collect();
+            if records.len() >= count || tokio::time::Instant::now() >= deadline {
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -176,7 +238,7 @@ impl World {
     }
 }
 
-fn write_broker_config(dir: &Path, pki: &Pki) -> PathBuf {
+fn write_broker_config(dir: &Path, pki: &Pki, settings: &BrokerSettings) -> PathBuf {
     let files = pki.tls_files(Role::Broker, "broker");
     let text = format!(
         r#"listen = "127.0.0.1:0"
@@ -195,11 +257,15 @@ crl = {crl:?}
 
 [limits]
 max_request_time = "10s"
+{limits}
+{sections}
 "#,
         ca = files.ca,
         cert = files.cert,
         key = files.key,
         crl = pki.crl_path(),
+        limits = settings.limits,
+        sections = settings.sections,
     );
     let path = dir.join("broker.toml");
     std::fs::write(&path, text).expect("broker.toml");

@@ -134,30 +134,47 @@ async fn an_audit_recomputes_the_tree_and_proves_the_log_extends_the_saved_head(
     assert_eq!(second.entries_checked, 12);
     assert_eq!(second.head.expect("head").tree_size, 12);
 
-    // A head the broker never signed (a different history) is not extended.
+    // A different history, signed with the broker's own key (a fork, as a
+    // broker whose key leaked or whose operator rewrote the log would sign),
+    // is not extended: the signature verifies, the consistency proof does
+    // not.
     let mut rewritten = saved.clone();
     rewritten.root_hash[0] ^= 1;
+    let broker_key = onceonly_broker::audit::load_or_create_signing_key(
+        &world.dir.path().join("secrets/audit.key"),
+    )
+    .expect("the broker's signing key");
+    let forked = onceonly_merkle::sth::SignedTreeHead::sign(
+        &broker_key,
+        saved.tree_size,
+        rewritten.root_hash,
+        saved.timestamp_ms,
+    );
+    forked
+        .verify(&key)
+        .expect("signed with the broker's own key");
+    let result = verify_remote(&mut world.auditor(), &key, Some(&forked), false).await;
+    assert!(
+        matches!(result, Err(AuditorError::Inconsistent { .. })),
+        "{result:?}"
+    );
+
+    // A head signed by another key does not verify at all.
     let other_key = ring::signature::Ed25519KeyPair::from_pkcs8(
         ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
             .expect("key")
             .as_ref(),
     )
     .expect("key");
-    let forged = onceonly_merkle::sth::SignedTreeHead::sign(
+    let foreign = onceonly_merkle::sth::SignedTreeHead::sign(
         &other_key,
         saved.tree_size,
-        rewritten.root_hash,
+        saved.root_hash,
         saved.timestamp_ms,
     );
-    let result = verify_remote(
-        &mut world.auditor(),
-        ring::signature::KeyPair::public_key(&other_key).as_ref(),
-        Some(&forged),
-        false,
-    )
-    .await;
+    let result = verify_remote(&mut world.auditor(), &key, Some(&foreign), false).await;
     assert!(
-        matches!(result, Err(AuditorError::BadHead(_))),
+        matches!(&result, Err(AuditorError::File(reason)) if reason.contains("saved head itself does not verify")),
         "{result:?}"
     );
 

@@ -417,11 +417,13 @@ async fn connector_presenting_the_wrong_identity_is_refused() {
 async fn connector_down_is_unavailable_and_failover_reaches_the_second_endpoint() {
     let world = World::start().await;
     let civil = world.registers[0].local_addr().to_string();
-    // A port nobody listens on.
-    let dead = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.local_addr().expect("addr").to_string()
-    };
+    // A port nobody listens on, and nobody else can take while the test
+    // runs: bound, never listening (connections to it are refused).
+    let reserved = tokio::net::TcpSocket::new_v4().expect("socket");
+    reserved
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let dead = reserved.local_addr().expect("addr").to_string();
     let mut world = world;
     let routing_path = world.dir.path().join("routing.toml");
     let original = std::fs::read_to_string(&routing_path).expect("routing");
@@ -467,50 +469,6 @@ async fn connector_down_is_unavailable_and_failover_reaches_the_second_endpoint(
         &record_of(&world, "failover-1").await,
         ExchangeOutcome::Delivered,
         Code::Ok,
-    );
-}
-
-#[tokio::test]
-async fn connector_slower_than_the_deadline_is_deadline_exceeded() {
-    use onceonly_registry_mock::{Faults, MockRegister, RegisterKind};
-    let mut world = World::start().await;
-    // Replace the civil register with a slow one on the same certificate.
-    let slow = MockRegister::embedded(RegisterKind::Civil)
-        .expect("data")
-        .with_faults(Faults {
-            latency: Duration::from_secs(5),
-            ..Faults::default()
-        });
-    let slow =
-        onceonly_integration_tests::start_connector(&world.pki, "civil-register", slow).await;
-    let routing_path = world.dir.path().join("routing.toml");
-    let routing = std::fs::read_to_string(&routing_path).expect("routing");
-    let civil = world.registers[0].local_addr().to_string();
-    std::fs::write(
-        &routing_path,
-        routing.replace(&civil, &slow.local_addr().to_string()),
-    )
-    .expect("write");
-    world.stop_broker().await;
-    world.start_broker().await;
-
-    let mut call = tonic::Request::new(birth_certificate("slow-1"));
-    call.set_timeout(Duration::from_millis(500));
-    let started = std::time::Instant::now();
-    let status = world
-        .authority(BERLIN)
-        .request_evidence(call)
-        .await
-        .expect_err("too slow");
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "the broker waited past the deadline"
-    );
-    assert_recorded(
-        &record_of(&world, "slow-1").await,
-        ExchangeOutcome::Failed,
-        Code::DeadlineExceeded,
     );
 }
 
@@ -641,12 +599,13 @@ async fn live_policy_reload_allows_after_an_edit_and_keeps_the_old_one_when_brok
 
     // A broken edit: refused, the old policy stays.
     let policy = std::fs::read_to_string(world.policy_path()).expect("policy");
+    let reloads = reloads_of(&world);
     std::fs::write(
         world.policy_path(),
         format!("{policy}\n[[rule]]\nid = \"broken\"\ncallers = [\"group:nope\"]\n"),
     )
     .expect("write");
-    wait_for_reload().await;
+    wait_for_reload(&world, reloads).await;
     world
         .authority(BERLIN)
         .request_evidence(birth_certificate("reload-broken-old-still-allows"))
@@ -657,8 +616,9 @@ async fn live_policy_reload_allows_after_an_edit_and_keeps_the_old_one_when_brok
     let rule = format!(
         "\n[[rule]]\nid = \"munich-birth\"\ncallers = [\"{munich}\"]\nevidence_types = [\"birth-certificate\"]\npurposes = [\"{PURPOSE}\"]\nlegal_bases = [\"{BEEG}\"]\nconsent = \"not-required\"\n"
     );
+    let reloads = reloads_of(&world);
     std::fs::write(world.policy_path(), format!("{policy}{rule}")).expect("write");
-    wait_for_reload().await;
+    wait_for_reload(&world, reloads).await;
     world
         .authority(munich)
         .request_evidence(birth("reload-after"))
@@ -670,9 +630,26 @@ async fn live_policy_reload_allows_after_an_edit_and_keeps_the_old_one_when_brok
     );
 }
 
-async fn wait_for_reload() {
-    // The broker polls the policy file once a second.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+fn reloads_of(world: &World) -> u64 {
+    world
+        .running_broker()
+        .broker()
+        .expect("running")
+        .policy
+        .reloads()
+}
+
+/// Waits until the broker has tried a reload after `seen` (it polls the
+/// policy file once a second), however long a busy machine takes.
+async fn wait_for_reload(world: &World, seen: u64) {
+    let waiting = async {
+        while reloads_of(world) <= seen {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("the broker never reloaded the edited policy");
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@
 //! assert_eq!(subject.scheme(), SubjectIdScheme::DeIdnr);
 //! ```
 
+pub mod deadline;
 pub mod metadata;
 pub mod status;
 pub mod validate;

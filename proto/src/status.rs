@@ -29,6 +29,30 @@ pub fn error_with_metadata(
     Status::with_error_details(code, message, details)
 }
 
+/// RESOURCE_EXHAUSTED with `reason`, a `google.rpc.RetryInfo` saying when
+/// to try again, and, for a per-caller quota, a `google.rpc.QuotaFailure`
+/// naming it (`subject`, `description`).
+pub fn resource_exhausted(
+    reason: ErrorReason,
+    message: impl Into<String>,
+    retry_after: std::time::Duration,
+    quota: Option<(String, String)>,
+) -> Status {
+    let mut details = ErrorDetails::with_error_info(reason.reason(), ERROR_DOMAIN, HashMap::new());
+    details.set_retry_info(Some(retry_after));
+    if let Some((subject, description)) = quota {
+        details.add_quota_failure_violation(subject, description);
+    }
+    Status::with_error_details(Code::ResourceExhausted, message, details)
+}
+
+/// The `google.rpc.RetryInfo` delay of a status, if it has one.
+pub fn retry_after(status: &Status) -> Option<std::time::Duration> {
+    status
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay)
+}
+
 /// UNAUTHENTICATED for a caller whose client certificate was refused,
 /// with the verifier's `reason` (revoked, expired, unknown issuer, ...).
 pub fn certificate_refused(reason: &str) -> Status {

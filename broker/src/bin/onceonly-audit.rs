@@ -136,6 +136,7 @@ enum Outcome {
     Rejected,
     Denied,
     Failed,
+    Cancelled,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -219,6 +220,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     Outcome::Rejected => ExchangeOutcome::Rejected as i32,
                     Outcome::Denied => ExchangeOutcome::Denied as i32,
                     Outcome::Failed => ExchangeOutcome::Failed as i32,
+                    Outcome::Cancelled => ExchangeOutcome::Cancelled as i32,
                 }),
                 received_after: timestamp(&filters.after, "--after")?,
                 received_before: timestamp(&filters.before, "--before")?,

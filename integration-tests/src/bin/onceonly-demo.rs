@@ -274,6 +274,7 @@ fn outcome_word(outcome: ExchangeOutcome) -> &'static str {
         ExchangeOutcome::Rejected => "rejected (malformed)",
         ExchangeOutcome::Denied => "refused",
         ExchangeOutcome::Failed => "failed",
+        ExchangeOutcome::Cancelled => "cancelled",
         ExchangeOutcome::Unspecified => "?",
     }
 }

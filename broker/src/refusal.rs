@@ -1,0 +1,407 @@
+//! Every way an exchange can end without evidence, as one typed error, and
+//! the one place that turns it into what the caller sees (gRPC status with
+//! its `ErrorReason` and details) and how the audit log classes it
+//! ([`ExchangeOutcome`]). The request path ([`crate::exchange`]) only ever
+//! returns a [`Refusal`]; nothing else builds a `Status` for it.
+
+use std::time::Duration;
+
+use onceonly_certs::Participant;
+use onceonly_proto::deadline::TooShort;
+use onceonly_proto::status::{
+    certificate_refused, error, error_with_metadata, reason_of, resource_exhausted,
+};
+use onceonly_proto::v1::{ErrorReason, ExchangeOutcome};
+use tonic::{Code, Status};
+
+use crate::forward::ForwardError;
+use crate::idempotency::StoredStatus;
+
+/// Why an exchange ended without evidence.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The caller's certificate was refused.
+    #[error("client certificate refused: {reason}")]
+    Unauthenticated {
+        /// The verifier's reason.
+        reason: String,
+    },
+    /// The caller is not an authority.
+    #[error("{caller} may not request evidence")]
+    RoleNotPermitted {
+        /// Who called.
+        caller: Participant,
+    },
+    /// The caller is over its quota.
+    #[error("{caller} is over quota {quota}")]
+    QuotaExceeded {
+        /// Who called.
+        caller: String,
+        /// The quota's name and limits, as the policy gives them.
+        quota: String,
+        /// When the next request will be admitted.
+        retry_after: Duration,
+    },
+    /// The request id was used for another request within the window.
+    #[error("request id {request_id:?} reused")]
+    RequestIdReused {
+        /// The id.
+        request_id: String,
+    },
+    /// The caller's deadline cannot hold the exchange and its record.
+    #[error(transparent)]
+    DeadlineTooShort(TooShort),
+    /// A field is malformed; the status names each (built by validation).
+    #[error("invalid request: {}", .0.message())]
+    Invalid(Status),
+    /// No policy rule allows the request.
+    #[error("no policy rule allows it")]
+    PolicyDenied(Box<DeniedRequest>),
+    /// The policy requires consent and none covers the request.
+    #[error("no active consent")]
+    ConsentMissing {
+        /// What for.
+        evidence_type: String,
+        /// Why.
+        purpose: String,
+        /// The consent the caller named, if any.
+        consent_id: Option<String>,
+    },
+    /// The consent store could not be read.
+    #[error("consent store unavailable")]
+    ConsentStoreUnavailable,
+    /// No connector serves the evidence type (there).
+    #[error("no route")]
+    NoRoute {
+        /// What for.
+        evidence_type: String,
+        /// Where, if asked.
+        jurisdiction: Option<String>,
+    },
+    /// The broker carries as many exchanges as it may; this one was shed.
+    #[error("overloaded")]
+    Overloaded {
+        /// A hint when to retry.
+        retry_after: Duration,
+    },
+    /// The deadline passed while the broker did `what`.
+    #[error("deadline exceeded while {what}")]
+    DeadlineExceeded {
+        /// What the broker was doing.
+        what: String,
+    },
+    /// Forwarding to the connector failed.
+    #[error("connector {connector}: {error:?}")]
+    Forward {
+        /// The connector.
+        connector: String,
+        /// How.
+        error: ForwardError,
+    },
+    /// The caller cancelled the call or dropped its connection.
+    #[error("cancelled by the caller")]
+    Cancelled,
+    /// The audit record could not be written, so nothing is released.
+    #[error("audit record not written")]
+    AuditUnavailable,
+    /// A repeat of a request id whose first exchange did not finish.
+    #[error("the first request with this id did not finish")]
+    FirstDidNotFinish,
+    /// A repeat of a request id answered with the first exchange's refusal,
+    /// classed as the first one was.
+    #[error("replay of a refusal")]
+    Replayed(StoredStatus),
+}
+
+/// What the policy was asked, and denied.
+#[derive(Debug)]
+pub struct DeniedRequest {
+    /// Who called.
+    pub caller: Participant,
+    /// What for.
+    pub evidence_type: String,
+    /// Why.
+    pub purpose: String,
+    /// Under which norm.
+    pub legal_basis: String,
+}
+
+impl Refusal {
+    /// How the audit log classes it.
+    pub fn outcome(&self) -> ExchangeOutcome {
+        use ExchangeOutcome::*;
+        match self {
+            Refusal::Invalid(_) | Refusal::RequestIdReused { .. } => Rejected,
+            Refusal::Unauthenticated { .. }
+            | Refusal::RoleNotPermitted { .. }
+            | Refusal::QuotaExceeded { .. }
+            | Refusal::PolicyDenied(_)
+            | Refusal::ConsentMissing { .. } => Denied,
+            Refusal::Cancelled => Cancelled,
+            Refusal::Replayed(first) => first.outcome,
+            Refusal::DeadlineTooShort(_)
+            | Refusal::ConsentStoreUnavailable
+            | Refusal::NoRoute { .. }
+            | Refusal::Overloaded { .. }
+            | Refusal::DeadlineExceeded { .. }
+            | Refusal::Forward { .. }
+            | Refusal::AuditUnavailable
+            | Refusal::FirstDidNotFinish => Failed,
+        }
+    }
+
+    /// Whether a repeat of the request id should run again rather than get
+    /// this outcome: transient failures are forgotten.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self.status_code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Cancelled
+        )
+    }
+
+    fn status_code(&self) -> Code {
+        match self {
+            Refusal::Replayed(first) => first.code,
+            other => other.status().code(),
+        }
+    }
+
+    /// What the caller gets.
+    pub fn status(&self) -> Status {
+        match self {
+            Refusal::Unauthenticated { reason } => certificate_refused(reason),
+            Refusal::RoleNotPermitted { caller } => error(
+                Code::PermissionDenied,
+                ErrorReason::RoleNotPermitted,
+                format!(
+                    "{caller} has role {}; only authorities (role authority) may request evidence",
+                    caller.role()
+                ),
+            ),
+            Refusal::QuotaExceeded {
+                caller,
+                quota,
+                retry_after,
+            } => resource_exhausted(
+                ErrorReason::QuotaExceeded,
+                format!(
+                    "{caller} is over its request quota ({quota}); retry after {} ms",
+                    retry_after.as_millis().max(1)
+                ),
+                *retry_after,
+                Some((caller.clone(), format!("quota {quota}"))),
+            ),
+            Refusal::RequestIdReused { request_id } => error(
+                Code::AlreadyExists,
+                ErrorReason::RequestIdReused,
+                format!(
+                    "request_id {request_id:?} was used for a different request within the idempotency window; use a new request_id"
+                ),
+            ),
+            Refusal::DeadlineTooShort(too_short) => too_short.status(),
+            Refusal::Invalid(status) => status.clone(),
+            Refusal::PolicyDenied(denied) => {
+                let DeniedRequest {
+                    caller,
+                    evidence_type,
+                    purpose,
+                    legal_basis,
+                } = denied.as_ref();
+                error_with_metadata(
+                    Code::PermissionDenied,
+                    ErrorReason::PolicyDenied,
+                    format!(
+                        "no policy rule allows {caller} to request {evidence_type:?} for purpose {purpose:?} under legal basis {legal_basis:?}; ask the broker operator for a rule"
+                    ),
+                    [
+                        ("caller".to_owned(), caller.spiffe_id()),
+                        ("evidence_type".to_owned(), evidence_type.clone()),
+                        ("purpose".to_owned(), purpose.clone()),
+                        ("legal_basis".to_owned(), legal_basis.clone()),
+                    ]
+                    .into(),
+                )
+            }
+            Refusal::ConsentMissing {
+                evidence_type,
+                purpose,
+                consent_id,
+            } => error(
+                Code::FailedPrecondition,
+                ErrorReason::ConsentMissing,
+                format!(
+                    "the policy requires the subject's consent for {evidence_type:?} for purpose {purpose:?}, and no active consent exists (none granted, expired or revoked){}",
+                    consent_id
+                        .as_ref()
+                        .map(|id| format!("; consent {id:?} does not cover this request"))
+                        .unwrap_or_default()
+                ),
+            ),
+            Refusal::ConsentStoreUnavailable => error(
+                Code::Unavailable,
+                ErrorReason::ConnectorUnavailable,
+                "the consent store is unavailable; retry with the same request_id",
+            ),
+            Refusal::NoRoute {
+                evidence_type,
+                jurisdiction,
+            } => error(
+                Code::NotFound,
+                ErrorReason::NoRoute,
+                format!(
+                    "no register serves {evidence_type:?}{}",
+                    jurisdiction
+                        .as_ref()
+                        .map(|j| format!(" for jurisdiction {j:?}"))
+                        .unwrap_or_default()
+                ),
+            ),
+            Refusal::Overloaded { retry_after } => resource_exhausted(
+                ErrorReason::Overloaded,
+                format!(
+                    "the broker is carrying as many exchanges as it is configured for; retry after {} ms with the same request_id",
+                    retry_after.as_millis().max(1)
+                ),
+                *retry_after,
+                None,
+            ),
+            Refusal::DeadlineExceeded { what } => error(
+                Code::DeadlineExceeded,
+                ErrorReason::DeadlineExceeded,
+                format!(
+                    "the deadline passed while {what}; give the request a longer deadline, or retry later"
+                ),
+            ),
+            Refusal::Forward { connector, error } => forward_status(connector, error),
+            Refusal::Cancelled => error(
+                Code::Cancelled,
+                ErrorReason::Cancelled,
+                "the caller cancelled the call or closed its connection",
+            ),
+            Refusal::AuditUnavailable => error(
+                Code::Unavailable,
+                ErrorReason::AuditUnavailable,
+                "the audit record of this exchange could not be written, so no evidence was released; retry with the same request_id",
+            ),
+            Refusal::FirstDidNotFinish => error(
+                Code::Unavailable,
+                ErrorReason::ConnectorUnavailable,
+                "the first request with this request_id did not finish; retry",
+            ),
+            Refusal::Replayed(first) => first.rebuild(),
+        }
+    }
+
+    /// The `ErrorReason` the caller gets, for the audit record.
+    pub fn reason(&self) -> ErrorReason {
+        reason_of(&self.status()).unwrap_or(ErrorReason::Unspecified)
+    }
+}
+
+/// The status of a failed forward.
+fn forward_status(connector: &str, failure: &ForwardError) -> Status {
+    match failure {
+        ForwardError::DeadlineExceeded => error(
+            Code::DeadlineExceeded,
+            ErrorReason::DeadlineExceeded,
+            format!(
+                "the deadline passed while waiting for connector {connector}; give the request a longer deadline, or retry later"
+            ),
+        ),
+        ForwardError::Unreachable(reason) => error(
+            Code::Unavailable,
+            ErrorReason::ConnectorUnavailable,
+            format!(
+                "connector {connector} is unreachable ({reason}); retry later with the same request_id"
+            ),
+        ),
+        ForwardError::IdentityMismatch(reason) => error(
+            Code::Unavailable,
+            ErrorReason::ConnectorIdentityMismatch,
+            format!(
+                "connector {connector} could not be verified ({reason}); the broker did not send it the request"
+            ),
+        ),
+        ForwardError::BadEvidence(reason) => error(
+            Code::DataLoss,
+            ErrorReason::ConnectorUnavailable,
+            format!(
+                "connector {connector} returned evidence that fails the broker's checks: {reason}"
+            ),
+        ),
+        ForwardError::Connector(status) => match status.code() {
+            // The register's own answers, passed through with their details.
+            Code::NotFound
+            | Code::PermissionDenied
+            | Code::InvalidArgument
+            | Code::Unavailable
+            | Code::ResourceExhausted => Status::with_details(
+                status.code(),
+                format!("register {connector}: {}", status.message()),
+                status.details().to_vec().into(),
+            ),
+            code => error(
+                Code::Unavailable,
+                ErrorReason::ConnectorUnavailable,
+                format!(
+                    "connector {connector} failed ({code:?}: {})",
+                    status.message()
+                ),
+            ),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_registers_refusal_is_failed_and_its_replay_is_classed_the_same() {
+        let refusal = Refusal::Forward {
+            connector: "civil-register".into(),
+            error: ForwardError::Connector(error(
+                Code::PermissionDenied,
+                ErrorReason::SubjectBlocked,
+                "blocked",
+            )),
+        };
+        assert_eq!(refusal.outcome(), ExchangeOutcome::Failed);
+        let status = refusal.status();
+        assert_eq!(status.code(), Code::PermissionDenied);
+        let replay = Refusal::Replayed(StoredStatus::capture(&status, refusal.outcome()));
+        assert_eq!(replay.outcome(), ExchangeOutcome::Failed);
+        assert_eq!(replay.status().code(), Code::PermissionDenied);
+        assert_eq!(replay.reason(), ErrorReason::SubjectBlocked);
+    }
+
+    #[test]
+    fn limits_are_resource_exhausted_with_retry_info() {
+        let quota = Refusal::QuotaExceeded {
+            caller: "spiffe://t/authority/a".into(),
+            quota: "a: 5/s, burst 5".into(),
+            retry_after: Duration::from_millis(200),
+        };
+        let status = quota.status();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(quota.reason(), ErrorReason::QuotaExceeded);
+        assert_eq!(
+            onceonly_proto::status::retry_after(&status),
+            Some(Duration::from_millis(200))
+        );
+        assert_eq!(quota.outcome(), ExchangeOutcome::Denied);
+        assert!(quota.is_transient());
+        let shed = Refusal::Overloaded {
+            retry_after: Duration::from_millis(50),
+        };
+        assert_eq!(shed.outcome(), ExchangeOutcome::Failed);
+        assert_eq!(shed.reason(), ErrorReason::Overloaded);
+    }
+
+    #[test]
+    fn cancellation_is_its_own_outcome() {
+        assert_eq!(Refusal::Cancelled.outcome(), ExchangeOutcome::Cancelled);
+        assert_eq!(Refusal::Cancelled.reason(), ErrorReason::Cancelled);
+        assert!(Refusal::Cancelled.is_transient());
+    }
+}

@@ -1,0 +1,371 @@
+//! Limits on the connections a onceonly server (broker or connector)
+//! accepts, so that no client, careless or hostile, can exhaust it:
+//!
+//! - at the door, before any TLS work: at most `max_connections` in all and
+//!   `max_connections_per_address` from one IP address ([`ConnectionGate`]);
+//!   a connection over either is closed at once;
+//! - a client that does not finish its TLS handshake within
+//!   `handshake_timeout` is dropped;
+//! - HTTP/2: at most `max_concurrent_streams` calls per connection, caps on
+//!   reset streams (the "rapid reset" attacks), keepalive pings that find
+//!   dead peers, and a maximum connection age after which the client is
+//!   asked (GOAWAY) to reconnect, so certificate rotation and revocation
+//!   reach long-lived clients ([`ConnectionLimits::apply`]);
+//! - a connection with no call in flight for `idle_timeout` is closed
+//!   ([`CallTracking`] counts calls per connection; pings do not count).
+//!
+//! The values come from the servers' configuration files (`[connections]`),
+//! with safe defaults.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Connection limits, as `[connections]` in a server's configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionLimits {
+    /// Connections open at once, handshakes included.
+    pub max_connections: usize,
+    /// Connections open at once from one IP address.
+    pub max_connections_per_address: usize,
+    /// How long a client may take to complete its TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A connection with no call in flight this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Calls (HTTP/2 streams) in flight at once on one connection.
+    pub max_concurrent_streams: u32,
+    /// Streams the server may reset because of client errors before it
+    /// closes the connection.
+    pub max_local_reset_streams: usize,
+    /// Streams the client opened and reset before the server accepted
+    /// them, at once, before the server closes the connection.
+    pub max_pending_accept_reset_streams: usize,
+    /// How often an HTTP/2 ping checks that a quiet peer is still there.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// After this long the client is asked to reconnect (GOAWAY), so that
+    /// rotated certificates and revocations reach it.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
+    /// How long calls in flight may still take after the GOAWAY.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age_grace: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: 10_000,
+            max_connections_per_address: 512,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_concurrent_streams: 256,
+            max_local_reset_streams: 64,
+            max_pending_accept_reset_streams: 32,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(3600),
+            max_connection_age_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What is wrong with a [`ConnectionLimits`] value: the key and the fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitProblem {
+    /// The key under `[connections]`.
+    pub key: &'static str,
+    /// What is wrong.
+    pub problem: String,
+    /// How to fix it.
+    pub fix: &'static str,
+}
+
+impl ConnectionLimits {
+    /// Checks the values.
+    pub fn validate(&self) -> Result<(), LimitProblem> {
+        let problem = |key, problem: &str, fix| {
+            Err(LimitProblem {
+                key,
+                problem: problem.to_owned(),
+                fix,
+            })
+        };
+        if self.max_connections == 0 {
+            return problem("max_connections", "is zero", "allow at least 1, e.g. 10000");
+        }
+        if self.max_connections_per_address == 0 {
+            return problem(
+                "max_connections_per_address",
+                "is zero",
+                "allow at least 1, e.g. 512",
+            );
+        }
+        if self.max_concurrent_streams == 0 {
+            return problem(
+                "max_concurrent_streams",
+                "is zero",
+                "allow at least 1, e.g. 256",
+            );
+        }
+        for (key, value) in [
+            ("handshake_timeout", self.handshake_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("keepalive_interval", self.keepalive_interval),
+            ("keepalive_timeout", self.keepalive_timeout),
+            ("max_connection_age", self.max_connection_age),
+        ] {
+            if value.is_zero() {
+                return problem(key, "is zero", "give a duration, e.g. \"10s\"");
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the HTTP/2 limits to a tonic server builder.
+    pub fn apply<L>(&self, server: tonic::transport::Server<L>) -> tonic::transport::Server<L> {
+        server
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .http2_max_local_error_reset_streams(Some(self.max_local_reset_streams))
+            .http2_max_pending_accept_reset_streams(Some(self.max_pending_accept_reset_streams))
+            .http2_keepalive_interval(Some(self.keepalive_interval))
+            .http2_keepalive_timeout(Some(self.keepalive_timeout))
+            .max_connection_age(self.max_connection_age)
+            .max_connection_age_grace(self.max_connection_age_grace)
+    }
+}
+
+/// Counts open connections, in all and per address; a [`ConnectionSlot`]
+/// holds one until the connection closes.
+#[derive(Debug)]
+pub struct ConnectionGate {
+    total: Arc<Semaphore>,
+    per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    max_per_address: usize,
+}
+
+/// Why a connection was turned away at the door.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateRefusal {
+    /// `max_connections` are open.
+    Full,
+    /// `max_connections_per_address` are open from this address.
+    AddressFull,
+}
+
+impl ConnectionGate {
+    /// A gate for `limits`.
+    pub fn new(limits: &ConnectionLimits) -> Self {
+        ConnectionGate {
+            total: Arc::new(Semaphore::new(limits.max_connections)),
+            per_address: Arc::new(Mutex::new(HashMap::new())),
+            max_per_address: limits.max_connections_per_address,
+        }
+    }
+
+    /// A slot for a connection from `address`, or why there is none.
+    pub fn admit(&self, address: IpAddr) -> Result<ConnectionSlot, GateRefusal> {
+        let permit = self
+            .total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| GateRefusal::Full)?;
+        let mut counts = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(address).or_insert(0);
+        if *count >= self.max_per_address {
+            return Err(GateRefusal::AddressFull);
+        }
+        *count += 1;
+        Ok(ConnectionSlot {
+            _permit: permit,
+            address,
+            per_address: self.per_address.clone(),
+        })
+    }
+
+    /// Connections open now.
+    pub fn open(&self, limits: &ConnectionLimits) -> usize {
+        limits.max_connections - self.total.available_permits()
+    }
+}
+
+/// One admitted connection; frees its place when dropped.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    _permit: OwnedSemaphorePermit,
+    address: IpAddr,
+    per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut counts = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// Calls in flight on one connection and when the last one ended: what the
+/// idle timeout looks at. Shared between the connection's stream and
+/// [`CallTracking`].
+#[derive(Debug)]
+pub struct CallActivity {
+    in_flight: AtomicUsize,
+    /// Milliseconds since `epoch` when a call last started or ended.
+    last_change_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for CallActivity {
+    fn default() -> Self {
+        CallActivity {
+            in_flight: AtomicUsize::new(0),
+            last_change_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl CallActivity {
+    fn touch(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_change_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Counts a call until the guard drops.
+    pub fn begin_call(self: &Arc<Self>) -> CallGuard {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.touch();
+        CallGuard(self.clone())
+    }
+
+    /// When the connection became idle (no call in flight), if it is.
+    pub fn idle_since(&self) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        Some(self.epoch + Duration::from_millis(self.last_change_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// A call in flight; ends when dropped.
+#[derive(Debug)]
+pub struct CallGuard(Arc<CallActivity>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.touch();
+    }
+}
+
+/// A tower layer that counts each call against its connection's
+/// [`CallActivity`] (found in the request's extensions, where the server's
+/// connection info puts it), for the idle timeout.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallTracking;
+
+impl<S> tower::Layer<S> for CallTracking {
+    type Service = Tracked<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Tracked(inner)
+    }
+}
+
+/// A service wrapped by [`CallTracking`].
+#[derive(Debug, Clone)]
+pub struct Tracked<S>(S);
+
+impl<S, B> tower::Service<http::Request<B>> for Tracked<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let guard = request
+            .extensions()
+            .get::<crate::tls::PeerIdentity>()
+            .and_then(|peer| peer.activity.as_ref())
+            .map(CallActivity::begin_call);
+        let response = self.0.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            drop(guard);
+            response
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_counts_in_all_and_per_address_and_frees_on_drop() {
+        let limits = ConnectionLimits {
+            max_connections: 3,
+            max_connections_per_address: 2,
+            ..ConnectionLimits::default()
+        };
+        let gate = ConnectionGate::new(&limits);
+        let one: IpAddr = [127, 0, 0, 2].into();
+        let other: IpAddr = [127, 0, 0, 3].into();
+        let a = gate.admit(one).expect("first");
+        let _b = gate.admit(one).expect("second");
+        assert_eq!(gate.admit(one).err(), Some(GateRefusal::AddressFull));
+        let _c = gate.admit(other).expect("another address");
+        assert_eq!(gate.admit(other).err(), Some(GateRefusal::Full));
+        drop(a);
+        gate.admit(one).expect("a place came free");
+    }
+
+    #[test]
+    fn a_connection_is_idle_only_without_calls() {
+        let activity = Arc::new(CallActivity::default());
+        assert!(activity.idle_since().is_some());
+        let call = activity.begin_call();
+        assert!(activity.idle_since().is_none());
+        drop(call);
+        assert!(activity.idle_since().is_some());
+    }
+
+    #[test]
+    fn defaults_validate_and_zeros_are_named() {
+        assert_eq!(ConnectionLimits::default().validate(), Ok(()));
+        let zero = ConnectionLimits {
+            max_concurrent_streams: 0,
+            ..ConnectionLimits::default()
+        };
+        assert_eq!(
+            zero.validate().expect_err("zero streams").key,
+            "max_concurrent_streams"
+        );
+    }
+}
