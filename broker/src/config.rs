@@ -20,6 +20,7 @@
 //! concurrency = 1024                    # exchanges with registers at once
 //! max_waiting = 1024                    # more may wait; the rest are shed
 //! max_request_message = "64KiB"         # any service's request, health too
+//! max_exchanges = 4096                  # exchanges alive at once, all steps
 //!
 //! [connections]                         # see onceonly_certs::connection
 //! max_connections = 10000
@@ -116,6 +117,10 @@ pub struct Limits {
     /// The largest request message any service accepts (health and
     /// reflection included).
     pub max_request_message: bytesize::ByteSize,
+    /// Exchanges alive at once, in every step. Each runs to its audit
+    /// record whatever its caller does; beyond this many, new ones are shed
+    /// (RESOURCE_EXHAUSTED, OVERLOADED), recorded.
+    pub max_exchanges: usize,
 }
 
 impl Default for Limits {
@@ -125,6 +130,7 @@ impl Default for Limits {
             concurrency: 1024,
             max_waiting: 1024,
             max_request_message: bytesize::ByteSize::kib(64),
+            max_exchanges: 4096,
         }
     }
 }
@@ -223,6 +229,16 @@ impl BrokerConfig {
                 "limits.concurrency",
                 format!("{} is out of range", self.limits.concurrency),
                 "use 1 to 1000000",
+            );
+        }
+        if self.limits.max_exchanges < self.limits.concurrency {
+            return invalid(
+                "limits.max_exchanges",
+                format!(
+                    "{} is below limits.concurrency ({})",
+                    self.limits.max_exchanges, self.limits.concurrency
+                ),
+                "allow at least as many exchanges alive as may be with registers, e.g. 4096",
             );
         }
         if self.limits.max_request_message.as_u64() < 1024 {

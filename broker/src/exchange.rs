@@ -35,6 +35,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use onceonly_certs::security::SecurityEvents;
 use onceonly_certs::{Participant, PeerRefusal, Role};
 use onceonly_proto::deadline::{Deadline, LatencyWindow, Reserve};
 use onceonly_proto::metadata::TraceContext;
@@ -71,6 +72,11 @@ const RESERVE: Reserve = Reserve {
 /// The retry hint a shed exchange gets.
 const SHED_RETRY_AFTER: Duration = Duration::from_millis(100);
 
+/// The least a forward to a connector must have after the reserve: the
+/// connector keeps back its own reserve (5 ms at least) and needs time to
+/// work (10 ms), and the call crosses the network twice.
+const FORWARD_MIN: Duration = Duration::from_millis(20);
+
 /// Everything the request path needs, shared by every request.
 pub struct Broker {
     /// The evidence-type catalogue and routes.
@@ -93,6 +99,11 @@ pub struct Broker {
     pub max_request_time: Duration,
     /// How long audit appends took lately: sizes the deadline reserve.
     pub append_latency: LatencyWindow,
+    /// Exchange tasks alive at once (each runs to its record whatever the
+    /// caller does, so they are bounded apart from HTTP/2 streams).
+    pub exchange_tasks: Arc<Semaphore>,
+    /// Refused connections and calls, counted, never stored.
+    pub security: Arc<SecurityEvents>,
 }
 
 /// What the path knows about the exchange so far; becomes the audit record.
@@ -108,24 +119,53 @@ struct Exchange {
 }
 
 impl Broker {
-    /// Runs one evidence request from `peer` to its answer. The exchange
-    /// runs in its own task: if this future is dropped (the caller
-    /// cancelled, or its connection went), the task is told to stop
-    /// waiting, records the exchange as cancelled and ends.
+    /// Runs one evidence request from `peer` to its answer. A caller
+    /// without a valid certificate of the trust domain is refused here,
+    /// counted and logged (rate-limited) but never recorded: nothing it
+    /// sends is stored. Every other exchange runs in its own task: if this
+    /// future is dropped (the caller cancelled, or its connection went),
+    /// the task is told to stop waiting, records the exchange as cancelled
+    /// and ends. `arrived` is when the call reached the server (the start of
+    /// its deadline).
     pub async fn request_evidence(
         self: &Arc<Self>,
         peer: Result<Participant, PeerRefusal>,
         metadata: &tonic::metadata::MetadataMap,
+        arrived: Option<Instant>,
         request: RequestEvidenceRequest,
     ) -> Result<RequestEvidenceResponse, Status> {
-        let exchange = self.begin(metadata, &request);
+        let peer = match peer {
+            Ok(peer) => peer,
+            Err(refusal) => {
+                self.security.call_refused(refusal.kind);
+                let refusal = Refusal::Unauthenticated {
+                    reason: refusal.reason,
+                };
+                return Err(refusal.status());
+            }
+        };
+        let exchange = self.begin(metadata, arrived, &request);
         let span = tracing::info_span!(
             "request_evidence",
             exchange_id = %exchange.record.exchange_id,
             request_id = %request.request_id,
             trace_id = %exchange.trace.trace_id(),
-            caller = tracing::field::Empty,
+            caller = %peer,
         );
+        let Ok(task_slot) = self.exchange_tasks.clone().try_acquire_owned() else {
+            // No room for another exchange task: shed, recorded here (the
+            // record is queued at once, so it lands even if the caller goes).
+            let shed = Refusal::Overloaded {
+                retry_after: SHED_RETRY_AFTER,
+            };
+            let mut exchange = exchange;
+            exchange.record.caller_id = peer.spiffe_id();
+            return self
+                .audit_and_answer(exchange, Err(shed))
+                .instrument(span)
+                .await
+                .map_err(|refusal| refusal.status());
+        };
         let caller_gone = CancellationToken::new();
         let cancel_on_drop = caller_gone.clone().drop_guard();
         let broker = self.clone();
@@ -133,7 +173,11 @@ impl Broker {
         // would stay entered on the worker thread while this request waits,
         // and other requests' logs would land in its span.
         let exchange = tokio::spawn(
-            async move { broker.run(exchange, peer, request, caller_gone).await }.instrument(span),
+            async move {
+                let _task_slot = task_slot;
+                broker.run(exchange, peer, request, caller_gone).await
+            }
+            .instrument(span),
         );
         let answer = match exchange.await {
             Ok(answer) => answer.map_err(|refusal| refusal.status()),
@@ -152,23 +196,17 @@ impl Broker {
     async fn run(
         &self,
         mut exchange: Exchange,
-        peer: Result<Participant, PeerRefusal>,
+        peer: Participant,
         request: RequestEvidenceRequest,
         caller_gone: CancellationToken,
     ) -> Result<RequestEvidenceResponse, Refusal> {
-        // 1. authenticate
-        let caller = match authenticate(peer) {
+        // 1. authenticate: the certificate verified; the role must be an
+        // authority's.
+        exchange.record.caller_id = peer.spiffe_id();
+        let caller = match authorize_role(peer) {
             Ok(caller) => caller,
-            Err((refusal, claimed)) => {
-                // Recorded apart from real callers: the claim is unverified.
-                exchange.record.caller_id = claimed
-                    .map(|c| format!("unverified:{c}"))
-                    .unwrap_or_default();
-                return self.audit_and_answer(exchange, Err(refusal)).await;
-            }
+            Err(refusal) => return self.audit_and_answer(exchange, Err(refusal)).await,
         };
-        tracing::Span::current().record("caller", tracing::field::display(&caller));
-        exchange.record.caller_id = caller.spiffe_id();
 
         // The caller's quota, then whether its deadline can hold anything.
         if let Err(over) = self.policy.current().quotas().check(caller.id()) {
@@ -180,7 +218,7 @@ impl Broker {
             return self.audit_and_answer(exchange, Err(refusal)).await;
         }
         let reserve = RESERVE.for_call(exchange.deadline.total(), self.append_latency.recent_max());
-        match exchange.deadline.keep_back(reserve) {
+        match exchange.deadline.keep_back(reserve, FORWARD_MIN) {
             Ok(work_deadline) => exchange.work_deadline = work_deadline,
             Err(too_short) => {
                 return self
@@ -189,36 +227,77 @@ impl Broker {
             }
         }
 
-        // Idempotency: a repeated request id gets the first outcome.
-        let pending = if validate::request_id("request_id", &request.request_id).is_ok() {
-            match self.idempotency.begin(
-                &exchange.record.caller_id,
-                &request.request_id,
-                fingerprint(&request),
-            ) {
-                Begin::New(pending) => Some(pending),
-                Begin::Replay(first) => return self.replay(exchange, first, caller_gone).await,
-                Begin::Conflict => {
-                    let refusal = Refusal::RequestIdReused {
-                        request_id: request.request_id,
-                    };
-                    return self.audit_and_answer(exchange, Err(refusal)).await;
+        // Idempotency: a repeated request id gets the first outcome; where
+        // the first did not finish (cancelled, or a transient failure), this
+        // one runs as new.
+        let mut pending = None;
+        if validate::request_id("request_id", &request.request_id).is_ok() {
+            let fingerprint = fingerprint(&request);
+            for _attempt in 0..2 {
+                match self.idempotency.begin(
+                    &exchange.record.caller_id,
+                    &request.request_id,
+                    fingerprint,
+                ) {
+                    Begin::New(new) => {
+                        pending = Some(new);
+                        break;
+                    }
+                    Begin::Replay(first) => {
+                        match self.wait_for_first(&exchange, first, &caller_gone).await {
+                            Ok(Some(first)) => return self.replay(exchange, first).await,
+                            Ok(None) => continue,
+                            Err(refusal) => {
+                                return self.audit_and_answer(exchange, Err(refusal)).await;
+                            }
+                        }
+                    }
+                    Begin::Conflict => {
+                        let refusal = Refusal::RequestIdReused {
+                            request_id: request.request_id,
+                        };
+                        return self.audit_and_answer(exchange, Err(refusal)).await;
+                    }
                 }
             }
-        } else {
-            None
-        };
+            if pending.is_none() {
+                return self
+                    .audit_and_answer(exchange, Err(Refusal::FirstDidNotFinish))
+                    .await;
+            }
+        }
 
         let result = tokio::select! {
             biased;
             () = caller_gone.cancelled() => Err(Refusal::Cancelled),
             result = self.decide_and_fetch(&mut exchange, &caller, request) => result,
         };
+        let exchange_id = exchange.record.exchange_id.clone();
         let answer = self.audit_and_answer(exchange, result).await;
         if let Some(pending) = pending {
-            remember(pending, &answer);
+            remember(pending, exchange_id, &answer);
         }
         answer
+    }
+
+    /// Waits for the first exchange of a repeated request id: its outcome,
+    /// or None where it ended without one (the repeat then runs as new).
+    async fn wait_for_first(
+        &self,
+        exchange: &Exchange,
+        first: tokio::sync::watch::Receiver<Option<StoredOutcome>>,
+        caller_gone: &CancellationToken,
+    ) -> Result<Option<StoredOutcome>, Refusal> {
+        tokio::select! {
+            biased;
+            () = caller_gone.cancelled() => Err(Refusal::Cancelled),
+            first = exchange.work_deadline.run(wait_for(first)) => match first {
+                Ok(first) => Ok(first),
+                Err(_elapsed) => Err(Refusal::DeadlineExceeded {
+                    what: "waiting for the first request with this request_id".into(),
+                }),
+            },
+        }
     }
 
     /// Steps 2 to 6.
@@ -343,9 +422,10 @@ impl Broker {
     fn begin(
         &self,
         metadata: &tonic::metadata::MetadataMap,
+        arrived: Option<Instant>,
         request: &RequestEvidenceRequest,
     ) -> Exchange {
-        let started = Instant::now();
+        let started = arrived.unwrap_or_else(Instant::now);
         let deadline = Deadline::of_call(metadata, started, self.max_request_time);
         let trace = TraceContext::extract(metadata).unwrap_or_else(TraceContext::new_root);
         let subject = request.subject.clone().unwrap_or_default();
@@ -437,21 +517,8 @@ impl Broker {
     async fn replay(
         &self,
         mut exchange: Exchange,
-        first: tokio::sync::watch::Receiver<Option<StoredOutcome>>,
-        caller_gone: CancellationToken,
+        first: StoredOutcome,
     ) -> Result<RequestEvidenceResponse, Refusal> {
-        let first = tokio::select! {
-            biased;
-            () = caller_gone.cancelled() => Err(Refusal::Cancelled),
-            first = exchange.work_deadline.run(wait_for(first)) => match first {
-                Ok(Some(first)) => Ok(first),
-                _ => Err(Refusal::FirstDidNotFinish),
-            },
-        };
-        let first = match first {
-            Ok(first) => first,
-            Err(refusal) => return self.audit_and_answer(exchange, Err(refusal)).await,
-        };
         exchange.record.replay_of_exchange_id = first.exchange_id.clone();
         match first.result {
             Ok(response) => {
@@ -467,21 +534,18 @@ impl Broker {
     }
 }
 
-/// Keeps a final outcome for repeats; a transient failure (UNAVAILABLE,
-/// DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, CANCELLED) is forgotten so the
-/// retry runs again.
+/// Keeps a final outcome for repeats (with the exchange that produced it);
+/// a transient failure (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
+/// CANCELLED) is forgotten so the retry runs again.
 fn remember(
     pending: crate::idempotency::Pending,
+    exchange_id: String,
     answer: &Result<RequestEvidenceResponse, Refusal>,
 ) {
     let result = match answer {
         Ok(response) => Ok(response.clone()),
         Err(refusal) if refusal.is_transient() => return,
         Err(refusal) => Err(StoredStatus::capture(&refusal.status(), refusal.outcome())),
-    };
-    let exchange_id = match &result {
-        Ok(response) => response.exchange_id.clone(),
-        Err(_) => String::new(),
     };
     pending.finish(StoredOutcome {
         exchange_id,
@@ -526,9 +590,10 @@ impl ExchangeLimit {
                         retry_after: SHED_RETRY_AFTER,
                     });
                 }
-                let waited = deadline.run(self.slots.acquire()).await;
-                self.waiting.fetch_sub(1, Ordering::AcqRel);
-                match waited {
+                // Counted out however the wait ends, also when the exchange
+                // is dropped (its caller went away) while waiting.
+                let _waiting = Waiting(&self.waiting);
+                match deadline.run(self.slots.acquire()).await {
                     Ok(Ok(slot)) => slot,
                     Ok(Err(_closed)) => {
                         return Err(Refusal::Overloaded {
@@ -552,28 +617,31 @@ impl ExchangeLimit {
         self.capacity - self.slots.available_permits()
     }
 
+    /// Exchanges waiting for a slot now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
     /// The most exchanges with registers at once since start.
     pub fn peak(&self) -> usize {
         self.peak.load(Ordering::Relaxed)
     }
 }
 
-/// Step 1: the caller is who its verified certificate says, and an authority.
-/// A refusal comes with the identity the certificate claimed, if any.
-pub fn authenticate(
-    peer: Result<Participant, PeerRefusal>,
-) -> Result<Participant, (Refusal, Option<String>)> {
-    let caller = peer.map_err(|refusal| {
-        (
-            Refusal::Unauthenticated {
-                reason: refusal.reason,
-            },
-            refusal.claimed,
-        )
-    })?;
+/// One waiter counted in [`ExchangeLimit`] until dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Step 1, after the certificate verified: only an authority may request
+/// evidence.
+pub fn authorize_role(caller: Participant) -> Result<Participant, Refusal> {
     if caller.role() != Role::Authority {
-        let claimed = Some(caller.spiffe_id());
-        return Err((Refusal::RoleNotPermitted { caller }, claimed));
+        return Err(Refusal::RoleNotPermitted { caller });
     }
     Ok(caller)
 }

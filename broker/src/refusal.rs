@@ -239,7 +239,7 @@ impl Refusal {
             ),
             Refusal::ConsentStoreUnavailable => error(
                 Code::Unavailable,
-                ErrorReason::ConnectorUnavailable,
+                ErrorReason::BrokerUnavailable,
                 "the consent store is unavailable; retry with the same request_id",
             ),
             Refusal::NoRoute {
@@ -285,7 +285,7 @@ impl Refusal {
             ),
             Refusal::FirstDidNotFinish => error(
                 Code::Unavailable,
-                ErrorReason::ConnectorUnavailable,
+                ErrorReason::BrokerUnavailable,
                 "the first request with this request_id did not finish; retry",
             ),
             Refusal::Replayed(first) => first.rebuild(),
@@ -324,7 +324,7 @@ fn forward_status(connector: &str, failure: &ForwardError) -> Status {
         ),
         ForwardError::BadEvidence(reason) => error(
             Code::DataLoss,
-            ErrorReason::ConnectorUnavailable,
+            ErrorReason::BadEvidence,
             format!(
                 "connector {connector} returned evidence that fails the broker's checks: {reason}"
             ),

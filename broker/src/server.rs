@@ -20,7 +20,7 @@ use onceonly_proto::v1::audit_service_server::AuditServiceServer;
 use onceonly_proto::v1::consent_service_server::ConsentServiceServer;
 use onceonly_proto::v1::evidence_service_server::EvidenceServiceServer;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::audit::{AuditError, AuditLog};
@@ -172,6 +172,8 @@ impl BoundBroker {
             exchanges: ExchangeLimit::new(config.limits.concurrency, config.limits.max_waiting),
             max_request_time: config.limits.max_request_time,
             append_latency: LatencyWindow::new(),
+            exchange_tasks: Arc::new(Semaphore::new(config.limits.max_exchanges)),
+            security: Arc::default(),
         });
         let listener =
             TcpListener::bind(config.listen)
@@ -261,7 +263,8 @@ impl BoundBroker {
         // broker) before waiting for the audit writer below.
         let health = health.max_decoding_message_size(max_request_message);
         let reflection = reflection.max_decoding_message_size(max_request_message);
-        let incoming = MtlsIncoming::new(listener, tls, connections.clone());
+        let incoming =
+            MtlsIncoming::with_events(listener, tls, connections.clone(), broker.security.clone());
         let mut serving = Box::pin(
             connections
                 .apply(tonic::transport::Server::builder())

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use onceonly_certs::connection::CallStarted;
 use onceonly_certs::{Participant, Role, peer_identity};
 use onceonly_proto::status::{certificate_refused, error, invalid_request};
 use onceonly_proto::v1::audit_service_server::AuditService;
@@ -20,13 +21,19 @@ use crate::exchange::{Broker, now_ms};
 /// The longest a consent may be granted for.
 const MAX_CONSENT_MS: i64 = 5 * 366 * 86_400_000;
 
-/// The caller, if its role is one of `allowed`.
+/// The caller, if its certificate verified and its role is one of
+/// `allowed`. A refused certificate is counted in `broker.security`, never
+/// stored.
 fn require_role<T>(
+    broker: &Broker,
     request: &Request<T>,
     allowed: &[Role],
     what: &str,
 ) -> Result<Participant, Status> {
-    let caller = peer_identity(request).map_err(|refusal| certificate_refused(&refusal.reason))?;
+    let caller = peer_identity(request).map_err(|refusal| {
+        broker.security.call_refused(refusal.kind);
+        certificate_refused(&refusal.reason)
+    })?;
     if allowed.contains(&caller.role()) {
         return Ok(caller.clone());
     }
@@ -52,9 +59,10 @@ impl EvidenceService for EvidenceGrpc {
         request: Request<RequestEvidenceRequest>,
     ) -> Result<Response<RequestEvidenceResponse>, Status> {
         let peer = peer_identity(&request).cloned();
+        let arrived = request.extensions().get::<CallStarted>().map(|c| c.0);
         let metadata = request.metadata().clone();
         self.0
-            .request_evidence(peer, &metadata, request.into_inner())
+            .request_evidence(peer, &metadata, arrived, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -63,7 +71,7 @@ impl EvidenceService for EvidenceGrpc {
         &self,
         request: Request<ListEvidenceTypesRequest>,
     ) -> Result<Response<ListEvidenceTypesResponse>, Status> {
-        let caller = require_role(&request, &[Role::Authority], "EvidenceService")?;
+        let caller = require_role(&self.0, &request, &[Role::Authority], "EvidenceService")?;
         let allowed = self.0.policy.current().allowed_types(caller.id());
         let evidence_types = self
             .0
@@ -112,7 +120,7 @@ impl ConsentService for ConsentGrpc {
         &self,
         request: Request<GrantConsentRequest>,
     ) -> Result<Response<GrantConsentResponse>, Status> {
-        let portal = require_role(&request, &[Role::Portal], "GrantConsent")?;
+        let portal = require_role(&self.0, &request, &[Role::Portal], "GrantConsent")?;
         let grant = request.into_inner();
         let now = now_ms();
         let mut violations = Violations::new();
@@ -194,7 +202,7 @@ impl ConsentService for ConsentGrpc {
         &self,
         request: Request<RevokeConsentRequest>,
     ) -> Result<Response<RevokeConsentResponse>, Status> {
-        let portal = require_role(&request, &[Role::Portal], "RevokeConsent")?;
+        let portal = require_role(&self.0, &request, &[Role::Portal], "RevokeConsent")?;
         let id = request.into_inner().consent_id;
         if id.is_empty() {
             return Err(invalid_request(
@@ -219,7 +227,12 @@ impl ConsentService for ConsentGrpc {
         &self,
         request: Request<ListConsentsRequest>,
     ) -> Result<Response<ListConsentsResponse>, Status> {
-        require_role(&request, &[Role::Portal, Role::Auditor], "ListConsents")?;
+        require_role(
+            &self.0,
+            &request,
+            &[Role::Portal, Role::Auditor],
+            "ListConsents",
+        )?;
         let list = request.into_inner();
         validate::subject(list.subject.as_ref(), "subject")
             .map_err(|v| invalid_request(ErrorReason::InvalidRequest, &[v]))?;
@@ -280,6 +293,7 @@ impl AuditService for AuditGrpc {
         request: Request<QueryRecordsRequest>,
     ) -> Result<Response<QueryRecordsResponse>, Status> {
         let caller = require_role(
+            &self.0,
             &request,
             &[Role::Auditor, Role::Portal, Role::Authority],
             "QueryRecords",
@@ -351,6 +365,7 @@ impl AuditService for AuditGrpc {
         request: Request<GetSignedTreeHeadRequest>,
     ) -> Result<Response<GetSignedTreeHeadResponse>, Status> {
         require_role(
+            &self.0,
             &request,
             &[Role::Auditor, Role::Portal, Role::Authority],
             "GetSignedTreeHead",
@@ -366,6 +381,7 @@ impl AuditService for AuditGrpc {
         request: Request<GetInclusionProofRequest>,
     ) -> Result<Response<GetInclusionProofResponse>, Status> {
         require_role(
+            &self.0,
             &request,
             &[Role::Auditor, Role::Portal, Role::Authority],
             "GetInclusionProof",
@@ -403,6 +419,7 @@ impl AuditService for AuditGrpc {
         request: Request<GetConsistencyProofRequest>,
     ) -> Result<Response<GetConsistencyProofResponse>, Status> {
         require_role(
+            &self.0,
             &request,
             &[Role::Auditor, Role::Portal, Role::Authority],
             "GetConsistencyProof",
@@ -433,7 +450,7 @@ impl AuditService for AuditGrpc {
         &self,
         request: Request<GetEntriesRequest>,
     ) -> Result<Response<GetEntriesResponse>, Status> {
-        require_role(&request, &[Role::Auditor], "GetEntries")?;
+        require_role(&self.0, &request, &[Role::Auditor], "GetEntries")?;
         let ask = request.into_inner();
         let max = page_size(ask.max_entries, 100, 1000) as u64;
         let audit = self.0.audit.clone();

@@ -177,8 +177,11 @@ impl ConnectionGate {
         }
     }
 
-    /// A slot for a connection from `address`, or why there is none.
+    /// A slot for a connection from `address`, or why there is none. IPv4
+    /// addresses mapped into IPv6 count as themselves, and an IPv6 address
+    /// counts as its /64 network (one host's usual share).
     pub fn admit(&self, address: IpAddr) -> Result<ConnectionSlot, GateRefusal> {
+        let address = counted_address(address);
         let permit = self
             .total
             .clone()
@@ -200,6 +203,18 @@ impl ConnectionGate {
     /// Connections open now.
     pub fn open(&self, limits: &ConnectionLimits) -> usize {
         limits.max_connections - self.total.available_permits()
+    }
+}
+
+/// The address a connection counts against: the canonical form, and for
+/// IPv6 its /64 network.
+fn counted_address(address: IpAddr) -> IpAddr {
+    match address.to_canonical() {
+        IpAddr::V6(v6) => {
+            let network = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(network.into())
+        }
+        v4 => v4,
     }
 }
 
@@ -272,14 +287,23 @@ pub struct CallGuard(Arc<CallActivity>);
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // Time first: between the two, the connection must not look idle
+        // since the call began.
         self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
+/// When a call arrived at the server, as early as the server's own layers
+/// see it: put in the request's extensions by [`CallTracking`], so that a
+/// call's deadline is measured from the same instant as tonic's own timer.
+#[derive(Debug, Clone, Copy)]
+pub struct CallStarted(pub Instant);
+
 /// A tower layer that counts each call against its connection's
 /// [`CallActivity`] (found in the request's extensions, where the server's
-/// connection info puts it), for the idle timeout.
+/// connection info puts it) until its response body has been sent, for the
+/// idle timeout; and stamps the call with [`CallStarted`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CallTracking;
 
@@ -297,18 +321,19 @@ pub struct Tracked<S>(S);
 
 impl<S, B> tower::Service<http::Request<B>> for Tracked<S>
 where
-    S: tower::Service<http::Request<B>>,
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.0.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(CallStarted(Instant::now()));
         let guard = request
             .extensions()
             .get::<crate::tls::PeerIdentity>()
@@ -316,10 +341,40 @@ where
             .map(CallActivity::begin_call);
         let response = self.0.call(request);
         Box::pin(async move {
-            let response = response.await;
-            drop(guard);
-            response
+            let response = response.await?;
+            // The call lasts until its body is sent (server streams too).
+            Ok(response.map(|body| tonic::body::Body::new(GuardedBody { inner: body, guard })))
         })
+    }
+}
+
+/// A response body that ends its call's [`CallGuard`] when it is done.
+struct GuardedBody {
+    inner: tonic::body::Body,
+    guard: Option<CallGuard>,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.guard = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -344,6 +399,31 @@ mod tests {
         assert_eq!(gate.admit(other).err(), Some(GateRefusal::Full));
         drop(a);
         gate.admit(one).expect("a place came free");
+    }
+
+    #[test]
+    fn ipv6_counts_by_its_64_network_and_mapped_ipv4_as_itself() {
+        let limits = ConnectionLimits {
+            max_connections_per_address: 1,
+            ..ConnectionLimits::default()
+        };
+        let gate = ConnectionGate::new(&limits);
+        let _a = gate
+            .admit("2001:db8::1".parse().expect("ip"))
+            .expect("first");
+        assert_eq!(
+            gate.admit("2001:db8::2:3".parse().expect("ip")).err(),
+            Some(GateRefusal::AddressFull),
+            "same /64"
+        );
+        gate.admit("2001:db8:0:1::1".parse().expect("ip"))
+            .expect("another /64");
+        let _v4 = gate.admit("192.0.2.7".parse().expect("ip")).expect("v4");
+        assert_eq!(
+            gate.admit("::ffff:192.0.2.7".parse().expect("ip")).err(),
+            Some(GateRefusal::AddressFull),
+            "the mapped form is the same host"
+        );
     }
 
     #[test]

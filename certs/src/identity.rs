@@ -11,6 +11,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use crate::security::RefusalKind;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
@@ -270,6 +271,14 @@ pub enum IdentityError {
     /// Chain, validity or revocation check failed.
     #[error("certificate rejected: {0}")]
     Rejected(String),
+    /// The certificate failed chain, validity or revocation checks.
+    #[error("{reason}")]
+    Certificate {
+        /// The class of failure, for counting.
+        kind: RefusalKind,
+        /// What a person reads.
+        reason: String,
+    },
 }
 
 /// Explains a rustls certificate error the way an operator needs to read it.
@@ -297,6 +306,38 @@ pub fn explain_tls_error(error: &rustls::Error) -> String {
         },
         rustls::Error::NoCertificatesPresented => "no client certificate presented".into(),
         other => other.to_string(),
+    }
+}
+
+/// The class of a certificate failure, for counting.
+pub fn refusal_kind(error: &rustls::Error) -> RefusalKind {
+    match error {
+        rustls::Error::InvalidCertificate(cert_error) => match cert_error {
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                RefusalKind::UntrustedIssuer
+            }
+            CertificateError::Expired
+            | CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYet
+            | CertificateError::NotValidYetContext { .. } => RefusalKind::Expired,
+            CertificateError::Revoked => RefusalKind::Revoked,
+            _ => RefusalKind::OtherCertificate,
+        },
+        rustls::Error::NoCertificatesPresented => RefusalKind::NoCertificate,
+        _ => RefusalKind::OtherCertificate,
+    }
+}
+
+impl IdentityError {
+    /// The class of this failure, for counting.
+    pub fn refusal_kind(&self) -> RefusalKind {
+        match self {
+            IdentityError::Certificate { kind, .. } => *kind,
+            IdentityError::Rejected(_) | IdentityError::Unparseable(_) => {
+                RefusalKind::OtherCertificate
+            }
+            _ => RefusalKind::BadIdentity,
+        }
     }
 }
 
@@ -358,7 +399,10 @@ impl IdentityVerifier {
     ) -> Result<Participant, IdentityError> {
         self.webpki
             .verify_client_cert(end_entity, intermediates, now)
-            .map_err(|e| IdentityError::Rejected(explain_tls_error(&e)))?;
+            .map_err(|e| IdentityError::Certificate {
+                kind: refusal_kind(&e),
+                reason: explain_tls_error(&e),
+            })?;
         self.identity_of(end_entity)
     }
 

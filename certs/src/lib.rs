@@ -10,6 +10,7 @@
 //!   peer's identity) to tonic.
 //! - [`connection`]: limits on the connections a server accepts (at the
 //!   door, in the handshake, per HTTP/2 connection, when idle).
+//! - [`security`]: counters of refused connections and calls, by reason.
 //! - [`inspect`]: what `onceonly-certs inspect` prints.
 //!
 //! The `onceonly-certs` binary is a thin CLI over this library.
@@ -19,6 +20,7 @@ pub mod connection;
 pub mod identity;
 pub mod inspect;
 pub mod pki;
+pub mod security;
 pub mod serve;
 pub mod tls;
 

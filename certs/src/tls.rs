@@ -37,6 +37,7 @@ use crate::connection::{
 };
 use crate::identity::{IdentityError, IdentityVerifier, Participant, explain_tls_error};
 use crate::pki::{PkiError, TlsFiles, load_certs, load_crl};
+use crate::security::{RefusalKind, SecurityEvents};
 
 /// The ALPN protocol gRPC runs on.
 const ALPN_H2: &[u8] = b"h2";
@@ -296,6 +297,8 @@ pub struct PeerIdentity {
 /// Why a peer's certificate was refused, and whom it claimed to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerRefusal {
+    /// The class of the refusal, for counting.
+    pub kind: RefusalKind,
     /// The reason, for the caller and the log (e.g. "certificate has been
     /// revoked").
     pub reason: String,
@@ -316,6 +319,7 @@ pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<&Participant, Pee
             ..
         }) => Err(refusal.clone()),
         None => Err(PeerRefusal {
+            kind: RefusalKind::NoCertificate,
             reason: "not a mutual-TLS connection".into(),
             claimed: None,
         }),
@@ -332,19 +336,29 @@ pub struct MtlsStream {
     activity: Arc<CallActivity>,
     idle_timeout: Duration,
     idle_timer: Pin<Box<tokio::time::Sleep>>,
+    /// Until the client's first bytes after the handshake (the HTTP/2
+    /// preface), it has only the handshake timeout from the handshake's end.
+    first_bytes_by: Option<tokio::time::Instant>,
+    /// When bytes last arrived: a call being read is not idle yet, even
+    /// before its handler counts it.
+    last_read: tokio::time::Instant,
     _slot: ConnectionSlot,
 }
 
 impl MtlsStream {
-    /// Whether the connection has been idle past its timeout; otherwise
-    /// arms the timer to wake the connection when that could next be so.
+    /// Whether the connection has been idle past its timeout (or silent
+    /// past the first-bytes limit); otherwise arms the timer to wake the
+    /// connection when that could next be so.
     fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
         loop {
             let now = tokio::time::Instant::now();
-            let expires = match self.activity.idle_since() {
-                Some(since) => tokio::time::Instant::from_std(since + self.idle_timeout),
+            let expires = match (self.first_bytes_by, self.activity.idle_since()) {
+                (Some(by), _) => by,
+                (None, Some(since)) => {
+                    tokio::time::Instant::from_std(since).max(self.last_read) + self.idle_timeout
+                }
                 // Calls in flight: look again a timeout from now.
-                None => now + self.idle_timeout,
+                (None, None) => now + self.idle_timeout,
             };
             if expires <= now {
                 return true;
@@ -374,10 +388,16 @@ impl AsyncRead for MtlsStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Pending if this.idle_expired(cx) => {
                 tracing::debug!(peer = ?this.peer.remote_addr, "closing idle connection");
                 // End of stream: the HTTP/2 server closes the connection.
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                this.first_bytes_by = None;
+                this.last_read = tokio::time::Instant::now();
                 Poll::Ready(Ok(()))
             }
             other => other,
@@ -434,8 +454,18 @@ impl MtlsIncoming {
         tls: Arc<ReloadableServerTls>,
         limits: ConnectionLimits,
     ) -> Self {
+        Self::with_events(listener, tls, limits, Arc::default())
+    }
+
+    /// Like [`MtlsIncoming::new`], counting refused connections in `events`.
+    pub fn with_events(
+        listener: TcpListener,
+        tls: Arc<ReloadableServerTls>,
+        limits: ConnectionLimits,
+        events: Arc<SecurityEvents>,
+    ) -> Self {
         let (sender, receiver) = mpsc::channel(64);
-        tokio::spawn(accept_loop(listener, tls, limits, sender));
+        tokio::spawn(accept_loop(listener, tls, limits, events, sender));
         MtlsIncoming { receiver }
     }
 }
@@ -466,7 +496,7 @@ impl RefusalLog {
         }
         *last = Some(now);
         let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
-        tracing::warn!(%remote_addr, %reason, suppressed, "connection refused (and `suppressed` more in the last second)");
+        tracing::warn!(%remote_addr, %reason, suppressed, "client refused (and `suppressed` more refusals in the last second)");
     }
 }
 
@@ -474,6 +504,7 @@ async fn accept_loop(
     listener: TcpListener,
     tls: Arc<ReloadableServerTls>,
     limits: ConnectionLimits,
+    events: Arc<SecurityEvents>,
     sender: mpsc::Sender<MtlsStream>,
 ) {
     let gate = ConnectionGate::new(&limits);
@@ -495,10 +526,14 @@ async fn accept_loop(
         let slot = match gate.admit(remote_addr.ip()) {
             Ok(slot) => slot,
             Err(refusal) => {
-                let reason = match refusal {
-                    GateRefusal::Full => "max_connections reached",
-                    GateRefusal::AddressFull => "max_connections_per_address reached",
+                let (kind, reason) = match refusal {
+                    GateRefusal::Full => (RefusalKind::ConnectionLimit, "max_connections reached"),
+                    GateRefusal::AddressFull => (
+                        RefusalKind::AddressLimit,
+                        "max_connections_per_address reached",
+                    ),
                 };
+                events.connection_refused(kind);
                 refusals.refused(remote_addr, reason);
                 drop(tcp);
                 continue;
@@ -510,8 +545,9 @@ async fn accept_loop(
         let sender = sender.clone();
         let refusals = refusals.clone();
         let limits = limits.clone();
+        let events = events.clone();
         tokio::spawn(async move {
-            match handshake(acceptor, verifier, tcp, remote_addr, &limits).await {
+            match handshake(acceptor, verifier, tcp, remote_addr, &limits, &refusals).await {
                 Ok((inner, peer)) => {
                     let activity = Arc::new(CallActivity::default());
                     let stream = MtlsStream {
@@ -523,11 +559,18 @@ async fn accept_loop(
                         activity,
                         idle_timeout: limits.idle_timeout,
                         idle_timer: Box::pin(tokio::time::sleep(limits.idle_timeout)),
+                        first_bytes_by: Some(
+                            tokio::time::Instant::now() + limits.handshake_timeout,
+                        ),
+                        last_read: tokio::time::Instant::now(),
                         _slot: slot,
                     };
                     let _ = sender.send(stream).await;
                 }
-                Err(reason) => refusals.refused(remote_addr, &reason),
+                Err((kind, reason)) => {
+                    events.connection_refused(kind);
+                    refusals.refused(remote_addr, &reason);
+                }
             }
         });
     }
@@ -539,12 +582,18 @@ async fn handshake(
     tcp: TcpStream,
     remote_addr: SocketAddr,
     limits: &ConnectionLimits,
-) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, PeerIdentity), String> {
+    refusals: &RefusalLog,
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, PeerIdentity), (RefusalKind, String)> {
     let timeout = limits.handshake_timeout;
     let tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
         .await
-        .map_err(|_| format!("handshake not completed within {timeout:?}"))?
-        .map_err(|e| explain_io_error(&e))?;
+        .map_err(|_| {
+            (
+                RefusalKind::HandshakeTimeout,
+                format!("handshake not completed within {timeout:?}"),
+            )
+        })?
+        .map_err(|e| (handshake_refusal_kind(&e), explain_io_error(&e)))?;
     let (_, connection) = tls.get_ref();
     // In strict mode the handshake has verified the chain already; verifying
     // again is cheap and keeps one code path for both modes.
@@ -552,18 +601,27 @@ async fn handshake(
         Some([end_entity, intermediates @ ..]) => verifier
             .verify(end_entity, intermediates)
             .map_err(|e| PeerRefusal {
+                kind: e.refusal_kind(),
                 reason: e.to_string(),
                 claimed: Participant::from_certificate(end_entity)
                     .ok()
                     .map(|p| p.spiffe_id()),
             }),
         _ => Err(PeerRefusal {
+            kind: RefusalKind::NoCertificate,
             reason: "no client certificate presented".into(),
             claimed: None,
         }),
     };
     if let Err(refusal) = &identity {
-        tracing::warn!(%remote_addr, reason = %refusal.reason, claimed = ?refusal.claimed, "client certificate refused");
+        refusals.refused(
+            remote_addr,
+            &format!(
+                "client certificate refused: {} (claims {})",
+                refusal.reason,
+                refusal.claimed.as_deref().unwrap_or("no identity")
+            ),
+        );
     }
     Ok((
         tls,
@@ -573,6 +631,20 @@ async fn handshake(
             activity: None,
         },
     ))
+}
+
+/// The class of a failed handshake: a certificate refused in it (strict
+/// servers) by its reason, anything else as a failed handshake.
+fn handshake_refusal_kind(error: &io::Error) -> RefusalKind {
+    match error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(
+            tls @ (rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented),
+        ) => crate::identity::refusal_kind(tls),
+        _ => RefusalKind::HandshakeFailed,
+    }
 }
 
 /// Describes a TLS I/O error, unwrapping the rustls error inside it.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use onceonly_certs::{Participant, Role, peer_identity};
-use onceonly_proto::deadline::{Deadline, Reserve};
+use onceonly_proto::deadline::{Deadline, MIN_WORK, Reserve};
 use onceonly_proto::metadata::TraceContext;
 use onceonly_proto::status::{certificate_refused, error, invalid_request};
 use onceonly_proto::v1::connector_service_server::ConnectorService;
@@ -212,7 +212,7 @@ impl<C: Connector> ConnectorGrpc<C> {
             Deadline::of_call(request.metadata(), received, self.limits.max_request_time);
         let reserve = RESERVE.for_call(deadline.total(), Duration::ZERO);
         let work = deadline
-            .keep_back(reserve)
+            .keep_back(reserve, MIN_WORK)
             .map_err(|too_short| too_short.status())?;
         Ok((deadline, work))
     }
@@ -271,7 +271,10 @@ impl<C: Connector> ConnectorService for ConnectorGrpc<C> {
         &self,
         request: Request<ProvideEvidenceRequest>,
     ) -> Result<Response<ProvideEvidenceResponse>, Status> {
-        let started = Instant::now();
+        let started = request
+            .extensions()
+            .get::<onceonly_certs::connection::CallStarted>()
+            .map_or_else(Instant::now, |c| c.0);
         let caller = self.check_caller(&request)?;
         let trace =
             TraceContext::extract(request.metadata()).unwrap_or_else(TraceContext::new_root);

@@ -178,6 +178,23 @@ impl World {
         }
     }
 
+    /// Waits until the broker has no exchange alive (every record of what
+    /// was sent so far is written), at most 30 s.
+    pub async fn settle(&self) {
+        let Some(broker) = self.running_broker().broker() else {
+            return;
+        };
+        let config = BrokerConfig::load(&self.config_path).expect("broker config");
+        let waiting = async {
+            while broker.exchange_tasks.available_permits() < config.limits.max_exchanges {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), waiting)
+            .await
+            .expect("the broker's exchanges never ended");
+    }
+
     /// The broker's address.
     pub fn broker_addr(&self) -> SocketAddr {
         self.broker.as_ref().expect("broker running").local_addr()

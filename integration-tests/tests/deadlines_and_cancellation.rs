@@ -52,9 +52,12 @@ async fn world_with_probe(latency: Duration) -> (World, Arc<ProbeCounts>) {
     (world, counts)
 }
 
-/// The one record of `request_id`, once written; fails where there is not
+/// The one record of `request_id`, once written and the broker has no
+/// exchange left that could write another; fails where there is not
 /// exactly one.
 async fn the_record(world: &World, request_id: &str) -> AuditRecord {
+    world.wait_for_records(request_id, 1, PATIENCE).await;
+    world.settle().await;
     let records = world.wait_for_records(request_id, 1, PATIENCE).await;
     assert_eq!(records.len(), 1, "records of {request_id}: {records:?}");
     records.into_iter().next().expect("one")
@@ -195,4 +198,64 @@ async fn a_deadline_too_short_for_anything_is_refused_at_once_with_its_record() 
     assert_eq!(record.status_code, Code::DeadlineExceeded as i32);
     assert!(!record.register_contacted, "{record:?}");
     assert_eq!(counts.started.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_waiter_that_is_cancelled_frees_its_place_in_the_queue() {
+    let mut world = onceonly_integration_tests::world::World::start_with(
+        onceonly_integration_tests::world::BrokerSettings {
+            limits: "concurrency = 1\nmax_waiting = 1\n".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (probe, counts) = ProbeRegister::new(Duration::from_secs(60));
+    let probe = start_connector(&world.pki, "civil-register", probe).await;
+    world.replace_register("civil-register", probe).await;
+
+    // One exchange holds the only slot; a second waits, then is cancelled.
+    let mut busy = world.authority(BERLIN);
+    let busy = tokio::spawn(async move { busy.request_evidence(birth_certificate("busy")).await });
+    assert!(
+        counts
+            .wait_until(PATIENCE, |c| c.started.load(Ordering::SeqCst) == 1)
+            .await
+    );
+    let mut waiter = world.authority(BERLIN);
+    let waiter =
+        tokio::spawn(async move { waiter.request_evidence(birth_certificate("waiter")).await });
+    let broker = world.running_broker().broker().expect("running");
+    let queued = async {
+        while broker.exchanges.waiting() < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, queued)
+        .await
+        .expect("the second exchange never queued");
+    waiter.abort();
+    let records = world.wait_for_records("waiter", 1, PATIENCE).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].outcome(), ExchangeOutcome::Cancelled);
+    assert_eq!(
+        broker.exchanges.waiting(),
+        0,
+        "the cancelled waiter is still counted"
+    );
+
+    // Its place in the queue is free again: the next one waits (and meets
+    // its deadline) instead of being shed.
+    let mut call = tonic::Request::new(birth_certificate("next"));
+    call.set_timeout(Duration::from_millis(500));
+    let status = world
+        .authority(BERLIN)
+        .request_evidence(call)
+        .await
+        .expect_err("the slot is still taken");
+    assert_eq!(
+        reason_of(&status),
+        Some(ErrorReason::DeadlineExceeded),
+        "shed although the queue is empty: {status:?}"
+    );
+    busy.abort();
 }

@@ -36,7 +36,11 @@ pub const MIN_WORK: Duration = Duration::from_millis(10);
 /// scheduling jitter the measurements have not seen yet ...
 const JITTER_SHARE: u32 = 10;
 /// ... but never more than this.
-const JITTER_FLOOR_MAX: Duration = Duration::from_secs(1);
+const JITTER_FLOOR_MAX: Duration = Duration::from_millis(100);
+/// The measured part of a reserve is at most this share of the timeout
+/// (1/4): one slow flush must not make every shorter deadline fail; it
+/// only shortens the work's share for a while.
+const MEASURED_SHARE: u32 = 4;
 
 /// When a call must be answered by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,9 +107,10 @@ impl Deadline {
 
     /// The deadline for the work: this one less `reserve`, which is kept for
     /// what must still happen after the work. Err with the shortest total
-    /// timeout that could work where less than [`MIN_WORK`] would remain.
-    pub fn keep_back(&self, reserve: Duration) -> Result<Deadline, TooShort> {
-        let needed = reserve + MIN_WORK;
+    /// timeout that could work where less than `min_work` (at least
+    /// [`MIN_WORK`]) would remain.
+    pub fn keep_back(&self, reserve: Duration, min_work: Duration) -> Result<Deadline, TooShort> {
+        let needed = reserve + min_work.max(MIN_WORK);
         if self.total < needed {
             return Err(TooShort {
                 given: self.total,
@@ -170,11 +175,13 @@ pub struct Reserve {
 
 impl Reserve {
     /// The reserve for a call of `total` given `measured` (e.g.
-    /// [`LatencyWindow::recent_max`]).
+    /// [`LatencyWindow::recent_max`]). The measured part is capped at a
+    /// quarter of `total`, so a slow spell shortens the work's share rather
+    /// than refusing deadlines.
     pub fn for_call(&self, total: Duration, measured: Duration) -> Duration {
-        let from_measurements = self.fixed + measured * self.factor;
+        let measured_part = (measured * self.factor).min(total / MEASURED_SHARE);
         let jitter_floor = (total / JITTER_SHARE).min(JITTER_FLOOR_MAX);
-        from_measurements.max(jitter_floor)
+        (self.fixed + measured_part).max(jitter_floor)
     }
 }
 
@@ -219,7 +226,8 @@ impl LatencyWindow {
         let mut current = slot.load(Ordering::Relaxed);
         loop {
             let (slot_second, slot_max) = (current >> 32, current & 0xffff_ffff);
-            if slot_second == second && micros <= slot_max {
+            // A writer delayed past a newer second leaves that second's slot.
+            if slot_second > second || (slot_second == second && micros <= slot_max) {
                 return;
             }
             // A slot from an older second is overwritten, not maxed.
@@ -300,10 +308,12 @@ mod tests {
     fn keeping_back_a_reserve_leaves_the_work_deadline_or_refuses() {
         let now = Instant::now();
         let deadline = Deadline::after(now, Duration::from_millis(300));
-        let work = deadline.keep_back(Duration::from_millis(30)).expect("fits");
+        let work = deadline
+            .keep_back(Duration::from_millis(30), MIN_WORK)
+            .expect("fits");
         assert_eq!(work.instant(), now + Duration::from_millis(270));
         let too_short = Deadline::after(now, Duration::from_millis(35))
-            .keep_back(Duration::from_millis(30))
+            .keep_back(Duration::from_millis(30), MIN_WORK)
             .expect_err("no time left for work");
         assert_eq!(too_short.needed, Duration::from_millis(30) + MIN_WORK);
         let status = too_short.status();
@@ -330,10 +340,19 @@ mod tests {
             reserve.for_call(Duration::from_millis(300), Duration::from_millis(20)),
             Duration::from_millis(65)
         );
-        // Long timeouts keep at most a second for jitter.
+        // A very slow spell takes at most a quarter of the timeout, so the
+        // deadline still leaves room for work.
+        let spell = reserve.for_call(Duration::from_millis(300), Duration::from_millis(200));
+        assert_eq!(spell, Duration::from_millis(80));
+        assert!(
+            Deadline::after(Instant::now(), Duration::from_millis(300))
+                .keep_back(spell, MIN_WORK)
+                .is_ok()
+        );
+        // Long timeouts keep at most 100 ms for jitter.
         assert_eq!(
             reserve.for_call(Duration::from_secs(60), Duration::ZERO),
-            Duration::from_secs(1)
+            Duration::from_millis(100)
         );
     }
 

@@ -431,7 +431,7 @@ fn write_broker_config(
     )?;
     std::fs::write(
         dir.join("policy.toml"),
-        "[[rule]]\nid = \"bench\"\ncallers = [\"bench\"]\nevidence_types = [\"birth-certificate\"]\npurposes = [\"parental-allowance\"]\nlegal_bases = [\"§ 9 Abs. 1 BEEG\"]\nconsent = \"not-required\"\n",
+        "[[rule]]\nid = \"bench\"\ncallers = [\"bench\"]\nevidence_types = [\"birth-certificate\"]\npurposes = [\"parental-allowance\"]\nlegal_bases = [\"§ 9 Abs. 1 BEEG\"]\nconsent = \"not-required\"\n\n# A quota far above the load: every request pays for the check.\n[[quota]]\nid = \"bench\"\ncallers = [\"bench\"]\nper_second = 1000000\nburst = 1000000\n",
     )?;
     let path = dir.join("broker.toml");
     std::fs::write(
