@@ -26,6 +26,7 @@
 //! as a keyed pseudonym. [`verify_dir`] checks a copied data directory end
 //! to end with nothing but the public key and the file.
 
+pub mod handover;
 pub mod segment;
 
 use std::collections::BTreeMap;
@@ -157,6 +158,18 @@ pub enum AuditError {
     /// A proof was asked for sizes the log cannot prove.
     #[error("{0}")]
     OutOfRange(String),
+    /// The log's last signed head was not signed by the configured key.
+    #[error(
+        "{log}: its last signed tree head (of {size} records) does not verify under the configured audit key (public key {public_key}): this is not the key that signed this log. Restore the key that did; a new key is never started over an existing log (rotate with `onceonly-broker rotate-audit-key`)"
+    )]
+    WrongKey {
+        /// The log file.
+        log: String,
+        /// The head's size.
+        size: u64,
+        /// The configured key's public half, hex.
+        public_key: String,
+    },
 }
 
 impl From<sled::Error> for AuditError {
@@ -173,6 +186,9 @@ impl From<std::io::Error> for AuditError {
 
 struct Append {
     record: AuditRecord,
+    /// Set on a key hand-over: the writer signs the hand-over with its key,
+    /// this batch's head and all later ones with this one.
+    new_key: Option<Ed25519KeyPair>,
     done: oneshot::Sender<Result<u64, AuditError>>,
 }
 
@@ -360,36 +376,6 @@ pub fn open_storage(config: sled::Config) -> sled::Result<sled::Db> {
     }
 }
 
-/// The broker's audit signing key: Ed25519, PKCS#8 in a file kept apart
-/// from the data directory; created (mode 0600) where missing, with the
-/// public key beside it (`<file>.pub`, hex) for auditors.
-pub fn load_or_create_signing_key(path: &Path) -> std::io::Result<Ed25519KeyPair> {
-    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
-    let pkcs8 = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
-                .map_err(|_| invalid("cannot generate an Ed25519 key".into()))?;
-            onceonly_certs::pki::write_secret_file(path, pkcs8.as_ref())
-                .map_err(std::io::Error::other)?;
-            pkcs8.as_ref().to_vec()
-        }
-        Err(e) => return Err(e),
-    };
-    let key = Ed25519KeyPair::from_pkcs8(&pkcs8)
-        .map_err(|_| invalid(format!("{}: not an Ed25519 PKCS#8 key", path.display())))?;
-    let public_path = public_key_path(path);
-    let public_hex = hex::encode(key.public_key().as_ref());
-    if std::fs::read_to_string(&public_path)
-        .map(|s| s.trim().to_owned())
-        .ok()
-        != Some(public_hex.clone())
-    {
-        std::fs::write(&public_path, format!("{public_hex}\n"))?;
-    }
-    Ok(key)
-}
-
 /// Where the public key of the signing key at `key_path` is written.
 pub fn public_key_path(key_path: &Path) -> std::path::PathBuf {
     let mut name = key_path.as_os_str().to_owned();
@@ -493,6 +479,15 @@ impl AuditLog {
                 path.display()
             )));
         }
+        if let Some(head) = &head
+            && head.verify(key.public_key().as_ref()).is_err()
+        {
+            return Err(AuditError::WrongKey {
+                log: path.display().to_string(),
+                size: head.tree_size,
+                public_key: hex::encode(key.public_key().as_ref()),
+            });
+        }
         *store.head.write().map_err(|_| poisoned())? = head;
         let store = Arc::new(store);
         let (appends, queue) = mpsc::channel(MAX_BATCH * 4);
@@ -529,7 +524,27 @@ impl AuditLog {
     pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
         let (done, result) = oneshot::channel();
         self.appends
-            .send(Append { record, done })
+            .send(Append {
+                record,
+                new_key: None,
+                done,
+            })
+            .await
+            .map_err(|_| AuditError::WriterStopped)?;
+        result.await.map_err(|_| AuditError::WriterStopped)?
+    }
+
+    /// Hands the log over to `new_key`: appends a hand-over record signed
+    /// by the current key; its batch's head and all later heads are signed
+    /// by `new_key`. Returns the hand-over's index once durable.
+    pub async fn rotate_key(&self, new_key: Ed25519KeyPair) -> Result<u64, AuditError> {
+        let (done, result) = oneshot::channel();
+        self.appends
+            .send(Append {
+                record: AuditRecord::default(),
+                new_key: Some(new_key),
+                done,
+            })
             .await
             .map_err(|_| AuditError::WriterStopped)?;
         result.await.map_err(|_| AuditError::WriterStopped)?
@@ -854,7 +869,9 @@ impl Writer {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
             batch.push(append);
-            while batch.len() < MAX_BATCH {
+            // A key hand-over closes its batch: the head after it is the
+            // first signed by the new key.
+            while batch.len() < MAX_BATCH && batch.last().is_some_and(|a| a.new_key.is_none()) {
                 match queue.try_recv() {
                     Ok(append) => batch.push(append),
                     Err(_) => break,
@@ -897,6 +914,16 @@ impl Writer {
         self.nodes.clear();
         for append in batch.iter_mut() {
             append.record.log_index = frontier.size();
+            // A hand-over (always the last of its batch) is signed by the
+            // key in force; the batch's head by the new key.
+            if let Some(new_key) = &append.new_key {
+                append.record.kind = pb::RecordKind::KeyHandover as i32;
+                append.record.key_handover = Some(handover::sign(
+                    append.record.log_index,
+                    &self.key,
+                    new_key.public_key().as_ref(),
+                ));
+            }
             let start = self.area.len();
             append
                 .record
@@ -908,7 +935,11 @@ impl Writer {
                 .extend(completed.into_iter().map(|(_, _, hash)| hash));
         }
         let now_ms = u64::try_from(crate::exchange::now_ms()).unwrap_or(0);
-        let head = SignedTreeHead::sign(&self.key, frontier.size(), frontier.root(), now_ms);
+        let head_key = batch
+            .last()
+            .and_then(|append| append.new_key.as_ref())
+            .unwrap_or(&self.key);
+        let head = SignedTreeHead::sign(head_key, frontier.size(), frontier.root(), now_ms);
         let head_bytes = head_to_proto(&head).encode_to_vec();
         segment::encode(
             &mut self.frame,
@@ -940,6 +971,13 @@ impl Writer {
         self.end += self.frame.len() as u64;
         self.frontier = frontier;
         *self.store.head.write().map_err(|_| poisoned())? = Some(head);
+        if let Some(new_key) = batch.last_mut().and_then(|append| append.new_key.take()) {
+            self.key = new_key;
+            tracing::info!(
+                public_key = %hex::encode(self.key.public_key().as_ref()),
+                "the audit log is signed by its new key from here on"
+            );
+        }
         Ok(())
     }
 
@@ -983,6 +1021,10 @@ pub enum Tamper {
     /// The latest tree head's signature does not verify.
     #[error("the latest signed tree head is forged or altered: {0}")]
     ForgedHead(String),
+    /// The chain of signing keys (hand-overs) does not hold, or never
+    /// reaches the trusted key.
+    #[error("the audit log's signing keys do not chain to the trusted key: {0}")]
+    KeyChain(String),
     /// A record is missing from the sequence.
     #[error("record {index} is missing (removed); the next record present is {next}")]
     Removed {
@@ -1081,11 +1123,6 @@ pub fn verify_dir_against(
     let path = data_dir.join(segment::FILE_NAME);
     let unreadable =
         |e: &dyn std::fmt::Display| Tamper::Unreadable(format!("{}: {e}", path.display()));
-    if let Some(saved) = saved {
-        saved
-            .verify(public_key)
-            .map_err(|e| Tamper::Unreadable(format!("the saved head does not verify: {e}")))?;
-    }
     let file = File::open(&path).map_err(|e| unreadable(&e))?;
     let file_len = file.metadata().map_err(|e| unreadable(&e))?.len();
     let frames = |visit: &mut dyn FnMut(u64, segment::Frame, bool) -> Result<(), Tamper>| {
@@ -1111,21 +1148,33 @@ pub fn verify_dir_against(
     // First pass: which positions some record elsewhere claims, to tell a
     // removed record from a moved one. (Three reads of the file keep the
     // memory flat however long the log; verification is not a hot path.)
+    // It also gathers the key hand-overs, to know which key signed what.
     let mut claimed_elsewhere = std::collections::HashSet::new();
+    let mut handovers = Vec::new();
     let mut position = 0u64;
     let mut frame_count = 0usize;
     frames(&mut |_, frame, _| {
         frame_count += 1;
         for bytes in &frame.records {
-            if let Ok(record) = AuditRecord::decode(bytes.as_slice())
-                && record.log_index != position
-            {
-                claimed_elsewhere.insert(record.log_index);
+            if let Ok(record) = AuditRecord::decode(bytes.as_slice()) {
+                if record.log_index != position {
+                    claimed_elsewhere.insert(record.log_index);
+                }
+                if let Some(handover) = record.key_handover {
+                    handovers.push((position, handover));
+                }
             }
             position += 1;
         }
         Ok(())
     })?;
+    let chain = handover::KeyChain::build(public_key, &handovers)
+        .map_err(|e| Tamper::KeyChain(e.to_string()))?;
+    if let Some(saved) = saved {
+        saved
+            .verify(chain.key_for(saved.tree_size))
+            .map_err(|e| Tamper::Unreadable(format!("the saved head does not verify: {e}")))?;
+    }
 
     // Second pass: every record where it says it belongs.
     let mut position = 0u64;
@@ -1196,7 +1245,7 @@ pub fn verify_dir_against(
         let head = decode_head(&frame.head).map_err(|e| {
             Tamper::ForgedHead(format!("the head of records {from}..{present}: {e}"))
         })?;
-        head.verify(public_key).map_err(|e| {
+        head.verify(chain.key_for(present)).map_err(|e| {
             Tamper::ForgedHead(format!("the head of records {from}..{present}: {e}"))
         })?;
         if head.tree_size > present && is_last {

@@ -14,6 +14,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
+use crate::audit::handover::KeyChain;
 use crate::audit::head_from_proto;
 
 /// Why an audit failed.
@@ -131,26 +132,29 @@ pub struct RemoteAudit {
     pub consistent_with_saved: bool,
 }
 
-/// Audits a broker: verifies its latest head with `public_key`, proves it
-/// extends `saved` (where given), and, with `recompute`, downloads every
-/// entry and recomputes the tree.
+/// Audits a broker: verifies its latest head with `public_key` (or, after
+/// key rotations, with the key the chain of hand-overs from `public_key`
+/// leads to), proves it extends `saved` (where given), and, with
+/// `recompute`, downloads every entry and recomputes the tree. Where the
+/// heads are not signed by `public_key` itself, the entries are downloaded
+/// anyway to follow the hand-overs.
 pub async fn verify_remote(
     client: &mut AuditServiceClient<Channel>,
     public_key: &[u8],
     saved: Option<&SignedTreeHead>,
     recompute: bool,
 ) -> Result<RemoteAudit, AuditorError> {
-    if let Some(saved) = saved {
-        saved.verify(public_key).map_err(|e| {
-            AuditorError::File(format!("the saved head itself does not verify: {e}"))
-        })?;
-    }
     let head = client
         .get_signed_tree_head(GetSignedTreeHeadRequest {})
         .await?
         .into_inner()
         .tree_head;
     let Some(head) = head else {
+        if let Some(saved) = saved {
+            saved.verify(public_key).map_err(|e| {
+                AuditorError::File(format!("the saved head itself does not verify: {e}"))
+            })?;
+        }
         return Ok(RemoteAudit {
             head: None,
             entries_checked: 0,
@@ -158,7 +162,25 @@ pub async fn verify_remote(
         });
     };
     let head = head_from_proto(&head).map_err(|e| AuditorError::BadHead(e.to_string()))?;
-    head.verify(public_key)
+    let signed_by_trusted =
+        head.verify(public_key).is_ok() && saved.is_none_or(|s| s.verify(public_key).is_ok());
+    let mut checked = 0u64;
+    let mut chain = None;
+    if recompute || !signed_by_trusted {
+        let walked = walk_entries(client, &head).await?;
+        checked = walked.entries;
+        chain = Some(
+            KeyChain::build(public_key, &walked.handovers)
+                .map_err(|e| AuditorError::BadHead(format!("key chain: {e}")))?,
+        );
+    }
+    let key_for = |size: u64| chain.as_ref().map_or(public_key, |c| c.key_for(size));
+    if let Some(saved) = saved {
+        saved.verify(key_for(saved.tree_size)).map_err(|e| {
+            AuditorError::File(format!("the saved head itself does not verify: {e}"))
+        })?;
+    }
+    head.verify(key_for(head.tree_size))
         .map_err(|e| AuditorError::BadHead(e.to_string()))?;
 
     let mut consistent = false;
@@ -195,62 +217,78 @@ pub async fn verify_remote(
         consistent = true;
     }
 
-    let mut checked = 0u64;
-    if recompute {
-        let mut frontier = Frontier::new();
-        while frontier.size() < head.tree_size {
-            let entries = client
-                .get_entries(GetEntriesRequest {
-                    start_index: frontier.size(),
-                    max_entries: 1000,
-                })
-                .await?
-                .into_inner()
-                .entries;
-            if entries.is_empty() {
-                return Err(AuditorError::Entries(format!(
-                    "the broker sent no entry at index {} of {}",
-                    frontier.size(),
-                    head.tree_size
-                )));
-            }
-            for entry in entries {
-                if frontier.size() == head.tree_size {
-                    break;
-                }
-                if entry.leaf_index != frontier.size() {
-                    return Err(AuditorError::Entries(format!(
-                        "expected entry {}, got {}",
-                        frontier.size(),
-                        entry.leaf_index
-                    )));
-                }
-                let decoded = onceonly_proto::v1::AuditRecord::decode(entry.leaf_data.as_slice())
-                    .map_err(|e| {
-                    AuditorError::Entries(format!("entry {}: {e}", entry.leaf_index))
-                })?;
-                if decoded.log_index != entry.leaf_index {
-                    return Err(AuditorError::Entries(format!(
-                        "entry {} says it is {}",
-                        entry.leaf_index, decoded.log_index
-                    )));
-                }
-                frontier.push(leaf_hash(&entry.leaf_data));
-                checked += 1;
-            }
-        }
-        if frontier.root() != head.root_hash {
-            return Err(AuditorError::Entries(format!(
-                "the {} entries hash to {}, the signed head says {}",
-                head.tree_size,
-                hex::encode(frontier.root()),
-                hex::encode(head.root_hash)
-            )));
-        }
-    }
     Ok(RemoteAudit {
         head: Some(head),
         entries_checked: checked,
         consistent_with_saved: consistent,
+    })
+}
+
+/// What walking every entry of a log found.
+struct Walked {
+    entries: u64,
+    handovers: Vec<(u64, onceonly_proto::v1::KeyHandover)>,
+}
+
+/// Downloads every entry up to `head`, checks each names its place, that
+/// they hash to the head's root, and gathers the key hand-overs.
+async fn walk_entries(
+    client: &mut AuditServiceClient<Channel>,
+    head: &SignedTreeHead,
+) -> Result<Walked, AuditorError> {
+    let mut frontier = Frontier::new();
+    let mut handovers = Vec::new();
+    while frontier.size() < head.tree_size {
+        let entries = client
+            .get_entries(GetEntriesRequest {
+                start_index: frontier.size(),
+                max_entries: 1000,
+            })
+            .await?
+            .into_inner()
+            .entries;
+        if entries.is_empty() {
+            return Err(AuditorError::Entries(format!(
+                "the broker sent no entry at index {} of {}",
+                frontier.size(),
+                head.tree_size
+            )));
+        }
+        for entry in entries {
+            if frontier.size() == head.tree_size {
+                break;
+            }
+            if entry.leaf_index != frontier.size() {
+                return Err(AuditorError::Entries(format!(
+                    "expected entry {}, got {}",
+                    frontier.size(),
+                    entry.leaf_index
+                )));
+            }
+            let decoded = onceonly_proto::v1::AuditRecord::decode(entry.leaf_data.as_slice())
+                .map_err(|e| AuditorError::Entries(format!("entry {}: {e}", entry.leaf_index)))?;
+            if decoded.log_index != entry.leaf_index {
+                return Err(AuditorError::Entries(format!(
+                    "entry {} says it is {}",
+                    entry.leaf_index, decoded.log_index
+                )));
+            }
+            if let Some(handover) = decoded.key_handover {
+                handovers.push((entry.leaf_index, handover));
+            }
+            frontier.push(leaf_hash(&entry.leaf_data));
+        }
+    }
+    if frontier.root() != head.root_hash {
+        return Err(AuditorError::Entries(format!(
+            "the {} entries hash to {}, the signed head says {}",
+            head.tree_size,
+            hex::encode(frontier.root()),
+            hex::encode(head.root_hash)
+        )));
+    }
+    Ok(Walked {
+        entries: frontier.size(),
+        handovers,
     })
 }

@@ -21,8 +21,12 @@ pub struct StoredConsent {
     pub consent_id: String,
     /// Subject scheme (enum value).
     pub subject_scheme: i32,
-    /// Subject id: a consent is a legal record that must name its person.
-    pub subject_value: String,
+    /// The subject's pseudonym (hex), for matching requests.
+    pub subject_pseudonym: String,
+    /// The subject id, sealed under a key derived from the pseudonym key
+    /// ([`Pseudonymiser::seal`]): a consent is a legal record that must name
+    /// its person, but a copied data directory must not reveal whom.
+    pub subject_sealed: String,
     /// The authority's SPIFFE id.
     pub authority_id: String,
     /// The evidence type.
@@ -51,14 +55,12 @@ impl StoredConsent {
         }
     }
 
-    /// The wire form at `now_ms`.
-    pub fn to_proto(&self, now_ms: i64) -> Consent {
+    /// The wire form at `now_ms`, naming `subject` (known to the caller, or
+    /// opened with [`ConsentStore::subject_of`]).
+    pub fn to_proto(&self, now_ms: i64, subject: SubjectId) -> Consent {
         Consent {
             consent_id: self.consent_id.clone(),
-            subject: Some(SubjectId {
-                scheme: self.subject_scheme,
-                value: self.subject_value.clone(),
-            }),
+            subject: Some(subject),
             authority_id: self.authority_id.clone(),
             evidence_type: self.evidence_type.clone(),
             purpose: self.purpose.clone(),
@@ -153,14 +155,30 @@ impl ConsentStore {
         self.pseudonyms.pseudonym(subject.scheme, &subject.value)
     }
 
-    /// Records a consent durably.
-    pub async fn grant(&self, new: NewConsent, now_ms: i64) -> Result<StoredConsent, ConsentError> {
+    /// A fresh consent id.
+    pub fn new_consent_id() -> String {
         let mut id = [0u8; 12];
         rand::rng().fill_bytes(&mut id);
+        format!("cns-{}", hex::encode(id))
+    }
+
+    /// Records consent `consent_id` (from [`ConsentStore::new_consent_id`])
+    /// durably.
+    pub async fn grant(
+        &self,
+        consent_id: String,
+        new: NewConsent,
+        now_ms: i64,
+    ) -> Result<StoredConsent, ConsentError> {
         let consent = StoredConsent {
-            consent_id: format!("cns-{}", hex::encode(id)),
             subject_scheme: new.subject.scheme,
-            subject_value: new.subject.value.clone(),
+            subject_pseudonym: hex::encode(self.subject_prefix(&new.subject)),
+            subject_sealed: self.pseudonyms.seal(
+                &consent_id,
+                new.subject.scheme,
+                &new.subject.value,
+            ),
+            consent_id,
             authority_id: new.authority_id,
             evidence_type: new.evidence_type,
             purpose: new.purpose,
@@ -224,6 +242,18 @@ impl ConsentStore {
         Ok(consent)
     }
 
+    /// The subject a stored consent names, opened from its sealed form.
+    pub fn subject_of(&self, consent: &StoredConsent) -> Result<SubjectId, ConsentError> {
+        let (scheme, value) = self
+            .pseudonyms
+            .open(&consent.consent_id, &consent.subject_sealed)
+            .map_err(|e| ConsentError::Corrupt {
+                id: consent.consent_id.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(SubjectId { scheme, value })
+    }
+
     /// A subject's consents, newest first: up to `limit` after `skip`.
     pub fn list(
         &self,
@@ -261,9 +291,10 @@ impl ConsentStore {
         consent_id: Option<&str>,
         now_ms: i64,
     ) -> Result<Option<StoredConsent>, ConsentError> {
+        let pseudonym = hex::encode(self.subject_prefix(subject));
         let covers = |c: &StoredConsent| {
             c.subject_scheme == subject.scheme
-                && c.subject_value == subject.value
+                && c.subject_pseudonym == pseudonym
                 && c.authority_id == authority_id
                 && c.evidence_type == evidence_type
                 && c.purpose == purpose
@@ -341,7 +372,10 @@ mod tests {
             expires_at_ms: 10_000,
             recorded_by: "spiffe://t/portal/p".into(),
         };
-        let consent = store.grant(new.clone(), 1_000).await.expect("grant");
+        let consent = store
+            .grant(ConsentStore::new_consent_id(), new.clone(), 1_000)
+            .await
+            .expect("grant");
         let find = |now| {
             store
                 .find_active(
@@ -408,7 +442,10 @@ mod tests {
             Err(ConsentError::NotFound(_))
         ));
 
-        let newer = store.grant(new, 5_000).await.expect("grant");
+        let newer = store
+            .grant(ConsentStore::new_consent_id(), new, 5_000)
+            .await
+            .expect("grant");
         let (listed, more) = store.list(&anna, 0, 10).expect("list");
         assert!(!more);
         assert_eq!(

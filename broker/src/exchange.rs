@@ -44,7 +44,7 @@ use onceonly_proto::v1::{
     AuditRecord, ErrorReason, Evidence, ExchangeOutcome, ProvideEvidenceRequest,
     RequestEvidenceRequest, RequestEvidenceResponse,
 };
-use onceonly_proto::validate::{self, FieldViolation, Violations};
+use onceonly_proto::validate::{self, FieldViolation, Violations, printable};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -433,18 +433,18 @@ impl Broker {
         rand::rng().fill_bytes(&mut id);
         let record = AuditRecord {
             exchange_id: format!("ex-{}", hex::encode(id)),
-            request_id: truncate(&request.request_id, validate::MAX_REQUEST_ID_LEN),
+            request_id: printable(&request.request_id, validate::MAX_REQUEST_ID_LEN),
             received_at: Some(timestamp(now_ms())),
-            evidence_type: truncate(&request.evidence_type, 64),
-            purpose: truncate(&request.purpose, validate::MAX_TEXT_LEN),
-            legal_basis: truncate(&request.legal_basis, validate::MAX_TEXT_LEN),
+            evidence_type: printable(&request.evidence_type, 64),
+            purpose: printable(&request.purpose, validate::MAX_TEXT_LEN),
+            legal_basis: printable(&request.legal_basis, validate::MAX_TEXT_LEN),
             subject_scheme: subject.scheme,
             subject_pseudonym: if request.subject.is_some() {
                 self.pseudonyms.pseudonym(subject.scheme, &subject.value)
             } else {
                 Vec::new()
             },
-            jurisdiction: truncate(&request.jurisdiction, validate::MAX_TEXT_LEN),
+            jurisdiction: printable(&request.jurisdiction, validate::MAX_TEXT_LEN),
             trace_id: trace.trace_id(),
             ..Default::default()
         };
@@ -479,7 +479,8 @@ impl Broker {
                 let status = refusal.status();
                 record.outcome = refusal.outcome() as i32;
                 record.status_code = status.code() as i32;
-                record.status_message = truncate(status.message(), 1024);
+                // Connector messages come from outside too.
+                record.status_message = printable(status.message(), 1024);
                 record.error_reason = refusal.reason() as i32;
             }
         }
@@ -726,10 +727,6 @@ fn fingerprint(request: &RequestEvidenceRequest) -> [u8; 32] {
         hash.update(value.as_bytes());
     }
     hash.finalize().into()
-}
-
-fn truncate(text: &str, max_chars: usize) -> String {
-    text.chars().take(max_chars).collect()
 }
 
 /// Now, in Unix milliseconds.

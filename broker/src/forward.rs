@@ -11,14 +11,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use onceonly_certs::tls::{ConnectError, find_connect_error};
+use onceonly_certs::tls::{ConnectError, ReloadableClientTls, find_connect_error};
 use onceonly_certs::{MtlsConnector, Participant, Role};
 use onceonly_proto::deadline::{Deadline, deadline_aware};
 use onceonly_proto::metadata::{EXCHANGE_ID_HEADER, TraceContext};
 use onceonly_proto::status::reason_of;
 use onceonly_proto::v1::connector_service_client::ConnectorServiceClient;
 use onceonly_proto::v1::{ErrorReason, Evidence, ProvideEvidenceRequest};
-use rustls::ClientConfig;
 use sha2::{Digest, Sha256};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
@@ -38,6 +37,8 @@ pub enum ForwardError {
     Unreachable(String),
     /// An endpoint presented another identity than the table expects.
     IdentityMismatch(String),
+    /// An endpoint's certificate was refused (revoked, expired, ...).
+    CertificateRefused(String),
     /// The deadline passed.
     DeadlineExceeded,
     /// The evidence failed the broker's checks.
@@ -46,33 +47,44 @@ pub enum ForwardError {
 
 /// Opens and keeps one channel per connector endpoint.
 pub struct Forwarder {
-    client_config: Arc<ClientConfig>,
+    tls: Arc<ReloadableClientTls>,
     trust_domain: String,
-    channels: Mutex<HashMap<(String, String), Channel>>,
+    /// Channels by (connector, endpoint), with the TLS generation they were
+    /// opened under: after a reload (a new CRL) they are opened again, so
+    /// that a connector revoked since is checked anew.
+    channels: Mutex<HashMap<(String, String), (u64, Channel)>>,
 }
 
 impl Forwarder {
     /// A forwarder presenting the broker's client configuration.
-    pub fn new(client_config: Arc<ClientConfig>, trust_domain: &str) -> Self {
+    pub fn new(tls: Arc<ReloadableClientTls>, trust_domain: &str) -> Self {
         Forwarder {
-            client_config,
+            tls,
             trust_domain: trust_domain.to_owned(),
             channels: Mutex::new(HashMap::new()),
         }
     }
 
+    /// The client TLS configuration (reload it with the server's).
+    pub fn tls(&self) -> &ReloadableClientTls {
+        &self.tls
+    }
+
     fn channel(&self, connector_id: &str, endpoint: &str) -> Result<Channel, ForwardError> {
         let key = (connector_id.to_owned(), endpoint.to_owned());
+        let generation = self.tls.generation();
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(channel) = channels.get(&key) {
+        if let Some((opened_under, channel)) = channels.get(&key)
+            && *opened_under == generation
+        {
             return Ok(channel.clone());
         }
         let expected = Participant::new(&self.trust_domain, Role::Connector, connector_id)
             .map_err(|e| ForwardError::Unreachable(e.to_string()))?;
-        let channel = MtlsConnector::new(self.client_config.clone(), Some(expected))
+        let channel = MtlsConnector::new(self.tls.current(), Some(expected))
             .channel(endpoint, CONNECT_TIMEOUT)
             .map_err(|e| ForwardError::Unreachable(e.to_string()))?;
-        channels.insert(key, channel.clone());
+        channels.insert(key, (generation, channel.clone()));
         Ok(channel)
     }
 
@@ -120,6 +132,11 @@ impl Forwarder {
                     tracing::warn!(%endpoint, connector = %destination.connector_id, %reason, "connector endpoint unreachable; trying the next");
                     last_failure = ForwardError::Unreachable(format!("{endpoint}: {reason}"));
                 }
+                Failure::CertificateRefused(reason) => {
+                    *contacted = already;
+                    tracing::error!(%endpoint, connector = %destination.connector_id, %reason, "connector certificate refused");
+                    last_failure = ForwardError::CertificateRefused(reason);
+                }
                 Failure::Identity(reason) => {
                     *contacted = already;
                     tracing::error!(%endpoint, connector = %destination.connector_id, %reason, "connector presented the wrong identity");
@@ -146,6 +163,8 @@ enum Failure {
     Unreachable(String),
     /// The endpoint is not the connector we expect.
     Identity(String),
+    /// The endpoint's certificate was refused.
+    CertificateRefused(String),
     /// The connector said its register is down: the next endpoint may serve.
     RegisterDown,
     /// An answer to pass on.
@@ -158,6 +177,9 @@ fn classify(status: &tonic::Status) -> Failure {
     {
         return match connect {
             ConnectError::IdentityMismatch { .. } => Failure::Identity(connect.to_string()),
+            ConnectError::CertificateRefused { .. } => {
+                Failure::CertificateRefused(connect.to_string())
+            }
             other => Failure::Unreachable(other.to_string()),
         };
     }

@@ -11,8 +11,10 @@
 //! - [`refusal`] is every way an exchange ends without evidence, classed
 //!   once into a gRPC status and an audit outcome;
 //! - [`consent`] keeps subjects' consents, in sled;
-//! - [`audit`] is the durable, group-committed audit log;
+//! - [`audit`] is the durable, group-committed audit log, and
+//!   [`access_log`] records in it what portals do with a subject's data;
 //! - [`pseudonym`] makes keyed pseudonyms of subject ids for the log;
+//! - [`keys`] creates (once), loads and rotates the broker's own keys;
 //! - [`idempotency`] gives repeated request ids the first outcome;
 //! - [`forward`] calls connectors over mutual TLS, with identity checks and
 //!   failover;
@@ -21,6 +23,7 @@
 //!
 //! The `onceonly-broker` binary is a thin CLI over [`server`].
 
+pub mod access_log;
 pub mod audit;
 pub mod auditor;
 pub mod config;
@@ -28,6 +31,7 @@ pub mod consent;
 pub mod exchange;
 pub mod forward;
 pub mod idempotency;
+pub mod keys;
 pub mod policy;
 pub mod pseudonym;
 pub mod quota;

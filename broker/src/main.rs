@@ -1,4 +1,5 @@
-//! `onceonly-broker`: runs the broker, or checks its files.
+//! `onceonly-broker`: creates the broker's keys, runs the broker, checks
+//! its files, rotates its audit key.
 //!
 //! Exit codes: 0 success, 1 failure (the message names the file, line and
 //! fix), 2 usage error.
@@ -39,6 +40,25 @@ enum Command {
     /// Check a configuration with its policy and routing table, without
     /// serving: run it before reloading a live broker.
     Check {
+        /// The broker configuration (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Create the audit signing key (and its .pub for auditors) and the
+    /// pseudonym key named in the configuration. Run once, before the first
+    /// `serve`; refuses to replace any key. Back the keys up: without the
+    /// pseudonym key no citizen's records can be found, and `serve` refuses
+    /// to start without either.
+    Init {
+        /// The broker configuration (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Hand the audit log over to a new signing key (the broker must be
+    /// stopped): the old key signs the new one in a log record, later heads
+    /// are signed by the new key, and verifiers that trust the old key
+    /// follow the hand-over. Give auditors the new .pub afterwards.
+    RotateAuditKey {
         /// The broker configuration (TOML).
         #[arg(long, short)]
         config: PathBuf,
@@ -91,6 +111,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 broker.local_addr()
             );
             broker.serve().await?;
+        }
+        Command::Init { config } => {
+            let config = BrokerConfig::load(&config)?;
+            for path in onceonly_broker::keys::init(&config)? {
+                println!("created {}", path.display());
+            }
+            println!(
+                "keys created; back them up apart from the data directory, then run `onceonly-broker serve`"
+            );
+        }
+        Command::RotateAuditKey { config } => {
+            let config = BrokerConfig::load(&config)?;
+            let rotation = onceonly_broker::keys::rotate_audit_key(&config).await?;
+            println!(
+                "audit key rotated at log index {}: {} -> {}",
+                rotation.log_index, rotation.old_public_key, rotation.new_public_key
+            );
+            println!(
+                "the old private key was moved to {}; destroy it once auditors have the new {}",
+                rotation.retired_key.display(),
+                onceonly_broker::audit::public_key_path(&config.audit_key).display()
+            );
         }
         Command::Check { config } => {
             let config = BrokerConfig::load(&config)?;

@@ -64,6 +64,18 @@ struct PolicyFile {
     quota: Vec<QuotaEntry>,
     #[serde(default)]
     default_quota: Option<QuotaSpec>,
+    #[serde(default)]
+    portal: Vec<PortalEntry>,
+}
+
+/// A `[[portal]]` entry: what a portal may record consents for.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PortalEntry {
+    /// The portal's id.
+    id: Spanned<String>,
+    /// The evidence types it may grant and revoke consents for.
+    evidence_types: Spanned<Vec<String>>,
 }
 
 /// One checked rule.
@@ -102,6 +114,9 @@ pub enum Decision {
 pub struct Policy {
     rules: Vec<Rule>,
     quotas: Arc<Quotas>,
+    /// Portals scoped by a `[[portal]]` entry: the evidence types each may
+    /// record consents for. A portal without an entry is not limited.
+    portals: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Policy {
@@ -126,6 +141,45 @@ impl Policy {
             }
         }
         let quotas = Self::parse_quotas(path, text, &file)?;
+        let mut portals = BTreeMap::new();
+        for entry in &file.portal {
+            let id = entry.id.get_ref();
+            onceonly_certs::identity::validate_id(id).map_err(|e| {
+                ConfigFileError::invalid(
+                    path,
+                    at(entry.id.span(), "portal.id"),
+                    e.to_string(),
+                    "write the portal's id as in its certificate",
+                )
+            })?;
+            for evidence_type in entry.evidence_types.get_ref() {
+                if routing.evidence_type(evidence_type).is_none() {
+                    return Err(ConfigFileError::invalid(
+                        path,
+                        at(
+                            entry.evidence_types.span(),
+                            &format!("portal {id:?} evidence_types"),
+                        ),
+                        format!("evidence type {evidence_type:?} is not in the catalogue"),
+                        "use evidence type ids from the routing table",
+                    ));
+                }
+            }
+            if portals
+                .insert(
+                    id.clone(),
+                    entry.evidence_types.get_ref().iter().cloned().collect(),
+                )
+                .is_some()
+            {
+                return Err(ConfigFileError::invalid(
+                    path,
+                    at(entry.id.span(), "portal.id"),
+                    format!("portal {id:?} has two entries"),
+                    "give each portal one [[portal]] entry",
+                ));
+            }
+        }
         let mut seen = BTreeSet::new();
         let mut rules = Vec::new();
         for entry in file.rule {
@@ -212,6 +266,7 @@ impl Policy {
         Ok(Policy {
             rules,
             quotas: Arc::new(quotas),
+            portals,
         })
     }
 
@@ -305,6 +360,13 @@ impl Policy {
     /// The request quotas in force.
     pub fn quotas(&self) -> &Quotas {
         &self.quotas
+    }
+
+    /// Whether portal `portal_id` may record consents for `evidence_type`.
+    pub fn portal_may(&self, portal_id: &str, evidence_type: &str) -> bool {
+        self.portals
+            .get(portal_id)
+            .is_none_or(|types| types.contains(evidence_type))
     }
 
     /// Decides a request by the caller's id (authority id).

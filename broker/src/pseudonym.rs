@@ -2,20 +2,34 @@
 //! apart from the data directory. The audit log stores only the pseudonym,
 //! so a stolen data directory does not reveal whom records are about, while
 //! an auditor who is given a subject id can still find its records.
-
-use std::path::Path;
+//!
+//! Consents must name their person (a consent is a legal record), so the
+//! consent store keeps the subject id sealed (AES-256-GCM) under a second
+//! key derived from the same secret (HKDF-SHA-256, its own label): the
+//! secret never enters the data directory, and a copy of it reveals no
+//! subject id.
 
 use onceonly_proto::v1::SubjectIdScheme;
 use rand::RngCore;
-use ring::hmac;
+use ring::{aead, hkdf, hmac};
 
 /// Domain separation for the HMAC input.
 const CONTEXT: &[u8] = b"onceonly-subject-pseudonym-v1\0";
 
-/// Turns subject ids into pseudonyms.
+/// Turns subject ids into pseudonyms, and seals and opens them for the
+/// consent store.
 pub struct Pseudonymiser {
     key: hmac::Key,
+    sealing: aead::LessSafeKey,
 }
+
+/// Why a sealed subject id could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a sealed subject id does not open under this pseudonym key (another key, or altered)")]
+pub struct Unsealable;
+
+/// The HKDF label of the consent sealing key.
+const SEALING_LABEL: &[u8] = b"onceonly-consent-subject-sealing-v1";
 
 impl std::fmt::Debug for Pseudonymiser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -24,36 +38,57 @@ impl std::fmt::Debug for Pseudonymiser {
 }
 
 impl Pseudonymiser {
-    /// Reads the key (64 hex digits) from `path`, creating it (mode 0600)
-    /// where it does not exist.
-    pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
-        let secret = match std::fs::read_to_string(path) {
-            Ok(text) => hex::decode(text.trim())
-                .ok()
-                .filter(|k| k.len() == 32)
-                .ok_or_else(|| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("{}: not a pseudonym key (64 hex digits)", path.display()),
-                    )
-                })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut secret = vec![0u8; 32];
-                rand::rng().fill_bytes(&mut secret);
-                onceonly_certs::pki::write_secret_file(path, hex::encode(&secret).as_bytes())
-                    .map_err(std::io::Error::other)?;
-                secret
-            }
-            Err(e) => return Err(e),
-        };
-        Ok(Self::from_secret(&secret))
-    }
-
     /// A pseudonymiser with a given secret.
     pub fn from_secret(secret: &[u8]) -> Self {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"onceonly").extract(secret);
+        let okm = prk
+            .expand(&[SEALING_LABEL], &aead::AES_256_GCM)
+            .map(aead::UnboundKey::from);
+        // expand fails only for an output longer than 255 hashes; 32 bytes
+        // never is.
+        let unbound = match okm {
+            Ok(key) => key,
+            Err(_) => unreachable!("HKDF-SHA-256 yields 32 bytes"),
+        };
         Pseudonymiser {
             key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+            sealing: aead::LessSafeKey::new(unbound),
         }
+    }
+
+    /// Seals a subject id for the consent store, bound to `context` (the
+    /// consent id): hex of a random nonce and the ciphertext.
+    pub fn seal(&self, context: &str, scheme: i32, value: &str) -> String {
+        let mut nonce = [0u8; aead::NONCE_LEN];
+        rand::rng().fill_bytes(&mut nonce);
+        let mut data = format!("{scheme}:{value}").into_bytes();
+        // Sealing a few bytes in memory does not fail.
+        let _ = self.sealing.seal_in_place_append_tag(
+            aead::Nonce::assume_unique_for_key(nonce),
+            aead::Aad::from(context.as_bytes()),
+            &mut data,
+        );
+        let mut sealed = nonce.to_vec();
+        sealed.extend_from_slice(&data);
+        hex::encode(sealed)
+    }
+
+    /// Opens what [`Pseudonymiser::seal`] sealed with the same `context`.
+    pub fn open(&self, context: &str, sealed: &str) -> Result<(i32, String), Unsealable> {
+        let bytes = hex::decode(sealed).map_err(|_| Unsealable)?;
+        if bytes.len() < aead::NONCE_LEN {
+            return Err(Unsealable);
+        }
+        let (nonce, rest) = bytes.split_at(aead::NONCE_LEN);
+        let nonce = aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| Unsealable)?;
+        let mut data = rest.to_vec();
+        let plain = self
+            .sealing
+            .open_in_place(nonce, aead::Aad::from(context.as_bytes()), &mut data)
+            .map_err(|_| Unsealable)?;
+        let text = std::str::from_utf8(plain).map_err(|_| Unsealable)?;
+        let (scheme, value) = text.split_once(':').ok_or(Unsealable)?;
+        Ok((scheme.parse().map_err(|_| Unsealable)?, value.to_owned()))
     }
 
     /// The pseudonym of a subject id (also of a malformed one, so that even
@@ -77,10 +112,8 @@ mod tests {
 
     #[test]
     fn pseudonyms_are_keyed_and_stable() {
-        let dir = tempfile::tempdir().expect("dir");
-        let path = dir.path().join("keys/pseudonym.key");
-        let first = Pseudonymiser::load_or_create(&path).expect("created");
-        let again = Pseudonymiser::load_or_create(&path).expect("read back");
+        let first = Pseudonymiser::from_secret(&[3; 32]);
+        let again = Pseudonymiser::from_secret(&[3; 32]);
         let a = first.pseudonym(1, "82281866209");
         assert_eq!(a, again.pseudonym(1, "82281866209"));
         assert_ne!(a, first.pseudonym(1, "21641045750"));
@@ -93,11 +126,29 @@ mod tests {
             a,
             Pseudonymiser::from_secret(&[7; 32]).pseudonym(1, "82281866209")
         );
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
-            assert_eq!(mode, 0o600);
-        }
+    }
+
+    #[test]
+    fn sealed_subjects_open_only_with_their_key_and_context() {
+        let key = Pseudonymiser::from_secret(&[3; 32]);
+        let sealed = key.seal("cns-1", 1, "82281866209");
+        assert!(!sealed.contains("82281866209"));
+        assert!(
+            !hex::decode(&sealed)
+                .expect("hex")
+                .windows(11)
+                .any(|w| w == b"82281866209")
+        );
+        assert_eq!(key.open("cns-1", &sealed), Ok((1, "82281866209".into())));
+        assert_eq!(
+            key.open("cns-2", &sealed),
+            Err(Unsealable),
+            "moved to another consent"
+        );
+        assert_eq!(
+            Pseudonymiser::from_secret(&[4; 32]).open("cns-1", &sealed),
+            Err(Unsealable)
+        );
+        assert_ne!(sealed, key.seal("cns-1", 1, "82281866209"), "fresh nonce");
     }
 }

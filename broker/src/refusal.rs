@@ -322,6 +322,13 @@ fn forward_status(connector: &str, failure: &ForwardError) -> Status {
                 "connector {connector} could not be verified ({reason}); the broker did not send it the request"
             ),
         ),
+        ForwardError::CertificateRefused(reason) => error(
+            Code::Unavailable,
+            ErrorReason::ConnectorRefused,
+            format!(
+                "connector {connector} was not trusted ({reason}); the broker did not send it the request"
+            ),
+        ),
         ForwardError::BadEvidence(reason) => error(
             Code::DataLoss,
             ErrorReason::BadEvidence,

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use onceonly_certs::config_file::ConfigFileError;
 use onceonly_certs::connection::CallTracking;
-use onceonly_certs::tls::{self, TlsError};
+use onceonly_certs::identity::CrlState;
+use onceonly_certs::tls::{ReloadableClientTls, TlsError};
 use onceonly_certs::{
     ClientAuth, ConnectionLimits, MtlsIncoming, Participant, ReloadableServerTls, Role,
 };
@@ -30,7 +31,6 @@ use crate::exchange::{Broker, ExchangeLimit};
 use crate::forward::Forwarder;
 use crate::idempotency::IdempotencyCache;
 use crate::policy::PolicyStore;
-use crate::pseudonym::Pseudonymiser;
 use crate::routing::RoutingTable;
 use crate::services::{AuditGrpc, ConsentGrpc, EvidenceGrpc};
 
@@ -74,6 +74,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// A key is missing or unusable.
+    #[error(transparent)]
+    Keys(#[from] crate::keys::KeyError),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Serve(String),
@@ -123,15 +126,8 @@ impl BoundBroker {
                 identity,
             });
         }
-        let (client_config, _) = tls::client_config(&config.tls)?;
-        let pseudonyms = Arc::new(
-            Pseudonymiser::load_or_create(&config.pseudonym_key).map_err(|e| {
-                StartError::Storage {
-                    what: format!("pseudonym key {}", config.pseudonym_key.display()),
-                    reason: e.to_string(),
-                }
-            })?,
-        );
+        let client_tls = Arc::new(ReloadableClientTls::load(config.tls.clone())?);
+        let pseudonyms = Arc::new(crate::keys::load_pseudonym_key(&config.pseudonym_key)?);
         // Opening waits out another process's lock with sleeps: off the
         // async workers.
         let storage = sled::Config::new()
@@ -147,13 +143,7 @@ impl BoundBroker {
                 what: format!("data directory {}", config.data_dir.display()),
                 reason: e.to_string(),
             })?;
-        let audit_key =
-            crate::audit::load_or_create_signing_key(&config.audit_key).map_err(|e| {
-                StartError::Storage {
-                    what: format!("audit key {}", config.audit_key.display()),
-                    reason: e.to_string(),
-                }
-            })?;
+        let audit_key = crate::keys::load_audit_key(&config.audit_key)?;
         let (audit, audit_writer) =
             AuditLog::open(&config.data_dir, &db, config.audit.durable, audit_key)?;
         let consents = ConsentStore::open(&db, pseudonyms.clone())?;
@@ -163,7 +153,7 @@ impl BoundBroker {
             consents,
             audit,
             pseudonyms,
-            forwarder: Forwarder::new(client_config, identity.trust_domain()),
+            forwarder: Forwarder::new(client_tls, identity.trust_domain()),
             idempotency: IdempotencyCache::new(
                 config.idempotency.window,
                 config.idempotency.max_entries,
@@ -248,10 +238,13 @@ impl BoundBroker {
             .build_v1()
             .map_err(|e| StartError::Serve(e.to_string()))?;
         let watcher = tokio::spawn(watch_policy(broker.policy.clone()));
+        let crl_watcher = tokio::spawn(watch_crl(tls.clone(), health_reporter.clone()));
+        let stop_crl_watcher = crl_watcher.abort_handle();
 
         let (drain_started, drain_signal) = oneshot::channel::<()>();
         let signal = async move {
             shutdown.await;
+            stop_crl_watcher.abort();
             health_reporter
                 .set_not_serving::<EvidenceServiceServer<EvidenceGrpc>>()
                 .await;
@@ -297,6 +290,7 @@ impl BoundBroker {
             }
         };
         watcher.abort();
+        crl_watcher.abort();
         drop(serving);
         // The audit writer ends once the last handle to the log is gone;
         // waiting for it means every batch is flushed and the data
@@ -308,7 +302,7 @@ impl BoundBroker {
 
     /// Serves until Ctrl-C or SIGTERM; SIGHUP reloads policy and TLS.
     pub async fn serve(self) -> Result<(), StartError> {
-        spawn_sighup_reload(self.broker.policy.clone(), self.tls.clone());
+        spawn_sighup_reload(self.broker.clone(), self.tls.clone());
         self.serve_with_shutdown(onceonly_certs::serve::terminate_signal())
             .await
     }
@@ -347,9 +341,18 @@ impl RunningBroker {
         self.local_addr
     }
 
-    /// The server TLS configuration (reload after revoking a certificate).
+    /// The server TLS configuration.
     pub fn tls(&self) -> &ReloadableServerTls {
         &self.tls
+    }
+
+    /// Reloads certificates and the CRL on both sides, as SIGHUP does;
+    /// returns how many open connections were closed.
+    pub fn reload_tls(&self) -> Result<usize, StartError> {
+        let broker = self
+            .broker()
+            .ok_or_else(|| StartError::Serve("the broker has stopped".into()))?;
+        Ok(reload_tls(&broker, &self.tls)?)
     }
 
     /// The shared state while serving.
@@ -404,14 +407,85 @@ fn reload_policy(policy: &PolicyStore) {
     }
 }
 
-fn spawn_sighup_reload(policy: Arc<PolicyStore>, tls: Arc<ReloadableServerTls>) {
+/// Reloads certificates and the CRL on both sides: the server's (open
+/// connections whose peer no longer verifies are closed) and the client's
+/// towards connectors (channels are opened again under the new list).
+pub fn reload_tls(broker: &Broker, tls: &ReloadableServerTls) -> Result<usize, TlsError> {
+    let closed = tls.reload()?;
+    broker.forwarder.tls().reload()?;
+    tracing::info!(closed, "TLS certificates and CRL reloaded");
+    Ok(closed)
+}
+
+fn spawn_sighup_reload(broker: Arc<Broker>, tls: Arc<ReloadableServerTls>) {
     onceonly_certs::serve::on_sighup(move || {
-        reload_policy(&policy);
-        match tls.reload() {
-            Ok(()) => tracing::info!("TLS certificates and CRL reloaded"),
-            Err(error) => {
-                tracing::error!(%error, "TLS NOT reloaded; the previous configuration stays")
-            }
+        reload_policy(&broker.policy);
+        if let Err(error) = reload_tls(&broker, &tls) {
+            tracing::error!(%error, "TLS NOT (fully) reloaded; the previous configuration stays");
         }
     });
+}
+
+/// How often the revocation list's freshness is checked.
+const CRL_CHECK: Duration = Duration::from_secs(1);
+
+/// Reports the services NOT_SERVING while the revocation list is stale and
+/// the policy refuses (every caller would be refused), SERVING again once a
+/// fresh list is loaded; logs each change.
+async fn watch_crl(tls: Arc<ReloadableServerTls>, health: tonic_health::server::HealthReporter) {
+    let mut last: Option<CrlState> = None;
+    loop {
+        let state = tls.crl_state();
+        let changed = match (&last, &state) {
+            (Some(CrlState::Stale { .. }), CrlState::Stale { .. }) => false,
+            (Some(a), b) => std::mem::discriminant(a) != std::mem::discriminant(b),
+            (None, _) => true,
+        };
+        if changed {
+            match state {
+                CrlState::Stale {
+                    next_update,
+                    refusing: true,
+                } => {
+                    tracing::error!(
+                        next_update,
+                        "the revocation list is stale: every caller is refused until a fresh one is published and loaded (SIGHUP)"
+                    );
+                    set_all(&health, false).await;
+                }
+                CrlState::Stale { next_update, .. } => {
+                    tracing::warn!(
+                        next_update,
+                        "the revocation list is stale; serving on (tls.crl_stale = \"warn\")"
+                    );
+                    set_all(&health, true).await;
+                }
+                CrlState::Fresh { .. } | CrlState::None => set_all(&health, true).await,
+            }
+        }
+        last = Some(state);
+        tokio::time::sleep(CRL_CHECK).await;
+    }
+}
+
+async fn set_all(health: &tonic_health::server::HealthReporter, serving: bool) {
+    if serving {
+        health
+            .set_serving::<EvidenceServiceServer<EvidenceGrpc>>()
+            .await;
+        health
+            .set_serving::<ConsentServiceServer<ConsentGrpc>>()
+            .await;
+        health.set_serving::<AuditServiceServer<AuditGrpc>>().await;
+    } else {
+        health
+            .set_not_serving::<EvidenceServiceServer<EvidenceGrpc>>()
+            .await;
+        health
+            .set_not_serving::<ConsentServiceServer<ConsentGrpc>>()
+            .await;
+        health
+            .set_not_serving::<AuditServiceServer<AuditGrpc>>()
+            .await;
+    }
 }

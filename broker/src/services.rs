@@ -14,8 +14,9 @@ use onceonly_proto::v1::*;
 use onceonly_proto::validate::{self, FieldViolation, Violations};
 use tonic::{Code, Request, Response, Status};
 
+use crate::access_log::Access;
 use crate::audit::AuditFilter;
-use crate::consent::{ConsentError, NewConsent, millis};
+use crate::consent::{ConsentError, ConsentStore, NewConsent, millis};
 use crate::exchange::{Broker, now_ms};
 
 /// The longest a consent may be granted for.
@@ -93,6 +94,29 @@ impl EvidenceService for EvidenceGrpc {
 
 /// `ConsentService`, for portals (and auditors, read-only).
 pub struct ConsentGrpc(pub Arc<Broker>);
+
+/// PERMISSION_DENIED where the policy limits `portal` to other evidence
+/// types.
+fn check_portal_scope(
+    broker: &Broker,
+    portal: &Participant,
+    evidence_type: &str,
+) -> Result<(), Status> {
+    if broker
+        .policy
+        .current()
+        .portal_may(portal.id(), evidence_type)
+    {
+        return Ok(());
+    }
+    Err(error(
+        Code::PermissionDenied,
+        ErrorReason::PolicyDenied,
+        format!(
+            "{portal} may not record consents for {evidence_type:?}; the broker's policy ([[portal]]) limits it to other evidence types"
+        ),
+    ))
+}
 
 fn consent_storage(e: ConsentError) -> Status {
     match e {
@@ -176,12 +200,31 @@ impl ConsentService for ConsentGrpc {
         violations
             .into_result()
             .map_err(|v| invalid_request(ErrorReason::InvalidRequest, &v))?;
-        let consent = self
+        let subject = grant.subject.clone().unwrap_or_default();
+        check_portal_scope(&self.0, &portal, &grant.evidence_type)?;
+        // Recorded before it takes effect: no record, no consent.
+        let consent_id = ConsentStore::new_consent_id();
+        let access = Access {
+            consent_id: consent_id.clone(),
+            evidence_type: grant.evidence_type.clone(),
+            purpose: grant.purpose.clone(),
+            consent_authority_id: grant.authority_id.clone(),
+        };
+        self.0
+            .record_access(
+                RecordKind::ConsentGranted,
+                &portal,
+                &subject,
+                access.clone(),
+            )
+            .await?;
+        let granted = self
             .0
             .consents
             .grant(
+                consent_id,
                 NewConsent {
-                    subject: grant.subject.unwrap_or_default(),
+                    subject: subject.clone(),
                     authority_id: grant.authority_id,
                     evidence_type: grant.evidence_type,
                     purpose: grant.purpose,
@@ -190,11 +233,20 @@ impl ConsentService for ConsentGrpc {
                 },
                 now,
             )
-            .await
-            .map_err(consent_storage)?;
+            .await;
+        let consent = match granted {
+            Ok(consent) => consent,
+            Err(e) => {
+                // The log says a grant was asked for; say it did not happen.
+                self.0
+                    .record_failed_access(RecordKind::ConsentGranted, &portal, &subject, access, &e)
+                    .await;
+                return Err(consent_storage(e));
+            }
+        };
         tracing::info!(consent_id = %consent.consent_id, portal = %portal, "consent granted");
         Ok(Response::new(GrantConsentResponse {
-            consent: Some(consent.to_proto(now)),
+            consent: Some(consent.to_proto(now, subject)),
         }))
     }
 
@@ -211,15 +263,44 @@ impl ConsentService for ConsentGrpc {
             ));
         }
         let now = now_ms();
-        let consent = self
+        let stored = self
             .0
             .consents
-            .revoke(&id, now)
-            .await
+            .get(&id)
+            .map_err(consent_storage)?
+            .ok_or_else(|| consent_storage(ConsentError::NotFound(id.clone())))?;
+        check_portal_scope(&self.0, &portal, &stored.evidence_type)?;
+        let subject = self
+            .0
+            .consents
+            .subject_of(&stored)
             .map_err(consent_storage)?;
+        let access = Access {
+            consent_id: id.clone(),
+            evidence_type: stored.evidence_type.clone(),
+            purpose: stored.purpose.clone(),
+            consent_authority_id: stored.authority_id.clone(),
+        };
+        self.0
+            .record_access(
+                RecordKind::ConsentRevoked,
+                &portal,
+                &subject,
+                access.clone(),
+            )
+            .await?;
+        let consent = match self.0.consents.revoke(&id, now).await {
+            Ok(consent) => consent,
+            Err(e) => {
+                self.0
+                    .record_failed_access(RecordKind::ConsentRevoked, &portal, &subject, access, &e)
+                    .await;
+                return Err(consent_storage(e));
+            }
+        };
         tracing::info!(consent_id = %id, portal = %portal, "consent revoked");
         Ok(Response::new(RevokeConsentResponse {
-            consent: Some(consent.to_proto(now)),
+            consent: Some(consent.to_proto(now, subject)),
         }))
     }
 
@@ -227,7 +308,7 @@ impl ConsentService for ConsentGrpc {
         &self,
         request: Request<ListConsentsRequest>,
     ) -> Result<Response<ListConsentsResponse>, Status> {
-        require_role(
+        let caller = require_role(
             &self.0,
             &request,
             &[Role::Portal, Role::Auditor],
@@ -238,14 +319,19 @@ impl ConsentService for ConsentGrpc {
             .map_err(|v| invalid_request(ErrorReason::InvalidRequest, &[v]))?;
         let skip = parse_page_token(&list.page_token)?;
         let limit = page_size(list.page_size, 50, 500);
+        let subject = list.subject.unwrap_or_default();
+        self.0
+            .record_access(
+                RecordKind::ConsentsListed,
+                &caller,
+                &subject,
+                Access::default(),
+            )
+            .await?;
         let (consents, more) = self
             .0
             .consents
-            .list(
-                &list.subject.unwrap_or_default(),
-                usize::try_from(skip).unwrap_or(usize::MAX),
-                limit,
-            )
+            .list(&subject, usize::try_from(skip).unwrap_or(usize::MAX), limit)
             .map_err(consent_storage)?;
         let now = now_ms();
         let next_page_token = if more {
@@ -254,7 +340,10 @@ impl ConsentService for ConsentGrpc {
             String::new()
         };
         Ok(Response::new(ListConsentsResponse {
-            consents: consents.iter().map(|c| c.to_proto(now)).collect(),
+            consents: consents
+                .iter()
+                .map(|c| c.to_proto(now, subject.clone()))
+                .collect(),
             next_page_token,
         }))
     }
@@ -341,6 +430,12 @@ impl AuditService for AuditGrpc {
         }
         let start = parse_page_token(&query.page_token)?;
         let limit = page_size(query.page_size, 100, 1000);
+        // Reading a subject's history is itself recorded, before the answer.
+        if let Some(subject) = &query.subject {
+            self.0
+                .record_access(RecordKind::HistoryRead, &caller, subject, Access::default())
+                .await?;
+        }
         // A query may scan the index and read the file: off the async workers.
         let audit = self.0.audit.clone();
         let (records, next) =

@@ -5,7 +5,8 @@
 use std::process::Command;
 
 use onceonly_broker::audit::segment::{self, FILE_NAME, Frame};
-use onceonly_broker::audit::{AuditLog, load_or_create_signing_key, public_key_path};
+use onceonly_broker::audit::{AuditLog, public_key_path};
+use onceonly_broker::keys::create_audit_key;
 use onceonly_proto::v1::AuditRecord;
 
 #[tokio::test]
@@ -15,13 +16,9 @@ async fn verify_dir_reports_clean_and_tampered_copies() {
     let key_path = dir.path().join("secrets/audit.key");
     {
         let db = onceonly_broker::audit::open_storage(sled::Config::new().path(&data)).expect("db");
-        let (log, writer) = AuditLog::open(
-            &data,
-            &db,
-            true,
-            load_or_create_signing_key(&key_path).expect("key"),
-        )
-        .expect("log");
+        let (log, writer) =
+            AuditLog::open(&data, &db, true, create_audit_key(&key_path).expect("key"))
+                .expect("log");
         for n in 0..12 {
             log.append(AuditRecord {
                 request_id: format!("r{n}"),

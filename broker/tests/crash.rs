@@ -35,6 +35,7 @@ async fn acknowledged_records_survive_sigkill_and_the_log_verifies() {
         MockRegister::embedded(RegisterKind::Civil).expect("data"),
         pki.tls_files(Role::Connector, "civil-register"),
     )
+    .allowed_broker("broker")
     .listen("127.0.0.1:0".parse().expect("addr"))
     .bind()
     .await
@@ -59,12 +60,22 @@ async fn acknowledged_records_survive_sigkill_and_the_log_verifies() {
     std::fs::write(
         dir.path().join("broker.toml"),
         format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\npolicy = \"policy.toml\"\nrouting = \"routing.toml\"\npseudonym_key = \"secrets/pseudonym.key\"\naudit_key = \"secrets/audit.key\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-            tls.ca, tls.cert, tls.key
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\npolicy = \"policy.toml\"\nrouting = \"routing.toml\"\npseudonym_key = \"secrets/pseudonym.key\"\naudit_key = \"secrets/audit.key\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\ncrl = {:?}\n",
+            tls.ca,
+            tls.cert,
+            tls.key,
+            pki.crl_path()
         ),
     )
     .expect("config");
 
+    let init = Command::new(env!("CARGO_BIN_EXE_onceonly-broker"))
+        .arg("init")
+        .arg("--config")
+        .arg(dir.path().join("broker.toml"))
+        .output()
+        .expect("init runs");
+    assert!(init.status.success(), "{init:?}");
     let mut child = Command::new(env!("CARGO_BIN_EXE_onceonly-broker"))
         .arg("serve")
         .arg("--config")
@@ -181,10 +192,8 @@ async fn acknowledged_records_survive_sigkill_and_the_log_verifies() {
     {
         let db = onceonly_broker::audit::open_storage(sled::Config::new().path(&data))
             .expect("reopen storage");
-        let key = onceonly_broker::audit::load_or_create_signing_key(
-            &dir.path().join("secrets/audit.key"),
-        )
-        .expect("key");
+        let key = onceonly_broker::keys::load_audit_key(&dir.path().join("secrets/audit.key"))
+            .expect("key");
         let (log, writer) =
             onceonly_broker::audit::AuditLog::open(&data, &db, true, key).expect("reopen log");
         assert_eq!(log.len(), verified.records);

@@ -238,28 +238,93 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// Calls in flight on one connection and when the last one ended: what the
-/// idle timeout looks at. Shared between the connection's stream and
-/// [`CallTracking`].
+/// What a server knows about one open connection, shared between its
+/// stream, the calls on it ([`CallTracking`]) and the server's TLS
+/// configuration: the calls in flight and when the last one ended (for the
+/// idle timeout), the peer's certificate chain and its expiry (re-checked
+/// on every call and on every reload), and whether the server has closed
+/// it (its peer's certificate was revoked or expired after the handshake).
 #[derive(Debug)]
-pub struct CallActivity {
+pub struct ConnectionState {
     in_flight: AtomicUsize,
     /// Milliseconds since `epoch` when a call last started or ended.
     last_change_ms: AtomicU64,
     epoch: Instant,
+    /// The peer's verified chain, end entity first (empty where refused).
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The end entity's `notAfter` (Unix seconds).
+    not_after: Option<i64>,
+    /// Set once: why the connection is no longer served.
+    closed: std::sync::OnceLock<crate::tls::PeerRefusal>,
+    /// Wakes the connection's stream to act on `closed`.
+    waker: futures::task::AtomicWaker,
 }
 
-impl Default for CallActivity {
+impl Default for ConnectionState {
     fn default() -> Self {
-        CallActivity {
-            in_flight: AtomicUsize::new(0),
-            last_change_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
-        }
+        Self::new(Vec::new())
     }
 }
 
-impl CallActivity {
+impl ConnectionState {
+    /// The state of a connection whose peer presented `chain` (verified).
+    pub fn new(chain: Vec<rustls::pki_types::CertificateDer<'static>>) -> Self {
+        let not_after = chain.first().and_then(|cert| {
+            x509_parser::parse_x509_certificate(cert.as_ref())
+                .ok()
+                .map(|(_, parsed)| parsed.validity().not_after.timestamp())
+        });
+        ConnectionState {
+            in_flight: AtomicUsize::new(0),
+            last_change_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            chain,
+            not_after,
+            closed: std::sync::OnceLock::new(),
+            waker: futures::task::AtomicWaker::new(),
+        }
+    }
+
+    /// The peer's verified chain (empty where its certificate was refused).
+    pub fn chain(&self) -> &[rustls::pki_types::CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// Stops serving the connection: calls on it are refused with
+    /// `refusal`, and its stream ends.
+    pub fn close(&self, refusal: crate::tls::PeerRefusal) {
+        if self.closed.set(refusal).is_ok() {
+            self.waker.wake();
+        }
+    }
+
+    /// Why the server closed the connection, if it did.
+    pub fn closed(&self) -> Option<crate::tls::PeerRefusal> {
+        self.closed.get().cloned()
+    }
+
+    /// Why the connection is no longer served, if it is not: closed by the
+    /// server, or its peer's certificate expired since the handshake.
+    pub fn refusal(&self) -> Option<crate::tls::PeerRefusal> {
+        if let Some(closed) = self.closed.get() {
+            return Some(closed.clone());
+        }
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        match self.not_after {
+            Some(not_after) if now > not_after => Some(crate::tls::PeerRefusal {
+                kind: crate::security::RefusalKind::Expired,
+                reason: "certificate has expired since the connection was opened".into(),
+                claimed: None,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Registers the stream's waker, to be woken by [`ConnectionState::close`].
+    pub(crate) fn register(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
+    }
+
     fn touch(&self) {
         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_change_ms.store(now, Ordering::Relaxed);
@@ -283,7 +348,7 @@ impl CallActivity {
 
 /// A call in flight; ends when dropped.
 #[derive(Debug)]
-pub struct CallGuard(Arc<CallActivity>);
+pub struct CallGuard(Arc<ConnectionState>);
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
@@ -301,7 +366,7 @@ impl Drop for CallGuard {
 pub struct CallStarted(pub Instant);
 
 /// A tower layer that counts each call against its connection's
-/// [`CallActivity`] (found in the request's extensions, where the server's
+/// [`ConnectionState`] (found in the request's extensions, where the server's
 /// connection info puts it) until its response body has been sent, for the
 /// idle timeout; and stamps the call with [`CallStarted`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -338,7 +403,7 @@ where
             .extensions()
             .get::<crate::tls::PeerIdentity>()
             .and_then(|peer| peer.activity.as_ref())
-            .map(CallActivity::begin_call);
+            .map(ConnectionState::begin_call);
         let response = self.0.call(request);
         Box::pin(async move {
             let response = response.await?;
@@ -428,7 +493,7 @@ mod tests {
 
     #[test]
     fn a_connection_is_idle_only_without_calls() {
-        let activity = Arc::new(CallActivity::default());
+        let activity = Arc::new(ConnectionState::default());
         assert!(activity.idle_since().is_some());
         let call = activity.begin_call();
         assert!(activity.idle_since().is_none());

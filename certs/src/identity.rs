@@ -295,6 +295,10 @@ pub fn explain_tls_error(error: &rustls::Error) -> String {
                 format!("certificate is not valid yet; check the clocks ({cert_error:?})")
             }
             CertificateError::Revoked => "certificate has been revoked".into(),
+            CertificateError::ExpiredRevocationList
+            | CertificateError::ExpiredRevocationListContext { .. } => {
+                "the revocation list is past its nextUpdate, so no certificate can be trusted until the operator publishes a fresh one (onceonly-certs refresh-crl) and reloads".into()
+            }
             CertificateError::UnknownRevocationStatus => {
                 "certificate's revocation status is unknown (no CRL of its issuer)".into()
             }
@@ -321,6 +325,8 @@ pub fn refusal_kind(error: &rustls::Error) -> RefusalKind {
             | CertificateError::NotValidYet
             | CertificateError::NotValidYetContext { .. } => RefusalKind::Expired,
             CertificateError::Revoked => RefusalKind::Revoked,
+            CertificateError::ExpiredRevocationList
+            | CertificateError::ExpiredRevocationListContext { .. } => RefusalKind::CrlStale,
             _ => RefusalKind::OtherCertificate,
         },
         rustls::Error::NoCertificatesPresented => RefusalKind::NoCertificate,
@@ -349,6 +355,29 @@ impl IdentityError {
 pub struct IdentityVerifier {
     trust_domain: String,
     webpki: Arc<dyn ClientCertVerifier>,
+    /// The revocation list's `nextUpdate` (Unix seconds), if it has one.
+    crl_next_update: Option<i64>,
+    /// Whether a list past its `nextUpdate` refuses every certificate.
+    refuse_when_stale: bool,
+}
+
+/// The state of a verifier's revocation list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrlState {
+    /// No list (an explicit opt-out).
+    None,
+    /// Current until `next_update` (Unix seconds; none given: current).
+    Fresh {
+        /// When it goes stale.
+        next_update: Option<i64>,
+    },
+    /// Past its `next_update`.
+    Stale {
+        /// When it went stale.
+        next_update: i64,
+        /// Whether certificates are refused meanwhile.
+        refusing: bool,
+    },
 }
 
 impl IdentityVerifier {
@@ -359,6 +388,22 @@ impl IdentityVerifier {
         roots: Vec<CertificateDer<'static>>,
         crls: Vec<CertificateRevocationListDer<'static>>,
     ) -> Result<Self, IdentityError> {
+        Self::with_crl_policy(trust_domain, roots, crls, true)
+    }
+
+    /// Like [`IdentityVerifier::new`]; `refuse_when_stale` makes a list past
+    /// its `nextUpdate` refuse every certificate (otherwise it is still
+    /// used, and [`IdentityVerifier::crl_state`] reports it stale).
+    pub fn with_crl_policy(
+        trust_domain: &str,
+        roots: Vec<CertificateDer<'static>>,
+        crls: Vec<CertificateRevocationListDer<'static>>,
+        refuse_when_stale: bool,
+    ) -> Result<Self, IdentityError> {
+        let crl_next_update = crls
+            .iter()
+            .filter_map(|crl| crate::pki::crl_next_update(crl.as_ref()))
+            .min();
         validate_trust_domain(trust_domain)?;
         let mut store = RootCertStore::empty();
         for root in roots {
@@ -370,11 +415,15 @@ impl IdentityVerifier {
             Arc::new(store),
             Arc::new(rustls::crypto::ring::default_provider()),
         );
-        if !crls.is_empty() {
+        let has_crls = !crls.is_empty();
+        if has_crls {
             builder = builder
                 .with_crls(crls)
                 .only_check_end_entity_revocation()
                 .allow_unknown_revocation_status();
+            if refuse_when_stale {
+                builder = builder.enforce_revocation_expiration();
+            }
         }
         let webpki = builder
             .build()
@@ -382,7 +431,23 @@ impl IdentityVerifier {
         Ok(IdentityVerifier {
             trust_domain: trust_domain.to_owned(),
             webpki,
+            crl_next_update: if has_crls { crl_next_update } else { None },
+            refuse_when_stale: refuse_when_stale && has_crls,
         })
+    }
+
+    /// The state of the revocation list at `now` (Unix seconds).
+    pub fn crl_state(&self, now: i64, has_crl: bool) -> CrlState {
+        if !has_crl {
+            return CrlState::None;
+        }
+        match self.crl_next_update {
+            Some(next_update) if next_update <= now => CrlState::Stale {
+                next_update,
+                refusing: self.refuse_when_stale,
+            },
+            next_update => CrlState::Fresh { next_update },
+        }
     }
 
     /// The trust domain this verifier accepts.

@@ -72,7 +72,8 @@ enum Command {
         /// Key algorithm (default: the PKI's).
         #[arg(long, value_enum)]
         key_algorithm: Option<Algorithm>,
-        /// Overwrite an existing certificate and key of this participant.
+        /// Replace an existing certificate and key of this participant; the
+        /// replaced certificate is revoked.
         #[arg(long)]
         force: bool,
     },
@@ -91,6 +92,15 @@ enum Command {
         /// With --role.
         #[arg(long, requires = "role")]
         id: Option<String>,
+    },
+    /// Re-sign the revocation list with a new nextUpdate, before the old one
+    /// goes stale (brokers and connectors refuse every peer while it is),
+    /// then reload them (SIGHUP). Run it from a timer well within the
+    /// validity.
+    RefreshCrl {
+        /// How long the new list is current.
+        #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
+        valid_for: Duration,
     },
     /// Print a certificate's identity, role, validity, serial and fingerprint.
     Inspect {
@@ -227,6 +237,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{summary}");
             }
         }
+        Command::RefreshCrl { valid_for } => {
+            let pki = Pki::open(&cli.dir)?;
+            let valid_for = time::Duration::try_from(valid_for)
+                .map_err(|e| anyhow::anyhow!("--valid-for: {e}"))?;
+            let next_update = time::OffsetDateTime::now_utc() + valid_for;
+            pki.refresh_crl(next_update)?;
+            println!(
+                "{} re-signed, current until {next_update}; reload brokers and connectors (SIGHUP)",
+                pki.crl_path().display()
+            );
+        }
         Command::Revoked => {
             let pki = Pki::open(&cli.dir)?;
             let (serials, number) = pki.revoked_serials().context("reading the CRL")?;
@@ -246,4 +267,7 @@ fn print_issued(issued: &pki::IssuedCertificate) {
     println!("  key          {} (mode 0600)", issued.key_path.display());
     println!("  serial       {}", issued.serial_hex);
     println!("  valid until  {}", issued.not_after);
+    if let Some(old) = &issued.revoked_serial {
+        println!("  replaced     {old}, now revoked (reload brokers and connectors: SIGHUP)");
+    }
 }

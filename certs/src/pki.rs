@@ -206,6 +206,10 @@ pub struct IssuedCertificate {
     pub serial_hex: String,
     /// End of validity.
     pub not_after: OffsetDateTime,
+    /// The serial of the certificate this one replaced (`--force`), now on
+    /// the revocation list: two valid certificates for one participant
+    /// would leave the old key usable.
+    pub revoked_serial: Option<String>,
 }
 
 /// The file paths a participant's TLS configuration needs.
@@ -218,9 +222,42 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// This participant's private key, PEM.
     pub key: PathBuf,
-    /// The revocation list, PEM or DER; optional.
+    /// The revocation list, PEM or DER. Required unless `allow_no_crl`.
     #[serde(default)]
     pub crl: Option<PathBuf>,
+    /// What to do while the revocation list is past its `nextUpdate`:
+    /// `refuse` every peer (default: nobody can tell who was revoked since)
+    /// or `warn` and go on.
+    #[serde(default)]
+    pub crl_stale: CrlStalePolicy,
+    /// Run without a revocation list: an explicit opt-out, logged at start.
+    #[serde(default)]
+    pub allow_no_crl: bool,
+}
+
+/// What a verifier does while its revocation list is stale.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CrlStalePolicy {
+    /// Refuse every certificate until a fresh list is loaded.
+    #[default]
+    Refuse,
+    /// Log a warning and go on checking against the stale list.
+    Warn,
+}
+
+impl TlsFiles {
+    /// Files with the given paths, a required CRL refused when stale.
+    pub fn new(ca: PathBuf, cert: PathBuf, key: PathBuf, crl: Option<PathBuf>) -> Self {
+        TlsFiles {
+            ca,
+            cert,
+            key,
+            crl,
+            crl_stale: CrlStalePolicy::Refuse,
+            allow_no_crl: false,
+        }
+    }
 }
 
 /// A PKI directory.
@@ -362,12 +399,7 @@ impl Pki {
     /// The TLS files of a participant, with the CA and the revocation list.
     pub fn tls_files(&self, role: Role, id: &str) -> TlsFiles {
         let (cert, key) = self.participant_paths(role, id);
-        TlsFiles {
-            ca: self.ca_cert_path(),
-            cert,
-            key,
-            crl: Some(self.crl_path()),
-        }
+        TlsFiles::new(self.ca_cert_path(), cert, key, Some(self.crl_path()))
     }
 
     /// The participant a role and id give in this trust domain.
@@ -397,6 +429,23 @@ impl Pki {
                 return Err(PkiError::Exists(path.clone()));
             }
         }
+        // The certificate a forced reissue replaces: revoked below.
+        let replaced = if options.force && cert_path.exists() {
+            let old = load_certs(&cert_path)?;
+            let first = old.first().ok_or_else(|| PkiError::Malformed {
+                path: cert_path.clone(),
+                reason: "holds no certificate".into(),
+            })?;
+            let (_, parsed) = x509_parser::parse_x509_certificate(first.as_ref()).map_err(|e| {
+                PkiError::Malformed {
+                    path: cert_path.clone(),
+                    reason: format!("not a certificate: {e}"),
+                }
+            })?;
+            Some(hex::encode(strip_sign_byte(parsed.raw_serial())))
+        } else {
+            None
+        };
         let names = if options.server_names.is_empty() && options.role.serves() {
             default_server_names()
         } else {
@@ -423,12 +472,16 @@ impl Pki {
             options.force,
         )?;
         write_file(&cert_path, cert.pem().as_bytes(), false, options.force)?;
+        if let Some(old) = &replaced {
+            self.revoke(old)?;
+        }
         Ok(IssuedCertificate {
             participant,
             cert_path,
             key_path,
             serial_hex: hex::encode(serial),
             not_after: params.not_after,
+            revoked_serial: replaced,
         })
     }
 
@@ -469,6 +522,33 @@ impl Pki {
         Ok((serials, number))
     }
 
+    /// Re-signs the revocation list unchanged but for its number and its
+    /// `nextUpdate`, which becomes `next_update` (publish a fresh list
+    /// before the old one goes stale).
+    pub fn refresh_crl(&self, next_update: OffsetDateTime) -> Result<(), PkiError> {
+        let _lock = self.lock_crl()?;
+        let (revoked, number) = self.revoked_serials()?;
+        self.write_crl_until(revoked, number + 1, next_update)
+    }
+
+    /// Holds the PKI's CRL lock: revocations from two processes at once
+    /// must not lose one another's serial.
+    fn lock_crl(&self) -> Result<fs::File, PkiError> {
+        let path = self.dir.join("crl.lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| PkiError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        file.lock()
+            .map_err(|source| PkiError::Io { path, source })?;
+        Ok(file)
+    }
+
     /// Puts `serial_hex` on the revocation list and re-signs it. Revoking a
     /// serial twice keeps the first revocation. Returns whether it was new.
     pub fn revoke(&self, serial_hex: &str) -> Result<bool, PkiError> {
@@ -479,6 +559,7 @@ impl Pki {
         let serial = hex::decode(serial_hex.replace(':', ""))
             .map_err(|_| PkiError::UnknownSerial(format!("{serial_hex} (not hexadecimal)")))?;
         let serial_hex = hex::encode(strip_sign_byte(&serial));
+        let _lock = self.lock_crl()?;
         let (mut revoked, number) = self.revoked_serials()?;
         if revoked.iter().any(|(s, _)| *s == serial_hex) {
             return Ok(false);
@@ -489,6 +570,18 @@ impl Pki {
     }
 
     fn write_crl(&self, revoked: Vec<(String, i64)>, number: u64) -> Result<(), PkiError> {
+        let next_update = OffsetDateTime::now_utc() + time::Duration::days(30);
+        self.write_crl_until(revoked, number, next_update)
+    }
+
+    /// Signs and writes the list atomically: a new file synced, then
+    /// renamed over the old one, so a reader never sees half a list.
+    fn write_crl_until(
+        &self,
+        revoked: Vec<(String, i64)>,
+        number: u64,
+        next_update: OffsetDateTime,
+    ) -> Result<(), PkiError> {
         let now = OffsetDateTime::now_utc();
         let revoked_certs = revoked
             .into_iter()
@@ -506,15 +599,27 @@ impl Pki {
             })
             .collect::<Result<Vec<_>, PkiError>>()?;
         let params = CertificateRevocationListParams {
-            this_update: now - time::Duration::minutes(1),
-            next_update: now + time::Duration::days(30),
+            this_update: (now - time::Duration::minutes(1))
+                .min(next_update - time::Duration::seconds(1)),
+            next_update,
             crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
             issuing_distribution_point: None,
             revoked_certs,
             key_identifier_method: KeyIdMethod::Sha256,
         };
         let crl = params.signed_by(&self.issuer()?)?;
-        write_file(&self.crl_path(), crl.pem()?.as_bytes(), false, true)
+        let fresh = self.dir.join("crl.pem.new");
+        write_file(&fresh, crl.pem()?.as_bytes(), false, true)?;
+        fs::rename(&fresh, self.crl_path()).map_err(|source| PkiError::Io {
+            path: self.crl_path(),
+            source,
+        })?;
+        fs::File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|source| PkiError::Io {
+                path: self.dir.clone(),
+                source,
+            })
     }
 }
 
@@ -708,6 +813,12 @@ fn write_file(path: &Path, contents: &[u8], secret: bool, overwrite: bool) -> Re
     }
     file.write_all(contents).map_err(io)?;
     file.sync_all().map_err(io)
+}
+
+/// The `nextUpdate` of a DER revocation list (Unix seconds), if it has one.
+pub fn crl_next_update(der: &[u8]) -> Option<i64> {
+    let (_, crl) = x509_parser::parse_x509_crl(der).ok()?;
+    crl.next_update().map(|t| t.timestamp())
 }
 
 /// Reads every certificate of a PEM file.

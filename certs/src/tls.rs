@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -33,10 +33,10 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tonic::transport::server::Connected;
 
 use crate::connection::{
-    CallActivity, ConnectionGate, ConnectionLimits, ConnectionSlot, GateRefusal,
+    ConnectionGate, ConnectionLimits, ConnectionSlot, ConnectionState, GateRefusal,
 };
-use crate::identity::{IdentityError, IdentityVerifier, Participant, explain_tls_error};
-use crate::pki::{PkiError, TlsFiles, load_certs, load_crl};
+use crate::identity::{CrlState, IdentityError, IdentityVerifier, Participant, explain_tls_error};
+use crate::pki::{CrlStalePolicy, PkiError, TlsFiles, load_certs, load_crl};
 use crate::security::{RefusalKind, SecurityEvents};
 
 /// The ALPN protocol gRPC runs on.
@@ -70,6 +70,15 @@ pub enum TlsError {
     /// The identity verifier could not be built.
     #[error(transparent)]
     Verifier(#[from] IdentityError),
+    /// No revocation list is configured, and running without one was not
+    /// chosen explicitly.
+    #[error(
+        "no revocation list (tls.crl) is configured for {cert}: set tls.crl to the CA's crl.pem, or set tls.allow_no_crl = true to run without revocation checks"
+    )]
+    NoCrl {
+        /// The certificate whose configuration lacks it.
+        cert: String,
+    },
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -105,17 +114,34 @@ fn load_own(
     Ok((chain, key, participant))
 }
 
-/// Builds the identity verifier for `files` (CA and optional CRL).
+/// The revocation lists `files` name: one, or none where that was chosen
+/// explicitly (`allow_no_crl`, logged).
+fn load_crls(files: &TlsFiles) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    match &files.crl {
+        Some(path) => Ok(vec![load_crl(path)?]),
+        None if files.allow_no_crl => {
+            tracing::warn!(cert = %files.cert.display(), "running WITHOUT a revocation list (tls.allow_no_crl): revoked certificates are accepted");
+            Ok(Vec::new())
+        }
+        None => Err(TlsError::NoCrl {
+            cert: files.cert.display().to_string(),
+        }),
+    }
+}
+
+/// Builds the identity verifier for `files` (CA and CRL).
 pub fn identity_verifier(
     files: &TlsFiles,
     trust_domain: &str,
 ) -> Result<IdentityVerifier, TlsError> {
     let roots = load_certs(&files.ca)?;
-    let crls = match &files.crl {
-        Some(path) => vec![load_crl(path)?],
-        None => Vec::new(),
-    };
-    Ok(IdentityVerifier::new(trust_domain, roots, crls)?)
+    let crls = load_crls(files)?;
+    Ok(IdentityVerifier::with_crl_policy(
+        trust_domain,
+        roots,
+        crls,
+        files.crl_stale == CrlStalePolicy::Refuse,
+    )?)
 }
 
 /// When a server judges a client certificate.
@@ -205,20 +231,83 @@ impl ClientCertVerifier for DeferredVerifier {
     }
 }
 
-/// A TLS 1.3 client configuration presenting our certificate and trusting
-/// the trust domain's CA.
+/// A TLS 1.3 client configuration presenting our certificate, trusting the
+/// trust domain's CA and refusing servers whose certificate is on the
+/// revocation list (or any, while the list is stale and the policy says
+/// refuse).
 pub fn client_config(files: &TlsFiles) -> Result<(Arc<ClientConfig>, Participant), TlsError> {
     let (chain, key, me) = load_own(files)?;
     let mut roots = RootCertStore::empty();
     for root in load_certs(&files.ca)? {
         roots.add(root)?;
     }
+    let crls = load_crls(files)?;
+    let mut verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider());
+    if !crls.is_empty() {
+        verifier = verifier
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status();
+        if files.crl_stale == CrlStalePolicy::Refuse {
+            verifier = verifier.enforce_revocation_expiration();
+        }
+    }
+    let verifier = verifier.build().map_err(|e| {
+        TlsError::Verifier(IdentityError::Rejected(format!(
+            "cannot build the server verifier: {e}"
+        )))
+    })?;
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
+        .with_webpki_verifier(verifier)
         .with_client_auth_cert(chain, key)?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok((Arc::new(config), me))
+}
+
+/// A client TLS configuration that can be reloaded (new CRL, rotated
+/// certificate). Connections opened before a reload keep theirs; a user
+/// drops them on [`ReloadableClientTls::generation`] changing.
+#[derive(Debug)]
+pub struct ReloadableClientTls {
+    files: TlsFiles,
+    current: RwLock<Arc<ClientConfig>>,
+    generation: AtomicU64,
+}
+
+impl ReloadableClientTls {
+    /// Loads the configuration from `files`.
+    pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
+        let (config, _) = client_config(&files)?;
+        Ok(ReloadableClientTls {
+            files,
+            current: RwLock::new(config),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    /// Re-reads the files; on error the previous configuration stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let (config, _) = client_config(&self.files)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = config;
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The configuration new connections use.
+    pub fn current(&self) -> Arc<ClientConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Counts reloads: a cached connection from an older generation should
+    /// be replaced.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
 }
 
 /// A server TLS configuration that can be swapped while serving: new
@@ -230,6 +319,8 @@ pub struct ReloadableServerTls {
     mode: ClientAuth,
     current: RwLock<(Arc<ServerConfig>, Arc<IdentityVerifier>)>,
     identity: Participant,
+    /// Open connections, re-verified on every reload.
+    connections: Mutex<Vec<std::sync::Weak<ConnectionState>>>,
 }
 
 impl ReloadableServerTls {
@@ -248,18 +339,70 @@ impl ReloadableServerTls {
             mode,
             current: RwLock::new((Arc::new(config), verifier)),
             identity,
+            connections: Mutex::new(Vec::new()),
         }))
     }
 
-    /// Re-reads the files. On error the previous configuration stays.
-    pub fn reload(&self) -> Result<(), TlsError> {
+    /// Re-reads the files. On error the previous configuration stays. Open
+    /// connections are checked against the new configuration: one whose
+    /// peer's certificate no longer verifies (revoked, expired, or any,
+    /// while a stale list refuses) is closed, and its calls refused.
+    /// Returns how many were closed.
+    pub fn reload(&self) -> Result<usize, TlsError> {
         let (config, verifier, _) = server_config(&self.files, self.mode)?;
-        let mut current = self
-            .current
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *current = (Arc::new(config), verifier);
-        Ok(())
+        {
+            let mut current = self
+                .current
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            *current = (Arc::new(config), verifier.clone());
+        }
+        let open: Vec<Arc<ConnectionState>> = {
+            let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+            connections.retain(|c| c.strong_count() > 0);
+            connections.iter().filter_map(|c| c.upgrade()).collect()
+        };
+        let mut closed = 0;
+        for connection in open {
+            let Some((end_entity, intermediates)) = connection.chain().split_first() else {
+                continue;
+            };
+            if let Err(e) = verifier.verify(end_entity, intermediates) {
+                closed += 1;
+                connection.close(PeerRefusal {
+                    kind: e.refusal_kind(),
+                    reason: e.to_string(),
+                    claimed: Participant::from_certificate(end_entity)
+                        .ok()
+                        .map(|p| p.spiffe_id()),
+                });
+            }
+        }
+        if closed > 0 {
+            tracing::warn!(
+                closed,
+                "connections closed after reload: their peers' certificates no longer verify"
+            );
+        }
+        Ok(closed)
+    }
+
+    /// Keeps `connection` to be re-verified on reloads.
+    fn track(&self, connection: &Arc<ConnectionState>) {
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        if connections.len() >= 64 && connections.len().is_power_of_two() {
+            connections.retain(|c| c.strong_count() > 0);
+        }
+        connections.push(Arc::downgrade(connection));
+    }
+
+    /// The state of the revocation list in force.
+    pub fn crl_state(&self) -> CrlState {
+        let (_, verifier) = self.current();
+        verifier.crl_state(
+            time::OffsetDateTime::now_utc().unix_timestamp(),
+            self.files.crl.is_some(),
+        )
     }
 
     /// The configuration new connections get, with its verifier.
@@ -291,7 +434,7 @@ pub struct PeerIdentity {
     /// Its address.
     pub remote_addr: Option<SocketAddr>,
     /// The connection's calls in flight, for its idle timeout.
-    pub activity: Option<Arc<CallActivity>>,
+    pub activity: Option<Arc<ConnectionState>>,
 }
 
 /// Why a peer's certificate was refused, and whom it claimed to be.
@@ -312,8 +455,18 @@ pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<&Participant, Pee
     match request.extensions().get::<PeerIdentity>() {
         Some(PeerIdentity {
             identity: Ok(participant),
+            activity,
             ..
-        }) => Ok(participant),
+        }) => match activity
+            .as_ref()
+            .and_then(|connection| connection.refusal())
+        {
+            Some(refusal) => Err(PeerRefusal {
+                claimed: Some(participant.spiffe_id()),
+                ..refusal
+            }),
+            None => Ok(participant),
+        },
         Some(PeerIdentity {
             identity: Err(refusal),
             ..
@@ -333,7 +486,7 @@ pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<&Participant, Pee
 pub struct MtlsStream {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     peer: PeerIdentity,
-    activity: Arc<CallActivity>,
+    activity: Arc<ConnectionState>,
     idle_timeout: Duration,
     idle_timer: Pin<Box<tokio::time::Sleep>>,
     /// Until the client's first bytes after the handshake (the HTTP/2
@@ -347,10 +500,14 @@ pub struct MtlsStream {
 
 impl MtlsStream {
     /// Whether the connection has been idle past its timeout (or silent
-    /// past the first-bytes limit); otherwise arms the timer to wake the
-    /// connection when that could next be so.
+    /// past the first-bytes limit). The timer is only a wake-up: it is
+    /// re-armed when it fires and the connection turns out not to be idle
+    /// yet, never on the hot path of a busy connection's reads.
     fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
         loop {
+            if self.idle_timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
             let now = tokio::time::Instant::now();
             let expires = match (self.first_bytes_by, self.activity.idle_since()) {
                 (Some(by), _) => by,
@@ -363,12 +520,7 @@ impl MtlsStream {
             if expires <= now {
                 return true;
             }
-            if self.idle_timer.deadline() != expires {
-                self.idle_timer.as_mut().reset(expires);
-            }
-            if self.idle_timer.as_mut().poll(cx).is_pending() {
-                return false;
-            }
+            self.idle_timer.as_mut().reset(expires);
         }
     }
 }
@@ -388,6 +540,14 @@ impl AsyncRead for MtlsStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        this.activity.register(cx.waker());
+        if let Some(refusal) = this.activity.closed() {
+            // Revoked or expired since the handshake: end the connection.
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                refusal.reason,
+            )));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Pending if this.idle_expired(cx) => {
@@ -546,10 +706,21 @@ async fn accept_loop(
         let refusals = refusals.clone();
         let limits = limits.clone();
         let events = events.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             match handshake(acceptor, verifier, tcp, remote_addr, &limits, &refusals).await {
                 Ok((inner, peer)) => {
-                    let activity = Arc::new(CallActivity::default());
+                    let chain = match &peer.identity {
+                        Ok(_) => inner
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect())
+                            .unwrap_or_default(),
+                        Err(_) => Vec::new(),
+                    };
+                    let activity = Arc::new(ConnectionState::new(chain));
+                    tls.track(&activity);
                     let stream = MtlsStream {
                         inner,
                         peer: PeerIdentity {
@@ -558,7 +729,8 @@ async fn accept_loop(
                         },
                         activity,
                         idle_timeout: limits.idle_timeout,
-                        idle_timer: Box::pin(tokio::time::sleep(limits.idle_timeout)),
+                        // Armed for the first deadline: the first bytes'.
+                        idle_timer: Box::pin(tokio::time::sleep(limits.handshake_timeout)),
                         first_bytes_by: Some(
                             tokio::time::Instant::now() + limits.handshake_timeout,
                         ),
@@ -680,6 +852,15 @@ pub enum ConnectError {
         /// Why.
         reason: String,
     },
+    /// The server's certificate was refused (revoked, expired, not of the
+    /// trust domain's CA, or any while a stale revocation list refuses).
+    #[error("{endpoint} presented a certificate that was refused: {reason}")]
+    CertificateRefused {
+        /// Where.
+        endpoint: String,
+        /// Why.
+        reason: String,
+    },
     /// The server is not who we expected.
     #[error("{endpoint} presented identity {found}, expected {expected}")]
     IdentityMismatch {
@@ -752,9 +933,23 @@ impl MtlsConnector {
             .connector
             .connect(server_name, tcp)
             .await
-            .map_err(|e| ConnectError::Handshake {
-                endpoint: endpoint.clone(),
-                reason: explain_io_error(&e),
+            .map_err(|e| {
+                let refused_certificate = matches!(
+                    e.get_ref()
+                        .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+                    Some(rustls::Error::InvalidCertificate(_))
+                );
+                if refused_certificate {
+                    ConnectError::CertificateRefused {
+                        endpoint: endpoint.clone(),
+                        reason: explain_io_error(&e),
+                    }
+                } else {
+                    ConnectError::Handshake {
+                        endpoint: endpoint.clone(),
+                        reason: explain_io_error(&e),
+                    }
+                }
             })?;
         if let Some(expected) = &self.expected_server {
             let found = tls

@@ -93,6 +93,7 @@ async fn client_from_a_foreign_ca_is_refused() {
     // certificate is from another CA.
     let mut files = foreign.tls_files(Role::Authority, "x");
     files.ca = pki.ca_cert_path();
+    files.crl = Some(pki.crl_path());
     let (config, _) = tls::client_config(&files).expect("tls");
     let channel = MtlsConnector::new(config, None)
         .channel(&addr.to_string(), Duration::from_secs(5))

@@ -3,7 +3,7 @@
 //!
 //! ```toml
 //! listen = "127.0.0.1:7101"
-//! allowed_broker_id = "broker"        # optional: only this broker may call
+//! allowed_broker_id = "broker"        # required: the only broker that may call
 //!
 //! [tls]
 //! ca = "../pki/ca.pem"                # paths are relative to this file
@@ -47,7 +47,10 @@ pub struct ConnectorConfig {
     pub listen: SocketAddr,
     /// The connector's certificate, key, the CA and the CRL.
     pub tls: TlsFiles,
-    /// Where set, only the broker with this id may call.
+    /// The id of the one broker that may call (the `<id>` of its
+    /// `spiffe://<trust-domain>/broker/<id>`). Required: a connector that
+    /// accepted any broker-role certificate would answer whoever obtained
+    /// one.
     #[serde(default)]
     pub allowed_broker_id: Option<String>,
     /// Limits on requests.
@@ -199,6 +202,30 @@ impl ConnectorConfig {
                 "use 1KiB to 64MiB",
             );
         }
+        match &self.allowed_broker_id {
+            None => {
+                return invalid(
+                    "allowed_broker_id",
+                    "is missing".into(),
+                    "name the broker that may call, e.g. allowed_broker_id = \"broker\" (the <id> of its spiffe://<trust-domain>/broker/<id>)",
+                );
+            }
+            Some(id) if onceonly_certs::identity::validate_id(id).is_err() => {
+                return invalid(
+                    "allowed_broker_id",
+                    format!("{id:?} is not a participant id"),
+                    "use the <id> of the broker's spiffe://<trust-domain>/broker/<id>",
+                );
+            }
+            Some(_) => {}
+        }
+        if self.tls.crl.is_none() && !self.tls.allow_no_crl {
+            return invalid(
+                "tls.crl",
+                "is missing".into(),
+                "point it at the CA's crl.pem (onceonly-certs keeps it current), or set tls.allow_no_crl = true to run without revocation checks",
+            );
+        }
         if let Err(limit) = self.connections.validate() {
             return invalid(
                 &format!("connections.{}", limit.key),
@@ -266,6 +293,19 @@ mod tests {
     fn validation_names_key_and_fix() {
         let mut config = parse("[tls]\nca = \"/nonexistent/ca.pem\"\ncert = \"b\"\nkey = \"c\"\n")
             .expect("parses");
+        let message = config
+            .validate(Path::new("c.toml"))
+            .expect_err("no broker named")
+            .to_string();
+        assert!(message.contains("c.toml: allowed_broker_id"), "{message}");
+        config.allowed_broker_id = Some("broker".into());
+        let message = config
+            .validate(Path::new("c.toml"))
+            .expect_err("no CRL")
+            .to_string();
+        assert!(message.contains("c.toml: tls.crl"), "{message}");
+        assert!(message.contains("allow_no_crl"), "{message}");
+        config.tls.crl = Some("/nonexistent/crl.pem".into());
         let message = config
             .validate(Path::new("c.toml"))
             .expect_err("missing")

@@ -48,6 +48,11 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+    /// No `allowed_broker_id`: the connector would answer any broker.
+    #[error(
+        "no allowed_broker_id is set: a connector answers exactly one broker; set allowed_broker_id in its configuration (or call .allowed_broker(id))"
+    )]
+    NoAllowedBroker,
     /// Server reflection could not be set up.
     #[error("reflection: {0}")]
     Reflection(String),
@@ -83,7 +88,7 @@ impl<C: Connector> ConnectorServer<C> {
         self
     }
 
-    /// Accept only the broker with this id.
+    /// Accept only the broker with this id (required).
     pub fn allowed_broker(mut self, broker_id: impl Into<String>) -> Self {
         self.config.allowed_broker_id = Some(broker_id.into());
         self
@@ -104,6 +109,9 @@ impl<C: Connector> ConnectorServer<C> {
     /// Loads TLS and binds the listener; the returned server knows its
     /// address and identity before it serves.
     pub async fn bind(self) -> Result<BoundConnector<C>, ServeError> {
+        if self.config.allowed_broker_id.is_none() {
+            return Err(ServeError::NoAllowedBroker);
+        }
         let tls = ReloadableServerTls::load(self.config.tls.clone())?;
         let identity = tls.identity().clone();
         if identity.role() != onceonly_certs::Role::Connector {
@@ -167,7 +175,7 @@ impl<C: Connector> BoundConnector<C> {
         let grpc = ConnectorGrpc::new(
             self.server.connector.clone(),
             &self.identity,
-            config.allowed_broker_id.clone(),
+            config.allowed_broker_id.clone().unwrap_or_default(),
             ServiceLimits {
                 concurrency: config.limits.concurrency,
                 max_request_time: config.limits.max_request_time,
@@ -308,7 +316,10 @@ impl Drop for RunningConnector {
 /// Reloads the TLS files on every SIGHUP; a failed reload keeps the old ones.
 pub fn spawn_sighup_reload(tls: Arc<ReloadableServerTls>) {
     onceonly_certs::serve::on_sighup(move || match tls.reload() {
-        Ok(()) => tracing::info!("TLS certificates and CRL reloaded"),
+        Ok(closed) => tracing::info!(
+            closed,
+            "TLS certificates and CRL reloaded; connections whose peer no longer verifies closed"
+        ),
         Err(error) => {
             tracing::error!(%error, "TLS reload failed; keeping the previous configuration")
         }

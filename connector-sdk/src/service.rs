@@ -55,8 +55,8 @@ pub(crate) struct ConnectorGrpc<C> {
     register_name: String,
     /// The evidence types served, by id: read once, checked on every request.
     served: HashMap<String, EvidenceTypeInfo>,
-    /// Where set, only this broker id may call.
-    allowed_broker: Option<String>,
+    /// Only this broker id may call.
+    allowed_broker: String,
     permits: Arc<Semaphore>,
     limits: ServiceLimits,
 }
@@ -65,7 +65,7 @@ impl<C: Connector> ConnectorGrpc<C> {
     pub(crate) fn new(
         connector: Arc<C>,
         me: &Participant,
-        allowed_broker: Option<String>,
+        allowed_broker: String,
         limits: ServiceLimits,
     ) -> Self {
         let served = connector
@@ -98,9 +98,8 @@ impl<C: Connector> ConnectorGrpc<C> {
                 ),
             ));
         }
-        if let Some(allowed) = &self.allowed_broker
-            && caller.id() != allowed
-        {
+        if caller.id() != self.allowed_broker {
+            let allowed = &self.allowed_broker;
             return Err(error(
                 Code::PermissionDenied,
                 ErrorReason::RoleNotPermitted,

@@ -27,6 +27,7 @@ pub fn pki_with(participants: &[(Role, &str)]) -> onceonly_certs::pki::Throwaway
 /// loopback port.
 pub async fn start_connector<C: Connector>(pki: &Pki, id: &str, connector: C) -> RunningConnector {
     ConnectorServer::builder(connector, pki.tls_files(Role::Connector, id))
+        .allowed_broker("broker")
         .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
         .bind()
         .await

@@ -58,6 +58,8 @@ pub struct World {
 pub struct BrokerSettings {
     /// Lines added under `[limits]`.
     pub limits: String,
+    /// Lines added under `[tls]`.
+    pub tls: String,
     /// Tables appended to the file.
     pub sections: String,
 }
@@ -105,6 +107,8 @@ impl World {
         std::fs::write(dir.path().join("routing.toml"), routing_text).expect("routing");
         std::fs::write(dir.path().join("policy.toml"), SAMPLE_POLICY).expect("policy");
         let config_path = write_broker_config(dir.path(), &pki, &settings);
+        let config = BrokerConfig::load(&config_path).expect("broker config");
+        onceonly_broker::keys::init(&config).expect("the broker's keys");
         let mut world = World {
             pki,
             dir,
@@ -271,6 +275,7 @@ ca = {ca:?}
 cert = {cert:?}
 key = {key:?}
 crl = {crl:?}
+{tls}
 
 [limits]
 max_request_time = "10s"
@@ -282,6 +287,7 @@ max_request_time = "10s"
         key = files.key,
         crl = pki.crl_path(),
         limits = settings.limits,
+        tls = settings.tls,
         sections = settings.sections,
     );
     let path = dir.join("broker.toml");

@@ -140,10 +140,9 @@ async fn an_audit_recomputes_the_tree_and_proves_the_log_extends_the_saved_head(
     // not.
     let mut rewritten = saved.clone();
     rewritten.root_hash[0] ^= 1;
-    let broker_key = onceonly_broker::audit::load_or_create_signing_key(
-        &world.dir.path().join("secrets/audit.key"),
-    )
-    .expect("the broker's signing key");
+    let broker_key =
+        onceonly_broker::keys::load_audit_key(&world.dir.path().join("secrets/audit.key"))
+            .expect("the broker's signing key");
     let forked = onceonly_merkle::sth::SignedTreeHead::sign(
         &broker_key,
         saved.tree_size,

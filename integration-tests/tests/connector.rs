@@ -135,6 +135,7 @@ async fn certificate_from_a_foreign_ca_is_refused() {
     let connector = civil_register(&pki).await;
     let mut files = foreign.tls_files(Role::Broker, "broker");
     files.ca = pki.ca_cert_path();
+    files.crl = Some(pki.crl_path());
     let (config, _) = onceonly_certs::tls::client_config(&files).expect("tls");
     let mut client =
         ConnectorServiceClient::new(channel_with(config, connector.local_addr(), None));
@@ -504,4 +505,25 @@ async fn shutdown_reports_not_serving_and_drains() {
         .await
         .expect_err("served after shutdown");
     assert_eq!(status.code(), Code::Unavailable);
+}
+
+#[tokio::test]
+async fn a_connector_without_allowed_broker_id_refuses_to_start() {
+    let pki = pki_with(&[(Role::Connector, "civil-register")]);
+    let register = MockRegister::embedded(RegisterKind::Civil).expect("data");
+    let refused = onceonly_connector_sdk::ConnectorServer::builder(
+        register,
+        pki.tls_files(Role::Connector, "civil-register"),
+    )
+    .listen("127.0.0.1:0".parse().expect("addr"))
+    .bind()
+    .await;
+    let Err(error) = refused else {
+        panic!("a connector that answers any broker started");
+    };
+    assert!(
+        matches!(error, onceonly_connector_sdk::ServeError::NoAllowedBroker),
+        "{error}"
+    );
+    assert!(error.to_string().contains("allowed_broker_id"), "{error}");
 }

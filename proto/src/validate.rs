@@ -234,7 +234,32 @@ pub fn optional_text(field: &str, value: &str) -> Result<(), FieldViolation> {
             "must not contain control characters",
         ));
     }
+    if value.chars().any(is_bidi_control) {
+        return Err(FieldViolation::new(
+            field,
+            "must not contain bidirectional formatting characters (U+202A-U+202E, U+2066-U+2069, U+200E, U+200F, U+061C)",
+        ));
+    }
     Ok(())
+}
+
+/// Unicode's bidirectional formatting characters, which can make text read
+/// differently from what it is ("Trojan Source").
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}'
+    )
+}
+
+/// `text` as it may be stored or shown: control and bidirectional
+/// formatting characters dropped, at most `max_chars` characters. For text
+/// that reaches the audit log before (or without) validation.
+pub fn printable(text: &str, max_chars: usize) -> String {
+    text.chars()
+        .filter(|c| !c.is_control() && !is_bidi_control(*c))
+        .take(max_chars)
+        .collect()
 }
 
 /// Checks a caller's request id: 1 to 128 of `[A-Za-z0-9._:-]`.

@@ -396,7 +396,9 @@ impl Output {
     }
 
     fn write(&mut self, record: &AuditRecord) -> anyhow::Result<()> {
-        let f = fields(record);
+        // Record text came from callers and registers: never let it steer a
+        // terminal or a spreadsheet.
+        let f = fields(record).map(|field| escaped(&field));
         match self {
             Output::Table(out) => writeln!(
                 out,
@@ -411,7 +413,7 @@ impl Output {
                     .collect();
                 writeln!(out, "{}", serde_json::Value::Object(object))?;
             }
-            Output::Csv(writer) => writer.write_record(&f)?,
+            Output::Csv(writer) => writer.write_record(f.iter().map(|cell| formula_safe(cell)))?,
         }
         Ok(())
     }
@@ -421,5 +423,44 @@ impl Output {
             writer.flush()?;
         }
         Ok(())
+    }
+}
+
+/// `text` with control and bidirectional formatting characters written as
+/// `\u{..}` escapes, so they neither move the cursor nor reorder what a
+/// reader sees.
+fn escaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() || onceonly_proto::validate::is_bidi_control(c) {
+            out.push_str(&format!("\\u{{{:04x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A CSV cell a spreadsheet will not run as a formula (CSV injection): a
+/// leading `=`, `+`, `-`, `@`, tab or carriage return gets a `'` before it.
+fn formula_safe(cell: &str) -> String {
+    if cell.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{cell}")
+    } else {
+        cell.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_text_cannot_steer_a_terminal_or_a_spreadsheet() {
+        assert_eq!(escaped("a\nb\u{202E}c"), "a\\u{000a}b\\u{202e}c");
+        assert_eq!(formula_safe("=HYPERLINK(\"x\")"), "'=HYPERLINK(\"x\")");
+        assert_eq!(formula_safe("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(formula_safe("-1+1"), "'-1+1");
+        assert_eq!(formula_safe("parental-allowance"), "parental-allowance");
     }
 }

@@ -101,6 +101,7 @@ async fn serve_connector(pki: &Path) -> anyhow::Result<()> {
         register,
         pki.tls_files(Role::Connector, "civil-register"),
     )
+    .allowed_broker("broker")
     .listen("127.0.0.1:0".parse()?)
     .concurrency(1024)
     .bind()
@@ -437,10 +438,14 @@ fn write_broker_config(
     std::fs::write(
         &path,
         format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\npolicy = \"policy.toml\"\nrouting = \"routing.toml\"\npseudonym_key = \"secrets/pseudonym.key\"\naudit_key = \"secrets/audit.key\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[limits]\nconcurrency = 4096\n[audit]\ndurable = {durable}\n",
-            tls.ca, tls.cert, tls.key
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\npolicy = \"policy.toml\"\nrouting = \"routing.toml\"\npseudonym_key = \"secrets/pseudonym.key\"\naudit_key = \"secrets/audit.key\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\ncrl = {:?}\n[limits]\nconcurrency = 4096\n[audit]\ndurable = {durable}\n",
+            tls.ca,
+            tls.cert,
+            tls.key,
+            pki.crl_path()
         ),
     )?;
+    onceonly_broker::keys::init(&onceonly_broker::BrokerConfig::load(&path)?)?;
     Ok(path)
 }
 

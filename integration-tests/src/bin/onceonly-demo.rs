@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use onceonly_integration_tests::world::{AUTHORITIES, PORTAL, World};
 use onceonly_proto::status::reason_of;
 use onceonly_proto::v1::{
-    AuditRecord, ExchangeOutcome, GrantConsentRequest, QueryRecordsRequest, RequestEvidenceRequest,
-    RevokeConsentRequest, SubjectId, SubjectIdScheme,
+    AuditRecord, ExchangeOutcome, GrantConsentRequest, QueryRecordsRequest, RecordKind,
+    RequestEvidenceRequest, RevokeConsentRequest, SubjectId, SubjectIdScheme,
 };
 use sha2::{Digest, Sha256};
 
@@ -191,13 +191,27 @@ async fn main() -> anyhow::Result<()> {
     .into_inner()
     .records;
     for record in &about_anna {
-        println!(
-            "   {} asked for her {} ({}): {}",
-            short_caller(&record.caller_id),
-            record.evidence_type,
-            record.purpose,
-            outcome_word(record.outcome())
-        );
+        let who = short_caller(&record.caller_id);
+        match record.kind() {
+            RecordKind::ConsentGranted => println!(
+                "   {who} recorded her consent for {} to fetch her {} ({})",
+                short_caller(&record.consent_authority_id),
+                record.evidence_type,
+                record.purpose
+            ),
+            RecordKind::ConsentRevoked => println!(
+                "   {who} recorded that she revoked her consent for {} ({})",
+                record.evidence_type, record.purpose
+            ),
+            RecordKind::ConsentsListed => println!("   {who} listed her consents"),
+            RecordKind::HistoryRead => println!("   {who} read this history of hers"),
+            _ => println!(
+                "   {who} asked for her {} ({}): {}",
+                record.evidence_type,
+                record.purpose,
+                outcome_word(record.outcome())
+            ),
+        }
     }
 
     println!(
@@ -297,7 +311,14 @@ fn print_trail(records: &[AuditRecord]) {
             r.request_id,
             short_caller(&r.caller_id),
             r.evidence_type,
-            format!("{:?}", r.outcome()).to_uppercase(),
+            match r.kind() {
+                RecordKind::Unspecified => format!("{:?}", r.outcome()).to_uppercase(),
+                RecordKind::ConsentGranted => "CONSENT+".into(),
+                RecordKind::ConsentRevoked => "CONSENT-".into(),
+                RecordKind::ConsentsListed => "LISTED".into(),
+                RecordKind::HistoryRead => "READ".into(),
+                RecordKind::KeyHandover => "NEW KEY".into(),
+            },
             format!("{code:?}"),
             if r.connector_id.is_empty() {
                 "-"

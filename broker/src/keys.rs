@@ -1,0 +1,335 @@
+//! The broker's own keys, which are never minted implicitly:
+//!
+//! - the audit signing key (Ed25519, PKCS#8, mode 0600, `audit_key`), with
+//!   its public half beside it (`<audit_key>.pub`, hex) for auditors;
+//! - the pseudonym key (32 random bytes, hex, mode 0600, `pseudonym_key`),
+//!   under which subject ids become the pseudonyms the log stores.
+//!
+//! [`init`] creates both, once (`onceonly-broker init`); `serve` only
+//! [`load_audit_key`]s and [`load_pseudonym_key`]s them and refuses to start
+//! when one is missing: a lost key, or anyone who can write the data disk,
+//! must not start a new history or empty every citizen's view silently.
+//! [`rotate_audit_key`] hands the log over to a new audit key with a record
+//! the old key signs (see [`crate::audit::handover`]).
+
+use std::path::{Path, PathBuf};
+
+use rand::RngCore;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+
+use crate::audit::{AuditLog, public_key_path};
+use crate::config::BrokerConfig;
+use crate::pseudonym::Pseudonymiser;
+
+/// What is wrong with a key file.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The key does not exist.
+    #[error(
+        "the {what} {path} does not exist; keys are never created by `serve`: create them once with `onceonly-broker init --config <broker.toml>`, or restore this one from its backup"
+    )]
+    Missing {
+        /// Which key.
+        what: &'static str,
+        /// Where it should be.
+        path: PathBuf,
+    },
+    /// `init` found a key already there.
+    #[error(
+        "{path} already exists; init never replaces a key (the audit key is rotated with `onceonly-broker rotate-audit-key`)"
+    )]
+    Exists {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is not such a key.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The public key file names another key.
+    #[error(
+        "{public} does not hold the public half of {key}; auditors verify with that file: restore the matching pair"
+    )]
+    PublicMismatch {
+        /// The public key file.
+        public: PathBuf,
+        /// The private key file.
+        key: PathBuf,
+    },
+    /// Reading or writing failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The audit log refused the hand-over.
+    #[error("the audit log: {0}")]
+    Log(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
+    move |source| KeyError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Creates the audit key (with its `.pub`) and the pseudonym key of
+/// `config`; refuses where any of them exists. Returns the files written.
+pub fn init(config: &BrokerConfig) -> Result<Vec<PathBuf>, KeyError> {
+    let public = public_key_path(&config.audit_key);
+    for path in [&config.audit_key, &public, &config.pseudonym_key] {
+        if path.exists() {
+            return Err(KeyError::Exists { path: path.clone() });
+        }
+    }
+    create_audit_key(&config.audit_key)?;
+    let mut secret = [0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    write_secret(&config.pseudonym_key, hex::encode(secret).as_bytes())?;
+    Ok(vec![
+        config.audit_key.clone(),
+        public,
+        config.pseudonym_key.clone(),
+    ])
+}
+
+/// Creates a new audit signing key at `path` (mode 0600) and its `.pub`;
+/// refuses where `path` exists.
+pub fn create_audit_key(path: &Path) -> Result<Ed25519KeyPair, KeyError> {
+    let pkcs8 = new_audit_key()?;
+    write_secret(path, pkcs8.as_ref())?;
+    let key = parse_audit_key(path, pkcs8.as_ref())?;
+    write_public(&public_key_path(path), &key)?;
+    Ok(key)
+}
+
+fn new_audit_key() -> Result<ring::pkcs8::Document, KeyError> {
+    Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).map_err(|_| {
+        KeyError::Invalid {
+            path: PathBuf::new(),
+            reason: "the system could not generate an Ed25519 key".into(),
+        }
+    })
+}
+
+fn write_secret(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
+    onceonly_certs::pki::write_secret_file(path, contents).map_err(|e| match e {
+        onceonly_certs::PkiError::Exists(path) => KeyError::Exists { path },
+        other => KeyError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other(other.to_string()),
+        },
+    })
+}
+
+fn write_public(path: &Path, key: &Ed25519KeyPair) -> Result<(), KeyError> {
+    let text = format!("{}\n", hex::encode(key.public_key().as_ref()));
+    let fresh = path.with_extension("pub.new");
+    std::fs::write(&fresh, text).map_err(io(&fresh))?;
+    std::fs::rename(&fresh, path).map_err(io(path))
+}
+
+fn parse_audit_key(path: &Path, pkcs8: &[u8]) -> Result<Ed25519KeyPair, KeyError> {
+    Ed25519KeyPair::from_pkcs8(pkcs8).map_err(|_| KeyError::Invalid {
+        path: path.to_owned(),
+        reason: "not an Ed25519 PKCS#8 key".into(),
+    })
+}
+
+/// Loads the audit signing key at `path`, which must exist, and checks that
+/// `<path>.pub` (where it exists) holds its public half.
+pub fn load_audit_key(path: &Path) -> Result<Ed25519KeyPair, KeyError> {
+    let pkcs8 = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(KeyError::Missing {
+                what: "audit signing key",
+                path: path.to_owned(),
+            });
+        }
+        Err(e) => return Err(io(path)(e)),
+    };
+    let key = parse_audit_key(path, &pkcs8)?;
+    let public = public_key_path(path);
+    match std::fs::read_to_string(&public) {
+        Ok(text) if text.trim() == hex::encode(key.public_key().as_ref()) => {}
+        Ok(_) => {
+            return Err(KeyError::PublicMismatch {
+                public,
+                key: path.to_owned(),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_public(&public, &key)?,
+        Err(e) => return Err(io(&public)(e)),
+    }
+    Ok(key)
+}
+
+/// Loads the pseudonym key at `path`, which must exist.
+pub fn load_pseudonym_key(path: &Path) -> Result<Pseudonymiser, KeyError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(KeyError::Missing {
+                what: "pseudonym key",
+                path: path.to_owned(),
+            });
+        }
+        Err(e) => return Err(io(path)(e)),
+    };
+    let secret = hex::decode(text.trim())
+        .ok()
+        .filter(|k| k.len() == 32)
+        .ok_or_else(|| KeyError::Invalid {
+            path: path.to_owned(),
+            reason: "not a pseudonym key (64 hex digits)".into(),
+        })?;
+    Ok(Pseudonymiser::from_secret(&secret))
+}
+
+/// What a rotation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    /// The hand-over record's index in the log.
+    pub log_index: u64,
+    /// The old public key, hex.
+    pub old_public_key: String,
+    /// The new public key, hex.
+    pub new_public_key: String,
+    /// Where the old private key was moved (destroy it once auditors have
+    /// the new public key).
+    pub retired_key: PathBuf,
+}
+
+/// Hands the audit log of `config` (broker stopped) over to a new key: the
+/// new key is written first (`<audit_key>.next`), the hand-over appended
+/// and flushed, then the keys swapped (the old one kept as
+/// `<audit_key>.retired-<index>`) and `.pub` rewritten.
+pub async fn rotate_audit_key(config: &BrokerConfig) -> Result<Rotation, KeyError> {
+    let old = load_audit_key(&config.audit_key)?;
+    let old_public = hex::encode(old.public_key().as_ref());
+    let next_path = suffixed(&config.audit_key, ".next");
+    if next_path.exists() {
+        return Err(KeyError::Exists { path: next_path });
+    }
+    let pkcs8 = new_audit_key()?;
+    write_secret(&next_path, pkcs8.as_ref())?;
+    let new = parse_audit_key(&next_path, pkcs8.as_ref())?;
+    let new_public = hex::encode(new.public_key().as_ref());
+
+    let storage = sled::Config::new().path(&config.data_dir);
+    let db = tokio::task::spawn_blocking(move || crate::audit::open_storage(storage))
+        .await
+        .map_err(|e| KeyError::Log(e.to_string()))?
+        .map_err(|e| KeyError::Log(format!("{}: {e}", config.data_dir.display())))?;
+    let (log, writer) = AuditLog::open(&config.data_dir, &db, true, old)
+        .map_err(|e| KeyError::Log(e.to_string()))?;
+    let log_index = log
+        .rotate_key(new)
+        .await
+        .map_err(|e| KeyError::Log(e.to_string()))?;
+    drop(log);
+    let _ = writer.await;
+    drop(db);
+
+    let retired = suffixed(&config.audit_key, &format!(".retired-{log_index}"));
+    std::fs::rename(&config.audit_key, &retired).map_err(io(&config.audit_key))?;
+    std::fs::rename(&next_path, &config.audit_key).map_err(io(&config.audit_key))?;
+    let key = load_audit_key_unchecked(&config.audit_key)?;
+    write_public(&public_key_path(&config.audit_key), &key)?;
+    Ok(Rotation {
+        log_index,
+        old_public_key: old_public,
+        new_public_key: new_public,
+        retired_key: retired,
+    })
+}
+
+fn load_audit_key_unchecked(path: &Path) -> Result<Ed25519KeyPair, KeyError> {
+    let pkcs8 = std::fs::read(path).map_err(io(path))?;
+    parse_audit_key(path, &pkcs8)
+}
+
+fn suffixed(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    name.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> BrokerConfig {
+        let text = "data_dir = \"data\"\npolicy = \"p\"\nrouting = \"r\"\npseudonym_key = \"secrets/pseudonym.key\"\naudit_key = \"secrets/audit.key\"\n[tls]\nca = \"ca\"\ncert = \"c\"\nkey = \"k\"\n";
+        let path = dir.join("broker.toml");
+        std::fs::write(&path, text).expect("config");
+        let mut config: BrokerConfig =
+            onceonly_certs::config_file::load_toml(&path).expect("parses");
+        config.audit_key = dir.join("secrets/audit.key");
+        config.pseudonym_key = dir.join("secrets/pseudonym.key");
+        config.data_dir = dir.join("data");
+        config
+    }
+
+    #[test]
+    fn keys_are_made_once_private_and_never_silently() {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = config(dir.path());
+        let missing = load_audit_key(&config.audit_key).expect_err("no key yet");
+        assert!(
+            missing.to_string().contains("onceonly-broker init"),
+            "{missing}"
+        );
+        assert!(matches!(
+            load_pseudonym_key(&config.pseudonym_key),
+            Err(KeyError::Missing { .. })
+        ));
+        assert!(
+            !config.audit_key.exists(),
+            "loading must not create the key"
+        );
+
+        let written = init(&config).expect("init");
+        assert_eq!(written.len(), 3);
+        #[cfg(unix)]
+        for secret in [&config.audit_key, &config.pseudonym_key] {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(secret)
+                .expect("meta")
+                .permissions()
+                .mode()
+                & 0o777;
+            assert_eq!(mode, 0o600, "{}", secret.display());
+        }
+        let key = load_audit_key(&config.audit_key).expect("loads");
+        assert_eq!(
+            std::fs::read_to_string(public_key_path(&config.audit_key))
+                .expect("pub")
+                .trim(),
+            hex::encode(key.public_key().as_ref())
+        );
+        let pseudonyms = load_pseudonym_key(&config.pseudonym_key).expect("loads");
+        assert_eq!(
+            pseudonyms.pseudonym(1, "82281866209"),
+            load_pseudonym_key(&config.pseudonym_key)
+                .expect("again")
+                .pseudonym(1, "82281866209")
+        );
+        assert!(matches!(init(&config), Err(KeyError::Exists { .. })));
+
+        // A .pub that names another key is refused, not rewritten.
+        std::fs::write(public_key_path(&config.audit_key), "00\n").expect("write");
+        assert!(matches!(
+            load_audit_key(&config.audit_key),
+            Err(KeyError::PublicMismatch { .. })
+        ));
+    }
+}

@@ -1,0 +1,607 @@
+//! The doors closed, tried as an intruder would, over real mutual TLS:
+//! unauthenticated floods leave nothing behind, revocation reaches open
+//! connections and the connector hop, a stale revocation list is refused,
+//! keys are never minted silently, a rotated key keeps the log verifiable,
+//! nothing in the data directory names a citizen, and portals are seen.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use onceonly_broker::auditor::verify_remote;
+use onceonly_broker::{BoundBroker, BrokerConfig};
+use onceonly_certs::Role;
+use onceonly_certs::security::RefusalKind;
+use onceonly_integration_tests::world::{AUTHORITIES, BrokerSettings, PORTAL, World};
+use onceonly_integration_tests::{anonymous_client_config, channel_with};
+use onceonly_proto::status::reason_of;
+use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
+use onceonly_proto::v1::{
+    AuditRecord, ErrorReason, ExchangeOutcome, GrantConsentRequest, QueryRecordsRequest,
+    RecordKind, RequestEvidenceRequest, SubjectId, SubjectIdScheme,
+};
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const BERLIN: &str = AUTHORITIES[0];
+/// Anna Lena Schneider, in the civil register.
+const ANNA: &str = "82281866209";
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn anna() -> SubjectId {
+    SubjectId {
+        scheme: SubjectIdScheme::DeIdnr.into(),
+        value: ANNA.into(),
+    }
+}
+
+fn birth_certificate(id: &str) -> RequestEvidenceRequest {
+    RequestEvidenceRequest {
+        request_id: id.into(),
+        evidence_type: "birth-certificate".into(),
+        subject: Some(anna()),
+        purpose: "parental-allowance".into(),
+        legal_basis: "§ 9 Abs. 1 BEEG".into(),
+        ..Default::default()
+    }
+}
+
+/// Anna's records, as the portal's view of her shows them.
+async fn annas_view(world: &World) -> Vec<AuditRecord> {
+    onceonly_proto::v1::audit_service_client::AuditServiceClient::new(
+        world.channel(Role::Portal, PORTAL),
+    )
+    .query_records(QueryRecordsRequest {
+        subject: Some(anna()),
+        page_size: 1000,
+        ..Default::default()
+    })
+    .await
+    .expect("the portal reads Anna's view")
+    .into_inner()
+    .records
+}
+
+/// Every byte of every file under `dir`.
+fn all_bytes(dir: &Path) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            bytes.extend(all_bytes(&path));
+        } else if let Ok(contents) = std::fs::read(&path) {
+            bytes.extend(contents);
+        }
+    }
+    bytes
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn refused_calls(world: &World) -> u64 {
+    world
+        .running_broker()
+        .broker()
+        .expect("running")
+        .security
+        .calls_total()
+}
+
+/// A client configuration presenting a self-signed certificate that claims
+/// `spiffe://onceonly.test/authority/intruder`.
+fn self_signed_intruder(world: &World) -> Arc<rustls::ClientConfig> {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(vec!["intruder".into()]).expect("params");
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://onceonly.test/authority/intruder"
+            .try_into()
+            .expect("uri"),
+    ));
+    let cert = params.self_signed(&key).expect("self-signed");
+    let dir = world.dir.path().join("intruder");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("intruder.pem"), cert.pem()).expect("cert");
+    std::fs::write(dir.join("intruder.key"), key.serialize_pem()).expect("key");
+    let files = onceonly_certs::TlsFiles::new(
+        world.pki.ca_cert_path(),
+        dir.join("intruder.pem"),
+        dir.join("intruder.key"),
+        Some(world.pki.crl_path()),
+    );
+    onceonly_certs::tls::client_config(&files)
+        .expect("client TLS")
+        .0
+}
+
+#[tokio::test]
+async fn a_flood_of_unauthenticated_requests_leaves_no_trace_in_the_log_or_the_citizens_view() {
+    const FLOOD: usize = 20;
+    let world = World::start().await;
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("legit-1"))
+        .await
+        .expect("a legitimate request first");
+    world.settle().await;
+    let log_before = world.audit_records().await.len();
+    let view_before = annas_view(&world).await;
+    let refused_before = refused_calls(&world);
+
+    let marker = "flood-purpose-7f3a9c";
+    let anonymous = EvidenceServiceClient::new(channel_with(
+        anonymous_client_config(&world.pki),
+        world.broker_addr(),
+        None,
+    ));
+    let intruder = EvidenceServiceClient::new(channel_with(
+        self_signed_intruder(&world),
+        world.broker_addr(),
+        None,
+    ));
+    for (n, mut client) in
+        (0..FLOOD).flat_map(|n| [(n, anonymous.clone()), (n + FLOOD, intruder.clone())])
+    {
+        let mut request = birth_certificate(&format!("flood-{n}"));
+        request.purpose = format!("{marker}\nwith a newline");
+        let status = client
+            .request_evidence(request)
+            .await
+            .expect_err("no valid certificate");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    }
+
+    world.settle().await;
+    assert_eq!(
+        refused_calls(&world) - refused_before,
+        2 * FLOOD as u64,
+        "every refused call is counted"
+    );
+    let broker = world.running_broker().broker().expect("running");
+    assert_eq!(
+        broker.security.calls(RefusalKind::NoCertificate),
+        FLOOD as u64
+    );
+    assert_eq!(
+        broker.security.calls(RefusalKind::UntrustedIssuer),
+        FLOOD as u64
+    );
+    // The view is read after the flood: it grew by exactly the record of
+    // the read before it (the portal's read is itself recorded).
+    let log_after = world.audit_records().await;
+    assert_eq!(
+        log_after.len(),
+        log_before + 1,
+        "only the portal's earlier read was added"
+    );
+    assert!(
+        log_after
+            .iter()
+            .all(|r| !r.request_id.starts_with("flood-"))
+    );
+    let view_after = annas_view(&world).await;
+    assert_eq!(view_after.len(), view_before.len() + 1);
+    assert!(
+        view_after
+            .iter()
+            .all(|r| !r.caller_id.contains("intruder") && !r.request_id.starts_with("flood-"))
+    );
+    assert!(
+        !contains(
+            &all_bytes(&world.dir.path().join("data")),
+            marker.as_bytes()
+        ),
+        "a field of an unauthenticated request reached the data directory"
+    );
+}
+
+/// Revokes the current certificate of (`role`, `id`) in the world's PKI.
+fn revoke(world: &World, role: Role, id: &str) {
+    let cert =
+        onceonly_certs::pki::load_certs(&world.pki.participant_paths(role, id).0).expect("cert");
+    let serial = onceonly_certs::inspect::CertificateSummary::of(&cert[0])
+        .expect("summary")
+        .serial;
+    assert!(world.pki.revoke(&serial).expect("revoke"));
+}
+
+#[tokio::test]
+async fn a_revoked_authoritys_open_connection_is_refused_after_reload() {
+    let world = World::start().await;
+    // One channel: one connection, kept open across the revocation.
+    let mut berlin = world.authority(BERLIN);
+    berlin
+        .request_evidence(birth_certificate("open-1"))
+        .await
+        .expect("served before revocation");
+
+    revoke(&world, Role::Authority, BERLIN);
+    let closed = world.running_broker().reload_tls().expect("reload");
+    assert!(
+        closed >= 1,
+        "the revoked authority's connection stayed open"
+    );
+
+    // The same client: its connection is gone; whatever it tries next is
+    // refused for the revocation, never served.
+    let mut last = None;
+    for attempt in 0..5 {
+        match berlin
+            .request_evidence(birth_certificate(&format!("open-after-{attempt}")))
+            .await
+        {
+            Ok(_) => panic!("a revoked authority received evidence"),
+            // The connection the server closed: the channel reconnects.
+            Err(status) if matches!(status.code(), Code::Unavailable | Code::Unknown) => {
+                last = Some(status)
+            }
+            Err(status) => {
+                last = Some(status);
+                break;
+            }
+        }
+    }
+    let status = last.expect("an answer");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("revoked"), "{}", status.message());
+    world.settle().await;
+    assert!(
+        world
+            .audit_records()
+            .await
+            .iter()
+            .all(|r| !(r.request_id.starts_with("open-after-")
+                && r.outcome() == ExchangeOutcome::Delivered)),
+        "evidence was released after the revocation"
+    );
+}
+
+#[tokio::test]
+async fn a_revoked_connector_is_refused_with_its_own_reason_and_releases_nothing() {
+    let world = World::start().await;
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("before"))
+        .await
+        .expect("the civil register serves");
+
+    revoke(&world, Role::Connector, "civil-register");
+    world.running_broker().reload_tls().expect("reload");
+
+    let status = world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("after"))
+        .await
+        .expect_err("a revoked register is not believed");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(reason_of(&status), Some(ErrorReason::ConnectorRefused));
+    assert!(status.message().contains("revoked"), "{}", status.message());
+    let records = world.wait_for_records("after", 1, PATIENCE).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].outcome(), ExchangeOutcome::Failed);
+    assert!(!records[0].register_contacted);
+    assert!(records[0].payload_sha256.is_empty());
+}
+
+async fn evidence_health(channel: &tonic::transport::Channel) -> ServingStatus {
+    HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: "onceonly.v1.EvidenceService".into(),
+        })
+        .await
+        .map(|r| r.into_inner().status())
+        .unwrap_or(ServingStatus::Unknown)
+}
+
+async fn wait_for_health(channel: &tonic::transport::Channel, wanted: ServingStatus) {
+    let waiting = async {
+        while evidence_health(channel).await != wanted {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, waiting)
+        .await
+        .unwrap_or_else(|_| panic!("health never became {wanted:?}"));
+}
+
+#[tokio::test]
+async fn a_stale_revocation_list_refuses_every_caller_and_health_says_so() {
+    let world = World::start().await;
+    // Clients made while the list is fresh keep their own copy of it: the
+    // test is about the broker's.
+    let health = world.channel(Role::Auditor, "datenschutz");
+    let mut berlin = world.authority(BERLIN);
+    wait_for_health(&health, ServingStatus::Serving).await;
+    world
+        .pki
+        .refresh_crl(time::OffsetDateTime::now_utc() - time::Duration::minutes(1))
+        .expect("a list past its nextUpdate");
+    world.running_broker().reload_tls().expect("reload");
+
+    let mut status = None;
+    for attempt in 0..5 {
+        let refused = berlin
+            .request_evidence(birth_certificate(&format!("stale-{attempt}")))
+            .await
+            .expect_err("nobody can be trusted with a stale list");
+        let closed = matches!(refused.code(), Code::Unavailable | Code::Unknown);
+        status = Some(refused);
+        if !closed {
+            break;
+        }
+    }
+    let status = status.expect("an answer");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(
+        status.message().contains("revocation list"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        world
+            .running_broker()
+            .broker()
+            .expect("running")
+            .security
+            .calls(RefusalKind::CrlStale)
+            >= 1
+    );
+    wait_for_health(&health, ServingStatus::NotServing).await;
+
+    // A fresh list: served again, healthy again.
+    world
+        .pki
+        .refresh_crl(time::OffsetDateTime::now_utc() + time::Duration::days(1))
+        .expect("fresh list");
+    world.running_broker().reload_tls().expect("reload");
+    wait_for_health(&health, ServingStatus::Serving).await;
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("fresh-1"))
+        .await
+        .expect("served with a fresh list");
+}
+
+#[tokio::test]
+async fn with_crl_stale_warn_a_stale_list_is_still_used() {
+    let world = World::start_with(BrokerSettings {
+        tls: "crl_stale = \"warn\"\n".into(),
+        ..BrokerSettings::default()
+    })
+    .await;
+    let health = world.channel(Role::Auditor, "datenschutz");
+    let mut berlin = world.authority(BERLIN);
+    world
+        .pki
+        .refresh_crl(time::OffsetDateTime::now_utc() - time::Duration::minutes(1))
+        .expect("stale list");
+    world.running_broker().reload_tls().expect("reload");
+    berlin
+        .request_evidence(birth_certificate("warned-1"))
+        .await
+        .expect("served: the operator chose to warn");
+    assert_eq!(evidence_health(&health).await, ServingStatus::Serving);
+}
+
+async fn bind_error(world: &World) -> String {
+    let config = BrokerConfig::load(&world.config_path).expect("config");
+    match BoundBroker::bind(&config).await {
+        Ok(_) => panic!("the broker started"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn serve_refuses_to_start_without_its_keys_naming_the_file() {
+    let mut world = World::start().await;
+    world.stop_broker().await;
+    let secrets = world.dir.path().join("secrets");
+    for key in ["audit.key", "pseudonym.key"] {
+        let path = secrets.join(key);
+        let saved = std::fs::read(&path).expect("key");
+        std::fs::remove_file(&path).expect("remove");
+        let message = bind_error(&world).await;
+        assert!(
+            message.contains(&path.display().to_string()),
+            "{key}: {message}"
+        );
+        assert!(message.contains("onceonly-broker init"), "{message}");
+        assert!(!path.exists(), "serve minted {key}");
+        std::fs::write(&path, saved).expect("restore");
+    }
+    world.start_broker().await;
+}
+
+#[tokio::test]
+async fn serve_refuses_a_log_whose_last_head_another_key_signed() {
+    let mut world = World::start().await;
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("signed-1"))
+        .await
+        .expect("a record");
+    world.stop_broker().await;
+    let key = world.dir.path().join("secrets/audit.key");
+    std::fs::remove_file(&key).expect("remove");
+    std::fs::remove_file(world.dir.path().join("secrets/audit.key.pub")).expect("remove pub");
+    onceonly_broker::keys::create_audit_key(&key).expect("a new key");
+    let message = bind_error(&world).await;
+    assert!(message.contains("audit.log"), "{message}");
+    assert!(message.contains("does not verify"), "{message}");
+    assert!(message.contains("rotate-audit-key"), "{message}");
+}
+
+#[tokio::test]
+async fn a_rotated_audit_key_keeps_the_log_verifiable_with_either_key() {
+    let mut world = World::start().await;
+    for n in 0..3 {
+        world
+            .authority(BERLIN)
+            .request_evidence(birth_certificate(&format!("before-{n}")))
+            .await
+            .expect("served");
+    }
+    let pub_path = world.dir.path().join("secrets/audit.key.pub");
+    let old_key = onceonly_broker::auditor::load_public_key(&pub_path).expect("old key");
+    world.stop_broker().await;
+    let config = BrokerConfig::load(&world.config_path).expect("config");
+    let rotation = onceonly_broker::keys::rotate_audit_key(&config)
+        .await
+        .expect("rotate");
+    assert_eq!(rotation.old_public_key, hex::encode(&old_key));
+    world.start_broker().await;
+    for n in 0..3 {
+        world
+            .authority(BERLIN)
+            .request_evidence(birth_certificate(&format!("after-{n}")))
+            .await
+            .expect("served after the rotation");
+    }
+    let new_key = onceonly_broker::auditor::load_public_key(&pub_path).expect("new key");
+    assert_ne!(new_key, old_key);
+    for trusted in [&old_key, &new_key] {
+        for recompute in [false, true] {
+            let audit = verify_remote(&mut world.auditor(), trusted, None, recompute)
+                .await
+                .expect("verifies across the hand-over");
+            assert_eq!(audit.head.expect("head").tree_size, 7);
+        }
+        let verified = onceonly_broker::audit::verify_dir(&world.dir.path().join("data"), trusted)
+            .expect("verify-dir across the hand-over");
+        assert_eq!(verified.records, 7);
+    }
+    let records = world.audit_records().await;
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.kind() == RecordKind::KeyHandover)
+            .count(),
+        1
+    );
+    // A key that never signed the log is no anchor.
+    let stranger = vec![7u8; 32];
+    assert!(
+        verify_remote(&mut world.auditor(), &stranger, None, true)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn no_raw_subject_id_anywhere_in_the_data_directory() {
+    let world = World::start().await;
+    world
+        .portal()
+        .grant_consent(GrantConsentRequest {
+            subject: Some(anna()),
+            authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
+            evidence_type: "proof-of-residence".into(),
+            purpose: "parental-allowance".into(),
+            expires_at: Some(prost_types::Timestamp {
+                seconds: time::OffsetDateTime::now_utc().unix_timestamp() + 86_400,
+                nanos: 0,
+            }),
+        })
+        .await
+        .expect("grant");
+    let mut residence = birth_certificate("residence-1");
+    residence.evidence_type = "proof-of-residence".into();
+    residence.legal_basis = "Art. 6 Abs. 1 lit. a DSGVO".into();
+    world
+        .authority(BERLIN)
+        .request_evidence(residence)
+        .await
+        .expect("served with consent");
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("birth-1"))
+        .await
+        .expect("served");
+    let _ = annas_view(&world).await;
+    world.settle().await;
+    let bytes = all_bytes(&world.dir.path().join("data"));
+    assert!(bytes.len() > 1000, "the data directory holds the log");
+    assert!(
+        !contains(&bytes, ANNA.as_bytes()),
+        "Anna's IDNr is readable in the data directory"
+    );
+}
+
+#[tokio::test]
+async fn a_consent_grant_and_a_portals_read_appear_in_the_subjects_view() {
+    let world = World::start().await;
+    let granted = world
+        .portal()
+        .grant_consent(GrantConsentRequest {
+            subject: Some(anna()),
+            authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
+            evidence_type: "proof-of-residence".into(),
+            purpose: "parental-allowance".into(),
+            expires_at: Some(prost_types::Timestamp {
+                seconds: time::OffsetDateTime::now_utc().unix_timestamp() + 86_400,
+                nanos: 0,
+            }),
+        })
+        .await
+        .expect("grant")
+        .into_inner()
+        .consent
+        .expect("consent");
+    assert_eq!(
+        granted.subject,
+        Some(anna()),
+        "the consent names its person"
+    );
+    let _first_read = annas_view(&world).await;
+    let view = annas_view(&world).await;
+    let portal = format!("spiffe://onceonly.test/portal/{PORTAL}");
+    let grant = view
+        .iter()
+        .find(|r| r.kind() == RecordKind::ConsentGranted)
+        .expect("the grant is in Anna's view");
+    assert_eq!(grant.caller_id, portal);
+    assert_eq!(grant.consent_id, granted.consent_id);
+    assert_eq!(
+        grant.consent_authority_id,
+        format!("spiffe://onceonly.test/authority/{BERLIN}")
+    );
+    let read = view
+        .iter()
+        .find(|r| r.kind() == RecordKind::HistoryRead)
+        .expect("the portal's earlier read is in Anna's view");
+    assert_eq!(read.caller_id, portal);
+}
+
+#[tokio::test]
+async fn a_portal_scoped_by_the_policy_cannot_record_other_consents() {
+    let mut world = World::start().await;
+    let policy = std::fs::read_to_string(world.policy_path()).expect("policy");
+    std::fs::write(
+        world.policy_path(),
+        format!(
+            "{policy}\n[[portal]]\nid = \"{PORTAL}\"\nevidence_types = [\"vehicle-registration\"]\n"
+        ),
+    )
+    .expect("write");
+    world.stop_broker().await;
+    world.start_broker().await;
+    let status = world
+        .portal()
+        .grant_consent(GrantConsentRequest {
+            subject: Some(anna()),
+            authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
+            evidence_type: "proof-of-residence".into(),
+            purpose: "parental-allowance".into(),
+            expires_at: Some(prost_types::Timestamp {
+                seconds: time::OffsetDateTime::now_utc().unix_timestamp() + 86_400,
+                nanos: 0,
+            }),
+        })
+        .await
+        .expect_err("outside the portal's scope");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason_of(&status), Some(ErrorReason::PolicyDenied));
+}
