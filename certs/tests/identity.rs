@@ -232,3 +232,44 @@ fn invalid_participant_ids_are_refused_at_issue() {
         );
     }
 }
+
+#[test]
+fn a_forced_reissue_revokes_the_certificate_it_replaces() {
+    let pki = Pki::throwaway("onceonly.test", &[(Role::Authority, "a")]).expect("pki");
+    let old = cert_of(&pki, Role::Authority, "a");
+    let mut options = onceonly_certs::IssueOptions::new(Role::Authority, "a");
+    assert!(
+        pki.issue(&options).is_err(),
+        "reissued without --force over an existing certificate"
+    );
+    options.force = true;
+    let issued = pki.issue(&options).expect("forced reissue");
+    let old_serial = onceonly_certs::inspect::CertificateSummary::of(&old)
+        .expect("summary")
+        .serial;
+    assert_eq!(issued.revoked_serial.as_deref(), Some(old_serial.as_str()));
+    let verifier = verifier(&pki);
+    assert!(
+        rejection(verifier.verify(&old, &[])).contains("revoked"),
+        "the replaced certificate still verifies"
+    );
+    verifier
+        .verify(&cert_of(&pki, Role::Authority, "a"), &[])
+        .expect("the new certificate verifies");
+}
+
+#[test]
+fn a_stale_revocation_list_refuses_every_certificate_unless_told_to_warn() {
+    let pki = Pki::throwaway("onceonly.test", &[(Role::Authority, "a")]).expect("pki");
+    pki.refresh_crl(time::OffsetDateTime::now_utc() - time::Duration::minutes(5))
+        .expect("stale list");
+    let cert = cert_of(&pki, Role::Authority, "a");
+    let refusing = verifier(&pki);
+    let reason = rejection(refusing.verify(&cert, &[]));
+    assert!(reason.contains("nextUpdate"), "{reason}");
+    let mut files = pki.tls_files(Role::Broker, "broker");
+    files.crl_stale = onceonly_certs::pki::CrlStalePolicy::Warn;
+    let warning =
+        onceonly_certs::tls::identity_verifier(&files, "onceonly.test").expect("verifier");
+    warning.verify(&cert, &[]).expect("a stale list only warns");
+}
