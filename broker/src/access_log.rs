@@ -28,7 +28,57 @@ pub struct Access {
     pub consent_authority_id: String,
 }
 
+/// Why a recorded consent change did not happen.
+#[derive(Debug)]
+pub enum ChangeFailed {
+    /// Its record could not be written (the status to answer with).
+    NotRecorded(Status),
+    /// The consent store failed after the record (a second record says so).
+    Store(crate::consent::ConsentError),
+    /// The change's task failed.
+    Task(String),
+}
+
 impl Broker {
+    /// Records a consent change by `caller`, then makes it with `change`,
+    /// in a task of its own: a caller that goes away between the two (a
+    /// cancel, its deadline) cannot leave a record of a change that was
+    /// never made. Where the change fails after its record, a second record
+    /// says it was not carried out.
+    pub async fn change_consent<F, Fut>(
+        self: &std::sync::Arc<Self>,
+        kind: RecordKind,
+        caller: Participant,
+        subject: SubjectId,
+        access: Access,
+        change: F,
+    ) -> Result<crate::consent::StoredConsent, ChangeFailed>
+    where
+        F: FnOnce(std::sync::Arc<Broker>) -> Fut + Send + 'static,
+        Fut: std::future::Future<
+                Output = Result<crate::consent::StoredConsent, crate::consent::ConsentError>,
+            > + Send,
+    {
+        let broker = self.clone();
+        let task = tokio::spawn(async move {
+            broker
+                .record_access(kind, &caller, &subject, access.clone())
+                .await
+                .map_err(ChangeFailed::NotRecorded)?;
+            match change(broker.clone()).await {
+                Ok(consent) => Ok(consent),
+                Err(e) => {
+                    broker
+                        .record_failed_access(kind, &caller, &subject, access, &e)
+                        .await;
+                    Err(ChangeFailed::Store(e))
+                }
+            }
+        });
+        task.await
+            .unwrap_or_else(|e| Err(ChangeFailed::Task(e.to_string())))
+    }
+
     /// Records that `caller` did `kind` about `subject`; Err (UNAVAILABLE,
     /// AUDIT_UNAVAILABLE) where the record could not be written, in which
     /// case the caller must not go on.

@@ -170,14 +170,14 @@ impl ConsentStore {
         new: NewConsent,
         now_ms: i64,
     ) -> Result<StoredConsent, ConsentError> {
+        let subject_sealed = self
+            .pseudonyms
+            .seal(&consent_id, new.subject.scheme, &new.subject.value)
+            .map_err(|e| ConsentError::Storage(e.to_string()))?;
         let consent = StoredConsent {
             subject_scheme: new.subject.scheme,
             subject_pseudonym: hex::encode(self.subject_prefix(&new.subject)),
-            subject_sealed: self.pseudonyms.seal(
-                &consent_id,
-                new.subject.scheme,
-                &new.subject.value,
-            ),
+            subject_sealed,
             consent_id,
             authority_id: new.authority_id,
             evidence_type: new.evidence_type,

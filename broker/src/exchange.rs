@@ -245,7 +245,9 @@ impl Broker {
                     }
                     Begin::Replay(first) => {
                         match self.wait_for_first(&exchange, first, &caller_gone).await {
-                            Ok(Some(first)) => return self.replay(exchange, first).await,
+                            Ok(Some(first)) => {
+                                return self.replay(exchange, first, &caller, &request).await;
+                            }
                             Ok(None) => continue,
                             Err(refusal) => {
                                 return self.audit_and_answer(exchange, Err(refusal)).await;
@@ -343,6 +345,19 @@ impl Broker {
                 connector: destination.connector_id.clone(),
                 error,
             })
+    }
+
+    /// Steps 3 and 4 again, for a replay of delivered evidence.
+    fn allowed_still(
+        &self,
+        exchange: &mut Exchange,
+        caller: &Participant,
+        request: &RequestEvidenceRequest,
+    ) -> Result<(), Refusal> {
+        if self.authorize(exchange, caller, request)? == ConsentRequirement::Required {
+            self.check_consent(exchange, request)?;
+        }
+        Ok(())
     }
 
     /// 3. The policy decides; deny by default.
@@ -519,10 +534,18 @@ impl Broker {
         &self,
         mut exchange: Exchange,
         first: StoredOutcome,
+        caller: &Participant,
+        request: &RequestEvidenceRequest,
     ) -> Result<RequestEvidenceResponse, Refusal> {
         exchange.record.replay_of_exchange_id = first.exchange_id.clone();
         match first.result {
             Ok(response) => {
+                // Evidence is released again only where it would be now: a
+                // consent revoked or a rule removed since takes effect at
+                // once, replay or not.
+                if let Err(refusal) = self.allowed_still(&mut exchange, caller, request) {
+                    return self.audit_and_answer(exchange, Err(refusal)).await;
+                }
                 let evidence = response.evidence.unwrap_or_default();
                 exchange.record.connector_id = evidence.connector_id.clone();
                 self.audit_and_answer(exchange, Ok(evidence)).await

@@ -203,34 +203,67 @@ pub struct Rotation {
     pub old_public_key: String,
     /// The new public key, hex.
     pub new_public_key: String,
-    /// Where the old private key was moved (destroy it once auditors have
-    /// the new public key).
-    pub retired_key: PathBuf,
 }
 
-/// Hands the audit log of `config` (broker stopped) over to a new key: the
-/// new key is written first (`<audit_key>.next`), the hand-over appended
-/// and flushed, then the keys swapped (the old one kept as
-/// `<audit_key>.retired-<index>`) and `.pub` rewritten.
+/// Hands the audit log of `config` (broker stopped) over to a new key.
+///
+/// Crash-safe and resumable: the log is opened first (so a running broker
+/// is found before anything is written); the new key is written to
+/// `<audit_key>.next`; the hand-over is appended and flushed; then the old
+/// key is deleted (a retired key could still sign a fork that an auditor
+/// anchored on it would accept), the new one moved into place and `.pub`
+/// rewritten. Run again after a crash, it finishes a hand-over already in
+/// the log, or drops a `.next` the log never used and starts over.
 pub async fn rotate_audit_key(config: &BrokerConfig) -> Result<Rotation, KeyError> {
+    let next_path = suffixed(&config.audit_key, ".next");
     let old = load_audit_key(&config.audit_key)?;
     let old_public = hex::encode(old.public_key().as_ref());
-    let next_path = suffixed(&config.audit_key, ".next");
-    if next_path.exists() {
-        return Err(KeyError::Exists { path: next_path });
-    }
-    let pkcs8 = new_audit_key()?;
-    write_secret(&next_path, pkcs8.as_ref())?;
-    let new = parse_audit_key(&next_path, pkcs8.as_ref())?;
-    let new_public = hex::encode(new.public_key().as_ref());
-
     let storage = sled::Config::new().path(&config.data_dir);
     let db = tokio::task::spawn_blocking(move || crate::audit::open_storage(storage))
         .await
         .map_err(|e| KeyError::Log(e.to_string()))?
-        .map_err(|e| KeyError::Log(format!("{}: {e}", config.data_dir.display())))?;
+        .map_err(|e| {
+            KeyError::Log(format!(
+                "{}: {e} (stop the broker before rotating its key)",
+                config.data_dir.display()
+            ))
+        })?;
+
+    if next_path.exists() {
+        let next = load_audit_key_unchecked(&next_path)?;
+        let next_public = hex::encode(next.public_key().as_ref());
+        if let Ok((log, writer)) = AuditLog::open(&config.data_dir, &db, true, next) {
+            // The log ends with a hand-over to this very key: an earlier run
+            // handed over and stopped before the swap.
+            let log_index = log.len().checked_sub(1);
+            let handed_over = log_index
+                .and_then(|index| log.get(index).ok().flatten())
+                .and_then(|record| record.key_handover)
+                .is_some_and(|h| hex::encode(&h.new_public_key) == next_public);
+            drop(log);
+            let _ = writer.await;
+            if handed_over {
+                drop(db);
+                swap_in(config, &next_path)?;
+                return Ok(Rotation {
+                    log_index: log_index.unwrap_or(0),
+                    old_public_key: old_public,
+                    new_public_key: next_public,
+                });
+            }
+        }
+        // The log never saw this key: an earlier run stopped before the
+        // hand-over.
+        std::fs::remove_file(&next_path).map_err(io(&next_path))?;
+    }
+
     let (log, writer) = AuditLog::open(&config.data_dir, &db, true, old)
         .map_err(|e| KeyError::Log(e.to_string()))?;
+    let pkcs8 = new_audit_key()?;
+    write_secret(&next_path, pkcs8.as_ref())?;
+    sync_dir(&next_path)?;
+    let new = parse_audit_key(&next_path, pkcs8.as_ref())?;
+    let new_public = hex::encode(new.public_key().as_ref());
     let log_index = log
         .rotate_key(new)
         .await
@@ -238,18 +271,30 @@ pub async fn rotate_audit_key(config: &BrokerConfig) -> Result<Rotation, KeyErro
     drop(log);
     let _ = writer.await;
     drop(db);
-
-    let retired = suffixed(&config.audit_key, &format!(".retired-{log_index}"));
-    std::fs::rename(&config.audit_key, &retired).map_err(io(&config.audit_key))?;
-    std::fs::rename(&next_path, &config.audit_key).map_err(io(&config.audit_key))?;
-    let key = load_audit_key_unchecked(&config.audit_key)?;
-    write_public(&public_key_path(&config.audit_key), &key)?;
+    swap_in(config, &next_path)?;
     Ok(Rotation {
         log_index,
         old_public_key: old_public,
         new_public_key: new_public,
-        retired_key: retired,
     })
+}
+
+/// Deletes the old audit key, moves the new one into its place, rewrites
+/// `.pub`, and syncs the folder.
+fn swap_in(config: &BrokerConfig, next_path: &Path) -> Result<(), KeyError> {
+    std::fs::remove_file(&config.audit_key).map_err(io(&config.audit_key))?;
+    std::fs::rename(next_path, &config.audit_key).map_err(io(&config.audit_key))?;
+    let key = load_audit_key_unchecked(&config.audit_key)?;
+    write_public(&public_key_path(&config.audit_key), &key)?;
+    sync_dir(&config.audit_key)
+}
+
+/// Syncs the folder holding `path`, so renames and new files survive a crash.
+fn sync_dir(path: &Path) -> Result<(), KeyError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
 }
 
 fn load_audit_key_unchecked(path: &Path) -> Result<Ed25519KeyPair, KeyError> {

@@ -129,8 +129,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 rotation.log_index, rotation.old_public_key, rotation.new_public_key
             );
             println!(
-                "the old private key was moved to {}; destroy it once auditors have the new {}",
-                rotation.retired_key.display(),
+                "the old private key was deleted; give auditors the new {} (they may keep trusting the old public key: verifiers follow the hand-over)",
                 onceonly_broker::audit::public_key_path(&config.audit_key).display()
             );
         }

@@ -23,9 +23,11 @@ pub struct Pseudonymiser {
     sealing: aead::LessSafeKey,
 }
 
-/// Why a sealed subject id could not be opened.
+/// Why a subject id could not be sealed, or a sealed one opened.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("a sealed subject id does not open under this pseudonym key (another key, or altered)")]
+#[error(
+    "a sealed subject id does not open under this pseudonym key (another key, or altered), or could not be sealed"
+)]
 pub struct Unsealable;
 
 /// The HKDF label of the consent sealing key.
@@ -58,19 +60,20 @@ impl Pseudonymiser {
 
     /// Seals a subject id for the consent store, bound to `context` (the
     /// consent id): hex of a random nonce and the ciphertext.
-    pub fn seal(&self, context: &str, scheme: i32, value: &str) -> String {
+    pub fn seal(&self, context: &str, scheme: i32, value: &str) -> Result<String, Unsealable> {
         let mut nonce = [0u8; aead::NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
         let mut data = format!("{scheme}:{value}").into_bytes();
-        // Sealing a few bytes in memory does not fail.
-        let _ = self.sealing.seal_in_place_append_tag(
-            aead::Nonce::assume_unique_for_key(nonce),
-            aead::Aad::from(context.as_bytes()),
-            &mut data,
-        );
+        self.sealing
+            .seal_in_place_append_tag(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(context.as_bytes()),
+                &mut data,
+            )
+            .map_err(|_| Unsealable)?;
         let mut sealed = nonce.to_vec();
         sealed.extend_from_slice(&data);
-        hex::encode(sealed)
+        Ok(hex::encode(sealed))
     }
 
     /// Opens what [`Pseudonymiser::seal`] sealed with the same `context`.
@@ -131,7 +134,7 @@ mod tests {
     #[test]
     fn sealed_subjects_open_only_with_their_key_and_context() {
         let key = Pseudonymiser::from_secret(&[3; 32]);
-        let sealed = key.seal("cns-1", 1, "82281866209");
+        let sealed = key.seal("cns-1", 1, "82281866209").expect("seal");
         assert!(!sealed.contains("82281866209"));
         assert!(
             !hex::decode(&sealed)
@@ -149,6 +152,10 @@ mod tests {
             Pseudonymiser::from_secret(&[4; 32]).open("cns-1", &sealed),
             Err(Unsealable)
         );
-        assert_ne!(sealed, key.seal("cns-1", 1, "82281866209"), "fresh nonce");
+        assert_ne!(
+            sealed,
+            key.seal("cns-1", 1, "82281866209").expect("seal"),
+            "fresh nonce"
+        );
     }
 }

@@ -238,7 +238,11 @@ impl BoundBroker {
             .build_v1()
             .map_err(|e| StartError::Serve(e.to_string()))?;
         let watcher = tokio::spawn(watch_policy(broker.policy.clone()));
-        let crl_watcher = tokio::spawn(watch_crl(tls.clone(), health_reporter.clone()));
+        let crl_watcher = tokio::spawn(watch_crl(
+            tls.clone(),
+            broker.clone(),
+            health_reporter.clone(),
+        ));
         let stop_crl_watcher = crl_watcher.abort_handle();
 
         let (drain_started, drain_signal) = oneshot::channel::<()>();
@@ -411,8 +415,12 @@ fn reload_policy(policy: &PolicyStore) {
 /// connections whose peer no longer verifies are closed) and the client's
 /// towards connectors (channels are opened again under the new list).
 pub fn reload_tls(broker: &Broker, tls: &ReloadableServerTls) -> Result<usize, TlsError> {
-    let closed = tls.reload()?;
-    broker.forwarder.tls().reload()?;
+    // Both sides load, or neither changes: a broker must never check its
+    // callers against one list and its connectors against another.
+    let server = tls.prepare()?;
+    let client = broker.forwarder.tls().prepare()?;
+    broker.forwarder.tls().install(client);
+    let closed = tls.install(server);
     tracing::info!(closed, "TLS certificates and CRL reloaded");
     Ok(closed)
 }
@@ -432,7 +440,11 @@ const CRL_CHECK: Duration = Duration::from_secs(1);
 /// Reports the services NOT_SERVING while the revocation list is stale and
 /// the policy refuses (every caller would be refused), SERVING again once a
 /// fresh list is loaded; logs each change.
-async fn watch_crl(tls: Arc<ReloadableServerTls>, health: tonic_health::server::HealthReporter) {
+async fn watch_crl(
+    tls: Arc<ReloadableServerTls>,
+    broker: Arc<Broker>,
+    health: tonic_health::server::HealthReporter,
+) {
     let mut last: Option<CrlState> = None;
     loop {
         let state = tls.crl_state();
@@ -452,6 +464,10 @@ async fn watch_crl(tls: Arc<ReloadableServerTls>, health: tonic_health::server::
                         "the revocation list is stale: every caller is refused until a fresh one is published and loaded (SIGHUP)"
                     );
                     set_all(&health, false).await;
+                    // Gone stale by the clock: what was verified before is
+                    // verified again, on both sides.
+                    tls.reverify();
+                    broker.forwarder.tls().install_again();
                 }
                 CrlState::Stale { next_update, .. } => {
                     tracing::warn!(

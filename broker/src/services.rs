@@ -14,7 +14,7 @@ use onceonly_proto::v1::*;
 use onceonly_proto::validate::{self, FieldViolation, Violations};
 use tonic::{Code, Request, Response, Status};
 
-use crate::access_log::Access;
+use crate::access_log::{Access, ChangeFailed};
 use crate::audit::AuditFilter;
 use crate::consent::{ConsentError, ConsentStore, NewConsent, millis};
 use crate::exchange::{Broker, now_ms};
@@ -94,6 +94,17 @@ impl EvidenceService for EvidenceGrpc {
 
 /// `ConsentService`, for portals (and auditors, read-only).
 pub struct ConsentGrpc(pub Arc<Broker>);
+
+fn change_failed(failure: ChangeFailed) -> Status {
+    match failure {
+        ChangeFailed::NotRecorded(status) => status,
+        ChangeFailed::Store(e) => consent_storage(e),
+        ChangeFailed::Task(e) => {
+            tracing::error!(error = %e, "consent change task failed");
+            Status::internal("the consent change failed; the operator has the details")
+        }
+    }
+}
 
 /// PERMISSION_DENIED where the policy limits `portal` to other evidence
 /// types.
@@ -210,40 +221,25 @@ impl ConsentService for ConsentGrpc {
             purpose: grant.purpose.clone(),
             consent_authority_id: grant.authority_id.clone(),
         };
-        self.0
-            .record_access(
-                RecordKind::ConsentGranted,
-                &portal,
-                &subject,
-                access.clone(),
-            )
-            .await?;
-        let granted = self
-            .0
-            .consents
-            .grant(
-                consent_id,
-                NewConsent {
-                    subject: subject.clone(),
-                    authority_id: grant.authority_id,
-                    evidence_type: grant.evidence_type,
-                    purpose: grant.purpose,
-                    expires_at_ms: expires_at_ms.unwrap_or(now),
-                    recorded_by: portal.spiffe_id(),
-                },
-                now,
-            )
-            .await;
-        let consent = match granted {
-            Ok(consent) => consent,
-            Err(e) => {
-                // The log says a grant was asked for; say it did not happen.
-                self.0
-                    .record_failed_access(RecordKind::ConsentGranted, &portal, &subject, access, &e)
-                    .await;
-                return Err(consent_storage(e));
-            }
+        let new = NewConsent {
+            subject: subject.clone(),
+            authority_id: grant.authority_id,
+            evidence_type: grant.evidence_type,
+            purpose: grant.purpose,
+            expires_at_ms: expires_at_ms.unwrap_or(now),
+            recorded_by: portal.spiffe_id(),
         };
+        let consent = self
+            .0
+            .change_consent(
+                RecordKind::ConsentGranted,
+                portal.clone(),
+                subject.clone(),
+                access,
+                move |broker| async move { broker.consents.grant(consent_id, new, now).await },
+            )
+            .await
+            .map_err(change_failed)?;
         tracing::info!(consent_id = %consent.consent_id, portal = %portal, "consent granted");
         Ok(Response::new(GrantConsentResponse {
             consent: Some(consent.to_proto(now, subject)),
@@ -281,23 +277,18 @@ impl ConsentService for ConsentGrpc {
             purpose: stored.purpose.clone(),
             consent_authority_id: stored.authority_id.clone(),
         };
-        self.0
-            .record_access(
+        let revoked = id.clone();
+        let consent = self
+            .0
+            .change_consent(
                 RecordKind::ConsentRevoked,
-                &portal,
-                &subject,
-                access.clone(),
+                portal.clone(),
+                subject.clone(),
+                access,
+                move |broker| async move { broker.consents.revoke(&revoked, now).await },
             )
-            .await?;
-        let consent = match self.0.consents.revoke(&id, now).await {
-            Ok(consent) => consent,
-            Err(e) => {
-                self.0
-                    .record_failed_access(RecordKind::ConsentRevoked, &portal, &subject, access, &e)
-                    .await;
-                return Err(consent_storage(e));
-            }
-        };
+            .await
+            .map_err(change_failed)?;
         tracing::info!(consent_id = %id, portal = %portal, "consent revoked");
         Ok(Response::new(RevokeConsentResponse {
             consent: Some(consent.to_proto(now, subject)),

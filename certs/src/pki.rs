@@ -464,6 +464,11 @@ impl Pki {
             .generate()?;
         let cert = params.signed_by(&key, &self.issuer()?)?;
 
+        // The replaced certificate is revoked before its files are: a crash
+        // in between leaves none valid, never two.
+        if let Some(old) = &replaced {
+            self.revoke(old)?;
+        }
         create_dir(cert_path.parent().unwrap_or(&self.dir))?;
         write_file(
             &key_path,
@@ -472,9 +477,6 @@ impl Pki {
             options.force,
         )?;
         write_file(&cert_path, cert.pem().as_bytes(), false, options.force)?;
-        if let Some(old) = &replaced {
-            self.revoke(old)?;
-        }
         Ok(IssuedCertificate {
             participant,
             cert_path,

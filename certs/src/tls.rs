@@ -289,10 +289,27 @@ impl ReloadableClientTls {
 
     /// Re-reads the files; on error the previous configuration stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let (config, _) = client_config(&self.files)?;
+        let config = self.prepare()?;
+        self.install(config);
+        Ok(())
+    }
+
+    /// Reads the files into a configuration without putting it in force
+    /// (to swap several configurations only when all of them load).
+    pub fn prepare(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        Ok(client_config(&self.files)?.0)
+    }
+
+    /// Makes connections opened so far count as old, so that they are
+    /// opened (and their servers verified) again.
+    pub fn install_again(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Puts a prepared configuration in force.
+    pub fn install(&self, config: Arc<ClientConfig>) {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = config;
         self.generation.fetch_add(1, Ordering::SeqCst);
-        Ok(())
     }
 
     /// The configuration new connections use.
@@ -321,6 +338,15 @@ pub struct ReloadableServerTls {
     identity: Participant,
     /// Open connections, re-verified on every reload.
     connections: Mutex<Vec<std::sync::Weak<ConnectionState>>>,
+    /// Counts reloads: a connection verified under an older configuration
+    /// than the one in force when it is tracked is verified again.
+    generation: AtomicU64,
+}
+
+/// A server configuration read from the files but not yet in force.
+pub struct PreparedServerTls {
+    config: ServerConfig,
+    verifier: Arc<IdentityVerifier>,
 }
 
 impl ReloadableServerTls {
@@ -340,6 +366,7 @@ impl ReloadableServerTls {
             current: RwLock::new((Arc::new(config), verifier)),
             identity,
             connections: Mutex::new(Vec::new()),
+            generation: AtomicU64::new(0),
         }))
     }
 
@@ -349,51 +376,85 @@ impl ReloadableServerTls {
     /// while a stale list refuses) is closed, and its calls refused.
     /// Returns how many were closed.
     pub fn reload(&self) -> Result<usize, TlsError> {
+        let prepared = self.prepare()?;
+        Ok(self.install(prepared))
+    }
+
+    /// Reads the files into a configuration without putting it in force.
+    pub fn prepare(&self) -> Result<PreparedServerTls, TlsError> {
         let (config, verifier, _) = server_config(&self.files, self.mode)?;
+        Ok(PreparedServerTls { config, verifier })
+    }
+
+    /// Puts a prepared configuration in force and re-verifies the open
+    /// connections under it; returns how many were closed.
+    pub fn install(&self, prepared: PreparedServerTls) -> usize {
         {
             let mut current = self
                 .current
                 .write()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            *current = (Arc::new(config), verifier.clone());
+            *current = (Arc::new(prepared.config), prepared.verifier);
+            // Inside the lock: a handshake that took the old configuration
+            // sees the generation move when it is tracked.
+            self.generation.fetch_add(1, Ordering::SeqCst);
         }
+        self.reverify()
+    }
+
+    /// Checks every open connection against the configuration in force
+    /// (after a reload, or once the revocation list went stale by the
+    /// clock) and closes those whose peer no longer verifies; returns how
+    /// many were closed.
+    pub fn reverify(&self) -> usize {
+        let (_, verifier) = self.current();
         let open: Vec<Arc<ConnectionState>> = {
             let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
             connections.retain(|c| c.strong_count() > 0);
             connections.iter().filter_map(|c| c.upgrade()).collect()
         };
-        let mut closed = 0;
-        for connection in open {
-            let Some((end_entity, intermediates)) = connection.chain().split_first() else {
-                continue;
-            };
-            if let Err(e) = verifier.verify(end_entity, intermediates) {
-                closed += 1;
-                connection.close(PeerRefusal {
-                    kind: e.refusal_kind(),
-                    reason: e.to_string(),
-                    claimed: Participant::from_certificate(end_entity)
-                        .ok()
-                        .map(|p| p.spiffe_id()),
-                });
-            }
-        }
+        let closed = open
+            .iter()
+            .filter(|connection| !verify_open(&verifier, connection))
+            .count();
         if closed > 0 {
             tracing::warn!(
                 closed,
-                "connections closed after reload: their peers' certificates no longer verify"
+                "connections closed: their peers' certificates no longer verify"
             );
         }
-        Ok(closed)
+        closed
     }
 
-    /// Keeps `connection` to be re-verified on reloads.
-    fn track(&self, connection: &Arc<ConnectionState>) {
-        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-        if connections.len() >= 64 && connections.len().is_power_of_two() {
-            connections.retain(|c| c.strong_count() > 0);
+    /// Keeps `connection`, verified under configuration `generation`, to
+    /// be re-verified on reloads; verifies it at once where a reload came in
+    /// between.
+    fn track(&self, connection: &Arc<ConnectionState>, generation: u64) {
+        {
+            let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+            if connections.len() >= 64 && connections.len().is_power_of_two() {
+                connections.retain(|c| c.strong_count() > 0);
+            }
+            connections.push(Arc::downgrade(connection));
         }
-        connections.push(Arc::downgrade(connection));
+        if self.generation.load(Ordering::SeqCst) != generation {
+            let (_, verifier) = self.current();
+            verify_open(&verifier, connection);
+        }
+    }
+
+    /// The configuration new connections get, with its verifier and the
+    /// generation it belongs to.
+    fn current_with_generation(&self) -> (Arc<ServerConfig>, Arc<IdentityVerifier>, u64) {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        (
+            current.0.clone(),
+            current.1.clone(),
+            self.generation.load(Ordering::SeqCst),
+        )
     }
 
     /// The state of the revocation list in force.
@@ -421,6 +482,27 @@ impl ReloadableServerTls {
     /// The server's own identity.
     pub fn identity(&self) -> &Participant {
         &self.identity
+    }
+}
+
+/// Verifies an open connection's peer again; closes the connection and
+/// returns false where it no longer verifies.
+fn verify_open(verifier: &IdentityVerifier, connection: &ConnectionState) -> bool {
+    let Some((end_entity, intermediates)) = connection.chain().split_first() else {
+        return true;
+    };
+    match verifier.verify(end_entity, intermediates) {
+        Ok(_) => true,
+        Err(e) => {
+            connection.close(PeerRefusal {
+                kind: e.refusal_kind(),
+                reason: e.to_string(),
+                claimed: Participant::from_certificate(end_entity)
+                    .ok()
+                    .map(|p| p.spiffe_id()),
+            });
+            false
+        }
     }
 }
 
@@ -700,7 +782,7 @@ async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (config, verifier) = tls.current();
+        let (config, verifier, generation) = tls.current_with_generation();
         let acceptor = TlsAcceptor::from(config);
         let sender = sender.clone();
         let refusals = refusals.clone();
@@ -720,7 +802,7 @@ async fn accept_loop(
                         Err(_) => Vec::new(),
                     };
                     let activity = Arc::new(ConnectionState::new(chain));
-                    tls.track(&activity);
+                    tls.track(&activity, generation);
                     let stream = MtlsStream {
                         inner,
                         peer: PeerIdentity {

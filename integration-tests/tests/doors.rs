@@ -452,6 +452,17 @@ async fn a_rotated_audit_key_keeps_the_log_verifiable_with_either_key() {
         .await
         .expect("rotate");
     assert_eq!(rotation.old_public_key, hex::encode(&old_key));
+    let secrets: Vec<String> = std::fs::read_dir(world.dir.path().join("secrets"))
+        .expect("secrets")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        secrets
+            .iter()
+            .all(|name| !name.contains(".next") && !name.contains("retired")),
+        "the old key, or the new one's draft, was left behind: {secrets:?}"
+    );
     world.start_broker().await;
     for n in 0..3 {
         world
@@ -524,10 +535,65 @@ async fn no_raw_subject_id_anywhere_in_the_data_directory() {
     world.settle().await;
     let bytes = all_bytes(&world.dir.path().join("data"));
     assert!(bytes.len() > 1000, "the data directory holds the log");
-    assert!(
-        !contains(&bytes, ANNA.as_bytes()),
-        "Anna's IDNr is readable in the data directory"
-    );
+    for form in [
+        ANNA.to_owned(),
+        hex::encode(ANNA),
+        hex::encode_upper(ANNA),
+        "ODIyODE4NjYyMDk".to_owned(), // base64 of the IDNr
+    ] {
+        assert!(
+            !contains(&bytes, form.as_bytes()),
+            "Anna's IDNr is readable in the data directory (as {form})"
+        );
+    }
+}
+
+fn residence_consent() -> GrantConsentRequest {
+    GrantConsentRequest {
+        subject: Some(anna()),
+        authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
+        evidence_type: "proof-of-residence".into(),
+        purpose: "parental-allowance".into(),
+        expires_at: Some(prost_types::Timestamp {
+            seconds: time::OffsetDateTime::now_utc().unix_timestamp() + 86_400,
+            nanos: 0,
+        }),
+    }
+}
+
+#[tokio::test]
+async fn a_repeated_request_id_gets_no_evidence_once_the_consent_is_revoked() {
+    let world = World::start().await;
+    let consent = world
+        .portal()
+        .grant_consent(residence_consent())
+        .await
+        .expect("grant")
+        .into_inner()
+        .consent
+        .expect("consent");
+    let mut residence = birth_certificate("replayed-1");
+    residence.evidence_type = "proof-of-residence".into();
+    residence.legal_basis = "Art. 6 Abs. 1 lit. a DSGVO".into();
+    world
+        .authority(BERLIN)
+        .request_evidence(residence.clone())
+        .await
+        .expect("served with consent");
+    world
+        .portal()
+        .revoke_consent(onceonly_proto::v1::RevokeConsentRequest {
+            consent_id: consent.consent_id,
+        })
+        .await
+        .expect("revoke");
+    let status = world
+        .authority(BERLIN)
+        .request_evidence(residence)
+        .await
+        .expect_err("a replay must not outlive the consent");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(reason_of(&status), Some(ErrorReason::ConsentMissing));
 }
 
 #[tokio::test]
@@ -555,8 +621,35 @@ async fn a_consent_grant_and_a_portals_read_appear_in_the_subjects_view() {
         Some(anna()),
         "the consent names its person"
     );
+    onceonly_proto::v1::consent_service_client::ConsentServiceClient::new(
+        world.channel(Role::Portal, PORTAL),
+    )
+    .list_consents(onceonly_proto::v1::ListConsentsRequest {
+        subject: Some(anna()),
+        ..Default::default()
+    })
+    .await
+    .expect("list");
+    world
+        .portal()
+        .revoke_consent(onceonly_proto::v1::RevokeConsentRequest {
+            consent_id: granted.consent_id.clone(),
+        })
+        .await
+        .expect("revoke");
     let _first_read = annas_view(&world).await;
     let view = annas_view(&world).await;
+    for kind in [
+        RecordKind::ConsentGranted,
+        RecordKind::ConsentsListed,
+        RecordKind::ConsentRevoked,
+        RecordKind::HistoryRead,
+    ] {
+        assert!(
+            view.iter().any(|r| r.kind() == kind),
+            "{kind:?} missing from Anna's view"
+        );
+    }
     let portal = format!("spiffe://onceonly.test/portal/{PORTAL}");
     let grant = view
         .iter()

@@ -244,11 +244,19 @@ pub fn optional_text(field: &str, value: &str) -> Result<(), FieldViolation> {
 }
 
 /// Unicode's bidirectional formatting characters, which can make text read
-/// differently from what it is ("Trojan Source").
+/// differently from what it is ("Trojan Source"), and the invisible ones
+/// that hide or break text where it is shown (zero-width characters, line
+/// and paragraph separators, the byte order mark).
 pub fn is_bidi_control(c: char) -> bool {
     matches!(
         c,
-        '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}'
+        '\u{202A}'..='\u{202E}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'
+            | '\u{2029}'
+            | '\u{061C}'
+            | '\u{FEFF}'
     )
 }
 

@@ -432,7 +432,9 @@ impl Output {
 fn escaped(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_control() || onceonly_proto::validate::is_bidi_control(c) {
+        if c == '\\' {
+            out.push_str("\\\\");
+        } else if c.is_control() || onceonly_proto::validate::is_bidi_control(c) {
             out.push_str(&format!("\\u{{{:04x}}}", u32::from(c)));
         } else {
             out.push(c);
@@ -458,6 +460,11 @@ mod tests {
     #[test]
     fn printed_text_cannot_steer_a_terminal_or_a_spreadsheet() {
         assert_eq!(escaped("a\nb\u{202E}c"), "a\\u{000a}b\\u{202e}c");
+        assert_eq!(
+            escaped("a\\u{000a}"),
+            "a\\\\u{000a}",
+            "a backslash is escaped too"
+        );
         assert_eq!(formula_safe("=HYPERLINK(\"x\")"), "'=HYPERLINK(\"x\")");
         assert_eq!(formula_safe("@SUM(A1)"), "'@SUM(A1)");
         assert_eq!(formula_safe("-1+1"), "'-1+1");
