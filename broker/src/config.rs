@@ -265,12 +265,8 @@ impl BrokerConfig {
                 "remember at least one request, e.g. 100000",
             );
         }
-        if self.tls.crl.is_none() && !self.tls.allow_no_crl {
-            return invalid(
-                "tls.crl",
-                "is missing".into(),
-                "point it at the CA's crl.pem (onceonly-certs keeps it current), or set tls.allow_no_crl = true to run without revocation checks",
-            );
+        if let Some((key, problem, fix)) = self.tls.crl_problem() {
+            return invalid(key, problem.into(), fix);
         }
         if self.audit_key.starts_with(&self.data_dir) {
             return invalid(

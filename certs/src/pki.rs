@@ -247,6 +247,16 @@ pub enum CrlStalePolicy {
 }
 
 impl TlsFiles {
+    /// What is wrong with the revocation settings, as (key, problem, fix):
+    /// a CRL is required unless running without one was chosen.
+    pub fn crl_problem(&self) -> Option<(&'static str, &'static str, &'static str)> {
+        (self.crl.is_none() && !self.allow_no_crl).then_some((
+            "tls.crl",
+            "is missing",
+            "point it at the CA's crl.pem (onceonly-certs keeps it current), or set tls.allow_no_crl = true to run without revocation checks",
+        ))
+    }
+
     /// Files with the given paths, a required CRL refused when stale.
     pub fn new(ca: PathBuf, cert: PathBuf, key: PathBuf, crl: Option<PathBuf>) -> Self {
         TlsFiles {

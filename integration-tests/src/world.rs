@@ -32,6 +32,30 @@ pub const AUTHORITIES: [&str; 4] = [
     "kfz-steuer-koeln",
     "gewerbeamt-muenchen",
 ];
+/// Anna Lena Schneider's IDNr, in the shipped civil register (Berlin).
+pub const ANNA: &str = "82281866209";
+
+/// Anna, as a subject.
+pub fn anna() -> onceonly_proto::v1::SubjectId {
+    onceonly_proto::v1::SubjectId {
+        scheme: onceonly_proto::v1::SubjectIdScheme::DeIdnr.into(),
+        value: ANNA.into(),
+    }
+}
+
+/// A request for Anna's birth certificate the sample policy allows the
+/// parental allowance offices.
+pub fn birth_certificate(request_id: &str) -> onceonly_proto::v1::RequestEvidenceRequest {
+    onceonly_proto::v1::RequestEvidenceRequest {
+        request_id: request_id.into(),
+        evidence_type: "birth-certificate".into(),
+        subject: Some(anna()),
+        purpose: "parental-allowance".into(),
+        legal_basis: "§ 9 Abs. 1 BEEG".into(),
+        ..Default::default()
+    }
+}
+
 /// The citizen portal's id.
 pub const PORTAL: &str = "buergerportal";
 /// The auditor's id.

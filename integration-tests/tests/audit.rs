@@ -5,27 +5,10 @@
 
 use onceonly_broker::auditor::{AuditorError, SavedHead, load_public_key, verify_remote};
 use onceonly_certs::Role;
-use onceonly_integration_tests::world::{AUTHORITIES, World};
+use onceonly_integration_tests::world::{AUTHORITIES, World, birth_certificate};
 use onceonly_proto::v1::audit_service_client::AuditServiceClient;
-use onceonly_proto::v1::{
-    GetEntriesRequest, GetInclusionProofRequest, GetSignedTreeHeadRequest, RequestEvidenceRequest,
-    SubjectId, SubjectIdScheme,
-};
+use onceonly_proto::v1::{GetEntriesRequest, GetInclusionProofRequest, GetSignedTreeHeadRequest};
 use tonic::Code;
-
-fn birth_certificate(id: &str) -> RequestEvidenceRequest {
-    RequestEvidenceRequest {
-        request_id: id.into(),
-        evidence_type: "birth-certificate".into(),
-        subject: Some(SubjectId {
-            scheme: SubjectIdScheme::DeIdnr.into(),
-            value: "82281866209".into(),
-        }),
-        purpose: "parental-allowance".into(),
-        legal_basis: "§ 9 Abs. 1 BEEG".into(),
-        ..Default::default()
-    }
-}
 
 fn public_key(world: &World) -> Vec<u8> {
     load_public_key(&world.dir.path().join("secrets/audit.key.pub"))

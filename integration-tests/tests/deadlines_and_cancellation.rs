@@ -11,37 +11,18 @@ use std::time::Duration;
 use onceonly_certs::Role;
 use onceonly_certs::tls::client_config;
 use onceonly_integration_tests::probe::{ProbeCounts, ProbeRegister};
-use onceonly_integration_tests::world::{AUTHORITIES, World};
+use onceonly_integration_tests::world::{AUTHORITIES, World, birth_certificate};
 use onceonly_integration_tests::{cuttable_channel, start_connector};
 use onceonly_proto::deadline::is_timer_expiry;
 use onceonly_proto::status::reason_of;
 use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
-use onceonly_proto::v1::{
-    AuditRecord, ErrorReason, ExchangeOutcome, ListEvidenceTypesRequest, RequestEvidenceRequest,
-    SubjectId, SubjectIdScheme,
-};
+use onceonly_proto::v1::{AuditRecord, ErrorReason, ExchangeOutcome, ListEvidenceTypesRequest};
 use tonic::Code;
 
 const BERLIN: &str = AUTHORITIES[0];
-/// Anna Lena Schneider, in the civil register.
-const ANNA: &str = "82281866209";
 /// Long enough for anything on a loaded machine; never reached when the
 /// code is right.
 const PATIENCE: Duration = Duration::from_secs(20);
-
-fn birth_certificate(id: &str) -> RequestEvidenceRequest {
-    RequestEvidenceRequest {
-        request_id: id.into(),
-        evidence_type: "birth-certificate".into(),
-        subject: Some(SubjectId {
-            scheme: SubjectIdScheme::DeIdnr.into(),
-            value: ANNA.into(),
-        }),
-        purpose: "parental-allowance".into(),
-        legal_basis: "§ 9 Abs. 1 BEEG".into(),
-        ..Default::default()
-    }
-}
 
 /// A world whose civil register is a probe answering after `latency`.
 async fn world_with_probe(latency: Duration) -> (World, Arc<ProbeCounts>) {

@@ -12,13 +12,14 @@ use onceonly_broker::auditor::verify_remote;
 use onceonly_broker::{BoundBroker, BrokerConfig};
 use onceonly_certs::Role;
 use onceonly_certs::security::RefusalKind;
-use onceonly_integration_tests::world::{AUTHORITIES, BrokerSettings, PORTAL, World};
+use onceonly_integration_tests::world::{
+    ANNA, AUTHORITIES, BrokerSettings, PORTAL, World, anna, birth_certificate,
+};
 use onceonly_integration_tests::{anonymous_client_config, channel_with};
 use onceonly_proto::status::reason_of;
 use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
 use onceonly_proto::v1::{
-    AuditRecord, ErrorReason, ExchangeOutcome, GrantConsentRequest, QueryRecordsRequest,
-    RecordKind, RequestEvidenceRequest, SubjectId, SubjectIdScheme,
+    AuditRecord, ErrorReason, ExchangeOutcome, GrantConsentRequest, QueryRecordsRequest, RecordKind,
 };
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
@@ -26,27 +27,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 const BERLIN: &str = AUTHORITIES[0];
-/// Anna Lena Schneider, in the civil register.
-const ANNA: &str = "82281866209";
 const PATIENCE: Duration = Duration::from_secs(20);
-
-fn anna() -> SubjectId {
-    SubjectId {
-        scheme: SubjectIdScheme::DeIdnr.into(),
-        value: ANNA.into(),
-    }
-}
-
-fn birth_certificate(id: &str) -> RequestEvidenceRequest {
-    RequestEvidenceRequest {
-        request_id: id.into(),
-        evidence_type: "birth-certificate".into(),
-        subject: Some(anna()),
-        purpose: "parental-allowance".into(),
-        legal_basis: "§ 9 Abs. 1 BEEG".into(),
-        ..Default::default()
-    }
-}
 
 /// Anna's records, as the portal's view of her shows them.
 async fn annas_view(world: &World) -> Vec<AuditRecord> {
@@ -506,16 +487,7 @@ async fn no_raw_subject_id_anywhere_in_the_data_directory() {
     let world = World::start().await;
     world
         .portal()
-        .grant_consent(GrantConsentRequest {
-            subject: Some(anna()),
-            authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
-            evidence_type: "proof-of-residence".into(),
-            purpose: "parental-allowance".into(),
-            expires_at: Some(prost_types::Timestamp {
-                seconds: time::OffsetDateTime::now_utc().unix_timestamp() + 86_400,
-                nanos: 0,
-            }),
-        })
+        .grant_consent(residence_consent())
         .await
         .expect("grant");
     let mut residence = birth_certificate("residence-1");
@@ -601,16 +573,7 @@ async fn a_consent_grant_and_a_portals_read_appear_in_the_subjects_view() {
     let world = World::start().await;
     let granted = world
         .portal()
-        .grant_consent(GrantConsentRequest {
-            subject: Some(anna()),
-            authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
-            evidence_type: "proof-of-residence".into(),
-            purpose: "parental-allowance".into(),
-            expires_at: Some(prost_types::Timestamp {
-                seconds: time::OffsetDateTime::now_utc().unix_timestamp() + 86_400,
-                nanos: 0,
-            }),
-        })
+        .grant_consent(residence_consent())
         .await
         .expect("grant")
         .into_inner()
@@ -683,16 +646,7 @@ async fn a_portal_scoped_by_the_policy_cannot_record_other_consents() {
     world.start_broker().await;
     let status = world
         .portal()
-        .grant_consent(GrantConsentRequest {
-            subject: Some(anna()),
-            authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
-            evidence_type: "proof-of-residence".into(),
-            purpose: "parental-allowance".into(),
-            expires_at: Some(prost_types::Timestamp {
-                seconds: time::OffsetDateTime::now_utc().unix_timestamp() + 86_400,
-                nanos: 0,
-            }),
-        })
+        .grant_consent(residence_consent())
         .await
         .expect_err("outside the portal's scope");
     assert_eq!(status.code(), Code::PermissionDenied);

@@ -16,34 +16,16 @@ use onceonly_certs::Role;
 use onceonly_certs::tls::client_config;
 use onceonly_integration_tests::probe::{ProbeCounts, ProbeRegister};
 use onceonly_integration_tests::start_connector;
-use onceonly_integration_tests::world::{AUTHORITIES, BrokerSettings, World};
+use onceonly_integration_tests::world::{AUTHORITIES, BrokerSettings, World, birth_certificate};
 use onceonly_proto::status::{reason_of, retry_after};
-use onceonly_proto::v1::{
-    ErrorReason, ExchangeOutcome, ListEvidenceTypesRequest, RequestEvidenceRequest, SubjectId,
-    SubjectIdScheme,
-};
+use onceonly_proto::v1::{ErrorReason, ExchangeOutcome, ListEvidenceTypesRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tonic::Code;
 
 const BERLIN: &str = AUTHORITIES[0];
-const ANNA: &str = "82281866209";
 const PATIENCE: Duration = Duration::from_secs(20);
 const FLOOD_ADDRESS: [u8; 4] = [127, 0, 0, 2];
-
-fn birth_certificate(id: &str) -> RequestEvidenceRequest {
-    RequestEvidenceRequest {
-        request_id: id.into(),
-        evidence_type: "birth-certificate".into(),
-        subject: Some(SubjectId {
-            scheme: SubjectIdScheme::DeIdnr.into(),
-            value: ANNA.into(),
-        }),
-        purpose: "parental-allowance".into(),
-        legal_basis: "§ 9 Abs. 1 BEEG".into(),
-        ..Default::default()
-    }
-}
 
 async fn world_with_probe(
     settings: BrokerSettings,
