@@ -354,6 +354,28 @@ impl Subtrees for Store {
     }
 }
 
+/// How long one durable append of a small frame takes in `dir`: the
+/// slowest of three timed `write` + `fdatasync` of 4 KiB to a probe file
+/// (removed after). The broker seeds its deadline reserve with it, so the
+/// first exchange after a start keeps back a measured flush, not a guess.
+/// Blocking: call it off the async workers.
+pub fn time_a_flush(dir: &Path) -> std::io::Result<std::time::Duration> {
+    use std::io::Write;
+    let path = dir.join(".flush-probe");
+    let mut file = std::fs::File::create(&path)?;
+    let block = [0u8; 4096];
+    let mut slowest = std::time::Duration::ZERO;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        slowest = slowest.max(started.elapsed());
+    }
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(slowest)
+}
+
 /// Opens a sled data directory. A directory this process has just closed
 /// can stay locked for a moment while sled frees its caches (deferred,
 /// epoch-based reclamation), so a busy lock is retried for up to 5 s before

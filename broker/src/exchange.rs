@@ -63,7 +63,8 @@ use crate::routing::{Destination, RoutingTable};
 
 /// What the broker keeps back from a caller's deadline for its audit write
 /// and answer: 5 ms for the answer, three times the slowest append of the
-/// last seconds, and at least a tenth of the caller's timeout.
+/// last seconds (seeded at start with a timed flush of the data directory),
+/// and at least a fifth of the caller's timeout.
 const RESERVE: Reserve = Reserve {
     fixed: Duration::from_millis(5),
     factor: 3,
@@ -153,18 +154,26 @@ impl Broker {
             caller = %peer,
         );
         let Ok(task_slot) = self.exchange_tasks.clone().try_acquire_owned() else {
-            // No room for another exchange task: shed, recorded here (the
-            // record is queued at once, so it lands even if the caller goes).
+            // No room for another exchange task: shed. Its record is
+            // written by a small task of its own, so that it lands even if
+            // the caller goes while the audit queue is full (the number of
+            // these is bounded by the streams the connections may carry).
             let shed = Refusal::Overloaded {
                 retry_after: SHED_RETRY_AFTER,
             };
             let mut exchange = exchange;
             exchange.record.caller_id = peer.spiffe_id();
-            return self
-                .audit_and_answer(exchange, Err(shed))
-                .instrument(span)
-                .await
-                .map_err(|refusal| refusal.status());
+            let broker = self.clone();
+            let recorded = tokio::spawn(
+                async move { broker.audit_and_answer(exchange, Err(shed)).await }.instrument(span),
+            );
+            return match recorded.await {
+                Ok(answer) => answer.map_err(|refusal| refusal.status()),
+                Err(join_error) => {
+                    tracing::error!(%join_error, "recording a shed exchange failed");
+                    Err(Refusal::AuditUnavailable.status())
+                }
+            };
         };
         let caller_gone = CancellationToken::new();
         let cancel_on_drop = caller_gone.clone().drop_guard();

@@ -147,6 +147,19 @@ impl BoundBroker {
         let (audit, audit_writer) =
             AuditLog::open(&config.data_dir, &db, config.audit.durable, audit_key)?;
         let consents = ConsentStore::open(&db, pseudonyms.clone())?;
+        let data_dir = config.data_dir.clone();
+        let flush = tokio::task::spawn_blocking(move || crate::audit::time_a_flush(&data_dir))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|timed| timed)
+            .map_err(|e| StartError::Storage {
+                what: format!("a timed flush in {}", config.data_dir.display()),
+                reason: e.to_string(),
+            })?;
+        tracing::debug!(
+            flush_ms = flush.as_secs_f64() * 1000.0,
+            "timed a flush of the data directory"
+        );
         let broker = Arc::new(Broker {
             routing,
             policy,
@@ -161,7 +174,7 @@ impl BoundBroker {
             ),
             exchanges: ExchangeLimit::new(config.limits.concurrency, config.limits.max_waiting),
             max_request_time: config.limits.max_request_time,
-            append_latency: LatencyWindow::new(),
+            append_latency: LatencyWindow::seeded(flush),
             exchange_tasks: Arc::new(Semaphore::new(config.limits.max_exchanges)),
             security: Arc::default(),
         });

@@ -638,8 +638,13 @@ impl AsyncRead for MtlsStream {
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                this.first_bytes_by = None;
-                this.last_read = tokio::time::Instant::now();
+                let now = tokio::time::Instant::now();
+                if this.first_bytes_by.take().is_some() {
+                    // From here the idle timeout rules: the timer was
+                    // armed for the (longer) first-bytes deadline.
+                    this.idle_timer.as_mut().reset(now + this.idle_timeout);
+                }
+                this.last_read = now;
                 Poll::Ready(Ok(()))
             }
             other => other,

@@ -26,7 +26,7 @@ use tracing::Instrument;
 use crate::connector::{Connector, EvidencePayload, EvidenceRequest, ProvideError, Subject};
 
 /// What a connector keeps back from the broker's deadline for its answer's
-/// trip back: 5 ms, and at least a tenth of the deadline (the one deadline
+/// trip back: 5 ms, and at least a fifth of the deadline (the one deadline
 /// model of [`onceonly_proto::deadline`]), so that its DEADLINE_EXCEEDED
 /// reaches the broker before the broker's own timer fires.
 const RESERVE: Reserve = Reserve {
