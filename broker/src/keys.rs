@@ -6,15 +6,21 @@
 //!   under which subject ids become the pseudonyms the log stores.
 //!
 //! [`init`] creates both, once (`onceonly-broker init`); `serve` only
-//! [`load_audit_key`]s and [`load_pseudonym_key`]s them and refuses to start
-//! when one is missing: a lost key, or anyone who can write the data disk,
-//! must not start a new history or empty every citizen's view silently.
+//! [`load_audit_key`]s and [`load_checked_pseudonym_key`]s them and refuses
+//! to start when one is missing: a lost key, or anyone who can write the
+//! data disk, must not start a new history or empty every citizen's view
+//! silently. A *replaced* pseudonym key is refused too: the data directory
+//! keeps the key's check value ([`PSEUDONYM_CHECK_FILE`], an HMAC of a fixed
+//! label under the key, which reveals nothing of it), written at the first
+//! start and compared at every start after. (A replaced audit key is found
+//! by the signed heads in the log.)
 //! [`rotate_audit_key`] hands the log over to a new audit key with a record
 //! the old key signs (see [`crate::audit::handover`]).
 
 use std::path::{Path, PathBuf};
 
 use rand::RngCore;
+use ring::hmac;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
 use crate::audit::{AuditLog, public_key_path};
@@ -49,6 +55,19 @@ pub enum KeyError {
         path: PathBuf,
         /// Why.
         reason: String,
+    },
+    /// The pseudonym key is not the one the data directory was created
+    /// with.
+    #[error(
+        "the pseudonym key {key} is not the one the data directory {data_dir} was created with ({check} holds another key's check value): under another key no record or consent matches its citizen any more. Restore the original {key} from its backup; nothing in the data directory was changed"
+    )]
+    PseudonymKeyReplaced {
+        /// The pseudonym key file.
+        key: PathBuf,
+        /// The data directory.
+        data_dir: PathBuf,
+        /// The check value file in the data directory.
+        check: PathBuf,
     },
     /// The public key file names another key.
     #[error(
@@ -174,6 +193,89 @@ pub fn load_audit_key(path: &Path) -> Result<Ed25519KeyPair, KeyError> {
 
 /// Loads the pseudonym key at `path`, which must exist.
 pub fn load_pseudonym_key(path: &Path) -> Result<Pseudonymiser, KeyError> {
+    read_pseudonym_secret(path).map(|secret| Pseudonymiser::from_secret(&secret))
+}
+
+/// The file in the data directory that holds the pseudonym key's check
+/// value (hex).
+pub const PSEUDONYM_CHECK_FILE: &str = "pseudonym-key.check";
+
+/// What the check value is the HMAC-SHA-256 of, under the pseudonym key: a
+/// fixed label no pseudonym input begins with.
+const CHECK_LABEL: &[u8] = b"onceonly-pseudonym-key-check-v1";
+
+/// Loads the pseudonym key of `config`, which must exist, and checks that
+/// it is the key the data directory was created with: `serve` refuses
+/// another one ([`KeyError::PseudonymKeyReplaced`]), under which every
+/// record and consent would match no citizen. A data directory without a
+/// check value (new, or from before key checks) gets one, logged.
+pub fn load_checked_pseudonym_key(config: &BrokerConfig) -> Result<Pseudonymiser, KeyError> {
+    let (path, data_dir) = (&config.pseudonym_key, &config.data_dir);
+    let secret = read_pseudonym_secret(path)?;
+    let expected = hex::encode(hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, &secret),
+        CHECK_LABEL,
+    ));
+    let check = data_dir.join(PSEUDONYM_CHECK_FILE);
+    match std::fs::read_to_string(&check) {
+        Ok(text) if text.trim() == expected => {}
+        Ok(text) if text.trim().len() == 64 && hex::decode(text.trim()).is_ok() => {
+            return Err(KeyError::PseudonymKeyReplaced {
+                key: path.clone(),
+                data_dir: data_dir.clone(),
+                check,
+            });
+        }
+        Ok(_) => {
+            return Err(KeyError::Invalid {
+                path: check,
+                reason: format!(
+                    "not a pseudonym key check value (64 hex digits); restore it from the backup of the data directory, or, only if {} is certainly the key this data directory was created with, remove the file and the next start writes it again",
+                    path.display()
+                ),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let had_data = std::fs::read_dir(data_dir).is_ok_and(|mut d| d.next().is_some());
+            write_check(&check, &expected)?;
+            if had_data {
+                tracing::warn!(
+                    check = %check.display(),
+                    key = %path.display(),
+                    "the data directory had no pseudonym key check value (it predates key checks); wrote one for the configured key, which from now on is the only one serve accepts"
+                );
+            } else {
+                tracing::info!(
+                    check = %check.display(),
+                    key = %path.display(),
+                    "recorded the pseudonym key's check value in the new data directory"
+                );
+            }
+        }
+        Err(e) => return Err(io(&check)(e)),
+    }
+    Ok(Pseudonymiser::from_secret(&secret))
+}
+
+/// Writes the check value to `path` (via a synced draft and a rename, so a
+/// crash leaves no half-written file), creating the data directory.
+fn write_check(path: &Path, value: &str) -> Result<(), KeyError> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let draft = suffixed(path, ".new");
+    std::fs::File::create(&draft)
+        .and_then(|mut file| {
+            file.write_all(format!("{value}\n").as_bytes())?;
+            file.sync_all()
+        })
+        .map_err(io(&draft))?;
+    std::fs::rename(&draft, path).map_err(io(path))?;
+    sync_dir(path)
+}
+
+/// The 32 secret bytes of the pseudonym key at `path`, which must exist.
+fn read_pseudonym_secret(path: &Path) -> Result<Vec<u8>, KeyError> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -191,7 +293,7 @@ pub fn load_pseudonym_key(path: &Path) -> Result<Pseudonymiser, KeyError> {
             path: path.to_owned(),
             reason: "not a pseudonym key (64 hex digits)".into(),
         })?;
-    Ok(Pseudonymiser::from_secret(&secret))
+    Ok(secret)
 }
 
 /// What a rotation did.
@@ -375,6 +477,82 @@ mod tests {
         assert!(matches!(
             load_audit_key(&config.audit_key),
             Err(KeyError::PublicMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn a_replaced_pseudonym_key_is_refused_naming_the_key_the_data_directory_and_the_fix() {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = config(dir.path());
+        init(&config).expect("init");
+        let key_text = std::fs::read_to_string(&config.pseudonym_key).expect("key");
+        let check = config.data_dir.join(PSEUDONYM_CHECK_FILE);
+
+        // The first start writes the check value (the data directory need
+        // not exist yet); it is not the key.
+        load_checked_pseudonym_key(&config).expect("first start");
+        let value = std::fs::read_to_string(&check).expect("check value written");
+        assert_eq!(value.trim().len(), 64);
+        assert!(
+            !value.contains(key_text.trim()),
+            "the check value is the key"
+        );
+        load_checked_pseudonym_key(&config).expect("same key");
+
+        // Another key, however well-formed, is refused, and nothing changes.
+        std::fs::remove_file(&config.pseudonym_key).expect("remove");
+        write_secret(&config.pseudonym_key, hex::encode([9u8; 32]).as_bytes()).expect("replace");
+        let refused = load_checked_pseudonym_key(&config).expect_err("a replaced key");
+        assert!(
+            matches!(refused, KeyError::PseudonymKeyReplaced { .. }),
+            "{refused}"
+        );
+        let message = refused.to_string();
+        for named in [&config.pseudonym_key, &config.data_dir] {
+            assert!(message.contains(&named.display().to_string()), "{message}");
+        }
+        assert!(message.contains("Restore the original"), "{message}");
+        assert_eq!(std::fs::read_to_string(&check).expect("kept"), value);
+
+        // With the right key back, it starts.
+        std::fs::remove_file(&config.pseudonym_key).expect("remove");
+        write_secret(&config.pseudonym_key, key_text.as_bytes()).expect("restore");
+        load_checked_pseudonym_key(&config).expect("restored");
+
+        // A check file that is no check value is refused, naming it.
+        std::fs::write(&check, "garbage\n").expect("write");
+        let refused = load_checked_pseudonym_key(&config).expect_err("a broken check value");
+        assert!(
+            refused.to_string().contains(&check.display().to_string()),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn a_data_directory_from_before_key_checks_gets_its_check_value_at_start() {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = config(dir.path());
+        init(&config).expect("init");
+        load_checked_pseudonym_key(&config).expect("first start");
+        let check = config.data_dir.join(PSEUDONYM_CHECK_FILE);
+        let value = std::fs::read_to_string(&check).expect("check value");
+
+        // A data directory with data but no check value, as one created
+        // before this check: the start writes the same value, and from then
+        // on another key is refused.
+        std::fs::remove_file(&check).expect("remove");
+        std::fs::write(config.data_dir.join("audit.log"), b"").expect("data");
+        load_checked_pseudonym_key(&config).expect("starts");
+        assert_eq!(std::fs::read_to_string(&check).expect("written"), value);
+        assert!(
+            !suffixed(&check, ".new").exists(),
+            "the draft was left behind"
+        );
+        std::fs::remove_file(&config.pseudonym_key).expect("remove");
+        write_secret(&config.pseudonym_key, hex::encode([7u8; 32]).as_bytes()).expect("replace");
+        assert!(matches!(
+            load_checked_pseudonym_key(&config),
+            Err(KeyError::PseudonymKeyReplaced { .. })
         ));
     }
 }

@@ -127,7 +127,7 @@ impl BoundBroker {
             });
         }
         let client_tls = Arc::new(ReloadableClientTls::load(config.tls.clone())?);
-        let pseudonyms = Arc::new(crate::keys::load_pseudonym_key(&config.pseudonym_key)?);
+        let pseudonyms = Arc::new(crate::keys::load_checked_pseudonym_key(config)?);
         // Opening waits out another process's lock with sleeps: off the
         // async workers.
         let storage = sled::Config::new()

@@ -9,7 +9,9 @@
 //! ca = "../pki/ca.pem"                # paths are relative to this file
 //! cert = "../pki/connector/civil-register.pem"
 //! key = "../pki/connector/civil-register.key"
-//! crl = "../pki/crl.pem"              # optional, reloaded on SIGHUP
+//! crl = "../pki/crl.pem"              # required unless allow_no_crl; reloaded on SIGHUP
+//! # allow_no_crl = true               # the explicit, logged opt-out of revocation checks
+//! # crl_stale = "refuse"              # or "warn": what to do once the CRL is past nextUpdate
 //!
 //! [limits]
 //! concurrency = 256                   # requests in the register at once
@@ -45,7 +47,8 @@ pub struct ConnectorConfig {
     /// Where to listen.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// The connector's certificate, key, the CA and the CRL.
+    /// The connector's certificate, key, the CA and the CRL (required
+    /// unless `tls.allow_no_crl`, the explicit, logged opt-out).
     pub tls: TlsFiles,
     /// The id of the one broker that may call (the `<id>` of its
     /// `spiffe://<trust-domain>/broker/<id>`). Required: a connector that

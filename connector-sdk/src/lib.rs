@@ -5,8 +5,8 @@
 //! and [`ConnectorServer`] gives you a complete `onceonly.v1.ConnectorService`:
 //!
 //! - mutual TLS 1.3 (rustls) that accepts only the broker's certificate
-//!   (role `broker`; optionally one fixed broker id), with the CRL checked
-//!   and reloaded on SIGHUP;
+//!   (role `broker`, and only the configured `allowed_broker_id`), with the
+//!   CRL (required unless `tls.allow_no_crl`) checked and reloaded on SIGHUP;
 //! - requests validated before your code runs: a malformed subject id, an
 //!   evidence type you do not serve, an unknown parameter never reach you;
 //! - the caller's deadline honoured (your future is dropped when it passes,

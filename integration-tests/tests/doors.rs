@@ -397,6 +397,43 @@ async fn serve_refuses_to_start_without_its_keys_naming_the_file() {
 }
 
 #[tokio::test]
+async fn serve_refuses_a_replaced_pseudonym_key_naming_the_key_the_data_directory_and_the_fix() {
+    let mut world = World::start().await;
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("pseudonymised-1"))
+        .await
+        .expect("a record under the first key");
+    world.stop_broker().await;
+    let config = BrokerConfig::load(&world.config_path).expect("config");
+    let saved = std::fs::read(&config.pseudonym_key).expect("key");
+    // A well-formed key, but not the one the data directory was made with.
+    std::fs::write(
+        &config.pseudonym_key,
+        format!("{}\n", hex::encode([5u8; 32])),
+    )
+    .expect("another key");
+    let message = bind_error(&world).await;
+    for named in [&config.pseudonym_key, &config.data_dir] {
+        assert!(
+            message.contains(&named.display().to_string()),
+            "{} not named: {message}",
+            named.display()
+        );
+    }
+    assert!(message.contains("Restore the original"), "{message}");
+    std::fs::write(&config.pseudonym_key, saved).expect("restore");
+    world.start_broker().await;
+    assert!(
+        annas_view(&world)
+            .await
+            .iter()
+            .any(|r| r.request_id == "pseudonymised-1"),
+        "under the restored key Anna's record is hers again"
+    );
+}
+
+#[tokio::test]
 async fn serve_refuses_a_log_whose_last_head_another_key_signed() {
     let mut world = World::start().await;
     world
@@ -518,6 +555,27 @@ async fn no_raw_subject_id_anywhere_in_the_data_directory() {
             "Anna's IDNr is readable in the data directory (as {form})"
         );
     }
+}
+
+#[tokio::test]
+async fn a_portal_calling_the_evidence_service_is_refused() {
+    let world = World::start().await;
+    let status = EvidenceServiceClient::new(world.channel(Role::Portal, PORTAL))
+        .request_evidence(birth_certificate("portal-asks-1"))
+        .await
+        .expect_err("a portal is not an authority");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(reason_of(&status), Some(ErrorReason::RoleNotPermitted));
+    let records = world.wait_for_records("portal-asks-1", 1, PATIENCE).await;
+    assert_eq!(records.len(), 1, "{records:#?}");
+    let record = &records[0];
+    assert_eq!(record.outcome(), ExchangeOutcome::Denied, "{record:#?}");
+    assert_eq!(
+        record.caller_id,
+        format!("spiffe://onceonly.test/portal/{PORTAL}")
+    );
+    assert!(!record.register_contacted, "{record:#?}");
+    assert!(record.payload_sha256.is_empty(), "{record:#?}");
 }
 
 fn residence_consent() -> GrantConsentRequest {

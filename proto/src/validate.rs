@@ -211,7 +211,8 @@ pub fn subject(subject: Option<&SubjectId>, field: &str) -> Result<(), FieldViol
 }
 
 /// Checks a required free-text field (purpose, legal basis): present, at
-/// most [`MAX_TEXT_LEN`] characters, no control characters.
+/// most [`MAX_TEXT_LEN`] characters, no control, bidirectional formatting
+/// or invisible characters (see [`optional_text`]).
 pub fn required_text(field: &str, value: &str) -> Result<(), FieldViolation> {
     if value.trim().is_empty() {
         return Err(FieldViolation::new(field, "required and must not be blank"));
@@ -220,7 +221,8 @@ pub fn required_text(field: &str, value: &str) -> Result<(), FieldViolation> {
 }
 
 /// Checks an optional free-text field: at most [`MAX_TEXT_LEN`] characters,
-/// no control characters.
+/// no control characters (`char::is_control`: C0, DEL and C1, so also line
+/// breaks and tabs) and none of [`is_bidi_control`]'s characters.
 pub fn optional_text(field: &str, value: &str) -> Result<(), FieldViolation> {
     if value.chars().count() > MAX_TEXT_LEN {
         return Err(FieldViolation::new(
@@ -231,13 +233,13 @@ pub fn optional_text(field: &str, value: &str) -> Result<(), FieldViolation> {
     if value.chars().any(char::is_control) {
         return Err(FieldViolation::new(
             field,
-            "must not contain control characters",
+            "must not contain control characters (U+0000-U+001F, U+007F-U+009F: line breaks and tabs too)",
         ));
     }
     if value.chars().any(is_bidi_control) {
         return Err(FieldViolation::new(
             field,
-            "must not contain bidirectional formatting characters (U+202A-U+202E, U+2066-U+2069, U+200E, U+200F, U+061C)",
+            "must not contain bidirectional formatting or invisible characters (U+061C, U+200B-U+200F, U+2028, U+2029, U+202A-U+202E, U+2066-U+2069, U+FEFF)",
         ));
     }
     Ok(())
@@ -246,7 +248,8 @@ pub fn optional_text(field: &str, value: &str) -> Result<(), FieldViolation> {
 /// Unicode's bidirectional formatting characters, which can make text read
 /// differently from what it is ("Trojan Source"), and the invisible ones
 /// that hide or break text where it is shown (zero-width characters, line
-/// and paragraph separators, the byte order mark).
+/// and paragraph separators, the byte order mark). [`optional_text`]'s
+/// refusal lists exactly these; keep the two in step.
 pub fn is_bidi_control(c: char) -> bool {
     matches!(
         c,
@@ -458,7 +461,164 @@ mod tests {
         assert_eq!(fields, ["purpose", "request_id"]);
     }
 
+    /// Every character a text field must refuse: C0, DEL, C1, the bidi
+    /// embeddings, overrides and isolates, the marks, the zero-width
+    /// characters, the line and paragraph separators and the byte order
+    /// mark.
+    fn refused_characters() -> Vec<char> {
+        let ranges = [
+            ('\u{0000}', '\u{001F}'),
+            ('\u{007F}', '\u{009F}'),
+            ('\u{061C}', '\u{061C}'),
+            ('\u{200B}', '\u{200F}'),
+            ('\u{2028}', '\u{2029}'),
+            ('\u{202A}', '\u{202E}'),
+            ('\u{2066}', '\u{2069}'),
+            ('\u{FEFF}', '\u{FEFF}'),
+        ];
+        ranges.iter().flat_map(|&(from, to)| from..=to).collect()
+    }
+
+    /// The code points a refusal's description names, as `U+XXXX` or
+    /// `U+XXXX-U+YYYY`.
+    fn named_code_points(description: &str) -> Vec<u32> {
+        fn hex_prefix(text: &str) -> (u32, &str) {
+            let len = text
+                .find(|c: char| !c.is_ascii_hexdigit())
+                .unwrap_or(text.len());
+            let code = u32::from_str_radix(&text[..len], 16).expect("hex digits after U+");
+            (code, &text[len..])
+        }
+        let mut named = Vec::new();
+        let mut rest = description;
+        while let Some(at) = rest.find("U+") {
+            let (from, after) = hex_prefix(&rest[at + 2..]);
+            rest = after;
+            let mut to = from;
+            if let Some(after_dash) = rest.strip_prefix("-U+") {
+                (to, rest) = hex_prefix(after_dash);
+            }
+            named.extend(from..=to);
+        }
+        named
+    }
+
+    /// The violation `result` must be, for text holding `c`.
+    fn refusal(result: Result<(), FieldViolation>, c: char) -> FieldViolation {
+        match result {
+            Err(violation) => violation,
+            Ok(()) => panic!("U+{:04X} accepted", c as u32),
+        }
+    }
+
+    #[test]
+    fn text_fields_refuse_control_characters() {
+        for c in [
+            '\0', '\t', '\n', '\r', '\u{1B}', '\u{7F}', '\u{85}', '\u{9B}',
+        ] {
+            let value = format!("parental{c}allowance");
+            for result in [
+                required_text("purpose", &value),
+                optional_text("purpose", &value),
+            ] {
+                let violation = refusal(result, c);
+                assert_eq!(violation.field, "purpose");
+                assert!(
+                    violation.description.contains("control characters"),
+                    "{violation}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn text_fields_refuse_bidi_zero_width_and_separator_characters() {
+        for c in [
+            '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}',
+            '\u{202E}', // embeddings, overrides
+            '\u{2066}', '\u{2067}', '\u{2068}', '\u{2069}', // isolates
+            '\u{200E}', '\u{200F}', '\u{061C}', // marks
+            '\u{200B}', '\u{200C}', '\u{200D}', '\u{FEFF}', // zero-width
+            '\u{2028}', '\u{2029}', // line and paragraph separators
+        ] {
+            let value = format!("§ 9 BEEG{c}");
+            for result in [
+                required_text("legal_basis", &value),
+                optional_text("legal_basis", &value),
+            ] {
+                let violation = refusal(result, c);
+                assert_eq!(violation.field, "legal_basis");
+            }
+        }
+        // Ordinary text outside ASCII stays allowed.
+        assert_eq!(
+            required_text("purpose", "Elterngeld für Anna Müller, § 9 BEEG"),
+            Ok(())
+        );
+        assert_eq!(optional_text("purpose", ""), Ok(()));
+    }
+
+    #[test]
+    fn a_text_refusal_names_exactly_the_characters_it_refuses() {
+        for c in refused_characters() {
+            let violation = refusal(optional_text("f", &format!("a{c}b")), c);
+            let named = named_code_points(&violation.description);
+            assert!(
+                named.contains(&(c as u32)),
+                "U+{:04X} refused, but the refusal names only {:X?}: {violation}",
+                c as u32,
+                named
+            );
+            for code in named {
+                let listed = char::from_u32(code).expect("a character");
+                assert!(
+                    optional_text("f", &format!("a{listed}b")).is_err(),
+                    "the refusal names U+{code:04X}, which is accepted"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn text_fields_are_capped_in_characters() {
+        let longest = "ä".repeat(MAX_TEXT_LEN);
+        assert_eq!(optional_text("purpose", &longest), Ok(()));
+        let violation =
+            optional_text("purpose", &format!("{longest}a")).expect_err("one character too many");
+        assert!(
+            violation.description.contains(&MAX_TEXT_LEN.to_string()),
+            "{violation}"
+        );
+        assert!(required_text("purpose", &format!("{longest}a")).is_err());
+    }
+
+    #[test]
+    fn printable_strips_what_text_fields_refuse_and_caps_the_length() {
+        let every_refused: String = refused_characters().into_iter().collect();
+        assert_eq!(printable(&format!("a{every_refused}b"), 100), "ab");
+        assert_eq!(
+            printable("pur\u{202E}pose\n\u{1B}[2J§ 9\u{200B} BEEG\u{2028}", 100),
+            "purpose[2J§ 9 BEEG"
+        );
+        // The cap counts characters, after stripping.
+        let text = format!("{}\u{202E}{}", "ä".repeat(5), "ö".repeat(10));
+        assert_eq!(printable(&text, 8), "äääääööö");
+        assert_eq!(
+            printable(&"x".repeat(1000), MAX_TEXT_LEN).len(),
+            MAX_TEXT_LEN
+        );
+        assert_eq!(printable("kurz", MAX_TEXT_LEN), "kurz");
+    }
+
     proptest! {
+        #[test]
+        fn printable_text_always_passes_the_text_check(chars in proptest::collection::vec(any::<char>(), 0..400)) {
+            let text: String = chars.into_iter().collect();
+            let shown = printable(&text, MAX_TEXT_LEN);
+            prop_assert!(shown.chars().count() <= MAX_TEXT_LEN);
+            prop_assert_eq!(optional_text("f", &shown), Ok(()));
+        }
+
         #[test]
         fn every_generated_idnr_is_valid(first in 1u8..=9, rest in "[0-9]{9}") {
             let candidate = with_check_digit(&format!("{first}{rest}"));

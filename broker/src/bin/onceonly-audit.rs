@@ -16,7 +16,7 @@ use onceonly_broker::auditor::{SavedHead, load_public_key, verify_remote};
 use onceonly_certs::{MtlsConnector, Participant, Pki, Role, TlsFiles};
 use onceonly_proto::v1::audit_service_client::AuditServiceClient;
 use onceonly_proto::v1::{
-    AuditRecord, ExchangeOutcome, QueryRecordsRequest, SubjectId, SubjectIdScheme,
+    AuditRecord, ExchangeOutcome, QueryRecordsRequest, RecordKind, SubjectId, SubjectIdScheme,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -227,19 +227,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 page_size: 1000,
                 page_token: String::new(),
             };
-            let mut out = Output::new(format)?;
+            let mut out = Output::new(format, std::io::stdout())?;
             let mut written = 0usize;
             loop {
                 let page = client.query_records(request.clone()).await?.into_inner();
                 for record in &page.records {
                     if limit != 0 && written == limit {
-                        return out.finish();
+                        return out.finish().map(drop);
                     }
                     out.write(record)?;
                     written += 1;
                 }
                 if page.next_page_token.is_empty() {
-                    return out.finish();
+                    return out.finish().map(drop);
                 }
                 request.page_token = page.next_page_token;
             }
@@ -312,14 +312,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes records in the chosen format.
-enum Output {
-    Table(std::io::Stdout),
-    Jsonl(std::io::Stdout),
-    Csv(Box<csv::Writer<std::io::Stdout>>),
+/// Writes records in the chosen format (to stdout, or to a buffer in tests).
+enum Output<W: Write> {
+    Table(W),
+    Jsonl(W),
+    Csv(Box<csv::Writer<W>>),
 }
 
-const COLUMNS: [&str; 16] = [
+/// The CSV and JSON Lines columns; `kind` came last, so columns counted by
+/// position before it still hold what they held.
+const COLUMNS: [&str; 17] = [
     "log_index",
     "received_at",
     "exchange_id",
@@ -336,9 +338,25 @@ const COLUMNS: [&str; 16] = [
     "status_message",
     "payload_sha256",
     "consent_id",
+    "kind",
 ];
 
-fn fields(r: &AuditRecord) -> [String; 16] {
+/// What a record is, as the `kind` column says it: `EXCHANGE` (an evidence
+/// request, `RECORD_KIND_UNSPECIFIED` in the API), `CONSENT_GRANTED`,
+/// `CONSENT_REVOKED`, `CONSENTS_LISTED`, `HISTORY_READ`, `KEY_HANDOVER`;
+/// `UNKNOWN(<n>)` for a kind newer than this tool.
+fn kind(r: &AuditRecord) -> String {
+    match RecordKind::try_from(r.kind) {
+        Ok(RecordKind::Unspecified) => "EXCHANGE".to_owned(),
+        Ok(kind) => kind
+            .as_str_name()
+            .trim_start_matches("RECORD_KIND_")
+            .to_owned(),
+        Err(_) => format!("UNKNOWN({})", r.kind),
+    }
+}
+
+fn fields(r: &AuditRecord) -> [String; 17] {
     let received = r
         .received_at
         .as_ref()
@@ -365,19 +383,20 @@ fn fields(r: &AuditRecord) -> [String; 16] {
         r.status_message.clone(),
         hex::encode(&r.payload_sha256),
         r.consent_id.clone(),
+        kind(r),
     ]
 }
 
-impl Output {
-    fn new(format: Format) -> anyhow::Result<Self> {
+impl<W: Write> Output<W> {
+    fn new(format: Format, mut out: W) -> anyhow::Result<Self> {
         Ok(match format {
             Format::Table => {
-                let mut out = std::io::stdout();
                 writeln!(
                     out,
-                    "{:>6}  {:<20}  {:<52}  {:<28}  {:<10}  {:<18}  {:<10}",
+                    "{:>6}  {:<20}  {:<15}  {:<52}  {:<28}  {:<10}  {:<18}  {:<10}",
                     "index",
                     "received",
+                    "kind",
                     "caller",
                     "evidence type",
                     "outcome",
@@ -386,9 +405,9 @@ impl Output {
                 )?;
                 Output::Table(out)
             }
-            Format::Jsonl => Output::Jsonl(std::io::stdout()),
+            Format::Jsonl => Output::Jsonl(out),
             Format::Csv => {
-                let mut writer = csv::Writer::from_writer(std::io::stdout());
+                let mut writer = csv::Writer::from_writer(out);
                 writer.write_record(COLUMNS)?;
                 Output::Csv(Box::new(writer))
             }
@@ -402,8 +421,8 @@ impl Output {
         match self {
             Output::Table(out) => writeln!(
                 out,
-                "{:>6}  {:<20}  {:<52}  {:<28}  {:<10}  {:<18}  {:<10}",
-                f[0], f[1], f[4], f[5], f[11], f[12], f[10]
+                "{:>6}  {:<20}  {:<15}  {:<52}  {:<28}  {:<10}  {:<18}  {:<10}",
+                f[0], f[1], f[16], f[4], f[5], f[11], f[12], f[10]
             )?,
             Output::Jsonl(out) => {
                 let object: serde_json::Map<String, serde_json::Value> = COLUMNS
@@ -418,11 +437,14 @@ impl Output {
         Ok(())
     }
 
-    fn finish(self) -> anyhow::Result<()> {
-        if let Output::Csv(mut writer) = self {
-            writer.flush()?;
-        }
-        Ok(())
+    /// Flushes what was written and hands back the writer.
+    fn finish(self) -> anyhow::Result<W> {
+        let mut out = match self {
+            Output::Table(out) | Output::Jsonl(out) => out,
+            Output::Csv(writer) => writer.into_inner().map_err(|e| e.into_error())?,
+        };
+        out.flush()?;
+        Ok(out)
     }
 }
 
@@ -469,5 +491,55 @@ mod tests {
         assert_eq!(formula_safe("@SUM(A1)"), "'@SUM(A1)");
         assert_eq!(formula_safe("-1+1"), "'-1+1");
         assert_eq!(formula_safe("parental-allowance"), "parental-allowance");
+
+        // What the table and the CSV print of a record, its kind included.
+        let grant = AuditRecord {
+            log_index: 7,
+            kind: RecordKind::ConsentGranted as i32,
+            caller_id: "spiffe://onceonly.test/portal/\u{202E}latrop".into(),
+            purpose: "=HYPERLINK(\"x\")".into(),
+            evidence_type: "proof-of-residence".into(),
+            ..Default::default()
+        };
+        let exchange = AuditRecord {
+            log_index: 8,
+            evidence_type: "birth-certificate".into(),
+            ..Default::default()
+        };
+        let unknown = AuditRecord {
+            log_index: 9,
+            kind: 99,
+            ..Default::default()
+        };
+        let printed = |format: Format| {
+            let mut out = Output::new(format, Vec::new()).expect("header");
+            for record in [&grant, &exchange, &unknown] {
+                out.write(record).expect("written");
+            }
+            String::from_utf8(out.finish().expect("flushed")).expect("utf-8")
+        };
+
+        let table = printed(Format::Table);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(lines[0].contains("  kind  "), "{table}");
+        assert!(lines[1].contains("  CONSENT_GRANTED  "), "{table}");
+        assert!(lines[1].contains("portal/\\u{202e}latrop"), "{table}");
+        assert!(!table.contains('\u{202E}'), "{table}");
+        assert!(lines[2].contains("  EXCHANGE  "), "{table}");
+        assert!(lines[3].contains("  UNKNOWN(99)  "), "{table}");
+
+        let csv = printed(Format::Csv);
+        let mut reader = csv::Reader::from_reader(csv.as_bytes());
+        let header = reader.headers().expect("header").clone();
+        let column = |name: &str| header.iter().position(|h| h == name).expect(name);
+        let rows: Vec<csv::StringRecord> = reader.records().map(|r| r.expect("row")).collect();
+        let kinds: Vec<&str> = rows.iter().map(|row| &row[column("kind")]).collect();
+        assert_eq!(kinds, ["CONSENT_GRANTED", "EXCHANGE", "UNKNOWN(99)"]);
+        assert_eq!(&rows[0][column("purpose")], "'=HYPERLINK(\"x\")");
+        assert_eq!(
+            &rows[0][column("caller_id")],
+            "spiffe://onceonly.test/portal/\\u{202e}latrop"
+        );
     }
 }
