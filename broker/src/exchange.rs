@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use onceonly_certs::security::SecurityEvents;
-use onceonly_certs::{Participant, PeerRefusal, Role};
+use onceonly_certs::{Participant, PeerRefusal, ReloadableServerTls, Role};
 use onceonly_proto::deadline::{Deadline, LatencyWindow, Reserve};
 use onceonly_proto::metadata::TraceContext;
 use onceonly_proto::status::invalid_request;
@@ -45,6 +45,8 @@ use onceonly_proto::v1::{
     RequestEvidenceRequest, RequestEvidenceResponse,
 };
 use onceonly_proto::validate::{self, FieldViolation, Violations, printable};
+use onceonly_seal::jws::SignerCell;
+use onceonly_seal::{Recipient, TicketClaims};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -54,7 +56,7 @@ use tracing::Instrument;
 
 use crate::audit::AuditLog;
 use crate::consent::{ConsentStore, timestamp};
-use crate::forward::Forwarder;
+use crate::forward::{Authorization, ForwardError, Forwarder};
 use crate::idempotency::{Begin, IdempotencyCache, StoredOutcome, StoredStatus, wait_for};
 use crate::policy::{ConsentRequirement, Decision, PolicyStore};
 use crate::pseudonym::Pseudonymiser;
@@ -105,6 +107,39 @@ pub struct Broker {
     pub exchange_tasks: Arc<Semaphore>,
     /// Refused connections and calls, counted, never stored.
     pub security: Arc<SecurityEvents>,
+    /// The broker's server TLS: its CA and CRL check the registers'
+    /// statements and the authorities' encryption certificates.
+    pub tls: Arc<ReloadableServerTls>,
+    /// Signs authorization tickets with the broker's certificate key.
+    pub signer: SignerCell,
+    /// Test-only faults (a broker that alters evidence), off in service.
+    pub faults: Faults,
+}
+
+/// Faults a test can switch on to play a broker that misbehaves; they do
+/// nothing unless the crate is built with the `test-hooks` feature, and no
+/// configuration reaches them.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Flip one byte of the evidence after the broker's own checks.
+    #[cfg(feature = "test-hooks")]
+    pub alter_evidence: std::sync::atomic::AtomicBool,
+}
+
+impl Faults {
+    #[cfg_attr(not(feature = "test-hooks"), allow(clippy::unused_self))]
+    fn apply(&self, _evidence: &mut Evidence) {
+        #[cfg(feature = "test-hooks")]
+        if self.alter_evidence.load(Ordering::SeqCst) {
+            let bytes = match _evidence.encrypted_payload.as_mut() {
+                Some(sealed) => &mut sealed.ciphertext,
+                None => &mut _evidence.payload,
+            };
+            if let Some(byte) = bytes.first_mut() {
+                *byte ^= 0x01;
+            }
+        }
+    }
 }
 
 /// What the path knows about the exchange so far; becomes the audit record.
@@ -326,11 +361,53 @@ impl Broker {
         if consent == ConsentRequirement::Required {
             self.check_consent(exchange, &request)?;
         }
+        // Encryption to the requester: its own certificate, checked before
+        // any register is called.
+        let recipient = self.encryption_recipient(caller, &request)?;
         // 5. route
         let destination = self.route(&request)?;
         exchange.record.connector_id = destination.connector_id.clone();
-        // 6. forward, within the exchange limit and the work deadline
+        // 6. forward, within the exchange limit and the work deadline, with
+        // a ticket saying what the policy decided
         let _slot = self.exchanges.admit(exchange.work_deadline).await?;
+        let subject = request.subject.clone().unwrap_or_default();
+        let authorization = Authorization {
+            claims: TicketClaims {
+                iss: self.forwarder_identity(),
+                aud: String::new(),
+                sub: exchange.record.caller_id.clone(),
+                jti: String::new(),
+                iat: 0,
+                exp: 0,
+                xid: exchange.record.exchange_id.clone(),
+                evt: request.evidence_type.clone(),
+                sbh: onceonly_seal::subject_hash(
+                    &exchange.record.exchange_id,
+                    subject.scheme(),
+                    &subject.value,
+                ),
+                pur: request.purpose.clone(),
+                lgb: request.legal_basis.clone(),
+                jur: request.jurisdiction.clone(),
+                rul: exchange.record.policy_rule.clone(),
+                cid: exchange.record.consent_id.clone(),
+                ecf: recipient
+                    .as_ref()
+                    .map(|r| r.fingerprint().to_owned())
+                    .unwrap_or_default(),
+            },
+            signer: self.signer.get(self.tls.generation()).map_err(|e| {
+                tracing::error!(error = %e, "the broker's key cannot sign tickets");
+                Refusal::Forward {
+                    connector: destination.connector_id.clone(),
+                    error: ForwardError::CannotAuthorize(e.to_string()),
+                }
+            })?,
+            trust: self.tls.verifier(),
+            subject_scheme: subject.scheme(),
+            subject_value: subject.value.clone(),
+            encrypted_to: recipient.map(|r| r.fingerprint().to_owned()),
+        };
         let forward = ProvideEvidenceRequest {
             exchange_id: exchange.record.exchange_id.clone(),
             evidence_type: request.evidence_type,
@@ -340,11 +417,15 @@ impl Broker {
             legal_basis: request.legal_basis,
             requester_id: exchange.record.caller_id.clone(),
             parameters: request.parameters,
+            authorization_ticket: String::new(),
+            encryption_certificate: request.encryption_certificate,
         };
-        self.forwarder
+        let mut evidence = self
+            .forwarder
             .forward(
                 &destination,
                 &forward,
+                &authorization,
                 &exchange.trace,
                 exchange.work_deadline,
                 &mut exchange.record.register_contacted,
@@ -353,7 +434,46 @@ impl Broker {
             .map_err(|error| Refusal::Forward {
                 connector: destination.connector_id.clone(),
                 error,
-            })
+            })?;
+        self.faults.apply(&mut evidence);
+        Ok(evidence)
+    }
+
+    /// The broker's own SPIFFE id (the tickets' issuer).
+    fn forwarder_identity(&self) -> String {
+        self.tls.identity().spiffe_id()
+    }
+
+    /// The requester's encryption certificate, where the request names
+    /// one: it must be the caller's own, issued by the trust domain's CA;
+    /// where the policy requires encryption, the request must name one.
+    fn encryption_recipient(
+        &self,
+        caller: &Participant,
+        request: &RequestEvidenceRequest,
+    ) -> Result<Option<Recipient>, Refusal> {
+        if request.encryption_certificate.is_empty() {
+            if self
+                .policy
+                .current()
+                .requires_encryption(&request.evidence_type)
+            {
+                return Err(Refusal::EncryptionRequired {
+                    evidence_type: request.evidence_type.clone(),
+                });
+            }
+            return Ok(None);
+        }
+        let recipient =
+            Recipient::from_certificate(&request.encryption_certificate, &self.tls.verifier())
+                .map_err(|e| Refusal::EncryptionCertificateRefused(e.to_string()))?;
+        if recipient.participant() != caller {
+            return Err(Refusal::EncryptionCertificateRefused(format!(
+                "it belongs to {}, not to the caller {caller}",
+                recipient.participant()
+            )));
+        }
+        Ok(Some(recipient))
     }
 
     /// Steps 3 and 4 again, for a replay of delivered evidence.
@@ -497,7 +617,12 @@ impl Broker {
             Ok(evidence) => {
                 record.outcome = ExchangeOutcome::Delivered as i32;
                 record.status_code = Code::Ok as i32;
+                // The digest of what was carried: the ciphertext where the
+                // evidence is encrypted (the broker never held the plaintext).
                 record.payload_sha256 = evidence.payload_sha256.clone();
+                record.register_jws_sha256 =
+                    Sha256::digest(evidence.register_jws.as_bytes()).to_vec();
+                record.encrypted = evidence.encrypted_payload.is_some();
             }
             Err(refusal) => {
                 let status = refusal.status();

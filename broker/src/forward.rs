@@ -4,20 +4,27 @@
 //! the caller's deadline (capped by the connector's timeout), the exchange
 //! id and the W3C trace context. A second endpoint is tried only where the
 //! first could not be reached or its register reported itself unavailable
-//! (evidence retrieval is a read, so that is safe). The evidence that comes
-//! back is checked: digest, connector id, evidence type.
+//! (evidence retrieval is a read, so that is safe). Each attempt carries an
+//! authorization ticket of its own (a fresh `jti`), signed by the broker,
+//! saying what the policy decided. The evidence that comes back is checked:
+//! digest, connector id, evidence type, and the register's signed statement
+//! (signed by that connector's certificate, bound to this exchange,
+//! requester and subject, encrypted to the requester where asked).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use onceonly_certs::tls::{ConnectError, ReloadableClientTls, find_connect_error};
-use onceonly_certs::{MtlsConnector, Participant, Role};
+use onceonly_certs::{IdentityVerifier, MtlsConnector, Participant, Role};
 use onceonly_proto::deadline::{Deadline, deadline_aware};
 use onceonly_proto::metadata::{EXCHANGE_ID_HEADER, TraceContext};
 use onceonly_proto::status::reason_of;
 use onceonly_proto::v1::connector_service_client::ConnectorServiceClient;
-use onceonly_proto::v1::{ErrorReason, Evidence, ProvideEvidenceRequest};
+use onceonly_proto::v1::{ErrorReason, Evidence, ProvideEvidenceRequest, SubjectIdScheme};
+use onceonly_seal::opener::{Expected, check_statement};
+use onceonly_seal::{Signer, TicketClaims};
+use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
@@ -43,6 +50,58 @@ pub enum ForwardError {
     DeadlineExceeded,
     /// The evidence failed the broker's checks.
     BadEvidence(String),
+    /// The broker could not sign the authorization ticket.
+    CannotAuthorize(String),
+}
+
+/// What a forward carries to authorize itself, and what the evidence that
+/// comes back must be bound to.
+pub struct Authorization {
+    /// The ticket's claims; `aud`, `jti`, `iat` and `exp` are set per
+    /// attempt.
+    pub claims: TicketClaims,
+    /// The broker's signer.
+    pub signer: Arc<Signer>,
+    /// The CA and CRL that the register's statement must verify under.
+    pub trust: Arc<IdentityVerifier>,
+    /// The subject's scheme.
+    pub subject_scheme: SubjectIdScheme,
+    /// The subject's id.
+    pub subject_value: String,
+    /// The fingerprint of the encryption certificate the evidence must be
+    /// encrypted to, where one was named.
+    pub encrypted_to: Option<String>,
+}
+
+impl Authorization {
+    /// A ticket for one attempt at `connector_id`, valid until `deadline`
+    /// (plus a second, for the rounding to whole seconds).
+    fn ticket(
+        &self,
+        trust_domain: &str,
+        connector_id: &str,
+        deadline: Deadline,
+    ) -> Result<String, ForwardError> {
+        let audience = Participant::new(trust_domain, Role::Connector, connector_id)
+            .map_err(|e| ForwardError::CannotAuthorize(e.to_string()))?;
+        let mut jti = [0u8; 16];
+        rand::rng().fill_bytes(&mut jti);
+        let now = onceonly_seal::unix_now();
+        let lifetime = i64::try_from(deadline.remaining().as_secs())
+            .unwrap_or(i64::MAX)
+            .saturating_add(2)
+            .min(onceonly_seal::ticket::MAX_LIFETIME_SECS);
+        let claims = TicketClaims {
+            aud: audience.spiffe_id(),
+            jti: hex::encode(jti),
+            iat: now,
+            exp: now + lifetime,
+            ..self.claims.clone()
+        };
+        claims
+            .sign(&self.signer)
+            .map_err(|e| ForwardError::CannotAuthorize(e.to_string()))
+    }
 }
 
 /// Opens and keeps one channel per connector endpoint.
@@ -98,6 +157,7 @@ impl Forwarder {
         &self,
         destination: &Destination,
         request: &ProvideEvidenceRequest,
+        authorization: &Authorization,
         trace: &TraceContext,
         deadline: Deadline,
         contacted: &mut bool,
@@ -108,7 +168,10 @@ impl Forwarder {
             if attempt.has_passed() {
                 return Err(ForwardError::DeadlineExceeded);
             }
-            let mut call = tonic::Request::new(request.clone());
+            let mut attempt_request = request.clone();
+            attempt_request.authorization_ticket =
+                authorization.ticket(&self.trust_domain, &destination.connector_id, attempt)?;
+            let mut call = tonic::Request::new(attempt_request);
             attempt.apply(&mut call);
             trace.child().inject(call.metadata_mut());
             if let Ok(value) = MetadataValue::try_from(request.exchange_id.as_str()) {
@@ -122,7 +185,12 @@ impl Forwarder {
             let status = match attempt.run(client.provide_evidence(call)).await {
                 Err(_elapsed) => return Err(ForwardError::DeadlineExceeded),
                 Ok(Ok(response)) => {
-                    return check_evidence(destination, request, response.into_inner().evidence);
+                    return check_evidence(
+                        destination,
+                        request,
+                        authorization,
+                        response.into_inner().evidence,
+                    );
                 }
                 Ok(Err(status)) => deadline_aware(status),
             };
@@ -197,15 +265,45 @@ fn classify(status: &tonic::Status) -> Failure {
 fn check_evidence(
     destination: &Destination,
     request: &ProvideEvidenceRequest,
+    authorization: &Authorization,
     evidence: Option<Evidence>,
 ) -> Result<Evidence, ForwardError> {
     let evidence = evidence.ok_or_else(|| {
         ForwardError::BadEvidence("the connector answered without evidence".into())
     })?;
-    if evidence.payload_sha256 != Sha256::digest(&evidence.payload).as_slice() {
+    let carried = evidence
+        .encrypted_payload
+        .as_ref()
+        .map_or(evidence.payload.as_slice(), |sealed| {
+            sealed.ciphertext.as_slice()
+        });
+    if evidence.payload_sha256 != Sha256::digest(carried).as_slice() {
         return Err(ForwardError::BadEvidence(
             "payload_sha256 does not match the payload".into(),
         ));
+    }
+    let expected = Expected {
+        exchange_id: &request.exchange_id,
+        evidence_type: &request.evidence_type,
+        subject_scheme: authorization.subject_scheme,
+        subject_value: &authorization.subject_value,
+        requester: &request.requester_id,
+    };
+    let (statement, _signer) = check_statement(&evidence, &authorization.trust, &expected)
+        .map_err(|e| ForwardError::BadEvidence(format!("the register's statement: {e}")))?;
+    match (&authorization.encrypted_to, &statement.enc) {
+        (None, None) => {}
+        (Some(asked), Some(enc)) if *asked == enc.rcf => {}
+        (Some(_), _) => {
+            return Err(ForwardError::BadEvidence(
+                "the evidence is not encrypted to the requester's certificate".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ForwardError::BadEvidence(
+                "the evidence is encrypted, though the requester did not ask for it".into(),
+            ));
+        }
     }
     if evidence.connector_id != destination.connector_id {
         return Err(ForwardError::BadEvidence(format!(

@@ -66,6 +66,17 @@ struct PolicyFile {
     default_quota: Option<QuotaSpec>,
     #[serde(default)]
     portal: Vec<PortalEntry>,
+    #[serde(default)]
+    encryption: Option<EncryptionEntry>,
+}
+
+/// The `[encryption]` table: evidence types released only encrypted to the
+/// requester.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EncryptionEntry {
+    /// Evidence types a request must name an encryption certificate for.
+    required_for: Spanned<Vec<String>>,
 }
 
 /// A `[[portal]]` entry: what a portal may record consents for.
@@ -117,6 +128,8 @@ pub struct Policy {
     /// Portals scoped by a `[[portal]]` entry: the evidence types each may
     /// record consents for. A portal without an entry is not limited.
     portals: BTreeMap<String, BTreeSet<String>>,
+    /// Evidence types released only encrypted to the requester.
+    encryption_required: BTreeSet<String>,
 }
 
 impl Policy {
@@ -141,6 +154,20 @@ impl Policy {
             }
         }
         let quotas = Self::parse_quotas(path, text, &file)?;
+        let mut encryption_required = BTreeSet::new();
+        if let Some(entry) = &file.encryption {
+            for evidence_type in entry.required_for.get_ref() {
+                if routing.evidence_type(evidence_type).is_none() {
+                    return Err(ConfigFileError::invalid(
+                        path,
+                        at(entry.required_for.span(), "encryption.required_for"),
+                        format!("evidence type {evidence_type:?} is not in the catalogue"),
+                        "use evidence type ids from the routing table",
+                    ));
+                }
+                encryption_required.insert(evidence_type.clone());
+            }
+        }
         let mut portals = BTreeMap::new();
         for entry in &file.portal {
             let id = entry.id.get_ref();
@@ -267,6 +294,7 @@ impl Policy {
             rules,
             quotas: Arc::new(quotas),
             portals,
+            encryption_required,
         })
     }
 
@@ -360,6 +388,12 @@ impl Policy {
     /// The request quotas in force.
     pub fn quotas(&self) -> &Quotas {
         &self.quotas
+    }
+
+    /// Whether evidence of `evidence_type` may only be released encrypted
+    /// to the requester (`[encryption] required_for`).
+    pub fn requires_encryption(&self, evidence_type: &str) -> bool {
+        self.encryption_required.contains(evidence_type)
     }
 
     /// Whether portal `portal_id` may record consents for `evidence_type`.

@@ -9,9 +9,10 @@ use std::time::Duration;
 use onceonly_certs::Participant;
 use onceonly_proto::deadline::TooShort;
 use onceonly_proto::status::{
-    certificate_refused, error, error_with_metadata, reason_of, resource_exhausted,
+    certificate_refused, error, error_with_metadata, invalid_request, reason_of, resource_exhausted,
 };
 use onceonly_proto::v1::{ErrorReason, ExchangeOutcome};
+use onceonly_proto::validate::FieldViolation;
 use tonic::{Code, Status};
 
 use crate::forward::ForwardError;
@@ -70,6 +71,17 @@ pub enum Refusal {
     /// The consent store could not be read.
     #[error("consent store unavailable")]
     ConsentStoreUnavailable,
+    /// The encryption certificate the request names is not the caller's
+    /// own encryption certificate of the trust domain.
+    #[error("encryption certificate refused: {0}")]
+    EncryptionCertificateRefused(String),
+    /// The policy requires encryption for the evidence type and the request
+    /// names no encryption certificate.
+    #[error("encryption required for {evidence_type}")]
+    EncryptionRequired {
+        /// What for.
+        evidence_type: String,
+    },
     /// No connector serves the evidence type (there).
     #[error("no route")]
     NoRoute {
@@ -131,12 +143,15 @@ impl Refusal {
     pub fn outcome(&self) -> ExchangeOutcome {
         use ExchangeOutcome::*;
         match self {
-            Refusal::Invalid(_) | Refusal::RequestIdReused { .. } => Rejected,
+            Refusal::Invalid(_)
+            | Refusal::RequestIdReused { .. }
+            | Refusal::EncryptionCertificateRefused(_) => Rejected,
             Refusal::Unauthenticated { .. }
             | Refusal::RoleNotPermitted { .. }
             | Refusal::QuotaExceeded { .. }
             | Refusal::PolicyDenied(_)
-            | Refusal::ConsentMissing { .. } => Denied,
+            | Refusal::ConsentMissing { .. }
+            | Refusal::EncryptionRequired { .. } => Denied,
             Refusal::Cancelled => Cancelled,
             Refusal::Replayed(first) => first.outcome,
             Refusal::DeadlineTooShort(_)
@@ -237,6 +252,22 @@ impl Refusal {
                         .unwrap_or_default()
                 ),
             ),
+            Refusal::EncryptionCertificateRefused(why) => invalid_request(
+                ErrorReason::EncryptionCertificateRefused,
+                &[FieldViolation::new(
+                    "encryption_certificate",
+                    format!(
+                        "{why}; name your own encryption certificate (onceonly-certs issue --encryption)"
+                    ),
+                )],
+            ),
+            Refusal::EncryptionRequired { evidence_type } => error(
+                Code::FailedPrecondition,
+                ErrorReason::EncryptionRequired,
+                format!(
+                    "the policy releases {evidence_type:?} only encrypted to the requester: name your encryption certificate in encryption_certificate"
+                ),
+            ),
             Refusal::ConsentStoreUnavailable => error(
                 Code::Unavailable,
                 ErrorReason::BrokerUnavailable,
@@ -327,6 +358,13 @@ fn forward_status(connector: &str, failure: &ForwardError) -> Status {
             ErrorReason::ConnectorRefused,
             format!(
                 "connector {connector} was not trusted ({reason}); the broker did not send it the request"
+            ),
+        ),
+        ForwardError::CannotAuthorize(reason) => error(
+            Code::Unavailable,
+            ErrorReason::BrokerUnavailable,
+            format!(
+                "the broker could not sign the authorization ticket for connector {connector} ({reason}); its operator has the details in its log"
             ),
         ),
         ForwardError::BadEvidence(reason) => error(

@@ -27,12 +27,13 @@ use tokio::task::JoinHandle;
 use crate::audit::{AuditError, AuditLog};
 use crate::config::BrokerConfig;
 use crate::consent::{ConsentError, ConsentStore};
-use crate::exchange::{Broker, ExchangeLimit};
+use crate::exchange::{Broker, ExchangeLimit, Faults};
 use crate::forward::Forwarder;
 use crate::idempotency::IdempotencyCache;
 use crate::policy::PolicyStore;
 use crate::routing::RoutingTable;
 use crate::services::{AuditGrpc, ConsentGrpc, EvidenceGrpc};
+use onceonly_seal::jws::SignerCell;
 
 /// Evidence payloads pass through; the largest the broker relays.
 const MAX_RESPONSE_MESSAGE: usize = 16 * 1024 * 1024;
@@ -48,6 +49,14 @@ pub enum StartError {
     /// TLS material is unusable.
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    /// The broker's key cannot sign authorization tickets.
+    #[error("{path}: cannot sign authorization tickets with this key: {reason}")]
+    Signer {
+        /// The key file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
     /// The certificate is not a broker's.
     #[error(
         "{path} is the certificate of {identity}, not of a broker (role broker); issue one with `onceonly-certs init`"
@@ -177,6 +186,13 @@ impl BoundBroker {
             append_latency: LatencyWindow::seeded(flush),
             exchange_tasks: Arc::new(Semaphore::new(config.limits.max_exchanges)),
             security: Arc::default(),
+            signer: SignerCell::load(&config.tls.cert, &config.tls.key, server_tls.generation())
+                .map_err(|e| StartError::Signer {
+                    path: config.tls.key.display().to_string(),
+                    reason: e.to_string(),
+                })?,
+            tls: server_tls.clone(),
+            faults: Faults::default(),
         });
         let listener =
             TcpListener::bind(config.listen)

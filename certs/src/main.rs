@@ -76,6 +76,11 @@ enum Command {
         /// replaced certificate is revoked.
         #[arg(long)]
         force: bool,
+        /// Issue the authority's encryption certificate (key agreement, P-256)
+        /// instead of its TLS certificate: <dir>/authority/<id>.enc.pem and
+        /// .enc.key. Registers encrypt evidence to it.
+        #[arg(long)]
+        encryption: bool,
     },
     /// Put a certificate on the revocation list (crl.pem), which brokers and
     /// connectors reload.
@@ -179,6 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             validity,
             key_algorithm,
             force,
+            encryption,
         } => {
             let pki = Pki::open(&cli.dir)?;
             let mut options = IssueOptions::new(role, &id);
@@ -186,6 +192,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             options.validity = validity;
             options.key_algorithm = key_algorithm.map(Into::into);
             options.force = force;
+            options.encryption = encryption;
             print_issued(&pki.issue(&options)?);
         }
         Command::Revoke {

@@ -103,6 +103,12 @@ pub enum PkiError {
     /// The serial is not a certificate of this CA.
     #[error("no certificate with serial {0} was found in this PKI")]
     UnknownSerial(String),
+    /// An encryption certificate was asked for a role that does not
+    /// receive encrypted evidence.
+    #[error(
+        "only authorities receive encrypted evidence: issue --encryption with --role authority, not {0}"
+    )]
+    EncryptionForRole(Role),
 }
 
 /// The PKI's metadata file, `pki.toml`.
@@ -176,6 +182,11 @@ pub struct IssueOptions {
     pub key_algorithm: Option<KeyAlgorithm>,
     /// Overwrite an existing certificate and key of this participant.
     pub force: bool,
+    /// Issue the authority's encryption certificate instead of its TLS
+    /// certificate: key usage keyAgreement only, no extended key usage, a
+    /// P-256 key (HPKE's DHKEM(P-256)), written to
+    /// [`Pki::encryption_paths`]. Connectors encrypt evidence to it.
+    pub encryption: bool,
 }
 
 impl IssueOptions {
@@ -189,6 +200,7 @@ impl IssueOptions {
             validity: DEFAULT_VALIDITY,
             key_algorithm: None,
             force: false,
+            encryption: false,
         }
     }
 }
@@ -406,6 +418,15 @@ impl Pki {
         )
     }
 
+    /// Where an authority's encryption certificate and key live.
+    pub fn encryption_paths(&self, id: &str) -> (PathBuf, PathBuf) {
+        let folder = self.dir.join(Role::Authority.as_str());
+        (
+            folder.join(format!("{id}.enc.pem")),
+            folder.join(format!("{id}.enc.key")),
+        )
+    }
+
     /// The TLS files of a participant, with the CA and the revocation list.
     pub fn tls_files(&self, role: Role, id: &str) -> TlsFiles {
         let (cert, key) = self.participant_paths(role, id);
@@ -433,7 +454,14 @@ impl Pki {
     /// Issues a participant certificate and writes it with its key.
     pub fn issue(&self, options: &IssueOptions) -> Result<IssuedCertificate, PkiError> {
         let participant = self.participant(options.role, &options.id)?;
-        let (cert_path, key_path) = self.participant_paths(options.role, &options.id);
+        if options.encryption && options.role != Role::Authority {
+            return Err(PkiError::EncryptionForRole(options.role));
+        }
+        let (cert_path, key_path) = if options.encryption {
+            self.encryption_paths(&options.id)
+        } else {
+            self.participant_paths(options.role, &options.id)
+        };
         for path in [&cert_path, &key_path] {
             if path.exists() && !options.force {
                 return Err(PkiError::Exists(path.clone()));
@@ -464,14 +492,22 @@ impl Pki {
         let not_before = options
             .not_before
             .unwrap_or_else(|| OffsetDateTime::now_utc() - time::Duration::minutes(1));
-        let mut params = participant_params(&participant, &names, not_before, options.validity)?;
+        let mut params = if options.encryption {
+            encryption_params(&participant, not_before, options.validity)?
+        } else {
+            participant_params(&participant, &names, not_before, options.validity)?
+        };
         let serial = random_serial();
         params.serial_number = Some(SerialNumber::from_slice(&serial));
 
-        let key = options
-            .key_algorithm
-            .unwrap_or(self.meta.key_algorithm)
-            .generate()?;
+        let key = if options.encryption {
+            KeyAlgorithm::EcdsaP256.generate()?
+        } else {
+            options
+                .key_algorithm
+                .unwrap_or(self.meta.key_algorithm)
+                .generate()?
+        };
         let cert = params.signed_by(&key, &self.issuer()?)?;
 
         // The replaced certificate is revoked before its files are: a crash
@@ -709,6 +745,24 @@ fn participant_params(
     for name in server_names {
         params.subject_alt_names.push(server_name_san(name)?);
     }
+    Ok(params)
+}
+
+/// An authority's encryption certificate: its SPIFFE id, key agreement
+/// only and no extended key usage, so no TLS stack takes it for a TLS
+/// certificate's purpose and no connector takes a TLS certificate for it.
+fn encryption_params(
+    participant: &Participant,
+    not_before: OffsetDateTime,
+    validity: Duration,
+) -> Result<CertificateParams, PkiError> {
+    let mut params = participant_params(participant, &[], not_before, validity)?;
+    params.distinguished_name.push(
+        DnType::OrganizationalUnitName,
+        format!("{}-encryption", participant.role().as_str()),
+    );
+    params.key_usages = vec![KeyUsagePurpose::KeyAgreement];
+    params.extended_key_usages = Vec::new();
     Ok(params)
 }
 

@@ -483,6 +483,17 @@ impl ReloadableServerTls {
     pub fn identity(&self) -> &Participant {
         &self.identity
     }
+
+    /// How many times a new configuration was installed: what was read
+    /// from its files (e.g. a signing key) is read again when this moves.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// The identity verifier in force (CA and revocation list).
+    pub fn verifier(&self) -> Arc<IdentityVerifier> {
+        self.current().1
+    }
 }
 
 /// Verifies an open connection's peer again; closes the connection and

@@ -64,6 +64,10 @@ pub struct EvidenceRequest {
     pub parameters: HashMap<String, String>,
     /// When the broker stops waiting, if it said.
     pub deadline: Option<Instant>,
+    /// The broker's authorization ticket for this request, verified: keep
+    /// it with your own record (its `rul` names the broker's policy rule,
+    /// `cid` the consent). Always set on requests the SDK hands over.
+    pub ticket: Option<onceonly_seal::TicketClaims>,
 }
 
 /// What a register returns: the bytes and their media type. The SDK adds

@@ -12,6 +12,7 @@ use onceonly_certs::connection::CallTracking;
 use onceonly_certs::tls::TlsError;
 use onceonly_certs::{MtlsIncoming, Participant, ReloadableServerTls, TlsFiles};
 use onceonly_proto::v1::connector_service_server::ConnectorServiceServer;
+use onceonly_seal::jws::SignerCell;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -47,6 +48,14 @@ pub enum ServeError {
         addr: SocketAddr,
         /// Why.
         source: std::io::Error,
+    },
+    /// The connector's key cannot sign evidence statements.
+    #[error("{path}: cannot sign evidence with this key: {reason}")]
+    Signer {
+        /// The key file.
+        path: String,
+        /// Why.
+        reason: String,
     },
     /// No `allowed_broker_id`: the connector would answer any broker.
     #[error(
@@ -114,6 +123,15 @@ impl<C: Connector> ConnectorServer<C> {
         }
         let tls = ReloadableServerTls::load(self.config.tls.clone())?;
         let identity = tls.identity().clone();
+        let signer = SignerCell::load(
+            &self.config.tls.cert,
+            &self.config.tls.key,
+            tls.generation(),
+        )
+        .map_err(|e| ServeError::Signer {
+            path: self.config.tls.key.display().to_string(),
+            reason: e.to_string(),
+        })?;
         if identity.role() != onceonly_certs::Role::Connector {
             return Err(ServeError::NotAConnector {
                 path: self.config.tls.cert.display().to_string(),
@@ -133,6 +151,7 @@ impl<C: Connector> ConnectorServer<C> {
         Ok(BoundConnector {
             server: self,
             tls,
+            signer,
             listener,
             local_addr,
             identity,
@@ -144,6 +163,7 @@ impl<C: Connector> ConnectorServer<C> {
 pub struct BoundConnector<C> {
     server: ConnectorServer<C>,
     tls: Arc<ReloadableServerTls>,
+    signer: SignerCell,
     listener: TcpListener,
     local_addr: SocketAddr,
     identity: Participant,
@@ -182,6 +202,8 @@ impl<C: Connector> BoundConnector<C> {
                 max_payload_size: usize::try_from(config.limits.max_payload_size.as_u64())
                     .unwrap_or(usize::MAX),
             },
+            self.tls.clone(),
+            self.signer,
         );
         let max_response = usize::try_from(config.limits.max_payload_size.as_u64())
             .unwrap_or(usize::MAX)

@@ -1,23 +1,29 @@
 //! The `onceonly.v1.ConnectorService` implementation around a
 //! [`Connector`]: the caller check, request validation, the deadline, the
-//! concurrency limit, and the evidence envelope (digest, connector id, time
-//! of issue). The implementer's code is reached only by a well-formed
-//! request from the broker.
+//! concurrency limit, the broker's authorization ticket, and the evidence
+//! envelope (digest, connector id, time of issue, the register's signed
+//! statement, encryption to the requester where asked). The implementer's
+//! code is reached only by a well-formed request from the broker that
+//! carries a ticket the broker signed for exactly this request.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use onceonly_certs::{Participant, Role, peer_identity};
+use onceonly_certs::{Participant, ReloadableServerTls, Role, peer_identity};
 use onceonly_proto::deadline::{Deadline, MIN_WORK, Reserve};
 use onceonly_proto::metadata::TraceContext;
 use onceonly_proto::status::{certificate_refused, error, invalid_request};
 use onceonly_proto::v1::connector_service_server::ConnectorService;
 use onceonly_proto::v1::{
-    DescribeConnectorRequest, DescribeConnectorResponse, ErrorReason, Evidence, EvidenceTypeInfo,
-    ProvideEvidenceRequest, ProvideEvidenceResponse,
+    DescribeConnectorRequest, DescribeConnectorResponse, EncryptedPayload, ErrorReason, Evidence,
+    EvidenceTypeInfo, ProvideEvidenceRequest, ProvideEvidenceResponse,
 };
 use onceonly_proto::validate::{self, FieldViolation, Violations};
+use onceonly_seal::encryption::{Context, SUITE};
+use onceonly_seal::jws::SignerCell;
+use onceonly_seal::statement::EncryptionClaims;
+use onceonly_seal::{Recipient, StatementClaims, TicketError, TicketExpectation, TicketVerifier};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tonic::{Code, Request, Response, Status};
@@ -57,8 +63,24 @@ pub(crate) struct ConnectorGrpc<C> {
     served: HashMap<String, EvidenceTypeInfo>,
     /// Only this broker id may call.
     allowed_broker: String,
+    /// This connector's SPIFFE id (tickets' audience, statements' issuer).
+    me: String,
+    /// The CA and CRL in force, for tickets' and encryption certificates'
+    /// chains; its generation also tells the signer to reload.
+    tls: Arc<ReloadableServerTls>,
+    /// Signs statements with this connector's certificate key.
+    signer: SignerCell,
+    /// The broker's tickets, with the ones accepted (replays refused).
+    tickets: TicketVerifier,
     permits: Arc<Semaphore>,
     limits: ServiceLimits,
+}
+
+/// A request that passed every check, with what the answer needs.
+struct Admitted {
+    request: EvidenceRequest,
+    /// Where the evidence is to be encrypted to.
+    recipient: Option<Recipient>,
 }
 
 impl<C: Connector> ConnectorGrpc<C> {
@@ -67,7 +89,11 @@ impl<C: Connector> ConnectorGrpc<C> {
         me: &Participant,
         allowed_broker: String,
         limits: ServiceLimits,
+        tls: Arc<ReloadableServerTls>,
+        signer: SignerCell,
     ) -> Self {
+        let broker = Participant::new(me.trust_domain(), Role::Broker, &allowed_broker)
+            .map_or_else(|_| allowed_broker.clone(), |b| b.spiffe_id());
         let served = connector
             .evidence_types()
             .into_iter()
@@ -79,6 +105,10 @@ impl<C: Connector> ConnectorGrpc<C> {
             connector_id: me.id().to_owned(),
             served,
             allowed_broker,
+            me: me.spiffe_id(),
+            tls,
+            signer,
+            tickets: TicketVerifier::new(&broker),
             permits: Arc::new(Semaphore::new(limits.concurrency.max(1))),
             limits,
         }
@@ -107,6 +137,59 @@ impl<C: Connector> ConnectorGrpc<C> {
             ));
         }
         Ok(caller.clone())
+    }
+
+    /// Checks the request, its ticket and its encryption certificate, and
+    /// turns it into what the implementer sees.
+    fn admit(&self, mut request: ProvideEvidenceRequest) -> Result<Admitted, Status> {
+        let token = std::mem::take(&mut request.authorization_ticket);
+        let certificate = std::mem::take(&mut request.encryption_certificate);
+        let mut request = self.validate(request)?;
+        let fingerprint = if certificate.is_empty() {
+            String::new()
+        } else {
+            onceonly_seal::digest_b64(&certificate)
+        };
+        let trust = self.tls.verifier();
+        let subject_hash = onceonly_seal::subject_hash(
+            &request.exchange_id,
+            request.subject.scheme,
+            &request.subject.value,
+        );
+        let expected = TicketExpectation {
+            audience: &self.me,
+            exchange_id: &request.exchange_id,
+            requester: &request.requester_id,
+            evidence_type: &request.evidence_type,
+            subject_hash: &subject_hash,
+            purpose: &request.purpose,
+            legal_basis: &request.legal_basis,
+            jurisdiction: request.jurisdiction.as_deref().unwrap_or(""),
+            encryption_certificate: &fingerprint,
+        };
+        let ticket = self
+            .tickets
+            .verify(&token, &trust, &expected, onceonly_seal::unix_now())
+            .map_err(|refusal| {
+                tracing::warn!(%refusal, "authorization ticket refused");
+                ticket_status(&refusal)
+            })?;
+        let recipient = if certificate.is_empty() {
+            None
+        } else {
+            let recipient = Recipient::from_certificate(&certificate, &trust)
+                .map_err(|e| encryption_certificate_refused(e.to_string()))?;
+            if recipient.participant().spiffe_id() != request.requester_id {
+                return Err(encryption_certificate_refused(format!(
+                    "it belongs to {}, not to the requester {}",
+                    recipient.participant(),
+                    request.requester_id
+                )));
+            }
+            Some(recipient)
+        };
+        request.ticket = Some(ticket);
+        Ok(Admitted { request, recipient })
     }
 
     /// Checks the request and turns it into what the implementer sees.
@@ -160,12 +243,14 @@ impl<C: Connector> ConnectorGrpc<C> {
             requester_id: request.requester_id,
             parameters: request.parameters,
             deadline: None,
+            ticket: None,
         })
     }
 
     fn envelope(
         &self,
-        evidence_type: String,
+        request: &EvidenceRequest,
+        recipient: Option<&Recipient>,
         payload: EvidencePayload,
     ) -> Result<Evidence, Status> {
         if payload.bytes.len() > self.limits.max_payload_size {
@@ -185,10 +270,66 @@ impl<C: Connector> ConnectorGrpc<C> {
             ));
         }
         let now = time::OffsetDateTime::now_utc();
+        let sealing_failed = |detail: String| {
+            tracing::error!(%detail, "cannot seal the evidence");
+            Status::internal(
+                "the connector could not sign or encrypt the evidence; its operator has the details in its log",
+            )
+        };
+        let (payload_bytes, encrypted_payload, encryption) = match recipient {
+            None => (payload.bytes, None, None),
+            Some(recipient) => {
+                let context = Context {
+                    exchange_id: &request.exchange_id,
+                    evidence_type: &request.evidence_type,
+                    requester: &request.requester_id,
+                    media_type: &payload.media_type,
+                };
+                let sealed = recipient
+                    .seal(&context, &payload.bytes)
+                    .map_err(|e| sealing_failed(e.to_string()))?;
+                let claims = EncryptionClaims {
+                    rcf: recipient.fingerprint().to_owned(),
+                    ek: onceonly_seal::base64_url(&sealed.encapsulated_key),
+                    suite: SUITE.to_owned(),
+                };
+                let encrypted = EncryptedPayload {
+                    suite: SUITE.to_owned(),
+                    encapsulated_key: sealed.encapsulated_key,
+                    ciphertext: sealed.ciphertext,
+                    recipient_certificate_sha256: recipient.certificate_sha256().to_vec(),
+                };
+                (Vec::new(), Some(encrypted), Some(claims))
+            }
+        };
+        let carried = encrypted_payload
+            .as_ref()
+            .map_or(payload_bytes.as_slice(), |e| e.ciphertext.as_slice());
+        let digest = Sha256::digest(carried).to_vec();
+        let statement = StatementClaims {
+            iss: self.me.clone(),
+            sub: request.requester_id.clone(),
+            iat: now.unix_timestamp(),
+            xid: request.exchange_id.clone(),
+            evt: request.evidence_type.clone(),
+            sbh: onceonly_seal::subject_hash(
+                &request.exchange_id,
+                request.subject.scheme,
+                &request.subject.value,
+            ),
+            med: payload.media_type.clone(),
+            dig: onceonly_seal::base64_url(&digest),
+            enc: encryption,
+        };
+        let register_jws = self
+            .signer
+            .get(self.tls.generation())
+            .and_then(|signer| statement.sign(&signer))
+            .map_err(|e| sealing_failed(e.to_string()))?;
         Ok(Evidence {
-            evidence_type,
-            payload_sha256: Sha256::digest(&payload.bytes).to_vec(),
-            payload: payload.bytes,
+            evidence_type: request.evidence_type.clone(),
+            payload_sha256: digest,
+            payload: payload_bytes,
             media_type: payload.media_type,
             connector_id: self.connector_id.clone(),
             issued_at: Some(prost_types::Timestamp {
@@ -196,6 +337,8 @@ impl<C: Connector> ConnectorGrpc<C> {
                 nanos: i32::try_from(now.nanosecond()).unwrap_or(0),
             }),
             register_signature: payload.register_signature,
+            register_jws,
+            encrypted_payload,
         })
     }
 
@@ -215,6 +358,29 @@ impl<C: Connector> ConnectorGrpc<C> {
             .map_err(|too_short| too_short.status())?;
         Ok((deadline, work))
     }
+}
+
+/// PERMISSION_DENIED with the reason of each ticket refusal.
+fn ticket_status(refusal: &TicketError) -> Status {
+    let reason = match refusal {
+        TicketError::Missing => ErrorReason::TicketMissing,
+        TicketError::Invalid(_) | TicketError::WrongIssuer { .. } => ErrorReason::TicketInvalid,
+        TicketError::Expired(_) => ErrorReason::TicketExpired,
+        TicketError::Replayed { .. } => ErrorReason::TicketReplayed,
+        TicketError::Mismatch { .. } => ErrorReason::TicketMismatch,
+    };
+    error(Code::PermissionDenied, reason, refusal.to_string())
+}
+
+/// INVALID_ARGUMENT (ENCRYPTION_CERTIFICATE_REFUSED) naming the field.
+fn encryption_certificate_refused(why: String) -> Status {
+    invalid_request(
+        ErrorReason::EncryptionCertificateRefused,
+        &[FieldViolation::new(
+            "encryption_certificate",
+            format!("the encryption certificate is refused: {why}"),
+        )],
+    )
 }
 
 /// The documented status of each [`ProvideError`].
@@ -286,9 +452,12 @@ impl<C: Connector> ConnectorService for ConnectorGrpc<C> {
             caller = %caller,
         );
         async move {
-            let mut evidence_request = self.validate(request.into_inner())?;
+            let Admitted {
+                request: mut evidence_request,
+                recipient,
+            } = self.admit(request.into_inner())?;
             evidence_request.deadline = Some(work_deadline.instant());
-            let evidence_type = evidence_request.evidence_type.clone();
+            let answered_for = evidence_request.clone();
 
             // Dropped at the deadline, or when the broker cancels the call
             // (tonic drops this future): either way the register's work is
@@ -311,7 +480,7 @@ impl<C: Connector> ConnectorService for ConnectorGrpc<C> {
             })
             .await;
             let result = match outcome {
-                Ok(Ok(payload)) => self.envelope(evidence_type, payload),
+                Ok(Ok(payload)) => self.envelope(&answered_for, recipient.as_ref(), payload),
                 Ok(Err(status)) => Err(status),
                 Err(_elapsed) => Err(deadline_exceeded(&deadline)),
             };

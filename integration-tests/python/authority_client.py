@@ -7,9 +7,19 @@ folder, connects with the authority's certificate, asks for evidence, and
 prints one JSON line per call: the status code name, the ErrorInfo reason,
 and for evidence whether the SHA-256 digest it recomputes matches.
 
+It also checks what the register signed and decrypts what the register
+encrypted to it, with standard libraries only, which shows the formats are
+the standards and not ours: the register's statement is a JWS (RFC 7515)
+verified with PyJWT against the certificate in its x5c header, which must
+be issued by the trust domain's CA (cryptography); the encrypted payload is
+HPKE (RFC 9180) opened with pyhpke.
+
 usage: authority_client.py --target HOST:PORT --ca CA.pem --cert CERT.pem
        --key KEY.pem --proto-dir DIR --subject IDNR
+       [--enc-cert ENC.pem --enc-key ENC.key]
 """
+
+import base64
 
 import argparse
 import hashlib
@@ -49,10 +59,69 @@ def error_reason(error):
     return None
 
 
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def subject_hash(exchange_id, scheme_name, value):
+    """The subject hash a register's statement carries (common.proto)."""
+    parts = [b"onceonly-subject-v1", exchange_id.encode(), scheme_name.encode(), value.encode()]
+    return b64url(hashlib.sha256(b"\0".join(parts)).digest())
+
+
+def check_statement(evidence, exchange_id, requester, subject_scheme, subject_value, ca_pem):
+    """Verifies the register's JWS and its binding; the claims, or raises."""
+    import jwt
+    from cryptography import x509
+
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    header = jwt.get_unverified_header(evidence.register_jws)
+    leaf = x509.load_der_x509_certificate(base64.b64decode(header["x5c"][0]))
+    leaf.verify_directly_issued_by(ca)  # raises unless the CA issued it
+    uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier
+    )
+    connector = f"spiffe://{requester.split('/')[2]}/connector/{evidence.connector_id}"
+    if connector not in uris:
+        raise ValueError(f"check signer: the statement is signed by {uris}, not {connector}")
+    claims = jwt.decode(
+        evidence.register_jws,
+        key=leaf.public_key(),
+        algorithms=["ES256", "EdDSA"],
+        options={"require": ["iss", "sub", "xid", "dig"]},
+    )
+    carried = evidence.encrypted_payload.ciphertext if evidence.HasField("encrypted_payload") else evidence.payload
+    expected = {
+        "iss": connector,
+        "sub": requester,
+        "xid": exchange_id,
+        "evt": evidence.evidence_type,
+        "sbh": subject_hash(exchange_id, subject_scheme, subject_value),
+        "dig": b64url(hashlib.sha256(carried).digest()),
+    }
+    for claim, value in expected.items():
+        if claims.get(claim) != value:
+            raise ValueError(f"check binding: claim {claim} is {claims.get(claim)!r}, expected {value!r}")
+    return claims
+
+
+def decrypt(evidence, exchange_id, requester, enc_key_pem):
+    """Opens the HPKE ciphertext with the authority's encryption key."""
+    from pyhpke import AEADId, CipherSuite, KDFId, KEMId, KEMKey
+
+    suite = CipherSuite.new(KEMId.DHKEM_P256_HKDF_SHA256, KDFId.HKDF_SHA256, AEADId.AES256_GCM)
+    sealed = evidence.encrypted_payload
+    info = b"\0".join([b"onceonly-evidence-v1", exchange_id.encode(), evidence.evidence_type.encode(), requester.encode()])
+    context = suite.create_recipient_context(sealed.encapsulated_key, KEMKey.from_pem(enc_key_pem), info=info)
+    return context.open(sealed.ciphertext, aad=evidence.media_type.encode())
+
+
 def main():
     parser = argparse.ArgumentParser()
     for flag in ("--target", "--ca", "--cert", "--key", "--proto-dir", "--subject"):
         parser.add_argument(flag, required=True)
+    parser.add_argument("--enc-cert")
+    parser.add_argument("--enc-key")
     args = parser.parse_args()
 
     out_dir = tempfile.mkdtemp(prefix="onceonly-py-")
@@ -71,28 +140,54 @@ def main():
     with grpc.secure_channel(args.target, credentials) as channel:
         stub = evidence_grpc.EvidenceServiceStub(channel)
         subject = common.SubjectId(scheme=common.SUBJECT_ID_SCHEME_DE_IDNR, value=args.subject)
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        requester = x509.load_pem_x509_certificate(read(args.cert)).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value.get_values_for_type(x509.UniformResourceIdentifier)[0]
         calls = [
-            ("allowed", "birth-certificate", "§ 9 Abs. 1 BEEG"),
-            ("denied", "vehicle-registration", "§ 9 Abs. 1 BEEG"),
+            ("allowed", "birth-certificate", "§ 9 Abs. 1 BEEG", b""),
+            ("denied", "vehicle-registration", "§ 9 Abs. 1 BEEG", b""),
         ]
-        for name, evidence_type, legal_basis in calls:
+        if args.enc_cert:
+            enc_der = x509.load_pem_x509_certificate(read(args.enc_cert)).public_bytes(Encoding.DER)
+            calls.append(("sealed", "birth-certificate", "§ 9 Abs. 1 BEEG", enc_der))
+        for name, evidence_type, legal_basis, encryption_certificate in calls:
             request = evidence.RequestEvidenceRequest(
                 request_id=f"python-{name}",
                 evidence_type=evidence_type,
                 subject=subject,
                 purpose="parental-allowance",
                 legal_basis=legal_basis,
+                encryption_certificate=encryption_certificate,
             )
             try:
                 response = stub.RequestEvidence(request, timeout=10)
-                payload = response.evidence.payload
-                print(json.dumps({
+                found = response.evidence
+                carried = found.encrypted_payload.ciphertext if found.HasField("encrypted_payload") else found.payload
+                line = {
                     "call": name,
                     "code": "OK",
-                    "digest_ok": hashlib.sha256(payload).digest() == response.evidence.payload_sha256,
-                    "connector": response.evidence.connector_id,
-                    "media_type": response.evidence.media_type,
-                }))
+                    "digest_ok": hashlib.sha256(carried).digest() == found.payload_sha256,
+                    "connector": found.connector_id,
+                    "media_type": found.media_type,
+                    "encrypted": found.HasField("encrypted_payload"),
+                }
+                try:
+                    claims = check_statement(
+                        found, response.exchange_id, requester, "SUBJECT_ID_SCHEME_DE_IDNR", args.subject, read(args.ca)
+                    )
+                    line["signature_ok"] = True
+                    line["signed_by"] = claims["iss"]
+                except Exception as failure:  # the check that failed, by name
+                    line["signature_ok"] = False
+                    line["signature_error"] = f"{type(failure).__name__}: {failure}"
+                if line["encrypted"] and args.enc_key:
+                    plaintext = decrypt(found, response.exchange_id, requester, read(args.enc_key))
+                    line["plaintext_sha256"] = hashlib.sha256(plaintext).hexdigest()
+                    line["plaintext_has_surname"] = b"<Familienname>" in plaintext
+                print(json.dumps(line))
             except grpc.RpcError as error:
                 try:
                     reason = error_reason(error)

@@ -13,6 +13,11 @@ use onceonly_certs::tls::client_config;
 use onceonly_certs::{MtlsConnector, Participant, Pki, Role};
 use onceonly_connector_sdk::{Connector, ConnectorServer, RunningConnector};
 use onceonly_proto::v1::connector_service_client::ConnectorServiceClient;
+use onceonly_proto::v1::{
+    DescribeConnectorRequest, DescribeConnectorResponse, ProvideEvidenceRequest,
+    ProvideEvidenceResponse,
+};
+use onceonly_seal::{Signer, TicketClaims};
 use tonic::transport::Channel;
 
 /// The trust domain every test PKI uses.
@@ -59,14 +64,114 @@ pub fn channel_with(
         .expect("channel")
 }
 
-/// A ConnectorService client as (`role`, `id`).
-pub fn connector_client(
-    pki: &Pki,
-    role: Role,
-    id: &str,
-    addr: SocketAddr,
-) -> ConnectorServiceClient<Channel> {
-    ConnectorServiceClient::new(channel_as(pki, role, id, addr, None))
+/// A ConnectorService client as (`role`, `id`) that, like the broker,
+/// puts an authorization ticket on every request that carries none: signed
+/// with the key of the PKI's broker certificate `broker`, for exactly that
+/// request, addressed to the connector (whose id it asks the connector
+/// once). Tests of the ticket checks set `authorization_ticket` themselves.
+pub fn connector_client(pki: &Pki, role: Role, id: &str, addr: SocketAddr) -> TicketingClient {
+    let (cert, key) = pki.participant_paths(Role::Broker, "broker");
+    TicketingClient {
+        inner: ConnectorServiceClient::new(channel_as(pki, role, id, addr, None)),
+        signer: Arc::new(Signer::from_files(&cert, &key).expect("broker signer")),
+        trust_domain: pki.trust_domain().to_owned(),
+        connector_id: None,
+    }
+}
+
+/// See [`connector_client`].
+pub struct TicketingClient {
+    inner: ConnectorServiceClient<Channel>,
+    signer: Arc<Signer>,
+    trust_domain: String,
+    connector_id: Option<String>,
+}
+
+impl TicketingClient {
+    /// ProvideEvidence, with a ticket where the request has none.
+    pub async fn provide_evidence(
+        &mut self,
+        request: impl tonic::IntoRequest<ProvideEvidenceRequest>,
+    ) -> Result<tonic::Response<ProvideEvidenceResponse>, tonic::Status> {
+        let mut request = request.into_request();
+        if request.get_ref().authorization_ticket.is_empty() {
+            if self.connector_id.is_none() {
+                // Refused for callers that are not the broker: those get no
+                // ticket (they are refused before it is looked at).
+                if let Ok(described) = self
+                    .inner
+                    .describe_connector(DescribeConnectorRequest {})
+                    .await
+                {
+                    self.connector_id = Some(described.into_inner().connector_id);
+                }
+            }
+            if let Some(connector_id) = &self.connector_id {
+                request.get_mut().authorization_ticket = ticket_for(
+                    &self.signer,
+                    &self.trust_domain,
+                    connector_id,
+                    request.get_ref(),
+                );
+            }
+        }
+        self.inner.provide_evidence(request).await
+    }
+
+    /// DescribeConnector.
+    pub async fn describe_connector(
+        &mut self,
+        request: impl tonic::IntoRequest<DescribeConnectorRequest>,
+    ) -> Result<tonic::Response<DescribeConnectorResponse>, tonic::Status> {
+        self.inner.describe_connector(request).await
+    }
+}
+
+/// The ticket the broker (`signer`) would issue for `request` to connector
+/// `connector_id`, valid for 60 s, with a fresh `jti`.
+pub fn ticket_for(
+    signer: &Signer,
+    trust_domain: &str,
+    connector_id: &str,
+    request: &ProvideEvidenceRequest,
+) -> String {
+    ticket_claims(signer, trust_domain, connector_id, request)
+        .sign(signer)
+        .expect("sign ticket")
+}
+
+/// The claims of [`ticket_for`], to alter before signing.
+pub fn ticket_claims(
+    signer: &Signer,
+    trust_domain: &str,
+    connector_id: &str,
+    request: &ProvideEvidenceRequest,
+) -> TicketClaims {
+    let subject = request.subject.clone().unwrap_or_default();
+    let now = onceonly_seal::unix_now();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let serial = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    TicketClaims {
+        iss: signer.participant().spiffe_id(),
+        aud: format!("spiffe://{trust_domain}/connector/{connector_id}"),
+        sub: request.requester_id.clone(),
+        jti: format!("test-{}-{serial}", std::process::id()),
+        iat: now,
+        exp: now + 60,
+        xid: request.exchange_id.clone(),
+        evt: request.evidence_type.clone(),
+        sbh: onceonly_seal::subject_hash(&request.exchange_id, subject.scheme(), &subject.value),
+        pur: request.purpose.clone(),
+        lgb: request.legal_basis.clone(),
+        jur: request.jurisdiction.clone(),
+        rul: "test-rule".into(),
+        cid: String::new(),
+        ecf: if request.encryption_certificate.is_empty() {
+            String::new()
+        } else {
+            onceonly_seal::digest_b64(&request.encryption_certificate)
+        },
+    }
 }
 
 /// A client TLS configuration that trusts the PKI's CA but presents no

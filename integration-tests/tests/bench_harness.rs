@@ -1,5 +1,5 @@
 //! The benchmark harness runs end to end (briefly, in the test profile):
-//! its table has the four scenarios, the ratios and the handshake rows, and
+//! its table has the five scenarios, the ratios and the handshake rows, and
 //! its JSON parses. The figures themselves are not judged here.
 
 #[test]
@@ -21,6 +21,8 @@ fn onceonly_bench_prints_every_row_and_writes_json() {
         "| direct: client -> connector | 1 |",
         "| brokered, audit durable | 4 |",
         "| brokered, audit not flushed | 4 |",
+        "| brokered, audit durable, encrypted to the requester | 4 |",
+        "c=4: encrypted / clear (both signed) brokered throughput",
         "| raw flush (512-byte append + fdatasync) | 1 |",
         "c=4: brokered-durable / direct throughput",
         "| full handshakes |",
@@ -31,7 +33,7 @@ fn onceonly_bench_prints_every_row_and_writes_json() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parses");
     let rows = report["rows"].as_array().expect("rows");
-    assert_eq!(rows.len(), 7, "three scenarios at two levels and the flush");
+    assert_eq!(rows.len(), 9, "four scenarios at two levels and the flush");
     assert!(rows.iter().all(|r| r["errors"] == 0), "{rows:#?}");
     assert!(
         rows.iter().all(|r| r["requests"].as_u64().unwrap_or(0) > 0),

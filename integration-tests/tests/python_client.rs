@@ -1,22 +1,27 @@
 //! A client in another language: a Python grpcio client generated from the
-//! `.proto` files calls the broker over mutual TLS.
+//! `.proto` files calls the broker over mutual TLS, verifies the register's
+//! signature with PyJWT and `cryptography`, and decrypts evidence encrypted
+//! to it with pyhpke: the formats are the standards, not ours.
 //!
-//! The test finds a Python with `grpcio` and `grpcio-tools` (`.ci/run`
-//! installs them); where the system Python lacks them it creates a virtual
-//! environment under `target/` and installs them from PyPI, so that
-//! `cargo test` alone works on a fresh machine.
+//! The test finds a Python with those packages (`.ci/run` installs them);
+//! where the system Python lacks them it creates a virtual environment under
+//! `target/` and installs them from PyPI, so that `cargo test` alone works
+//! on a fresh machine.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use onceonly_certs::Role;
+use onceonly_certs::{IssueOptions, Role};
 use onceonly_integration_tests::world::{AUTHORITIES, World};
 
 const ANNA: &str = "82281866209";
 
+/// What the client needs from PyPI (`.ci/run` installs the same).
+const PYTHON_PACKAGES: [&str; 5] = ["grpcio", "grpcio-tools", "pyjwt", "cryptography", "pyhpke"];
+
 fn has_grpc(python: &Path) -> bool {
     Command::new(python)
-        .args(["-c", "import grpc, grpc_tools"])
+        .args(["-c", "import grpc, grpc_tools, jwt, cryptography, pyhpke"])
         .output()
         .is_ok_and(|o| o.status.success())
 }
@@ -39,11 +44,13 @@ fn python_with_grpc(workspace: &Path) -> PathBuf {
             "python3 -m venv failed: install python3-venv"
         );
         let installed = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "grpcio", "grpcio-tools"])
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(PYTHON_PACKAGES)
             .status();
         assert!(
             installed.is_ok_and(|s| s.success()),
-            "pip install grpcio grpcio-tools failed (needs PyPI)"
+            "pip install {} failed (needs PyPI)",
+            PYTHON_PACKAGES.join(" ")
         );
     }
     python
@@ -58,6 +65,13 @@ async fn a_python_grpcio_client_calls_the_broker_over_mutual_tls() {
     let python = python_with_grpc(&workspace);
     let world = World::start().await;
     let files = world.pki.tls_files(Role::Authority, AUTHORITIES[0]);
+    let mut encryption = IssueOptions::new(Role::Authority, AUTHORITIES[0]);
+    encryption.encryption = true;
+    world
+        .pki
+        .issue(&encryption)
+        .expect("encryption certificate");
+    let (enc_cert, enc_key) = world.pki.encryption_paths(AUTHORITIES[0]);
     let output = tokio::process::Command::new(&python)
         .arg(workspace.join("integration-tests/python/authority_client.py"))
         .arg("--target")
@@ -72,6 +86,10 @@ async fn a_python_grpcio_client_calls_the_broker_over_mutual_tls() {
         .arg(workspace.join("proto"))
         .arg("--subject")
         .arg(ANNA)
+        .arg("--enc-cert")
+        .arg(&enc_cert)
+        .arg("--enc-key")
+        .arg(&enc_key)
         .output()
         .await
         .expect("python runs");
@@ -85,11 +103,22 @@ async fn a_python_grpcio_client_calls_the_broker_over_mutual_tls() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("json line"))
         .collect();
-    assert_eq!(lines.len(), 2, "{stdout}");
+    assert_eq!(lines.len(), 3, "{stdout}");
     assert_eq!(lines[0]["code"], "OK", "{stdout}");
     assert_eq!(lines[0]["digest_ok"], true, "{stdout}");
+    assert_eq!(lines[0]["signature_ok"], true, "{stdout}");
+    assert_eq!(
+        lines[0]["signed_by"],
+        "spiffe://onceonly.test/connector/civil-register"
+    );
     assert_eq!(lines[0]["connector"], "civil-register");
     assert_eq!(lines[1]["code"], "PERMISSION_DENIED", "{stdout}");
+    // Encrypted to the authority: signature checked, plaintext recovered.
+    assert_eq!(lines[2]["code"], "OK", "{stdout}");
+    assert_eq!(lines[2]["encrypted"], true, "{stdout}");
+    assert_eq!(lines[2]["signature_ok"], true, "{stdout}");
+    assert_eq!(lines[2]["digest_ok"], true, "{stdout}");
+    assert_eq!(lines[2]["plaintext_has_surname"], true, "{stdout}");
     let records = world.audit_records().await;
     assert!(
         records

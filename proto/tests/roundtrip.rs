@@ -23,6 +23,7 @@ fn evidence_request_round_trips() {
         legal_basis: "§ 9 Abs. 1 BEEG".into(),
         consent_id: String::new(),
         parameters: HashMap::from([("licence_plate".into(), "B-OO 1234".into())]),
+        encryption_certificate: vec![0x30, 0x82],
     };
     let bytes = request.encode_to_vec();
     let decoded = RequestEvidenceRequest::decode(bytes.as_slice()).expect("decodes");
@@ -49,6 +50,13 @@ fn evidence_response_round_trips_with_timestamp() {
                 nanos: 5,
             }),
             register_signature: None,
+            register_jws: "eyJ.e30.sig".into(),
+            encrypted_payload: Some(onceonly_proto::v1::EncryptedPayload {
+                suite: "HPKE-Base-P256-SHA256-A256GCM".into(),
+                encapsulated_key: vec![4; 65],
+                ciphertext: vec![9; 40],
+                recipient_certificate_sha256: vec![1; 32],
+            }),
         }),
         audit_log_index: 42,
     };

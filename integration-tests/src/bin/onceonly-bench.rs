@@ -8,7 +8,10 @@
 //! 1. direct: client -> connector;
 //! 2. brokered, audit durable (the default);
 //! 3. brokered, audit flushing disabled (what durability costs);
-//! 4. the raw cost of one flush on this disk (the floor of a durable request);
+//! 4. brokered, audit durable, the evidence encrypted to the requester
+//!    (HPKE) besides signed (every row's evidence is signed by the register
+//!    and its signature checked by the broker; direct calls carry a ticket);
+//! 5. the raw cost of one flush on this disk (the floor of a durable request);
 //!
 //! with requests/s, latency p50/p90/p99/max (HDR histogram), the broker's
 //! CPU seconds per 1,000 requests and its peak RSS, and the ratios; then
@@ -28,11 +31,13 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 use onceonly_certs::{MtlsConnector, Pki, Role};
+use onceonly_integration_tests::ticket_for;
 use onceonly_proto::v1::connector_service_client::ConnectorServiceClient;
 use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
 use onceonly_proto::v1::{
     ProvideEvidenceRequest, RequestEvidenceRequest, SubjectId, SubjectIdScheme,
 };
+use onceonly_seal::Signer;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::Channel;
@@ -220,8 +225,12 @@ struct Report {
 /// What one measurement calls.
 #[derive(Clone)]
 enum Target {
-    Direct(Vec<ConnectorServiceClient<Channel>>),
-    Brokered(Vec<EvidenceServiceClient<Channel>>),
+    /// To the connector, as the broker would call it: each request with a
+    /// ticket the broker's key signs.
+    Direct(Vec<ConnectorServiceClient<Channel>>, Arc<Signer>),
+    /// Through a broker, the evidence encrypted to this certificate where
+    /// one is given.
+    Brokered(Vec<EvidenceServiceClient<Channel>>, Arc<Vec<u8>>),
 }
 
 fn subject() -> Option<SubjectId> {
@@ -233,22 +242,22 @@ fn subject() -> Option<SubjectId> {
 
 async fn call(target: &Target, slot: usize, id: u64) -> bool {
     match target {
-        Target::Direct(clients) => {
+        Target::Direct(clients, broker) => {
             let mut client = clients[slot % clients.len()].clone();
-            client
-                .provide_evidence(ProvideEvidenceRequest {
-                    exchange_id: format!("ex-{id}"),
-                    evidence_type: "birth-certificate".into(),
-                    subject: subject(),
-                    purpose: "parental-allowance".into(),
-                    legal_basis: "§ 9 Abs. 1 BEEG".into(),
-                    requester_id: "spiffe://onceonly.test/authority/bench".into(),
-                    ..Default::default()
-                })
-                .await
-                .is_ok()
+            let mut request = ProvideEvidenceRequest {
+                exchange_id: format!("ex-{id}"),
+                evidence_type: "birth-certificate".into(),
+                subject: subject(),
+                purpose: "parental-allowance".into(),
+                legal_basis: "§ 9 Abs. 1 BEEG".into(),
+                requester_id: "spiffe://onceonly.test/authority/bench".into(),
+                ..Default::default()
+            };
+            request.authorization_ticket =
+                ticket_for(broker, "onceonly.test", "civil-register", &request);
+            client.provide_evidence(request).await.is_ok()
         }
-        Target::Brokered(clients) => {
+        Target::Brokered(clients, encrypt_to) => {
             let mut client = clients[slot % clients.len()].clone();
             client
                 .request_evidence(RequestEvidenceRequest {
@@ -257,6 +266,7 @@ async fn call(target: &Target, slot: usize, id: u64) -> bool {
                     subject: subject(),
                     purpose: "parental-allowance".into(),
                     legal_basis: "§ 9 Abs. 1 BEEG".into(),
+                    encryption_certificate: encrypt_to.as_ref().clone(),
                     ..Default::default()
                 })
                 .await
@@ -482,23 +492,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Server::start(&["serve-broker", "--config", &config.display().to_string()]).await?,
         );
     }
+    let (broker_cert, broker_key) = pki.participant_paths(Role::Broker, "broker");
     let direct = Target::Direct(
         channels(&pki, Role::Broker, "broker", connector.addr)?
             .into_iter()
             .map(ConnectorServiceClient::new)
             .collect(),
+        Arc::new(Signer::from_files(&broker_cert, &broker_key)?),
     );
-    let brokered: Vec<Target> = brokers
-        .iter()
-        .map(|b| {
-            Ok(Target::Brokered(
-                channels(&pki, Role::Authority, "bench", b.addr)?
-                    .into_iter()
-                    .map(EvidenceServiceClient::new)
-                    .collect(),
-            ))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let mut encryption = onceonly_certs::IssueOptions::new(Role::Authority, "bench");
+    encryption.encryption = true;
+    pki.issue(&encryption)?;
+    let encryption_certificate = onceonly_certs::pki::load_certs(&pki.encryption_paths("bench").0)?
+        .remove(0)
+        .as_ref()
+        .to_vec();
+    let brokered_to = |broker: &Server, encrypt_to: Vec<u8>| -> anyhow::Result<Target> {
+        Ok(Target::Brokered(
+            channels(&pki, Role::Authority, "bench", broker.addr)?
+                .into_iter()
+                .map(EvidenceServiceClient::new)
+                .collect(),
+            Arc::new(encrypt_to),
+        ))
+    };
+    let brokered = [
+        brokered_to(&brokers[0], Vec::new())?,
+        brokered_to(&brokers[1], Vec::new())?,
+        brokered_to(&brokers[0], encryption_certificate)?,
+    ];
 
     let mut rows = Vec::new();
     for &concurrency in &cli.concurrency {
@@ -533,6 +555,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await,
         );
+        rows.push(
+            measure(
+                &brokered[2],
+                concurrency,
+                seconds,
+                Some(brokers[0].pid()),
+                "brokered, audit durable, encrypted to the requester",
+            )
+            .await,
+        );
     }
     let flush = raw_flush(work.path(), seconds);
     rows.push(flush.clone());
@@ -564,6 +596,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ratios.push((
                 format!("c={concurrency}: brokered-durable p50 - direct p50 - one flush p50 (ms)"),
                 b.p50_ms - d.p50_ms - flush.p50_ms,
+            ));
+        }
+        if let (Some(b), Some(e)) = (
+            find("brokered, audit durable"),
+            find("brokered, audit durable, encrypted"),
+        ) {
+            ratios.push((
+                format!("c={concurrency}: encrypted / clear (both signed) brokered throughput"),
+                e.requests_per_second / b.requests_per_second,
             ));
         }
     }

@@ -3,18 +3,23 @@
 //! A throw-away PKI, three mock registers and the broker (sample policy and
 //! routing from `broker/config/`), all over mutual TLS on real ports; then an
 //! authority's requests (allowed, denied, needing consent before and after
-//! the citizen grants it, and after she revokes it), and the audit trail as
-//! the auditor and the citizen see it.
+//! the citizen grants it, and after she revokes it; evidence the register
+//! signed, and evidence encrypted to the office, both verified by the
+//! office), and the audit trail as the auditor and the citizen see it.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use onceonly_certs::tls::identity_verifier;
+use onceonly_certs::{IssueOptions, Role};
 use onceonly_integration_tests::world::{AUTHORITIES, PORTAL, World};
 use onceonly_proto::status::reason_of;
 use onceonly_proto::v1::{
     AuditRecord, ExchangeOutcome, GrantConsentRequest, QueryRecordsRequest, RecordKind,
     RequestEvidenceRequest, RevokeConsentRequest, SubjectId, SubjectIdScheme,
 };
+use onceonly_seal::{DecryptionKey, EvidenceOpener, Expected};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 
 const ANNA: &str = "82281866209";
 const BERLIN: &str = AUTHORITIES[0];
@@ -65,6 +70,20 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let mut authority = world.authority(BERLIN);
+    // What the office runs on what it receives: the register's signature
+    // checked against the trust domain's CA, the binding to its request,
+    // and decryption with its own encryption key.
+    let mut encryption = IssueOptions::new(Role::Authority, BERLIN);
+    encryption.encryption = true;
+    world.pki.issue(&encryption)?;
+    let (enc_cert, enc_key) = world.pki.encryption_paths(BERLIN);
+    let opener = EvidenceOpener::new(
+        Arc::new(identity_verifier(
+            &world.pki.tls_files(Role::Authority, BERLIN),
+            "onceonly.test",
+        )?),
+        Some(DecryptionKey::from_files(&enc_cert, &enc_key)?),
+    );
     let anna = Some(SubjectId {
         scheme: SubjectIdScheme::DeIdnr.into(),
         value: ANNA.into(),
@@ -89,20 +108,36 @@ async fn main() -> anyhow::Result<()> {
         authority
             .request_evidence(ask("demo-1", "birth-certificate", "§ 9 Abs. 1 BEEG"))
             .await,
+        &opener,
     );
 
     step(
         5,
+        "It asks again, naming its encryption certificate: the register encrypts to it (HPKE)",
+    );
+    println!(
+        "   (the broker checks and forwards ciphertext only; it cannot read or replace the evidence)"
+    );
+    let mut sealed = ask("demo-1e", "birth-certificate", "§ 9 Abs. 1 BEEG");
+    sealed.encryption_certificate = onceonly_certs::pki::load_certs(&enc_cert)?
+        .remove(0)
+        .as_ref()
+        .to_vec();
+    show(authority.request_evidence(sealed).await, &opener);
+
+    step(
+        6,
         "The same office asks for her vehicle registration: no policy rule allows that",
     );
     show(
         authority
             .request_evidence(ask("demo-2", "vehicle-registration", "§ 9 Abs. 1 BEEG"))
             .await,
+        &opener,
     );
 
     step(
-        6,
+        7,
         "It asks for her proof of residence, which the policy allows only with her consent",
     );
     show(
@@ -113,10 +148,11 @@ async fn main() -> anyhow::Result<()> {
                 "Art. 6 Abs. 1 lit. a DSGVO",
             ))
             .await,
+        &opener,
     );
 
     step(
-        7,
+        8,
         "Anna grants that consent in the citizen portal, for one hour",
     );
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as i64;
@@ -138,7 +174,7 @@ async fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("the portal returned no consent"))?;
     println!("   -> consent {} recorded by {PORTAL}", consent.consent_id);
 
-    step(8, "The office asks again");
+    step(9, "The office asks again");
     show(
         authority
             .request_evidence(ask(
@@ -147,9 +183,10 @@ async fn main() -> anyhow::Result<()> {
                 "Art. 6 Abs. 1 lit. a DSGVO",
             ))
             .await,
+        &opener,
     );
 
-    step(9, "Anna revokes her consent; the office asks once more");
+    step(10, "Anna revokes her consent; the office asks once more");
     world
         .portal()
         .revoke_consent(RevokeConsentRequest {
@@ -164,10 +201,11 @@ async fn main() -> anyhow::Result<()> {
                 "Art. 6 Abs. 1 lit. a DSGVO",
             ))
             .await,
+        &opener,
     );
 
     step(
-        10,
+        11,
         "The audit trail, as the data-protection auditor sees it (one record per request)",
     );
     let records = world.audit_records().await;
@@ -177,7 +215,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     step(
-        11,
+        12,
         "What Anna sees in the citizen portal's transparency view",
     );
     let about_anna = onceonly_proto::v1::audit_service_client::AuditServiceClient::new(
@@ -234,6 +272,7 @@ fn step(n: u32, text: &str) {
 
 fn show(
     result: Result<tonic::Response<onceonly_proto::v1::RequestEvidenceResponse>, tonic::Status>,
+    opener: &EvidenceOpener,
 ) {
     match result {
         Ok(response) => {
@@ -242,11 +281,22 @@ fn show(
                 println!("   -> OK, but no evidence (unexpected)");
                 return;
             };
-            let recomputed = Sha256::digest(&evidence.payload).to_vec() == evidence.payload_sha256;
+            let carried = evidence
+                .encrypted_payload
+                .as_ref()
+                .map_or(evidence.payload.as_slice(), |sealed| {
+                    sealed.ciphertext.as_slice()
+                });
+            let recomputed = Sha256::digest(carried).to_vec() == evidence.payload_sha256;
             println!(
-                "   -> OK: {} bytes of {} from {}, SHA-256 {}... ({})",
-                evidence.payload.len(),
+                "   -> OK: {} bytes of {}{} from {}, SHA-256 {}... ({})",
+                carried.len(),
                 evidence.media_type,
+                if evidence.encrypted_payload.is_some() {
+                    ", encrypted"
+                } else {
+                    ""
+                },
                 evidence.connector_id,
                 &hex::encode(&evidence.payload_sha256)[..16],
                 if recomputed {
@@ -259,9 +309,34 @@ fn show(
                 "      exchange {}, audit log index {}",
                 response.exchange_id, response.audit_log_index
             );
-            let text = match serde_json::from_slice::<serde_json::Value>(&evidence.payload) {
+            let expected = Expected {
+                exchange_id: &response.exchange_id,
+                evidence_type: &evidence.evidence_type,
+                subject_scheme: SubjectIdScheme::DeIdnr,
+                subject_value: ANNA,
+                requester: &format!("spiffe://onceonly.test/authority/{BERLIN}"),
+            };
+            let payload = match opener.open(&evidence, &expected) {
+                Ok(opened) => {
+                    println!(
+                        "      the office verified: signed by {} (certificate issued by the CA), bound to this exchange, requester and subject{}",
+                        opened.connector,
+                        if opened.was_encrypted {
+                            "; decrypted with its own key"
+                        } else {
+                            ""
+                        }
+                    );
+                    opened.payload
+                }
+                Err(refused) => {
+                    println!("      the office REFUSED it: {refused}");
+                    return;
+                }
+            };
+            let text = match serde_json::from_slice::<serde_json::Value>(&payload) {
                 Ok(json) => serde_json::to_string_pretty(&json).unwrap_or_default(),
-                Err(_) => String::from_utf8_lossy(&evidence.payload).into_owned(),
+                Err(_) => String::from_utf8_lossy(&payload).into_owned(),
             };
             for line in text.lines().take(10) {
                 let line: String = line.chars().take(110).collect();

@@ -1,0 +1,266 @@
+//! The broker's authorization ticket: a JWT (RFC 7519) the broker signs for
+//! every request it forwards, binding what its policy decided. The
+//! connector verifies it before any register code runs: signed by the
+//! broker certificate of the trust domain it serves, addressed to this
+//! connector, not expired, every field equal to the request's, and not seen
+//! before within its lifetime. A holder of a broker certificate who skips
+//! the policy gets no ticket, so no evidence.
+//!
+//! Claims (`typ` header `onceonly-ticket+jwt`):
+//!
+//! | claim | meaning |
+//! | --- | --- |
+//! | `iss` | the broker's SPIFFE id |
+//! | `aud` | the connector's SPIFFE id |
+//! | `sub` | the requesting authority's SPIFFE id |
+//! | `jti` | unique per forwarded attempt (replay key) |
+//! | `iat`, `exp` | issue and expiry, Unix seconds |
+//! | `xid` | the exchange id |
+//! | `evt` | the evidence type |
+//! | `sbh` | the subject hash ([`crate::subject_hash`]) |
+//! | `pur`, `lgb` | purpose and legal basis |
+//! | `jur` | the jurisdiction asked for, or absent |
+//! | `rul` | the id of the policy rule that allowed it |
+//! | `cid` | the consent that covered it, where one was needed |
+//! | `ecf` | SHA-256 (base64url) of the encryption certificate named, or absent |
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use onceonly_certs::{IdentityVerifier, Role};
+use serde::{Deserialize, Serialize};
+
+use crate::jws::{self, JwsError, Signer, TimeRule};
+
+/// The `typ` header of a ticket.
+pub const TICKET_TYPE: &str = "onceonly-ticket+jwt";
+
+/// The longest lifetime a connector accepts (`exp - iat`): a ticket is for
+/// one forward, within one deadline.
+pub const MAX_LIFETIME_SECS: i64 = 300;
+
+/// Clock skew tolerated between broker and connector.
+pub const LEEWAY_SECS: u64 = 5;
+
+/// What a ticket says. See the module docs for each claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketClaims {
+    /// The broker's SPIFFE id.
+    pub iss: String,
+    /// The connector's SPIFFE id.
+    pub aud: String,
+    /// The requesting authority's SPIFFE id.
+    pub sub: String,
+    /// Unique per forwarded attempt.
+    pub jti: String,
+    /// Issued at, Unix seconds.
+    pub iat: i64,
+    /// Expires at, Unix seconds.
+    pub exp: i64,
+    /// The exchange id.
+    pub xid: String,
+    /// The evidence type.
+    pub evt: String,
+    /// The subject hash.
+    pub sbh: String,
+    /// The purpose.
+    pub pur: String,
+    /// The legal basis.
+    pub lgb: String,
+    /// The jurisdiction asked for.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub jur: String,
+    /// The policy rule that allowed the request.
+    pub rul: String,
+    /// The consent that covered it, where one was needed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cid: String,
+    /// The encryption certificate's SHA-256 (base64url), where encryption
+    /// was asked for.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ecf: String,
+}
+
+impl TicketClaims {
+    /// Signs the claims as a ticket.
+    pub fn sign(&self, signer: &Signer) -> Result<String, JwsError> {
+        signer.sign(TICKET_TYPE, self)
+    }
+}
+
+/// Why a connector refused a ticket.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum TicketError {
+    /// The request carries no ticket.
+    #[error("the request carries no authorization ticket")]
+    Missing,
+    /// Signature, signer or format.
+    #[error("the authorization ticket is refused: {0}")]
+    Invalid(JwsError),
+    /// Signed by a broker, but not the one this connector serves.
+    #[error(
+        "the authorization ticket was issued by {found}, not by the broker this connector serves ({expected})"
+    )]
+    WrongIssuer {
+        /// The broker served.
+        expected: String,
+        /// Who issued it.
+        found: String,
+    },
+    /// Past its `exp`, or valid for longer than a ticket may be.
+    #[error("the authorization ticket has expired ({0})")]
+    Expired(String),
+    /// Already used within its lifetime.
+    #[error("the authorization ticket {jti} was used before")]
+    Replayed {
+        /// Its id.
+        jti: String,
+    },
+    /// A field differs from the request's.
+    #[error("the authorization ticket does not match the request: its {field} differs")]
+    Mismatch {
+        /// Which claim.
+        field: &'static str,
+    },
+}
+
+/// What the request a ticket comes with says; the ticket must say the same.
+#[derive(Debug, Clone)]
+pub struct TicketExpectation<'a> {
+    /// This connector's SPIFFE id.
+    pub audience: &'a str,
+    /// The exchange id.
+    pub exchange_id: &'a str,
+    /// The requester's SPIFFE id.
+    pub requester: &'a str,
+    /// The evidence type.
+    pub evidence_type: &'a str,
+    /// The subject hash of the request's subject.
+    pub subject_hash: &'a str,
+    /// Purpose.
+    pub purpose: &'a str,
+    /// Legal basis.
+    pub legal_basis: &'a str,
+    /// Jurisdiction, or "".
+    pub jurisdiction: &'a str,
+    /// SHA-256 (base64url) of the encryption certificate, or "".
+    pub encryption_certificate: &'a str,
+}
+
+/// Verifies tickets for one connector, remembering the ones it accepted
+/// until they expire.
+#[derive(Debug)]
+pub struct TicketVerifier {
+    broker: String,
+    seen: Mutex<Seen>,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    expiry_by_jti: HashMap<String, i64>,
+    /// The earliest expiry in the map: nothing to sweep before it.
+    next_sweep: i64,
+}
+
+impl TicketVerifier {
+    /// Accepts tickets from the broker with SPIFFE id `broker`.
+    pub fn new(broker: &str) -> Self {
+        TicketVerifier {
+            broker: broker.to_owned(),
+            seen: Mutex::new(Seen::default()),
+        }
+    }
+
+    /// Verifies `token` against the request described by `expected`, at
+    /// `now` (Unix seconds), with `trust` checking the signer's certificate.
+    /// An accepted ticket is remembered: the same one again is a replay.
+    pub fn verify(
+        &self,
+        token: &str,
+        trust: &IdentityVerifier,
+        expected: &TicketExpectation<'_>,
+        now: i64,
+    ) -> Result<TicketClaims, TicketError> {
+        if token.is_empty() {
+            return Err(TicketError::Missing);
+        }
+        let verified = jws::verify::<TicketClaims>(
+            token,
+            TICKET_TYPE,
+            trust,
+            Role::Broker,
+            TimeRule {
+                require_exp: true,
+                leeway_secs: LEEWAY_SECS,
+            },
+        )
+        .map_err(|e| match e {
+            JwsError::Expired => TicketError::Expired("past its exp".into()),
+            other => TicketError::Invalid(other),
+        })?;
+        let claims = verified.claims;
+        if verified.signer.spiffe_id() != self.broker || claims.iss != self.broker {
+            return Err(TicketError::WrongIssuer {
+                expected: self.broker.clone(),
+                found: verified.signer.spiffe_id(),
+            });
+        }
+        if claims.exp - claims.iat > MAX_LIFETIME_SECS {
+            return Err(TicketError::Expired(format!(
+                "valid for {} s, longer than the {MAX_LIFETIME_SECS} s a ticket may be",
+                claims.exp - claims.iat
+            )));
+        }
+        for (field, ticket, request) in [
+            ("aud", &claims.aud, expected.audience),
+            ("xid (exchange id)", &claims.xid, expected.exchange_id),
+            ("sub (requester)", &claims.sub, expected.requester),
+            ("evt (evidence type)", &claims.evt, expected.evidence_type),
+            ("sbh (subject)", &claims.sbh, expected.subject_hash),
+            ("pur (purpose)", &claims.pur, expected.purpose),
+            ("lgb (legal basis)", &claims.lgb, expected.legal_basis),
+            ("jur (jurisdiction)", &claims.jur, expected.jurisdiction),
+            (
+                "ecf (encryption certificate)",
+                &claims.ecf,
+                expected.encryption_certificate,
+            ),
+        ] {
+            if ticket != request {
+                return Err(TicketError::Mismatch { field });
+            }
+        }
+        self.remember(&claims, now)?;
+        Ok(claims)
+    }
+
+    fn remember(&self, claims: &TicketClaims, now: i64) -> Result<(), TicketError> {
+        let leeway = i64::try_from(LEEWAY_SECS).unwrap_or(0);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if now >= seen.next_sweep {
+            seen.expiry_by_jti.retain(|_, exp| *exp + leeway >= now);
+            seen.next_sweep = seen
+                .expiry_by_jti
+                .values()
+                .min()
+                .map_or(i64::MAX, |exp| exp + leeway);
+        }
+        if seen.expiry_by_jti.contains_key(&claims.jti) {
+            return Err(TicketError::Replayed {
+                jti: claims.jti.clone(),
+            });
+        }
+        seen.expiry_by_jti.insert(claims.jti.clone(), claims.exp);
+        seen.next_sweep = seen.next_sweep.min(claims.exp + leeway);
+        Ok(())
+    }
+
+    /// Tickets remembered now.
+    pub fn remembered(&self) -> usize {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .expiry_by_jti
+            .len()
+    }
+}

@@ -1,0 +1,387 @@
+//! Tickets, statements and encryption against a real throw-away PKI: what
+//! verifies, and every way a forger, a replayer or a broker that swaps a
+//! key fails.
+
+use std::sync::Arc;
+
+use onceonly_certs::tls::identity_verifier;
+use onceonly_certs::{IdentityVerifier, IssueOptions, Pki, Role};
+use onceonly_proto::v1::{EncryptedPayload, Evidence, SubjectIdScheme};
+use onceonly_seal::encryption::{Context, SUITE};
+use onceonly_seal::jws::JwsError;
+use onceonly_seal::statement::EncryptionClaims;
+use onceonly_seal::{
+    DecryptionKey, EvidenceOpener, Expected, OpenError, Recipient, RecipientError, Signer,
+    StatementClaims, TicketClaims, TicketError, TicketExpectation, TicketVerifier, digest_b64,
+    subject_hash, unix_now,
+};
+
+const TD: &str = "onceonly.test";
+const ANNA: &str = "86095742719";
+const BERLIN: &str = "spiffe://onceonly.test/authority/elterngeld-berlin";
+const CIVIL: &str = "spiffe://onceonly.test/connector/civil-register";
+const BROKER: &str = "spiffe://onceonly.test/broker/broker";
+
+struct Setup {
+    pki: onceonly_certs::pki::ThrowawayPki,
+    trust: Arc<IdentityVerifier>,
+}
+
+fn setup() -> Setup {
+    let pki = Pki::throwaway(
+        TD,
+        &[
+            (Role::Connector, "civil-register"),
+            (Role::Authority, "elterngeld-berlin"),
+            (Role::Authority, "other-authority"),
+            (Role::Broker, "rogue-broker"),
+        ],
+    )
+    .expect("pki");
+    for id in ["elterngeld-berlin", "other-authority"] {
+        let mut options = IssueOptions::new(Role::Authority, id);
+        options.encryption = true;
+        pki.issue(&options).expect("encryption certificate");
+    }
+    let trust =
+        Arc::new(identity_verifier(&pki.tls_files(Role::Broker, "broker"), TD).expect("trust"));
+    Setup { pki, trust }
+}
+
+fn signer(setup: &Setup, role: Role, id: &str) -> Signer {
+    let (cert, key) = setup.pki.participant_paths(role, id);
+    Signer::from_files(&cert, &key).expect("signer")
+}
+
+fn ticket_claims() -> TicketClaims {
+    let now = unix_now();
+    TicketClaims {
+        iss: BROKER.into(),
+        aud: CIVIL.into(),
+        sub: BERLIN.into(),
+        jti: "t-1".into(),
+        iat: now,
+        exp: now + 30,
+        xid: "ex-1".into(),
+        evt: "birth-certificate".into(),
+        sbh: subject_hash("ex-1", SubjectIdScheme::DeIdnr, ANNA),
+        pur: "parental-allowance".into(),
+        lgb: "§ 9 Abs. 1 BEEG".into(),
+        jur: String::new(),
+        rul: "berlin-birth".into(),
+        cid: String::new(),
+        ecf: String::new(),
+    }
+}
+
+fn expectation(sbh: &str) -> TicketExpectation<'_> {
+    TicketExpectation {
+        audience: CIVIL,
+        exchange_id: "ex-1",
+        requester: BERLIN,
+        evidence_type: "birth-certificate",
+        subject_hash: sbh,
+        purpose: "parental-allowance",
+        legal_basis: "§ 9 Abs. 1 BEEG",
+        jurisdiction: "",
+        encryption_certificate: "",
+    }
+}
+
+#[test]
+fn a_ticket_verifies_once_and_is_a_replay_after() {
+    let setup = setup();
+    let token = ticket_claims()
+        .sign(&signer(&setup, Role::Broker, "broker"))
+        .expect("sign");
+    let verifier = TicketVerifier::new(BROKER);
+    let sbh = subject_hash("ex-1", SubjectIdScheme::DeIdnr, ANNA);
+    let claims = verifier
+        .verify(&token, &setup.trust, &expectation(&sbh), unix_now())
+        .expect("a good ticket");
+    assert_eq!(claims.rul, "berlin-birth");
+    assert_eq!(
+        verifier.verify(&token, &setup.trust, &expectation(&sbh), unix_now()),
+        Err(TicketError::Replayed { jti: "t-1".into() })
+    );
+}
+
+#[test]
+fn forged_expired_foreign_and_mismatched_tickets_are_refused_by_name() {
+    let setup = setup();
+    let broker = signer(&setup, Role::Broker, "broker");
+    let verifier = TicketVerifier::new(BROKER);
+    let sbh = subject_hash("ex-1", SubjectIdScheme::DeIdnr, ANNA);
+    let expected = expectation(&sbh);
+    let verify = |token: &str| verifier.verify(token, &setup.trust, &expected, unix_now());
+
+    assert_eq!(verify(""), Err(TicketError::Missing));
+
+    // One changed claim under the old signature.
+    let token = ticket_claims().sign(&broker).expect("sign");
+    let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+    let mut forged = ticket_claims();
+    forged.rul = "a-rule-never-written".into();
+    parts[1] = base64_url(&serde_json::to_vec(&forged).expect("json"));
+    assert_eq!(
+        verify(&parts.join(".")),
+        Err(TicketError::Invalid(JwsError::BadSignature))
+    );
+
+    // Signed by a connector, or by another broker of the trust domain.
+    let by_connector = ticket_claims()
+        .sign(&signer(&setup, Role::Connector, "civil-register"))
+        .expect("sign");
+    assert!(matches!(
+        verify(&by_connector),
+        Err(TicketError::Invalid(JwsError::WrongSigner { .. }))
+    ));
+    let mut rogue_claims = ticket_claims();
+    rogue_claims.iss = "spiffe://onceonly.test/broker/rogue-broker".into();
+    rogue_claims.jti = "t-rogue".into();
+    let rogue = rogue_claims
+        .sign(&signer(&setup, Role::Broker, "rogue-broker"))
+        .expect("sign");
+    assert!(matches!(
+        verify(&rogue),
+        Err(TicketError::WrongIssuer { .. })
+    ));
+
+    // Signed by a broker certificate of another CA.
+    let foreign = Pki::throwaway(TD, &[]).expect("foreign pki");
+    let (cert, key) = foreign.participant_paths(Role::Broker, "broker");
+    let mut foreign_claims = ticket_claims();
+    foreign_claims.jti = "t-foreign".into();
+    let token = foreign_claims
+        .sign(&Signer::from_files(&cert, &key).expect("signer"))
+        .expect("sign");
+    assert!(matches!(
+        verify(&token),
+        Err(TicketError::Invalid(JwsError::SignerRefused(_)))
+    ));
+
+    // Expired (beyond the leeway), and valid for too long.
+    let mut old = ticket_claims();
+    old.jti = "t-old".into();
+    old.iat -= 120;
+    old.exp = unix_now() - 60;
+    assert!(matches!(
+        verify(&old.sign(&broker).expect("sign")),
+        Err(TicketError::Expired(_))
+    ));
+    let mut long = ticket_claims();
+    long.jti = "t-long".into();
+    long.exp = long.iat + 3600;
+    assert!(matches!(
+        verify(&long.sign(&broker).expect("sign")),
+        Err(TicketError::Expired(_))
+    ));
+
+    // Another subject, another evidence type, another requester.
+    let mut other_subject = ticket_claims();
+    other_subject.jti = "t-subject".into();
+    other_subject.sbh = subject_hash("ex-1", SubjectIdScheme::DeIdnr, "12345678903");
+    assert_eq!(
+        verify(&other_subject.sign(&broker).expect("sign")),
+        Err(TicketError::Mismatch {
+            field: "sbh (subject)"
+        })
+    );
+    let mut other_type = ticket_claims();
+    other_type.jti = "t-type".into();
+    other_type.evt = "vehicle-registration".into();
+    assert_eq!(
+        verify(&other_type.sign(&broker).expect("sign")),
+        Err(TicketError::Mismatch {
+            field: "evt (evidence type)"
+        })
+    );
+    // None of the refused tickets was remembered.
+    assert_eq!(verifier.remembered(), 0);
+}
+
+fn base64_url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn expected() -> Expected<'static> {
+    Expected {
+        exchange_id: "ex-1",
+        evidence_type: "birth-certificate",
+        subject_scheme: SubjectIdScheme::DeIdnr,
+        subject_value: ANNA,
+        requester: BERLIN,
+    }
+}
+
+fn signed_evidence(setup: &Setup, payload: &[u8], recipient: Option<&Recipient>) -> Evidence {
+    let context = Context {
+        exchange_id: "ex-1",
+        evidence_type: "birth-certificate",
+        requester: BERLIN,
+        media_type: "application/json",
+    };
+    let (carried, encrypted, enc) = match recipient {
+        None => (payload.to_vec(), None, None),
+        Some(recipient) => {
+            let sealed = recipient.seal(&context, payload).expect("seal");
+            (
+                sealed.ciphertext.clone(),
+                Some(EncryptedPayload {
+                    suite: SUITE.into(),
+                    encapsulated_key: sealed.encapsulated_key.clone(),
+                    ciphertext: sealed.ciphertext,
+                    recipient_certificate_sha256: recipient.certificate_sha256().to_vec(),
+                }),
+                Some(EncryptionClaims {
+                    rcf: recipient.fingerprint().into(),
+                    ek: base64_url(&sealed.encapsulated_key),
+                    suite: SUITE.into(),
+                }),
+            )
+        }
+    };
+    let statement = StatementClaims {
+        iss: CIVIL.into(),
+        sub: BERLIN.into(),
+        iat: unix_now(),
+        xid: "ex-1".into(),
+        evt: "birth-certificate".into(),
+        sbh: subject_hash("ex-1", SubjectIdScheme::DeIdnr, ANNA),
+        med: "application/json".into(),
+        dig: digest_b64(&carried),
+        enc,
+    };
+    Evidence {
+        evidence_type: "birth-certificate".into(),
+        payload: if encrypted.is_some() {
+            Vec::new()
+        } else {
+            payload.to_vec()
+        },
+        media_type: "application/json".into(),
+        connector_id: "civil-register".into(),
+        register_jws: statement
+            .sign(&signer(setup, Role::Connector, "civil-register"))
+            .expect("sign"),
+        encrypted_payload: encrypted,
+        ..Default::default()
+    }
+}
+
+fn recipient(setup: &Setup, id: &str) -> Recipient {
+    let (cert, _) = setup.pki.encryption_paths(id);
+    let der = onceonly_certs::pki::load_certs(&cert)
+        .expect("cert")
+        .remove(0);
+    Recipient::from_certificate(&der, &setup.trust).expect("recipient")
+}
+
+fn decryption_key(setup: &Setup, id: &str) -> DecryptionKey {
+    let (cert, key) = setup.pki.encryption_paths(id);
+    DecryptionKey::from_files(&cert, &key).expect("key")
+}
+
+#[test]
+fn signed_evidence_opens_and_one_changed_byte_names_the_digest_check() {
+    let setup = setup();
+    let opener = EvidenceOpener::new(setup.trust.clone(), None);
+    let evidence = signed_evidence(&setup, br#"{"name":"Anna"}"#, None);
+    let opened = opener.open(&evidence, &expected()).expect("opens");
+    assert_eq!(opened.payload, br#"{"name":"Anna"}"#);
+    assert_eq!(opened.connector.spiffe_id(), CIVIL);
+
+    let mut altered = evidence.clone();
+    altered.payload[3] ^= 1;
+    let error = opener.open(&altered, &expected()).expect_err("altered");
+    assert_eq!(error, OpenError::Digest { what: "payload" });
+    assert!(error.to_string().starts_with("check digest"), "{error}");
+
+    let mut elsewhere = expected();
+    elsewhere.exchange_id = "ex-2";
+    assert_eq!(
+        opener
+            .open(&evidence, &elsewhere)
+            .expect_err("another exchange"),
+        OpenError::Binding {
+            field: "exchange (xid)"
+        }
+    );
+    let mut stripped = evidence;
+    stripped.register_jws.clear();
+    assert_eq!(
+        opener.open(&stripped, &expected()).expect_err("unsigned"),
+        OpenError::NoStatement
+    );
+}
+
+#[test]
+fn encrypted_evidence_opens_only_for_its_recipient_and_context() {
+    let setup = setup();
+    let berlin = recipient(&setup, "elterngeld-berlin");
+    assert_eq!(berlin.participant().spiffe_id(), BERLIN);
+    let evidence = signed_evidence(&setup, br#"{"name":"Anna"}"#, Some(&berlin));
+    assert!(evidence.payload.is_empty());
+
+    let opener = EvidenceOpener::new(
+        setup.trust.clone(),
+        Some(decryption_key(&setup, "elterngeld-berlin")),
+    );
+    let opened = opener.open(&evidence, &expected()).expect("opens");
+    assert!(opened.was_encrypted);
+    assert_eq!(opened.payload, br#"{"name":"Anna"}"#);
+
+    // Another authority's key.
+    let other = EvidenceOpener::new(
+        setup.trust.clone(),
+        Some(decryption_key(&setup, "other-authority")),
+    );
+    assert!(matches!(
+        other.open(&evidence, &expected()),
+        Err(OpenError::Encryption(_))
+    ));
+    // A flipped ciphertext byte fails the register's digest.
+    let mut altered = evidence.clone();
+    if let Some(sealed) = altered.encrypted_payload.as_mut() {
+        sealed.ciphertext[0] ^= 1;
+    }
+    assert_eq!(
+        opener.open(&altered, &expected()).expect_err("altered"),
+        OpenError::Digest { what: "ciphertext" }
+    );
+}
+
+#[test]
+fn only_an_authoritys_encryption_certificate_of_the_ca_is_a_recipient() {
+    let setup = setup();
+    // A TLS certificate is not for encryption.
+    let (tls_cert, _) = setup
+        .pki
+        .participant_paths(Role::Authority, "elterngeld-berlin");
+    let der = onceonly_certs::pki::load_certs(&tls_cert)
+        .expect("cert")
+        .remove(0);
+    assert!(matches!(
+        Recipient::from_certificate(&der, &setup.trust),
+        Err(RecipientError::NotForEncryption(_))
+    ));
+    // An encryption certificate from another CA.
+    let foreign = Pki::throwaway(TD, &[]).expect("foreign");
+    let mut options = IssueOptions::new(Role::Authority, "elterngeld-berlin");
+    options.encryption = true;
+    foreign.issue(&options).expect("issue");
+    let (cert, _) = foreign.encryption_paths("elterngeld-berlin");
+    let der = onceonly_certs::pki::load_certs(&cert)
+        .expect("cert")
+        .remove(0);
+    assert!(matches!(
+        Recipient::from_certificate(&der, &setup.trust),
+        Err(RecipientError::NotIssued(_))
+    ));
+    // Only authorities get one.
+    let mut options = IssueOptions::new(Role::Connector, "civil-register");
+    options.encryption = true;
+    options.force = true;
+    assert!(setup.pki.issue(&options).is_err());
+}
