@@ -389,6 +389,7 @@ impl Broker {
                 pur: request.purpose.clone(),
                 lgb: request.legal_basis.clone(),
                 jur: request.jurisdiction.clone(),
+                prm: onceonly_seal::parameters_hash(&request.parameters),
                 rul: exchange.record.policy_rule.clone(),
                 cid: exchange.record.consent_id.clone(),
                 ecf: recipient
@@ -486,6 +487,8 @@ impl Broker {
         if self.authorize(exchange, caller, request)? == ConsentRequirement::Required {
             self.check_consent(exchange, request)?;
         }
+        // An encryption requirement (or a certificate revoked) since.
+        self.encryption_recipient(caller, request)?;
         Ok(())
     }
 
@@ -682,7 +685,14 @@ impl Broker {
                 }
                 let evidence = response.evidence.unwrap_or_default();
                 exchange.record.connector_id = evidence.connector_id.clone();
-                self.audit_and_answer(exchange, Ok(evidence)).await
+                // The evidence was issued, signed (and encrypted) for the
+                // first exchange: the caller checks it against that id.
+                self.audit_and_answer(exchange, Ok(evidence))
+                    .await
+                    .map(|mut answer| {
+                        answer.exchange_id = first.exchange_id;
+                        answer
+                    })
             }
             Err(stored) => {
                 self.audit_and_answer(exchange, Err(Refusal::Replayed(stored)))
@@ -877,6 +887,9 @@ fn fingerprint(request: &RequestEvidenceRequest) -> [u8; 32] {
         hash.update((part.len() as u64).to_be_bytes());
         hash.update(part.as_bytes());
     }
+    // Asking for it encrypted (to which certificate) is part of the request.
+    hash.update((request.encryption_certificate.len() as u64).to_be_bytes());
+    hash.update(&request.encryption_certificate);
     for (key, value) in parameters {
         hash.update((key.len() as u64).to_be_bytes());
         hash.update(key.as_bytes());

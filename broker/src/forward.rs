@@ -288,6 +288,8 @@ fn check_evidence(
         subject_scheme: authorization.subject_scheme,
         subject_value: &authorization.subject_value,
         requester: &request.requester_id,
+        parameters: Some(&request.parameters),
+        connector: Some(&destination.connector_id),
     };
     let (statement, _signer) = check_statement(&evidence, &authorization.trust, &expected)
         .map_err(|e| ForwardError::BadEvidence(format!("the register's statement: {e}")))?;

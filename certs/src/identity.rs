@@ -359,7 +359,18 @@ pub struct IdentityVerifier {
     crl_next_update: Option<i64>,
     /// Whether a list past its `nextUpdate` refuses every certificate.
     refuse_when_stale: bool,
+    /// Chains of signers verified lately ([`IdentityVerifier::verify_signer`]).
+    signers:
+        std::sync::Mutex<std::collections::HashMap<[u8; 32], (Participant, std::time::Instant)>>,
 }
+
+/// How long a signer's verified chain is taken as verified without checking
+/// it again: a reload (a new CRL) starts a new verifier with none, and a
+/// list going stale by the clock is noticed within this time.
+pub const SIGNER_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Signers' chains remembered at most (one per broker and connector
+/// certificate in use; more only under attack, and then forgotten).
+const SIGNER_CACHE_MAX: usize = 4096;
 
 /// The state of a verifier's revocation list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -433,7 +444,67 @@ impl IdentityVerifier {
             webpki,
             crl_next_update: if has_crls { crl_next_update } else { None },
             refuse_when_stale: refuse_when_stale && has_crls,
+            signers: Default::default(),
         })
+    }
+
+    /// [`Self::verify`] for the signer of a token (a ticket, a statement):
+    /// the same chain is verified once per [`SIGNER_CACHE_TTL`], since
+    /// every token of one broker or connector carries the same chain and a
+    /// chain check costs more than the signature's.
+    pub fn verify_signer(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<Participant, IdentityError> {
+        self.cached(b"signer", end_entity, intermediates, || {
+            self.verify(end_entity, intermediates)
+        })
+    }
+
+    /// [`Self::verify_encryption_certificate`], cached like
+    /// [`Self::verify_signer`]: an authority names the same certificate in
+    /// request after request.
+    pub fn verify_encryption_certificate_cached(
+        &self,
+        end_entity: &CertificateDer<'_>,
+    ) -> Result<Participant, IdentityError> {
+        self.cached(b"encryption", end_entity, &[], || {
+            self.verify_encryption_certificate(end_entity)
+        })
+    }
+
+    fn cached(
+        &self,
+        purpose: &[u8],
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        verify: impl FnOnce() -> Result<Participant, IdentityError>,
+    ) -> Result<Participant, IdentityError> {
+        use sha2::Digest;
+        let mut hash = sha2::Sha256::new();
+        hash.update(purpose);
+        for cert in std::iter::once(end_entity).chain(intermediates) {
+            hash.update((cert.len() as u64).to_be_bytes());
+            hash.update(cert.as_ref());
+        }
+        let key: [u8; 32] = hash.finalize().into();
+        let now = std::time::Instant::now();
+        {
+            let cache = self.signers.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((participant, verified_at)) = cache.get(&key)
+                && now.duration_since(*verified_at) < SIGNER_CACHE_TTL
+            {
+                return Ok(participant.clone());
+            }
+        }
+        let participant = verify()?;
+        let mut cache = self.signers.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= SIGNER_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, (participant.clone(), now));
+        Ok(participant)
     }
 
     /// The state of the revocation list at `now` (Unix seconds).
@@ -455,20 +526,45 @@ impl IdentityVerifier {
         &self.trust_domain
     }
 
-    /// Checks chain, validity at `now` and revocation, then the identity.
+    /// Checks chain, validity at `now` and revocation, then the identity,
+    /// of a certificate that authenticates (TLS, a signature): one whose
+    /// key usage is key agreement only (an encryption certificate) is
+    /// refused.
     pub fn verify_at(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<Participant, IdentityError> {
+        self.check_chain(end_entity, intermediates, now)?;
+        refuse_key_agreement_only(end_entity)?;
+        self.identity_of(end_entity)
+    }
+
+    /// Checks an encryption certificate: chain, validity and revocation
+    /// like [`Self::verify_at`], then the identity; its key usage is the
+    /// caller's to check (key agreement).
+    pub fn verify_encryption_certificate(
+        &self,
+        end_entity: &CertificateDer<'_>,
+    ) -> Result<Participant, IdentityError> {
+        self.check_chain(end_entity, &[], UnixTime::now())?;
+        self.identity_of(end_entity)
+    }
+
+    fn check_chain(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), IdentityError> {
         self.webpki
             .verify_client_cert(end_entity, intermediates, now)
+            .map(|_| ())
             .map_err(|e| IdentityError::Certificate {
                 kind: refusal_kind(&e),
                 reason: explain_tls_error(&e),
-            })?;
-        self.identity_of(end_entity)
+            })
     }
 
     /// [`Self::verify_at`] the current time.
@@ -497,6 +593,22 @@ impl IdentityVerifier {
     }
 }
 
+/// Refuses a certificate whose key usage allows key agreement but not
+/// signatures: an authority's encryption certificate, which must not log in
+/// as the authority (webpki checks extended key usage only, and an
+/// encryption certificate has none).
+fn refuse_key_agreement_only(end_entity: &CertificateDer<'_>) -> Result<(), IdentityError> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(end_entity.as_ref()) else {
+        return Ok(()); // unparseable certificates fail the identity check
+    };
+    match cert.key_usage() {
+        Ok(Some(usage)) if !usage.value.digital_signature() => Err(IdentityError::Rejected(
+            "the certificate's key usage does not include digitalSignature (an encryption certificate cannot authenticate)".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl ClientCertVerifier for IdentityVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         self.webpki.root_hint_subjects()
@@ -511,11 +623,13 @@ impl ClientCertVerifier for IdentityVerifier {
         let verified = self
             .webpki
             .verify_client_cert(end_entity, intermediates, now)?;
-        self.identity_of(end_entity).map_err(|e| {
-            rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
-                Arc::new(e),
-            )))
-        })?;
+        refuse_key_agreement_only(end_entity)
+            .and_then(|()| self.identity_of(end_entity))
+            .map_err(|e| {
+                rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
+                    Arc::new(e),
+                )))
+            })?;
         Ok(verified)
     }
 

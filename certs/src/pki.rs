@@ -749,8 +749,10 @@ fn participant_params(
 }
 
 /// An authority's encryption certificate: its SPIFFE id, key agreement
-/// only and no extended key usage, so no TLS stack takes it for a TLS
-/// certificate's purpose and no connector takes a TLS certificate for it.
+/// only and no extended key usage. No connector takes a TLS certificate for
+/// it (they lack keyAgreement), and the trust domain's verifiers refuse it
+/// for TLS and signatures (it lacks digitalSignature; webpki alone would
+/// not, as it reads only extended key usage).
 fn encryption_params(
     participant: &Participant,
     not_before: OffsetDateTime,

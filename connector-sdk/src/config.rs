@@ -65,6 +65,13 @@ pub struct ConnectorConfig {
     /// How long shutdown waits for requests in flight.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Evidence types this register releases only encrypted to the
+    /// requester: a request without an encryption certificate is refused
+    /// (FAILED_PRECONDITION, ENCRYPTION_REQUIRED) whatever the broker's
+    /// ticket says, so not even a broker that issues itself tickets reads
+    /// them.
+    #[serde(default)]
+    pub encryption_required_for: Vec<String>,
 }
 
 /// A connector's limits.
@@ -110,6 +117,7 @@ impl ConnectorConfig {
             limits: Limits::default(),
             connections: ConnectionLimits::default(),
             shutdown_grace: default_shutdown_grace(),
+            encryption_required_for: Vec::new(),
         }
     }
 

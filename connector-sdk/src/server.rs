@@ -103,6 +103,14 @@ impl<C: Connector> ConnectorServer<C> {
         self
     }
 
+    /// Release these evidence types only encrypted to the requester (see
+    /// [`ConnectorConfig::encryption_required_for`]).
+    pub fn require_encryption_for(mut self, evidence_types: &[&str]) -> Self {
+        self.config.encryption_required_for =
+            evidence_types.iter().map(|t| (*t).to_owned()).collect();
+        self
+    }
+
     /// Requests in the register at once (default 256).
     pub fn concurrency(mut self, limit: usize) -> Self {
         self.config.limits.concurrency = limit;
@@ -201,6 +209,7 @@ impl<C: Connector> BoundConnector<C> {
                 max_request_time: config.limits.max_request_time,
                 max_payload_size: usize::try_from(config.limits.max_payload_size.as_u64())
                     .unwrap_or(usize::MAX),
+                encryption_required_for: config.encryption_required_for.clone(),
             },
             self.tls.clone(),
             self.signer,

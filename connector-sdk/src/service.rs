@@ -51,6 +51,8 @@ pub(crate) struct ServiceLimits {
     pub max_request_time: Duration,
     /// The largest payload the connector will send.
     pub max_payload_size: usize,
+    /// Evidence types released only encrypted to the requester.
+    pub encryption_required_for: Vec<String>,
 }
 
 /// The gRPC service wrapping a connector.
@@ -72,6 +74,8 @@ pub(crate) struct ConnectorGrpc<C> {
     signer: SignerCell,
     /// The broker's tickets, with the ones accepted (replays refused).
     tickets: TicketVerifier,
+    /// Evidence types this register releases only encrypted.
+    encryption_required: std::collections::HashSet<String>,
     permits: Arc<Semaphore>,
     limits: ServiceLimits,
 }
@@ -109,6 +113,7 @@ impl<C: Connector> ConnectorGrpc<C> {
             tls,
             signer,
             tickets: TicketVerifier::new(&broker),
+            encryption_required: limits.encryption_required_for.iter().cloned().collect(),
             permits: Arc::new(Semaphore::new(limits.concurrency.max(1))),
             limits,
         }
@@ -156,6 +161,7 @@ impl<C: Connector> ConnectorGrpc<C> {
             request.subject.scheme,
             &request.subject.value,
         );
+        let parameters = onceonly_seal::parameters_hash(&request.parameters);
         let expected = TicketExpectation {
             audience: &self.me,
             exchange_id: &request.exchange_id,
@@ -165,6 +171,7 @@ impl<C: Connector> ConnectorGrpc<C> {
             purpose: &request.purpose,
             legal_basis: &request.legal_basis,
             jurisdiction: request.jurisdiction.as_deref().unwrap_or(""),
+            parameters: &parameters,
             encryption_certificate: &fingerprint,
         };
         let ticket = self
@@ -175,6 +182,18 @@ impl<C: Connector> ConnectorGrpc<C> {
                 ticket_status(&refusal)
             })?;
         let recipient = if certificate.is_empty() {
+            if self.encryption_required.contains(&request.evidence_type) {
+                // The register's own rule: a broker that mints itself a
+                // ticket without a certificate still gets no clear evidence.
+                return Err(error(
+                    Code::FailedPrecondition,
+                    ErrorReason::EncryptionRequired,
+                    format!(
+                        "this register releases {:?} only encrypted to the requester: the request names no encryption certificate",
+                        request.evidence_type
+                    ),
+                ));
+            }
             None
         } else {
             let recipient = Recipient::from_certificate(&certificate, &trust)
@@ -318,6 +337,7 @@ impl<C: Connector> ConnectorGrpc<C> {
                 &request.subject.value,
             ),
             med: payload.media_type.clone(),
+            prm: onceonly_seal::parameters_hash(&request.parameters),
             dig: onceonly_seal::base64_url(&digest),
             enc: encryption,
         };
@@ -368,6 +388,13 @@ fn ticket_status(refusal: &TicketError) -> Status {
         TicketError::Expired(_) => ErrorReason::TicketExpired,
         TicketError::Replayed { .. } => ErrorReason::TicketReplayed,
         TicketError::Mismatch { .. } => ErrorReason::TicketMismatch,
+        TicketError::TooMany(_) => {
+            return error(
+                Code::Unavailable,
+                ErrorReason::ConnectorUnavailable,
+                refusal.to_string(),
+            );
+        }
     };
     error(Code::PermissionDenied, reason, refusal.to_string())
 }

@@ -78,6 +78,13 @@ def check_statement(evidence, exchange_id, requester, subject_scheme, subject_va
     header = jwt.get_unverified_header(evidence.register_jws)
     leaf = x509.load_der_x509_certificate(base64.b64decode(header["x5c"][0]))
     leaf.verify_directly_issued_by(ca)  # raises unless the CA issued it
+    import datetime
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+        raise ValueError("check signer: the register's certificate is not valid now")
+    if jwt.get_unverified_header(evidence.register_jws).get("typ") != "onceonly-evidence+jwt":
+        raise ValueError("check type: not a register statement")
     uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
         x509.UniformResourceIdentifier
     )
@@ -98,10 +105,18 @@ def check_statement(evidence, exchange_id, requester, subject_scheme, subject_va
         "evt": evidence.evidence_type,
         "sbh": subject_hash(exchange_id, subject_scheme, subject_value),
         "dig": b64url(hashlib.sha256(carried).digest()),
+        "med": evidence.media_type,
     }
     for claim, value in expected.items():
         if claims.get(claim) != value:
             raise ValueError(f"check binding: claim {claim} is {claims.get(claim)!r}, expected {value!r}")
+    if evidence.HasField("encrypted_payload"):
+        sealed = evidence.encrypted_payload
+        enc = claims.get("enc") or {}
+        if enc.get("rcf") != b64url(sealed.recipient_certificate_sha256) or enc.get("ek") != b64url(sealed.encapsulated_key):
+            raise ValueError("check binding: the encryption the register signed is not the one that came")
+    elif claims.get("enc"):
+        raise ValueError("check encryption: the register signed an encrypted payload, a clear one came")
     return claims
 
 

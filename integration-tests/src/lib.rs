@@ -164,6 +164,7 @@ pub fn ticket_claims(
         pur: request.purpose.clone(),
         lgb: request.legal_basis.clone(),
         jur: request.jurisdiction.clone(),
+        prm: onceonly_seal::parameters_hash(&request.parameters),
         rul: "test-rule".into(),
         cid: String::new(),
         ecf: if request.encryption_certificate.is_empty() {

@@ -541,7 +541,10 @@ async fn repeated_request_id_gets_the_first_outcome_and_reuse_is_refused() {
         again.evidence, first.evidence,
         "the first outcome, not a second exchange"
     );
-    assert_ne!(again.exchange_id, first.exchange_id);
+    // The evidence was issued for the first exchange: the repeat names it,
+    // and its own record (at its own index) points to it.
+    assert_eq!(again.exchange_id, first.exchange_id);
+    assert_ne!(again.audit_log_index, first.audit_log_index);
 
     let records: Vec<AuditRecord> = world
         .audit_records()

@@ -9,15 +9,16 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use onceonly_certs::tls::identity_verifier;
-use onceonly_certs::{IssueOptions, Pki, Role};
+use onceonly_certs::tls::{client_config, identity_verifier};
+use onceonly_certs::{IssueOptions, Pki, Role, TlsFiles};
 use onceonly_integration_tests::probe::{ProbeCounts, ProbeRegister};
 use onceonly_integration_tests::world::{ANNA, World, anna, birth_certificate};
 use onceonly_integration_tests::{
-    TRUST_DOMAIN, channel_as, pki_with, start_connector, ticket_claims,
+    TRUST_DOMAIN, channel_as, channel_with, pki_with, start_connector, ticket_claims,
 };
 use onceonly_proto::status::{reason_of, violated_fields};
 use onceonly_proto::v1::connector_service_client::ConnectorServiceClient;
+use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
 use onceonly_proto::v1::{
     AuditRecord, ErrorReason, Evidence, ExchangeOutcome, ProvideEvidenceRequest, SubjectId,
     SubjectIdScheme,
@@ -68,6 +69,8 @@ fn expected(exchange_id: &str) -> Expected<'_> {
         subject_scheme: SubjectIdScheme::DeIdnr,
         subject_value: ANNA,
         requester: "spiffe://onceonly.test/authority/elterngeld-berlin",
+        parameters: None,
+        connector: Some("civil-register"),
     }
 }
 
@@ -474,4 +477,107 @@ async fn a_connector_refuses_to_encrypt_to_a_certificate_not_the_requesters() {
         .expect("evidence");
     assert!(evidence.payload.is_empty());
     assert!(evidence.encrypted_payload.is_some());
+}
+
+#[tokio::test]
+async fn an_encryption_certificate_cannot_log_in_as_its_authority() {
+    let world = World::start().await;
+    encryption_certificate(&world.pki, BERLIN);
+    let (cert, key) = world.pki.encryption_paths(BERLIN);
+    let files = TlsFiles::new(
+        world.pki.ca_cert_path(),
+        cert,
+        key,
+        Some(world.pki.crl_path()),
+    );
+    let (config, _) = client_config(&files).expect("client TLS");
+    let mut client = EvidenceServiceClient::new(channel_with(config, world.broker_addr(), None));
+    let status = client
+        .request_evidence(birth_certificate("enc-login"))
+        .await
+        .expect_err("an encryption certificate authenticates nobody");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("digitalSignature"), "{status:?}");
+    assert!(
+        world
+            .audit_records()
+            .await
+            .iter()
+            .all(|r| r.request_id != "enc-login")
+    );
+}
+
+#[tokio::test]
+async fn a_register_that_requires_encryption_refuses_a_ticket_without_a_certificate() {
+    let pki = pki_with(&[
+        (Role::Connector, "civil-register"),
+        (Role::Authority, BERLIN),
+    ]);
+    let (probe, counts) = ProbeRegister::new(Duration::ZERO);
+    let connector = onceonly_connector_sdk::ConnectorServer::builder(
+        probe,
+        pki.tls_files(Role::Connector, "civil-register"),
+    )
+    .allowed_broker("broker")
+    .require_encryption_for(&["birth-certificate"])
+    .listen("127.0.0.1:0".parse().expect("addr"))
+    .bind()
+    .await
+    .expect("bind")
+    .spawn();
+    // A validly signed ticket, as a broker operator could mint one for
+    // itself: the register still releases nothing in clear.
+    let mut client = onceonly_integration_tests::connector_client(
+        &pki,
+        Role::Broker,
+        "broker",
+        connector.local_addr(),
+    );
+    let status = client
+        .provide_evidence(provide_request("ex-clear"))
+        .await
+        .expect_err("clear refused");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(reason_of(&status), Some(ErrorReason::EncryptionRequired));
+    assert_eq!(counts.started.load(Ordering::SeqCst), 0);
+    let mut sealed = provide_request("ex-sealed");
+    sealed.encryption_certificate = encryption_certificate(&pki, BERLIN);
+    client
+        .provide_evidence(sealed)
+        .await
+        .expect("encrypted is served");
+    assert_eq!(counts.started.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_repeated_request_id_gets_sealed_evidence_the_caller_can_still_open() {
+    let world = World::start().await;
+    let certificate = encryption_certificate(&world.pki, BERLIN);
+    let mut request = birth_certificate("sealed-again");
+    request.encryption_certificate = certificate;
+    let mut authority = world.authority(BERLIN);
+    let first = authority
+        .request_evidence(request.clone())
+        .await
+        .expect("first")
+        .into_inner();
+    let again = authority
+        .request_evidence(request.clone())
+        .await
+        .expect("repeat")
+        .into_inner();
+    assert_eq!(again.exchange_id, first.exchange_id);
+    opener(&world.pki, Some(BERLIN))
+        .open(
+            again.evidence.as_ref().expect("evidence"),
+            &expected(&again.exchange_id),
+        )
+        .expect("the repeat opens as the first did");
+    // Asking for the same request id in clear is another request.
+    request.encryption_certificate.clear();
+    let status = authority
+        .request_evidence(request)
+        .await
+        .expect_err("another request under the same id");
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
 }

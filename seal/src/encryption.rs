@@ -100,7 +100,7 @@ impl Recipient {
     /// authority's, for key agreement, with a P-256 key.
     pub fn from_certificate(der: &[u8], trust: &IdentityVerifier) -> Result<Self, RecipientError> {
         let participant = trust
-            .verify(&CertificateDer::from(der), &[])
+            .verify_encryption_certificate_cached(&CertificateDer::from(der))
             .map_err(|e| RecipientError::NotIssued(e.to_string()))?;
         if participant.role() != Role::Authority {
             return Err(RecipientError::NotAnAuthority(participant.spiffe_id()));

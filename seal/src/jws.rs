@@ -177,7 +177,7 @@ pub fn verify<C: DeserializeOwned>(
         ));
     };
     let signer = trust
-        .verify(leaf, intermediates)
+        .verify_signer(leaf, intermediates)
         .map_err(|e| JwsError::SignerRefused(e.to_string()))?;
     if signer.role() != role {
         return Err(JwsError::WrongSigner {

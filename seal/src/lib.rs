@@ -35,7 +35,7 @@ pub use encryption::{DecryptionKey, Recipient, RecipientError};
 pub use jws::{JwsError, Signer};
 pub use opener::{EvidenceOpener, Expected, OpenError, OpenedEvidence};
 pub use statement::StatementClaims;
-pub use subject::subject_hash;
+pub use subject::{parameters_hash, subject_hash};
 pub use ticket::{TicketClaims, TicketError, TicketExpectation, TicketVerifier};
 
 /// Seconds since the Unix epoch, now.

@@ -29,6 +29,13 @@ pub struct Expected<'a> {
     pub subject_value: &'a str,
     /// The requester's SPIFFE id.
     pub requester: &'a str,
+    /// The evidence-type parameters asked with, where to check them.
+    pub parameters: Option<&'a std::collections::HashMap<String, String>>,
+    /// The connector id the caller expects to have signed (its own mapping
+    /// of evidence type to register, not the broker's say), where it pins
+    /// one; otherwise any connector of the trust domain, as the envelope
+    /// names it.
+    pub connector: Option<&'a str>,
 }
 
 /// Why evidence was not accepted; each names the check that failed.
@@ -121,6 +128,20 @@ pub fn check_statement(
         if stated != wanted {
             return Err(OpenError::Binding { field });
         }
+    }
+    if let Some(parameters) = expected.parameters
+        && claims.prm != crate::parameters_hash(parameters)
+    {
+        return Err(OpenError::Binding {
+            field: "parameters (prm)",
+        });
+    }
+    if let Some(connector) = expected.connector
+        && verified.signer.id() != connector
+    {
+        return Err(OpenError::Binding {
+            field: "connector than the one expected for this evidence type",
+        });
     }
     match (&claims.enc, &evidence.encrypted_payload) {
         (None, None) => {

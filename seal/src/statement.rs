@@ -17,6 +17,7 @@
 //! | `evt` | the evidence type |
 //! | `sbh` | the subject hash ([`crate::subject_hash`]) |
 //! | `med` | the media type of the (plaintext) payload |
+//! | `prm` | the parameters' hash ([`crate::parameters_hash`]), or absent |
 //! | `dig` | SHA-256 (base64url) of the bytes carried |
 //! | `enc` | where encrypted: `{"rcf": recipient certificate SHA-256, "ek": the HPKE encapsulated key, "suite": ...}` |
 
@@ -45,6 +46,9 @@ pub struct StatementClaims {
     pub sbh: String,
     /// The media type of the plaintext payload.
     pub med: String,
+    /// The hash of the evidence-type parameters asked with.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prm: String,
     /// SHA-256 (base64url) of the bytes carried.
     pub dig: String,
     /// Where the payload is encrypted to the requester.

@@ -20,6 +20,7 @@
 //! | `sbh` | the subject hash ([`crate::subject_hash`]) |
 //! | `pur`, `lgb` | purpose and legal basis |
 //! | `jur` | the jurisdiction asked for, or absent |
+//! | `prm` | the parameters' hash ([`crate::parameters_hash`]), or absent |
 //! | `rul` | the id of the policy rule that allowed it |
 //! | `cid` | the consent that covered it, where one was needed |
 //! | `ecf` | SHA-256 (base64url) of the encryption certificate named, or absent |
@@ -41,6 +42,11 @@ pub const MAX_LIFETIME_SECS: i64 = 300;
 
 /// Clock skew tolerated between broker and connector.
 pub const LEEWAY_SECS: u64 = 5;
+
+/// Tickets a connector remembers at most (each until it expires): more at
+/// once than a connector can have been sent within a ticket's lifetime is
+/// refused rather than grown without bound.
+pub const MAX_REMEMBERED: usize = 1_000_000;
 
 /// What a ticket says. See the module docs for each claim.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +76,9 @@ pub struct TicketClaims {
     /// The jurisdiction asked for.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub jur: String,
+    /// The hash of the evidence-type parameters.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prm: String,
     /// The policy rule that allowed the request.
     pub rul: String,
     /// The consent that covered it, where one was needed.
@@ -116,6 +125,9 @@ pub enum TicketError {
         /// Its id.
         jti: String,
     },
+    /// The connector remembers as many tickets as it may; try later.
+    #[error("the connector remembers {0} unexpired tickets and accepts no more until some expire")]
+    TooMany(usize),
     /// A field differs from the request's.
     #[error("the authorization ticket does not match the request: its {field} differs")]
     Mismatch {
@@ -143,6 +155,8 @@ pub struct TicketExpectation<'a> {
     pub legal_basis: &'a str,
     /// Jurisdiction, or "".
     pub jurisdiction: &'a str,
+    /// The parameters' hash, or "".
+    pub parameters: &'a str,
     /// SHA-256 (base64url) of the encryption certificate, or "".
     pub encryption_certificate: &'a str,
 }
@@ -195,7 +209,7 @@ impl TicketVerifier {
             },
         )
         .map_err(|e| match e {
-            JwsError::Expired => TicketError::Expired("past its exp".into()),
+            JwsError::Expired => TicketError::Expired(format!("past its exp (now {now})")),
             other => TicketError::Invalid(other),
         })?;
         let claims = verified.claims;
@@ -205,10 +219,18 @@ impl TicketVerifier {
                 found: verified.signer.spiffe_id(),
             });
         }
-        if claims.exp - claims.iat > MAX_LIFETIME_SECS {
+        let leeway = i64::try_from(LEEWAY_SECS).unwrap_or(0);
+        let lifetime = claims.exp.saturating_sub(claims.iat);
+        if !(0..=MAX_LIFETIME_SECS).contains(&lifetime) {
             return Err(TicketError::Expired(format!(
-                "valid for {} s, longer than the {MAX_LIFETIME_SECS} s a ticket may be",
-                claims.exp - claims.iat
+                "valid for {lifetime} s (iat {}, exp {}), not within the 0 to {MAX_LIFETIME_SECS} s a ticket may be",
+                claims.iat, claims.exp
+            )));
+        }
+        if claims.iat > now.saturating_add(leeway) {
+            return Err(TicketError::Expired(format!(
+                "issued in the future (iat {}, now {now}): the broker's and the connector's clocks differ by more than {LEEWAY_SECS} s",
+                claims.iat
             )));
         }
         for (field, ticket, request) in [
@@ -220,6 +242,7 @@ impl TicketVerifier {
             ("pur (purpose)", &claims.pur, expected.purpose),
             ("lgb (legal basis)", &claims.lgb, expected.legal_basis),
             ("jur (jurisdiction)", &claims.jur, expected.jurisdiction),
+            ("prm (parameters)", &claims.prm, expected.parameters),
             (
                 "ecf (encryption certificate)",
                 &claims.ecf,
@@ -238,20 +261,24 @@ impl TicketVerifier {
         let leeway = i64::try_from(LEEWAY_SECS).unwrap_or(0);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         if now >= seen.next_sweep {
-            seen.expiry_by_jti.retain(|_, exp| *exp + leeway >= now);
+            seen.expiry_by_jti
+                .retain(|_, exp| exp.saturating_add(leeway) >= now);
             seen.next_sweep = seen
                 .expiry_by_jti
                 .values()
                 .min()
-                .map_or(i64::MAX, |exp| exp + leeway);
+                .map_or(i64::MAX, |exp| exp.saturating_add(leeway));
         }
         if seen.expiry_by_jti.contains_key(&claims.jti) {
             return Err(TicketError::Replayed {
                 jti: claims.jti.clone(),
             });
         }
+        if seen.expiry_by_jti.len() >= MAX_REMEMBERED {
+            return Err(TicketError::TooMany(MAX_REMEMBERED));
+        }
         seen.expiry_by_jti.insert(claims.jti.clone(), claims.exp);
-        seen.next_sweep = seen.next_sweep.min(claims.exp + leeway);
+        seen.next_sweep = seen.next_sweep.min(claims.exp.saturating_add(leeway));
         Ok(())
     }
 

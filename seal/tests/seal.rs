@@ -68,6 +68,7 @@ fn ticket_claims() -> TicketClaims {
         pur: "parental-allowance".into(),
         lgb: "§ 9 Abs. 1 BEEG".into(),
         jur: String::new(),
+        prm: String::new(),
         rul: "berlin-birth".into(),
         cid: String::new(),
         ecf: String::new(),
@@ -84,6 +85,7 @@ fn expectation(sbh: &str) -> TicketExpectation<'_> {
         purpose: "parental-allowance",
         legal_basis: "§ 9 Abs. 1 BEEG",
         jurisdiction: "",
+        parameters: "",
         encryption_certificate: "",
     }
 }
@@ -196,6 +198,27 @@ fn forged_expired_foreign_and_mismatched_tickets_are_refused_by_name() {
             field: "evt (evidence type)"
         })
     );
+    let mut other_parameters = ticket_claims();
+    other_parameters.jti = "t-prm".into();
+    other_parameters.prm = onceonly_seal::parameters_hash(&std::collections::HashMap::from([(
+        "licence_plate".to_owned(),
+        "B-XX 9".to_owned(),
+    )]));
+    assert_eq!(
+        verify(&other_parameters.sign(&broker).expect("sign")),
+        Err(TicketError::Mismatch {
+            field: "prm (parameters)"
+        })
+    );
+    // Dated in the future beyond the leeway.
+    let mut future = ticket_claims();
+    future.jti = "t-future".into();
+    future.iat += 120;
+    future.exp += 120;
+    assert!(matches!(
+        verify(&future.sign(&broker).expect("sign")),
+        Err(TicketError::Expired(_))
+    ));
     // None of the refused tickets was remembered.
     assert_eq!(verifier.remembered(), 0);
 }
@@ -212,6 +235,8 @@ fn expected() -> Expected<'static> {
         subject_scheme: SubjectIdScheme::DeIdnr,
         subject_value: ANNA,
         requester: BERLIN,
+        parameters: None,
+        connector: None,
     }
 }
 
@@ -250,6 +275,7 @@ fn signed_evidence(setup: &Setup, payload: &[u8], recipient: Option<&Recipient>)
         evt: "birth-certificate".into(),
         sbh: subject_hash("ex-1", SubjectIdScheme::DeIdnr, ANNA),
         med: "application/json".into(),
+        prm: String::new(),
         dig: digest_b64(&carried),
         enc,
     };
@@ -379,6 +405,17 @@ fn only_an_authoritys_encryption_certificate_of_the_ca_is_a_recipient() {
         Recipient::from_certificate(&der, &setup.trust),
         Err(RecipientError::NotIssued(_))
     ));
+    // And an encryption certificate authenticates nobody (no TLS login, no
+    // signature): it lacks digitalSignature.
+    let (enc, _) = setup.pki.encryption_paths("elterngeld-berlin");
+    let der = onceonly_certs::pki::load_certs(&enc)
+        .expect("cert")
+        .remove(0);
+    let refused = setup.trust.verify(&der, &[]).expect_err("no login");
+    assert!(
+        refused.to_string().contains("digitalSignature"),
+        "{refused}"
+    );
     // Only authorities get one.
     let mut options = IssueOptions::new(Role::Connector, "civil-register");
     options.encryption = true;

@@ -315,6 +315,8 @@ fn show(
                 subject_scheme: SubjectIdScheme::DeIdnr,
                 subject_value: ANNA,
                 requester: &format!("spiffe://onceonly.test/authority/{BERLIN}"),
+                parameters: Some(&Default::default()),
+                connector: Some("civil-register"),
             };
             let payload = match opener.open(&evidence, &expected) {
                 Ok(opened) => {

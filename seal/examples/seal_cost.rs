@@ -1,0 +1,125 @@
+//! What each step of end-to-end protection costs on this machine, one
+//! thread: `cargo run --release -p onceonly-seal --example seal_cost`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use onceonly_certs::tls::identity_verifier;
+use onceonly_certs::{IssueOptions, Pki, Role};
+use onceonly_proto::v1::SubjectIdScheme;
+use onceonly_seal::encryption::Context;
+use onceonly_seal::{
+    Recipient, Signer, StatementClaims, TicketClaims, TicketExpectation, TicketVerifier,
+    subject_hash, unix_now,
+};
+
+fn time(what: &str, rounds: u32, mut f: impl FnMut(u32)) {
+    let started = Instant::now();
+    for n in 0..rounds {
+        f(n);
+    }
+    let per = started.elapsed().as_secs_f64() * 1e6 / f64::from(rounds);
+    println!("| {what} | {per:.1} |");
+}
+
+fn main() -> anyhow::Result<()> {
+    let pki = Pki::throwaway(
+        "onceonly.test",
+        &[
+            (Role::Connector, "civil-register"),
+            (Role::Authority, "berlin"),
+        ],
+    )?;
+    let mut options = IssueOptions::new(Role::Authority, "berlin");
+    options.encryption = true;
+    pki.issue(&options)?;
+    let trust = Arc::new(identity_verifier(
+        &pki.tls_files(Role::Broker, "broker"),
+        "onceonly.test",
+    )?);
+    let (cert, key) = pki.participant_paths(Role::Broker, "broker");
+    let broker = Signer::from_files(&cert, &key)?;
+    let (cert, key) = pki.participant_paths(Role::Connector, "civil-register");
+    let connector = Signer::from_files(&cert, &key)?;
+    let now = unix_now();
+    let sbh = subject_hash("ex-1", SubjectIdScheme::DeIdnr, "86095742719");
+    let claims = |jti: u32| TicketClaims {
+        iss: "spiffe://onceonly.test/broker/broker".into(),
+        aud: "spiffe://onceonly.test/connector/civil-register".into(),
+        sub: "spiffe://onceonly.test/authority/berlin".into(),
+        jti: format!("t-{jti}"),
+        iat: now,
+        exp: now + 30,
+        xid: "ex-1".into(),
+        evt: "birth-certificate".into(),
+        sbh: sbh.clone(),
+        pur: "p".into(),
+        lgb: "l".into(),
+        jur: String::new(),
+        prm: String::new(),
+        rul: "r".into(),
+        cid: String::new(),
+        ecf: String::new(),
+    };
+    println!("| step | µs |\n| --- | ---: |");
+    time("sign a ticket (broker)", 500, |n| {
+        claims(n).sign(&broker).expect("sign");
+    });
+    let tokens: Vec<String> = (0..500)
+        .map(|n| claims(n).sign(&broker).expect("sign"))
+        .collect();
+    let verifier = TicketVerifier::new("spiffe://onceonly.test/broker/broker");
+    let expected = TicketExpectation {
+        audience: "spiffe://onceonly.test/connector/civil-register",
+        exchange_id: "ex-1",
+        requester: "spiffe://onceonly.test/authority/berlin",
+        evidence_type: "birth-certificate",
+        subject_hash: &sbh,
+        purpose: "p",
+        legal_basis: "l",
+        jurisdiction: "",
+        parameters: "",
+        encryption_certificate: "",
+    };
+    time("verify a ticket (connector)", 500, |n| {
+        verifier
+            .verify(&tokens[n as usize], &trust, &expected, now)
+            .expect("verify");
+    });
+    let statement = StatementClaims {
+        iss: "spiffe://onceonly.test/connector/civil-register".into(),
+        sub: "spiffe://onceonly.test/authority/berlin".into(),
+        iat: now,
+        xid: "ex-1".into(),
+        evt: "birth-certificate".into(),
+        sbh: sbh.clone(),
+        med: "application/xml".into(),
+        prm: String::new(),
+        dig: "x".into(),
+        enc: None,
+    };
+    time("sign a statement (connector)", 500, |_| {
+        statement.sign(&connector).expect("sign");
+    });
+    let signed = statement.sign(&connector)?;
+    time("verify a statement (broker, authority)", 500, |_| {
+        StatementClaims::verify(&signed, &trust).expect("verify");
+    });
+    let (enc_cert, _) = pki.encryption_paths("berlin");
+    let der = onceonly_certs::pki::load_certs(&enc_cert)?.remove(0);
+    time("check an encryption certificate", 500, |_| {
+        Recipient::from_certificate(&der, &trust).expect("recipient");
+    });
+    let recipient = Recipient::from_certificate(&der, &trust)?;
+    let payload = vec![7u8; 500];
+    let context = Context {
+        exchange_id: "ex-1",
+        evidence_type: "birth-certificate",
+        requester: "spiffe://onceonly.test/authority/berlin",
+        media_type: "application/xml",
+    };
+    time("HPKE-encrypt 500 bytes (connector)", 500, |_| {
+        recipient.seal(&context, &payload).expect("seal");
+    });
+    Ok(())
+}
