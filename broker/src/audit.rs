@@ -260,6 +260,12 @@ struct Store {
     head: RwLock<Option<SignedTreeHead>>,
     /// Successful `fdatasync`s of the file, the frames' and the cut-backs'.
     flushes: AtomicU64,
+    /// Why appends are refused until a restart (a failed flush), if so.
+    broken: RwLock<Option<String>>,
+    /// When the last batch failed (Unix ms; 0: never).
+    last_failure_ms: std::sync::atomic::AtomicI64,
+    /// Flush and batch figures, for the broker's metrics.
+    metrics: crate::metrics::AuditMetrics,
 }
 
 /// Where a batch's frame is.
@@ -489,6 +495,9 @@ impl AuditLog {
             index: db.open_tree(INDEX_TREE)?,
             head: RwLock::new(None),
             flushes: AtomicU64::new(0),
+            broken: RwLock::new(None),
+            last_failure_ms: std::sync::atomic::AtomicI64::new(0),
+            metrics: crate::metrics::AuditMetrics::default(),
         };
         let (end, head) = recover(&store, &path)?;
         let size = head.as_ref().map_or(0, |h| h.tree_size);
@@ -740,6 +749,39 @@ impl AuditLog {
     pub fn flushes(&self) -> u64 {
         self.store.flushes.load(Ordering::Relaxed)
     }
+
+    /// Why the log refuses appends now, if it does: a failed flush (until
+    /// a restart), an injected fault, or a batch that failed within the
+    /// last 5 s (a write error; the next batch may succeed). Readiness
+    /// follows it.
+    pub fn refusing(&self) -> Option<String> {
+        if self.fault.load(Ordering::SeqCst) == AuditFault::Append as u8 {
+            return Some("appends fail (injected fault)".into());
+        }
+        if let Some(reason) = self.store.broken.read().ok().and_then(|b| b.clone()) {
+            return Some(format!(
+                "appends refused since a failed flush ({reason}); restart the broker"
+            ));
+        }
+        let failed = self.store.last_failure_ms.load(Ordering::Relaxed);
+        (failed != 0 && crate::exchange::now_ms() - failed < 5_000)
+            .then(|| "an audit batch failed in the last 5 s".to_owned())
+    }
+
+    /// The log's size: records covered by the latest signed head.
+    pub fn tree_size(&self) -> u64 {
+        self.store
+            .head
+            .read()
+            .ok()
+            .and_then(|head| head.as_ref().map(|h| h.tree_size))
+            .unwrap_or(0)
+    }
+
+    /// Flush and batch figures.
+    pub fn metrics(&self) -> &crate::metrics::AuditMetrics {
+        &self.store.metrics
+    }
 }
 
 fn poisoned() -> AuditError {
@@ -900,13 +942,18 @@ impl Writer {
                 }
             }
             let first = self.frontier.size();
+            self.store.metrics.batch_records.observe(batch.len() as f64);
             match self.commit(&mut batch) {
                 Ok(()) => {
+                    self.store.last_failure_ms.store(0, Ordering::Relaxed);
                     for (offset, append) in batch.drain(..).enumerate() {
                         let _ = append.done.send(Ok(first + offset as u64));
                     }
                 }
                 Err(error) => {
+                    self.store
+                        .last_failure_ms
+                        .store(crate::exchange::now_ms(), Ordering::Relaxed);
                     tracing::error!(%error, records = batch.len(), "audit batch failed; its requests get no evidence");
                     for append in batch.drain(..) {
                         let _ = append.done.send(Err(error.clone()));
@@ -976,9 +1023,14 @@ impl Writer {
             return Err(e.into());
         }
         if self.durable {
+            let flushing = std::time::Instant::now();
             if let Err(e) = self.store.file.sync_data() {
                 return Err(self.break_down(format!("flushing {}: {e}", segment::FILE_NAME)));
             }
+            self.store
+                .metrics
+                .fsync_seconds
+                .observe(flushing.elapsed().as_secs_f64());
             self.store.flushes.fetch_add(1, Ordering::Relaxed);
         }
         let index = index_batch(first_index, self.end, batch.iter().map(|a| &a.record));
@@ -1030,6 +1082,9 @@ impl Writer {
         self.cut_back();
         tracing::error!(%reason, "the audit log refuses further appends until the broker restarts");
         self.broken = Some(reason.clone());
+        if let Ok(mut broken) = self.store.broken.write() {
+            *broken = Some(reason.clone());
+        }
         AuditError::Storage(reason)
     }
 }

@@ -99,6 +99,33 @@ pub struct BrokerConfig {
     /// How long shutdown waits for exchanges in flight.
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// The admin listener (metrics).
+    #[serde(default)]
+    pub admin: Admin,
+    /// Connector endpoints' circuit breakers and health checks.
+    #[serde(default)]
+    pub circuit: crate::circuit::CircuitConfig,
+}
+
+/// The admin listener: plain HTTP, apart from the mutual-TLS API port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// Whether the admin listener runs (default true).
+    pub enabled: bool,
+    /// Where `GET /metrics` (Prometheus text format) is served; default
+    /// 127.0.0.1:9464. Loopback by default: expose it beyond the host only
+    /// behind a firewall or a scraping proxy, as it needs no certificate.
+    pub listen: SocketAddr,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
 }
 
 /// Request limits.

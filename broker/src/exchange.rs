@@ -114,6 +114,8 @@ pub struct Broker {
     pub signer: SignerCell,
     /// Test-only faults (a broker that alters evidence), off in service.
     pub faults: Faults,
+    /// What the request path counts and times ([`crate::metrics`]).
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Faults a test can switch on to play a broker that misbehaves; they do
@@ -421,7 +423,8 @@ impl Broker {
             authorization_ticket: String::new(),
             encryption_certificate: request.encryption_certificate,
         };
-        let mut evidence = self
+        let forwarding = Instant::now();
+        let forwarded = self
             .forwarder
             .forward(
                 &destination,
@@ -431,11 +434,17 @@ impl Broker {
                 exchange.work_deadline,
                 &mut exchange.record.register_contacted,
             )
-            .await
-            .map_err(|error| Refusal::Forward {
+            .await;
+        self.metrics
+            .connector_seconds
+            .get_or_create(&crate::metrics::ConnectorLabels {
                 connector: destination.connector_id.clone(),
-                error,
-            })?;
+            })
+            .observe(forwarding.elapsed().as_secs_f64());
+        let mut evidence = forwarded.map_err(|error| Refusal::Forward {
+            connector: destination.connector_id.clone(),
+            error,
+        })?;
         self.faults.apply(&mut evidence);
         Ok(evidence)
     }
@@ -640,9 +649,25 @@ impl Broker {
         let exchange_id = record.exchange_id.clone();
         let request_id = record.request_id.clone();
         let outcome = record.outcome();
+        let labels = crate::metrics::ExchangeLabels {
+            evidence_type: crate::metrics::evidence_type_label(self, &record.evidence_type),
+            outcome: outcome_label(record.outcome()),
+            reason: if record.error_reason == 0 {
+                "none".to_owned()
+            } else {
+                record.error_reason().reason().to_owned()
+            },
+        };
         let appending = Instant::now();
         let appended = self.audit.append(record).await;
         self.append_latency.record(appending.elapsed());
+        self.metrics
+            .audit_append_seconds
+            .observe(appending.elapsed().as_secs_f64());
+        self.metrics.exchanges.get_or_create(&labels).inc();
+        self.metrics
+            .exchange_seconds
+            .observe(started.elapsed().as_secs_f64());
         match appended {
             Ok(index) => {
                 tracing::info!(
@@ -700,6 +725,14 @@ impl Broker {
             }
         }
     }
+}
+
+/// The audit outcome as a metric label.
+fn outcome_label(outcome: ExchangeOutcome) -> String {
+    outcome
+        .as_str_name()
+        .trim_start_matches("EXCHANGE_OUTCOME_")
+        .to_ascii_lowercase()
 }
 
 /// Keeps a final outcome for repeats (with the exchange that produced it);

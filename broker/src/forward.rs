@@ -30,7 +30,8 @@ use tonic::Code;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
-use crate::routing::Destination;
+use crate::circuit::{Admission, CircuitConfig, Circuits};
+use crate::routing::{Destination, RoutingTable};
 
 /// How long a TCP + TLS connect to a connector may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -52,6 +53,8 @@ pub enum ForwardError {
     BadEvidence(String),
     /// The broker could not sign the authorization ticket.
     CannotAuthorize(String),
+    /// Every endpoint's circuit is open: none was tried.
+    CircuitOpen,
 }
 
 /// What a forward carries to authorize itself, and what the evidence that
@@ -112,15 +115,56 @@ pub struct Forwarder {
     /// opened under: after a reload (a new CRL) they are opened again, so
     /// that a connector revoked since is checked anew.
     channels: Mutex<HashMap<(String, String), (u64, Channel)>>,
+    /// Each endpoint's circuit breaker.
+    circuits: Circuits,
 }
 
 impl Forwarder {
     /// A forwarder presenting the broker's client configuration.
-    pub fn new(tls: Arc<ReloadableClientTls>, trust_domain: &str) -> Self {
+    pub fn new(tls: Arc<ReloadableClientTls>, trust_domain: &str, circuit: CircuitConfig) -> Self {
         Forwarder {
             tls,
             trust_domain: trust_domain.to_owned(),
             channels: Mutex::new(HashMap::new()),
+            circuits: Circuits::new(circuit),
+        }
+    }
+
+    /// The endpoints' circuit breakers.
+    pub fn circuits(&self) -> &Circuits {
+        &self.circuits
+    }
+
+    /// Asks every endpoint of `routing` for its gRPC health, once: a
+    /// failure counts against its circuit like a failed request, SERVING
+    /// closes it ([`crate::circuit`]).
+    pub async fn check_health(&self, routing: &RoutingTable) {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::health_client::HealthClient;
+        let timeout = self.circuits.config().health_timeout;
+        for (connector, endpoints) in routing.connectors() {
+            for endpoint in endpoints {
+                let healthy = match self.channel(&connector, &endpoint) {
+                    Ok(channel) => {
+                        let mut client = HealthClient::new(channel);
+                        let check = client.check(HealthCheckRequest {
+                            service: "onceonly.v1.ConnectorService".into(),
+                        });
+                        matches!(
+                            tokio::time::timeout(timeout, check).await,
+                            Ok(Ok(answer)) if answer.get_ref().status() == ServingStatus::Serving
+                        )
+                    }
+                    Err(_) => false,
+                };
+                if healthy {
+                    self.circuits.success(&connector, &endpoint);
+                } else {
+                    tracing::debug!(%connector, %endpoint, "health check failed");
+                    self.circuits.failure(&connector, &endpoint);
+                }
+            }
         }
     }
 
@@ -163,9 +207,19 @@ impl Forwarder {
         contacted: &mut bool,
     ) -> Result<Evidence, ForwardError> {
         let mut last_failure = ForwardError::Unreachable("no endpoints".into());
+        let mut tried = false;
+        let connector = destination.connector_id.as_str();
         for endpoint in &destination.endpoints {
+            let admission = self.circuits.admit(connector, endpoint);
+            if admission == Admission::Skip {
+                continue;
+            }
+            tried = true;
             let attempt = deadline.at_most(destination.timeout);
             if attempt.has_passed() {
+                if admission == Admission::Probe {
+                    self.circuits.failure(connector, endpoint);
+                }
                 return Err(ForwardError::DeadlineExceeded);
             }
             let mut attempt_request = request.clone();
@@ -183,8 +237,14 @@ impl Forwarder {
             // Until the call proves otherwise, the register may see it.
             *contacted = true;
             let status = match attempt.run(client.provide_evidence(call)).await {
-                Err(_elapsed) => return Err(ForwardError::DeadlineExceeded),
+                Err(_elapsed) => {
+                    if admission == Admission::Probe {
+                        self.circuits.failure(connector, endpoint);
+                    }
+                    return Err(ForwardError::DeadlineExceeded);
+                }
                 Ok(Ok(response)) => {
+                    self.circuits.success(connector, endpoint);
                     return check_evidence(
                         destination,
                         request,
@@ -194,7 +254,13 @@ impl Forwarder {
                 }
                 Ok(Err(status)) => deadline_aware(status),
             };
-            match classify(&status) {
+            let failure = classify(&status);
+            if matches!(failure, Failure::Final) {
+                self.circuits.success(connector, endpoint);
+            } else {
+                self.circuits.failure(connector, endpoint);
+            }
+            match failure {
                 Failure::Unreachable(reason) => {
                     *contacted = already;
                     tracing::warn!(%endpoint, connector = %destination.connector_id, %reason, "connector endpoint unreachable; trying the next");
@@ -221,6 +287,9 @@ impl Forwarder {
                     return Err(ForwardError::Connector(status));
                 }
             }
+        }
+        if !tried {
+            return Err(ForwardError::CircuitOpen);
         }
         Err(last_failure)
     }

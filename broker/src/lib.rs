@@ -17,21 +17,26 @@
 //! - [`keys`] creates (once), loads and rotates the broker's own keys;
 //! - [`idempotency`] gives repeated request ids the first outcome;
 //! - [`forward`] calls connectors over mutual TLS, with identity checks and
-//!   failover;
+//!   failover, skipping endpoints whose [`circuit`] is open;
 //! - [`services`] are the gRPC services; [`server`] starts, serves, reloads
-//!   and stops them.
+//!   and stops them, and keeps readiness (gRPC health) true;
+//! - [`metrics`] counts and times what the broker does, served by [`admin`]
+//!   on a separate listener.
 //!
 //! The `onceonly-broker` binary is a thin CLI over [`server`].
 
 pub mod access_log;
+pub mod admin;
 pub mod audit;
 pub mod auditor;
+pub mod circuit;
 pub mod config;
 pub mod consent;
 pub mod exchange;
 pub mod forward;
 pub mod idempotency;
 pub mod keys;
+pub mod metrics;
 pub mod policy;
 pub mod pseudonym;
 pub mod quota;

@@ -360,6 +360,13 @@ fn forward_status(connector: &str, failure: &ForwardError) -> Status {
                 "connector {connector} was not trusted ({reason}); the broker did not send it the request"
             ),
         ),
+        ForwardError::CircuitOpen => error(
+            Code::Unavailable,
+            ErrorReason::ConnectorCircuitOpen,
+            format!(
+                "every endpoint of connector {connector} failed recently (circuit open); the broker did not try them; retry later with the same request_id"
+            ),
+        ),
         ForwardError::CannotAuthorize(reason) => error(
             Code::Unavailable,
             ErrorReason::BrokerUnavailable,

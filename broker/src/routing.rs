@@ -301,6 +301,14 @@ impl RoutingTable {
         self.evidence_types.get(id)
     }
 
+    /// Every connector and its endpoints, by connector id.
+    pub fn connectors(&self) -> Vec<(String, Vec<String>)> {
+        self.connectors
+            .iter()
+            .map(|(id, entry)| (id.clone(), entry.endpoints.clone()))
+            .collect()
+    }
+
     /// Every catalogued evidence type, sorted by id.
     pub fn evidence_types(&self) -> Vec<&EvidenceType> {
         let mut all: Vec<&EvidenceType> = self.evidence_types.values().collect();

@@ -120,6 +120,8 @@ pub struct BoundBroker {
     grace: Duration,
     connections: ConnectionLimits,
     max_request_message: usize,
+    /// The admin listener (metrics), where enabled.
+    admin: Option<(TcpListener, SocketAddr)>,
 }
 
 impl BoundBroker {
@@ -175,7 +177,7 @@ impl BoundBroker {
             consents,
             audit,
             pseudonyms,
-            forwarder: Forwarder::new(client_tls, identity.trust_domain()),
+            forwarder: Forwarder::new(client_tls, identity.trust_domain(), config.circuit.clone()),
             idempotency: IdempotencyCache::new(
                 config.idempotency.window,
                 config.idempotency.max_entries,
@@ -193,6 +195,7 @@ impl BoundBroker {
                 })?,
             tls: server_tls.clone(),
             faults: Faults::default(),
+            metrics: crate::metrics::Metrics::default(),
         });
         let listener =
             TcpListener::bind(config.listen)
@@ -205,6 +208,21 @@ impl BoundBroker {
             addr: config.listen,
             source,
         })?;
+        let admin = if config.admin.enabled {
+            let listener = TcpListener::bind(config.admin.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.admin.listen,
+                    source,
+                })?;
+            let addr = listener.local_addr().map_err(|source| StartError::Bind {
+                addr: config.admin.listen,
+                source,
+            })?;
+            Some((listener, addr))
+        } else {
+            None
+        };
         Ok(BoundBroker {
             broker,
             tls: server_tls,
@@ -212,6 +230,7 @@ impl BoundBroker {
             local_addr,
             identity,
             audit_writer,
+            admin,
             grace: config.shutdown_grace,
             connections: config.connections.clone(),
             max_request_message: usize::try_from(config.limits.max_request_message.as_u64())
@@ -222,6 +241,11 @@ impl BoundBroker {
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin listener's address (metrics), where enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(_, addr)| *addr)
     }
 
     /// The broker's identity.
@@ -250,7 +274,13 @@ impl BoundBroker {
             grace,
             connections,
             max_request_message,
+            admin,
         } = self;
+        let admin_task = admin.map(|(listener, addr)| {
+            let registry = Arc::new(crate::metrics::registry(&broker, tls.clone()));
+            tracing::info!(%addr, "metrics on http://{addr}/metrics");
+            tokio::spawn(crate::admin::serve(listener, registry))
+        });
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
             .set_serving::<EvidenceServiceServer<EvidenceGrpc>>()
@@ -267,7 +297,8 @@ impl BoundBroker {
             .build_v1()
             .map_err(|e| StartError::Serve(e.to_string()))?;
         let watcher = tokio::spawn(watch_policy(broker.policy.clone()));
-        let crl_watcher = tokio::spawn(watch_crl(
+        let health_checker = tokio::spawn(check_connectors(broker.clone()));
+        let crl_watcher = tokio::spawn(watch_readiness(
             tls.clone(),
             broker.clone(),
             health_reporter.clone(),
@@ -278,9 +309,7 @@ impl BoundBroker {
         let signal = async move {
             shutdown.await;
             stop_crl_watcher.abort();
-            health_reporter
-                .set_not_serving::<EvidenceServiceServer<EvidenceGrpc>>()
-                .await;
+            set_all(&health_reporter, false).await;
             tracing::info!("broker shutting down; draining exchanges in flight");
             let _ = drain_started.send(());
         };
@@ -324,6 +353,10 @@ impl BoundBroker {
         };
         watcher.abort();
         crl_watcher.abort();
+        health_checker.abort();
+        if let Some(admin) = &admin_task {
+            admin.abort();
+        }
         drop(serving);
         // The audit writer ends once the last handle to the log is gone;
         // waiting for it means every batch is flushed and the data
@@ -343,6 +376,7 @@ impl BoundBroker {
     /// Serves in the background; the handle stops it.
     pub fn spawn(self) -> RunningBroker {
         let local_addr = self.local_addr;
+        let admin_addr = self.admin_addr();
         let tls = self.tls.clone();
         let broker = Arc::downgrade(&self.broker);
         let (stop, stopped) = oneshot::channel::<()>();
@@ -351,6 +385,7 @@ impl BoundBroker {
         }));
         RunningBroker {
             local_addr,
+            admin_addr,
             tls,
             broker,
             stop: Some(stop),
@@ -362,6 +397,7 @@ impl BoundBroker {
 /// A broker serving in the background (tests, the demo).
 pub struct RunningBroker {
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     tls: Arc<ReloadableServerTls>,
     broker: std::sync::Weak<Broker>,
     stop: Option<oneshot::Sender<()>>,
@@ -372,6 +408,11 @@ impl RunningBroker {
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin listener's address (metrics), where enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// The server TLS configuration.
@@ -463,21 +504,35 @@ fn spawn_sighup_reload(broker: Arc<Broker>, tls: Arc<ReloadableServerTls>) {
     });
 }
 
-/// How often the revocation list's freshness is checked.
-const CRL_CHECK: Duration = Duration::from_secs(1);
+/// Checks every connector endpoint's health every `circuit.health_interval`
+/// ([`crate::circuit`]).
+async fn check_connectors(broker: Arc<Broker>) {
+    let interval = broker.forwarder.circuits().config().health_interval;
+    loop {
+        tokio::time::sleep(interval).await;
+        broker.forwarder.check_health(&broker.routing).await;
+    }
+}
 
-/// Reports the services NOT_SERVING while the revocation list is stale and
-/// the policy refuses (every caller would be refused), SERVING again once a
-/// fresh list is loaded; logs each change.
-async fn watch_crl(
+/// How often readiness (the audit log, the revocation list's freshness) is
+/// checked.
+const READINESS_CHECK: Duration = Duration::from_millis(250);
+
+/// Keeps readiness (gRPC health) true to what the broker can do: NOT_SERVING
+/// while the audit log refuses appends (no record, no evidence) and, where
+/// configured to refuse, while the revocation list is stale; SERVING again
+/// when the cause is gone. A list gone stale by the clock also makes what
+/// was verified before be verified again.
+async fn watch_readiness(
     tls: Arc<ReloadableServerTls>,
     broker: Arc<Broker>,
     health: tonic_health::server::HealthReporter,
 ) {
-    let mut last: Option<CrlState> = None;
+    let mut last_crl: Option<CrlState> = None;
+    let mut serving: Option<bool> = None;
     loop {
         let state = tls.crl_state();
-        let changed = match (&last, &state) {
+        let changed = match (&last_crl, &state) {
             (Some(CrlState::Stale { .. }), CrlState::Stale { .. }) => false,
             (Some(a), b) => std::mem::discriminant(a) != std::mem::discriminant(b),
             (None, _) => true,
@@ -492,7 +547,6 @@ async fn watch_crl(
                         next_update,
                         "the revocation list is stale: every caller is refused until a fresh one is published and loaded (SIGHUP)"
                     );
-                    set_all(&health, false).await;
                     // Gone stale by the clock: what was verified before is
                     // verified again, on both sides.
                     tls.reverify();
@@ -503,17 +557,39 @@ async fn watch_crl(
                         next_update,
                         "the revocation list is stale; serving on (tls.crl_stale = \"warn\")"
                     );
-                    set_all(&health, true).await;
                 }
-                CrlState::Fresh { .. } | CrlState::None => set_all(&health, true).await,
+                CrlState::Fresh { .. } | CrlState::None => {}
             }
         }
-        last = Some(state);
-        tokio::time::sleep(CRL_CHECK).await;
+        let crl_refusing = matches!(state, CrlState::Stale { refusing: true, .. });
+        let audit_refusing = broker.audit.refusing();
+        let ready = !crl_refusing && audit_refusing.is_none();
+        if serving != Some(ready) {
+            if let Some(reason) = &audit_refusing {
+                tracing::error!(%reason, "not serving: the audit log refuses appends");
+            } else if serving == Some(false) && ready {
+                tracing::info!("serving again");
+            }
+            set_all(&health, ready).await;
+            serving = Some(ready);
+        }
+        last_crl = Some(state);
+        tokio::time::sleep(READINESS_CHECK).await;
     }
 }
 
 async fn set_all(health: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic_health::ServingStatus;
+    health
+        .set_service_status(
+            "",
+            if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            },
+        )
+        .await;
     if serving {
         health
             .set_serving::<EvidenceServiceServer<EvidenceGrpc>>()

@@ -494,6 +494,11 @@ impl ReloadableServerTls {
     pub fn verifier(&self) -> Arc<IdentityVerifier> {
         self.current().1
     }
+
+    /// The files the configuration is read from.
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
 }
 
 /// Verifies an open connection's peer again; closes the connection and

@@ -223,6 +223,13 @@ impl World {
             .expect("the broker's exchanges never ended");
     }
 
+    /// The broker's admin listener (metrics).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.running_broker()
+            .admin_addr()
+            .expect("the test broker has an admin listener")
+    }
+
     /// The broker's address.
     pub fn broker_addr(&self) -> SocketAddr {
         self.broker.as_ref().expect("broker running").local_addr()
@@ -300,6 +307,9 @@ cert = {cert:?}
 key = {key:?}
 crl = {crl:?}
 {tls}
+
+[admin]
+listen = "127.0.0.1:0"
 
 [limits]
 max_request_time = "10s"

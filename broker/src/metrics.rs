@@ -1,0 +1,312 @@
+//! What the broker is doing, for its operator: metrics in the Prometheus
+//! text format (OpenMetrics, by the official `prometheus-client` crate) on
+//! a separate admin listener (`[admin] listen`, loopback by default), apart
+//! from the mutual-TLS API port so that scraping needs no participant
+//! certificate and the API port serves participants only.
+//!
+//! Two kinds: counters and histograms the request path and the audit
+//! writer record as things happen ([`Metrics`], [`AuditMetrics`]), and
+//! gauges read from the broker's state at each scrape ([`StateCollector`]):
+//! exchanges in flight, the log's size, refused connections and calls,
+//! certificate and CRL lifetimes. `OPERATIONS.md` lists every metric.
+
+use std::sync::{Arc, Weak};
+
+use onceonly_certs::ReloadableServerTls;
+use onceonly_certs::security::RefusalKind;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::exchange::Broker;
+
+/// Latency buckets: 0.1 ms to ~3.3 s, doubling.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.0001, 2.0, 16)
+}
+
+/// The labels of an exchange.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExchangeLabels {
+    /// A catalogued evidence type, or `unknown` (callers' free text never
+    /// becomes a label).
+    pub evidence_type: String,
+    /// The audit outcome, e.g. `delivered`, `denied`.
+    pub outcome: String,
+    /// The `ErrorReason` name, or `none`.
+    pub reason: String,
+}
+
+/// The label of a connector.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectorLabels {
+    /// The connector id from the routing table.
+    pub connector: String,
+}
+
+/// What the request path records.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Exchanges by evidence type, outcome and reason.
+    pub exchanges: Family<ExchangeLabels, Counter>,
+    /// From the call's arrival to its durable record.
+    pub exchange_seconds: Histogram,
+    /// The forward to a connector, by connector.
+    pub connector_seconds: Family<ConnectorLabels, Histogram>,
+    /// One audit append, queued to durable.
+    pub audit_append_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            exchanges: Family::default(),
+            exchange_seconds: Histogram::new(latency_buckets()),
+            connector_seconds: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            audit_append_seconds: Histogram::new(latency_buckets()),
+        }
+    }
+}
+
+/// What the audit writer records.
+#[derive(Debug, Clone)]
+pub struct AuditMetrics {
+    /// One `fdatasync` of the log file.
+    pub fsync_seconds: Histogram,
+    /// Records per group-commit batch.
+    pub batch_records: Histogram,
+}
+
+impl Default for AuditMetrics {
+    fn default() -> Self {
+        AuditMetrics {
+            fsync_seconds: Histogram::new(latency_buckets()),
+            batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+        }
+    }
+}
+
+/// The registry the admin listener serves: `broker`'s recorded metrics and
+/// its state at each scrape.
+pub fn registry(broker: &Arc<Broker>, tls: Arc<ReloadableServerTls>) -> Registry {
+    let mut registry = Registry::default();
+    let metrics = &broker.metrics;
+    registry.register(
+        "onceonly_exchanges",
+        "Evidence exchanges, by evidence type, audit outcome and ErrorReason",
+        metrics.exchanges.clone(),
+    );
+    registry.register(
+        "onceonly_exchange_duration_seconds",
+        "Exchanges from arrival to their durable audit record",
+        metrics.exchange_seconds.clone(),
+    );
+    registry.register(
+        "onceonly_connector_duration_seconds",
+        "Forwards to a connector, by connector (every endpoint tried)",
+        metrics.connector_seconds.clone(),
+    );
+    registry.register(
+        "onceonly_audit_append_duration_seconds",
+        "One audit append, from queued to durable",
+        metrics.audit_append_seconds.clone(),
+    );
+    let audit = broker.audit.metrics();
+    registry.register(
+        "onceonly_audit_fsync_duration_seconds",
+        "One fdatasync of the audit log file",
+        audit.fsync_seconds.clone(),
+    );
+    registry.register(
+        "onceonly_audit_batch_records",
+        "Records per group-commit batch of the audit log",
+        audit.batch_records.clone(),
+    );
+    registry.register_collector(Box::new(StateCollector {
+        broker: Arc::downgrade(broker),
+        tls,
+    }));
+    registry
+}
+
+/// The registry as text, for one scrape.
+pub fn encode(registry: &Registry) -> String {
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, registry) {
+        tracing::error!(error = %e, "cannot encode the metrics");
+    }
+    text
+}
+
+/// Gauges and counters read from the broker's state at each scrape.
+#[derive(Debug)]
+pub struct StateCollector {
+    broker: Weak<Broker>,
+    tls: Arc<ReloadableServerTls>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    connector: String,
+    endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabel {
+    certificate: String,
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: f64,
+) -> Result<(), std::fmt::Error> {
+    let metric = ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(broker) = self.broker.upgrade() else {
+            return Ok(());
+        };
+        gauge(
+            &mut encoder,
+            "onceonly_exchanges_in_flight",
+            "Exchanges with a register now",
+            broker.exchanges.in_flight() as f64,
+        )?;
+        gauge(
+            &mut encoder,
+            "onceonly_exchanges_waiting",
+            "Exchanges waiting for a slot to a register",
+            broker.exchanges.waiting() as f64,
+        )?;
+        gauge(
+            &mut encoder,
+            "onceonly_audit_tree_size",
+            "Records covered by the audit log's latest signed tree head",
+            broker.audit.tree_size() as f64,
+        )?;
+        gauge(
+            &mut encoder,
+            "onceonly_audit_refusing",
+            "1 while the audit log refuses appends (readiness is NOT_SERVING)",
+            f64::from(u8::from(broker.audit.refusing().is_some())),
+        )?;
+        for (name, help, count) in [
+            (
+                "onceonly_refused_connections",
+                "Connections refused at the door or in the TLS handshake, by reason",
+                &(|kind| broker.security.connections(kind)) as &dyn Fn(RefusalKind) -> u64,
+            ),
+            (
+                "onceonly_refused_calls",
+                "Calls refused because the client's certificate was, by reason",
+                &|kind| broker.security.calls(kind),
+            ),
+        ] {
+            let metric_type = ConstCounter::new(0u64).metric_type();
+            let mut family = encoder.encode_descriptor(name, help, None, metric_type)?;
+            for kind in RefusalKind::ALL {
+                let labels = ReasonLabel {
+                    reason: kind.as_str().to_owned(),
+                };
+                ConstCounter::new(count(kind)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "onceonly_connector_endpoint_up",
+                "1 while a connector endpoint's circuit is closed, 0 while open",
+                None,
+                ConstGauge::new(0i64).metric_type(),
+            )?;
+            for (connector, endpoint, up) in broker.forwarder.circuits().states() {
+                let labels = EndpointLabels {
+                    connector,
+                    endpoint,
+                };
+                ConstGauge::new(i64::from(up)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let now = crate::exchange::now_ms() / 1000;
+        let files = self.tls.files();
+        let mut expiry = Vec::new();
+        for (which, path) in [("broker", &files.cert), ("ca", &files.ca)] {
+            if let Some(not_after) = not_after(path) {
+                expiry.push((which, not_after - now));
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "onceonly_certificate_expiry_seconds",
+                "Seconds until the broker's own certificate and the CA expire",
+                None,
+                ConstGauge::new(0.0).metric_type(),
+            )?;
+            for (which, seconds) in expiry {
+                let labels = CertificateLabel {
+                    certificate: which.to_owned(),
+                };
+                ConstGauge::new(seconds as f64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        if let Some(crl) = &files.crl
+            && let Some((this_update, next_update)) = crl_times(crl)
+        {
+            gauge(
+                &mut encoder,
+                "onceonly_crl_age_seconds",
+                "Seconds since the revocation list in use was issued",
+                (now - this_update) as f64,
+            )?;
+            gauge(
+                &mut encoder,
+                "onceonly_crl_next_update_seconds",
+                "Seconds until the revocation list's nextUpdate (negative: stale)",
+                next_update.map_or(f64::INFINITY, |next| (next - now) as f64),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A certificate file's `notAfter` (Unix seconds).
+fn not_after(path: &std::path::Path) -> Option<i64> {
+    let cert = onceonly_certs::pki::load_certs(path)
+        .ok()?
+        .into_iter()
+        .next()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
+}
+
+/// A CRL file's `thisUpdate` and `nextUpdate` (Unix seconds).
+fn crl_times(path: &std::path::Path) -> Option<(i64, Option<i64>)> {
+    let crl = onceonly_certs::pki::load_crl(path).ok()?;
+    let (_, parsed) = x509_parser::parse_x509_crl(crl.as_ref()).ok()?;
+    Some((
+        parsed.last_update().timestamp(),
+        parsed.next_update().map(|t| t.timestamp()),
+    ))
+}
+
+/// The label value for an evidence type: itself where catalogued.
+pub fn evidence_type_label(broker: &Broker, evidence_type: &str) -> String {
+    if broker.routing.evidence_type(evidence_type).is_some() {
+        evidence_type.to_owned()
+    } else {
+        "unknown".to_owned()
+    }
+}
