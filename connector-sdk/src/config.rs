@@ -72,6 +72,10 @@ pub struct ConnectorConfig {
     /// them.
     #[serde(default)]
     pub encryption_required_for: Vec<String>,
+    /// Where to serve `GET /metrics` (Prometheus text format, plain HTTP,
+    /// no certificate: keep it on loopback); none: no admin listener.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
 }
 
 /// A connector's limits.
@@ -118,6 +122,7 @@ impl ConnectorConfig {
             connections: ConnectionLimits::default(),
             shutdown_grace: default_shutdown_grace(),
             encryption_required_for: Vec::new(),
+            admin_listen: None,
         }
     }
 

@@ -8,14 +8,18 @@
 //!   (role `broker`, and only the configured `allowed_broker_id`), with the
 //!   CRL (required unless `tls.allow_no_crl`) checked and reloaded on SIGHUP;
 //! - requests validated before your code runs: a malformed subject id, an
-//!   evidence type you do not serve, an unknown parameter never reach you;
+//!   evidence type you do not serve, an unknown parameter, a request without
+//!   the broker's valid authorization ticket for exactly it never reach you;
 //! - the caller's deadline honoured (your future is dropped when it passes,
 //!   and the broker gets DEADLINE_EXCEEDED), a concurrency limit, message
 //!   size limits;
 //! - the evidence envelope filled in: SHA-256 digest, connector id, time of
-//!   issue; your typed [`ProvideError`] mapped to the documented gRPC status;
+//!   issue, the register's signed statement, encryption to the requester
+//!   where asked; your typed [`ProvideError`] mapped to the documented gRPC
+//!   status;
 //! - gRPC health checking and server reflection; `tracing` spans carrying
-//!   the broker's W3C trace id and exchange id; graceful shutdown.
+//!   the broker's W3C trace id and exchange id; Prometheus [`metrics`] on
+//!   an optional admin listener; graceful shutdown.
 //!
 //! ## Example
 //!
@@ -55,6 +59,7 @@
 
 pub mod config;
 pub mod connector;
+pub mod metrics;
 pub mod server;
 mod service;
 

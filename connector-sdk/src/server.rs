@@ -111,6 +111,12 @@ impl<C: Connector> ConnectorServer<C> {
         self
     }
 
+    /// Serve metrics on `addr` (see [`ConnectorConfig::admin_listen`]).
+    pub fn admin_listen(mut self, addr: SocketAddr) -> Self {
+        self.config.admin_listen = Some(addr);
+        self
+    }
+
     /// Requests in the register at once (default 256).
     pub fn concurrency(mut self, limit: usize) -> Self {
         self.config.limits.concurrency = limit;
@@ -156,10 +162,23 @@ impl<C: Connector> ConnectorServer<C> {
             addr: self.config.listen,
             source,
         })?;
+        let admin = match self.config.admin_listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServeError::Bind { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| ServeError::Bind { addr, source })?;
+                Some((listener, bound))
+            }
+            None => None,
+        };
         Ok(BoundConnector {
             server: self,
             tls,
             signer,
+            admin,
             listener,
             local_addr,
             identity,
@@ -172,6 +191,7 @@ pub struct BoundConnector<C> {
     server: ConnectorServer<C>,
     tls: Arc<ReloadableServerTls>,
     signer: SignerCell,
+    admin: Option<(TcpListener, SocketAddr)>,
     listener: TcpListener,
     local_addr: SocketAddr,
     identity: Participant,
@@ -186,6 +206,11 @@ impl<C: Connector> BoundConnector<C> {
     /// Its identity, from its certificate.
     pub fn identity(&self) -> &Participant {
         &self.identity
+    }
+
+    /// The admin listener's address (metrics), where configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(_, addr)| *addr)
     }
 
     /// The TLS configuration; `reload()` picks up new certificates and CRLs.
@@ -214,6 +239,13 @@ impl<C: Connector> BoundConnector<C> {
             self.tls.clone(),
             self.signer,
         );
+        let admin_task = self.admin.map(|(listener, addr)| {
+            tracing::info!(%addr, "connector metrics on http://{addr}/metrics");
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                Arc::new(grpc.metrics().registry()),
+            ))
+        });
         let max_response = usize::try_from(config.limits.max_payload_size.as_u64())
             .unwrap_or(usize::MAX)
             .saturating_add(MAX_REQUEST_MESSAGE);
@@ -268,6 +300,9 @@ impl<C: Connector> BoundConnector<C> {
                 tracing::warn!(?grace, "requests still in flight after the grace period; stopping anyway");
             }
         }
+        if let Some(admin) = admin_task {
+            admin.abort();
+        }
         Ok(())
     }
 
@@ -281,6 +316,7 @@ impl<C: Connector> BoundConnector<C> {
     /// Serves in a background task; the handle stops it.
     pub fn spawn(self) -> RunningConnector {
         let local_addr = self.local_addr;
+        let admin_addr = self.admin_addr();
         let identity = self.identity.clone();
         let tls = self.tls.clone();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -289,6 +325,7 @@ impl<C: Connector> BoundConnector<C> {
         }));
         RunningConnector {
             local_addr,
+            admin_addr,
             identity,
             tls,
             stop: Some(stop),
@@ -300,6 +337,7 @@ impl<C: Connector> BoundConnector<C> {
 /// A connector serving in the background.
 pub struct RunningConnector {
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     identity: Participant,
     tls: Arc<ReloadableServerTls>,
     stop: Option<oneshot::Sender<()>>,
@@ -310,6 +348,11 @@ impl RunningConnector {
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin listener's address (metrics), where configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Its identity.

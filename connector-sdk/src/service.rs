@@ -30,6 +30,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
 use crate::connector::{Connector, EvidencePayload, EvidenceRequest, ProvideError, Subject};
+use crate::metrics::ConnectorMetrics;
 
 /// What a connector keeps back from the broker's deadline for its answer's
 /// trip back: 5 ms, and at least a fifth of the deadline (the one deadline
@@ -78,6 +79,7 @@ pub(crate) struct ConnectorGrpc<C> {
     encryption_required: std::collections::HashSet<String>,
     permits: Arc<Semaphore>,
     limits: ServiceLimits,
+    metrics: Arc<ConnectorMetrics>,
 }
 
 /// A request that passed every check, with what the answer needs.
@@ -114,6 +116,7 @@ impl<C: Connector> ConnectorGrpc<C> {
             signer,
             tickets: TicketVerifier::new(&broker),
             encryption_required: limits.encryption_required_for.iter().cloned().collect(),
+            metrics: Arc::default(),
             permits: Arc::new(Semaphore::new(limits.concurrency.max(1))),
             limits,
         }
@@ -467,6 +470,36 @@ impl<C: Connector> ConnectorService for ConnectorGrpc<C> {
             .extensions()
             .get::<onceonly_certs::connection::CallStarted>()
             .map_or_else(Instant::now, |c| c.0);
+        let evidence_type = if self.served.contains_key(&request.get_ref().evidence_type) {
+            request.get_ref().evidence_type.clone()
+        } else {
+            "unknown".to_owned()
+        };
+        let answer = self.provide(request, started).await;
+        self.metrics
+            .record(&evidence_type, &answer, started.elapsed());
+        answer
+    }
+
+    async fn describe_connector(
+        &self,
+        request: Request<DescribeConnectorRequest>,
+    ) -> Result<Response<DescribeConnectorResponse>, Status> {
+        self.describe(request)
+    }
+}
+
+impl<C: Connector> ConnectorGrpc<C> {
+    /// What the connector's metrics count and time ([`crate::metrics`]).
+    pub(crate) fn metrics(&self) -> Arc<ConnectorMetrics> {
+        self.metrics.clone()
+    }
+
+    async fn provide(
+        &self,
+        request: Request<ProvideEvidenceRequest>,
+        started: Instant,
+    ) -> Result<Response<ProvideEvidenceResponse>, Status> {
         let caller = self.check_caller(&request)?;
         let trace =
             TraceContext::extract(request.metadata()).unwrap_or_else(TraceContext::new_root);
@@ -526,7 +559,7 @@ impl<C: Connector> ConnectorService for ConnectorGrpc<C> {
         .await
     }
 
-    async fn describe_connector(
+    fn describe(
         &self,
         request: Request<DescribeConnectorRequest>,
     ) -> Result<Response<DescribeConnectorResponse>, Status> {

@@ -19,9 +19,14 @@ use tonic_health::pb::health_client::HealthClient;
 const BERLIN: &str = AUTHORITIES[0];
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// GET /metrics over plain HTTP/1.1; the body.
+/// GET /metrics from the broker's admin listener.
 async fn scrape(world: &World) -> String {
-    let mut stream = tokio::net::TcpStream::connect(world.admin_addr())
+    scrape_at(world.admin_addr()).await
+}
+
+/// GET /metrics over plain HTTP/1.1; the body.
+async fn scrape_at(addr: std::net::SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("admin listener");
     stream
@@ -389,4 +394,83 @@ async fn a_connector_whose_every_endpoint_is_open_fails_fast_with_its_own_reason
     assert_eq!(records.len(), 1);
     assert!(!records[0].register_contacted, "{:?}", records[0]);
     assert_eq!(records[0].error_reason(), ErrorReason::ConnectorCircuitOpen);
+}
+
+#[tokio::test]
+async fn a_connector_serves_its_own_metrics_counting_answers_and_refusals() {
+    use onceonly_proto::v1::connector_service_client::ConnectorServiceClient;
+    use onceonly_proto::v1::{ProvideEvidenceRequest, SubjectId, SubjectIdScheme};
+    let pki = onceonly_integration_tests::pki_with(&[(Role::Connector, "civil-register")]);
+    let register =
+        onceonly_registry_mock::MockRegister::embedded(onceonly_registry_mock::RegisterKind::Civil)
+            .expect("data");
+    let connector = onceonly_connector_sdk::ConnectorServer::builder(
+        register,
+        pki.tls_files(Role::Connector, "civil-register"),
+    )
+    .allowed_broker("broker")
+    .listen("127.0.0.1:0".parse().expect("addr"))
+    .admin_listen("127.0.0.1:0".parse().expect("addr"))
+    .bind()
+    .await
+    .expect("bind")
+    .spawn();
+    let request = |id: &str| ProvideEvidenceRequest {
+        exchange_id: id.into(),
+        evidence_type: "birth-certificate".into(),
+        subject: Some(SubjectId {
+            scheme: SubjectIdScheme::DeIdnr.into(),
+            value: onceonly_integration_tests::world::ANNA.into(),
+        }),
+        purpose: "parental-allowance".into(),
+        legal_basis: "§ 9 Abs. 1 BEEG".into(),
+        requester_id: "spiffe://onceonly.test/authority/elterngeld-berlin".into(),
+        ..Default::default()
+    };
+    let mut broker = onceonly_integration_tests::connector_client(
+        &pki,
+        Role::Broker,
+        "broker",
+        connector.local_addr(),
+    );
+    for n in 0..2 {
+        broker
+            .provide_evidence(request(&format!("ex-{n}")))
+            .await
+            .expect("answered");
+    }
+    let mut unticketed = ConnectorServiceClient::new(onceonly_integration_tests::channel_as(
+        &pki,
+        Role::Broker,
+        "broker",
+        connector.local_addr(),
+        None,
+    ));
+    unticketed
+        .provide_evidence(request("ex-none"))
+        .await
+        .expect_err("no ticket");
+
+    let samples = samples(&scrape_at(connector.admin_addr().expect("admin")).await);
+    assert_eq!(
+        value(
+            &samples,
+            "onceonly_connector_requests_total{code=Ok,evidence_type=birth-certificate,reason=none}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "onceonly_connector_requests_total{code=PermissionDenied,evidence_type=birth-certificate,reason=TICKET_MISSING}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "onceonly_connector_request_duration_seconds_count{}"
+        ),
+        3.0
+    );
 }
