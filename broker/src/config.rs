@@ -105,6 +105,19 @@ pub struct BrokerConfig {
     /// Connector endpoints' circuit breakers and health checks.
     #[serde(default)]
     pub circuit: crate::circuit::CircuitConfig,
+    /// Traces.
+    #[serde(default)]
+    pub telemetry: Telemetry,
+}
+
+/// Where traces go.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Telemetry {
+    /// An OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`: spans of every
+    /// step of the request path are exported there, continuing the
+    /// caller's `traceparent`. None: no export.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The admin listener: plain HTTP, apart from the mutual-TLS API port.

@@ -190,6 +190,7 @@ impl Broker {
             trace_id = %exchange.trace.trace_id(),
             caller = %peer,
         );
+        onceonly_proto::telemetry::continue_trace(&span, &exchange.trace);
         let Ok(task_slot) = self.exchange_tasks.clone().try_acquire_owned() else {
             // No room for another exchange task: shed. Its record is
             // written by a small task of its own, so that it lands even if
@@ -247,31 +248,33 @@ impl Broker {
         caller_gone: CancellationToken,
     ) -> Result<RequestEvidenceResponse, Refusal> {
         // 1. authenticate: the certificate verified; the role must be an
-        // authority's.
+        // authority's; then the caller's quota, and whether its deadline can
+        // hold anything.
         exchange.record.caller_id = peer.spiffe_id();
-        let caller = match authorize_role(peer) {
-            Ok(caller) => caller,
+        let authenticated = tracing::info_span!("authenticate").in_scope(|| {
+            let caller = authorize_role(peer)?;
+            if let Err(over) = self.policy.current().quotas().check(caller.id()) {
+                return Err(Refusal::QuotaExceeded {
+                    caller: caller.spiffe_id(),
+                    quota: over.quota,
+                    retry_after: over.retry_after,
+                });
+            }
+            let reserve =
+                RESERVE.for_call(exchange.deadline.total(), self.append_latency.recent_max());
+            let work_deadline = exchange
+                .deadline
+                .keep_back(reserve, FORWARD_MIN)
+                .map_err(Refusal::DeadlineTooShort)?;
+            Ok((caller, work_deadline))
+        });
+        let caller = match authenticated {
+            Ok((caller, work_deadline)) => {
+                exchange.work_deadline = work_deadline;
+                caller
+            }
             Err(refusal) => return self.audit_and_answer(exchange, Err(refusal)).await,
         };
-
-        // The caller's quota, then whether its deadline can hold anything.
-        if let Err(over) = self.policy.current().quotas().check(caller.id()) {
-            let refusal = Refusal::QuotaExceeded {
-                caller: caller.spiffe_id(),
-                quota: over.quota,
-                retry_after: over.retry_after,
-            };
-            return self.audit_and_answer(exchange, Err(refusal)).await;
-        }
-        let reserve = RESERVE.for_call(exchange.deadline.total(), self.append_latency.recent_max());
-        match exchange.deadline.keep_back(reserve, FORWARD_MIN) {
-            Ok(work_deadline) => exchange.work_deadline = work_deadline,
-            Err(too_short) => {
-                return self
-                    .audit_and_answer(exchange, Err(Refusal::DeadlineTooShort(too_short)))
-                    .await;
-            }
-        }
 
         // Idempotency: a repeated request id gets the first outcome; where
         // the first did not finish (cancelled, or a transient failure), this
@@ -356,18 +359,22 @@ impl Broker {
         request: RequestEvidenceRequest,
     ) -> Result<Evidence, Refusal> {
         // 2. validate
-        validate(&self.routing, &request).map_err(Refusal::Invalid)?;
+        tracing::info_span!("validate")
+            .in_scope(|| validate(&self.routing, &request))
+            .map_err(Refusal::Invalid)?;
         // 3. authorize
-        let consent = self.authorize(exchange, caller, &request)?;
+        let consent = tracing::info_span!("authorize")
+            .in_scope(|| self.authorize(exchange, caller, &request))?;
         // 4. consent
         if consent == ConsentRequirement::Required {
-            self.check_consent(exchange, &request)?;
+            tracing::info_span!("consent").in_scope(|| self.check_consent(exchange, &request))?;
         }
         // Encryption to the requester: its own certificate, checked before
-        // any register is called.
-        let recipient = self.encryption_recipient(caller, &request)?;
-        // 5. route
-        let destination = self.route(&request)?;
+        // any register is called; 5. route
+        let (recipient, destination) = tracing::info_span!("route").in_scope(|| {
+            let recipient = self.encryption_recipient(caller, &request)?;
+            Ok::<_, Refusal>((recipient, self.route(&request)?))
+        })?;
         exchange.record.connector_id = destination.connector_id.clone();
         // 6. forward, within the exchange limit and the work deadline, with
         // a ticket saying what the policy decided
@@ -434,6 +441,7 @@ impl Broker {
                 exchange.work_deadline,
                 &mut exchange.record.register_contacted,
             )
+            .instrument(tracing::info_span!("forward", connector = %destination.connector_id))
             .await;
         self.metrics
             .connector_seconds
@@ -659,7 +667,11 @@ impl Broker {
             },
         };
         let appending = Instant::now();
-        let appended = self.audit.append(record).await;
+        let appended = self
+            .audit
+            .append(record)
+            .instrument(tracing::info_span!("audit"))
+            .await;
         self.append_latency.record(appending.elapsed());
         self.metrics
             .audit_append_seconds

@@ -227,7 +227,7 @@ impl Forwarder {
                 authorization.ticket(&self.trust_domain, &destination.connector_id, attempt)?;
             let mut call = tonic::Request::new(attempt_request);
             attempt.apply(&mut call);
-            trace.child().inject(call.metadata_mut());
+            onceonly_proto::telemetry::onward(trace).inject(call.metadata_mut());
             if let Ok(value) = MetadataValue::try_from(request.exchange_id.as_str()) {
                 call.metadata_mut().insert(EXCHANGE_ID_HEADER, value);
             }

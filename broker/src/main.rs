@@ -74,16 +74,6 @@ fn main() -> ExitCode {
             ..
         }
     );
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    if json_logs {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -91,7 +81,34 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    // Traces go over OTLP where the configuration names an endpoint.
+    let otlp = match &cli.command {
+        Command::Serve { config, .. } => BrokerConfig::load(config)
+            .ok()
+            .and_then(|c| c.telemetry.otlp_endpoint),
+        _ => None,
+    };
+    let telemetry = {
+        let _runtime = runtime.enter();
+        onceonly_proto::telemetry::init(
+            json_logs,
+            otlp.as_deref()
+                .map(|endpoint| ("onceonly-broker", endpoint)),
+        )
+    };
+    let telemetry = match telemetry {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli.command));
+    if let Some(telemetry) = telemetry {
+        let _runtime = runtime.enter();
+        telemetry.shutdown();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");

@@ -76,6 +76,12 @@ pub struct ConnectorConfig {
     /// no certificate: keep it on loopback); none: no admin listener.
     #[serde(default)]
     pub admin_listen: Option<SocketAddr>,
+    /// An OTLP/gRPC endpoint (e.g. `http://127.0.0.1:4317`) where the
+    /// binary exports its spans, continuing the broker's trace; none: no
+    /// export. (The binary installs the exporter, with
+    /// `onceonly_proto::telemetry::init`.)
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// A connector's limits.
@@ -123,6 +129,7 @@ impl ConnectorConfig {
             shutdown_grace: default_shutdown_grace(),
             encryption_required_for: Vec::new(),
             admin_listen: None,
+            otlp_endpoint: None,
         }
     }
 

@@ -511,6 +511,7 @@ impl<C: Connector> ConnectorGrpc<C> {
             trace_id = %trace.trace_id(),
             caller = %caller,
         );
+        onceonly_proto::telemetry::continue_trace(&span, &trace);
         async move {
             let Admitted {
                 request: mut evidence_request,

@@ -14,6 +14,7 @@
 pub mod deadline;
 pub mod metadata;
 pub mod status;
+pub mod telemetry;
 pub mod validate;
 
 /// Package `onceonly.v1`.

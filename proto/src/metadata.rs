@@ -59,6 +59,16 @@ impl TraceContext {
         }
     }
 
+    /// The context of an existing span (e.g. the current exported span).
+    pub fn from_span_context(span: SpanContext) -> Self {
+        TraceContext { span }
+    }
+
+    /// This context as an OpenTelemetry parent.
+    pub fn as_parent(&self) -> opentelemetry::Context {
+        opentelemetry::Context::new().with_remote_span_context(self.span.clone())
+    }
+
     /// Writes `traceparent` (and `tracestate`) into outgoing metadata.
     pub fn inject(&self, metadata: &mut MetadataMap) {
         let context = opentelemetry::Context::new().with_remote_span_context(self.span.clone());

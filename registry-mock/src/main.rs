@@ -41,14 +41,18 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     match Cli::parse().command {
         Command::Serve { config } => {
             let config = MockConfig::load(&config)?;
+            // Traces go over OTLP where the configuration names an endpoint.
+            let telemetry = onceonly_proto::telemetry::init(
+                false,
+                config
+                    .connector
+                    .otlp_endpoint
+                    .as_deref()
+                    .map(|endpoint| ("onceonly-connector", endpoint)),
+            )?;
             let register = config.register().context("loading register data")?;
             let server = ConnectorServer::new(register, config.connector)
                 .bind()
@@ -60,8 +64,12 @@ async fn main() -> anyhow::Result<()> {
                 server.local_addr()
             );
             server.serve().await?;
+            if let Some(telemetry) = telemetry {
+                telemetry.shutdown();
+            }
         }
         Command::Subjects { register } => {
+            onceonly_proto::telemetry::init(false, None)?;
             for subject in MockRegister::embedded(register)?.subjects() {
                 println!("{subject}");
             }

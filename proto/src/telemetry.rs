@@ -1,0 +1,128 @@
+//! Traces over OTLP, where an endpoint is configured: `tracing` spans
+//! become OpenTelemetry spans (tracing-opentelemetry), exported in batches
+//! over OTLP/gRPC (opentelemetry-otlp on tonic) from a tokio task. A hop's
+//! span continues the caller's trace ([`continue_trace`]: its parent is the
+//! span the caller's `traceparent` names), and calls onward carry the
+//! current span as their `traceparent` ([`onward`]), so authority, broker
+//! and connector spans form one tree. Without an endpoint nothing is
+//! exported and [`onward`] falls back to a child of the caller's context.
+
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::metadata::TraceContext;
+
+/// Why traces cannot be exported.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot export traces to {endpoint}: {reason}")]
+pub struct TelemetryError {
+    /// The OTLP endpoint.
+    pub endpoint: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// An installed OTLP trace pipeline; flush or shut it down before exit.
+#[derive(Debug, Clone)]
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl Telemetry {
+    /// Exports the spans of `service_name` to the OTLP/gRPC `endpoint`
+    /// (e.g. `http://127.0.0.1:4317`). Call within a tokio runtime.
+    pub fn otlp(service_name: &str, endpoint: &str) -> Result<Self, TelemetryError> {
+        let error = |reason: String| TelemetryError {
+            endpoint: endpoint.to_owned(),
+            reason,
+        };
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|e| error(e.to_string()))?;
+        let processor =
+            opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
+                exporter,
+                opentelemetry_sdk::runtime::Tokio,
+            )
+            .build();
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_resource(
+                Resource::builder()
+                    .with_service_name(service_name.to_owned())
+                    .build(),
+            )
+            .build();
+        Ok(Telemetry { provider })
+    }
+
+    /// The `tracing` layer that turns spans into exported ones.
+    pub fn layer<S>(&self) -> impl tracing_subscriber::Layer<S> + use<S>
+    where
+        S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    {
+        tracing_opentelemetry::layer().with_tracer(self.provider.tracer("onceonly"))
+    }
+
+    /// Exports what is buffered now.
+    pub fn flush(&self) {
+        if let Err(e) = self.provider.force_flush() {
+            tracing::warn!(error = %e, "flushing traces failed");
+        }
+    }
+
+    /// Exports what is buffered and stops.
+    pub fn shutdown(&self) {
+        if let Err(e) = self.provider.shutdown() {
+            tracing::warn!(error = %e, "shutting traces down failed");
+        }
+    }
+}
+
+/// Makes `span` continue `caller`'s trace: its parent is the caller's span.
+pub fn continue_trace(span: &tracing::Span, caller: &TraceContext) {
+    let _ = span.set_parent(caller.as_parent());
+}
+
+/// The trace context to send onward from within the current span: that
+/// span's, where spans are exported; else a child of `fallback`.
+pub fn onward(fallback: &TraceContext) -> TraceContext {
+    let context = tracing::Span::current().context();
+    let span = context.span().span_context().clone();
+    if span.is_valid() {
+        TraceContext::from_span_context(span)
+    } else {
+        fallback.child()
+    }
+}
+
+/// Installs the process's logging: `RUST_LOG` filter (default `info`),
+/// plain or JSON lines on stderr, and, where `otlp` names a service and an
+/// endpoint, spans exported over OTLP. Call within a tokio runtime when
+/// exporting; keep the returned pipeline to flush it before exit.
+pub fn init(json: bool, otlp: Option<(&str, &str)>) -> Result<Option<Telemetry>, TelemetryError> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = if json {
+        tracing_subscriber::fmt::layer().json().boxed()
+    } else {
+        tracing_subscriber::fmt::layer().boxed()
+    };
+    let telemetry = otlp
+        .map(|(service, endpoint)| Telemetry::otlp(service, endpoint))
+        .transpose()?;
+    let traces = telemetry.as_ref().map(|t| t.layer());
+    let _ = tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(traces)
+        .try_init();
+    Ok(telemetry)
+}
