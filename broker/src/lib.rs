@@ -20,13 +20,12 @@
 //!   failover, skipping endpoints whose [`circuit`] is open;
 //! - [`services`] are the gRPC services; [`server`] starts, serves, reloads
 //!   and stops them, and keeps readiness (gRPC health) true;
-//! - [`metrics`] counts and times what the broker does, served by [`admin`]
-//!   on a separate listener.
+//! - [`metrics`] counts and times what the broker does, served on a
+//!   separate admin listener.
 //!
 //! The `onceonly-broker` binary is a thin CLI over [`server`].
 
 pub mod access_log;
-pub mod admin;
 pub mod audit;
 pub mod auditor;
 pub mod circuit;

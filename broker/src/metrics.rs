@@ -24,10 +24,7 @@ use prometheus_client::registry::Registry;
 
 use crate::exchange::Broker;
 
-/// Latency buckets: 0.1 ms to ~3.3 s, doubling.
-fn latency_buckets() -> impl Iterator<Item = f64> {
-    exponential_buckets(0.0001, 2.0, 16)
-}
+use onceonly_proto::telemetry::latency_buckets;
 
 /// The labels of an exchange.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

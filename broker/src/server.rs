@@ -279,7 +279,7 @@ impl BoundBroker {
         let admin_task = admin.map(|(listener, addr)| {
             let registry = Arc::new(crate::metrics::registry(&broker, tls.clone()));
             tracing::info!(%addr, "metrics on http://{addr}/metrics");
-            tokio::spawn(crate::admin::serve(listener, registry))
+            tokio::spawn(onceonly_proto::telemetry::serve_metrics(listener, registry))
         });
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter

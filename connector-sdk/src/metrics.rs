@@ -4,19 +4,13 @@
 //! code and `ErrorReason` (refusals included: ticket refusals, invalid
 //! requests, the register's own answers), and their latency.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::http::header::CONTENT_TYPE;
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tonic::{Response, Status};
 
 /// The labels of one request.
@@ -43,7 +37,7 @@ impl Default for ConnectorMetrics {
     fn default() -> Self {
         ConnectorMetrics {
             requests: Family::default(),
-            request_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            request_seconds: Histogram::new(onceonly_proto::telemetry::latency_buckets()),
         }
     }
 }
@@ -89,32 +83,5 @@ impl ConnectorMetrics {
             self.request_seconds.clone(),
         );
         registry
-    }
-}
-
-/// Serves `registry` at `GET /metrics` on `listener` until dropped.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
-    let app = Router::new().route(
-        "/metrics",
-        get(move || {
-            let registry = registry.clone();
-            async move {
-                let mut text = String::new();
-                if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
-                    tracing::error!(error = %e, "cannot encode the metrics");
-                }
-                (
-                    [(
-                        CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    text,
-                )
-                    .into_response()
-            }
-        }),
-    );
-    if let Err(error) = axum::serve(listener, app).await {
-        tracing::error!(%error, "the admin listener stopped");
     }
 }

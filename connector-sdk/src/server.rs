@@ -241,7 +241,7 @@ impl<C: Connector> BoundConnector<C> {
         );
         let admin_task = self.admin.map(|(listener, addr)| {
             tracing::info!(%addr, "connector metrics on http://{addr}/metrics");
-            tokio::spawn(crate::metrics::serve(
+            tokio::spawn(onceonly_proto::telemetry::serve_metrics(
                 listener,
                 Arc::new(grpc.metrics().registry()),
             ))

@@ -299,13 +299,15 @@ async fn an_evidence_type_the_policy_releases_only_encrypted_needs_a_certificate
     );
 }
 
-/// A connector with the probe register behind it, and a client presenting
-/// the broker's certificate that sends exactly what it is given.
+/// A connector with the probe register behind it, the broker's signer, and
+/// a client presenting the broker's certificate that sends exactly what it
+/// is given (no ticket of its own).
 async fn probed_connector() -> (
     onceonly_certs::pki::ThrowawayPki,
     onceonly_connector_sdk::RunningConnector,
     Arc<ProbeCounts>,
     Signer,
+    ConnectorServiceClient<tonic::transport::Channel>,
 ) {
     let pki = pki_with(&[
         (Role::Connector, "civil-register"),
@@ -317,7 +319,14 @@ async fn probed_connector() -> (
     let connector = start_connector(&pki, "civil-register", probe).await;
     let (cert, key) = pki.participant_paths(Role::Broker, "broker");
     let signer = Signer::from_files(&cert, &key).expect("signer");
-    (pki, connector, counts, signer)
+    let client = ConnectorServiceClient::new(channel_as(
+        &pki,
+        Role::Broker,
+        "broker",
+        connector.local_addr(),
+        None,
+    ));
+    (pki, connector, counts, signer, client)
 }
 
 fn provide_request(exchange_id: &str) -> ProvideEvidenceRequest {
@@ -334,14 +343,7 @@ fn provide_request(exchange_id: &str) -> ProvideEvidenceRequest {
 
 #[tokio::test]
 async fn a_connector_refuses_missing_forged_expired_replayed_and_mismatched_tickets() {
-    let (pki, connector, counts, broker) = probed_connector().await;
-    let mut client = ConnectorServiceClient::new(channel_as(
-        &pki,
-        Role::Broker,
-        "broker",
-        connector.local_addr(),
-        None,
-    ));
+    let (pki, _connector, counts, broker, mut client) = probed_connector().await;
     let claims = |request: &ProvideEvidenceRequest| {
         ticket_claims(&broker, TRUST_DOMAIN, "civil-register", request)
     };
@@ -436,14 +438,7 @@ async fn a_connector_refuses_missing_forged_expired_replayed_and_mismatched_tick
 
 #[tokio::test]
 async fn a_connector_refuses_to_encrypt_to_a_certificate_not_the_requesters() {
-    let (pki, connector, counts, broker) = probed_connector().await;
-    let mut client = ConnectorServiceClient::new(channel_as(
-        &pki,
-        Role::Broker,
-        "broker",
-        connector.local_addr(),
-        None,
-    ));
+    let (pki, _connector, counts, broker, mut client) = probed_connector().await;
     // Even with a ticket the broker signed naming it: München's certificate
     // for Berlin's request.
     let mut request = provide_request("ex-key");

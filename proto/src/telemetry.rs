@@ -101,6 +101,46 @@ pub fn onward(fallback: &TraceContext) -> TraceContext {
     }
 }
 
+/// Serves `registry` at `GET /metrics` (OpenMetrics text, which Prometheus
+/// reads) on `listener` until the task is dropped: the admin listener of
+/// the broker and of connectors. Plain HTTP, no certificate: it carries
+/// nothing but figures, and listens on loopback unless told otherwise.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    registry: std::sync::Arc<prometheus_client::registry::Registry>,
+) {
+    use axum::response::IntoResponse;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut text = String::new();
+                if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
+                    tracing::error!(error = %e, "cannot encode the metrics");
+                }
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    text,
+                )
+                    .into_response()
+            }
+        }),
+    );
+    if let Err(error) = axum::serve(listener, app).await {
+        tracing::error!(%error, "the admin listener stopped");
+    }
+}
+
+/// Latency histogram buckets for every onceonly metric: 0.1 ms to ~3.3 s,
+/// doubling.
+pub fn latency_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16)
+}
+
 /// Installs the process's logging: `RUST_LOG` filter (default `info`),
 /// plain or JSON lines on stderr, and, where `otlp` names a service and an
 /// endpoint, spans exported over OTLP. Call within a tokio runtime when
