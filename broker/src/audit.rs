@@ -732,6 +732,11 @@ impl AuditLog {
     /// Injects `fault` into the writer until another is injected.
     pub fn inject(&self, fault: AuditFault) {
         self.fault.store(fault as u8, Ordering::SeqCst);
+        if fault == AuditFault::None {
+            // The failures were the drill's: readiness need not wait out
+            // the memory of them.
+            self.store.last_failure_ms.store(0, Ordering::Relaxed);
+        }
     }
 
     /// While `held`, the writer keeps the batch it has begun open, so every
@@ -752,8 +757,8 @@ impl AuditLog {
 
     /// Why the log refuses appends now, if it does: a failed flush (until
     /// a restart), an injected fault, or a batch that failed within the
-    /// last 5 s (a write error; the next batch may succeed). Readiness
-    /// follows it.
+    /// last 30 s (a write error; a later batch may succeed, and readiness
+    /// does not flap faster than that). Readiness follows it.
     pub fn refusing(&self) -> Option<String> {
         if self.fault.load(Ordering::SeqCst) == AuditFault::Append as u8 {
             return Some("appends fail (injected fault)".into());
@@ -764,8 +769,8 @@ impl AuditLog {
             ));
         }
         let failed = self.store.last_failure_ms.load(Ordering::Relaxed);
-        (failed != 0 && crate::exchange::now_ms() - failed < 5_000)
-            .then(|| "an audit batch failed in the last 5 s".to_owned())
+        (failed != 0 && crate::exchange::now_ms() - failed < 30_000)
+            .then(|| "an audit batch failed in the last 30 s".to_owned())
     }
 
     /// The log's size: records covered by the latest signed head.

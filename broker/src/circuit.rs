@@ -40,7 +40,9 @@ impl Default for CircuitConfig {
             failure_threshold: 3,
             open_for: Duration::from_secs(5),
             health_interval: Duration::from_secs(5),
-            health_timeout: Duration::from_secs(2),
+            // More than a connect (3 s): a fresh channel's handshake is part
+            // of the first check.
+            health_timeout: Duration::from_secs(4),
         }
     }
 }

@@ -443,12 +443,15 @@ impl Broker {
             )
             .instrument(tracing::info_span!("forward", connector = %destination.connector_id))
             .await;
-        self.metrics
-            .connector_seconds
-            .get_or_create(&crate::metrics::ConnectorLabels {
-                connector: destination.connector_id.clone(),
-            })
-            .observe(forwarding.elapsed().as_secs_f64());
+        // A forward refused by open circuits never reached the connector.
+        if !matches!(forwarded, Err(ForwardError::CircuitOpen)) {
+            self.metrics
+                .connector_seconds
+                .get_or_create(&crate::metrics::ConnectorLabels {
+                    connector: destination.connector_id.clone(),
+                })
+                .observe(forwarding.elapsed().as_secs_f64());
+        }
         let mut evidence = forwarded.map_err(|error| Refusal::Forward {
             connector: destination.connector_id.clone(),
             error,
@@ -676,6 +679,17 @@ impl Broker {
         self.metrics
             .audit_append_seconds
             .observe(appending.elapsed().as_secs_f64());
+        // Without its record the exchange released nothing: counted as the
+        // caller saw it.
+        let labels = if appended.is_err() {
+            crate::metrics::ExchangeLabels {
+                outcome: "failed".to_owned(),
+                reason: ErrorReason::AuditUnavailable.reason().to_owned(),
+                ..labels
+            }
+        } else {
+            labels
+        };
         self.metrics.exchanges.get_or_create(&labels).inc();
         self.metrics
             .exchange_seconds

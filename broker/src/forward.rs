@@ -238,7 +238,9 @@ impl Forwarder {
             *contacted = true;
             let status = match attempt.run(client.provide_evidence(call)).await {
                 Err(_elapsed) => {
-                    if admission == Admission::Probe {
+                    // The endpoint's own timeout (not the caller's deadline)
+                    // ran out, or a probe did: the endpoint is failing.
+                    if admission == Admission::Probe || attempt != deadline {
                         self.circuits.failure(connector, endpoint);
                     }
                     return Err(ForwardError::DeadlineExceeded);

@@ -228,6 +228,17 @@ async fn readiness_is_not_serving_while_the_audit_log_refuses_appends() {
     wait_for_health(&world, ServingStatus::NotServing).await;
     let samples = samples(&scrape(&world).await);
     assert_eq!(value(&samples, "onceonly_audit_refusing{}"), 1.0);
+    // Counted as the caller saw it: failed, nothing released.
+    assert_eq!(
+        value(
+            &samples,
+            "onceonly_exchanges_total{evidence_type=birth-certificate,outcome=failed,reason=AUDIT_UNAVAILABLE}"
+        ),
+        1.0
+    );
+    assert!(!samples.keys().any(|k| k.starts_with(
+        "onceonly_exchanges_total{evidence_type=birth-certificate,outcome=delivered"
+    )));
 
     broker.audit.inject(AuditFault::None);
     wait_for_health(&world, ServingStatus::Serving).await;
@@ -281,11 +292,12 @@ impl Switchable {
 }
 
 /// An installation whose circuits open after two failures and stay open
-/// 700 ms (health checks out of the way).
+/// 10 s, longer than any of these tests waits (health checks out of the
+/// way: the test runs one itself).
 async fn circuit_world() -> World {
     World::start_with(onceonly_integration_tests::world::BrokerSettings {
         sections:
-            "[circuit]\nfailure_threshold = 2\nopen_for = \"700ms\"\nhealth_interval = \"1h\"\n"
+            "[circuit]\nfailure_threshold = 2\nopen_for = \"10s\"\nhealth_interval = \"1h\"\n"
                 .into(),
         ..Default::default()
     })
@@ -348,10 +360,12 @@ async fn a_hung_endpoint_opens_its_circuit_is_skipped_and_closes_when_it_returns
             started.elapsed()
         );
     }
-    // The endpoint comes back; after open_for a request probes it and the
+    // The endpoint comes back; its health check answers SERVING and the
     // circuit closes: it serves again.
     hung.forwarding.store(true, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let broker = world.running_broker().broker().expect("running");
+    broker.forwarder.check_health(&broker.routing).await;
+    assert_eq!(value(&samples(&scrape(&world).await), &endpoint_up), 1.0);
     authority
         .request_evidence(birth_certificate("hung-back"))
         .await
