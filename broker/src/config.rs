@@ -99,6 +99,11 @@ pub struct BrokerConfig {
     /// How long shutdown waits for exchanges in flight.
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How long, on shutdown, health says NOT_SERVING while the broker still
+    /// serves, before it stops accepting and drains: long enough for load
+    /// balancers' health checks to see it (e.g. "5s"). Default none.
+    #[serde(default, with = "humantime_serde")]
+    pub shutdown_announce: Duration,
     /// The admin listener (metrics).
     #[serde(default)]
     pub admin: Admin,

@@ -118,6 +118,8 @@ pub struct BoundBroker {
     identity: Participant,
     audit_writer: JoinHandle<()>,
     grace: Duration,
+    /// How long NOT_SERVING is announced before draining.
+    announce: Duration,
     connections: ConnectionLimits,
     max_request_message: usize,
     /// The admin listener (metrics), where enabled.
@@ -232,6 +234,7 @@ impl BoundBroker {
             audit_writer,
             admin,
             grace: config.shutdown_grace,
+            announce: config.shutdown_announce,
             connections: config.connections.clone(),
             max_request_message: usize::try_from(config.limits.max_request_message.as_u64())
                 .unwrap_or(usize::MAX),
@@ -272,6 +275,7 @@ impl BoundBroker {
             identity,
             audit_writer,
             grace,
+            announce,
             connections,
             max_request_message,
             admin,
@@ -310,6 +314,16 @@ impl BoundBroker {
             shutdown.await;
             stop_crl_watcher.abort();
             set_all(&health_reporter, false).await;
+            if !announce.is_zero() {
+                // Health says NOT_SERVING while the broker still serves, so
+                // load balancers move new traffic away before it stops
+                // accepting.
+                tracing::info!(
+                    ?announce,
+                    "broker shutting down; NOT_SERVING announced, still serving"
+                );
+                tokio::time::sleep(announce).await;
+            }
             tracing::info!("broker shutting down; draining exchanges in flight");
             let _ = drain_started.send(());
         };

@@ -488,3 +488,38 @@ async fn a_connector_serves_its_own_metrics_counting_answers_and_refusals() {
         3.0
     );
 }
+
+#[tokio::test]
+async fn readiness_is_not_serving_while_the_broker_announces_its_shutdown() {
+    let mut world = World::start().await;
+    // A top-level key, so before every table.
+    let config = std::fs::read_to_string(&world.config_path).expect("config");
+    std::fs::write(
+        &world.config_path,
+        format!("shutdown_announce = \"3s\"\n{config}"),
+    )
+    .expect("config");
+    world.stop_broker().await;
+    world.start_broker().await;
+    wait_for_health(&world, ServingStatus::Serving).await;
+    let mut health = HealthClient::new(world.channel(Role::Auditor, AUDITOR));
+    let broker = world.broker.take().expect("running");
+    let stopping = tokio::spawn(broker.shutdown());
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("still serving while it announces")
+            .into_inner()
+            .status();
+        if status == ServingStatus::NotServing {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never NOT_SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stopping.await.expect("task").expect("stops cleanly");
+}
