@@ -11,7 +11,12 @@
 //! 4. brokered, audit durable, the evidence encrypted to the requester
 //!    (HPKE) besides signed (every row's evidence is signed by the register
 //!    and its signature checked by the broker; direct calls carry a ticket);
-//! 5. the raw cost of one flush on this disk (the floor of a durable request);
+//! 5. proxied: HAProxy (Debian package) as a plain mutual-TLS gRPC proxy to
+//!    the same register, checking and logging nothing: TLS 1.3 both sides,
+//!    h2 to the backend, 2 threads (the fair peer: what an operator would
+//!    otherwise put in front of registers); installed with apt-get where
+//!    missing and possible, else the row is skipped with the reason;
+//! 6. the raw cost of one flush on this disk (the floor of a durable request);
 //!
 //! with requests/s, latency p50/p90/p99/max (HDR histogram), the broker's
 //! CPU seconds per 1,000 requests and its peak RSS, and the ratios; then
@@ -469,6 +474,75 @@ fn channels(pki: &Pki, role: Role, id: &str, addr: SocketAddr) -> anyhow::Result
         .collect()
 }
 
+/// HAProxy in front of the register, as a plain mTLS gRPC proxy.
+struct Haproxy {
+    _child: tokio::process::Child,
+    addr: SocketAddr,
+}
+
+/// Finds (or, as root, installs from the Debian packages) HAProxy and starts
+/// it in front of `connector` with the broker's certificate on both sides;
+/// Err says why it cannot run here.
+async fn start_haproxy(pki: &Pki, dir: &Path, connector: SocketAddr) -> Result<Haproxy, String> {
+    let present = |program: &str| {
+        std::process::Command::new(program)
+            .arg("-v")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !present("haproxy") {
+        let installed = std::process::Command::new("apt-get")
+            .args(["install", "-y", "-qq", "haproxy"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !installed || !present("haproxy") {
+            return Err("haproxy is not installed and `apt-get install haproxy` failed (not root, or no package registry)".into());
+        }
+    }
+    let (cert, key) = pki.participant_paths(Role::Broker, "broker");
+    let combined = dir.join("broker-combined.pem");
+    let pem = std::fs::read_to_string(&cert).map_err(|e| e.to_string())?
+        + &std::fs::read_to_string(&key).map_err(|e| e.to_string())?;
+    std::fs::write(&combined, pem).map_err(|e| e.to_string())?;
+    // A free port: bound, read, released (HAProxy binds it right after).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let ca = pki.ca_cert_path();
+    let config = format!(
+        "global\n  nbthread 2\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n  ssl-default-server-options ssl-min-ver TLSv1.3\n\
+         defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+         frontend grpc\n  bind {addr} ssl crt {crt} ca-file {ca} verify required alpn h2\n  default_backend register\n\
+         backend register\n  server civil {connector} ssl crt {crt} ca-file {ca} verify required alpn h2\n",
+        crt = combined.display(),
+        ca = ca.display(),
+    );
+    let config_path = dir.join("haproxy.cfg");
+    std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+    let child = tokio::process::Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&config_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start haproxy: {e}"))?;
+    let until = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if Instant::now() > until {
+            return Err(format!("haproxy did not listen on {addr} within 10 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Haproxy {
+        _child: child,
+        addr,
+    })
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let seconds = cli.seconds.unwrap_or(if cli.quick { 1.5 } else { 10.0 });
     let pki = Pki::throwaway(
@@ -493,13 +567,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     let (broker_cert, broker_key) = pki.participant_paths(Role::Broker, "broker");
-    let direct = Target::Direct(
-        channels(&pki, Role::Broker, "broker", connector.addr)?
-            .into_iter()
-            .map(ConnectorServiceClient::new)
-            .collect(),
-        Arc::new(Signer::from_files(&broker_cert, &broker_key)?),
-    );
+    let broker_signer = Arc::new(Signer::from_files(&broker_cert, &broker_key)?);
+    // As the broker calls the register: its certificate, a ticket a call.
+    let as_broker_to = |addr: SocketAddr| -> anyhow::Result<Target> {
+        Ok(Target::Direct(
+            channels(&pki, Role::Broker, "broker", addr)?
+                .into_iter()
+                .map(ConnectorServiceClient::new)
+                .collect(),
+            broker_signer.clone(),
+        ))
+    };
+    let direct = as_broker_to(connector.addr)?;
     let mut encryption = onceonly_certs::IssueOptions::new(Role::Authority, "bench");
     encryption.encryption = true;
     pki.issue(&encryption)?;
@@ -522,9 +601,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         brokered_to(&brokers[0], encryption_certificate)?,
     ];
 
+    let haproxy = match start_haproxy(&pki, work.path(), connector.addr).await {
+        Ok(haproxy) => Some((as_broker_to(haproxy.addr)?, haproxy)),
+        Err(why) => {
+            println!("skipped: proxied: HAProxy: {why}");
+            None
+        }
+    };
+
     let mut rows = Vec::new();
     for &concurrency in &cli.concurrency {
         eprintln!("measuring at concurrency {concurrency} ...");
+        if let Some((proxied, _)) = &haproxy {
+            rows.push(
+                measure(
+                    proxied,
+                    concurrency,
+                    seconds,
+                    None,
+                    "proxied: HAProxy, no checks",
+                )
+                .await,
+            );
+        }
         rows.push(
             measure(
                 &direct,
@@ -596,6 +695,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ratios.push((
                 format!("c={concurrency}: brokered-durable p50 - direct p50 - one flush p50 (ms)"),
                 b.p50_ms - d.p50_ms - flush.p50_ms,
+            ));
+        }
+        if let (Some(b), Some(h)) = (find("brokered, audit durable"), find("proxied: HAProxy")) {
+            ratios.push((
+                format!("c={concurrency}: brokered-durable / HAProxy throughput"),
+                b.requests_per_second / h.requests_per_second,
+            ));
+            ratios.push((
+                format!("c={concurrency}: brokered-durable p50 - HAProxy p50 (ms)"),
+                b.p50_ms - h.p50_ms,
             ));
         }
         if let (Some(b), Some(e)) = (
