@@ -1,11 +1,12 @@
 //! What each step of end-to-end protection costs on this machine, one
-//! thread: `cargo run --release -p onceonly-seal --example seal_cost`.
+//! thread, with P-256 (ES256) and with Ed25519 (EdDSA) participant keys:
+//! `cargo run --release -p onceonly-seal --example seal_cost`.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use onceonly_certs::tls::identity_verifier;
-use onceonly_certs::{IssueOptions, Pki, Role};
+use onceonly_certs::{IssueOptions, KeyAlgorithm, Pki, Role};
 use onceonly_proto::v1::SubjectIdScheme;
 use onceonly_seal::encryption::Context;
 use onceonly_seal::{
@@ -23,6 +24,17 @@ fn time(what: &str, rounds: u32, mut f: impl FnMut(u32)) {
 }
 
 fn main() -> anyhow::Result<()> {
+    for (name, algorithm) in [
+        ("P-256, ES256", KeyAlgorithm::EcdsaP256),
+        ("Ed25519, EdDSA", KeyAlgorithm::Ed25519),
+    ] {
+        println!("\nbroker and connector keys: {name}\n");
+        measure(algorithm)?;
+    }
+    Ok(())
+}
+
+fn measure(algorithm: KeyAlgorithm) -> anyhow::Result<()> {
     let pki = Pki::throwaway(
         "onceonly.test",
         &[
@@ -33,6 +45,15 @@ fn main() -> anyhow::Result<()> {
     let mut options = IssueOptions::new(Role::Authority, "berlin");
     options.encryption = true;
     pki.issue(&options)?;
+    for (role, id) in [
+        (Role::Broker, "broker"),
+        (Role::Connector, "civil-register"),
+    ] {
+        let mut options = IssueOptions::new(role, id);
+        options.key_algorithm = Some(algorithm);
+        options.force = true;
+        pki.issue(&options)?;
+    }
     let trust = Arc::new(identity_verifier(
         &pki.tls_files(Role::Broker, "broker"),
         "onceonly.test",
