@@ -371,53 +371,15 @@ impl Broker {
         }
         // Encryption to the requester: its own certificate, checked before
         // any register is called; 5. route
-        let (recipient, destination) = tracing::info_span!("route").in_scope(|| {
-            let recipient = self.encryption_recipient(caller, &request)?;
-            Ok::<_, Refusal>((recipient, self.route(&request)?))
+        // (the ticket then names that certificate, by its fingerprint).
+        let destination = tracing::info_span!("route").in_scope(|| {
+            self.check_encryption(caller, &request)?;
+            self.route(&request)
         })?;
         exchange.record.connector_id = destination.connector_id.clone();
         // 6. forward, within the exchange limit and the work deadline, with
         // a ticket saying what the policy decided
         let _slot = self.exchanges.admit(exchange.work_deadline).await?;
-        let subject = request.subject.clone().unwrap_or_default();
-        let authorization = Authorization {
-            claims: TicketClaims {
-                iss: self.forwarder_identity(),
-                aud: String::new(),
-                sub: exchange.record.caller_id.clone(),
-                jti: String::new(),
-                iat: 0,
-                exp: 0,
-                xid: exchange.record.exchange_id.clone(),
-                evt: request.evidence_type.clone(),
-                sbh: onceonly_seal::subject_hash(
-                    &exchange.record.exchange_id,
-                    subject.scheme(),
-                    &subject.value,
-                ),
-                pur: request.purpose.clone(),
-                lgb: request.legal_basis.clone(),
-                jur: request.jurisdiction.clone(),
-                prm: onceonly_seal::parameters_hash(&request.parameters),
-                rul: exchange.record.policy_rule.clone(),
-                cid: exchange.record.consent_id.clone(),
-                ecf: recipient
-                    .as_ref()
-                    .map(|r| r.fingerprint().to_owned())
-                    .unwrap_or_default(),
-            },
-            signer: self.signer.get(self.tls.generation()).map_err(|e| {
-                tracing::error!(error = %e, "the broker's key cannot sign tickets");
-                Refusal::Forward {
-                    connector: destination.connector_id.clone(),
-                    error: ForwardError::CannotAuthorize(e.to_string()),
-                }
-            })?,
-            trust: self.tls.verifier(),
-            subject_scheme: subject.scheme(),
-            subject_value: subject.value.clone(),
-            encrypted_to: recipient.map(|r| r.fingerprint().to_owned()),
-        };
         let forward = ProvideEvidenceRequest {
             exchange_id: exchange.record.exchange_id.clone(),
             evidence_type: request.evidence_type,
@@ -429,6 +391,22 @@ impl Broker {
             parameters: request.parameters,
             authorization_ticket: String::new(),
             encryption_certificate: request.encryption_certificate,
+        };
+        let authorization = Authorization {
+            claims: TicketClaims::for_request(
+                &forward,
+                self.forwarder_identity(),
+                exchange.record.policy_rule.clone(),
+                exchange.record.consent_id.clone(),
+            ),
+            signer: self.signer.get(self.tls.generation()).map_err(|e| {
+                tracing::error!(error = %e, "the broker's key cannot sign tickets");
+                Refusal::Forward {
+                    connector: destination.connector_id.clone(),
+                    error: ForwardError::CannotAuthorize(e.to_string()),
+                }
+            })?,
+            trust: self.tls.verifier(),
         };
         let forwarding = Instant::now();
         let forwarded = self
@@ -465,14 +443,14 @@ impl Broker {
         self.tls.identity().spiffe_id()
     }
 
-    /// The requester's encryption certificate, where the request names
-    /// one: it must be the caller's own, issued by the trust domain's CA;
-    /// where the policy requires encryption, the request must name one.
-    fn encryption_recipient(
+    /// Checks the requester's encryption certificate, where the request
+    /// names one: it must be the caller's own, issued by the trust domain's
+    /// CA; where the policy requires encryption, the request must name one.
+    fn check_encryption(
         &self,
         caller: &Participant,
         request: &RequestEvidenceRequest,
-    ) -> Result<Option<Recipient>, Refusal> {
+    ) -> Result<(), Refusal> {
         if request.encryption_certificate.is_empty() {
             if self
                 .policy
@@ -483,7 +461,7 @@ impl Broker {
                     evidence_type: request.evidence_type.clone(),
                 });
             }
-            return Ok(None);
+            return Ok(());
         }
         let recipient =
             Recipient::from_certificate(&request.encryption_certificate, &self.tls.verifier())
@@ -494,7 +472,7 @@ impl Broker {
                 recipient.participant()
             )));
         }
-        Ok(Some(recipient))
+        Ok(())
     }
 
     /// Steps 3 and 4 again, for a replay of delivered evidence.
@@ -508,7 +486,7 @@ impl Broker {
             self.check_consent(exchange, request)?;
         }
         // An encryption requirement (or a certificate revoked) since.
-        self.encryption_recipient(caller, request)?;
+        self.check_encryption(caller, request)?;
         Ok(())
     }
 

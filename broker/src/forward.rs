@@ -21,7 +21,7 @@ use onceonly_proto::deadline::{Deadline, deadline_aware};
 use onceonly_proto::metadata::{EXCHANGE_ID_HEADER, TraceContext};
 use onceonly_proto::status::reason_of;
 use onceonly_proto::v1::connector_service_client::ConnectorServiceClient;
-use onceonly_proto::v1::{ErrorReason, Evidence, ProvideEvidenceRequest, SubjectIdScheme};
+use onceonly_proto::v1::{ErrorReason, Evidence, ProvideEvidenceRequest};
 use onceonly_seal::opener::{Expected, check_statement};
 use onceonly_seal::{Signer, TicketClaims};
 use rand::RngCore;
@@ -67,13 +67,6 @@ pub struct Authorization {
     pub signer: Arc<Signer>,
     /// The CA and CRL that the register's statement must verify under.
     pub trust: Arc<IdentityVerifier>,
-    /// The subject's scheme.
-    pub subject_scheme: SubjectIdScheme,
-    /// The subject's id.
-    pub subject_value: String,
-    /// The fingerprint of the encryption certificate the evidence must be
-    /// encrypted to, where one was named.
-    pub encrypted_to: Option<String>,
 }
 
 impl Authorization {
@@ -353,18 +346,21 @@ fn check_evidence(
             "payload_sha256 does not match the payload".into(),
         ));
     }
+    let subject = request.subject.clone().unwrap_or_default();
     let expected = Expected {
         exchange_id: &request.exchange_id,
         evidence_type: &request.evidence_type,
-        subject_scheme: authorization.subject_scheme,
-        subject_value: &authorization.subject_value,
+        subject_scheme: subject.scheme(),
+        subject_value: &subject.value,
         requester: &request.requester_id,
         parameters: Some(&request.parameters),
         connector: Some(&destination.connector_id),
     };
     let (statement, _signer) = check_statement(&evidence, &authorization.trust, &expected)
         .map_err(|e| ForwardError::BadEvidence(format!("the register's statement: {e}")))?;
-    match (&authorization.encrypted_to, &statement.enc) {
+    // What the ticket named (the fingerprint of the certificate asked for).
+    let encrypted_to = Some(&authorization.claims.ecf).filter(|ecf| !ecf.is_empty());
+    match (encrypted_to, &statement.enc) {
         (None, None) => {}
         (Some(asked), Some(enc)) if *asked == enc.rcf => {}
         (Some(_), _) => {

@@ -140,38 +140,28 @@ pub fn ticket_for(
         .expect("sign ticket")
 }
 
-/// The claims of [`ticket_for`], to alter before signing.
+/// The claims of [`ticket_for`], to alter before signing: those the broker
+/// issues ([`TicketClaims::for_request`]), addressed to the connector.
 pub fn ticket_claims(
     signer: &Signer,
     trust_domain: &str,
     connector_id: &str,
     request: &ProvideEvidenceRequest,
 ) -> TicketClaims {
-    let subject = request.subject.clone().unwrap_or_default();
     let now = onceonly_seal::unix_now();
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let serial = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     TicketClaims {
-        iss: signer.participant().spiffe_id(),
         aud: format!("spiffe://{trust_domain}/connector/{connector_id}"),
-        sub: request.requester_id.clone(),
         jti: format!("test-{}-{serial}", std::process::id()),
         iat: now,
         exp: now + 60,
-        xid: request.exchange_id.clone(),
-        evt: request.evidence_type.clone(),
-        sbh: onceonly_seal::subject_hash(&request.exchange_id, subject.scheme(), &subject.value),
-        pur: request.purpose.clone(),
-        lgb: request.legal_basis.clone(),
-        jur: request.jurisdiction.clone(),
-        prm: onceonly_seal::parameters_hash(&request.parameters),
-        rul: "test-rule".into(),
-        cid: String::new(),
-        ecf: if request.encryption_certificate.is_empty() {
-            String::new()
-        } else {
-            onceonly_seal::digest_b64(&request.encryption_certificate)
-        },
+        ..TicketClaims::for_request(
+            request,
+            signer.participant().spiffe_id(),
+            "test-rule".into(),
+            String::new(),
+        )
     }
 }
 

@@ -29,6 +29,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use onceonly_certs::{IdentityVerifier, Role};
+use onceonly_proto::v1::ProvideEvidenceRequest;
 use serde::{Deserialize, Serialize};
 
 use crate::jws::{self, JwsError, Signer, TimeRule};
@@ -91,6 +92,42 @@ pub struct TicketClaims {
 }
 
 impl TicketClaims {
+    /// The claims of a ticket for `request` as broker `issuer` forwards it
+    /// under policy rule `rule` and consent `consent` ("" where none was
+    /// needed): every field the connector compares with the request, from
+    /// the request itself. `aud`, `jti`, `iat` and `exp` are each attempt's
+    /// to set.
+    pub fn for_request(
+        request: &ProvideEvidenceRequest,
+        issuer: String,
+        rule: String,
+        consent: String,
+    ) -> Self {
+        let subject = request.subject.clone().unwrap_or_default();
+        TicketClaims {
+            iss: issuer,
+            aud: String::new(),
+            sub: request.requester_id.clone(),
+            jti: String::new(),
+            iat: 0,
+            exp: 0,
+            xid: request.exchange_id.clone(),
+            evt: request.evidence_type.clone(),
+            sbh: crate::subject_hash(&request.exchange_id, subject.scheme(), &subject.value),
+            pur: request.purpose.clone(),
+            lgb: request.legal_basis.clone(),
+            jur: request.jurisdiction.clone(),
+            prm: crate::parameters_hash(&request.parameters),
+            rul: rule,
+            cid: consent,
+            ecf: if request.encryption_certificate.is_empty() {
+                String::new()
+            } else {
+                crate::digest_b64(&request.encryption_certificate)
+            },
+        }
+    }
+
     /// Signs the claims as a ticket.
     pub fn sign(&self, signer: &Signer) -> Result<String, JwsError> {
         signer.sign(TICKET_TYPE, self)
