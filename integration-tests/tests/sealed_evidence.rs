@@ -576,3 +576,81 @@ async fn a_repeated_request_id_gets_sealed_evidence_the_caller_can_still_open() 
         .expect_err("another request under the same id");
     assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
 }
+
+/// A connector written without the SDK, with the civil register's real
+/// certificate, that answers with evidence it does not sign.
+struct Unsigned;
+
+#[tonic::async_trait]
+impl onceonly_proto::v1::connector_service_server::ConnectorService for Unsigned {
+    async fn provide_evidence(
+        &self,
+        request: tonic::Request<ProvideEvidenceRequest>,
+    ) -> Result<tonic::Response<onceonly_proto::v1::ProvideEvidenceResponse>, tonic::Status> {
+        let payload = b"<Geburtsurkunde/>".to_vec();
+        Ok(tonic::Response::new(
+            onceonly_proto::v1::ProvideEvidenceResponse {
+                evidence: Some(Evidence {
+                    evidence_type: request.into_inner().evidence_type,
+                    payload_sha256: Sha256::digest(&payload).to_vec(),
+                    payload,
+                    media_type: "application/xml".into(),
+                    connector_id: "civil-register".into(),
+                    ..Default::default()
+                }),
+            },
+        ))
+    }
+
+    async fn describe_connector(
+        &self,
+        _request: tonic::Request<onceonly_proto::v1::DescribeConnectorRequest>,
+    ) -> Result<tonic::Response<onceonly_proto::v1::DescribeConnectorResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not needed"))
+    }
+}
+
+#[tokio::test]
+async fn evidence_without_the_registers_signed_statement_is_refused_and_recorded() {
+    let world = World::start().await;
+    let tls = onceonly_certs::ReloadableServerTls::load(
+        world.pki.tls_files(Role::Connector, "civil-register"),
+    )
+    .expect("tls");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                onceonly_proto::v1::connector_service_server::ConnectorServiceServer::new(Unsigned),
+            )
+            .serve_with_incoming(onceonly_certs::MtlsIncoming::new(
+                listener,
+                tls,
+                Default::default(),
+            )),
+    );
+    let mut world = world;
+    let civil = world.registers[0].local_addr().to_string();
+    let routing_path = world.dir.path().join("routing.toml");
+    let routing = std::fs::read_to_string(&routing_path).expect("routing");
+    std::fs::write(&routing_path, routing.replace(&civil, &addr.to_string())).expect("routing");
+    world.stop_broker().await;
+    world.start_broker().await;
+
+    let status = world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("unsigned-1"))
+        .await
+        .expect_err("no statement, no evidence");
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    assert_eq!(reason_of(&status), Some(ErrorReason::BadEvidence));
+    assert!(status.message().contains("statement"), "{status:?}");
+    let record = the_record(&world, "unsigned-1").await;
+    assert_eq!(record.outcome(), ExchangeOutcome::Failed, "{record:?}");
+    assert_eq!(record.error_reason(), ErrorReason::BadEvidence);
+    assert!(record.register_contacted);
+    assert!(record.payload_sha256.is_empty(), "nothing released");
+}
