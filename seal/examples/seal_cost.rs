@@ -142,5 +142,49 @@ fn measure(algorithm: KeyAlgorithm) -> anyhow::Result<()> {
     time("HPKE-encrypt 500 bytes (connector)", 500, |_| {
         recipient.seal(&context, &payload).expect("seal");
     });
+    raw_signature_floor(algorithm, signed.as_bytes());
     Ok(())
+}
+
+/// The signature primitive alone (ring, key parsed once): the floor under
+/// the token rows above, whatever the JWS framing and chain checks add.
+fn raw_signature_floor(algorithm: KeyAlgorithm, message: &[u8]) {
+    use ring::signature::{self, KeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    type Sign<'a> = Box<dyn Fn() -> Vec<u8> + 'a>;
+    type Verify<'a> = Box<dyn Fn(&[u8]) + 'a>;
+    let (sign, verify): (Sign<'_>, Verify<'_>) = match algorithm {
+        KeyAlgorithm::Ed25519 => {
+            let der = signature::Ed25519KeyPair::generate_pkcs8(&rng).expect("key");
+            let key = signature::Ed25519KeyPair::from_pkcs8(der.as_ref()).expect("key");
+            let public = key.public_key().as_ref().to_vec();
+            (
+                Box::new(move || key.sign(message).as_ref().to_vec()),
+                Box::new(move |sig| {
+                    signature::UnparsedPublicKey::new(&signature::ED25519, &public)
+                        .verify(message, sig)
+                        .expect("verify")
+                }),
+            )
+        }
+        _ => {
+            let alg = &signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+            let der = signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).expect("key");
+            let key = signature::EcdsaKeyPair::from_pkcs8(alg, der.as_ref(), &rng).expect("key");
+            let public = key.public_key().as_ref().to_vec();
+            (
+                Box::new(move || key.sign(&rng, message).expect("sign").as_ref().to_vec()),
+                Box::new(move |sig| {
+                    signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &public)
+                        .verify(message, sig)
+                        .expect("verify")
+                }),
+            )
+        }
+    };
+    time("the signature alone: sign (ring)", 500, |_| {
+        sign();
+    });
+    let sig = sign();
+    time("the signature alone: verify (ring)", 500, |_| verify(&sig));
 }

@@ -4,14 +4,17 @@
 //! without any key distribution of its own. ES256 for P-256 keys, EdDSA for
 //! Ed25519 keys (the two key types `onceonly-certs` issues).
 //!
-//! Signing and verification are jsonwebtoken's (a well-kept JOSE crate on
-//! ring); this module only picks the key and checks the chain.
+//! Signatures are ring's with the key pair parsed once per signer
+//! (jsonwebtoken parses the PKCS#8 key again for every token, which cost
+//! about half of each signature); verification and its claim checks are
+//! jsonwebtoken's (a well-kept JOSE crate on ring), so every token this
+//! module signs is read back by an independent JWS implementation.
 
 use std::path::Path;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use onceonly_certs::{IdentityVerifier, Participant, Role};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Serialize;
@@ -59,8 +62,23 @@ pub enum JwsError {
 pub struct Signer {
     participant: Participant,
     algorithm: Algorithm,
-    key: EncodingKey,
+    key: KeyPair,
+    rng: ring::rand::SystemRandom,
     x5c: Vec<String>,
+}
+
+/// A private key parsed once, for every signature after.
+enum KeyPair {
+    Ecdsa(ring::signature::EcdsaKeyPair),
+    Ed25519(ring::signature::Ed25519KeyPair),
+}
+
+/// A token's protected header (RFC 7515 section 4.1).
+#[derive(Serialize)]
+struct ProtectedHeader<'a> {
+    typ: &'a str,
+    alg: Algorithm,
+    x5c: &'a [String],
 }
 
 impl std::fmt::Debug for Signer {
@@ -98,19 +116,40 @@ impl Signer {
                 "the private key is not PKCS#8 (onceonly-certs writes PKCS#8)".into(),
             ));
         };
+        let rng = ring::rand::SystemRandom::new();
+        let der = pkcs8.secret_pkcs8_der();
         let key = match algorithm {
-            Algorithm::ES256 => EncodingKey::from_ec_der(pkcs8.secret_pkcs8_der()),
-            _ => EncodingKey::from_ed_der(pkcs8.secret_pkcs8_der()),
-        };
+            Algorithm::ES256 => ring::signature::EcdsaKeyPair::from_pkcs8(
+                &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                der,
+                &rng,
+            )
+            .map(KeyPair::Ecdsa),
+            _ => ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)
+                .map(KeyPair::Ed25519),
+        }
+        .map_err(|e| JwsError::Key(format!("the private key does not parse: {e}")))?;
         let signer = Signer {
             participant,
             algorithm,
             key,
+            rng,
             x5c: chain.iter().map(|c| STANDARD.encode(c.as_ref())).collect(),
         };
         // A key that does not belong to the certificate would sign tokens
-        // nobody accepts: find out now.
-        signer.sign("onceonly-self-check", &serde_json::json!({}))?;
+        // nobody accepts: find out now, by verifying one under the
+        // certificate's key.
+        let token = signer.sign("onceonly-self-check", &serde_json::json!({}))?;
+        let (_, decoding) = public_key(leaf)?;
+        let mut validation = Validation::new(algorithm);
+        validation.validate_exp = false;
+        validation.validate_aud = false;
+        validation.required_spec_claims = Default::default();
+        jsonwebtoken::decode::<serde_json::Value>(&token, &decoding, &validation).map_err(|e| {
+            JwsError::Key(format!(
+                "the private key does not belong to the certificate ({e})"
+            ))
+        })?;
         Ok(signer)
     }
 
@@ -121,10 +160,26 @@ impl Signer {
 
     /// Signs `claims` as a token of type `typ`.
     pub fn sign<C: Serialize>(&self, typ: &str, claims: &C) -> Result<String, JwsError> {
-        let mut header = Header::new(self.algorithm);
-        header.typ = Some(typ.to_owned());
-        header.x5c = Some(self.x5c.clone());
-        jsonwebtoken::encode(&header, claims, &self.key).map_err(|e| JwsError::Key(e.to_string()))
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let header = serde_json::to_vec(&ProtectedHeader {
+            typ,
+            alg: self.algorithm,
+            x5c: &self.x5c,
+        })
+        .map_err(|e| JwsError::Key(e.to_string()))?;
+        let claims = serde_json::to_vec(claims).map_err(|e| JwsError::Key(e.to_string()))?;
+        let mut token = URL_SAFE_NO_PAD.encode(header);
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(claims, &mut token);
+        let signature = match &self.key {
+            KeyPair::Ecdsa(key) => key
+                .sign(&self.rng, token.as_bytes())
+                .map_err(|_| JwsError::Key("the ECDSA signature failed".into()))?,
+            KeyPair::Ed25519(key) => key.sign(token.as_bytes()),
+        };
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature.as_ref(), &mut token);
+        Ok(token)
     }
 }
 

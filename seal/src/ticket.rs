@@ -25,7 +25,7 @@
 //! | `cid` | the consent that covered it, where one was needed |
 //! | `ecf` | SHA-256 (base64url) of the encryption certificate named, or absent |
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 
 use onceonly_certs::{IdentityVerifier, Role};
@@ -206,11 +206,28 @@ pub struct TicketVerifier {
     seen: Mutex<Seen>,
 }
 
+/// The tickets accepted and not yet expired: a set to look a `jti` up, and
+/// the same ids ordered by expiry, so forgetting the expired ones costs
+/// only what is forgotten (a sweep over every remembered ticket on every
+/// call made the connector's cost grow with its throughput).
 #[derive(Debug, Default)]
 struct Seen {
-    expiry_by_jti: HashMap<String, i64>,
-    /// The earliest expiry in the map: nothing to sweep before it.
-    next_sweep: i64,
+    jtis: HashSet<String>,
+    by_expiry: BTreeMap<i64, Vec<String>>,
+}
+
+impl Seen {
+    /// Forgets every ticket whose `exp` plus the leeway is before `now`.
+    fn forget_expired(&mut self, now: i64, leeway: i64) {
+        while let Some(entry) = self.by_expiry.first_entry() {
+            if entry.key().saturating_add(leeway) >= now {
+                break;
+            }
+            for jti in entry.remove() {
+                self.jtis.remove(&jti);
+            }
+        }
+    }
 }
 
 impl TicketVerifier {
@@ -297,25 +314,20 @@ impl TicketVerifier {
     fn remember(&self, claims: &TicketClaims, now: i64) -> Result<(), TicketError> {
         let leeway = i64::try_from(LEEWAY_SECS).unwrap_or(0);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if now >= seen.next_sweep {
-            seen.expiry_by_jti
-                .retain(|_, exp| exp.saturating_add(leeway) >= now);
-            seen.next_sweep = seen
-                .expiry_by_jti
-                .values()
-                .min()
-                .map_or(i64::MAX, |exp| exp.saturating_add(leeway));
-        }
-        if seen.expiry_by_jti.contains_key(&claims.jti) {
+        seen.forget_expired(now, leeway);
+        if seen.jtis.contains(&claims.jti) {
             return Err(TicketError::Replayed {
                 jti: claims.jti.clone(),
             });
         }
-        if seen.expiry_by_jti.len() >= MAX_REMEMBERED {
+        if seen.jtis.len() >= MAX_REMEMBERED {
             return Err(TicketError::TooMany(MAX_REMEMBERED));
         }
-        seen.expiry_by_jti.insert(claims.jti.clone(), claims.exp);
-        seen.next_sweep = seen.next_sweep.min(claims.exp.saturating_add(leeway));
+        seen.jtis.insert(claims.jti.clone());
+        seen.by_expiry
+            .entry(claims.exp)
+            .or_default()
+            .push(claims.jti.clone());
         Ok(())
     }
 
@@ -324,7 +336,7 @@ impl TicketVerifier {
         self.seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .expiry_by_jti
+            .jtis
             .len()
     }
 }

@@ -109,6 +109,65 @@ fn a_ticket_verifies_once_and_is_a_replay_after() {
 }
 
 #[test]
+fn a_ticket_is_remembered_until_its_expiry_and_leeway_pass_and_then_forgotten() {
+    use onceonly_seal::ticket::LEEWAY_SECS;
+    let setup = setup();
+    let broker = signer(&setup, Role::Broker, "broker");
+    let verifier = TicketVerifier::new(BROKER);
+    let sbh = subject_hash("ex-1", SubjectIdScheme::DeIdnr, ANNA);
+    let now = unix_now();
+    // Three tickets expiring 10, 20 and 30 s from now.
+    let tokens: Vec<(String, i64)> = [10, 20, 30]
+        .into_iter()
+        .map(|lifetime| {
+            let mut claims = ticket_claims();
+            claims.jti = format!("t-{lifetime}");
+            claims.exp = now + lifetime;
+            (claims.sign(&broker).expect("sign"), claims.exp)
+        })
+        .collect();
+    for (token, _) in &tokens {
+        verifier
+            .verify(token, &setup.trust, &expectation(&sbh), now)
+            .expect("a good ticket");
+    }
+    assert_eq!(verifier.remembered(), 3);
+    let leeway = i64::try_from(LEEWAY_SECS).expect("small");
+    let (first, first_exp) = &tokens[0];
+    // At its expiry plus the leeway it is still a replay ...
+    assert_eq!(
+        verifier.verify(first, &setup.trust, &expectation(&sbh), first_exp + leeway),
+        Err(TicketError::Replayed { jti: "t-10".into() })
+    );
+    // ... one second later it is forgotten, and only it: the others stay
+    // replays. (The signature check runs on the real clock, which still
+    // finds the ticket unexpired, so forgetting is what lets it through.)
+    let later = first_exp + leeway + 1;
+    verifier
+        .verify(first, &setup.trust, &expectation(&sbh), later)
+        .expect("forgotten after its expiry");
+    assert_eq!(verifier.remembered(), 3, "t-10 again, t-20 and t-30");
+    assert_eq!(
+        verifier.verify(&tokens[1].0, &setup.trust, &expectation(&sbh), later),
+        Err(TicketError::Replayed { jti: "t-20".into() })
+    );
+    // Past every expiry, all are forgotten at the next call.
+    let last = tokens[2].1 + leeway + 1;
+    let mut fresh = ticket_claims();
+    fresh.jti = "t-fresh".into();
+    fresh.exp = now + 60;
+    verifier
+        .verify(
+            &fresh.sign(&broker).expect("sign"),
+            &setup.trust,
+            &expectation(&sbh),
+            last,
+        )
+        .expect("a fresh ticket");
+    assert_eq!(verifier.remembered(), 1);
+}
+
+#[test]
 fn forged_expired_foreign_and_mismatched_tickets_are_refused_by_name() {
     let setup = setup();
     let broker = signer(&setup, Role::Broker, "broker");
