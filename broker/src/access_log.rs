@@ -12,8 +12,8 @@ use onceonly_proto::v1::{AuditRecord, ErrorReason, RecordKind, SubjectId};
 use rand::RngCore;
 use tonic::{Code, Status};
 
-use crate::consent::timestamp;
-use crate::exchange::{Broker, now_ms};
+use crate::exchange::Broker;
+use onceonly_proto::time::{now_ms, timestamp};
 
 /// What an access concerned, beyond who and whom.
 #[derive(Debug, Clone, Default)]

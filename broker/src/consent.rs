@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use onceonly_proto::time::timestamp;
 use onceonly_proto::v1::{Consent, ConsentState, SubjectId};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -71,21 +72,6 @@ impl StoredConsent {
             recorded_by: self.recorded_by.clone(),
         }
     }
-}
-
-/// A protobuf timestamp from Unix milliseconds.
-pub fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-    }
-}
-
-/// Unix milliseconds from a protobuf timestamp.
-pub fn millis(ts: &prost_types::Timestamp) -> i64 {
-    ts.seconds
-        .saturating_mul(1000)
-        .saturating_add(i64::from(ts.nanos / 1_000_000))
 }
 
 /// Why a consent operation failed.

@@ -55,13 +55,14 @@ use tonic::{Code, Status};
 use tracing::Instrument;
 
 use crate::audit::AuditLog;
-use crate::consent::{ConsentStore, timestamp};
+use crate::consent::ConsentStore;
 use crate::forward::{Authorization, ForwardError, Forwarder};
 use crate::idempotency::{Begin, IdempotencyCache, StoredOutcome, StoredStatus, wait_for};
 use crate::policy::{ConsentRequirement, Decision, PolicyStore};
 use crate::pseudonym::Pseudonymiser;
 pub use crate::refusal::{DeniedRequest, Refusal};
 use crate::routing::{Destination, RoutingTable};
+use onceonly_proto::time::{now_ms, timestamp};
 
 /// What the broker keeps back from a caller's deadline for its audit write
 /// and answer: 5 ms for the answer, three times the slowest append of the
@@ -934,10 +935,4 @@ fn fingerprint(request: &RequestEvidenceRequest) -> [u8; 32] {
         hash.update(value.as_bytes());
     }
     hash.finalize().into()
-}
-
-/// Now, in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    let now = time::OffsetDateTime::now_utc();
-    i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }

@@ -11,7 +11,8 @@
 //! - [`refusal`] is every way an exchange ends without evidence, classed
 //!   once into a gRPC status and an audit outcome;
 //! - [`consent`] keeps subjects' consents, in sled;
-//! - [`audit`] is the durable, group-committed audit log, and
+//! - [`audit`] is the durable, group-committed audit log (the
+//!   `onceonly-audit-log` crate, beside [`onceonly_merkle`]), and
 //!   [`access_log`] records in it what portals do with a subject's data;
 //! - [`pseudonym`] makes keyed pseudonyms of subject ids for the log;
 //! - [`keys`] creates (once), loads and rotates the broker's own keys;
@@ -26,8 +27,6 @@
 //! The `onceonly-broker` binary is a thin CLI over [`server`].
 
 pub mod access_log;
-pub mod audit;
-pub mod auditor;
 pub mod circuit;
 pub mod config;
 pub mod consent;
@@ -45,4 +44,9 @@ pub mod server;
 pub mod services;
 
 pub use config::BrokerConfig;
+/// The audit log, a crate of its own ([`onceonly_audit_log`]): the broker
+/// runs it, auditors verify it without the broker.
+pub use onceonly_audit_log as audit;
+/// The auditor's remote checks (the `onceonly-audit` CLI's).
+pub use onceonly_audit_log::auditor;
 pub use server::{BoundBroker, RunningBroker, StartError};

@@ -19,7 +19,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::exchange::Broker;
@@ -69,23 +69,7 @@ impl Default for Metrics {
     }
 }
 
-/// What the audit writer records.
-#[derive(Debug, Clone)]
-pub struct AuditMetrics {
-    /// One `fdatasync` of the log file.
-    pub fsync_seconds: Histogram,
-    /// Records per group-commit batch.
-    pub batch_records: Histogram,
-}
-
-impl Default for AuditMetrics {
-    fn default() -> Self {
-        AuditMetrics {
-            fsync_seconds: Histogram::new(latency_buckets()),
-            batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
-        }
-    }
-}
+pub use onceonly_audit_log::AuditMetrics;
 
 /// The registry the admin listener serves: `broker`'s recorded metrics and
 /// its state at each scrape.
@@ -237,7 +221,7 @@ impl Collector for StateCollector {
                 ConstGauge::new(i64::from(up)).encode(family.encode_family(&labels)?)?;
             }
         }
-        let now = crate::exchange::now_ms() / 1000;
+        let now = onceonly_proto::time::now_ms() / 1000;
         let files = self.tls.files();
         let mut expiry = Vec::new();
         for (which, path) in [("broker", &files.cert), ("ca", &files.ca)] {

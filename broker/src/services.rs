@@ -16,8 +16,9 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::access_log::{Access, ChangeFailed};
 use crate::audit::AuditFilter;
-use crate::consent::{ConsentError, ConsentStore, NewConsent, millis};
-use crate::exchange::{Broker, now_ms};
+use crate::consent::{ConsentError, ConsentStore, NewConsent};
+use crate::exchange::Broker;
+use onceonly_proto::time::{millis, now_ms};
 
 /// The longest a consent may be granted for.
 const MAX_CONSENT_MS: i64 = 5 * 366 * 86_400_000;

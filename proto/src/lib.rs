@@ -15,6 +15,7 @@ pub mod deadline;
 pub mod metadata;
 pub mod status;
 pub mod telemetry;
+pub mod time;
 pub mod validate;
 
 /// Package `onceonly.v1`.

@@ -38,12 +38,8 @@ pub use statement::StatementClaims;
 pub use subject::{parameters_hash, subject_hash};
 pub use ticket::{TicketClaims, TicketError, TicketExpectation, TicketVerifier};
 
-/// Seconds since the Unix epoch, now.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
+/// Seconds since the Unix epoch, now (the clock every crate shares).
+pub use onceonly_proto::time::unix_now;
 
 /// SHA-256 of `bytes`, base64url without padding: how every digest in a
 /// token is written.

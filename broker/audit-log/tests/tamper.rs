@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-use onceonly_broker::audit::segment::{self, FILE_NAME, Frame};
-use onceonly_broker::audit::{AuditLog, Tamper, verify_dir, verify_dir_against};
+use onceonly_audit_log::segment::{self, FILE_NAME, Frame};
+use onceonly_audit_log::{AuditLog, Tamper, verify_dir, verify_dir_against};
 use onceonly_merkle::{Frontier, leaf_hash};
 use onceonly_proto::v1::{AuditRecord, ExchangeOutcome};
 use prost::Message;
@@ -43,7 +43,7 @@ async fn make_log(dir: &Path) -> Written {
         .to_vec();
     let key = Ed25519KeyPair::from_pkcs8(&pkcs8).expect("key");
     let public = key.public_key().as_ref().to_vec();
-    let db = onceonly_broker::audit::open_storage(sled::Config::new().path(dir)).expect("db");
+    let db = onceonly_audit_log::open_storage(sled::Config::new().path(dir)).expect("db");
     let (log, writer) = AuditLog::open(dir, &db, true, key).expect("log");
     for wave in 0..RECORDS / WAVE {
         // Held until the whole wave is queued: one frame per wave.
@@ -148,8 +148,7 @@ async fn a_byte_flipped_on_disk_is_found_and_stops_a_rebuild_of_the_index() {
     );
     // Opening reads only the frames its index has not seen; rebuilding
     // the index reads them all and refuses the damaged one.
-    let db =
-        onceonly_broker::audit::open_storage(sled::Config::new().path(dir.path())).expect("db");
+    let db = onceonly_audit_log::open_storage(sled::Config::new().path(dir.path())).expect("db");
     db.drop_tree("audit-index").expect("drop");
     let refused = AuditLog::open(dir.path(), &db, true, key());
     let Err(error) = refused else {
@@ -349,8 +348,7 @@ async fn a_torn_last_frame_is_cut_off_on_reopening_and_the_log_goes_on() {
             .records,
         RECORDS
     );
-    let db =
-        onceonly_broker::audit::open_storage(sled::Config::new().path(dir.path())).expect("db");
+    let db = onceonly_audit_log::open_storage(sled::Config::new().path(dir.path())).expect("db");
     // The index is thrown away too: reopening rebuilds it from the file.
     db.drop_tree("audit-index").expect("drop");
     let signing = Ed25519KeyPair::from_pkcs8(&written.pkcs8).expect("key");
@@ -359,7 +357,7 @@ async fn a_torn_last_frame_is_cut_off_on_reopening_and_the_log_goes_on() {
     assert_eq!(log.append(record(RECORDS)).await.expect("append"), RECORDS);
     let (found, _) = log
         .query(
-            &onceonly_broker::audit::AuditFilter {
+            &onceonly_audit_log::AuditFilter {
                 caller_id: Some("spiffe://onceonly.test/authority/a".into()),
                 ..Default::default()
             },

@@ -4,10 +4,25 @@
 
 use std::process::Command;
 
-use onceonly_broker::audit::segment::{self, FILE_NAME, Frame};
-use onceonly_broker::audit::{AuditLog, public_key_path};
-use onceonly_broker::keys::create_audit_key;
+use onceonly_audit_log::segment::{self, FILE_NAME, Frame};
+use onceonly_audit_log::{AuditLog, public_key_path};
 use onceonly_proto::v1::AuditRecord;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+
+/// A fresh audit key, its public half written where the broker writes it
+/// (hex, beside the key), as an auditor receives it.
+fn new_key(key_path: &std::path::Path) -> Ed25519KeyPair {
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).expect("key");
+    let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key");
+    let public = public_key_path(key_path);
+    std::fs::create_dir_all(public.parent().expect("dir")).expect("dir");
+    std::fs::write(
+        &public,
+        format!("{}\n", hex::encode(key.public_key().as_ref())),
+    )
+    .expect("pub");
+    key
+}
 
 #[tokio::test]
 async fn verify_dir_reports_clean_and_tampered_copies() {
@@ -15,10 +30,8 @@ async fn verify_dir_reports_clean_and_tampered_copies() {
     let data = dir.path().join("data");
     let key_path = dir.path().join("secrets/audit.key");
     {
-        let db = onceonly_broker::audit::open_storage(sled::Config::new().path(&data)).expect("db");
-        let (log, writer) =
-            AuditLog::open(&data, &db, true, create_audit_key(&key_path).expect("key"))
-                .expect("log");
+        let db = onceonly_audit_log::open_storage(sled::Config::new().path(&data)).expect("db");
+        let (log, writer) = AuditLog::open(&data, &db, true, new_key(&key_path)).expect("log");
         for n in 0..12 {
             log.append(AuditRecord {
                 request_id: format!("r{n}"),

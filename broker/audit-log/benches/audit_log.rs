@@ -7,7 +7,7 @@
 //! 3. query latency by subject (indexed) in a log of `--records` records
 //!    (default 1,000,000).
 //!
-//! `cargo bench -p onceonly-broker --bench audit_log [-- --records N --seconds S]`
+//! `cargo bench -p onceonly-audit-log --bench audit_log [-- --records N --seconds S]`
 //! Figures only; nothing here passes or fails.
 
 use std::io::Write;
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use onceonly_broker::audit::{AuditFilter, AuditLog};
+use onceonly_audit_log::{AuditFilter, AuditLog};
 use onceonly_proto::v1::{AuditRecord, ExchangeOutcome};
 use ring::signature::Ed25519KeyPair;
 

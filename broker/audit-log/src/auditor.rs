@@ -14,8 +14,8 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
-use crate::audit::handover::KeyChain;
-use crate::audit::head_from_proto;
+use crate::handover::KeyChain;
+use crate::head::head_from_proto;
 
 /// Why an audit failed.
 #[derive(Debug, thiserror::Error)]

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use onceonly_broker::audit::verify_dir_against;
-use onceonly_broker::auditor::{SavedHead, load_public_key, verify_remote};
+use onceonly_audit_log::auditor::{SavedHead, load_public_key, verify_remote};
+use onceonly_audit_log::verify_dir_against;
 use onceonly_certs::{MtlsConnector, Participant, Pki, Role, TlsFiles};
 use onceonly_proto::v1::audit_service_client::AuditServiceClient;
 use onceonly_proto::v1::{

@@ -1,0 +1,160 @@
+//! The query indexes in sled: per batch and indexed value (subject
+//! pseudonym, caller, evidence type, connector, outcome) one entry listing
+//! the batch's records with it, and per batch where its frame starts. All
+//! of it can be rebuilt from the log file.
+
+use std::collections::BTreeMap;
+
+use onceonly_proto::v1::{AuditRecord, ExchangeOutcome};
+
+/// The key layout of the `audit-index` tree.
+pub mod keys {
+    /// `b` + first log index (u64 BE) -> the batch's frame: offset in the
+    /// file (u64 BE) and record count (u32 BE).
+    pub const BATCH: u8 = b'b';
+    /// `x` + field (u8) + value length (u16 BE) + value + first log index
+    /// of the batch (u64 BE) -> the batch's records with that value (u64
+    /// BE each, ascending).
+    pub const INDEX: u8 = b'x';
+
+    /// The key of the batch starting at `first_index`.
+    pub fn batch(first_index: u64) -> [u8; 9] {
+        let mut key = [BATCH; 9];
+        key[1..].copy_from_slice(&first_index.to_be_bytes());
+        key
+    }
+
+    /// The prefix of an index's entries for one value.
+    pub fn index_prefix(field: u8, value: &[u8]) -> Vec<u8> {
+        let mut key = vec![INDEX, field];
+        key.extend_from_slice(&(value.len().min(u16::MAX as usize) as u16).to_be_bytes());
+        key.extend_from_slice(&value[..value.len().min(u16::MAX as usize)]);
+        key
+    }
+}
+
+/// The indexed fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Field {
+    Subject = 1,
+    Caller = 2,
+    EvidenceType = 3,
+    Connector = 4,
+    Outcome = 5,
+}
+
+/// The index prefixes a record is listed under.
+fn index_prefixes(record: &AuditRecord) -> impl Iterator<Item = Vec<u8>> + '_ {
+    [
+        Some(keys::index_prefix(
+            Field::Caller as u8,
+            record.caller_id.as_bytes(),
+        )),
+        Some(keys::index_prefix(
+            Field::EvidenceType as u8,
+            record.evidence_type.as_bytes(),
+        )),
+        Some(keys::index_prefix(
+            Field::Outcome as u8,
+            &record.outcome.to_be_bytes(),
+        )),
+        (!record.subject_pseudonym.is_empty())
+            .then(|| keys::index_prefix(Field::Subject as u8, &record.subject_pseudonym)),
+        (!record.connector_id.is_empty())
+            .then(|| keys::index_prefix(Field::Connector as u8, record.connector_id.as_bytes())),
+    ]
+    .into_iter()
+    .flatten()
+}
+
+/// The index entries of one batch: its frame's place, and per indexed
+/// value one entry listing the batch's records with it.
+pub(crate) fn index_batch<'a>(
+    first_index: u64,
+    offset: u64,
+    records: impl Iterator<Item = &'a AuditRecord>,
+) -> sled::Batch {
+    let mut lists: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut count = 0u32;
+    for (n, record) in records.enumerate() {
+        let index = first_index + n as u64;
+        for prefix in index_prefixes(record) {
+            lists
+                .entry(prefix)
+                .or_default()
+                .extend_from_slice(&index.to_be_bytes());
+        }
+        count += 1;
+    }
+    let mut batch = sled::Batch::default();
+    for (mut key, list) in lists {
+        key.extend_from_slice(&first_index.to_be_bytes());
+        batch.insert(key, list);
+    }
+    let mut place = offset.to_be_bytes().to_vec();
+    place.extend_from_slice(&count.to_be_bytes());
+    batch.insert(&keys::batch(first_index)[..], place);
+    batch
+}
+
+/// Which records a query wants; every set field must match.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Subject pseudonym.
+    pub subject_pseudonym: Option<Vec<u8>>,
+    /// Caller SPIFFE id.
+    pub caller_id: Option<String>,
+    /// Evidence type.
+    pub evidence_type: Option<String>,
+    /// Connector id.
+    pub connector_id: Option<String>,
+    /// Outcome.
+    pub outcome: Option<ExchangeOutcome>,
+    /// Received at or after (Unix seconds).
+    pub received_after: Option<i64>,
+    /// Received before (Unix seconds).
+    pub received_before: Option<i64>,
+}
+
+impl AuditFilter {
+    pub(crate) fn matches(&self, record: &AuditRecord) -> bool {
+        let received = record.received_at.as_ref().map_or(0, |t| t.seconds);
+        self.subject_pseudonym
+            .as_ref()
+            .is_none_or(|p| *p == record.subject_pseudonym)
+            && self
+                .caller_id
+                .as_ref()
+                .is_none_or(|c| *c == record.caller_id)
+            && self
+                .evidence_type
+                .as_ref()
+                .is_none_or(|e| *e == record.evidence_type)
+            && self
+                .connector_id
+                .as_ref()
+                .is_none_or(|c| *c == record.connector_id)
+            && self.outcome.is_none_or(|o| o as i32 == record.outcome)
+            && self.received_after.is_none_or(|t| received >= t)
+            && self.received_before.is_none_or(|t| received < t)
+    }
+
+    /// The most selective index the filter can use.
+    pub(crate) fn index(&self) -> Option<Vec<u8>> {
+        if let Some(p) = &self.subject_pseudonym {
+            return Some(keys::index_prefix(Field::Subject as u8, p));
+        }
+        if let Some(c) = &self.caller_id {
+            return Some(keys::index_prefix(Field::Caller as u8, c.as_bytes()));
+        }
+        if let Some(c) = &self.connector_id {
+            return Some(keys::index_prefix(Field::Connector as u8, c.as_bytes()));
+        }
+        if let Some(e) = &self.evidence_type {
+            return Some(keys::index_prefix(Field::EvidenceType as u8, e.as_bytes()));
+        }
+        self.outcome
+            .map(|o| keys::index_prefix(Field::Outcome as u8, &(o as i32).to_be_bytes()))
+    }
+}

@@ -1,0 +1,169 @@
+//! What the log's readers and its writer share: the log file, the sled
+//! index beside it, the latest signed head and the log's health; and the
+//! helpers that open storage and time a flush.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::RwLock;
+use std::sync::atomic::AtomicU64;
+
+use onceonly_merkle::sth::SignedTreeHead;
+use onceonly_merkle::{Hash, Subtrees, last_leaf, subtree_position, subtrees_completed};
+
+use crate::index::keys;
+use crate::metrics::AuditMetrics;
+use crate::{AuditError, segment};
+
+/// The sled tree of the log's (rebuildable) indexes.
+pub(crate) const INDEX_TREE: &str = "audit-index";
+
+/// What readers and the writer share: the file, the index, the head.
+pub(crate) struct Store {
+    pub(crate) file: File,
+    pub(crate) index: sled::Tree,
+    pub(crate) head: RwLock<Option<SignedTreeHead>>,
+    /// Successful `fdatasync`s of the file, the frames' and the cut-backs'.
+    pub(crate) flushes: AtomicU64,
+    /// Why appends are refused until a restart (a failed flush), if so.
+    pub(crate) broken: RwLock<Option<String>>,
+    /// When the last batch failed (Unix ms; 0: never).
+    pub(crate) last_failure_ms: std::sync::atomic::AtomicI64,
+    /// Flush and batch figures, for the broker's metrics.
+    pub(crate) metrics: AuditMetrics,
+}
+
+/// Where a batch's frame is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchPlace {
+    pub(crate) first_index: u64,
+    pub(crate) offset: u64,
+    pub(crate) count: u64,
+}
+
+impl BatchPlace {
+    pub(crate) fn decode(key: &[u8], value: &[u8]) -> Result<Self, AuditError> {
+        let corrupt = || AuditError::Corrupt("a batch index entry is malformed".into());
+        let first_index = u64::from_be_bytes(key[1..].try_into().map_err(|_| corrupt())?);
+        if value.len() != 12 {
+            return Err(corrupt());
+        }
+        Ok(BatchPlace {
+            first_index,
+            offset: u64::from_be_bytes(value[..8].try_into().map_err(|_| corrupt())?),
+            count: u64::from(u32::from_be_bytes(
+                value[8..].try_into().map_err(|_| corrupt())?,
+            )),
+        })
+    }
+}
+
+impl Store {
+    /// The batch holding log index `index`, where indexed.
+    pub(crate) fn batch_of(&self, index: u64) -> Result<Option<BatchPlace>, AuditError> {
+        let Some(entry) = self
+            .index
+            .range(keys::batch(0)..=keys::batch(index))
+            .next_back()
+        else {
+            return Ok(None);
+        };
+        let (key, value) = entry?;
+        let place = BatchPlace::decode(&key, &value)?;
+        Ok((index < place.first_index + place.count).then_some(place))
+    }
+
+    /// The batches from the one holding `start` on.
+    pub(crate) fn batches_from(
+        &self,
+        start: u64,
+    ) -> impl Iterator<Item = Result<BatchPlace, AuditError>> + '_ {
+        let first = self.batch_of(start).transpose();
+        let rest = self
+            .index
+            .range(keys::batch(start.saturating_add(1))..=keys::batch(u64::MAX))
+            .map(|entry| {
+                let (key, value) = entry?;
+                BatchPlace::decode(&key, &value)
+            });
+        first.into_iter().chain(rest)
+    }
+
+    /// The exact bytes of record `index`.
+    pub(crate) fn record_bytes(&self, index: u64) -> Result<Option<Vec<u8>>, AuditError> {
+        let Some(place) = self.batch_of(index)? else {
+            return Ok(None);
+        };
+        Ok(Some(segment::read_record(
+            &self.file,
+            place.offset,
+            index - place.first_index,
+        )?))
+    }
+
+    pub(crate) fn signed_size(&self) -> u64 {
+        self.head
+            .read()
+            .map(|head| head.as_ref().map_or(0, |h| h.tree_size))
+            .unwrap_or(0)
+    }
+}
+
+/// Perfect subtrees, from the frames that completed them.
+impl Subtrees for Store {
+    type Error = AuditError;
+
+    fn perfect(&self, level: u32, index: u64) -> Result<Hash, AuditError> {
+        let missing = || AuditError::Corrupt(format!("tree node {level}/{index} missing"));
+        let place = self
+            .batch_of(last_leaf(level, index))?
+            .ok_or_else(missing)?;
+        let j = subtree_position(level, index)
+            .checked_sub(subtrees_completed(place.first_index))
+            .ok_or_else(missing)?;
+        Ok(segment::read_node(&self.file, place.offset, j)?)
+    }
+}
+
+/// How long one durable append of a small frame takes in `dir`: the
+/// slowest of three timed `write` + `fdatasync` of 4 KiB to a probe file
+/// (removed after). The broker seeds its deadline reserve with it, so the
+/// first exchange after a start keeps back a measured flush, not a guess.
+/// Blocking: call it off the async workers.
+pub fn time_a_flush(dir: &Path) -> std::io::Result<std::time::Duration> {
+    use std::io::Write;
+    let path = dir.join(".flush-probe");
+    let mut file = std::fs::File::create(&path)?;
+    let block = [0u8; 4096];
+    let mut slowest = std::time::Duration::ZERO;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        slowest = slowest.max(started.elapsed());
+    }
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(slowest)
+}
+
+/// Opens a sled data directory. A directory this process has just closed
+/// can stay locked for a moment while sled frees its caches (deferred,
+/// epoch-based reclamation), so a busy lock is retried for up to 5 s before
+/// the error is returned.
+pub fn open_storage(config: sled::Config) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.to_string().contains("could not acquire lock") =>
+            {
+                if std::time::Instant::now() >= deadline {
+                    return Err(sled::Error::Io(e));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
