@@ -45,7 +45,7 @@ enum Field {
 }
 
 /// The index prefixes a record is listed under.
-fn index_prefixes(record: &AuditRecord) -> impl Iterator<Item = Vec<u8>> + '_ {
+pub(crate) fn index_prefixes(record: &AuditRecord) -> impl Iterator<Item = Vec<u8>> + '_ {
     [
         Some(keys::index_prefix(
             Field::Caller as u8,

@@ -36,6 +36,7 @@
 //!   CLI is a thin binary over these two);
 //! - with the default `store` feature, the log the broker runs: [`log`]
 //!   (open, recover, read, query, prove), [`writer`] (group commit),
+//!   [`indexer`] (the index, in larger batches behind the writer),
 //!   [`store`] (the file and sled together), [`index`] (the query indexes
 //!   in sled), [`metrics`].
 //!
@@ -47,6 +48,8 @@ pub mod handover;
 pub mod head;
 #[cfg(feature = "store")]
 pub mod index;
+#[cfg(feature = "store")]
+pub mod indexer;
 #[cfg(feature = "store")]
 pub mod log;
 #[cfg(feature = "store")]

@@ -40,8 +40,9 @@ pub enum AuditFault {
     None = 0,
     /// Every append fails before it is written.
     Append = 1,
-    /// Appends are written and flushed, then indexing them fails (the
-    /// writer must cut the frame back durably and refuse further appends).
+    /// Appends are written, flushed and answered, then indexing them fails
+    /// (their frames must stay readable, and the log refuse further appends
+    /// until reopened, which indexes them).
     IndexAfterFlush = 2,
 }
 
@@ -74,8 +75,14 @@ impl AuditLog {
             broken: RwLock::new(None),
             last_failure_ms: std::sync::atomic::AtomicI64::new(0),
             metrics: AuditMetrics::default(),
+            recent: RwLock::new(std::collections::VecDeque::new()),
+            indexed_end: AtomicU64::new(0),
         };
         let (end, head) = recover(&store, &path)?;
+        // Opening indexed every frame in the file.
+        store
+            .indexed_end
+            .store(head.as_ref().map_or(0, |h| h.tree_size), Ordering::Release);
         let size = head.as_ref().map_or(0, |h| h.tree_size);
         let frontier = Frontier::from_store(&store, size)?;
         if let Some(head) = &head
@@ -100,6 +107,8 @@ impl AuditLog {
         let (appends, queue) = mpsc::channel(MAX_BATCH * 4);
         let fault = Arc::new(AtomicU8::new(AuditFault::None as u8));
         let held = Arc::new(AtomicBool::new(false));
+        let (indexer, indexer_thread) = crate::indexer::spawn(store.clone(), fault.clone())
+            .map_err(|e| AuditError::Storage(format!("starting the audit indexer: {e}")))?;
         let writer = Writer {
             store: store.clone(),
             end,
@@ -113,6 +122,8 @@ impl AuditLog {
             ends: Vec::new(),
             nodes: Vec::new(),
             frame: Vec::new(),
+            indexer: Some(indexer),
+            indexer_thread: Some(indexer_thread),
         };
         let task = tokio::task::spawn_blocking(move || writer.run(queue));
         Ok((
@@ -220,7 +231,9 @@ impl AuditLog {
 
     /// Up to `limit` records matching `filter`, from index `start` on, and
     /// the index to continue from (None at the end). Uses the most
-    /// selective index of the filter; scans the file only without one.
+    /// selective index of the filter for what is indexed, and scans the
+    /// frames of the rest: all of them without an index, the few the
+    /// indexer has not taken yet with one.
     pub fn query(
         &self,
         filter: &AuditFilter,
@@ -229,24 +242,32 @@ impl AuditLog {
     ) -> Result<(Vec<AuditRecord>, Option<u64>), AuditError> {
         let size = self.len();
         let mut found = Vec::new();
-        match filter.index() {
+        let scan_from = match filter.index() {
+            None => start,
             Some(prefix) => {
+                // Below `indexed` the index lists every match; a frame
+                // indexed while this query runs is scanned, not listed too.
+                let indexed = self.store.indexed_end.load(Ordering::Acquire).min(size);
                 let mut from = prefix.clone();
                 from.extend_from_slice(&start.to_be_bytes());
-                // The batch entry before `start` may list records after it.
+                // The group entry before `start` may list records after it.
                 let before = self
                     .store
                     .index
                     .range(prefix.clone()..from.clone())
                     .next_back();
-                for entry in before.into_iter().chain(self.store.index.range(from..)) {
+                'listed: for entry in before.into_iter().chain(self.store.index.range(from..)) {
                     let (key, list) = entry?;
                     if !key.starts_with(&prefix) || key.len() != prefix.len() + 8 {
                         break;
                     }
+                    // Groups and their lists ascend: the indexes do too.
                     for bytes in list.chunks_exact(8) {
                         let index = u64::from_be_bytes(bytes.try_into().unwrap_or_default());
-                        if index < start || index >= size {
+                        if index >= indexed {
+                            break 'listed;
+                        }
+                        if index < start {
                             continue;
                         }
                         if found.len() == limit {
@@ -259,36 +280,35 @@ impl AuditLog {
                         }
                     }
                 }
+                start.max(indexed)
             }
-            None => {
-                let file_len = self.store.file.metadata()?.len();
-                for place in self.store.batches_from(start) {
-                    let place = place?;
-                    let segment::Read::Frame { frame, .. } =
-                        segment::read_at(&self.store.file, place.offset, file_len)?
-                    else {
-                        return Err(AuditError::Corrupt(format!(
-                            "no frame at byte {} for records from {}",
-                            place.offset, place.first_index
-                        )));
-                    };
-                    for (n, bytes) in frame.records.iter().enumerate() {
-                        let index = place.first_index + n as u64;
-                        if index < start {
-                            continue;
-                        }
-                        if index >= size {
-                            return Ok((found, None));
-                        }
-                        if found.len() == limit {
-                            return Ok((found, Some(index)));
-                        }
-                        let record = AuditRecord::decode(bytes.as_slice())
-                            .map_err(|e| AuditError::Corrupt(format!("record {index}: {e}")))?;
-                        if filter.matches(&record) {
-                            found.push(record);
-                        }
-                    }
+        };
+        let file_len = self.store.file.metadata()?.len();
+        for place in self.store.batches_between(scan_from, size) {
+            let place = place?;
+            let segment::Read::Frame { frame, .. } =
+                segment::read_at(&self.store.file, place.offset, file_len)?
+            else {
+                return Err(AuditError::Corrupt(format!(
+                    "no frame at byte {} for records from {}",
+                    place.offset, place.first_index
+                )));
+            };
+            for (n, bytes) in frame.records.iter().enumerate() {
+                let index = place.first_index + n as u64;
+                if index < scan_from {
+                    continue;
+                }
+                if index >= size {
+                    return Ok((found, None));
+                }
+                if found.len() == limit {
+                    return Ok((found, Some(index)));
+                }
+                let record = AuditRecord::decode(bytes.as_slice())
+                    .map_err(|e| AuditError::Corrupt(format!("record {index}: {e}")))?;
+                if filter.matches(&record) {
+                    found.push(record);
                 }
             }
         }
@@ -599,29 +619,112 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_flushed_batch_whose_indexing_fails_is_cut_back_durably() {
+    async fn a_batch_whose_indexing_fails_stays_readable_and_stops_appends_until_reopened() {
         let dir = tempfile::tempdir().expect("dir");
         let db = sled::open(dir.path()).expect("db");
-        let path = dir.path().join(segment::FILE_NAME);
-        let (log, _writer) = AuditLog::open(dir.path(), &db, true, key()).expect("log");
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).expect("key");
+        let key = || Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key");
+        let (log, writer) = AuditLog::open(dir.path(), &db, true, key()).expect("log");
         assert_eq!(log.append(record("kept")).await.expect("append"), 0);
-        let length = std::fs::metadata(&path).expect("file").len();
-        let flushes = log.flushes();
 
         log.inject(AuditFault::IndexAfterFlush);
-        assert!(log.append(record("lost")).await.is_err());
+        // Durable and signed before the index is touched: it is answered.
+        assert_eq!(log.append(record("answered")).await.expect("append"), 1);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while log.refusing().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the failed index never stopped the log"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         log.inject(AuditFault::None);
-        assert_eq!(std::fs::metadata(&path).expect("file").len(), length);
-        assert_eq!(
-            log.flushes(),
-            flushes + 2,
-            "the frame's flush and the cut-back's flush"
+        assert!(
+            log.refusing().is_some_and(|why| why.contains("indexing")),
+            "{:?}",
+            log.refusing()
         );
         assert!(
             log.append(record("after")).await.is_err(),
             "appends are refused until restart"
         );
-        assert_eq!(log.len(), 1);
+        // What was answered is still read, proved and found.
+        assert_eq!(log.len(), 2);
+        assert_eq!(
+            log.get(1).expect("get").expect("record").caller_id,
+            "answered"
+        );
+        log.inclusion_proof(1, 2).expect("proof");
+        let answered = AuditFilter {
+            caller_id: Some("answered".into()),
+            ..Default::default()
+        };
+        assert_eq!(log.query(&answered, 0, 10).expect("query").0.len(), 1);
+        drop(log);
+        writer.await.expect("writer");
+
+        // Reopening indexes it, and appends work again.
+        let (log, _writer) = AuditLog::open(dir.path(), &db, true, key()).expect("reopen");
+        assert_eq!(log.len(), 2);
+        assert_eq!(log.query(&answered, 0, 10).expect("query").0.len(), 1);
+        assert_eq!(log.append(record("later")).await.expect("append"), 2);
+    }
+
+    #[tokio::test]
+    async fn queries_across_indexed_and_not_yet_indexed_records_miss_and_repeat_nothing() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sled::open(dir.path()).expect("db");
+        let (log, _writer) = AuditLog::open(dir.path(), &db, false, key()).expect("log");
+        let make = |n: u64| {
+            let mut r = record(if n.is_multiple_of(3) { "a" } else { "b" });
+            r.subject_pseudonym = vec![(n % 5) as u8; 32];
+            r
+        };
+        for n in 0..40 {
+            log.append(make(n)).await.expect("append");
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while log.store.indexed_end.load(Ordering::Acquire) < 40 {
+            assert!(std::time::Instant::now() < deadline, "never indexed");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // These are queried before the indexer takes them.
+        for n in 40..80 {
+            log.append(make(n)).await.expect("append");
+        }
+        let filters = [
+            AuditFilter {
+                caller_id: Some("a".into()),
+                ..Default::default()
+            },
+            AuditFilter {
+                subject_pseudonym: Some(vec![2; 32]),
+                ..Default::default()
+            },
+            // No index: a scan of every frame.
+            AuditFilter {
+                received_before: Some(1),
+                ..Default::default()
+            },
+        ];
+        for filter in &filters {
+            let expected: Vec<u64> = (0..80)
+                .filter(|&n| {
+                    let mut r = make(n);
+                    r.log_index = n;
+                    filter.matches(&r)
+                })
+                .collect();
+            let mut seen = Vec::new();
+            let mut from = Some(0);
+            while let Some(start) = from {
+                let (page, next) = log.query(filter, start, 3).expect("query");
+                assert!(page.len() <= 3);
+                seen.extend(page.iter().map(|r| r.log_index));
+                from = next;
+            }
+            assert_eq!(seen, expected, "{filter:?}");
+        }
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 //! index beside it, the latest signed head and the log's health; and the
 //! helpers that open storage and time a flush.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::path::Path;
 use std::sync::RwLock;
@@ -30,6 +31,11 @@ pub(crate) struct Store {
     pub(crate) last_failure_ms: std::sync::atomic::AtomicI64,
     /// Flush and batch figures, for the broker's metrics.
     pub(crate) metrics: AuditMetrics,
+    /// Frames written but not yet in the index (the [`crate::indexer`]
+    /// takes them in larger batches behind the writer), ascending.
+    pub(crate) recent: RwLock<VecDeque<BatchPlace>>,
+    /// Every record below this index is in the sled index.
+    pub(crate) indexed_end: AtomicU64,
 }
 
 /// Where a batch's frame is.
@@ -41,6 +47,14 @@ pub(crate) struct BatchPlace {
 }
 
 impl BatchPlace {
+    /// The value of its `b` entry: offset (u64 BE) and record count (u32 BE).
+    pub(crate) fn encode(&self) -> [u8; 12] {
+        let mut value = [0u8; 12];
+        value[..8].copy_from_slice(&self.offset.to_be_bytes());
+        value[8..].copy_from_slice(&(self.count as u32).to_be_bytes());
+        value
+    }
+
     pub(crate) fn decode(key: &[u8], value: &[u8]) -> Result<Self, AuditError> {
         let corrupt = || AuditError::Corrupt("a batch index entry is malformed".into());
         let first_index = u64::from_be_bytes(key[1..].try_into().map_err(|_| corrupt())?);
@@ -58,8 +72,23 @@ impl BatchPlace {
 }
 
 impl Store {
-    /// The batch holding log index `index`, where indexed.
+    /// The batch holding log index `index`, where written: among the
+    /// frames not yet indexed, else in the index. (The indexer adds a frame
+    /// to the index before it leaves `recent`, so one of the two has it.)
     pub(crate) fn batch_of(&self, index: u64) -> Result<Option<BatchPlace>, AuditError> {
+        {
+            let recent = self.recent.read().map_err(|_| crate::log::poisoned())?;
+            if recent
+                .front()
+                .is_some_and(|first| index >= first.first_index)
+            {
+                let after = recent.partition_point(|place| place.first_index <= index);
+                return Ok(after
+                    .checked_sub(1)
+                    .map(|at| recent[at])
+                    .filter(|place| index < place.first_index + place.count));
+            }
+        }
         let Some(entry) = self
             .index
             .range(keys::batch(0)..=keys::batch(index))
@@ -72,20 +101,28 @@ impl Store {
         Ok((index < place.first_index + place.count).then_some(place))
     }
 
-    /// The batches from the one holding `start` on.
-    pub(crate) fn batches_from(
+    /// The batches holding records `start..end`, in order.
+    pub(crate) fn batches_between(
         &self,
         start: u64,
+        end: u64,
     ) -> impl Iterator<Item = Result<BatchPlace, AuditError>> + '_ {
-        let first = self.batch_of(start).transpose();
-        let rest = self
-            .index
-            .range(keys::batch(start.saturating_add(1))..=keys::batch(u64::MAX))
-            .map(|entry| {
-                let (key, value) = entry?;
-                BatchPlace::decode(&key, &value)
-            });
-        first.into_iter().chain(rest)
+        let mut next = start;
+        std::iter::from_fn(move || {
+            if next >= end {
+                return None;
+            }
+            let found = match self.batch_of(next) {
+                Ok(Some(place)) => {
+                    next = place.first_index + place.count;
+                    return Some(Ok(place));
+                }
+                Ok(None) => AuditError::Corrupt(format!("no frame holds record {next}")),
+                Err(e) => e,
+            };
+            next = end;
+            Some(Err(found))
+        })
     }
 
     /// The exact bytes of record `index`.

@@ -1,6 +1,7 @@
 //! The writer thread: group commit. It takes whatever appends are waiting,
 //! writes them, their tree nodes and a signed head as one frame, flushes
-//! it once, indexes it, and only then answers every append in the batch.
+//! it once, and only then answers every append in the batch; then hands
+//! the frame to the [`crate::indexer`].
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -15,9 +16,9 @@ use ring::signature::{Ed25519KeyPair, KeyPair};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::head::head_to_proto;
-use crate::index::index_batch;
+use crate::indexer::Job;
 use crate::log::{AuditFault, poisoned};
-use crate::store::Store;
+use crate::store::{BatchPlace, Store};
 use crate::{AuditError, handover, segment};
 
 /// The most records one batch takes.
@@ -48,6 +49,10 @@ pub(crate) struct Writer {
     pub(crate) ends: Vec<usize>,
     pub(crate) nodes: Vec<Hash>,
     pub(crate) frame: Vec<u8>,
+    /// Where durable frames go to be indexed (dropped at the end, to let
+    /// the indexer finish).
+    pub(crate) indexer: Option<std::sync::mpsc::SyncSender<Job>>,
+    pub(crate) indexer_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Writer {
@@ -69,10 +74,21 @@ impl Writer {
             let first = self.frontier.size();
             self.store.metrics.batch_records.observe(batch.len() as f64);
             match self.commit(&mut batch) {
-                Ok(()) => {
+                Ok(place) => {
                     self.store.last_failure_ms.store(0, Ordering::Relaxed);
-                    for (offset, append) in batch.drain(..).enumerate() {
-                        let _ = append.done.send(Ok(first + offset as u64));
+                    let records = batch
+                        .drain(..)
+                        .enumerate()
+                        .map(|(offset, append)| {
+                            let _ = append.done.send(Ok(first + offset as u64));
+                            append.record
+                        })
+                        .collect();
+                    if let Some(indexer) = &self.indexer {
+                        // Blocks only while the indexer is a whole queue
+                        // behind: then appends wait rather than the index
+                        // falling further behind.
+                        let _ = indexer.send(Job { place, records });
                     }
                 }
                 Err(error) => {
@@ -86,17 +102,27 @@ impl Writer {
                 }
             }
         }
+        drop(self.indexer.take());
+        if let Some(thread) = self.indexer_thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the audit indexer panicked");
+        }
     }
 
-    /// Appends one batch as one frame and (if durable) flushes it, then
-    /// indexes it. On error the file is cut back to where it was and the
-    /// in-memory tree left as it was.
-    fn commit(&mut self, batch: &mut [Append]) -> Result<(), AuditError> {
+    /// Appends one batch as one frame and (if durable) flushes it, and
+    /// returns where it is. On error the file is cut back to where it was
+    /// and the in-memory tree left as it was.
+    fn commit(&mut self, batch: &mut [Append]) -> Result<BatchPlace, AuditError> {
         let fault = self.fault.load(Ordering::SeqCst);
         if fault == AuditFault::Append as u8 {
             return Err(AuditError::Storage("injected failure".into()));
         }
-        if let Some(reason) = &self.broken {
+        if let Some(reason) = self
+            .broken
+            .clone()
+            .or_else(|| self.store.broken.read().ok().and_then(|b| b.clone()))
+        {
             return Err(AuditError::Storage(format!(
                 "appends refused since an earlier failure ({reason}); restart the broker"
             )));
@@ -158,15 +184,16 @@ impl Writer {
                 .observe(flushing.elapsed().as_secs_f64());
             self.store.flushes.fetch_add(1, Ordering::Relaxed);
         }
-        let index = index_batch(first_index, self.end, batch.iter().map(|a| &a.record));
-        let indexed = if fault == AuditFault::IndexAfterFlush as u8 {
-            Err(sled::Error::Unsupported("injected index failure".into()))
-        } else {
-            self.store.index.apply_batch(index)
+        let place = BatchPlace {
+            first_index,
+            offset: self.end,
+            count: batch.len() as u64,
         };
-        if let Err(e) = indexed {
-            return Err(self.break_down(format!("indexing: {e}")));
-        }
+        self.store
+            .recent
+            .write()
+            .map_err(|_| poisoned())?
+            .push_back(place);
         self.end += self.frame.len() as u64;
         self.frontier = frontier;
         *self.store.head.write().map_err(|_| poisoned())? = Some(head);
@@ -177,7 +204,7 @@ impl Writer {
                 "the audit log is signed by its new key from here on"
             );
         }
-        Ok(())
+        Ok(place)
     }
 
     /// Cuts the file back to its last whole frame, durably where the log is
