@@ -4,21 +4,31 @@
 //! without any key distribution of its own. ES256 for P-256 keys, EdDSA for
 //! Ed25519 keys (the two key types `onceonly-certs` issues).
 //!
-//! Signatures are ring's with the key pair parsed once per signer
-//! (jsonwebtoken parses the PKCS#8 key again for every token, which cost
-//! about half of each signature); verification and its claim checks are
-//! jsonwebtoken's (a well-kept JOSE crate on ring), so every token this
-//! module signs is read back by an independent JWS implementation.
+//! Signatures and their checks are ring's, with the key pair parsed once
+//! per signer and each signer certificate's public key once per process:
+//! jsonwebtoken (which we used first) parses the PKCS#8 key for every
+//! signature and the header, claims and certificate twice for every
+//! verification, about a third of what a token cost. The format is plain
+//! RFC 7515 compact serialization; the tests read every kind of token we
+//! sign with jsonwebtoken, and sign tokens with it for us to verify, and
+//! the Python client reads them with PyJWT.
+//!
+//! What a verifier refuses before any signature is checked: anything but
+//! three base64url parts, a `crit` header (no extension is understood), an
+//! `alg` other than the one the signer's certificate key implies (so no
+//! `none`, no algorithm confusion), a missing `x5c`.
 
 use std::path::Path;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
 use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use onceonly_certs::{IdentityVerifier, Participant, Role};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ED25519};
 
 /// Why a token was not accepted (or could not be made).
@@ -56,6 +66,32 @@ pub enum JwsError {
     /// A key or certificate cannot sign (unsupported key type, unreadable).
     #[error("cannot sign: {0}")]
     Key(String),
+}
+
+/// The JWS algorithms (RFC 7518, RFC 8037) of the two key types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Algorithm {
+    /// ECDSA with P-256 and SHA-256.
+    ES256,
+    /// Ed25519.
+    EdDSA,
+}
+
+impl Algorithm {
+    /// Its `alg` header value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::ES256 => "ES256",
+            Algorithm::EdDSA => "EdDSA",
+        }
+    }
+
+    fn verification(self) -> &'static dyn ring::signature::VerificationAlgorithm {
+        match self {
+            Algorithm::ES256 => &ring::signature::ECDSA_P256_SHA256_FIXED,
+            Algorithm::EdDSA => &ring::signature::ED25519,
+        }
+    }
 }
 
 /// Signs tokens as one participant: its certificate chain and key.
@@ -140,16 +176,18 @@ impl Signer {
         // nobody accepts: find out now, by verifying one under the
         // certificate's key.
         let token = signer.sign("onceonly-self-check", &serde_json::json!({}))?;
-        let (_, decoding) = public_key(leaf)?;
-        let mut validation = Validation::new(algorithm);
-        validation.validate_exp = false;
-        validation.validate_aud = false;
-        validation.required_spec_claims = Default::default();
-        jsonwebtoken::decode::<serde_json::Value>(&token, &decoding, &validation).map_err(|e| {
-            JwsError::Key(format!(
-                "the private key does not belong to the certificate ({e})"
-            ))
-        })?;
+        let (algorithm, public) = public_key(leaf)?;
+        let (signed, signature) = token
+            .rsplit_once('.')
+            .ok_or_else(|| JwsError::Key("the self-check token is malformed".into()))?;
+        let signature = URL_SAFE_NO_PAD
+            .decode(signature)
+            .map_err(|e| JwsError::Key(e.to_string()))?;
+        ring::signature::UnparsedPublicKey::new(algorithm.verification(), &public)
+            .verify(signed.as_bytes(), &signature)
+            .map_err(|_| {
+                JwsError::Key("the private key does not belong to the certificate".into())
+            })?;
         Ok(signer)
     }
 
@@ -160,7 +198,6 @@ impl Signer {
 
     /// Signs `claims` as a token of type `typ`.
     pub fn sign<C: Serialize>(&self, typ: &str, claims: &C) -> Result<String, JwsError> {
-        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let header = serde_json::to_vec(&ProtectedHeader {
             typ,
             alg: self.algorithm,
@@ -201,6 +238,25 @@ pub struct TimeRule {
     pub leeway_secs: u64,
 }
 
+/// The protected header a verifier reads.
+#[derive(Deserialize)]
+struct ReadHeader {
+    #[serde(default)]
+    typ: String,
+    alg: String,
+    #[serde(default)]
+    x5c: Vec<String>,
+    #[serde(default)]
+    crit: Option<serde_json::Value>,
+}
+
+/// The registered time claim a verifier checks.
+#[derive(Deserialize)]
+struct ReadTimes {
+    #[serde(default)]
+    exp: Option<i64>,
+}
+
 /// Verifies `token`: its type, the signer's chain against `trust` (CA,
 /// validity, revocation), the signer's role, the signature, and the times.
 pub fn verify<C: DeserializeOwned>(
@@ -210,25 +266,40 @@ pub fn verify<C: DeserializeOwned>(
     role: Role,
     times: TimeRule,
 ) -> Result<Verified<C>, JwsError> {
-    let header =
-        jsonwebtoken::decode_header(token).map_err(|e| JwsError::Malformed(e.to_string()))?;
-    let found = header.typ.clone().unwrap_or_default();
-    if found != typ {
+    let malformed = |what: &str| JwsError::Malformed(what.to_owned());
+    let mut parts = token.split('.');
+    let (Some(header_b64), Some(claims_b64), Some(signature_b64), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(malformed("a JWS has three parts separated by '.'"));
+    };
+    let decode = |part: &str, what: &str| {
+        URL_SAFE_NO_PAD
+            .decode(part)
+            .map_err(|e| JwsError::Malformed(format!("{what}: {e}")))
+    };
+    let header: ReadHeader = serde_json::from_slice(&decode(header_b64, "header")?)
+        .map_err(|e| JwsError::Malformed(format!("header: {e}")))?;
+    if header.typ != typ {
         return Err(JwsError::WrongType {
             expected: typ.to_owned(),
-            found,
+            found: header.typ,
         });
+    }
+    if header.crit.is_some() {
+        return Err(malformed(
+            "the header names critical extensions (crit), and none is understood here",
+        ));
     }
     let chain: Vec<CertificateDer<'static>> = header
         .x5c
-        .unwrap_or_default()
         .iter()
         .map(|c| STANDARD.decode(c).map(CertificateDer::from))
         .collect::<Result<_, _>>()
         .map_err(|e| JwsError::Malformed(format!("x5c: {e}")))?;
     let Some((leaf, intermediates)) = chain.split_first() else {
-        return Err(JwsError::Malformed(
-            "no x5c header: the signer's certificate is missing".into(),
+        return Err(malformed(
+            "no x5c header: the signer's certificate is missing",
         ));
     };
     let signer = trust
@@ -240,45 +311,67 @@ pub fn verify<C: DeserializeOwned>(
             expected: role,
         });
     }
-    let (algorithm, key) = public_key(leaf)?;
-    if header.alg != algorithm {
+    let (algorithm, public) = cached_public_key(leaf)?;
+    if header.alg != algorithm.name() {
         return Err(JwsError::Malformed(format!(
             "alg {:?} does not fit the signer's key ({algorithm:?})",
             header.alg
         )));
     }
-    let mut validation = Validation::new(algorithm);
-    validation.validate_aud = false;
-    validation.validate_nbf = false;
-    validation.validate_exp = times.require_exp;
-    validation.leeway = times.leeway_secs;
-    validation.required_spec_claims = if times.require_exp {
-        ["exp".to_owned()].into()
-    } else {
-        Default::default()
-    };
-    let data = jsonwebtoken::decode::<C>(token, &key, &validation).map_err(|e| {
-        use jsonwebtoken::errors::ErrorKind;
-        match e.kind() {
-            ErrorKind::ExpiredSignature => JwsError::Expired,
-            ErrorKind::InvalidSignature => JwsError::BadSignature,
-            _ => JwsError::Malformed(e.to_string()),
+    let signature = decode(signature_b64, "signature")?;
+    let signed = &token[..header_b64.len() + 1 + claims_b64.len()];
+    ring::signature::UnparsedPublicKey::new(algorithm.verification(), &*public)
+        .verify(signed.as_bytes(), &signature)
+        .map_err(|_| JwsError::BadSignature)?;
+    let claims_json = decode(claims_b64, "claims")?;
+    let claim_times: ReadTimes = serde_json::from_slice(&claims_json)
+        .map_err(|e| JwsError::Malformed(format!("claims: {e}")))?;
+    if times.require_exp {
+        let exp = claim_times
+            .exp
+            .ok_or_else(|| malformed("the token has no exp claim"))?;
+        let leeway = i64::try_from(times.leeway_secs).unwrap_or(i64::MAX);
+        if exp.saturating_add(leeway) < crate::unix_now() {
+            return Err(JwsError::Expired);
         }
-    })?;
-    Ok(Verified {
-        claims: data.claims,
-        signer,
-    })
+    }
+    let claims = serde_json::from_slice(&claims_json)
+        .map_err(|e| JwsError::Malformed(format!("claims: {e}")))?;
+    Ok(Verified { claims, signer })
 }
 
-/// The JWS algorithm and verification key of a certificate's public key.
-fn public_key(leaf: &CertificateDer<'_>) -> Result<(Algorithm, DecodingKey), JwsError> {
+/// Public keys of signer certificates this process has read, by the
+/// certificate's SHA-256. Derived from the certificate bytes alone (trust
+/// is checked on every token, before this is asked), so one cache serves
+/// every verifier; cleared when full rather than grown.
+fn cached_public_key(leaf: &CertificateDer<'_>) -> Result<(Algorithm, Arc<[u8]>), JwsError> {
+    use sha2::Digest;
+    const MAX_KEYS: usize = 1024;
+    type Keys = Mutex<HashMap<[u8; 32], (Algorithm, Arc<[u8]>)>>;
+    static KEYS: OnceLock<Keys> = OnceLock::new();
+    let keys = KEYS.get_or_init(Default::default);
+    let id: [u8; 32] = sha2::Sha256::digest(leaf.as_ref()).into();
+    if let Some(found) = keys.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+        return Ok(found.clone());
+    }
+    let (algorithm, public) = public_key(leaf)?;
+    let entry = (algorithm, Arc::<[u8]>::from(public));
+    let mut keys = keys.lock().unwrap_or_else(|p| p.into_inner());
+    if keys.len() >= MAX_KEYS {
+        keys.clear();
+    }
+    keys.insert(id, entry.clone());
+    Ok(entry)
+}
+
+/// The JWS algorithm and raw public key of a certificate.
+fn public_key(leaf: &CertificateDer<'_>) -> Result<(Algorithm, Vec<u8>), JwsError> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
         .map_err(|e| JwsError::Key(format!("not a certificate: {e}")))?;
     let spki = cert.public_key();
-    let raw = &spki.subject_public_key.data;
+    let raw = spki.subject_public_key.data.to_vec();
     if spki.algorithm.algorithm == OID_SIG_ED25519 {
-        return Ok((Algorithm::EdDSA, DecodingKey::from_ed_der(raw)));
+        return Ok((Algorithm::EdDSA, raw));
     }
     let curve = spki
         .algorithm
@@ -286,7 +379,7 @@ fn public_key(leaf: &CertificateDer<'_>) -> Result<(Algorithm, DecodingKey), Jws
         .as_ref()
         .and_then(|p| p.as_oid().ok());
     if spki.algorithm.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY && curve == Some(OID_EC_P256) {
-        return Ok((Algorithm::ES256, DecodingKey::from_ec_der(raw)));
+        return Ok((Algorithm::ES256, raw));
     }
     Err(JwsError::Key(format!(
         "unsupported key type {} (P-256 or Ed25519 only)",

@@ -481,3 +481,140 @@ fn only_an_authoritys_encryption_certificate_of_the_ca_is_a_recipient() {
     options.force = true;
     assert!(setup.pki.issue(&options).is_err());
 }
+
+/// The raw public key of a certificate file's leaf, for jsonwebtoken.
+fn raw_public_key(cert: &std::path::Path) -> Vec<u8> {
+    let der = onceonly_certs::pki::load_certs(cert)
+        .expect("cert")
+        .remove(0);
+    let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).expect("x509");
+    parsed.public_key().subject_public_key.data.to_vec()
+}
+
+fn x5c(cert: &std::path::Path) -> Vec<String> {
+    use base64::Engine;
+    onceonly_certs::pki::load_certs(cert)
+        .expect("cert")
+        .iter()
+        .map(|c| base64::engine::general_purpose::STANDARD.encode(c.as_ref()))
+        .collect()
+}
+
+#[test]
+fn tokens_we_sign_are_read_by_jsonwebtoken_and_its_tokens_by_us_for_both_key_types() {
+    use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+    use onceonly_certs::KeyAlgorithm;
+    let setup = setup();
+    let sbh = subject_hash("ex-1", SubjectIdScheme::DeIdnr, ANNA);
+    for (key_type, alg) in [
+        (KeyAlgorithm::EcdsaP256, Algorithm::ES256),
+        (KeyAlgorithm::Ed25519, Algorithm::EdDSA),
+    ] {
+        let mut options = IssueOptions::new(Role::Broker, "broker");
+        options.key_algorithm = Some(key_type);
+        options.force = true;
+        setup.pki.issue(&options).expect("broker certificate");
+        let (cert, key) = setup.pki.participant_paths(Role::Broker, "broker");
+        let raw = raw_public_key(&cert);
+        let decoding = match alg {
+            Algorithm::ES256 => DecodingKey::from_ec_der(&raw),
+            _ => DecodingKey::from_ed_der(&raw),
+        };
+        let mut validation = Validation::new(alg);
+        validation.validate_aud = false;
+
+        // Ours, read by jsonwebtoken: header and claims as we wrote them.
+        let mut claims = ticket_claims();
+        claims.jti = format!("ours-{alg:?}");
+        let token = claims
+            .sign(&signer(&setup, Role::Broker, "broker"))
+            .expect("sign");
+        let read = jsonwebtoken::decode::<TicketClaims>(&token, &decoding, &validation)
+            .unwrap_or_else(|e| panic!("{alg:?}: jsonwebtoken refuses our token: {e}"));
+        assert_eq!(read.claims, claims);
+        assert_eq!(read.header.typ.as_deref(), Some("onceonly-ticket+jwt"));
+        assert_eq!(read.header.x5c, Some(x5c(&cert)));
+
+        // jsonwebtoken's, read by us.
+        use rustls_pki_types::pem::PemObject;
+        let rustls_pki_types::PrivateKeyDer::Pkcs8(pkcs8) =
+            rustls_pki_types::PrivateKeyDer::from_pem_file(&key).expect("key")
+        else {
+            panic!("onceonly-certs writes PKCS#8");
+        };
+        let encoding = match alg {
+            Algorithm::ES256 => EncodingKey::from_ec_der(pkcs8.secret_pkcs8_der()),
+            _ => EncodingKey::from_ed_der(pkcs8.secret_pkcs8_der()),
+        };
+        let mut header = Header::new(alg);
+        header.typ = Some("onceonly-ticket+jwt".into());
+        header.x5c = Some(x5c(&cert));
+        let mut theirs = ticket_claims();
+        theirs.jti = format!("theirs-{alg:?}");
+        let token = jsonwebtoken::encode(&header, &theirs, &encoding).expect("encode");
+        let verifier = TicketVerifier::new(BROKER);
+        let verified = verifier
+            .verify(&token, &setup.trust, &expectation(&sbh), unix_now())
+            .unwrap_or_else(|e| panic!("{alg:?}: we refuse jsonwebtoken's token: {e}"));
+        assert_eq!(verified, theirs);
+    }
+}
+
+#[test]
+fn tokens_outside_what_we_sign_are_refused_before_their_signature_counts() {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let setup = setup();
+    let (cert, _) = setup.pki.participant_paths(Role::Broker, "broker");
+    let sbh = subject_hash("ex-1", SubjectIdScheme::DeIdnr, ANNA);
+    let good = ticket_claims()
+        .sign(&signer(&setup, Role::Broker, "broker"))
+        .expect("sign");
+    let (_, claims_b64) = good.split_once('.').expect("parts");
+    let (claims_b64, signature_b64) = claims_b64.split_once('.').expect("parts");
+    let with_header = |header: serde_json::Value, signature: &str| {
+        format!(
+            "{}.{claims_b64}.{signature}",
+            URL_SAFE_NO_PAD.encode(header.to_string())
+        )
+    };
+    let refuse = |token: &str| {
+        let verifier = TicketVerifier::new(BROKER);
+        match verifier.verify(token, &setup.trust, &expectation(&sbh), unix_now()) {
+            Err(TicketError::Invalid(e)) => e,
+            other => panic!("not refused as invalid: {other:?}"),
+        }
+    };
+    let x5c = x5c(&cert);
+    // alg none, with no signature.
+    let none = with_header(
+        serde_json::json!({"typ": "onceonly-ticket+jwt", "alg": "none", "x5c": x5c}),
+        "",
+    );
+    assert!(matches!(refuse(&none), JwsError::Malformed(m) if m.contains("alg")));
+    // HS256 (a MAC keyed with the public key, the classic confusion).
+    let hs = with_header(
+        serde_json::json!({"typ": "onceonly-ticket+jwt", "alg": "HS256", "x5c": x5c}),
+        signature_b64,
+    );
+    assert!(matches!(refuse(&hs), JwsError::Malformed(m) if m.contains("alg")));
+    // A critical extension we do not understand.
+    let crit = with_header(
+        serde_json::json!({"typ": "onceonly-ticket+jwt", "alg": "ES256", "x5c": x5c, "crit": ["exp"]}),
+        signature_b64,
+    );
+    assert!(matches!(refuse(&crit), JwsError::Malformed(m) if m.contains("crit")));
+    // Four parts, and the JWS JSON serialization's padding.
+    assert!(matches!(
+        refuse(&format!("{good}.x")),
+        JwsError::Malformed(_)
+    ));
+    assert!(matches!(
+        refuse(&format!("{good}=")),
+        JwsError::Malformed(_)
+    ));
+    // The good one, untouched, still verifies: the refusals were the edits'.
+    TicketVerifier::new(BROKER)
+        .verify(&good, &setup.trust, &expectation(&sbh), unix_now())
+        .expect("the untouched token");
+}
