@@ -124,6 +124,7 @@ impl AuditLog {
             frame: Vec::new(),
             indexer: Some(indexer),
             indexer_thread: Some(indexer_thread),
+            reserved_to: store.file.metadata()?.len(),
         };
         let task = tokio::task::spawn_blocking(move || writer.run(queue));
         Ok((
@@ -725,6 +726,53 @@ mod tests {
             }
             assert_eq!(seen, expected, "{filter:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn space_is_reserved_ahead_and_a_reopened_log_writes_into_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join(segment::FILE_NAME);
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).expect("key");
+        let key = || Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key");
+        let data_end = |path: &Path| {
+            segment::read_all(path)
+                .expect("read")
+                .last()
+                .map_or(0, |(offset, frame, _)| offset + frame.encode().len() as u64)
+        };
+        {
+            let db = sled::open(dir.path()).expect("db");
+            let (log, writer) = AuditLog::open(dir.path(), &db, true, key()).expect("log");
+            for n in 0..3 {
+                log.append(record(&format!("r{n}"))).await.expect("append");
+            }
+            drop(log);
+            writer.await.expect("writer");
+        }
+        let len = std::fs::metadata(&path).expect("file").len();
+        let end = data_end(&path);
+        assert!(len >= segment::RESERVE, "{len} bytes: nothing reserved");
+        assert!(
+            end < len,
+            "the frames end at {end}, inside the reserved {len}"
+        );
+        let db = sled::open(dir.path()).expect("db");
+        let (log, writer) = AuditLog::open(dir.path(), &db, true, key()).expect("reopen");
+        assert_eq!(log.len(), 3);
+        assert_eq!(log.append(record("r3")).await.expect("append"), 3);
+        drop(log);
+        writer.await.expect("writer");
+        assert_eq!(
+            std::fs::metadata(&path).expect("file").len(),
+            len,
+            "written into the reserve"
+        );
+        assert!(data_end(&path) > end);
+        let public = key().public_key().as_ref().to_vec();
+        assert_eq!(
+            verify_dir(dir.path(), &public).expect("verifies").records,
+            4
+        );
     }
 
     #[tokio::test]

@@ -53,6 +53,8 @@ pub(crate) struct Writer {
     /// the indexer finish).
     pub(crate) indexer: Option<std::sync::mpsc::SyncSender<Job>>,
     pub(crate) indexer_thread: Option<std::thread::JoinHandle<()>>,
+    /// The file is allocated (zeros beyond the last frame) up to here.
+    pub(crate) reserved_to: u64,
 }
 
 impl Writer {
@@ -169,6 +171,7 @@ impl Writer {
             &self.nodes,
             &head_bytes,
         );
+        self.reserve(self.frame.len() as u64);
         if let Err(e) = self.store.file.write_all_at(&self.frame, self.end) {
             self.cut_back();
             return Err(e.into());
@@ -207,14 +210,37 @@ impl Writer {
         Ok(place)
     }
 
+    /// Makes sure `len` bytes after the last frame are reserved (allocated,
+    /// reading as zeros), so the next flushes need not grow the file. Where
+    /// the file system cannot reserve, the log grows as it writes.
+    fn reserve(&mut self, len: u64) {
+        if self.end + len <= self.reserved_to {
+            return;
+        }
+        let wanted = segment::RESERVE.max(len);
+        match rustix::fs::fallocate(
+            &self.store.file,
+            rustix::fs::FallocateFlags::empty(),
+            self.end,
+            wanted,
+        ) {
+            Ok(()) => self.reserved_to = self.end + wanted,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot reserve space ahead in the audit log; it grows as it writes");
+                self.reserved_to = u64::MAX;
+            }
+        }
+    }
+
     /// Cuts the file back to its last whole frame, durably where the log is
     /// durable: a frame that was flushed and is then cut back must not
     /// reappear after a crash, since its requests got no evidence.
-    fn cut_back(&self) {
+    fn cut_back(&mut self) {
         if let Err(e) = self.store.file.set_len(self.end) {
             tracing::error!(error = %e, "cannot cut the audit log back after a failed append");
             return;
         }
+        self.reserved_to = self.end;
         if self.durable {
             match self.store.file.sync_data() {
                 Ok(()) => {

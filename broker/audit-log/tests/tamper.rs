@@ -330,17 +330,23 @@ async fn a_torn_last_frame_is_cut_off_on_reopening_and_the_log_goes_on() {
     let dir = tempfile::tempdir().expect("dir");
     let written = make_log(dir.path()).await;
     let path = dir.path().join(FILE_NAME);
-    // Half a frame at the end, as a crash in the middle of a write leaves.
-    let half = {
+    // Half a frame after the last one (into the space the writer reserved
+    // ahead, or at the end of the file), as a crash in the middle of a
+    // write leaves.
+    let (half, data_end) = {
         let frames = segment::read_all(&path).expect("read");
         let bytes = frames[0].1.encode();
-        bytes[..bytes.len() / 2].to_vec()
+        let (last_offset, last, _) = frames.last().expect("frames");
+        (
+            bytes[..bytes.len() / 2].to_vec(),
+            last_offset + last.encode().len() as u64,
+        )
     };
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
+    let file = std::fs::OpenOptions::new()
+        .write(true)
         .open(&path)
         .expect("open");
-    std::io::Write::write_all(&mut file, &half).expect("append");
+    std::os::unix::fs::FileExt::write_all_at(&file, &half, data_end).expect("write");
     drop(file);
     assert_eq!(
         verify_dir(dir.path(), &written.public)

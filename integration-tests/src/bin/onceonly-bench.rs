@@ -476,7 +476,7 @@ fn channels(pki: &Pki, role: Role, id: &str, addr: SocketAddr) -> anyhow::Result
 
 /// HAProxy in front of the register, as a plain mTLS gRPC proxy.
 struct Haproxy {
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
     addr: SocketAddr,
 }
 
@@ -537,10 +537,7 @@ async fn start_haproxy(pki: &Pki, dir: &Path, connector: SocketAddr) -> Result<H
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(Haproxy {
-        _child: child,
-        addr,
-    })
+    Ok(Haproxy { child, addr })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -612,13 +609,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for &concurrency in &cli.concurrency {
         eprintln!("measuring at concurrency {concurrency} ...");
-        if let Some((proxied, _)) = &haproxy {
+        if let Some((proxied, proxy)) = &haproxy {
             rows.push(
                 measure(
                     proxied,
                     concurrency,
                     seconds,
-                    None,
+                    // Its CPU and memory, beside the broker's.
+                    proxy.child.id(),
                     "proxied: HAProxy, no checks",
                 )
                 .await,
@@ -740,7 +738,7 @@ fn print_markdown(report: &Report) {
         report.cores, report.seconds_per_measurement
     );
     println!(
-        "| scenario | concurrency | req/s | p50 ms | p90 ms | p99 ms | max ms | broker CPU s / 1000 req | broker peak RSS MiB | errors |"
+        "| scenario | concurrency | req/s | p50 ms | p90 ms | p99 ms | max ms | broker (or proxy) CPU s / 1000 req | broker (or proxy) peak RSS MiB | errors |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in &report.rows {
