@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 
 use onceonly_proto::v1::{AuditRecord, ExchangeOutcome};
 
+use crate::store::BatchPlace;
+
 /// The key layout of the `audit-index` tree.
 pub mod keys {
     /// `b` + first log index (u64 BE) -> the batch's frame: offset in the
@@ -45,7 +47,7 @@ enum Field {
 }
 
 /// The index prefixes a record is listed under.
-pub(crate) fn index_prefixes(record: &AuditRecord) -> impl Iterator<Item = Vec<u8>> + '_ {
+fn index_prefixes(record: &AuditRecord) -> impl Iterator<Item = Vec<u8>> + '_ {
     [
         Some(keys::index_prefix(
             Field::Caller as u8,
@@ -68,33 +70,33 @@ pub(crate) fn index_prefixes(record: &AuditRecord) -> impl Iterator<Item = Vec<u
     .flatten()
 }
 
-/// The index entries of one batch: its frame's place, and per indexed
-/// value one entry listing the batch's records with it.
-pub(crate) fn index_batch<'a>(
-    first_index: u64,
-    offset: u64,
-    records: impl Iterator<Item = &'a AuditRecord>,
+/// The index entries of consecutive frames, taken as one group: each
+/// frame's place, and per indexed value one entry listing the group's
+/// records with it, keyed by the group's first log index.
+pub(crate) fn index_frames<'a>(
+    frames: impl IntoIterator<Item = (BatchPlace, &'a [AuditRecord])>,
 ) -> sled::Batch {
     let mut lists: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-    let mut count = 0u32;
-    for (n, record) in records.enumerate() {
-        let index = first_index + n as u64;
-        for prefix in index_prefixes(record) {
-            lists
-                .entry(prefix)
-                .or_default()
-                .extend_from_slice(&index.to_be_bytes());
-        }
-        count += 1;
-    }
     let mut batch = sled::Batch::default();
+    let mut group = None;
+    for (place, records) in frames {
+        group.get_or_insert(place.first_index);
+        for (n, record) in records.iter().enumerate() {
+            let index = place.first_index + n as u64;
+            for prefix in index_prefixes(record) {
+                lists
+                    .entry(prefix)
+                    .or_default()
+                    .extend_from_slice(&index.to_be_bytes());
+            }
+        }
+        batch.insert(&keys::batch(place.first_index)[..], &place.encode()[..]);
+    }
+    let group = group.unwrap_or_default();
     for (mut key, list) in lists {
-        key.extend_from_slice(&first_index.to_be_bytes());
+        key.extend_from_slice(&group.to_be_bytes());
         batch.insert(key, list);
     }
-    let mut place = offset.to_be_bytes().to_vec();
-    place.extend_from_slice(&count.to_be_bytes());
-    batch.insert(&keys::batch(first_index)[..], place);
     batch
 }
 

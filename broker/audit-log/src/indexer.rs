@@ -12,7 +12,6 @@
 //! nothing appended is ever missing from a read. The index is rebuildable
 //! from the file: after a crash, opening indexes what it had not taken.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
@@ -20,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use onceonly_proto::v1::AuditRecord;
 
-use crate::index::{index_prefixes, keys};
+use crate::index::index_frames;
 use crate::log::AuditFault;
 use crate::store::{BatchPlace, Store};
 
@@ -99,32 +98,11 @@ fn run(store: &Store, fault: &AtomicU8, queue: &Receiver<Job>) {
 /// Adds `jobs` (consecutive frames) to the index as one sled batch, then
 /// lets them leave `recent`.
 fn index(store: &Store, fault: &AtomicU8, jobs: &[Job]) -> Result<(), String> {
-    let (Some(first), Some(last)) = (jobs.first(), jobs.last()) else {
+    let Some(last) = jobs.last() else {
         return Ok(());
     };
-    let group = first.place.first_index;
     let end = last.place.first_index + last.place.count;
-    let mut lists: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-    let mut batch = sled::Batch::default();
-    for job in jobs {
-        for (n, record) in job.records.iter().enumerate() {
-            let index = job.place.first_index + n as u64;
-            for prefix in index_prefixes(record) {
-                lists
-                    .entry(prefix)
-                    .or_default()
-                    .extend_from_slice(&index.to_be_bytes());
-            }
-        }
-        batch.insert(
-            &keys::batch(job.place.first_index)[..],
-            &job.place.encode()[..],
-        );
-    }
-    for (mut key, list) in lists {
-        key.extend_from_slice(&group.to_be_bytes());
-        batch.insert(key, list);
-    }
+    let batch = index_frames(jobs.iter().map(|job| (job.place, &job.records[..])));
     if fault.load(Ordering::SeqCst) == AuditFault::IndexAfterFlush as u8 {
         return Err("injected index failure".into());
     }

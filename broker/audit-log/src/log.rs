@@ -14,7 +14,7 @@ use ring::signature::{Ed25519KeyPair, KeyPair};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::head::decode_head;
-use crate::index::{AuditFilter, index_batch, keys};
+use crate::index::{AuditFilter, index_frames, keys};
 use crate::metrics::AuditMetrics;
 use crate::store::{BatchPlace, INDEX_TREE, Store};
 use crate::writer::{Append, MAX_BATCH, Writer};
@@ -473,9 +473,14 @@ fn recover(store: &Store, path: &Path) -> Result<(u64, Option<SignedTreeHead>), 
                     .map_err(|e| corrupt(offset, &format!("record {}: {e}", next_index + n as u64)))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        store
-            .index
-            .apply_batch(index_batch(next_index, offset, records.iter()))?;
+        store.index.apply_batch(index_frames([(
+            BatchPlace {
+                first_index: next_index,
+                offset,
+                count: records.len() as u64,
+            },
+            &records[..],
+        )]))?;
         next_index += records.len() as u64;
         offset += len;
         head = Some(frame.head);
