@@ -410,18 +410,22 @@ impl Broker {
             trust: self.tls.verifier(),
         };
         let forwarding = Instant::now();
-        let forwarded = self
-            .forwarder
-            .forward(
-                &destination,
-                &forward,
-                &authorization,
-                &exchange.trace,
-                exchange.work_deadline,
-                &mut exchange.record.register_contacted,
-            )
-            .instrument(tracing::info_span!("forward", connector = %destination.connector_id))
-            .await;
+        // Boxed: the forward's state (a tonic call) is most of an
+        // exchange's future, which is otherwise moved whole into its task
+        // and through every await.
+        let forwarded = Box::pin(
+            self.forwarder
+                .forward(
+                    &destination,
+                    &forward,
+                    &authorization,
+                    &exchange.trace,
+                    exchange.work_deadline,
+                    &mut exchange.record.register_contacted,
+                )
+                .instrument(tracing::info_span!("forward", connector = %destination.connector_id)),
+        )
+        .await;
         // A forward refused by open circuits never reached the connector.
         if !matches!(forwarded, Err(ForwardError::CircuitOpen)) {
             self.metrics
