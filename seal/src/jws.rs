@@ -246,8 +246,14 @@ struct ReadHeader {
     alg: String,
     #[serde(default)]
     x5c: Vec<String>,
-    #[serde(default)]
-    crit: Option<serde_json::Value>,
+    /// Whether the header names `crit` at all (even as null, which RFC
+    /// 7515 does not allow either).
+    #[serde(default, deserialize_with = "present")]
+    crit: bool,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(value: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(value).map(|_| true)
 }
 
 /// The registered time claim a verifier checks.
@@ -286,7 +292,7 @@ pub fn verify<C: DeserializeOwned>(
             found: header.typ,
         });
     }
-    if header.crit.is_some() {
+    if header.crit {
         return Err(malformed(
             "the header names critical extensions (crit), and none is understood here",
         ));

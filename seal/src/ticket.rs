@@ -214,11 +214,18 @@ pub struct TicketVerifier {
 struct Seen {
     jtis: HashSet<String>,
     by_expiry: BTreeMap<i64, Vec<String>>,
+    /// The latest `now` tickets were forgotten at: a ticket that expired
+    /// by then may have been forgotten, so it is refused as expired even
+    /// where a caller's clock reads earlier (another thread's call, or a
+    /// clock stepped back).
+    swept: i64,
 }
 
 impl Seen {
     /// Forgets every ticket whose `exp` plus the leeway is before `now`.
     fn forget_expired(&mut self, now: i64, leeway: i64) {
+        self.swept = self.swept.max(now);
+        let now = self.swept;
         while let Some(entry) = self.by_expiry.first_entry() {
             if entry.key().saturating_add(leeway) >= now {
                 break;
@@ -315,6 +322,12 @@ impl TicketVerifier {
         let leeway = i64::try_from(LEEWAY_SECS).unwrap_or(0);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         seen.forget_expired(now, leeway);
+        if claims.exp.saturating_add(leeway) < seen.swept {
+            return Err(TicketError::Expired(format!(
+                "past its exp {} (tickets that expired by {} are no longer remembered)",
+                claims.exp, seen.swept
+            )));
+        }
         if seen.jtis.contains(&claims.jti) {
             return Err(TicketError::Replayed {
                 jti: claims.jti.clone(),

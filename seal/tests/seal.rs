@@ -140,17 +140,25 @@ fn a_ticket_is_remembered_until_its_expiry_and_leeway_pass_and_then_forgotten() 
         Err(TicketError::Replayed { jti: "t-10".into() })
     );
     // ... one second later it is forgotten, and only it: the others stay
-    // replays. (The signature check runs on the real clock, which still
-    // finds the ticket unexpired, so forgetting is what lets it through.)
+    // replays. Forgotten, it is refused as expired by the memory itself,
+    // though the signature check (on the real clock) still finds it
+    // unexpired.
     let later = first_exp + leeway + 1;
-    verifier
-        .verify(first, &setup.trust, &expectation(&sbh), later)
-        .expect("forgotten after its expiry");
-    assert_eq!(verifier.remembered(), 3, "t-10 again, t-20 and t-30");
+    assert!(matches!(
+        verifier.verify(first, &setup.trust, &expectation(&sbh), later),
+        Err(TicketError::Expired(_))
+    ));
+    assert_eq!(verifier.remembered(), 2, "t-20 and t-30");
     assert_eq!(
         verifier.verify(&tokens[1].0, &setup.trust, &expectation(&sbh), later),
         Err(TicketError::Replayed { jti: "t-20".into() })
     );
+    // A call whose clock reads earlier (another thread's, or a clock
+    // stepped back) cannot slip the forgotten ticket in either.
+    assert!(matches!(
+        verifier.verify(first, &setup.trust, &expectation(&sbh), first_exp + leeway),
+        Err(TicketError::Expired(_))
+    ));
     // Past every expiry, all are forgotten at the next call.
     let last = tokens[2].1 + leeway + 1;
     let mut fresh = ticket_claims();
@@ -604,6 +612,11 @@ fn tokens_outside_what_we_sign_are_refused_before_their_signature_counts() {
         signature_b64,
     );
     assert!(matches!(refuse(&crit), JwsError::Malformed(m) if m.contains("crit")));
+    let crit_null = with_header(
+        serde_json::json!({"typ": "onceonly-ticket+jwt", "alg": "ES256", "x5c": x5c, "crit": null}),
+        signature_b64,
+    );
+    assert!(matches!(refuse(&crit_null), JwsError::Malformed(m) if m.contains("crit")));
     // Four parts, and the JWS JSON serialization's padding.
     assert!(matches!(
         refuse(&format!("{good}.x")),

@@ -58,6 +58,13 @@ fn run(store: &Store, fault: &AtomicU8, queue: &Receiver<Job>) {
     let mut since = Instant::now();
     let mut failed = false;
     loop {
+        // After a failure nothing more is indexed (a restart rebuilds the
+        // index from the file): frames still arriving are dropped, and the
+        // thread waits without a timeout.
+        if failed {
+            pending.clear();
+            records = 0;
+        }
         let received = if pending.is_empty() {
             queue.recv().map_err(|_| RecvTimeoutError::Disconnected)
         } else {
