@@ -83,17 +83,7 @@ impl TestPostgres {
 
     /// Stops the server (fast shutdown: sessions are ended).
     pub fn stop(&self) -> anyhow::Result<()> {
-        self.run(
-            "pg_ctl",
-            &[
-                "-D",
-                &self.data().display().to_string(),
-                "-m",
-                "fast",
-                "-w",
-                "stop",
-            ],
-        )
+        self.pg_ctl(&["-m", "fast", "-w", "stop"])
     }
 
     /// Starts the (stopped) server again on the same port.
@@ -103,21 +93,16 @@ impl TestPostgres {
             self.port,
             self.dir.path().display()
         );
-        self.run(
-            "pg_ctl",
-            &[
-                "-D",
-                &self.data().display().to_string(),
-                "-l",
-                &self.dir.path().join("server.log").display().to_string(),
-                "-o",
-                &options,
-                "-w",
-                "-t",
-                "30",
-                "start",
-            ],
-        )
+        self.pg_ctl(&[
+            "-l",
+            &self.dir.path().join("server.log").display().to_string(),
+            "-o",
+            &options,
+            "-w",
+            "-t",
+            "30",
+            "start",
+        ])
     }
 
     /// The server's log so far (for a failing test's message).
@@ -127,6 +112,14 @@ impl TestPostgres {
 
     fn data(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// `pg_ctl` on this server's data directory.
+    fn pg_ctl(&self, args: &[&str]) -> anyhow::Result<()> {
+        let data = self.data().display().to_string();
+        let mut all = vec!["-D", data.as_str()];
+        all.extend_from_slice(args);
+        self.run("pg_ctl", &all)
     }
 
     fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<()> {
@@ -160,17 +153,7 @@ impl TestPostgres {
 
 impl Drop for TestPostgres {
     fn drop(&mut self) {
-        let _ = self.run(
-            "pg_ctl",
-            &[
-                "-D",
-                &self.data().display().to_string(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ],
-        );
+        let _ = self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
     }
 }
 

@@ -117,7 +117,6 @@ impl AuditLog {
             durable,
             fault: fault.clone(),
             held: held.clone(),
-            broken: None,
             area: Vec::new(),
             ends: Vec::new(),
             nodes: Vec::new(),

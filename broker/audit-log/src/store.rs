@@ -25,7 +25,8 @@ pub(crate) struct Store {
     pub(crate) head: RwLock<Option<SignedTreeHead>>,
     /// Successful `fdatasync`s of the file, the frames' and the cut-backs'.
     pub(crate) flushes: AtomicU64,
-    /// Why appends are refused until a restart (a failed flush), if so.
+    /// Why appends are refused until a restart (a failed flush or cut-back,
+    /// or a failed index update), if so.
     pub(crate) broken: RwLock<Option<String>>,
     /// When the last batch failed (Unix ms; 0: never).
     pub(crate) last_failure_ms: std::sync::atomic::AtomicI64,

@@ -42,8 +42,6 @@ pub(crate) struct Writer {
     pub(crate) durable: bool,
     pub(crate) fault: Arc<AtomicU8>,
     pub(crate) held: Arc<AtomicBool>,
-    /// Set after a failed flush: no later append can be trusted to land.
-    pub(crate) broken: Option<String>,
     // Buffers reused from batch to batch.
     pub(crate) area: Vec<u8>,
     pub(crate) ends: Vec<usize>,
@@ -121,9 +119,11 @@ impl Writer {
             return Err(AuditError::Storage("injected failure".into()));
         }
         if let Some(reason) = self
+            .store
             .broken
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .or_else(|| self.store.broken.read().ok().and_then(|b| b.clone()))
         {
             return Err(AuditError::Storage(format!(
                 "appends refused since an earlier failure ({reason}); restart the broker"
@@ -259,10 +259,7 @@ impl Writer {
     fn break_down(&mut self, reason: String) -> AuditError {
         self.cut_back();
         tracing::error!(%reason, "the audit log refuses further appends until the broker restarts");
-        self.broken = Some(reason.clone());
-        if let Ok(mut broken) = self.store.broken.write() {
-            *broken = Some(reason.clone());
-        }
+        *self.store.broken.write().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
         AuditError::Storage(reason)
     }
 }
