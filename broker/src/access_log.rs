@@ -88,7 +88,7 @@ impl Broker {
         caller: &Participant,
         subject: &SubjectId,
         access: Access,
-    ) -> Result<u64, Status> {
+    ) -> Result<crate::storage::Appended, Status> {
         let record = self.access_record(kind, caller, subject, access);
         self.audit.append(record).await.map_err(|audit_error| {
             tracing::error!(%audit_error, ?kind, caller = %caller, "access record not written: refused");

@@ -42,6 +42,17 @@
 //!
 //! [audit]
 //! durable = true                        # fsync before answering (keep it on)
+//!
+//! [storage]                             # where consents, request ids and the log live
+//! backend = "embedded"                  # data_dir (default), or "postgres" for replicas
+//! # url = "postgres://onceonly@db.internal/onceonly"
+//! # password_file = "secrets/postgres.password"   # kept out of the URL and this file
+//! # pool_size = 16
+//! # timeout = "5s"                      # one database round at most
+//! # schema = "apply"                    # or "check": fail naming missing migrations
+//! # merge_delay = "2s"                  # a committed record is in a signed head by then
+//! # sequencer_lease = "1s"              # a dead sequencer is replaced after this
+//! # sequencer_interval = "100ms"
 //! ```
 //!
 //! Relative paths are relative to the config file's folder.
@@ -113,6 +124,135 @@ pub struct BrokerConfig {
     /// Traces.
     #[serde(default)]
     pub telemetry: Telemetry,
+    /// Where the broker's state lives: the data directory, or PostgreSQL
+    /// shared by replicas.
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// Which store holds consents, the idempotency window and the audit log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// sled and the log file in `data_dir`: one broker process.
+    #[default]
+    Embedded,
+    /// PostgreSQL: any number of replicas serving together.
+    Postgres,
+}
+
+/// Whether a replica brings the schema up to date at start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchemaPolicy {
+    /// Apply missing migrations (under a lock; replicas may start at once).
+    #[default]
+    Apply,
+    /// Change nothing; refuse to start naming what is missing.
+    Check,
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// The backend.
+    pub backend: Backend,
+    /// PostgreSQL: a URL (`postgres://user@host:port/db`) or libpq
+    /// key=value string. Leave the password out; give `password_file`.
+    pub url: Option<String>,
+    /// PostgreSQL: a file holding the password (one line).
+    pub password_file: Option<PathBuf>,
+    /// PostgreSQL: connections per replica at most.
+    pub pool_size: usize,
+    /// PostgreSQL: the longest one database round may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// PostgreSQL: apply or only check the schema at start.
+    pub schema: SchemaPolicy,
+    /// PostgreSQL: a committed audit record is in a signed tree head within
+    /// this; each answer's receipt promises it.
+    #[serde(with = "humantime_serde")]
+    pub merge_delay: Duration,
+    /// PostgreSQL: a sequencer that stops renewing its lease is replaced
+    /// after this.
+    #[serde(with = "humantime_serde")]
+    pub sequencer_lease: Duration,
+    /// PostgreSQL: how often the sequencer runs (and others try the lease).
+    #[serde(with = "humantime_serde")]
+    pub sequencer_interval: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: Backend::Embedded,
+            url: None,
+            password_file: None,
+            pool_size: 16,
+            timeout: Duration::from_secs(5),
+            schema: SchemaPolicy::Apply,
+            merge_delay: Duration::from_secs(2),
+            sequencer_lease: Duration::from_secs(1),
+            sequencer_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The first problem with the `[storage]` values: (key, problem, fix).
+    pub fn problem(&self) -> Option<(&'static str, String, &'static str)> {
+        if self.backend == Backend::Embedded {
+            return None;
+        }
+        let Some(url) = &self.url else {
+            return Some((
+                "storage.url",
+                "is missing for backend \"postgres\"".into(),
+                "give e.g. url = \"postgres://onceonly@db.internal/onceonly\"",
+            ));
+        };
+        if let Err(e) = url.parse::<onceonly_store_postgres::tokio_postgres::Config>() {
+            return Some((
+                "storage.url",
+                format!("does not parse ({e})"),
+                "give postgres://user@host:port/database, or host=... dbname=... key=value pairs",
+            ));
+        }
+        if !(1..=1000).contains(&self.pool_size) {
+            return Some((
+                "storage.pool_size",
+                format!("{} is out of range", self.pool_size),
+                "use 1 to 1000, e.g. 16",
+            ));
+        }
+        for (key, value) in [
+            ("storage.timeout", self.timeout),
+            ("storage.merge_delay", self.merge_delay),
+            ("storage.sequencer_lease", self.sequencer_lease),
+            ("storage.sequencer_interval", self.sequencer_interval),
+        ] {
+            if value.is_zero() {
+                return Some((key, "is zero".into(), "give a duration, e.g. \"1s\""));
+            }
+        }
+        // A sequencer that dies right after a commit is replaced within the
+        // lease and an interval, and the next holder sequences within
+        // another: the receipts' promise must outlast that.
+        let failover = self.sequencer_lease + self.sequencer_interval * 3;
+        if self.merge_delay < failover {
+            return Some((
+                "storage.merge_delay",
+                format!(
+                    "{} is shorter than a sequencer failover (sequencer_lease + 3 x sequencer_interval = {})",
+                    humantime::format_duration(self.merge_delay),
+                    humantime::format_duration(failover)
+                ),
+                "raise merge_delay or shorten sequencer_lease, e.g. merge_delay = \"2s\" with sequencer_lease = \"1s\"",
+            ));
+        }
+        None
+    }
 }
 
 /// Where traces go.
@@ -255,6 +395,11 @@ impl BrokerConfig {
             *slot = relative_to(path, slot);
         }
         self.tls.crl = self.tls.crl.as_ref().map(|crl| relative_to(path, crl));
+        self.storage.password_file = self
+            .storage
+            .password_file
+            .as_ref()
+            .map(|file| relative_to(path, file));
     }
 
     /// Checks the values; errors name the file, the key and the fix.
@@ -313,6 +458,9 @@ impl BrokerConfig {
         if let Some((key, problem, fix)) = self.tls.crl_problem() {
             return invalid(key, problem.into(), fix);
         }
+        if let Some((key, problem, fix)) = self.storage.problem() {
+            return invalid(key, problem, fix);
+        }
         if self.audit_key.starts_with(&self.data_dir) {
             return invalid(
                 "audit_key",
@@ -334,6 +482,7 @@ impl BrokerConfig {
             ("tls.cert", Some(&self.tls.cert)),
             ("tls.key", Some(&self.tls.key)),
             ("tls.crl", self.tls.crl.as_ref()),
+            ("storage.password_file", self.storage.password_file.as_ref()),
         ] {
             if let Some(file) = file
                 && !file.is_file()

@@ -1,10 +1,13 @@
-//! Consents, kept in sled: a subject agreed that an authority may fetch an
-//! evidence type about them for a purpose until a time. Revocation takes
-//! effect at once: the request path reads the store on every check.
+//! Consents: a subject agreed that an authority may fetch an evidence type
+//! about them for a purpose until a time. Revocation takes effect at once:
+//! the request path reads the store on every check, so with replicas on
+//! PostgreSQL a consent granted or revoked through one replica holds at
+//! every other from the moment the grant or revocation is answered.
 //!
-//! Trees: `consents` (consent id -> record, JSON) and `consents_by_subject`
-//! (subject pseudonym, newest first, consent id -> nothing), so a subject's
-//! consents are found without a scan.
+//! Embedded, in sled: trees `consents` (consent id -> record, JSON) and
+//! `consents_by_subject` (subject pseudonym, newest first, consent id ->
+//! nothing), so a subject's consents are found without a scan. On
+//! PostgreSQL: the `consents` table, indexed by pseudonym.
 
 use std::sync::Arc;
 
@@ -100,6 +103,12 @@ impl From<sled::Error> for ConsentError {
     }
 }
 
+impl From<onceonly_store_postgres::tokio_postgres::Error> for ConsentError {
+    fn from(e: onceonly_store_postgres::tokio_postgres::Error) -> Self {
+        ConsentError::Storage(format!("PostgreSQL: {e}"))
+    }
+}
+
 /// What a new consent covers.
 #[derive(Debug, Clone)]
 pub struct NewConsent {
@@ -120,21 +129,65 @@ pub struct NewConsent {
 /// The consent store.
 #[derive(Clone)]
 pub struct ConsentStore {
-    db: sled::Db,
-    consents: sled::Tree,
-    by_subject: sled::Tree,
+    backend: Backend,
     pseudonyms: Arc<Pseudonymiser>,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sled {
+        db: sled::Db,
+        consents: sled::Tree,
+        by_subject: sled::Tree,
+    },
+    Postgres(onceonly_store_postgres::Pool),
+}
+
+const COLUMNS: &str = "consent_id, subject_scheme, subject_pseudonym, subject_sealed, authority_id, evidence_type, purpose, granted_at_ms, expires_at_ms, revoked_at_ms, recorded_by";
+
+fn from_row(row: &onceonly_store_postgres::tokio_postgres::Row) -> StoredConsent {
+    StoredConsent {
+        consent_id: row.get(0),
+        subject_scheme: row.get(1),
+        subject_pseudonym: row.get(2),
+        subject_sealed: row.get(3),
+        authority_id: row.get(4),
+        evidence_type: row.get(5),
+        purpose: row.get(6),
+        granted_at_ms: row.get(7),
+        expires_at_ms: row.get(8),
+        revoked_at_ms: row.get(9),
+        recorded_by: row.get(10),
+    }
 }
 
 impl ConsentStore {
     /// Opens the store in `db`.
     pub fn open(db: &sled::Db, pseudonyms: Arc<Pseudonymiser>) -> Result<Self, ConsentError> {
         Ok(ConsentStore {
-            consents: db.open_tree("consents")?,
-            by_subject: db.open_tree("consents_by_subject")?,
-            db: db.clone(),
+            backend: Backend::Sled {
+                consents: db.open_tree("consents")?,
+                by_subject: db.open_tree("consents_by_subject")?,
+                db: db.clone(),
+            },
             pseudonyms,
         })
+    }
+
+    /// The store in PostgreSQL behind `pool` (migrated), shared by replicas.
+    pub fn postgres(pool: onceonly_store_postgres::Pool, pseudonyms: Arc<Pseudonymiser>) -> Self {
+        ConsentStore {
+            backend: Backend::Postgres(pool),
+            pseudonyms,
+        }
+    }
+
+    async fn client(
+        pool: &onceonly_store_postgres::Pool,
+    ) -> Result<deadpool_postgres::Object, ConsentError> {
+        pool.get()
+            .await
+            .map_err(|e| ConsentError::Storage(format!("PostgreSQL: {e}")))
     }
 
     fn subject_prefix(&self, subject: &SubjectId) -> Vec<u8> {
@@ -173,21 +226,65 @@ impl ConsentStore {
             revoked_at_ms: None,
             recorded_by: new.recorded_by,
         };
+        let (db, consents, by_subject) = match &self.backend {
+            Backend::Sled {
+                db,
+                consents,
+                by_subject,
+            } => (db, consents, by_subject),
+            Backend::Postgres(pool) => {
+                let c = &consent;
+                Self::client(pool)
+                    .await?
+                    .execute(
+                        &format!("INSERT INTO consents ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"),
+                        &[
+                            &c.consent_id,
+                            &c.subject_scheme,
+                            &c.subject_pseudonym,
+                            &c.subject_sealed,
+                            &c.authority_id,
+                            &c.evidence_type,
+                            &c.purpose,
+                            &c.granted_at_ms,
+                            &c.expires_at_ms,
+                            &c.revoked_at_ms,
+                            &c.recorded_by,
+                        ],
+                    )
+                    .await?;
+                return Ok(consent);
+            }
+        };
         let mut index_key = self.subject_prefix(&new.subject);
         index_key.extend_from_slice(&(u64::MAX - now_ms.max(0) as u64).to_be_bytes());
         index_key.extend_from_slice(consent.consent_id.as_bytes());
         let value =
             serde_json::to_vec(&consent).map_err(|e| ConsentError::Storage(e.to_string()))?;
-        self.consents.insert(consent.consent_id.as_bytes(), value)?;
-        self.by_subject
-            .insert(index_key, consent.consent_id.as_bytes())?;
-        self.db.flush_async().await?;
+        consents.insert(consent.consent_id.as_bytes(), value)?;
+        by_subject.insert(index_key, consent.consent_id.as_bytes())?;
+        db.flush_async().await?;
         Ok(consent)
     }
 
     /// The consent `id`.
-    pub fn get(&self, id: &str) -> Result<Option<StoredConsent>, ConsentError> {
-        self.consents
+    pub async fn get(&self, id: &str) -> Result<Option<StoredConsent>, ConsentError> {
+        match &self.backend {
+            Backend::Sled { consents, .. } => Self::sled_get(consents, id),
+            Backend::Postgres(pool) => Ok(Self::client(pool)
+                .await?
+                .query_opt(
+                    &format!("SELECT {COLUMNS} FROM consents WHERE consent_id = $1"),
+                    &[&id],
+                )
+                .await?
+                .as_ref()
+                .map(from_row)),
+        }
+    }
+
+    fn sled_get(consents: &sled::Tree, id: &str) -> Result<Option<StoredConsent>, ConsentError> {
+        consents
             .get(id.as_bytes())?
             .map(|bytes| {
                 serde_json::from_slice(&bytes).map_err(|e| ConsentError::Corrupt {
@@ -201,10 +298,28 @@ impl ConsentStore {
     /// Revokes consent `id` durably; an already revoked consent keeps its
     /// first revocation time.
     pub async fn revoke(&self, id: &str, now_ms: i64) -> Result<StoredConsent, ConsentError> {
+        let (db, consents) = match &self.backend {
+            Backend::Sled { db, consents, .. } => (db, consents),
+            Backend::Postgres(pool) => {
+                return Self::client(pool)
+                    .await?
+                    .query_opt(
+                        &format!(
+                            "UPDATE consents SET revoked_at_ms = COALESCE(revoked_at_ms, $2)
+                             WHERE consent_id = $1 RETURNING {COLUMNS}"
+                        ),
+                        &[&id, &now_ms],
+                    )
+                    .await?
+                    .as_ref()
+                    .map(from_row)
+                    .ok_or_else(|| ConsentError::NotFound(id.to_owned()));
+            }
+        };
         // Compare and swap, so that bytes that do not decode are reported
         // and kept, never replaced or deleted.
         let consent = loop {
-            let Some(old) = self.consents.get(id.as_bytes())? else {
+            let Some(old) = consents.get(id.as_bytes())? else {
                 return Err(ConsentError::NotFound(id.to_owned()));
             };
             let mut consent: StoredConsent =
@@ -215,16 +330,13 @@ impl ConsentStore {
             consent.revoked_at_ms.get_or_insert(now_ms);
             let new =
                 serde_json::to_vec(&consent).map_err(|e| ConsentError::Storage(e.to_string()))?;
-            match self
-                .consents
-                .compare_and_swap(id.as_bytes(), Some(old), Some(new))?
-            {
+            match consents.compare_and_swap(id.as_bytes(), Some(old), Some(new))? {
                 Ok(()) => break consent,
                 // Changed in between (another revocation): read again.
                 Err(_) => continue,
             }
         };
-        self.db.flush_async().await?;
+        db.flush_async().await?;
         Ok(consent)
     }
 
@@ -241,16 +353,44 @@ impl ConsentStore {
     }
 
     /// A subject's consents, newest first: up to `limit` after `skip`.
-    pub fn list(
+    pub async fn list(
         &self,
         subject: &SubjectId,
         skip: usize,
         limit: usize,
     ) -> Result<(Vec<StoredConsent>, bool), ConsentError> {
+        let (consents, by_subject) = match &self.backend {
+            Backend::Sled {
+                consents,
+                by_subject,
+                ..
+            } => (consents, by_subject),
+            Backend::Postgres(pool) => {
+                let mut found: Vec<StoredConsent> = Self::client(pool)
+                    .await?
+                    .query(
+                        &format!(
+                            "SELECT {COLUMNS} FROM consents WHERE subject_pseudonym = $1
+                             ORDER BY granted_at_ms DESC, consent_id OFFSET $2 LIMIT $3"
+                        ),
+                        &[
+                            &hex::encode(self.subject_prefix(subject)),
+                            &(skip as i64),
+                            &(limit as i64 + 1),
+                        ],
+                    )
+                    .await?
+                    .iter()
+                    .map(from_row)
+                    .collect();
+                let more = found.len() > limit;
+                found.truncate(limit);
+                return Ok((found, more));
+            }
+        };
         let mut found = Vec::new();
         let mut more = false;
-        for entry in self
-            .by_subject
+        for entry in by_subject
             .scan_prefix(self.subject_prefix(subject))
             .skip(skip)
         {
@@ -259,7 +399,7 @@ impl ConsentStore {
                 more = true;
                 break;
             }
-            if let Some(consent) = self.get(&String::from_utf8_lossy(&id))? {
+            if let Some(consent) = Self::sled_get(consents, &String::from_utf8_lossy(&id))? {
                 found.push(consent);
             }
         }
@@ -268,7 +408,7 @@ impl ConsentStore {
 
     /// An active consent covering the request, if any. With `consent_id`,
     /// only that consent is considered.
-    pub fn find_active(
+    pub async fn find_active(
         &self,
         subject: &SubjectId,
         authority_id: &str,
@@ -287,11 +427,41 @@ impl ConsentStore {
                 && c.state(now_ms) == ConsentState::Active
         };
         if let Some(id) = consent_id {
-            return Ok(self.get(id)?.filter(covers));
+            return Ok(self.get(id).await?.filter(covers));
         }
-        for entry in self.by_subject.scan_prefix(self.subject_prefix(subject)) {
+        let (consents, by_subject) = match &self.backend {
+            Backend::Sled {
+                consents,
+                by_subject,
+                ..
+            } => (consents, by_subject),
+            Backend::Postgres(pool) => {
+                let found = Self::client(pool)
+                    .await?
+                    .query_opt(
+                        &format!(
+                            "SELECT {COLUMNS} FROM consents
+                             WHERE subject_pseudonym = $1 AND subject_scheme = $2
+                               AND authority_id = $3 AND evidence_type = $4 AND purpose = $5
+                               AND revoked_at_ms IS NULL AND expires_at_ms > $6
+                             ORDER BY granted_at_ms DESC, consent_id LIMIT 1"
+                        ),
+                        &[
+                            &pseudonym,
+                            &subject.scheme,
+                            &authority_id,
+                            &evidence_type,
+                            &purpose,
+                            &now_ms,
+                        ],
+                    )
+                    .await?;
+                return Ok(found.as_ref().map(from_row).filter(covers));
+            }
+        };
+        for entry in by_subject.scan_prefix(self.subject_prefix(subject)) {
             let (_, id) = entry?;
-            if let Some(consent) = self.get(&String::from_utf8_lossy(&id))?
+            if let Some(consent) = Self::sled_get(consents, &String::from_utf8_lossy(&id))?
                 && covers(&consent)
             {
                 return Ok(Some(consent));
@@ -319,8 +489,10 @@ mod tests {
         let store =
             ConsentStore::open(&db, Arc::new(Pseudonymiser::from_secret(&[1; 32]))).expect("store");
         let garbage = b"{not json".to_vec();
-        store
-            .consents
+        let Backend::Sled { consents, .. } = &store.backend else {
+            panic!("sled")
+        };
+        consents
             .insert("c-broken", garbage.clone())
             .expect("insert");
         let error = store.revoke("c-broken", 5).await.expect_err("corrupt");
@@ -329,11 +501,7 @@ mod tests {
             "{error:?}"
         );
         assert_eq!(
-            store
-                .consents
-                .get("c-broken")
-                .expect("read")
-                .map(|b| b.to_vec()),
+            consents.get("c-broken").expect("read").map(|b| b.to_vec()),
             Some(garbage),
             "the undecodable consent was changed or deleted"
         );
@@ -362,7 +530,7 @@ mod tests {
             .grant(ConsentStore::new_consent_id(), new.clone(), 1_000)
             .await
             .expect("grant");
-        let find = |now| {
+        let find = async |now| {
             store
                 .find_active(
                     &anna,
@@ -372,13 +540,14 @@ mod tests {
                     None,
                     now,
                 )
+                .await
                 .expect("find")
         };
         assert_eq!(
-            find(2_000).map(|c| c.consent_id),
+            find(2_000).await.map(|c| c.consent_id),
             Some(consent.consent_id.clone())
         );
-        assert_eq!(find(10_000), None, "expired");
+        assert_eq!(find(10_000).await, None, "expired");
         assert!(
             store
                 .find_active(
@@ -389,6 +558,7 @@ mod tests {
                     None,
                     2_000
                 )
+                .await
                 .expect("find")
                 .is_none(),
             "another authority"
@@ -403,6 +573,7 @@ mod tests {
                     None,
                     2_000
                 )
+                .await
                 .expect("find")
                 .is_none(),
             "another purpose"
@@ -413,7 +584,7 @@ mod tests {
             .await
             .expect("revoke");
         assert_eq!(revoked.revoked_at_ms, Some(3_000));
-        assert_eq!(find(3_001), None, "revoked");
+        assert_eq!(find(3_001).await, None, "revoked");
         let again = store
             .revoke(&consent.consent_id, 4_000)
             .await
@@ -432,7 +603,7 @@ mod tests {
             .grant(ConsentStore::new_consent_id(), new, 5_000)
             .await
             .expect("grant");
-        let (listed, more) = store.list(&anna, 0, 10).expect("list");
+        let (listed, more) = store.list(&anna, 0, 10).await.expect("list");
         assert!(!more);
         assert_eq!(
             listed
@@ -444,6 +615,7 @@ mod tests {
         assert!(
             store
                 .list(&subject("21641045750"), 0, 10)
+                .await
                 .expect("list")
                 .0
                 .is_empty()

@@ -54,7 +54,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 use tracing::Instrument;
 
-use crate::audit::AuditLog;
 use crate::consent::ConsentStore;
 use crate::forward::{Authorization, ForwardError, Forwarder};
 use crate::idempotency::{Begin, IdempotencyCache, StoredOutcome, StoredStatus, wait_for};
@@ -90,7 +89,7 @@ pub struct Broker {
     /// Consents.
     pub consents: ConsentStore,
     /// The audit log.
-    pub audit: AuditLog,
+    pub audit: crate::storage::Audit,
     /// Subject pseudonyms for the audit log.
     pub pseudonyms: Arc<Pseudonymiser>,
     /// Connections to connectors.
@@ -284,11 +283,16 @@ impl Broker {
         if validate::request_id("request_id", &request.request_id).is_ok() {
             let fingerprint = fingerprint(&request);
             for _attempt in 0..2 {
-                match self.idempotency.begin(
-                    &exchange.record.caller_id,
-                    &request.request_id,
-                    fingerprint,
-                ) {
+                match self
+                    .idempotency
+                    .begin(
+                        &exchange.record.caller_id,
+                        &request.request_id,
+                        fingerprint,
+                        &exchange.record.exchange_id,
+                    )
+                    .await
+                {
                     Begin::New(new) => {
                         pending = Some(new);
                         break;
@@ -327,7 +331,7 @@ impl Broker {
         let exchange_id = exchange.record.exchange_id.clone();
         let answer = self.audit_and_answer(exchange, result).await;
         if let Some(pending) = pending {
-            remember(pending, exchange_id, &answer);
+            remember(pending, exchange_id, &answer).await;
         }
         answer
     }
@@ -337,7 +341,7 @@ impl Broker {
     async fn wait_for_first(
         &self,
         exchange: &Exchange,
-        first: tokio::sync::watch::Receiver<Option<StoredOutcome>>,
+        first: crate::idempotency::Replay,
         caller_gone: &CancellationToken,
     ) -> Result<Option<StoredOutcome>, Refusal> {
         tokio::select! {
@@ -368,7 +372,9 @@ impl Broker {
             .in_scope(|| self.authorize(exchange, caller, &request))?;
         // 4. consent
         if consent == ConsentRequirement::Required {
-            tracing::info_span!("consent").in_scope(|| self.check_consent(exchange, &request))?;
+            self.check_consent(exchange, &request)
+                .instrument(tracing::info_span!("consent"))
+                .await?;
         }
         // Encryption to the requester: its own certificate, checked before
         // any register is called; 5. route
@@ -481,14 +487,14 @@ impl Broker {
     }
 
     /// Steps 3 and 4 again, for a replay of delivered evidence.
-    fn allowed_still(
+    async fn allowed_still(
         &self,
         exchange: &mut Exchange,
         caller: &Participant,
         request: &RequestEvidenceRequest,
     ) -> Result<(), Refusal> {
         if self.authorize(exchange, caller, request)? == ConsentRequirement::Required {
-            self.check_consent(exchange, request)?;
+            self.check_consent(exchange, request).await?;
         }
         // An encryption requirement (or a certificate revoked) since.
         self.check_encryption(caller, request)?;
@@ -522,7 +528,7 @@ impl Broker {
     }
 
     /// 4. An active consent of the subject must cover the request.
-    fn check_consent(
+    async fn check_consent(
         &self,
         exchange: &mut Exchange,
         request: &RequestEvidenceRequest,
@@ -539,6 +545,7 @@ impl Broker {
                 consent_id,
                 now_ms(),
             )
+            .await
             .map_err(|e| {
                 tracing::error!(error = %e, "consent lookup failed");
                 Refusal::ConsentStoreUnavailable
@@ -678,10 +685,10 @@ impl Broker {
             .exchange_seconds
             .observe(started.elapsed().as_secs_f64());
         match appended {
-            Ok(index) => {
+            Ok(appended) => {
                 tracing::info!(
                     ?outcome,
-                    log_index = index,
+                    log_index = appended.index,
                     latency_ms = started.elapsed().as_secs_f64() * 1000.0,
                     "exchange audited"
                 );
@@ -689,7 +696,8 @@ impl Broker {
                     request_id,
                     exchange_id,
                     evidence: Some(evidence),
-                    audit_log_index: index,
+                    audit_log_index: appended.index.unwrap_or(0),
+                    audit_receipt: appended.receipt,
                 })
             }
             Err(audit_error) => {
@@ -714,7 +722,7 @@ impl Broker {
                 // Evidence is released again only where it would be now: a
                 // consent revoked or a rule removed since takes effect at
                 // once, replay or not.
-                if let Err(refusal) = self.allowed_still(&mut exchange, caller, request) {
+                if let Err(refusal) = self.allowed_still(&mut exchange, caller, request).await {
                     return self.audit_and_answer(exchange, Err(refusal)).await;
                 }
                 let evidence = response.evidence.unwrap_or_default();
@@ -747,7 +755,7 @@ fn outcome_label(outcome: ExchangeOutcome) -> String {
 /// Keeps a final outcome for repeats (with the exchange that produced it);
 /// a transient failure (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
 /// CANCELLED) is forgotten so the retry runs again.
-fn remember(
+async fn remember(
     pending: crate::idempotency::Pending,
     exchange_id: String,
     answer: &Result<RequestEvidenceResponse, Refusal>,
@@ -757,10 +765,12 @@ fn remember(
         Err(refusal) if refusal.is_transient() => return,
         Err(refusal) => Err(StoredStatus::capture(&refusal.status(), refusal.outcome())),
     };
-    pending.finish(StoredOutcome {
-        exchange_id,
-        result,
-    });
+    pending
+        .finish(StoredOutcome {
+            exchange_id,
+            result,
+        })
+        .await;
 }
 
 /// How many exchanges may be with registers at once, and how many more may

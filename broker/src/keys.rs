@@ -212,10 +212,7 @@ const CHECK_LABEL: &[u8] = b"onceonly-pseudonym-key-check-v1";
 pub fn load_checked_pseudonym_key(config: &BrokerConfig) -> Result<Pseudonymiser, KeyError> {
     let (path, data_dir) = (&config.pseudonym_key, &config.data_dir);
     let secret = read_pseudonym_secret(path)?;
-    let expected = hex::encode(hmac::sign(
-        &hmac::Key::new(hmac::HMAC_SHA256, &secret),
-        CHECK_LABEL,
-    ));
+    let expected = pseudonym_check_value(&secret);
     let check = data_dir.join(PSEUDONYM_CHECK_FILE);
     match std::fs::read_to_string(&check) {
         Ok(text) if text.trim() == expected => {}
@@ -255,6 +252,20 @@ pub fn load_checked_pseudonym_key(config: &BrokerConfig) -> Result<Pseudonymiser
         Err(e) => return Err(io(&check)(e)),
     }
     Ok(Pseudonymiser::from_secret(&secret))
+}
+
+/// The pseudonym key's check value (hex): replicas compare it in the
+/// database as a data directory keeps it in its file.
+pub fn pseudonym_check_value(secret: &[u8]) -> String {
+    hex::encode(hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, secret),
+        CHECK_LABEL,
+    ))
+}
+
+/// The pseudonym key's check value, read from its file.
+pub fn pseudonym_key_check(config: &BrokerConfig) -> Result<String, KeyError> {
+    read_pseudonym_secret(&config.pseudonym_key).map(|secret| pseudonym_check_value(&secret))
 }
 
 /// Writes the check value to `path` (via a synced draft and a rename, so a
@@ -317,6 +328,11 @@ pub struct Rotation {
 /// rewritten. Run again after a crash, it finishes a hand-over already in
 /// the log, or drops a `.next` the log never used and starts over.
 pub async fn rotate_audit_key(config: &BrokerConfig) -> Result<Rotation, KeyError> {
+    if config.storage.backend == crate::config::Backend::Postgres {
+        return Err(KeyError::Log(
+            "rotating the audit key of the replicated log on PostgreSQL is not supported yet ([storage] backend = \"postgres\"); the embedded log's rotation does not apply to it".into(),
+        ));
+    }
     let next_path = suffixed(&config.audit_key, ".next");
     let old = load_audit_key(&config.audit_key)?;
     let old_public = hex::encode(old.public_key().as_ref());

@@ -42,6 +42,7 @@ pub mod refusal;
 pub mod routing;
 pub mod server;
 pub mod services;
+pub mod storage;
 
 pub use config::BrokerConfig;
 /// The audit log, a crate of its own ([`onceonly_audit_log`]): the broker

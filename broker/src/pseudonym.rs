@@ -21,6 +21,7 @@ const CONTEXT: &[u8] = b"onceonly-subject-pseudonym-v1\0";
 pub struct Pseudonymiser {
     key: hmac::Key,
     sealing: aead::LessSafeKey,
+    outcomes: aead::LessSafeKey,
 }
 
 /// Why a subject id could not be sealed, or a sealed one opened.
@@ -32,6 +33,9 @@ pub struct Unsealable;
 
 /// The HKDF label of the consent sealing key.
 const SEALING_LABEL: &[u8] = b"onceonly-consent-subject-sealing-v1";
+/// The HKDF label of the key that seals remembered outcomes (evidence
+/// included) in the replicas' shared idempotency window.
+const OUTCOME_LABEL: &[u8] = b"onceonly-idempotency-outcome-sealing-v1";
 
 impl std::fmt::Debug for Pseudonymiser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -43,18 +47,21 @@ impl Pseudonymiser {
     /// A pseudonymiser with a given secret.
     pub fn from_secret(secret: &[u8]) -> Self {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"onceonly").extract(secret);
-        let okm = prk
-            .expand(&[SEALING_LABEL], &aead::AES_256_GCM)
-            .map(aead::UnboundKey::from);
-        // expand fails only for an output longer than 255 hashes; 32 bytes
-        // never is.
-        let unbound = match okm {
-            Ok(key) => key,
-            Err(_) => unreachable!("HKDF-SHA-256 yields 32 bytes"),
+        let derive = |label: &[u8]| {
+            let okm = prk
+                .expand(&[label], &aead::AES_256_GCM)
+                .map(aead::UnboundKey::from);
+            // expand fails only for an output longer than 255 hashes; 32
+            // bytes never is.
+            match okm {
+                Ok(key) => aead::LessSafeKey::new(key),
+                Err(_) => unreachable!("HKDF-SHA-256 yields 32 bytes"),
+            }
         };
         Pseudonymiser {
             key: hmac::Key::new(hmac::HMAC_SHA256, secret),
-            sealing: aead::LessSafeKey::new(unbound),
+            sealing: derive(SEALING_LABEL),
+            outcomes: derive(OUTCOME_LABEL),
         }
     }
 
@@ -92,6 +99,40 @@ impl Pseudonymiser {
         let text = std::str::from_utf8(plain).map_err(|_| Unsealable)?;
         let (scheme, value) = text.split_once(':').ok_or(Unsealable)?;
         Ok((scheme.parse().map_err(|_| Unsealable)?, value.to_owned()))
+    }
+
+    /// Seals a remembered outcome for the shared idempotency window, bound
+    /// to `context` (caller and request id): a random nonce, then the
+    /// ciphertext and tag.
+    pub fn seal_outcome(&self, context: &[u8], plain: &[u8]) -> Result<Vec<u8>, Unsealable> {
+        let mut nonce = [0u8; aead::NONCE_LEN];
+        rand::rng().fill_bytes(&mut nonce);
+        let mut data = plain.to_vec();
+        self.outcomes
+            .seal_in_place_append_tag(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(context),
+                &mut data,
+            )
+            .map_err(|_| Unsealable)?;
+        let mut sealed = nonce.to_vec();
+        sealed.extend_from_slice(&data);
+        Ok(sealed)
+    }
+
+    /// Opens what [`Pseudonymiser::seal_outcome`] sealed with `context`.
+    pub fn open_outcome(&self, context: &[u8], sealed: &[u8]) -> Result<Vec<u8>, Unsealable> {
+        if sealed.len() < aead::NONCE_LEN {
+            return Err(Unsealable);
+        }
+        let (nonce, rest) = sealed.split_at(aead::NONCE_LEN);
+        let nonce = aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| Unsealable)?;
+        let mut data = rest.to_vec();
+        let plain = self
+            .outcomes
+            .open_in_place(nonce, aead::Aad::from(context), &mut data)
+            .map_err(|_| Unsealable)?;
+        Ok(plain.to_vec())
     }
 
     /// The pseudonym of a subject id (also of a malformed one, so that even

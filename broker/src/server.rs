@@ -25,6 +25,7 @@ use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::audit::{AuditError, AuditLog};
+use crate::config::Backend;
 use crate::config::BrokerConfig;
 use crate::consent::{ConsentError, ConsentStore};
 use crate::exchange::{Broker, ExchangeLimit, Faults};
@@ -33,6 +34,7 @@ use crate::idempotency::IdempotencyCache;
 use crate::policy::PolicyStore;
 use crate::routing::RoutingTable;
 use crate::services::{AuditGrpc, ConsentGrpc, EvidenceGrpc};
+use crate::storage::Audit;
 use onceonly_seal::jws::SignerCell;
 
 /// Evidence payloads pass through; the largest the broker relays.
@@ -109,6 +111,107 @@ impl From<ConsentError> for StartError {
     }
 }
 
+type OpenedStorage = (
+    Audit,
+    ConsentStore,
+    JoinHandle<()>,
+    Duration,
+    Option<onceonly_store_postgres::Pool>,
+);
+
+/// The data directory: sled (indexes, consents) and the log file.
+async fn open_embedded(
+    config: &BrokerConfig,
+    audit_key: ring::signature::Ed25519KeyPair,
+    pseudonyms: Arc<crate::pseudonym::Pseudonymiser>,
+) -> Result<OpenedStorage, StartError> {
+    // Opening waits out another process's lock with sleeps: off the
+    // async workers.
+    let storage = sled::Config::new()
+        .path(&config.data_dir)
+        .cache_capacity(config.storage_cache.as_u64());
+    let db = tokio::task::spawn_blocking(move || crate::audit::open_storage(storage))
+        .await
+        .map_err(|e| StartError::Storage {
+            what: format!("data directory {}", config.data_dir.display()),
+            reason: e.to_string(),
+        })?
+        .map_err(|e| StartError::Storage {
+            what: format!("data directory {}", config.data_dir.display()),
+            reason: e.to_string(),
+        })?;
+    let (audit, audit_writer) =
+        AuditLog::open(&config.data_dir, &db, config.audit.durable, audit_key)?;
+    let consents = ConsentStore::open(&db, pseudonyms)?;
+    let data_dir = config.data_dir.clone();
+    let flush = tokio::task::spawn_blocking(move || crate::audit::time_a_flush(&data_dir))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|timed| timed)
+        .map_err(|e| StartError::Storage {
+            what: format!("a timed flush in {}", config.data_dir.display()),
+            reason: e.to_string(),
+        })?;
+    tracing::debug!(
+        flush_ms = flush.as_secs_f64() * 1000.0,
+        "timed a flush of the data directory"
+    );
+    Ok((Audit::Embedded(audit), consents, audit_writer, flush, None))
+}
+
+/// PostgreSQL shared with other replicas: the schema checked or brought up
+/// to date, the replicated log started (this replica's queue writer and
+/// sequencer candidate).
+async fn open_replicated(
+    config: &BrokerConfig,
+    audit_key: ring::signature::Ed25519KeyPair,
+    pseudonyms: Arc<crate::pseudonym::Pseudonymiser>,
+) -> Result<OpenedStorage, StartError> {
+    let storage = &config.storage;
+    let postgres = |reason: String| StartError::Storage {
+        what: "PostgreSQL ([storage] url)".into(),
+        reason,
+    };
+    let pseudonym_check = crate::keys::pseudonym_key_check(config)?;
+    let audit_key_id =
+        onceonly_merkle::sth::key_id(ring::signature::KeyPair::public_key(&audit_key).as_ref());
+    let pool = crate::storage::open_postgres(
+        storage,
+        &[
+            ("pseudonym_key", &pseudonym_check),
+            ("audit_key", &audit_key_id),
+        ],
+    )
+    .await
+    .map_err(|e| postgres(e.to_string()))?;
+    let replica = crate::storage::replica_name();
+    let started = std::time::Instant::now();
+    let (log, writer) = onceonly_store_postgres::PgAuditLog::open(
+        pool.clone(),
+        audit_key,
+        onceonly_store_postgres::LogSettings {
+            replica: replica.clone(),
+            merge_delay: storage.merge_delay,
+            lease: storage.sequencer_lease,
+            interval: storage.sequencer_interval,
+            timeout: storage.timeout,
+        },
+    )
+    .await
+    .map_err(|e| postgres(e.to_string()))?;
+    // Opening read the latest head: a round trip, the seed of the deadline
+    // reserve until commits are timed.
+    let round_trip = started.elapsed();
+    tracing::info!(%replica, "serving as a replica on PostgreSQL");
+    Ok((
+        Audit::Replicated(log),
+        ConsentStore::postgres(pool.clone(), pseudonyms),
+        writer,
+        round_trip,
+        Some(pool),
+    ))
+}
+
 /// A broker with everything loaded and its port bound.
 pub struct BoundBroker {
     broker: Arc<Broker>,
@@ -141,53 +244,40 @@ impl BoundBroker {
         }
         let client_tls = Arc::new(ReloadableClientTls::load(config.tls.clone())?);
         let pseudonyms = Arc::new(crate::keys::load_checked_pseudonym_key(config)?);
-        // Opening waits out another process's lock with sleeps: off the
-        // async workers.
-        let storage = sled::Config::new()
-            .path(&config.data_dir)
-            .cache_capacity(config.storage_cache.as_u64());
-        let db = tokio::task::spawn_blocking(move || crate::audit::open_storage(storage))
-            .await
-            .map_err(|e| StartError::Storage {
-                what: format!("data directory {}", config.data_dir.display()),
-                reason: e.to_string(),
-            })?
-            .map_err(|e| StartError::Storage {
-                what: format!("data directory {}", config.data_dir.display()),
-                reason: e.to_string(),
-            })?;
         let audit_key = crate::keys::load_audit_key(&config.audit_key)?;
-        let (audit, audit_writer) =
-            AuditLog::open(&config.data_dir, &db, config.audit.durable, audit_key)?;
-        let consents = ConsentStore::open(&db, pseudonyms.clone())?;
-        let data_dir = config.data_dir.clone();
-        let flush = tokio::task::spawn_blocking(move || crate::audit::time_a_flush(&data_dir))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|timed| timed)
-            .map_err(|e| StartError::Storage {
-                what: format!("a timed flush in {}", config.data_dir.display()),
-                reason: e.to_string(),
-            })?;
-        tracing::debug!(
-            flush_ms = flush.as_secs_f64() * 1000.0,
-            "timed a flush of the data directory"
-        );
+        let (audit, consents, audit_writer, append_seed, shared) = match config.storage.backend {
+            Backend::Embedded => open_embedded(config, audit_key, pseudonyms.clone()).await?,
+            Backend::Postgres => open_replicated(config, audit_key, pseudonyms.clone()).await?,
+        };
         let broker = Arc::new(Broker {
             routing,
             policy,
             consents,
             audit,
-            pseudonyms,
+            pseudonyms: pseudonyms.clone(),
             forwarder: Forwarder::new(client_tls, identity.trust_domain(), config.circuit.clone()),
-            idempotency: IdempotencyCache::new(
-                config.idempotency.window,
-                config.idempotency.max_entries,
-                usize::try_from(config.idempotency.max_bytes.as_u64()).unwrap_or(usize::MAX),
-            ),
+            idempotency: {
+                let cache = IdempotencyCache::new(
+                    config.idempotency.window,
+                    config.idempotency.max_entries,
+                    usize::try_from(config.idempotency.max_bytes.as_u64()).unwrap_or(usize::MAX),
+                );
+                match shared {
+                    // A claim with no outcome long after any exchange's
+                    // deadline is its replica's crash.
+                    Some(pool) => cache.with_shared(crate::idempotency::SharedWindow::new(
+                        pool,
+                        pseudonyms.clone(),
+                        config.idempotency.window,
+                        config.limits.max_request_time + Duration::from_secs(10),
+                        config.storage.timeout,
+                    )),
+                    None => cache,
+                }
+            },
             exchanges: ExchangeLimit::new(config.limits.concurrency, config.limits.max_waiting),
             max_request_time: config.limits.max_request_time,
-            append_latency: LatencyWindow::seeded(flush),
+            append_latency: LatencyWindow::seeded(append_seed),
             exchange_tasks: Arc::new(Semaphore::new(config.limits.max_exchanges)),
             security: Arc::default(),
             signer: SignerCell::load(&config.tls.cert, &config.tls.key, server_tls.generation())

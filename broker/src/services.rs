@@ -264,6 +264,7 @@ impl ConsentService for ConsentGrpc {
             .0
             .consents
             .get(&id)
+            .await
             .map_err(consent_storage)?
             .ok_or_else(|| consent_storage(ConsentError::NotFound(id.clone())))?;
         check_portal_scope(&self.0, &portal, &stored.evidence_type)?;
@@ -324,6 +325,7 @@ impl ConsentService for ConsentGrpc {
             .0
             .consents
             .list(&subject, usize::try_from(skip).unwrap_or(usize::MAX), limit)
+            .await
             .map_err(consent_storage)?;
         let now = now_ms();
         let next_page_token = if more {
@@ -428,19 +430,15 @@ impl AuditService for AuditGrpc {
                 .record_access(RecordKind::HistoryRead, &caller, subject, Access::default())
                 .await?;
         }
-        // A query may scan the index and read the file: off the async workers.
-        let audit = self.0.audit.clone();
-        let (records, next) =
-            tokio::task::spawn_blocking(move || audit.query(&filter, start, limit))
-                .await
-                .map_err(|e| {
-                    tracing::error!(error = %e, "audit query task failed");
-                    Status::internal("the audit query failed; the operator has the details")
-                })?
-                .map_err(|e| {
-                    tracing::error!(error = %e, "audit query failed");
-                    Status::unavailable("the audit log is unavailable; retry")
-                })?;
+        let (records, next) = self
+            .0
+            .audit
+            .query(filter, start, limit)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "audit query failed");
+                Status::unavailable("the audit log is unavailable; retry")
+            })?;
         Ok(Response::new(QueryRecordsResponse {
             records,
             next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
@@ -457,7 +455,12 @@ impl AuditService for AuditGrpc {
             &[Role::Auditor, Role::Portal, Role::Authority],
             "GetSignedTreeHead",
         )?;
-        let head = self.0.audit.signed_tree_head().map_err(audit_status)?;
+        let head = self
+            .0
+            .audit
+            .signed_tree_head()
+            .await
+            .map_err(audit_status)?;
         Ok(Response::new(GetSignedTreeHeadResponse {
             tree_head: head.as_ref().map(crate::audit::head_to_proto),
         }))
@@ -473,7 +476,36 @@ impl AuditService for AuditGrpc {
             &[Role::Auditor, Role::Portal, Role::Authority],
             "GetInclusionProof",
         )?;
-        let ask = request.into_inner();
+        let mut ask = request.into_inner();
+        if !ask.leaf_hash.is_empty() {
+            // By hash (a receipt's), as RFC 6962's get-proof-by-hash.
+            let wanted: onceonly_merkle::Hash =
+                ask.leaf_hash.as_slice().try_into().map_err(|_| {
+                    invalid_request(
+                        ErrorReason::InvalidRequest,
+                        &[FieldViolation::new(
+                            "leaf_hash",
+                            format!("is {} bytes; a leaf hash is 32", ask.leaf_hash.len()),
+                        )],
+                    )
+                })?;
+            ask.leaf_index = self
+                .0
+                .audit
+                .find_leaf(&wanted, ask.tree_size)
+                .await
+                .map_err(audit_status)?
+                .ok_or_else(|| {
+                    error(
+                        Code::NotFound,
+                        ErrorReason::InvalidRequest,
+                        format!(
+                            "no record with this leaf hash in the tree of {} records (yet): a receipt's record is in a signed head by its include_by",
+                            ask.tree_size
+                        ),
+                    )
+                })?;
+        }
         if ask.leaf_index >= ask.tree_size {
             return Err(invalid_request(
                 ErrorReason::InvalidRequest,
@@ -483,15 +515,11 @@ impl AuditService for AuditGrpc {
                 )],
             ));
         }
-        let audit_path = self
+        let (audit_path, leaf_hash) = self
             .0
             .audit
             .inclusion_proof(ask.leaf_index, ask.tree_size)
-            .map_err(audit_status)?;
-        let leaf_hash = self
-            .0
-            .audit
-            .leaf_hash(ask.leaf_index)
+            .await
             .map_err(audit_status)?;
         Ok(Response::new(GetInclusionProofResponse {
             leaf_index: ask.leaf_index,
@@ -525,6 +553,7 @@ impl AuditService for AuditGrpc {
             .0
             .audit
             .consistency_proof(ask.first_size, ask.second_size)
+            .await
             .map_err(audit_status)?;
         Ok(Response::new(GetConsistencyProofResponse {
             first_size: ask.first_size,
@@ -540,28 +569,19 @@ impl AuditService for AuditGrpc {
         require_role(&self.0, &request, &[Role::Auditor], "GetEntries")?;
         let ask = request.into_inner();
         let max = page_size(ask.max_entries, 100, 1000) as u64;
-        let audit = self.0.audit.clone();
-        // Reads from the file: off the async workers.
-        let entries = tokio::task::spawn_blocking(move || {
-            let end = audit.len().min(ask.start_index.saturating_add(max));
-            let mut entries = Vec::new();
-            for index in ask.start_index..end {
-                if let Some((record, leaf_data)) = audit.entry(index)? {
-                    entries.push(LogEntry {
-                        leaf_index: index,
-                        leaf_data,
-                        record: Some(record),
-                    });
-                }
-            }
-            Ok(entries)
-        })
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "log entries task failed");
-            Status::internal("reading log entries failed; the operator has the details")
-        })?
-        .map_err(audit_status)?;
+        let entries = self
+            .0
+            .audit
+            .entries(ask.start_index, max)
+            .await
+            .map_err(audit_status)?
+            .into_iter()
+            .map(|(leaf_index, record, leaf_data)| LogEntry {
+                leaf_index,
+                leaf_data,
+                record: Some(record),
+            })
+            .collect();
         Ok(Response::new(GetEntriesResponse { entries }))
     }
 }

@@ -151,6 +151,34 @@ impl World {
         self.broker = Some(bound.spawn());
     }
 
+    /// Starts another broker from the same configuration, with the same
+    /// keys but its own data directory (`data-<n>`) and configuration file
+    /// (`broker-<n>.toml`): a replica, where `[storage]` is PostgreSQL.
+    pub async fn start_replica(&self, n: usize) -> RunningBroker {
+        let text = std::fs::read_to_string(&self.config_path).expect("broker.toml");
+        let path = self.dir.path().join(format!("broker-{n}.toml"));
+        std::fs::write(
+            &path,
+            text.replacen(
+                "data_dir = \"data\"",
+                &format!("data_dir = \"data-{n}\""),
+                1,
+            ),
+        )
+        .expect("replica config");
+        let config = BrokerConfig::load(&path).expect("replica config");
+        BoundBroker::bind(&config)
+            .await
+            .expect("replica binds")
+            .spawn()
+    }
+
+    /// A channel to the broker (or replica) at `addr` as (`role`, `id`).
+    pub fn channel_to(&self, addr: SocketAddr, role: Role, id: &str) -> Channel {
+        let broker = self.pki.participant(Role::Broker, "broker").expect("id");
+        channel_as(&self.pki, role, id, addr, Some(broker))
+    }
+
     /// Stops the broker: drains, flushes and closes its data directory.
     pub async fn stop_broker(&mut self) {
         if let Some(broker) = self.broker.take() {

@@ -46,6 +46,7 @@ async fn delivered_evidence_has_an_inclusion_proof_against_the_signed_head() {
         .get_inclusion_proof(GetInclusionProofRequest {
             leaf_index: response.audit_log_index,
             tree_size: head.tree_size,
+            ..Default::default()
         })
         .await
         .expect("proof")
@@ -70,6 +71,7 @@ async fn delivered_evidence_has_an_inclusion_proof_against_the_signed_head() {
         .get_inclusion_proof(GetInclusionProofRequest {
             leaf_index: 0,
             tree_size: head.tree_size + 10,
+            ..Default::default()
         })
         .await
         .expect_err("beyond the head");

@@ -59,6 +59,14 @@ fn evidence_response_round_trips_with_timestamp() {
             }),
         }),
         audit_log_index: 42,
+        audit_receipt: Some(onceonly_proto::v1::AuditReceipt {
+            leaf_hash: vec![1; 32],
+            batch_size: 3,
+            batch_index: 2,
+            batch_path: vec![vec![2; 32], vec![3; 32]],
+            replica: "r1".into(),
+            ..Default::default()
+        }),
     };
     let decoded =
         RequestEvidenceResponse::decode(response.encode_to_vec().as_slice()).expect("decodes");

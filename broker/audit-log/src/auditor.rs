@@ -43,6 +43,123 @@ pub enum AuditorError {
     /// A file could not be read or written.
     #[error("{0}")]
     File(String),
+    /// The receipt itself does not hold.
+    #[error("{0}")]
+    Receipt(#[from] crate::receipt::ReceiptError),
+    /// A signed head later than the receipt's include_by lacks its record:
+    /// the broker broke its signed promise (keep the receipt and the head).
+    #[error(
+        "the broker promised to include the record (leaf hash {leaf_hash}) by {include_by_ms} ms, but its head of {tree_size} records signed at {head_ms} ms does not hold it: keep this receipt and head, they prove the broken promise"
+    )]
+    PromiseBroken {
+        /// The record's leaf hash, hex.
+        leaf_hash: String,
+        /// The promise.
+        include_by_ms: u64,
+        /// The head's size.
+        tree_size: u64,
+        /// When the head was signed.
+        head_ms: u64,
+    },
+}
+
+/// Where a receipt's record stands in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiptStatus {
+    /// In the log at `index`, proven against `head`.
+    Included {
+        /// The record's index.
+        index: u64,
+        /// The verified head that includes it.
+        head: SignedTreeHead,
+    },
+    /// Not in the latest head yet, which was signed before the promise's
+    /// deadline: check again after it.
+    Pending {
+        /// The latest head's size.
+        tree_size: u64,
+        /// The promise.
+        include_by_ms: u64,
+    },
+}
+
+/// Checks `receipt` offline with `public_key`, then against the broker's
+/// latest signed head: proves the record's inclusion by its leaf hash, or
+/// finds the promise still pending, or broken.
+pub async fn check_receipt(
+    client: &mut AuditServiceClient<Channel>,
+    public_key: &[u8],
+    receipt: &onceonly_proto::v1::AuditReceipt,
+) -> Result<ReceiptStatus, AuditorError> {
+    let checked = crate::receipt::verify(receipt, public_key)?;
+    let head = client
+        .get_signed_tree_head(GetSignedTreeHeadRequest {})
+        .await?
+        .into_inner()
+        .tree_head
+        .map(|h| head_from_proto(&h).map_err(|e| AuditorError::BadHead(e.to_string())))
+        .transpose()?;
+    let (size, head_ms) = head
+        .as_ref()
+        .map_or((0, 0), |h| (h.tree_size, h.timestamp_ms));
+    if let Some(head) = &head {
+        head.verify(public_key)
+            .map_err(|e| AuditorError::BadHead(e.to_string()))?;
+    }
+    let not_there = || {
+        if head_ms > checked.include_by_ms {
+            Err(AuditorError::PromiseBroken {
+                leaf_hash: hex::encode(checked.leaf_hash),
+                include_by_ms: checked.include_by_ms,
+                tree_size: size,
+                head_ms,
+            })
+        } else {
+            Ok(ReceiptStatus::Pending {
+                tree_size: size,
+                include_by_ms: checked.include_by_ms,
+            })
+        }
+    };
+    let Some(head) = head else {
+        return not_there();
+    };
+    let proof = match client
+        .get_inclusion_proof(onceonly_proto::v1::GetInclusionProofRequest {
+            leaf_index: 0,
+            tree_size: head.tree_size,
+            leaf_hash: checked.leaf_hash.to_vec(),
+        })
+        .await
+    {
+        Ok(proof) => proof.into_inner(),
+        Err(status) if status.code() == tonic::Code::NotFound => return not_there(),
+        Err(status) => return Err(status.into()),
+    };
+    let path: Vec<Hash> = proof
+        .audit_path
+        .into_iter()
+        .map(|p| {
+            p.try_into()
+                .map_err(|_| AuditorError::Entries("an audit path hash is not 32 bytes".into()))
+        })
+        .collect::<Result<_, _>>()?;
+    onceonly_merkle::verify_inclusion(
+        &checked.leaf_hash,
+        proof.leaf_index,
+        head.tree_size,
+        &path,
+        &head.root_hash,
+    )
+    .map_err(|e| {
+        AuditorError::Entries(format!(
+            "the broker's inclusion proof for the receipt's record does not verify: {e}"
+        ))
+    })?;
+    Ok(ReceiptStatus::Included {
+        index: proof.leaf_index,
+        head,
+    })
 }
 
 /// A tree head as an auditor keeps it between audits (JSON).
@@ -267,7 +384,13 @@ async fn walk_entries(
             }
             let decoded = onceonly_proto::v1::AuditRecord::decode(entry.leaf_data.as_slice())
                 .map_err(|e| AuditorError::Entries(format!("entry {}: {e}", entry.leaf_index)))?;
-            if decoded.log_index != entry.leaf_index {
+            // A replica's record carries no index (0): the tree binds it.
+            let claimed = if decoded.replica.is_empty() {
+                entry.leaf_index
+            } else {
+                0
+            };
+            if decoded.log_index != claimed {
                 return Err(AuditorError::Entries(format!(
                     "entry {} says it is {}",
                     entry.leaf_index, decoded.log_index

@@ -54,6 +54,7 @@ pub mod indexer;
 pub mod log;
 #[cfg(feature = "store")]
 pub mod metrics;
+pub mod receipt;
 pub mod segment;
 #[cfg(feature = "store")]
 pub mod store;

@@ -1,11 +1,20 @@
 //! The broker's state in PostgreSQL, for replicas that serve together
-//! (issue 15): for now its versioned schema. Every replica calls
+//! (issue 15): its versioned schema, the connection [`pool`], and the
+//! replicated [`audit`] log. Every replica calls
 //! [`migrate`] at start: under an advisory lock (so replicas starting at
 //! once apply each migration once), it applies the migrations this build
 //! knows and the database lacks, each recorded with a checksum, and refuses
 //! a database whose applied migrations were altered or that is ahead of
 //! this build. With [`Mode::Check`] it changes nothing and names what is
 //! missing, for operators who apply schema changes themselves.
+
+pub mod audit;
+pub mod pool;
+
+pub use audit::{LogSettings, PgAuditLog};
+pub use deadpool_postgres::Pool;
+pub use pool::{PoolSettings, PoolSetupError, pool};
+pub use tokio_postgres;
 
 use sha2::{Digest, Sha256};
 
@@ -28,11 +37,18 @@ impl Migration {
 }
 
 /// The migrations of this build, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "replicated_state",
-    sql: include_str!("../migrations/0001_replicated_state.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "replicated_state",
+        sql: include_str!("../migrations/0001_replicated_state.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "audit_leaf_columns",
+        sql: include_str!("../migrations/0002_audit_leaf_columns.sql"),
+    },
+];
 
 /// The table that records applied migrations.
 pub const MIGRATIONS_TABLE: &str = "onceonly_schema_migrations";
@@ -197,4 +213,55 @@ pub async fn migrate(
         version: known,
         applied,
     })
+}
+
+/// A replica's key is not the one the others hold.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyCheckError {
+    /// The database failed.
+    #[error("PostgreSQL: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    /// The check value differs.
+    #[error(
+        "this replica's {name} is not the one the other replicas use (check value {ours} here, {theirs} recorded in the database): give every replica the same {name} file"
+    )]
+    Differs {
+        /// Which key.
+        name: String,
+        /// This replica's check value.
+        ours: String,
+        /// The one recorded.
+        theirs: String,
+    },
+}
+
+/// Records each (key name, check value) where it is the first, and
+/// otherwise refuses one that differs from the recorded value.
+pub async fn check_keys(
+    client: &tokio_postgres::Client,
+    keys: &[(&str, &str)],
+) -> Result<(), KeyCheckError> {
+    for (name, ours) in keys {
+        client
+            .execute(
+                "INSERT INTO key_checks (name, check_value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                &[name, ours],
+            )
+            .await?;
+        let theirs: String = client
+            .query_one(
+                "SELECT check_value FROM key_checks WHERE name = $1",
+                &[name],
+            )
+            .await?
+            .get(0);
+        if theirs != *ours {
+            return Err(KeyCheckError::Differs {
+                name: (*name).to_owned(),
+                ours: (*ours).to_owned(),
+                theirs,
+            });
+        }
+    }
+    Ok(())
 }

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use onceonly_audit_log::auditor::{SavedHead, load_public_key, verify_remote};
+use onceonly_audit_log::auditor::{
+    ReceiptStatus, SavedHead, check_receipt, load_public_key, verify_remote,
+};
 use onceonly_audit_log::verify_dir_against;
 use onceonly_certs::{MtlsConnector, Participant, Pki, Role, TlsFiles};
 use onceonly_proto::v1::audit_service_client::AuditServiceClient;
@@ -82,6 +84,24 @@ enum Command {
         /// Save the verified head here, for the next audit.
         #[arg(long)]
         save_head: Option<PathBuf>,
+    },
+    /// Check an audit receipt (a replica's signed promise to include an
+    /// exchange's record, from RequestEvidenceResponse.audit_receipt):
+    /// offline against the public key, then, unless --offline, prove the
+    /// record is in the broker's latest signed head (exit 0), or find it
+    /// not yet due (exit 0, says so) or overdue (exit 1: a broken promise).
+    CheckReceipt {
+        /// The receipt: its protobuf encoding, as a binary file or as hex.
+        #[arg(long)]
+        receipt: PathBuf,
+        /// The broker's audit public key (audit.key.pub).
+        #[arg(long)]
+        public_key: PathBuf,
+        /// Only check the signature and the batch path.
+        #[arg(long)]
+        offline: bool,
+        #[command(flatten)]
+        connection: Connection,
     },
 }
 
@@ -190,8 +210,56 @@ fn timestamp(text: &Option<String>, flag: &str) -> anyhow::Result<Option<prost_t
         .transpose()
 }
 
+/// A receipt file: the protobuf encoding, binary or hex.
+fn read_receipt(path: &std::path::Path) -> anyhow::Result<onceonly_proto::v1::AuditReceipt> {
+    use prost::Message;
+    let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let bytes = match hex::decode(text.trim()) {
+        Ok(decoded) => decoded,
+        Err(_) => bytes,
+    };
+    onceonly_proto::v1::AuditReceipt::decode(bytes.as_slice()).with_context(|| {
+        format!(
+            "{} is not an AuditReceipt (its protobuf encoding, binary or hex)",
+            path.display()
+        )
+    })
+}
+
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::CheckReceipt {
+            receipt,
+            public_key,
+            offline,
+            connection,
+        } => {
+            let receipt = read_receipt(&receipt)?;
+            let key = load_public_key(&public_key)?;
+            let checked = onceonly_audit_log::receipt::verify(&receipt, &key)?;
+            println!(
+                "receipt verified: leaf {} committed at {} ms by {}, to be in the log by {} ms",
+                hex::encode(checked.leaf_hash),
+                checked.committed_at_ms,
+                receipt.replica,
+                checked.include_by_ms
+            );
+            if !offline {
+                match check_receipt(&mut client(&connection).await?, &key, &receipt).await? {
+                    ReceiptStatus::Included { index, head } => println!(
+                        "included: record {index} in the signed head of {} records (signed at {} ms)",
+                        head.tree_size, head.timestamp_ms
+                    ),
+                    ReceiptStatus::Pending {
+                        tree_size,
+                        include_by_ms,
+                    } => println!(
+                        "not yet in the log (latest head: {tree_size} records); due by {include_by_ms} ms: check again after"
+                    ),
+                }
+            }
+        }
         Command::Query {
             connection,
             filters,

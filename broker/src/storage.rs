@@ -1,0 +1,287 @@
+//! Where the broker's state lives, behind one face for the request path:
+//! the embedded store (sled and the log file in `data_dir`, one process),
+//! or PostgreSQL shared by replicas ([`onceonly_store_postgres`]). This
+//! module opens the chosen one and is the audit log's face; consents and
+//! the idempotency window choose their backend in their own modules.
+
+use onceonly_audit_log::{AuditError, AuditFault, AuditFilter, AuditLog, AuditMetrics};
+use onceonly_merkle::Hash;
+use onceonly_merkle::sth::SignedTreeHead;
+use onceonly_proto::v1::{AuditReceipt, AuditRecord};
+use onceonly_store_postgres::{PgAuditLog, Pool};
+
+use crate::config::{SchemaPolicy, StorageConfig};
+
+/// The audit log, embedded or replicated.
+#[derive(Clone)]
+pub enum Audit {
+    /// The log file in `data_dir`: records are in a signed head before the
+    /// answer.
+    Embedded(AuditLog),
+    /// PostgreSQL: records are committed before the answer and in a signed
+    /// head within the merge delay, as each receipt promises.
+    Replicated(PgAuditLog),
+}
+
+/// Where an appended record is.
+#[derive(Debug, Clone, Default)]
+pub struct Appended {
+    /// Its log index, where the record is already in a signed head.
+    pub index: Option<u64>,
+    /// The signed promise of inclusion, where it is not yet.
+    pub receipt: Option<AuditReceipt>,
+}
+
+impl Audit {
+    /// Appends `record` durably: Ok once it is committed.
+    pub async fn append(&self, record: AuditRecord) -> Result<Appended, AuditError> {
+        match self {
+            Audit::Embedded(log) => log.append(record).await.map(|index| Appended {
+                index: Some(index),
+                receipt: None,
+            }),
+            Audit::Replicated(log) => log.append(record).await.map(|receipt| Appended {
+                index: None,
+                receipt: Some(receipt),
+            }),
+        }
+    }
+
+    /// The latest signed tree head.
+    pub async fn signed_tree_head(&self) -> Result<Option<SignedTreeHead>, AuditError> {
+        match self {
+            Audit::Embedded(log) => log.signed_tree_head(),
+            Audit::Replicated(log) => log.signed_tree_head().await,
+        }
+    }
+
+    /// The audit path of record `index` in the tree of `size`, and the
+    /// record's leaf hash.
+    pub async fn inclusion_proof(
+        &self,
+        index: u64,
+        size: u64,
+    ) -> Result<(Vec<Hash>, Hash), AuditError> {
+        match self {
+            Audit::Embedded(log) => Ok((log.inclusion_proof(index, size)?, log.leaf_hash(index)?)),
+            Audit::Replicated(log) => Ok((
+                log.inclusion_proof(index, size).await?,
+                log.leaf_hash(index).await?,
+            )),
+        }
+    }
+
+    /// The index of the record whose leaf hash is `leaf_hash`, among the
+    /// first `size` (None where it is not there).
+    pub async fn find_leaf(&self, leaf_hash: &Hash, size: u64) -> Result<Option<u64>, AuditError> {
+        match self {
+            Audit::Embedded(log) => {
+                let log = log.clone();
+                let wanted = *leaf_hash;
+                tokio::task::spawn_blocking(move || {
+                    for index in 0..size.min(log.len()) {
+                        if log.leaf_hash(index)? == wanted {
+                            return Ok(Some(index));
+                        }
+                    }
+                    Ok(None)
+                })
+                .await
+                .map_err(|e| AuditError::Storage(format!("leaf search: {e}")))?
+            }
+            Audit::Replicated(log) => Ok(log.find_leaf(leaf_hash).await?.filter(|i| *i < size)),
+        }
+    }
+
+    /// The proof that the tree of `second` extends the tree of `first`.
+    pub async fn consistency_proof(
+        &self,
+        first: u64,
+        second: u64,
+    ) -> Result<Vec<Hash>, AuditError> {
+        match self {
+            Audit::Embedded(log) => log.consistency_proof(first, second),
+            Audit::Replicated(log) => log.consistency_proof(first, second).await,
+        }
+    }
+
+    /// Entries from `start`, at most `max`: (index, record, leaf bytes).
+    pub async fn entries(
+        &self,
+        start: u64,
+        max: u64,
+    ) -> Result<Vec<(u64, AuditRecord, Vec<u8>)>, AuditError> {
+        match self {
+            Audit::Embedded(log) => {
+                let log = log.clone();
+                // Reads from the file: off the async workers.
+                tokio::task::spawn_blocking(move || {
+                    let end = log.len().min(start.saturating_add(max));
+                    let mut entries = Vec::new();
+                    for index in start..end {
+                        if let Some((record, leaf_data)) = log.entry(index)? {
+                            entries.push((index, record, leaf_data));
+                        }
+                    }
+                    Ok(entries)
+                })
+                .await
+                .map_err(|e| AuditError::Storage(format!("reading entries: {e}")))?
+            }
+            Audit::Replicated(log) => log.entries(start, max).await,
+        }
+    }
+
+    /// Up to `limit` records matching `filter` from `start`, and where to
+    /// continue.
+    pub async fn query(
+        &self,
+        filter: AuditFilter,
+        start: u64,
+        limit: usize,
+    ) -> Result<(Vec<AuditRecord>, Option<u64>), AuditError> {
+        match self {
+            Audit::Embedded(log) => {
+                let log = log.clone();
+                // A query may scan the index and read the file.
+                tokio::task::spawn_blocking(move || log.query(&filter, start, limit))
+                    .await
+                    .map_err(|e| AuditError::Storage(format!("audit query: {e}")))?
+            }
+            Audit::Replicated(log) => log.query(&filter, start, limit).await,
+        }
+    }
+
+    /// Why appends are refused now, if they are (readiness follows it).
+    pub fn refusing(&self) -> Option<String> {
+        match self {
+            Audit::Embedded(log) => log.refusing(),
+            Audit::Replicated(log) => log.refusing(),
+        }
+    }
+
+    /// Records covered by the latest signed head (as last seen).
+    pub fn tree_size(&self) -> u64 {
+        match self {
+            Audit::Embedded(log) => log.tree_size(),
+            Audit::Replicated(log) => log.tree_size(),
+        }
+    }
+
+    /// Batch and flush (or commit) figures.
+    pub fn metrics(&self) -> &AuditMetrics {
+        match self {
+            Audit::Embedded(log) => log.metrics(),
+            Audit::Replicated(log) => log.metrics(),
+        }
+    }
+
+    /// Makes every append fail while `failing` (drills and tests).
+    pub fn inject_failure(&self, failing: bool) {
+        match self {
+            Audit::Embedded(log) => log.inject_failure(failing),
+            Audit::Replicated(log) => log.inject_failure(failing),
+        }
+    }
+
+    /// Injects `fault` (the embedded log's faults; the replicated log knows
+    /// only failing appends).
+    pub fn inject(&self, fault: AuditFault) {
+        match self {
+            Audit::Embedded(log) => log.inject(fault),
+            Audit::Replicated(log) => log.inject_failure(fault != AuditFault::None),
+        }
+    }
+
+    /// The embedded log, where that is the backend.
+    pub fn embedded(&self) -> Option<&AuditLog> {
+        match self {
+            Audit::Embedded(log) => Some(log),
+            Audit::Replicated(_) => None,
+        }
+    }
+
+    /// The replicated log, where that is the backend.
+    pub fn replicated(&self) -> Option<&PgAuditLog> {
+        match self {
+            Audit::Embedded(_) => None,
+            Audit::Replicated(log) => Some(log),
+        }
+    }
+}
+
+/// Why PostgreSQL could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum PostgresError {
+    /// The password file could not be read.
+    #[error("{path}: {source}")]
+    PasswordFile {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The pool could not be built.
+    #[error(transparent)]
+    Pool(#[from] onceonly_store_postgres::PoolSetupError),
+    /// No connection within the timeout, or the server refused it.
+    #[error("PostgreSQL did not answer: {0}")]
+    Connect(String),
+    /// The schema is not this build's.
+    #[error(transparent)]
+    Schema(#[from] onceonly_store_postgres::MigrationError),
+    /// A key differs from the other replicas'.
+    #[error(transparent)]
+    Keys(#[from] onceonly_store_postgres::KeyCheckError),
+}
+
+/// Connects to PostgreSQL as `storage` says and brings the schema up to
+/// this build's (or checks it).
+/// `keys`: (name, check value) of the keys every replica must share.
+pub async fn open_postgres(
+    storage: &StorageConfig,
+    keys: &[(&str, &str)],
+) -> Result<Pool, PostgresError> {
+    let password = match &storage.password_file {
+        Some(file) => Some(
+            std::fs::read_to_string(file)
+                .map_err(|source| PostgresError::PasswordFile {
+                    path: file.display().to_string(),
+                    source,
+                })?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let pool = onceonly_store_postgres::pool(&onceonly_store_postgres::PoolSettings {
+        url: storage.url.clone().unwrap_or_default(),
+        password,
+        size: storage.pool_size,
+        timeout: storage.timeout,
+    })?;
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|e| PostgresError::Connect(e.to_string()))?;
+    let mode = match storage.schema {
+        SchemaPolicy::Apply => onceonly_store_postgres::Mode::Apply,
+        SchemaPolicy::Check => onceonly_store_postgres::Mode::Check,
+    };
+    let state = onceonly_store_postgres::migrate(&mut client, mode).await?;
+    tracing::info!(?state, "PostgreSQL schema ready");
+    onceonly_store_postgres::check_keys(&client, keys).await?;
+    Ok(pool)
+}
+
+/// This process's name among replicas: host, process id and a random
+/// part, so a restarted process is a new lease holder.
+pub fn replica_name() -> String {
+    use rand::RngCore;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".into());
+    let mut tag = [0u8; 3];
+    rand::rng().fill_bytes(&mut tag);
+    format!("{host}-{}-{}", std::process::id(), hex::encode(tag))
+}

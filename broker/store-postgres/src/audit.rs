@@ -1,0 +1,911 @@
+//! The audit log on PostgreSQL, shared by broker replicas, in the manner
+//! of Trillian:
+//!
+//! - **Queue.** Each replica commits its requests' records to
+//!   `audit_queue` before it answers, in batches (one `INSERT` of many rows,
+//!   one commit, as the embedded writer's group commit), and answers each
+//!   with a [receipt](onceonly_audit_log::receipt): the batch's signed
+//!   promise to be in a signed head within the merge delay.
+//! - **Sequencer.** One replica at a time holds the lease row
+//!   (`sequencer_lease`); each new holder takes the next epoch. Every
+//!   sequencing run is one transaction that first locks the lease row and
+//!   finds it still names its holder and epoch (fencing: a sequencer that
+//!   lost its lease changes nothing), then takes queued records in commit
+//!   order, gives them the next log indices, writes their leaves, the
+//!   perfect subtrees they complete and a signed tree head, and deletes
+//!   them from the queue. A head is published only by that commit; the
+//!   heads' primary key (the tree size) and the leaves' (the index) refuse
+//!   a second tree of the same size in any case.
+//! - **Readers.** Heads, entries, proofs and queries are read from the
+//!   tables, so every replica serves the same log.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{GenericClient, Pool};
+use onceonly_audit_log::{AuditError, AuditFilter, AuditMetrics, receipt};
+use onceonly_merkle::sth::SignedTreeHead;
+use onceonly_merkle::{Frontier, Hash, ProofError, Subtrees, leaf_hash};
+use onceonly_proto::time::now_ms;
+use onceonly_proto::v1::{AuditReceipt, AuditRecord};
+use prost::Message;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use tokio::sync::{mpsc, oneshot};
+
+/// Records per queue commit at most.
+const MAX_BATCH: usize = 1024;
+/// Queued records one sequencing run takes at most.
+const MAX_SEQUENCED: i64 = 20_000;
+
+/// How the replicated log runs.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    /// This process's name in the lease and the queue; unique per start.
+    pub replica: String,
+    /// A committed record is in a signed head within this (the receipts'
+    /// promise).
+    pub merge_delay: Duration,
+    /// A sequencer that stops renewing loses the lease after this.
+    pub lease: Duration,
+    /// How often the sequencer runs, and replicas try to take the lease.
+    pub interval: Duration,
+    /// The longest one database round may take before it counts as failed.
+    pub timeout: Duration,
+}
+
+struct Append {
+    record: AuditRecord,
+    reply: oneshot::Sender<Result<AuditReceipt, AuditError>>,
+}
+
+struct Inner {
+    pool: Pool,
+    key: Ed25519KeyPair,
+    key_id: String,
+    settings: LogSettings,
+    /// Why the log refuses now (a failed commit or probe), cleared by the
+    /// next success.
+    failure: Mutex<Option<String>>,
+    /// Tests and drills: every append fails.
+    fault: AtomicBool,
+    /// The latest head's size, as last read.
+    tree_size: AtomicU64,
+    /// The epoch this replica sequences under, 0 when it does not.
+    epoch: AtomicU64,
+    /// Heads this replica signed and committed.
+    heads_published: AtomicU64,
+    /// Sequencing runs that failed (the database, a cut connection).
+    failed_runs: AtomicU64,
+    metrics: AuditMetrics,
+}
+
+/// The replicated audit log, as one replica sees it.
+#[derive(Clone)]
+pub struct PgAuditLog {
+    inner: Arc<Inner>,
+    appends: mpsc::Sender<Append>,
+}
+
+fn storage(e: impl std::fmt::Display) -> AuditError {
+    AuditError::Storage(format!("PostgreSQL: {e}"))
+}
+
+async fn bounded<T, E: std::fmt::Display>(
+    limit: Duration,
+    what: &str,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, AuditError> {
+    match tokio::time::timeout(limit, work).await {
+        Ok(result) => result.map_err(storage),
+        Err(_) => Err(AuditError::Storage(format!(
+            "PostgreSQL: {what} took longer than {limit:?}"
+        ))),
+    }
+}
+
+fn hash_of(bytes: &[u8], what: &str) -> Result<Hash, AuditError> {
+    bytes
+        .try_into()
+        .map_err(|_| AuditError::Corrupt(format!("{what}: {} bytes, not 32", bytes.len())))
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn head_from_row(row: &tokio_postgres::Row) -> Result<SignedTreeHead, AuditError> {
+    let size: i64 = row.get("tree_size");
+    let ts: i64 = row.get("timestamp_ms");
+    let key_id: Vec<u8> = row.get("key_id");
+    Ok(SignedTreeHead {
+        tree_size: size as u64,
+        root_hash: hash_of(row.get("root_hash"), &format!("head {size}"))?,
+        timestamp_ms: ts as u64,
+        key_id: hex::encode(key_id),
+        signature: row.get("signature"),
+    })
+}
+
+async fn latest_head(client: &impl GenericClient) -> Result<Option<SignedTreeHead>, AuditError> {
+    client
+        .query_opt(
+            "SELECT tree_size, root_hash, timestamp_ms, key_id, signature
+             FROM audit_heads ORDER BY tree_size DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(storage)?
+        .as_ref()
+        .map(head_from_row)
+        .transpose()
+}
+
+/// Subtree hashes fetched ahead, for the merkle crate's proofs: a first
+/// pass with [`Wanted`] learns which subtrees a proof reads (they depend
+/// only on the sizes), one query fetches them, a second pass computes.
+struct Fetched(HashMap<(u32, u64), Hash>);
+
+impl Subtrees for Fetched {
+    type Error = AuditError;
+    fn perfect(&self, level: u32, index: u64) -> Result<Hash, AuditError> {
+        self.0
+            .get(&(level, index))
+            .copied()
+            .ok_or_else(|| AuditError::Corrupt(format!("tree node {level}/{index} missing")))
+    }
+}
+
+#[derive(Default)]
+struct Wanted(Mutex<Vec<(u32, u64)>>);
+
+impl Subtrees for Wanted {
+    type Error = AuditError;
+    fn perfect(&self, level: u32, index: u64) -> Result<Hash, AuditError> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((level, index));
+        Ok([0; 32])
+    }
+}
+
+/// Runs `compute` over the subtrees it needs, fetched in two queries.
+async fn with_subtrees<T>(
+    client: &impl GenericClient,
+    compute: impl Fn(&dyn Subtrees<Error = AuditError>) -> Result<T, AuditError>,
+) -> Result<T, AuditError> {
+    let wanted = Wanted::default();
+    compute(&wanted)?;
+    let wanted = wanted.0.into_inner().unwrap_or_else(|p| p.into_inner());
+    let leaves: Vec<i64> = wanted
+        .iter()
+        .filter(|(level, _)| *level == 0)
+        .map(|(_, index)| to_i64(*index))
+        .collect();
+    let (levels, indices): (Vec<i32>, Vec<i64>) = wanted
+        .iter()
+        .filter(|(level, _)| *level > 0)
+        .map(|(level, index)| (*level as i32, to_i64(*index)))
+        .unzip();
+    let mut fetched = HashMap::new();
+    if !leaves.is_empty() {
+        for row in client
+            .query(
+                "SELECT log_index, leaf_hash FROM audit_leaves WHERE log_index = ANY($1)",
+                &[&leaves],
+            )
+            .await
+            .map_err(storage)?
+        {
+            let index: i64 = row.get(0);
+            fetched.insert((0, index as u64), hash_of(row.get(1), "a leaf hash")?);
+        }
+    }
+    if !levels.is_empty() {
+        for row in client
+            .query(
+                "SELECT n.level, n.node_index, n.hash FROM audit_nodes n
+                 JOIN unnest($1::integer[], $2::bigint[]) AS w(level, node_index)
+                 USING (level, node_index)",
+                &[&levels, &indices],
+            )
+            .await
+            .map_err(storage)?
+        {
+            let level: i32 = row.get(0);
+            let index: i64 = row.get(1);
+            fetched.insert(
+                (level as u32, index as u64),
+                hash_of(row.get(2), "a tree node")?,
+            );
+        }
+    }
+    compute(&Fetched(fetched))
+}
+
+fn proof_error(e: ProofError<AuditError>) -> AuditError {
+    match e {
+        ProofError::OutOfRange(reason) => AuditError::OutOfRange(reason),
+        ProofError::Store(e) => e,
+    }
+}
+
+impl PgAuditLog {
+    /// Opens the log in the database behind `pool` (migrated): checks its
+    /// latest head was signed by `key` (the key every replica holds), and
+    /// starts this replica's queue writer, sequencer candidate and probe.
+    /// They end once every handle is dropped; the returned task completes
+    /// then.
+    pub async fn open(
+        pool: Pool,
+        key: Ed25519KeyPair,
+        settings: LogSettings,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), AuditError> {
+        let client = bounded(settings.timeout, "connecting", pool.get()).await?;
+        let head = latest_head(&client).await?;
+        drop(client);
+        if let Some(head) = &head
+            && head.verify(key.public_key().as_ref()).is_err()
+        {
+            return Err(AuditError::WrongKey {
+                log: "the PostgreSQL audit log".into(),
+                size: head.tree_size,
+                public_key: hex::encode(key.public_key().as_ref()),
+            });
+        }
+        let inner = Arc::new(Inner {
+            key_id: onceonly_merkle::sth::key_id(key.public_key().as_ref()),
+            pool,
+            key,
+            settings,
+            failure: Mutex::new(None),
+            fault: AtomicBool::new(false),
+            tree_size: AtomicU64::new(head.map_or(0, |h| h.tree_size)),
+            epoch: AtomicU64::new(0),
+            heads_published: AtomicU64::new(0),
+            failed_runs: AtomicU64::new(0),
+            metrics: AuditMetrics::default(),
+        });
+        let (appends, queue) = mpsc::channel(MAX_BATCH * 4);
+        let sequencer = tokio::spawn(sequence(Arc::downgrade(&inner)));
+        let probe = tokio::spawn(probe(Arc::downgrade(&inner)));
+        let writer = tokio::spawn(write_queue(inner.clone(), queue));
+        let task = tokio::spawn(async move {
+            let _ = writer.await;
+            // The writer held the last strong handle: the others end at
+            // their next round.
+            let _ = sequencer.await;
+            let _ = probe.await;
+        });
+        Ok((PgAuditLog { inner, appends }, task))
+    }
+
+    /// Commits `record` to the queue (durably, batched with others) and
+    /// returns its receipt.
+    pub async fn append(&self, mut record: AuditRecord) -> Result<AuditReceipt, AuditError> {
+        // Its bytes are fixed (and receipted) before the sequencer gives
+        // it a place: it names the replica instead of an index.
+        record.log_index = 0;
+        record.replica = self.inner.settings.replica.clone();
+        let (reply, result) = oneshot::channel();
+        self.appends
+            .send(Append { record, reply })
+            .await
+            .map_err(|_| AuditError::WriterStopped)?;
+        result.await.map_err(|_| AuditError::WriterStopped)?
+    }
+
+    /// The latest signed tree head, read from the database.
+    pub async fn signed_tree_head(&self) -> Result<Option<SignedTreeHead>, AuditError> {
+        let client = self.client().await?;
+        let head = latest_head(&client).await?;
+        if let Some(head) = &head {
+            self.inner
+                .tree_size
+                .fetch_max(head.tree_size, Ordering::Relaxed);
+        }
+        Ok(head)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, AuditError> {
+        bounded(
+            self.inner.settings.timeout,
+            "waiting for a connection",
+            self.inner.pool.get(),
+        )
+        .await
+    }
+
+    async fn checked_size(&self, size: u64) -> Result<(), AuditError> {
+        let signed = self.signed_tree_head().await?.map_or(0, |h| h.tree_size);
+        if size > signed {
+            return Err(AuditError::OutOfRange(format!(
+                "tree size {size} is beyond the latest signed head ({signed})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Entries `start..start+max` that are in the tree: (index, record,
+    /// the exact leaf bytes).
+    pub async fn entries(
+        &self,
+        start: u64,
+        max: u64,
+    ) -> Result<Vec<(u64, AuditRecord, Vec<u8>)>, AuditError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT log_index, record FROM audit_leaves
+                 WHERE log_index >= $1 AND log_index < $2 ORDER BY log_index",
+                &[&to_i64(start), &to_i64(start.saturating_add(max))],
+            )
+            .await
+            .map_err(storage)?;
+        rows.iter()
+            .map(|row| {
+                let index: i64 = row.get(0);
+                let bytes: Vec<u8> = row.get(1);
+                let mut record = AuditRecord::decode(bytes.as_slice())
+                    .map_err(|e| AuditError::Corrupt(format!("record {index}: {e}")))?;
+                // Its place, for reading; the leaf bytes stay as committed.
+                record.log_index = index as u64;
+                Ok((index as u64, record, bytes))
+            })
+            .collect()
+    }
+
+    /// The leaf hash of record `index`.
+    pub async fn leaf_hash(&self, index: u64) -> Result<Hash, AuditError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT leaf_hash FROM audit_leaves WHERE log_index = $1",
+                &[&to_i64(index)],
+            )
+            .await
+            .map_err(storage)?
+            .ok_or_else(|| AuditError::OutOfRange(format!("no record {index}")))?;
+        hash_of(row.get(0), "a leaf hash")
+    }
+
+    /// The index of the record with `leaf_hash`, where it is in the tree.
+    pub async fn find_leaf(&self, leaf_hash: &Hash) -> Result<Option<u64>, AuditError> {
+        let client = self.client().await?;
+        Ok(client
+            .query_opt(
+                "SELECT log_index FROM audit_leaves WHERE leaf_hash = $1 ORDER BY log_index LIMIT 1",
+                &[&leaf_hash.as_slice()],
+            )
+            .await
+            .map_err(storage)?
+            .map(|row| row.get::<_, i64>(0) as u64))
+    }
+
+    /// The audit path of record `index` in the tree of `size`.
+    pub async fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, AuditError> {
+        self.checked_size(size).await?;
+        let client = self.client().await?;
+        with_subtrees(&client, |store| {
+            onceonly_merkle::inclusion_proof(store, index, size).map_err(proof_error)
+        })
+        .await
+    }
+
+    /// The proof that the tree of `second` extends the tree of `first`.
+    pub async fn consistency_proof(
+        &self,
+        first: u64,
+        second: u64,
+    ) -> Result<Vec<Hash>, AuditError> {
+        self.checked_size(second).await?;
+        let client = self.client().await?;
+        with_subtrees(&client, |store| {
+            onceonly_merkle::consistency_proof(store, first, second).map_err(proof_error)
+        })
+        .await
+    }
+
+    /// Up to `limit` records in the tree matching `filter`, from index
+    /// `start` on, and the index to continue from (None at the end).
+    pub async fn query(
+        &self,
+        filter: &AuditFilter,
+        start: u64,
+        limit: usize,
+    ) -> Result<(Vec<AuditRecord>, Option<u64>), AuditError> {
+        let client = self.client().await?;
+        let outcome = filter.outcome.map(|o| o as i32);
+        let rows = client
+            .query(
+                "SELECT log_index, record FROM audit_leaves
+                 WHERE log_index >= $1
+                   AND ($2::bytea IS NULL OR subject_pseudonym = $2)
+                   AND ($3::text IS NULL OR caller_id = $3)
+                   AND ($4::text IS NULL OR evidence_type = $4)
+                   AND ($5::text IS NULL OR connector_id = $5)
+                   AND ($6::integer IS NULL OR outcome = $6)
+                   AND ($7::bigint IS NULL OR received_s >= $7)
+                   AND ($8::bigint IS NULL OR received_s < $8)
+                 ORDER BY log_index LIMIT $9",
+                &[
+                    &to_i64(start),
+                    &filter.subject_pseudonym,
+                    &filter.caller_id,
+                    &filter.evidence_type,
+                    &filter.connector_id,
+                    &outcome,
+                    &filter.received_after,
+                    &filter.received_before,
+                    &(limit as i64 + 1),
+                ],
+            )
+            .await
+            .map_err(storage)?;
+        let mut records = Vec::with_capacity(rows.len().min(limit));
+        for row in rows {
+            let index: i64 = row.get(0);
+            if records.len() == limit {
+                return Ok((records, Some(index as u64)));
+            }
+            let bytes: Vec<u8> = row.get(1);
+            let mut record = AuditRecord::decode(bytes.as_slice())
+                .map_err(|e| AuditError::Corrupt(format!("record {index}: {e}")))?;
+            // Its place, for reading (the committed bytes carry none).
+            record.log_index = index as u64;
+            records.push(record);
+        }
+        Ok((records, None))
+    }
+
+    /// Makes every append fail while `failing` (fail-closed drills).
+    pub fn inject_failure(&self, failing: bool) {
+        self.inner.fault.store(failing, Ordering::SeqCst);
+        if !failing {
+            *self.inner.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    /// Why the log refuses appends now, if it does: an injected fault, or
+    /// the database failed the last commit or probe (until one succeeds),
+    /// or records wait in the queue longer than the merge delay (no
+    /// sequencer keeps the receipts' promise).
+    pub fn refusing(&self) -> Option<String> {
+        if self.inner.fault.load(Ordering::SeqCst) {
+            return Some("appends fail (injected fault)".into());
+        }
+        self.inner
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records covered by the latest signed head, as last read.
+    pub fn tree_size(&self) -> u64 {
+        self.inner.tree_size.load(Ordering::Relaxed)
+    }
+
+    /// The epoch this replica sequences under, where it holds the lease.
+    pub fn sequencer_epoch(&self) -> Option<u64> {
+        Some(self.inner.epoch.load(Ordering::SeqCst)).filter(|e| *e != 0)
+    }
+
+    /// Heads this replica signed and committed as sequencer.
+    pub fn heads_published(&self) -> u64 {
+        self.inner.heads_published.load(Ordering::Relaxed)
+    }
+
+    /// Sequencing runs of this replica that failed.
+    pub fn failed_runs(&self) -> u64 {
+        self.inner.failed_runs.load(Ordering::Relaxed)
+    }
+
+    /// This replica's name.
+    pub fn replica(&self) -> &str {
+        &self.inner.settings.replica
+    }
+
+    /// Batch figures (the fsync histogram times queue commits here).
+    pub fn metrics(&self) -> &AuditMetrics {
+        &self.inner.metrics
+    }
+}
+
+impl Inner {
+    fn failed(&self, reason: String) {
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
+
+    fn succeeded(&self) {
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// One queue commit of `records`; their receipts, in order.
+    async fn commit(&self, records: &[AuditRecord]) -> Result<Vec<AuditReceipt>, AuditError> {
+        if self.fault.load(Ordering::SeqCst) {
+            return Err(AuditError::Storage("appends fail (injected fault)".into()));
+        }
+        let bytes: Vec<Vec<u8>> = records.iter().map(Message::encode_to_vec).collect();
+        let leaves: Vec<Hash> = bytes.iter().map(|b| leaf_hash(b)).collect();
+        let leaf_bytes: Vec<&[u8]> = leaves.iter().map(|h| h.as_slice()).collect();
+        let committed_at = now_ms().max(0);
+        let client = bounded(
+            self.settings.timeout,
+            "waiting for a connection",
+            self.pool.get(),
+        )
+        .await?;
+        let started = Instant::now();
+        bounded(
+            self.settings.timeout,
+            "committing audit records",
+            client.execute(
+                "INSERT INTO audit_queue (replica, leaf_hash, record, queued_at_ms)
+                 SELECT $1, q.leaf_hash, q.record, $4
+                 FROM unnest($2::bytea[], $3::bytea[]) WITH ORDINALITY AS q(leaf_hash, record, n)
+                 ORDER BY q.n",
+                &[&self.settings.replica, &leaf_bytes, &bytes, &committed_at],
+            ),
+        )
+        .await?;
+        self.metrics
+            .fsync_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.batch_records.observe(records.len() as f64);
+        let include_by = committed_at as u64 + self.settings.merge_delay.as_millis() as u64;
+        Ok(receipt::sign_batch(
+            &self.key,
+            &self.settings.replica,
+            &leaves,
+            committed_at as u64,
+            include_by,
+        ))
+    }
+}
+
+/// The queue writer: takes what has queued up, commits it as one batch,
+/// answers each.
+async fn write_queue(inner: Arc<Inner>, mut queue: mpsc::Receiver<Append>) {
+    let mut batch = Vec::new();
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let (records, replies): (Vec<_>, Vec<_>) =
+            batch.drain(..).map(|a| (a.record, a.reply)).unzip();
+        match inner.commit(&records).await {
+            Ok(receipts) => {
+                inner.succeeded();
+                for (reply, receipt) in replies.into_iter().zip(receipts) {
+                    let _ = reply.send(Ok(receipt));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, records = records.len(), "audit records not committed");
+                inner.failed(format!("the last audit commit failed: {e}"));
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// The probe: reads the latest head's size, so readiness follows the
+/// database, and checks no record waits past the merge delay.
+async fn probe(inner: Weak<Inner>) {
+    loop {
+        let Some(interval) = inner
+            .upgrade()
+            .map(|i| i.settings.interval.max(Duration::from_millis(50)))
+        else {
+            return;
+        };
+        tokio::time::sleep(interval).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let result: Result<(), AuditError> = async {
+            let client =
+                bounded(inner.settings.timeout, "connecting", inner.pool.get()).await?;
+            let row = bounded(
+                inner.settings.timeout,
+                "probing",
+                client.query_one(
+                    "SELECT (SELECT max(tree_size) FROM audit_heads),
+                            (SELECT min(queued_at_ms) FROM audit_queue)",
+                    &[],
+                ),
+            )
+            .await?;
+            let size: Option<i64> = row.get(0);
+            inner
+                .tree_size
+                .fetch_max(size.unwrap_or(0) as u64, Ordering::Relaxed);
+            let oldest: Option<i64> = row.get(1);
+            let waited = oldest.map_or(0, |t| now_ms() - t);
+            if waited > inner.settings.merge_delay.as_millis() as i64 {
+                return Err(AuditError::Storage(format!(
+                    "a committed record has waited {waited} ms for the sequencer, beyond the merge delay ({} ms): no replica sequences the log",
+                    inner.settings.merge_delay.as_millis()
+                )));
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => inner.succeeded(),
+            Err(e) => inner.failed(e.to_string()),
+        }
+    }
+}
+
+/// What a replica holding the lease knows.
+struct Leadership {
+    epoch: i64,
+    /// The tree as of the last head; None until read (again) under the
+    /// lease, e.g. after a round whose commit may or may not have landed.
+    frontier: Option<Frontier>,
+    last_timestamp_ms: u64,
+}
+
+/// The sequencer candidate: every interval, takes the lease where it is
+/// free or expired, and while it holds it, sequences.
+async fn sequence(inner: Weak<Inner>) {
+    let mut leadership: Option<Leadership> = None;
+    loop {
+        let Some(interval) = inner.upgrade().map(|i| i.settings.interval) else {
+            return;
+        };
+        tokio::time::sleep(interval).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let result = match &mut leadership {
+            None => acquire(&inner).await.map(|epoch| {
+                if let Some(epoch) = epoch {
+                    tracing::info!(epoch, replica = %inner.settings.replica, "took the sequencer lease");
+                    inner.epoch.store(epoch as u64, Ordering::SeqCst);
+                    leadership = Some(Leadership {
+                        epoch,
+                        frontier: None,
+                        last_timestamp_ms: 0,
+                    });
+                }
+            }),
+            Some(leader) => match sequence_once(&inner, leader).await {
+                Ok(true) => Ok(()),
+                Ok(false) => {
+                    tracing::warn!(epoch = leader.epoch, "lost the sequencer lease");
+                    inner.epoch.store(0, Ordering::SeqCst);
+                    leadership = None;
+                    Ok(())
+                }
+                Err(e) => {
+                    // The commit may or may not have landed: read the tree
+                    // again under the lease next time.
+                    leader.frontier = None;
+                    inner.failed_runs.fetch_add(1, Ordering::Relaxed);
+                    Err(e)
+                }
+            },
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "sequencing round failed");
+        }
+    }
+}
+
+/// Takes the lease where it is free, expired, or this replica's own; the
+/// new epoch then.
+async fn acquire(inner: &Inner) -> Result<Option<i64>, AuditError> {
+    let client = bounded(inner.settings.timeout, "connecting", inner.pool.get()).await?;
+    let lease_ms = inner.settings.lease.as_millis() as i64;
+    let row = bounded(
+        inner.settings.timeout,
+        "taking the sequencer lease",
+        client.query_opt(
+            "INSERT INTO sequencer_lease AS l (singleton, holder, epoch, expires_at)
+             VALUES (true, $1, 1, now() + $2::float8 * interval '1 millisecond')
+             ON CONFLICT (singleton) DO UPDATE
+               SET holder = EXCLUDED.holder, epoch = l.epoch + 1, expires_at = EXCLUDED.expires_at
+               WHERE l.expires_at < now() OR l.holder = EXCLUDED.holder
+             RETURNING epoch",
+            &[&inner.settings.replica, &(lease_ms as f64)],
+        ),
+    )
+    .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// One sequencing run, one transaction. Ok(false): the lease is lost.
+async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, AuditError> {
+    let limit = inner.settings.timeout;
+    let mut client = bounded(limit, "connecting", inner.pool.get()).await?;
+    let work = async {
+        let tx = client.transaction().await.map_err(storage)?;
+        // Fencing: the lease row, locked, must still be ours.
+        let ours = tx
+            .query_opt(
+                "SELECT 1 FROM sequencer_lease WHERE holder = $1 AND epoch = $2 FOR UPDATE",
+                &[&inner.settings.replica, &leader.epoch],
+            )
+            .await
+            .map_err(storage)?;
+        if ours.is_none() {
+            return Ok(false);
+        }
+        tx.execute(
+            "UPDATE sequencer_lease SET expires_at = now() + $1::float8 * interval '1 millisecond'",
+            &[&(inner.settings.lease.as_millis() as f64)],
+        )
+        .await
+        .map_err(storage)?;
+        let head = latest_head(&tx).await?;
+        let size = head.as_ref().map_or(0, |h| h.tree_size);
+        let frontier = match leader.frontier.take() {
+            Some(frontier) if frontier.size() == size => frontier,
+            _ => {
+                let frontier =
+                    with_subtrees(&tx, |store| Frontier::from_store(store, size)).await?;
+                if let Some(head) = &head {
+                    if frontier.root() != head.root_hash {
+                        return Err(AuditError::Corrupt(format!(
+                            "the stored tree does not hash to the signed head of {size} records; sequencing stops"
+                        )));
+                    }
+                    if head.verify(inner.key.public_key().as_ref()).is_err() {
+                        return Err(AuditError::WrongKey {
+                            log: "the PostgreSQL audit log".into(),
+                            size,
+                            public_key: hex::encode(inner.key.public_key().as_ref()),
+                        });
+                    }
+                    leader.last_timestamp_ms = leader.last_timestamp_ms.max(head.timestamp_ms);
+                }
+                frontier
+            }
+        };
+        let queued = tx
+            .query(
+                "SELECT queue_id, record, replica, queued_at_ms FROM audit_queue
+                 ORDER BY queue_id LIMIT $1",
+                &[&MAX_SEQUENCED],
+            )
+            .await
+            .map_err(storage)?;
+        if queued.is_empty() {
+            tx.commit().await.map_err(storage)?;
+            leader.frontier = Some(frontier);
+            return Ok(true);
+        }
+        let mut next = frontier.clone();
+        let mut queue_ids = Vec::with_capacity(queued.len());
+        let mut columns = LeafColumns::default();
+        let (mut levels, mut nodes, mut hashes) = (Vec::new(), Vec::new(), Vec::new());
+        for row in &queued {
+            let record_bytes: Vec<u8> = row.get(1);
+            let record = AuditRecord::decode(record_bytes.as_slice()).map_err(|e| {
+                AuditError::Corrupt(format!("queued record {}: {e}", row.get::<_, i64>(0)))
+            })?;
+            let index = next.size();
+            let leaf = leaf_hash(&record_bytes);
+            for (level, node, hash) in next.push(leaf) {
+                if level > 0 {
+                    levels.push(level as i32);
+                    nodes.push(to_i64(node));
+                    hashes.push(hash.to_vec());
+                }
+            }
+            queue_ids.push(row.get::<_, i64>(0));
+            columns.push(index, leaf, &record, record_bytes, row.get(2), row.get(3));
+        }
+        tx.execute(
+            "INSERT INTO audit_leaves (log_index, queue_id, leaf_hash, record, replica, queued_at_ms,
+                 subject_pseudonym, caller_id, evidence_type, connector_id, outcome, received_s)
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[], $5::text[],
+                 $6::bigint[], $7::bytea[], $8::text[], $9::text[], $10::text[], $11::integer[],
+                 $12::bigint[])",
+            &[
+                &columns.indices,
+                &queue_ids,
+                &columns.leaves,
+                &columns.records,
+                &columns.replicas,
+                &columns.queued_at,
+                &columns.subjects,
+                &columns.callers,
+                &columns.evidence_types,
+                &columns.connectors,
+                &columns.outcomes,
+                &columns.received,
+            ],
+        )
+        .await
+        .map_err(storage)?;
+        tx.execute(
+            "INSERT INTO audit_nodes (level, node_index, hash)
+             SELECT * FROM unnest($1::integer[], $2::bigint[], $3::bytea[])",
+            &[&levels, &nodes, &hashes],
+        )
+        .await
+        .map_err(storage)?;
+        let timestamp = (now_ms().max(0) as u64).max(leader.last_timestamp_ms);
+        let head = SignedTreeHead::sign(&inner.key, next.size(), next.root(), timestamp);
+        tx.execute(
+            "INSERT INTO audit_heads (tree_size, root_hash, timestamp_ms, key_id, signature, sequencer_epoch)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &to_i64(head.tree_size),
+                &head.root_hash.as_slice(),
+                &to_i64(head.timestamp_ms),
+                &hex::decode(&inner.key_id).unwrap_or_default(),
+                &head.signature,
+                &leader.epoch,
+            ],
+        )
+        .await
+        .map_err(storage)?;
+        tx.execute(
+            "DELETE FROM audit_queue WHERE queue_id = ANY($1)",
+            &[&queue_ids],
+        )
+        .await
+        .map_err(storage)?;
+        tx.commit().await.map_err(storage)?;
+        leader.last_timestamp_ms = timestamp;
+        leader.frontier = Some(next);
+        inner.tree_size.fetch_max(head.tree_size, Ordering::Relaxed);
+        inner.heads_published.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    };
+    match tokio::time::timeout(limit.saturating_mul(4), work).await {
+        Ok(result) => result,
+        Err(_) => Err(AuditError::Storage(format!(
+            "PostgreSQL: a sequencing run took longer than {:?}",
+            limit.saturating_mul(4)
+        ))),
+    }
+}
+
+/// The columns of the leaves one run writes.
+#[derive(Default)]
+struct LeafColumns {
+    indices: Vec<i64>,
+    leaves: Vec<Vec<u8>>,
+    records: Vec<Vec<u8>>,
+    replicas: Vec<String>,
+    queued_at: Vec<i64>,
+    subjects: Vec<Option<Vec<u8>>>,
+    callers: Vec<String>,
+    evidence_types: Vec<String>,
+    connectors: Vec<String>,
+    outcomes: Vec<i32>,
+    received: Vec<i64>,
+}
+
+impl LeafColumns {
+    fn push(
+        &mut self,
+        index: u64,
+        leaf: Hash,
+        record: &AuditRecord,
+        bytes: Vec<u8>,
+        replica: String,
+        queued_at_ms: i64,
+    ) {
+        self.indices.push(to_i64(index));
+        self.leaves.push(leaf.to_vec());
+        self.records.push(bytes);
+        self.replicas.push(replica);
+        self.queued_at.push(queued_at_ms);
+        self.subjects
+            .push((!record.subject_pseudonym.is_empty()).then(|| record.subject_pseudonym.clone()));
+        self.callers.push(record.caller_id.clone());
+        self.evidence_types.push(record.evidence_type.clone());
+        self.connectors.push(record.connector_id.clone());
+        self.outcomes.push(record.outcome);
+        self.received
+            .push(record.received_at.as_ref().map_or(0, |t| t.seconds));
+    }
+}

@@ -1,0 +1,79 @@
+//! The replicas' connections to PostgreSQL: a deadpool pool of
+//! tokio-postgres clients, each checked before reuse (a connection the
+//! server closed is replaced), with bounded waits, so an outage turns into
+//! errors within a known time instead of calls that hang.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+
+/// How to reach the database.
+#[derive(Clone)]
+pub struct PoolSettings {
+    /// A libpq-style URL or key=value string, e.g.
+    /// `postgres://onceonly@db.internal/onceonly`.
+    pub url: String,
+    /// The password, where it is kept apart from the URL.
+    pub password: Option<String>,
+    /// Connections at most.
+    pub size: usize,
+    /// The longest a connect, or a wait for a free connection, may take.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for PoolSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolSettings")
+            .field("url", &self.url)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("size", &self.size)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// Why the pool could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolSetupError {
+    /// The URL does not parse.
+    #[error("the PostgreSQL URL does not parse: {0}")]
+    Url(tokio_postgres::Error),
+    /// deadpool refused the settings.
+    #[error("the PostgreSQL pool could not be built: {0}")]
+    Build(String),
+}
+
+/// The pool. Connecting is lazy: the first use connects.
+pub fn pool(settings: &PoolSettings) -> Result<Pool, PoolSetupError> {
+    let mut config =
+        tokio_postgres::Config::from_str(&settings.url).map_err(PoolSetupError::Url)?;
+    if let Some(password) = &settings.password {
+        config.password(password);
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(settings.timeout);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("onceonly-broker");
+    }
+    // A half-open connection (the server's host gone) is noticed by the
+    // kernel's keepalives instead of never.
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(10));
+    let manager = Manager::from_config(
+        config,
+        tokio_postgres::NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(settings.size.max(1))
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(settings.timeout))
+        .create_timeout(Some(settings.timeout))
+        .recycle_timeout(Some(settings.timeout))
+        .build()
+        .map_err(|e| PoolSetupError::Build(e.to_string()))
+}

@@ -1,0 +1,561 @@
+//! Broker replicas on PostgreSQL (issue 15), against a real server each
+//! test starts for itself: consents and request ids hold across replicas,
+//! the replicated Merkle log is one log from any replica, receipts check
+//! offline and against the log, and without the database replicas refuse,
+//! release nothing, report NOT_SERVING and recover by themselves.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use onceonly_broker::RunningBroker;
+use onceonly_broker::auditor::{ReceiptStatus, check_receipt, load_public_key, verify_remote};
+use onceonly_certs::Role;
+use onceonly_integration_tests::postgres::TestPostgres;
+use onceonly_integration_tests::world::{
+    AUDITOR, AUTHORITIES, BrokerSettings, PORTAL, World, anna, birth_certificate,
+};
+use onceonly_merkle::sth::SignedTreeHead;
+use onceonly_proto::status::reason_of;
+use onceonly_proto::v1::audit_service_client::AuditServiceClient;
+use onceonly_proto::v1::consent_service_client::ConsentServiceClient;
+use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
+use onceonly_proto::v1::{
+    ErrorReason, GetConsistencyProofRequest, GetInclusionProofRequest, GetSignedTreeHeadRequest,
+    GrantConsentRequest, RequestEvidenceRequest, RevokeConsentRequest,
+};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const BERLIN: &str = AUTHORITIES[0];
+/// Long enough for a failover on a loaded 2-core machine; the sequencer
+/// runs every 100 ms and a lease lasts 1 s.
+const MERGE_DELAY_MS: u64 = 4_000;
+
+/// A PostgreSQL server, an installation whose broker is replica 0, and
+/// `extra` more replicas.
+async fn replicas(extra: usize) -> (TestPostgres, World, Vec<RunningBroker>) {
+    let postgres = tokio::task::spawn_blocking(TestPostgres::start)
+        .await
+        .expect("join")
+        .expect("PostgreSQL starts");
+    let world = World::start_with(BrokerSettings {
+        sections: format!(
+            "[storage]\nbackend = \"postgres\"\nurl = \"{}\"\nmerge_delay = \"{MERGE_DELAY_MS}ms\"\nsequencer_lease = \"1s\"\nsequencer_interval = \"100ms\"\ntimeout = \"2s\"\n",
+            postgres.url("postgres")
+        ),
+        ..Default::default()
+    })
+    .await;
+    let mut others = Vec::new();
+    for n in 1..=extra {
+        others.push(world.start_replica(n).await);
+    }
+    (postgres, world, others)
+}
+
+fn authority(world: &World, addr: SocketAddr) -> EvidenceServiceClient<Channel> {
+    EvidenceServiceClient::new(world.channel_to(addr, Role::Authority, BERLIN))
+}
+
+fn portal(world: &World, addr: SocketAddr) -> ConsentServiceClient<Channel> {
+    ConsentServiceClient::new(world.channel_to(addr, Role::Portal, PORTAL))
+}
+
+fn auditor(world: &World, addr: SocketAddr) -> AuditServiceClient<Channel> {
+    AuditServiceClient::new(world.channel_to(addr, Role::Auditor, AUDITOR))
+}
+
+fn audit_public_key(world: &World) -> Vec<u8> {
+    load_public_key(&world.dir.path().join("secrets/audit.key.pub")).expect("public key")
+}
+
+fn residence(id: &str) -> RequestEvidenceRequest {
+    RequestEvidenceRequest {
+        request_id: id.into(),
+        evidence_type: "proof-of-residence".into(),
+        subject: Some(anna()),
+        purpose: "parental-allowance".into(),
+        legal_basis: "Art. 6 Abs. 1 lit. a DSGVO".into(),
+        ..Default::default()
+    }
+}
+
+async fn head_at(world: &World, addr: SocketAddr) -> Option<SignedTreeHead> {
+    auditor(world, addr)
+        .get_signed_tree_head(GetSignedTreeHeadRequest {})
+        .await
+        .expect("head")
+        .into_inner()
+        .tree_head
+        .map(|h| onceonly_broker::audit::head_from_proto(&h).expect("well-formed head"))
+}
+
+/// Waits (at most `limit`) until the head served at `addr` covers `size`.
+async fn head_covering(
+    world: &World,
+    addr: SocketAddr,
+    size: u64,
+    limit: Duration,
+) -> SignedTreeHead {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(head) = head_at(world, addr).await
+            && head.tree_size >= size
+        {
+            return head;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no head of {size} records within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consents_and_request_ids_hold_across_replicas() {
+    let (_postgres, world, others) = replicas(1).await;
+    let (a, b) = (world.broker_addr(), others[0].local_addr());
+
+    // Granted through A, enforced at B at once.
+    let consent = portal(&world, a)
+        .grant_consent(GrantConsentRequest {
+            subject: Some(anna()),
+            authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
+            evidence_type: "proof-of-residence".into(),
+            purpose: "parental-allowance".into(),
+            expires_at: Some(onceonly_proto::time::timestamp(
+                onceonly_proto::time::now_ms() + 3_600_000,
+            )),
+        })
+        .await
+        .expect("portal grants at A")
+        .into_inner()
+        .consent
+        .expect("consent");
+    let delivered = authority(&world, b)
+        .request_evidence(residence("across-1"))
+        .await
+        .expect("B sees the consent granted at A")
+        .into_inner();
+    assert!(delivered.evidence.is_some());
+    // The portal lists it at B too.
+    let listed = portal(&world, b)
+        .list_consents(onceonly_proto::v1::ListConsentsRequest {
+            subject: Some(anna()),
+            ..Default::default()
+        })
+        .await
+        .expect("list at B")
+        .into_inner();
+    assert!(
+        listed
+            .consents
+            .iter()
+            .any(|c| c.consent_id == consent.consent_id),
+        "{listed:?}"
+    );
+
+    // Revoked through B, enforced at A at once.
+    portal(&world, b)
+        .revoke_consent(RevokeConsentRequest {
+            consent_id: consent.consent_id.clone(),
+        })
+        .await
+        .expect("portal revokes at B");
+    let refused = authority(&world, a)
+        .request_evidence(residence("across-2"))
+        .await
+        .expect_err("A sees the revocation made at B");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(reason_of(&refused), Some(ErrorReason::ConsentMissing));
+
+    // A request id answered at A is answered at B with the first outcome:
+    // the same exchange and the same evidence, not a second exchange.
+    let first = authority(&world, a)
+        .request_evidence(birth_certificate("same-id-1"))
+        .await
+        .expect("first at A")
+        .into_inner();
+    let again = authority(&world, b)
+        .request_evidence(birth_certificate("same-id-1"))
+        .await
+        .expect("repeat at B")
+        .into_inner();
+    assert_eq!(again.exchange_id, first.exchange_id);
+    let (first_evidence, again_evidence) = (
+        first.evidence.expect("evidence"),
+        again.evidence.expect("evidence"),
+    );
+    assert_eq!(again_evidence.payload, first_evidence.payload);
+    assert_eq!(again_evidence.register_jws, first_evidence.register_jws);
+    // Reused for something else at B: refused.
+    let mut other = birth_certificate("same-id-1");
+    other.purpose = "something-else".into();
+    let reused = authority(&world, b)
+        .request_evidence(other)
+        .await
+        .expect_err("same id, other request");
+    assert_eq!(reused.code(), Code::AlreadyExists, "{reused:?}");
+
+    // Both the first and the repeat are audited, once each, in the one log.
+    let deadline = Instant::now() + Duration::from_millis(MERGE_DELAY_MS * 2);
+    let mut records = world.audit_records().await;
+    while of_count(&records, "same-id-1") < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        records = world.audit_records().await;
+    }
+    assert_eq!(
+        of_count(&records, "same-id-1"),
+        3,
+        "first, repeat and conflict"
+    );
+    assert_eq!(of_count(&records, "across-1"), 1);
+}
+
+fn of_count(records: &[onceonly_proto::v1::AuditRecord], id: &str) -> usize {
+    records.iter().filter(|r| r.request_id == id).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_check_offline_and_against_the_log_served_by_any_replica() {
+    let (_postgres, world, others) = replicas(1).await;
+    let (a, b) = (world.broker_addr(), others[0].local_addr());
+    let key = audit_public_key(&world);
+
+    let mut receipts = Vec::new();
+    for n in 0..20 {
+        let addr = if n % 2 == 0 { a } else { b };
+        let answer = authority(&world, addr)
+            .request_evidence(birth_certificate(&format!("receipt-{n}")))
+            .await
+            .expect("delivered")
+            .into_inner();
+        assert_eq!(
+            answer.audit_log_index, 0,
+            "replicas answer before sequencing"
+        );
+        let receipt = answer.audit_receipt.expect("a receipt with every answer");
+        // Offline: the signature and the batch path hold.
+        let checked = onceonly_broker::audit::receipt::verify(&receipt, &key).expect("verifies");
+        assert_eq!(
+            checked.include_by_ms - checked.committed_at_ms,
+            MERGE_DELAY_MS,
+            "the promise is the merge delay"
+        );
+        receipts.push(receipt);
+    }
+    // A receipt altered in any part no longer verifies.
+    let mut forged = receipts[0].clone();
+    forged.include_by = Some(onceonly_proto::time::timestamp(i64::MAX / 4));
+    assert!(onceonly_broker::audit::receipt::verify(&forged, &key).is_err());
+    let mut moved = receipts[0].clone();
+    moved.leaf_hash = receipts[1].leaf_hash.clone();
+    assert!(onceonly_broker::audit::receipt::verify(&moved, &key).is_err());
+
+    // Within the merge delay every receipt's record is in a signed head,
+    // provable at either replica, and the head was signed by its deadline.
+    let head = head_covering(&world, b, 20, Duration::from_millis(MERGE_DELAY_MS * 2)).await;
+    for (n, receipt) in receipts.iter().enumerate() {
+        let addr = if n % 2 == 0 { b } else { a };
+        match check_receipt(&mut auditor(&world, addr), &key, receipt)
+            .await
+            .expect("receipt checks against the log")
+        {
+            ReceiptStatus::Included { head: proven, .. } => {
+                assert!(proven.tree_size >= 20);
+            }
+            ReceiptStatus::Pending { .. } => panic!("receipt {n} not included in {head:?}"),
+        }
+    }
+    let first_included = {
+        let proof = auditor(&world, a)
+            .get_inclusion_proof(GetInclusionProofRequest {
+                tree_size: head.tree_size,
+                leaf_hash: receipts[0].leaf_hash.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("proof by hash")
+            .into_inner();
+        proof.leaf_index
+    };
+    let entries = onceonly_broker::storage::Audit::Replicated(
+        world
+            .running_broker()
+            .broker()
+            .expect("running")
+            .audit
+            .replicated()
+            .expect("replicated")
+            .clone(),
+    );
+    let committed = entries
+        .entries(first_included, 1)
+        .await
+        .expect("entry")
+        .pop()
+        .expect("one");
+    assert_eq!(
+        onceonly_merkle::leaf_hash(&committed.2).to_vec(),
+        receipts[0].leaf_hash,
+        "the proof by hash names the receipt's record"
+    );
+
+    // A leaf hash the log does not hold: NOT_FOUND; a malformed one:
+    // INVALID_ARGUMENT.
+    let missing = auditor(&world, a)
+        .get_inclusion_proof(GetInclusionProofRequest {
+            tree_size: head.tree_size,
+            leaf_hash: vec![7; 32],
+            ..Default::default()
+        })
+        .await
+        .expect_err("no such leaf");
+    assert_eq!(missing.code(), Code::NotFound);
+    let malformed = auditor(&world, a)
+        .get_inclusion_proof(GetInclusionProofRequest {
+            tree_size: head.tree_size,
+            leaf_hash: vec![7; 5],
+            ..Default::default()
+        })
+        .await
+        .expect_err("not a hash");
+    assert_eq!(malformed.code(), Code::InvalidArgument);
+
+    // The whole log verifies from either replica, as `onceonly-audit
+    // verify` does it: head signature, every entry re-hashed, and each
+    // replica's head consistent with the other's.
+    let from_a = verify_remote(&mut auditor(&world, a), &key, None, true)
+        .await
+        .expect("verifies at A");
+    let from_b = verify_remote(&mut auditor(&world, b), &key, from_a.head.as_ref(), true)
+        .await
+        .expect("verifies at B, extending A's head");
+    assert!(from_b.consistent_with_saved);
+    assert!(from_b.entries_checked >= 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_postgres_replicas_refuse_release_nothing_and_recover() {
+    let (postgres, world, others) = replicas(1).await;
+    let (a, b) = (world.broker_addr(), others[0].local_addr());
+    authority(&world, a)
+        .request_evidence(birth_certificate("before-outage"))
+        .await
+        .expect("delivered before the outage");
+
+    let postgres = tokio::task::spawn_blocking(move || {
+        postgres.stop().expect("stops");
+        postgres
+    })
+    .await
+    .expect("join");
+
+    for (n, addr) in [a, b].into_iter().enumerate() {
+        let refused = authority(&world, addr)
+            .request_evidence(birth_certificate(&format!("during-outage-{n}")))
+            .await
+            .expect_err("no evidence without its record");
+        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+        assert_eq!(reason_of(&refused), Some(ErrorReason::AuditUnavailable));
+    }
+    for addr in [a, b] {
+        wait_for_health(&world, addr, false).await;
+    }
+
+    let _postgres = tokio::task::spawn_blocking(move || {
+        postgres.start_again().expect("starts again");
+        postgres
+    })
+    .await
+    .expect("join");
+    for addr in [a, b] {
+        wait_for_health(&world, addr, true).await;
+    }
+    for (n, addr) in [a, b].into_iter().enumerate() {
+        let answer = authority(&world, addr)
+            .request_evidence(birth_certificate(&format!("after-outage-{n}")))
+            .await
+            .expect("serving again")
+            .into_inner();
+        assert!(answer.audit_receipt.is_some());
+    }
+    // Nothing from the outage is in the log; everything answered is.
+    let head = head_covering(&world, a, 3, Duration::from_millis(MERGE_DELAY_MS * 2)).await;
+    let records = world.audit_records().await;
+    assert_eq!(head.tree_size as usize, records.len());
+    for id in ["before-outage", "after-outage-0", "after-outage-1"] {
+        assert_eq!(of_count(&records, id), 1, "{id}");
+    }
+    for id in ["during-outage-0", "during-outage-1"] {
+        assert_eq!(of_count(&records, id), 0, "{id} was refused, unrecorded");
+    }
+}
+
+/// Waits (at most 20 s) until the broker at `addr` reports `serving`.
+async fn wait_for_health(world: &World, addr: SocketAddr, serving: bool) {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let wanted = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = HealthClient::new(world.channel_to(addr, Role::Auditor, AUDITOR))
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().status());
+        if status.as_ref().is_ok_and(|s| *s == wanted) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{addr} did not report {wanted:?} within 20 s (last {status:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_stay_consistent_when_the_sequencers_connections_are_cut_mid_batch() {
+    let (postgres, world, others) = replicas(1).await;
+    let addrs = [world.broker_addr(), others[0].local_addr()];
+    let (client, connection) =
+        tokio_postgres::connect(&postgres.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("connects");
+    tokio::spawn(connection);
+
+    // Load on both replicas while the sequencer's connections are killed
+    // again and again; every head either replica serves is recorded.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let mut client = authority(&world, addrs[w % 2]);
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = format!("cut-{w}-{n}");
+                n += 1;
+                if let Ok(answer) = client.request_evidence(birth_certificate(&id)).await {
+                    acknowledged.push((id, answer.into_inner().audit_receipt));
+                }
+            }
+            acknowledged
+        }));
+    }
+    let mut heads: Vec<SignedTreeHead> = Vec::new();
+    let started = Instant::now();
+    let mut cuts = 0;
+    let replicated: Vec<_> = [world.running_broker(), &others[0]]
+        .iter()
+        .map(|r| {
+            r.broker()
+                .expect("running")
+                .audit
+                .replicated()
+                .expect("replicated")
+                .clone()
+        })
+        .collect();
+    let failed_runs = || replicated.iter().map(|r| r.failed_runs()).sum::<u64>();
+    // Until a sequencing run was cut (at least 4 s of it, at most 60).
+    while started.elapsed() < Duration::from_secs(4)
+        || (failed_runs() == 0 && started.elapsed() < Duration::from_secs(60))
+    {
+        // Every backend of the onceonly pool but ours: the sequencer's
+        // among them, whatever it is doing.
+        let killed: i64 = client
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE application_name = 'onceonly-broker' AND pid <> pg_backend_pid()
+                   AND state = 'active'",
+                &[],
+            )
+            .await
+            .expect("terminate")
+            .get(0);
+        cuts += killed;
+        for addr in addrs {
+            if let Ok(mut audit) = auditor(&world, addr)
+                .get_signed_tree_head(GetSignedTreeHeadRequest {})
+                .await
+                .map(|r| r.into_inner().tree_head)
+                && let Some(head) = audit.take()
+            {
+                heads.push(onceonly_broker::audit::head_from_proto(&head).expect("head"));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acknowledged = Vec::new();
+    for writer in writers {
+        acknowledged.extend(writer.await.expect("writer"));
+    }
+    assert!(cuts > 0, "no backend was cut");
+    assert!(failed_runs() > 0, "no sequencing run was cut");
+    assert!(!acknowledged.is_empty(), "nothing was answered");
+
+    // Every acknowledged request is in a head within the merge delay.
+    let final_head = head_covering(
+        &world,
+        addrs[0],
+        acknowledged.len() as u64,
+        Duration::from_millis(MERGE_DELAY_MS * 2),
+    )
+    .await;
+    heads.push(final_head.clone());
+    let key = audit_public_key(&world);
+    let records = world.audit_records().await;
+    for (id, receipt) in &acknowledged {
+        assert_eq!(of_count(&records, id), 1, "{id}: exactly one record");
+        let receipt = receipt.as_ref().expect("receipt");
+        assert!(matches!(
+            check_receipt(&mut auditor(&world, addrs[1]), &key, receipt).await,
+            Ok(ReceiptStatus::Included { .. })
+        ));
+    }
+    // No fork: one root per size, and each head is consistent with every
+    // later one (proven by the replica that did not serve it).
+    heads.sort_by_key(|h| (h.tree_size, h.timestamp_ms));
+    for pair in heads.windows(2) {
+        let (older, newer) = (&pair[0], &pair[1]);
+        older.verify(&key).expect("signed");
+        if older.tree_size == newer.tree_size {
+            assert_eq!(older.root_hash, newer.root_hash, "two trees of one size");
+            continue;
+        }
+        let proof: Vec<onceonly_merkle::Hash> = auditor(&world, addrs[1])
+            .get_consistency_proof(GetConsistencyProofRequest {
+                first_size: older.tree_size,
+                second_size: newer.tree_size,
+            })
+            .await
+            .expect("proof")
+            .into_inner()
+            .proof
+            .into_iter()
+            .map(|p| p.try_into().expect("32 bytes"))
+            .collect();
+        onceonly_merkle::verify_consistency(
+            older.tree_size,
+            newer.tree_size,
+            &older.root_hash,
+            &newer.root_hash,
+            &proof,
+        )
+        .expect("every head extends the ones before");
+    }
+    verify_remote(&mut auditor(&world, addrs[0]), &key, None, true)
+        .await
+        .expect("the whole log verifies");
+}
