@@ -173,6 +173,23 @@ impl World {
             .spawn()
     }
 
+    /// Writes replica `n`'s configuration file (`broker-<n>.toml`: the
+    /// broker's, with data directory `data-<n>`) and returns its path.
+    pub fn replica_config(&self, n: usize) -> PathBuf {
+        let text = std::fs::read_to_string(&self.config_path).expect("broker.toml");
+        let path = self.dir.path().join(format!("broker-{n}.toml"));
+        std::fs::write(
+            &path,
+            text.replacen(
+                "data_dir = \"data\"",
+                &format!("data_dir = \"data-{n}\""),
+                1,
+            ),
+        )
+        .expect("replica config");
+        path
+    }
+
     /// A channel to the broker (or replica) at `addr` as (`role`, `id`).
     pub fn channel_to(&self, addr: SocketAddr, role: Role, id: &str) -> Channel {
         let broker = self.pki.participant(Role::Broker, "broker").expect("id");
