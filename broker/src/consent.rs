@@ -105,7 +105,10 @@ impl From<sled::Error> for ConsentError {
 
 impl From<onceonly_store_postgres::tokio_postgres::Error> for ConsentError {
     fn from(e: onceonly_store_postgres::tokio_postgres::Error) -> Self {
-        ConsentError::Storage(format!("PostgreSQL: {e}"))
+        ConsentError::Storage(format!(
+            "PostgreSQL: {}",
+            onceonly_store_postgres::describe(&e)
+        ))
     }
 }
 
@@ -143,9 +146,9 @@ enum Backend {
     Postgres(onceonly_store_postgres::Pool),
 }
 
-const COLUMNS: &str = "consent_id, subject_scheme, subject_pseudonym, subject_sealed, authority_id, evidence_type, purpose, granted_at_ms, expires_at_ms, revoked_at_ms, recorded_by";
+const COLUMNS: &str = "consent_id, subject_scheme, subject_pseudonym, subject_sealed, authority_id, evidence_type, purpose, granted_at_ms, expires_at_ms, revoked_at_ms, recorded_by, mac";
 
-fn from_row(row: &onceonly_store_postgres::tokio_postgres::Row) -> StoredConsent {
+fn consent_of(row: &onceonly_store_postgres::tokio_postgres::Row) -> StoredConsent {
     StoredConsent {
         consent_id: row.get(0),
         subject_scheme: row.get(1),
@@ -159,6 +162,13 @@ fn from_row(row: &onceonly_store_postgres::tokio_postgres::Row) -> StoredConsent
         revoked_at_ms: row.get(9),
         recorded_by: row.get(10),
     }
+}
+
+/// What a consent row's tag covers: every field, revocation included.
+fn tag_input(consent: &StoredConsent) -> Result<Vec<u8>, ConsentError> {
+    let mut input = b"onceonly-consent-row-v1\0".to_vec();
+    input.extend(serde_json::to_vec(consent).map_err(|e| ConsentError::Storage(e.to_string()))?);
+    Ok(input)
 }
 
 impl ConsentStore {
@@ -185,9 +195,52 @@ impl ConsentStore {
     async fn client(
         pool: &onceonly_store_postgres::Pool,
     ) -> Result<deadpool_postgres::Object, ConsentError> {
-        pool.get()
-            .await
-            .map_err(|e| ConsentError::Storage(format!("PostgreSQL: {e}")))
+        pool.get().await.map_err(|e| {
+            ConsentError::Storage(format!(
+                "PostgreSQL: {}",
+                onceonly_store_postgres::describe(&e)
+            ))
+        })
+    }
+
+    /// A row's tag under the key replicas hold and the database does not:
+    /// a consent row written by anyone else does not count.
+    fn tag(&self, consent: &StoredConsent) -> Result<Vec<u8>, ConsentError> {
+        Ok(
+            ring::hmac::sign(&self.pseudonyms.row_key(), &tag_input(consent)?)
+                .as_ref()
+                .to_vec(),
+        )
+    }
+
+    /// The row's consent, where its tag holds.
+    fn authenticated(
+        &self,
+        row: &onceonly_store_postgres::tokio_postgres::Row,
+    ) -> Result<StoredConsent, ConsentError> {
+        let consent = consent_of(row);
+        let tag: Vec<u8> = row.get(11);
+        ring::hmac::verify(&self.pseudonyms.row_key(), &tag_input(&consent)?, &tag).map_err(
+            |_| ConsentError::Corrupt {
+                id: consent.consent_id.clone(),
+                reason: "its tag does not authenticate it: it was not written by a replica (or was altered since)".into(),
+            },
+        )?;
+        Ok(consent)
+    }
+
+    /// The rows' consents whose tags hold; the others are logged.
+    fn authentic(
+        &self,
+        rows: &[onceonly_store_postgres::tokio_postgres::Row],
+    ) -> Vec<StoredConsent> {
+        rows.iter()
+            .filter_map(|row| {
+                self.authenticated(row)
+                    .map_err(|e| tracing::error!(error = %e, "a consent row was ignored"))
+                    .ok()
+            })
+            .collect()
     }
 
     fn subject_prefix(&self, subject: &SubjectId) -> Vec<u8> {
@@ -234,10 +287,11 @@ impl ConsentStore {
             } => (db, consents, by_subject),
             Backend::Postgres(pool) => {
                 let c = &consent;
+                let tag = self.tag(c)?;
                 Self::client(pool)
                     .await?
                     .execute(
-                        &format!("INSERT INTO consents ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"),
+                        &format!("INSERT INTO consents ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"),
                         &[
                             &c.consent_id,
                             &c.subject_scheme,
@@ -250,6 +304,7 @@ impl ConsentStore {
                             &c.expires_at_ms,
                             &c.revoked_at_ms,
                             &c.recorded_by,
+                            &tag,
                         ],
                     )
                     .await?;
@@ -271,7 +326,7 @@ impl ConsentStore {
     pub async fn get(&self, id: &str) -> Result<Option<StoredConsent>, ConsentError> {
         match &self.backend {
             Backend::Sled { consents, .. } => Self::sled_get(consents, id),
-            Backend::Postgres(pool) => Ok(Self::client(pool)
+            Backend::Postgres(pool) => Self::client(pool)
                 .await?
                 .query_opt(
                     &format!("SELECT {COLUMNS} FROM consents WHERE consent_id = $1"),
@@ -279,7 +334,8 @@ impl ConsentStore {
                 )
                 .await?
                 .as_ref()
-                .map(from_row)),
+                .map(|row| self.authenticated(row))
+                .transpose(),
         }
     }
 
@@ -301,19 +357,27 @@ impl ConsentStore {
         let (db, consents) = match &self.backend {
             Backend::Sled { db, consents, .. } => (db, consents),
             Backend::Postgres(pool) => {
-                return Self::client(pool)
-                    .await?
+                // Read, check and re-tag under the row's lock.
+                let mut client = Self::client(pool).await?;
+                let tx = client.transaction().await?;
+                let row = tx
                     .query_opt(
-                        &format!(
-                            "UPDATE consents SET revoked_at_ms = COALESCE(revoked_at_ms, $2)
-                             WHERE consent_id = $1 RETURNING {COLUMNS}"
-                        ),
-                        &[&id, &now_ms],
+                        &format!("SELECT {COLUMNS} FROM consents WHERE consent_id = $1 FOR UPDATE"),
+                        &[&id],
                     )
                     .await?
-                    .as_ref()
-                    .map(from_row)
-                    .ok_or_else(|| ConsentError::NotFound(id.to_owned()));
+                    .ok_or_else(|| ConsentError::NotFound(id.to_owned()))?;
+                let mut consent = self.authenticated(&row)?;
+                if consent.revoked_at_ms.is_none() {
+                    consent.revoked_at_ms = Some(now_ms);
+                    tx.execute(
+                        "UPDATE consents SET revoked_at_ms = $2, mac = $3 WHERE consent_id = $1",
+                        &[&id, &now_ms, &self.tag(&consent)?],
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
+                return Ok(consent);
             }
         };
         // Compare and swap, so that bytes that do not decode are reported
@@ -366,7 +430,7 @@ impl ConsentStore {
                 ..
             } => (consents, by_subject),
             Backend::Postgres(pool) => {
-                let mut found: Vec<StoredConsent> = Self::client(pool)
+                let rows = Self::client(pool)
                     .await?
                     .query(
                         &format!(
@@ -379,11 +443,9 @@ impl ConsentStore {
                             &(limit as i64 + 1),
                         ],
                     )
-                    .await?
-                    .iter()
-                    .map(from_row)
-                    .collect();
-                let more = found.len() > limit;
+                    .await?;
+                let more = rows.len() > limit;
+                let mut found = self.authentic(&rows);
                 found.truncate(limit);
                 return Ok((found, more));
             }
@@ -436,15 +498,15 @@ impl ConsentStore {
                 ..
             } => (consents, by_subject),
             Backend::Postgres(pool) => {
-                let found = Self::client(pool)
+                let rows = Self::client(pool)
                     .await?
-                    .query_opt(
+                    .query(
                         &format!(
                             "SELECT {COLUMNS} FROM consents
                              WHERE subject_pseudonym = $1 AND subject_scheme = $2
                                AND authority_id = $3 AND evidence_type = $4 AND purpose = $5
                                AND revoked_at_ms IS NULL AND expires_at_ms > $6
-                             ORDER BY granted_at_ms DESC, consent_id LIMIT 1"
+                             ORDER BY granted_at_ms DESC, consent_id"
                         ),
                         &[
                             &pseudonym,
@@ -456,7 +518,7 @@ impl ConsentStore {
                         ],
                     )
                     .await?;
-                return Ok(found.as_ref().map(from_row).filter(covers));
+                return Ok(self.authentic(&rows).into_iter().find(covers));
             }
         };
         for entry in by_subject.scan_prefix(self.subject_prefix(subject)) {

@@ -88,6 +88,8 @@ pub struct Broker {
     pub policy: Arc<PolicyStore>,
     /// Consents.
     pub consents: ConsentStore,
+    /// Quotas counted in the database replicas share, where they do.
+    pub shared_quotas: Option<crate::quota::SharedQuotas>,
     /// The audit log.
     pub audit: crate::storage::Audit,
     /// Subject pseudonyms for the audit log.
@@ -251,23 +253,19 @@ impl Broker {
         // authority's; then the caller's quota, and whether its deadline can
         // hold anything.
         exchange.record.caller_id = peer.spiffe_id();
-        let authenticated = tracing::info_span!("authenticate").in_scope(|| {
-            let caller = authorize_role(peer)?;
-            if let Err(over) = self.policy.current().quotas().check(caller.id()) {
-                return Err(Refusal::QuotaExceeded {
-                    caller: caller.spiffe_id(),
-                    quota: over.quota,
-                    retry_after: over.retry_after,
-                });
-            }
-            let reserve =
-                RESERVE.for_call(exchange.deadline.total(), self.append_latency.recent_max());
-            let work_deadline = exchange
-                .deadline
-                .keep_back(reserve, FORWARD_MIN)
-                .map_err(Refusal::DeadlineTooShort)?;
-            Ok((caller, work_deadline))
-        });
+        let authenticated = self
+            .count_quota(authorize_role(peer))
+            .instrument(tracing::info_span!("authenticate"))
+            .await
+            .and_then(|caller| {
+                let reserve =
+                    RESERVE.for_call(exchange.deadline.total(), self.append_latency.recent_max());
+                let work_deadline = exchange
+                    .deadline
+                    .keep_back(reserve, FORWARD_MIN)
+                    .map_err(Refusal::DeadlineTooShort)?;
+                Ok((caller, work_deadline))
+            });
         let caller = match authenticated {
             Ok((caller, work_deadline)) => {
                 exchange.work_deadline = work_deadline;
@@ -314,6 +312,11 @@ impl Broker {
                         };
                         return self.audit_and_answer(exchange, Err(refusal)).await;
                     }
+                    Begin::Unavailable => {
+                        return self
+                            .audit_and_answer(exchange, Err(Refusal::IdempotencyUnavailable))
+                            .await;
+                    }
                 }
             }
             if pending.is_none() {
@@ -334,6 +337,36 @@ impl Broker {
             remember(pending, exchange_id, &answer).await;
         }
         answer
+    }
+
+    /// Counts the request against the caller's quota: in the database
+    /// where replicas share it (counted here alone where that fails),
+    /// here otherwise.
+    async fn count_quota(
+        &self,
+        caller: Result<Participant, Refusal>,
+    ) -> Result<Participant, Refusal> {
+        let caller = caller?;
+        let quotas = self.policy.current();
+        let verdict = match (&self.shared_quotas, quotas.quotas().bucket_of(caller.id())) {
+            (Some(shared), Some(bucket)) => match shared.check(&bucket).await {
+                Ok(verdict) => verdict,
+                Err(e) => {
+                    tracing::warn!(
+                        error = %onceonly_store_postgres::describe(e.as_ref()),
+                        "the shared quota count failed; counting here alone"
+                    );
+                    quotas.quotas().check(caller.id())
+                }
+            },
+            _ => quotas.quotas().check(caller.id()),
+        };
+        verdict.map_err(|over| Refusal::QuotaExceeded {
+            caller: caller.spiffe_id(),
+            quota: over.quota,
+            retry_after: over.retry_after,
+        })?;
+        Ok(caller)
     }
 
     /// Waits for the first exchange of a repeated request id: its outcome,

@@ -17,7 +17,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use onceonly_proto::time::now_ms;
 use onceonly_proto::v1::{ExchangeOutcome, RequestEvidenceResponse};
 use prost::Message;
 use tokio::sync::watch;
@@ -96,6 +95,9 @@ pub enum Begin {
     Replay(Replay),
     /// Seen before with different content.
     Conflict,
+    /// The shared window could not be asked: running now could run the
+    /// request a second time at another replica, so it does not run.
+    Unavailable,
 }
 
 /// Where a repeat's first outcome comes from.
@@ -242,7 +244,7 @@ impl IdempotencyCache {
                     let sweeping = shared.clone();
                     tokio::spawn(async move {
                         if let Err(e) = sweeping.sweep().await {
-                            tracing::warn!(error = %e, "sweeping the shared idempotency window");
+                            tracing::warn!(error = %onceonly_store_postgres::describe(e.as_ref()), "sweeping the shared idempotency window");
                         }
                     });
                 }
@@ -257,10 +259,13 @@ impl IdempotencyCache {
                 exchange_id,
             }),
             Err(e) => {
-                // Without the database the exchange cannot be audited
-                // either, so it releases nothing; it runs as new here.
-                tracing::warn!(error = %e, "the shared idempotency window is unavailable");
-                Begin::New(pending)
+                // The claim may even have landed with its answer lost:
+                // running now could run the request twice.
+                tracing::warn!(
+                    error = %onceonly_store_postgres::describe(e.as_ref()),
+                    "the shared idempotency window is unavailable"
+                );
+                Begin::Unavailable
             }
         }
     }
@@ -389,11 +394,15 @@ pub struct SharedWindow {
 
 type WindowError = Box<dyn std::error::Error + Send + Sync>;
 
-fn context(caller: &str, request_id: &str) -> Vec<u8> {
+/// What a sealed outcome is bound to: its claim (caller, request id and
+/// the exchange that claimed it), so a database writer cannot move an
+/// outcome to another claim.
+fn context(caller: &str, request_id: &str, exchange_id: &str) -> Vec<u8> {
     let mut context = b"onceonly-idempotency-v1\0".to_vec();
-    context.extend_from_slice(caller.as_bytes());
-    context.push(0);
-    context.extend_from_slice(request_id.as_bytes());
+    for part in [caller, request_id, exchange_id] {
+        context.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        context.extend_from_slice(part.as_bytes());
+    }
     context
 }
 
@@ -430,23 +439,24 @@ impl SharedWindow {
         exchange_id: &str,
     ) -> Result<Claim, WindowError> {
         let client = self.client().await?;
-        let now = now_ms();
-        let expires = now + self.window.as_millis() as i64;
-        let stale = now - self.stale_after.as_millis() as i64;
+        let window = self.window.as_millis() as i64;
+        let stale = self.stale_after.as_millis() as i64;
         // New, expired, or claimed and abandoned (no outcome long past any
-        // deadline): ours.
+        // deadline): ours. Times are the database's, one clock for all.
         let claimed = client
             .query_opt(
-                "INSERT INTO idempotency AS i
+                "WITH clock AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now_ms)
+                 INSERT INTO idempotency AS i
                      (caller_id, request_id, fingerprint, exchange_id, outcome_sealed, started_at_ms, expires_at_ms)
-                 VALUES ($1, $2, $3, $4, NULL, $5, $6)
+                 SELECT $1, $2, $3, $4, NULL, clock.now_ms, clock.now_ms + $5 FROM clock
                  ON CONFLICT (caller_id, request_id) DO UPDATE
                    SET fingerprint = EXCLUDED.fingerprint, exchange_id = EXCLUDED.exchange_id,
                        outcome_sealed = NULL, started_at_ms = EXCLUDED.started_at_ms,
                        expires_at_ms = EXCLUDED.expires_at_ms
-                   WHERE i.expires_at_ms <= $5 OR (i.outcome_sealed IS NULL AND i.started_at_ms < $7)
+                   WHERE i.expires_at_ms <= EXCLUDED.started_at_ms
+                      OR (i.outcome_sealed IS NULL AND i.started_at_ms < EXCLUDED.started_at_ms - $6)
                  RETURNING exchange_id",
-                &[&caller, &request_id, &fingerprint.as_slice(), &exchange_id, &now, &expires, &stale],
+                &[&caller, &request_id, &fingerprint.as_slice(), &exchange_id, &window, &stale],
             )
             .await?;
         if claimed.is_some() {
@@ -510,8 +520,9 @@ impl SharedWindow {
         let result: Result<(), WindowError> = async {
             let bytes = self
                 .sealing
-                .seal_outcome(&context(caller, request_id), &sealed.encode_to_vec())?;
-            self.client()
+                .seal_outcome(&context(caller, request_id, exchange_id), &sealed.encode_to_vec())?;
+            let updated = self
+                .client()
                 .await?
                 .execute(
                     "UPDATE idempotency SET outcome_sealed = $4
@@ -519,11 +530,14 @@ impl SharedWindow {
                     &[&caller, &request_id, &exchange_id, &bytes],
                 )
                 .await?;
+            if updated == 0 {
+                return Err("the claim is gone (taken over as stale, or expired) before its outcome was stored".into());
+            }
             Ok(())
         }
         .await;
         if let Err(e) = result {
-            tracing::warn!(error = %e, "could not store the outcome in the shared idempotency window");
+            tracing::warn!(error = %onceonly_store_postgres::describe(e.as_ref()), "could not store the outcome in the shared idempotency window");
         }
     }
 
@@ -541,7 +555,7 @@ impl SharedWindow {
         }
         .await;
         if let Err(e) = result {
-            tracing::warn!(error = %e, "could not release a claim in the shared idempotency window");
+            tracing::warn!(error = %onceonly_store_postgres::describe(e.as_ref()), "could not release a claim in the shared idempotency window");
         }
     }
 
@@ -567,10 +581,10 @@ impl SharedWindow {
                     )
                     .await
                     .map_err(
-                        |e| tracing::warn!(error = %e, "reading the shared idempotency window"),
+                        |e| tracing::warn!(error = %onceonly_store_postgres::describe(&e), "reading the shared idempotency window"),
                     ),
                 Err(e) => {
-                    tracing::warn!(error = %e, "reading the shared idempotency window");
+                    tracing::warn!(error = %onceonly_store_postgres::describe(e.as_ref()), "reading the shared idempotency window");
                     Err(())
                 }
             };
@@ -579,7 +593,7 @@ impl SharedWindow {
                 Ok(Some(row)) if row.get::<_, String>(0) != exchange_id => return None,
                 Ok(Some(row)) => {
                     if let Some(bytes) = row.get::<_, Option<Vec<u8>>>(1) {
-                        return self.open(caller, request_id, &bytes);
+                        return self.open(caller, request_id, exchange_id, &bytes);
                     }
                 }
                 Err(()) => {}
@@ -589,10 +603,16 @@ impl SharedWindow {
         }
     }
 
-    fn open(&self, caller: &str, request_id: &str, bytes: &[u8]) -> Option<StoredOutcome> {
+    fn open(
+        &self,
+        caller: &str,
+        request_id: &str,
+        exchange_id: &str,
+        bytes: &[u8],
+    ) -> Option<StoredOutcome> {
         let plain = self
             .sealing
-            .open_outcome(&context(caller, request_id), bytes)
+            .open_outcome(&context(caller, request_id, exchange_id), bytes)
             .map_err(|e| tracing::error!(error = %e, "a shared outcome does not open"))
             .ok()?;
         let sealed = SealedOutcome::decode(plain.as_slice())
@@ -622,8 +642,9 @@ impl SharedWindow {
             .client()
             .await?
             .execute(
-                "DELETE FROM idempotency WHERE expires_at_ms <= $1",
-                &[&now_ms()],
+                "DELETE FROM idempotency
+                 WHERE expires_at_ms <= (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+                &[],
             )
             .await?)
     }

@@ -22,6 +22,7 @@ pub struct Pseudonymiser {
     key: hmac::Key,
     sealing: aead::LessSafeKey,
     outcomes: aead::LessSafeKey,
+    rows: hmac::Key,
 }
 
 /// Why a subject id could not be sealed, or a sealed one opened.
@@ -36,6 +37,18 @@ const SEALING_LABEL: &[u8] = b"onceonly-consent-subject-sealing-v1";
 /// The HKDF label of the key that seals remembered outcomes (evidence
 /// included) in the replicas' shared idempotency window.
 const OUTCOME_LABEL: &[u8] = b"onceonly-idempotency-outcome-sealing-v1";
+/// The HKDF label of the key that authenticates rows replicas share in
+/// PostgreSQL (queued audit records, consents).
+const ROWS_LABEL: &[u8] = b"onceonly-shared-row-authentication-v1";
+
+/// HKDF output length for an HMAC-SHA-256 key.
+struct HmacKeyLen;
+
+impl hkdf::KeyType for HmacKeyLen {
+    fn len(&self) -> usize {
+        32
+    }
+}
 
 impl std::fmt::Debug for Pseudonymiser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -58,10 +71,18 @@ impl Pseudonymiser {
                 Err(_) => unreachable!("HKDF-SHA-256 yields 32 bytes"),
             }
         };
+        let mut rows = [0u8; 32];
+        let filled = prk
+            .expand(&[ROWS_LABEL], HmacKeyLen)
+            .and_then(|okm| okm.fill(&mut rows));
+        if filled.is_err() {
+            unreachable!("HKDF-SHA-256 yields 32 bytes");
+        }
         Pseudonymiser {
             key: hmac::Key::new(hmac::HMAC_SHA256, secret),
             sealing: derive(SEALING_LABEL),
             outcomes: derive(OUTCOME_LABEL),
+            rows: hmac::Key::new(hmac::HMAC_SHA256, &rows),
         }
     }
 
@@ -99,6 +120,12 @@ impl Pseudonymiser {
         let text = std::str::from_utf8(plain).map_err(|_| Unsealable)?;
         let (scheme, value) = text.split_once(':').ok_or(Unsealable)?;
         Ok((scheme.parse().map_err(|_| Unsealable)?, value.to_owned()))
+    }
+
+    /// The key that authenticates rows replicas share (derived, never the
+    /// secret itself).
+    pub fn row_key(&self) -> hmac::Key {
+        self.rows.clone()
     }
 
     /// Seals a remembered outcome for the shared idempotency window, bound

@@ -26,6 +26,16 @@
 //! two group quotas, is refused when the policy loads. Counting uses the GCRA
 //! of the `governor` crate (a well-kept limiter, lock-free per check). A
 //! policy reload starts every quota afresh.
+//!
+//! Replicas on PostgreSQL share their quotas ([`SharedQuotas`]): a caller's
+//! gRPC connection stays with one replica, so splitting a quota between
+//! replicas would refuse a caller whose traffic all lands on one, and
+//! counting alone would let it have the quota once per replica. The same
+//! GCRA runs in one `UPDATE` on an unlogged table, on the database's clock,
+//! so a caller's requests count once wherever they land. Where the
+//! database fails the check, the replica counts alone (at worst the quota
+//! once per replica) — the request is then refused anyway if its audit
+//! record cannot be written.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -103,7 +113,34 @@ pub struct OverQuota {
 
 struct Bucket {
     name: String,
+    /// The bucket's key in the shared table: the quota's name, and the
+    /// caller where each member has its own.
+    key: String,
+    spec: QuotaSpec,
     limiter: DefaultDirectRateLimiter,
+}
+
+/// Where a caller's requests count, for quotas shared by replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketRef {
+    /// The key in the shared table.
+    pub key: String,
+    /// The quota's name and limits, quoted to the caller.
+    pub name: String,
+    /// The limits.
+    pub spec: QuotaSpec,
+}
+
+impl QuotaSpec {
+    /// The time one request uses up of the rate (the GCRA's emission
+    /// interval).
+    pub fn emission_interval(&self) -> Duration {
+        match (self.per_second, self.per_minute) {
+            (Some(rate), _) => Duration::from_secs(1) / rate.get(),
+            (None, Some(rate)) => Duration::from_secs(60) / rate.get(),
+            (None, None) => Duration::from_secs(3600),
+        }
+    }
 }
 
 /// The quotas in force.
@@ -142,8 +179,11 @@ impl Quotas {
         let mut direct: HashMap<String, Arc<Bucket>> = HashMap::new();
         let mut via_group: HashMap<String, Arc<Bucket>> = HashMap::new();
         for (position, entry) in entries.iter().enumerate() {
+            let name = format!("{}: {}", entry.id, entry.spec);
             let shared = Arc::new(Bucket {
-                name: format!("{}: {}", entry.id, entry.spec),
+                key: name.clone(),
+                name,
+                spec: entry.spec,
                 limiter: DefaultDirectRateLimiter::direct(entry.spec.quota()),
             });
             for caller in entry.callers.get_ref() {
@@ -158,6 +198,8 @@ impl Quotas {
                         &mut direct,
                         Arc::new(Bucket {
                             name: shared.name.clone(),
+                            key: format!("{}\n{caller}", shared.name),
+                            spec: entry.spec,
                             limiter: DefaultDirectRateLimiter::direct(entry.spec.quota()),
                         }),
                     ),
@@ -203,9 +245,87 @@ impl Quotas {
         })
     }
 
+    /// The bucket `caller_id`'s requests count in, if it has a quota.
+    pub fn bucket_of(&self, caller_id: &str) -> Option<BucketRef> {
+        match self.by_caller.get(caller_id) {
+            Some(bucket) => Some(BucketRef {
+                key: bucket.key.clone(),
+                name: bucket.name.clone(),
+                spec: bucket.spec,
+            }),
+            None => self.default.as_ref().map(|(spec, _)| BucketRef {
+                key: format!("default: {spec}\n{caller_id}"),
+                name: format!("default: {spec}"),
+                spec: *spec,
+            }),
+        }
+    }
+
     /// Whether no quota is set.
     pub fn is_empty(&self) -> bool {
         self.by_caller.is_empty() && self.default.is_none()
+    }
+}
+
+/// Quotas counted in PostgreSQL, shared by replicas.
+pub struct SharedQuotas {
+    pool: onceonly_store_postgres::Pool,
+    timeout: Duration,
+}
+
+/// Why the shared count could not be taken.
+pub type SharedQuotaError = Box<dyn std::error::Error + Send + Sync>;
+
+impl SharedQuotas {
+    /// Quotas counted in `pool`'s database.
+    pub fn new(pool: onceonly_store_postgres::Pool, timeout: Duration) -> Self {
+        SharedQuotas { pool, timeout }
+    }
+
+    /// Counts one request in `bucket`, on the database's clock: Ok(Err)
+    /// where it is over the quota.
+    pub async fn check(
+        &self,
+        bucket: &BucketRef,
+    ) -> Result<Result<(), OverQuota>, SharedQuotaError> {
+        let interval =
+            i64::try_from(bucket.spec.emission_interval().as_micros()).unwrap_or(i64::MAX);
+        let tolerance = interval.saturating_mul(i64::from(bucket.spec.burst.get()));
+        let work = async {
+            let client = self.pool.get().await?;
+            // GCRA: the theoretical arrival time moves on by one interval
+            // per request, from now at the earliest; a request is admitted
+            // while it stays within burst intervals of now.
+            let admitted = client
+                .query_opt(
+                    "WITH clock AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS now_us)
+                     INSERT INTO quota_gcra AS q (bucket, tat_us)
+                     SELECT $1, clock.now_us + $2 FROM clock
+                     ON CONFLICT (bucket) DO UPDATE
+                       SET tat_us = greatest(q.tat_us, EXCLUDED.tat_us - $2) + $2
+                       WHERE greatest(q.tat_us, EXCLUDED.tat_us - $2) + $2 - (EXCLUDED.tat_us - $2) <= $3
+                     RETURNING tat_us",
+                    &[&bucket.key, &interval, &tolerance],
+                )
+                .await?;
+            if admitted.is_some() {
+                return Ok(Ok(()));
+            }
+            let wait_us: i64 = client
+                .query_one(
+                    "SELECT tat_us - (extract(epoch FROM clock_timestamp()) * 1000000)::bigint
+                     FROM quota_gcra WHERE bucket = $1",
+                    &[&bucket.key],
+                )
+                .await?
+                .get(0);
+            let retry_after = wait_us.saturating_sub(tolerance - interval).max(0);
+            Ok::<_, SharedQuotaError>(Err(OverQuota {
+                quota: bucket.name.clone(),
+                retry_after: Duration::from_micros(retry_after as u64),
+            }))
+        };
+        tokio::time::timeout(self.timeout, work).await?
     }
 }
 

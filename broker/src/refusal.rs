@@ -71,6 +71,9 @@ pub enum Refusal {
     /// The consent store could not be read.
     #[error("consent store unavailable")]
     ConsentStoreUnavailable,
+    /// The request-id window replicas share could not be read or claimed.
+    #[error("shared idempotency window unavailable")]
+    IdempotencyUnavailable,
     /// The encryption certificate the request names is not the caller's
     /// own encryption certificate of the trust domain.
     #[error("encryption certificate refused: {0}")]
@@ -156,6 +159,7 @@ impl Refusal {
             Refusal::Replayed(first) => first.outcome,
             Refusal::DeadlineTooShort(_)
             | Refusal::ConsentStoreUnavailable
+            | Refusal::IdempotencyUnavailable
             | Refusal::NoRoute { .. }
             | Refusal::Overloaded { .. }
             | Refusal::DeadlineExceeded { .. }
@@ -267,6 +271,11 @@ impl Refusal {
                 format!(
                     "the policy releases {evidence_type:?} only encrypted to the requester: name your encryption certificate in encryption_certificate"
                 ),
+            ),
+            Refusal::IdempotencyUnavailable => error(
+                Code::Unavailable,
+                ErrorReason::BrokerUnavailable,
+                "the request ids the replicas share cannot be checked now, so this request did not run; retry with the same request_id",
             ),
             Refusal::ConsentStoreUnavailable => error(
                 Code::Unavailable,

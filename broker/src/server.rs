@@ -189,6 +189,7 @@ async fn open_replicated(
     let (log, writer) = onceonly_store_postgres::PgAuditLog::open(
         pool.clone(),
         audit_key,
+        pseudonyms.row_key(),
         onceonly_store_postgres::LogSettings {
             replica: replica.clone(),
             merge_delay: storage.merge_delay,
@@ -253,6 +254,9 @@ impl BoundBroker {
             routing,
             policy,
             consents,
+            shared_quotas: shared
+                .clone()
+                .map(|pool| crate::quota::SharedQuotas::new(pool, config.storage.timeout)),
             audit,
             pseudonyms: pseudonyms.clone(),
             forwarder: Forwarder::new(client_tls, identity.trust_domain(), config.circuit.clone()),
@@ -264,12 +268,15 @@ impl BoundBroker {
                 );
                 match shared {
                     // A claim with no outcome long after any exchange's
-                    // deadline is its replica's crash.
+                    // deadline and every bounded database step after it
+                    // (audit commit, outcome store) is its replica's crash.
                     Some(pool) => cache.with_shared(crate::idempotency::SharedWindow::new(
                         pool,
                         pseudonyms.clone(),
                         config.idempotency.window,
-                        config.limits.max_request_time + Duration::from_secs(10),
+                        config.limits.max_request_time
+                            + config.storage.timeout * 4
+                            + Duration::from_secs(10),
                         config.storage.timeout,
                     )),
                     None => cache,

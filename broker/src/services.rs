@@ -478,6 +478,13 @@ impl AuditService for AuditGrpc {
         )?;
         let mut ask = request.into_inner();
         if !ask.leaf_hash.is_empty() {
+            if self.0.audit.embedded().is_some() {
+                return Err(error(
+                    Code::FailedPrecondition,
+                    ErrorReason::InvalidRequest,
+                    "this broker runs on its embedded log, which keeps no index by leaf hash: its answers carry audit_log_index; ask by leaf_index",
+                ));
+            }
             // By hash (a receipt's), as RFC 6962's get-proof-by-hash.
             let wanted: onceonly_merkle::Hash =
                 ask.leaf_hash.as_slice().try_into().map_err(|_| {

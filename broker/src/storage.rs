@@ -72,23 +72,15 @@ impl Audit {
     }
 
     /// The index of the record whose leaf hash is `leaf_hash`, among the
-    /// first `size` (None where it is not there).
+    /// first `size` (None where it is not there); Err(Unsupported) for the
+    /// embedded log, which has no such index (its answers carry the
+    /// record's log index instead, and a scan per call would let any
+    /// caller make the broker read its whole log).
     pub async fn find_leaf(&self, leaf_hash: &Hash, size: u64) -> Result<Option<u64>, AuditError> {
         match self {
-            Audit::Embedded(log) => {
-                let log = log.clone();
-                let wanted = *leaf_hash;
-                tokio::task::spawn_blocking(move || {
-                    for index in 0..size.min(log.len()) {
-                        if log.leaf_hash(index)? == wanted {
-                            return Ok(Some(index));
-                        }
-                    }
-                    Ok(None)
-                })
-                .await
-                .map_err(|e| AuditError::Storage(format!("leaf search: {e}")))?
-            }
+            Audit::Embedded(_) => Err(AuditError::OutOfRange(
+                "lookup by leaf hash is for replicas' receipts; this broker runs on its embedded log, whose answers carry audit_log_index: ask by leaf_index".into(),
+            )),
             Audit::Replicated(log) => Ok(log.find_leaf(leaf_hash).await?.filter(|i| *i < size)),
         }
     }
@@ -259,11 +251,14 @@ pub async fn open_postgres(
         password,
         size: storage.pool_size,
         timeout: storage.timeout,
+        // Shorter than the lease: a dead sequencer's transaction (and its
+        // lock on the lease row) ends before the lease would.
+        idle_in_transaction: storage.sequencer_lease,
     })?;
     let mut client = pool
         .get()
         .await
-        .map_err(|e| PostgresError::Connect(e.to_string()))?;
+        .map_err(|e| PostgresError::Connect(onceonly_store_postgres::describe(&e)))?;
     let mode = match storage.schema {
         SchemaPolicy::Apply => onceonly_store_postgres::Mode::Apply,
         SchemaPolicy::Check => onceonly_store_postgres::Mode::Check,

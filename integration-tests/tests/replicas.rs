@@ -505,7 +505,25 @@ async fn heads_stay_consistent_when_the_sequencers_connections_are_cut_mid_batch
     assert!(failed_runs() > 0, "no sequencing run was cut");
     assert!(!acknowledged.is_empty(), "nothing was answered");
 
-    // Every acknowledged request is in a head within the merge delay.
+    // Every acknowledged request is in a head within the merge delay:
+    // the queue drains (records committed without an answer, their
+    // connection cut, are sequenced too).
+    let deadline = Instant::now() + Duration::from_millis(MERGE_DELAY_MS * 2);
+    loop {
+        let queued: i64 = client
+            .query_one("SELECT count(*) FROM audit_queue", &[])
+            .await
+            .expect("queue")
+            .get(0);
+        if queued == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{queued} records never sequenced"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let final_head = head_covering(
         &world,
         addrs[0],
@@ -558,4 +576,253 @@ async fn heads_stay_consistent_when_the_sequencers_connections_are_cut_mid_batch
     verify_remote(&mut auditor(&world, addrs[0]), &key, None, true)
         .await
         .expect("the whole log verifies");
+}
+
+async fn database(postgres: &TestPostgres) -> tokio_postgres::Client {
+    let (client, connection) =
+        tokio_postgres::connect(&postgres.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("connects");
+    tokio::spawn(connection);
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_written_into_the_database_by_anyone_but_a_replica_do_not_count() {
+    let (postgres, world, others) = replicas(1).await;
+    let (a, b) = (world.broker_addr(), others[0].local_addr());
+    let db = database(&postgres).await;
+
+    // An intruder with write access to the database copies a real consent
+    // row (granted for another authority) and rewrites it for Berlin: the
+    // replicas do not honour it.
+    let granted = portal(&world, a)
+        .grant_consent(GrantConsentRequest {
+            subject: Some(anna()),
+            authority_id: format!("spiffe://onceonly.test/authority/{}", AUTHORITIES[1]),
+            evidence_type: "proof-of-residence".into(),
+            purpose: "parental-allowance".into(),
+            expires_at: Some(onceonly_proto::time::timestamp(
+                onceonly_proto::time::now_ms() + 3_600_000,
+            )),
+        })
+        .await
+        .expect("grant")
+        .into_inner()
+        .consent
+        .expect("consent");
+    db.execute(
+        "INSERT INTO consents
+         SELECT 'cns-forged', subject_scheme, subject_pseudonym, subject_sealed,
+                'spiffe://onceonly.test/authority/' || $2, evidence_type, purpose,
+                granted_at_ms, expires_at_ms, revoked_at_ms, recorded_by, mac
+         FROM consents WHERE consent_id = $1",
+        &[&granted.consent_id, &BERLIN],
+    )
+    .await
+    .expect("forged row");
+    let refused = authority(&world, b)
+        .request_evidence(residence("forged-consent-1"))
+        .await
+        .expect_err("a forged consent row is no consent");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(reason_of(&refused), Some(ErrorReason::ConsentMissing));
+    // Un-revoking a revoked consent by clearing its revocation: refused too.
+    let own = portal(&world, a)
+        .grant_consent(GrantConsentRequest {
+            subject: Some(anna()),
+            authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
+            evidence_type: "proof-of-residence".into(),
+            purpose: "parental-allowance".into(),
+            expires_at: Some(onceonly_proto::time::timestamp(
+                onceonly_proto::time::now_ms() + 3_600_000,
+            )),
+        })
+        .await
+        .expect("grant")
+        .into_inner()
+        .consent
+        .expect("consent");
+    portal(&world, b)
+        .revoke_consent(RevokeConsentRequest {
+            consent_id: own.consent_id.clone(),
+        })
+        .await
+        .expect("revoke");
+    db.execute(
+        "UPDATE consents SET revoked_at_ms = NULL WHERE consent_id = $1",
+        &[&own.consent_id],
+    )
+    .await
+    .expect("un-revoke");
+    let refused = authority(&world, a)
+        .request_evidence(residence("forged-consent-2"))
+        .await
+        .expect_err("an altered consent row is no consent");
+    assert_eq!(reason_of(&refused), Some(ErrorReason::ConsentMissing));
+
+    // An intruder writes an audit record straight into the queue: the
+    // sequencer sets it aside and signs only what replicas committed.
+    authority(&world, a)
+        .request_evidence(birth_certificate("genuine-1"))
+        .await
+        .expect("delivered");
+    let forged = prost::Message::encode_to_vec(&onceonly_proto::v1::AuditRecord {
+        exchange_id: "ex-forged".into(),
+        request_id: "forged-record".into(),
+        caller_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
+        ..Default::default()
+    });
+    db.execute(
+        "INSERT INTO audit_queue (replica, leaf_hash, record, mac, queued_at_ms)
+         VALUES ('intruder', $1, $2, $3, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)",
+        &[
+            &onceonly_merkle::leaf_hash(&forged).as_slice(),
+            &forged,
+            &vec![0u8; 32],
+        ],
+    )
+    .await
+    .expect("forged queue row");
+    authority(&world, b)
+        .request_evidence(birth_certificate("genuine-2"))
+        .await
+        .expect("delivered");
+    let deadline = Instant::now() + Duration::from_millis(MERGE_DELAY_MS * 2);
+    let quarantined = loop {
+        let rows: i64 = db
+            .query_one(
+                "SELECT count(*) FROM audit_quarantine WHERE replica = 'intruder'",
+                &[],
+            )
+            .await
+            .expect("quarantine")
+            .get(0);
+        if rows > 0 {
+            break rows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the forged row was never set aside"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(quarantined, 1);
+    world
+        .wait_for_records("genuine-2", 1, Duration::from_millis(MERGE_DELAY_MS * 2))
+        .await;
+    let records = world.audit_records().await;
+    assert_eq!(
+        of_count(&records, "forged-record"),
+        0,
+        "signed into the log"
+    );
+    let head = head_covering(&world, b, 1, Duration::from_secs(5)).await;
+    let leaves = head.tree_size as usize;
+    assert_eq!(leaves, records.len());
+    verify_remote(
+        &mut auditor(&world, a),
+        &audit_public_key(&world),
+        None,
+        true,
+    )
+    .await
+    .expect("the log verifies without it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_sequencer_replicas_give_no_receipt_and_resume_with_one() {
+    let (postgres, world, others) = replicas(1).await;
+    let (a, b) = (world.broker_addr(), others[0].local_addr());
+    authority(&world, a)
+        .request_evidence(birth_certificate("before-stall"))
+        .await
+        .expect("delivered");
+    // Sequenced: the lease row exists.
+    head_covering(&world, a, 1, Duration::from_millis(MERGE_DELAY_MS * 2)).await;
+    // Hold the lease row's lock, as a sequencer whose host died inside its
+    // transaction would: no replica can sequence.
+    let mut db = database(&postgres).await;
+    let holder = db.transaction().await.expect("transaction");
+    let locked = holder
+        .execute("SELECT * FROM sequencer_lease FOR UPDATE", &[])
+        .await
+        .expect("lock");
+    assert_eq!(locked, 1, "the lease row is locked");
+    // A record committed now would wait past any failover: the replicas
+    // notice, refuse (no receipt they could not keep) and stop serving.
+    let _ = authority(&world, b)
+        .request_evidence(birth_certificate("stalled-0"))
+        .await;
+    for addr in [a, b] {
+        wait_for_health(&world, addr, false).await;
+    }
+    let refused = authority(&world, a)
+        .request_evidence(birth_certificate("stalled-1"))
+        .await
+        .expect_err("no receipt while nothing sequences");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(reason_of(&refused), Some(ErrorReason::AuditUnavailable));
+
+    // The lock goes (the server ends a dead session's idle transaction
+    // after storage.sequencer_lease): sequencing resumes by itself.
+    holder.rollback().await.expect("release");
+    for addr in [a, b] {
+        wait_for_health(&world, addr, true).await;
+    }
+    let answer = authority(&world, b)
+        .request_evidence(birth_certificate("after-stall"))
+        .await
+        .expect("serving again")
+        .into_inner();
+    assert!(answer.audit_receipt.is_some());
+    let after = world
+        .wait_for_records("after-stall", 1, Duration::from_millis(MERGE_DELAY_MS * 2))
+        .await;
+    assert_eq!(after.len(), 1);
+    let records = world.audit_records().await;
+    assert_eq!(of_count(&records, "stalled-1"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_holds_across_replicas() {
+    let (_postgres, mut world, _others) = replicas(0).await;
+    // Berlin may make 3 requests at once, then 1 a minute, wherever they
+    // land.
+    let policy = std::fs::read_to_string(world.policy_path()).expect("policy");
+    std::fs::write(
+        world.policy_path(),
+        format!(
+            "{policy}\n[[quota]]\nid = \"berlin\"\ncallers = [\"{BERLIN}\"]\nper_minute = 1\nburst = 3\n"
+        ),
+    )
+    .expect("policy");
+    world.stop_broker().await;
+    world.start_broker().await;
+    let other = world.start_replica(1).await;
+    let (a, b) = (world.broker_addr(), other.local_addr());
+    for (n, addr) in [a, b, a].into_iter().enumerate() {
+        authority(&world, addr)
+            .request_evidence(birth_certificate(&format!("quota-{n}")))
+            .await
+            .unwrap_or_else(|e| panic!("request {n} is within the burst: {e:?}"));
+    }
+    for (n, addr) in [b, a].into_iter().enumerate() {
+        let over = authority(&world, addr)
+            .request_evidence(birth_certificate(&format!("over-quota-{n}")))
+            .await
+            .expect_err("the burst is used up across both replicas");
+        assert_eq!(over.code(), Code::ResourceExhausted, "{over:?}");
+        assert_eq!(reason_of(&over), Some(ErrorReason::QuotaExceeded));
+        let retry = onceonly_proto::status::retry_after(&over).expect("RetryInfo");
+        assert!(
+            retry > Duration::from_secs(30) && retry <= Duration::from_secs(60),
+            "{retry:?}"
+        );
+    }
+    // Another authority has no quota and is not affected.
+    EvidenceServiceClient::new(world.channel_to(b, Role::Authority, AUTHORITIES[1]))
+        .request_evidence(birth_certificate("other-authority"))
+        .await
+        .expect("other callers are not limited");
 }

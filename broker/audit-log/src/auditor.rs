@@ -80,6 +80,11 @@ pub enum ReceiptStatus {
         tree_size: u64,
         /// The promise.
         include_by_ms: u64,
+        /// Whether the deadline has passed by this machine's clock (by more
+        /// than a minute, for clock differences): the broker publishes no
+        /// head since, which breaks the promise too, though no signed head
+        /// proves it yet.
+        overdue: bool,
     },
 }
 
@@ -115,9 +120,13 @@ pub async fn check_receipt(
                 head_ms,
             })
         } else {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
             Ok(ReceiptStatus::Pending {
                 tree_size: size,
                 include_by_ms: checked.include_by_ms,
+                overdue: now > checked.include_by_ms.saturating_add(60_000),
             })
         }
     };
@@ -156,6 +165,39 @@ pub async fn check_receipt(
             "the broker's inclusion proof for the receipt's record does not verify: {e}"
         ))
     })?;
+    // Where this caller may read entries (an auditor), the record at that
+    // place must be the receipt's exchange's: a receipt moved to another
+    // exchange's record is a broken promise too.
+    match client
+        .get_entries(GetEntriesRequest {
+            start_index: proof.leaf_index,
+            max_entries: 1,
+        })
+        .await
+    {
+        Ok(entries) => {
+            let entry = entries
+                .into_inner()
+                .entries
+                .into_iter()
+                .next()
+                .ok_or_else(|| {
+                    AuditorError::Entries(format!("no entry at {}", proof.leaf_index))
+                })?;
+            let record = onceonly_proto::v1::AuditRecord::decode(entry.leaf_data.as_slice())
+                .map_err(|e| AuditorError::Entries(format!("entry {}: {e}", proof.leaf_index)))?;
+            if onceonly_merkle::leaf_hash(&entry.leaf_data) != checked.leaf_hash
+                || record.exchange_id != receipt.exchange_id
+            {
+                return Err(AuditorError::Entries(format!(
+                    "the record at {} is exchange {:?}, not the receipt's {:?}: keep the receipt, it proves the broken promise",
+                    proof.leaf_index, record.exchange_id, receipt.exchange_id
+                )));
+            }
+        }
+        Err(status) if status.code() == tonic::Code::PermissionDenied => {}
+        Err(status) => return Err(status.into()),
+    }
     Ok(ReceiptStatus::Included {
         index: proof.leaf_index,
         head,

@@ -15,47 +15,75 @@ use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 
 /// What a receipt's signature starts with.
 pub const SIGNING_CONTEXT: &[u8] = b"onceonly-receipt-v1\n";
+/// What a bound leaf's hash input starts with.
+pub const LEAF_CONTEXT: &[u8] = b"onceonly-receipt-leaf-v1\0";
+
+/// The batch tree's leaf for a record: its leaf hash bound to the exchange
+/// it names, so a receipt cannot be moved to another exchange.
+pub fn bound_leaf(leaf_hash: &Hash, exchange_id: &str) -> Hash {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(LEAF_CONTEXT);
+    hasher.update(leaf_hash);
+    hasher.update(exchange_id.as_bytes());
+    hasher.finalize().into()
+}
 
 /// The bytes a batch's signature covers.
 pub fn signing_input(
     batch_size: u64,
     committed_at_ms: u64,
     include_by_ms: u64,
+    replica: &str,
     batch_root: &Hash,
 ) -> Vec<u8> {
-    let mut input = Vec::with_capacity(SIGNING_CONTEXT.len() + 24 + 32);
+    let mut input = Vec::with_capacity(SIGNING_CONTEXT.len() + 28 + replica.len() + 32);
     input.extend_from_slice(SIGNING_CONTEXT);
     input.extend_from_slice(&batch_size.to_be_bytes());
     input.extend_from_slice(&committed_at_ms.to_be_bytes());
     input.extend_from_slice(&include_by_ms.to_be_bytes());
+    input.extend_from_slice(&(replica.len() as u32).to_be_bytes());
+    input.extend_from_slice(replica.as_bytes());
     input.extend_from_slice(batch_root);
     input
 }
 
-/// Signs one batch of committed leaves and returns each leaf's receipt, in
-/// the batch's order. One signature for the whole batch.
+/// Signs one batch of committed records, given as (leaf hash, exchange id),
+/// and returns each one's receipt, in the batch's order. One signature for
+/// the whole batch.
 pub fn sign_batch(
     key: &Ed25519KeyPair,
     replica: &str,
-    leaves: &[Hash],
+    records: &[(Hash, String)],
     committed_at_ms: u64,
     include_by_ms: u64,
 ) -> Vec<AuditReceipt> {
-    let root = mth(leaves);
-    let size = leaves.len() as u64;
+    let bound: Vec<Hash> = records
+        .iter()
+        .map(|(leaf, exchange_id)| bound_leaf(leaf, exchange_id))
+        .collect();
+    let root = mth(&bound);
+    let size = bound.len() as u64;
     let signature = key
-        .sign(&signing_input(size, committed_at_ms, include_by_ms, &root))
+        .sign(&signing_input(
+            size,
+            committed_at_ms,
+            include_by_ms,
+            replica,
+            &root,
+        ))
         .as_ref()
         .to_vec();
     let key_id = key_id(key.public_key().as_ref());
-    leaves
+    records
         .iter()
         .enumerate()
-        .map(|(n, leaf)| {
+        .map(|(n, (leaf, exchange_id))| {
             // n < size: the proof exists.
-            let path = inclusion_proof(leaves, n as u64, size).unwrap_or_default();
+            let path = inclusion_proof(bound.as_slice(), n as u64, size).unwrap_or_default();
             AuditReceipt {
                 leaf_hash: leaf.to_vec(),
+                exchange_id: exchange_id.clone(),
                 committed_at: Some(timestamp(committed_at_ms as i64)),
                 include_by: Some(timestamp(include_by_ms as i64)),
                 batch_size: size,
@@ -147,7 +175,7 @@ pub fn verify(receipt: &AuditReceipt, public_key: &[u8]) -> Result<CheckedReceip
         )));
     }
     verify_inclusion(
-        &leaf_hash,
+        &bound_leaf(&leaf_hash, &receipt.exchange_id),
         receipt.batch_index,
         receipt.batch_size,
         &path,
@@ -158,7 +186,13 @@ pub fn verify(receipt: &AuditReceipt, public_key: &[u8]) -> Result<CheckedReceip
     let include_by_ms = millis(receipt.include_by.as_ref(), "include_by")?;
     UnparsedPublicKey::new(&ED25519, public_key)
         .verify(
-            &signing_input(receipt.batch_size, committed_at_ms, include_by_ms, &root),
+            &signing_input(
+                receipt.batch_size,
+                committed_at_ms,
+                include_by_ms,
+                &receipt.replica,
+                &root,
+            ),
             &receipt.signature,
         )
         .map_err(|_| ReceiptError::BadSignature)?;
@@ -185,21 +219,43 @@ mod tests {
         let key = new_key();
         let public = key.public_key().as_ref().to_vec();
         for size in [1usize, 2, 3, 7, 8, 13] {
-            let leaves: Vec<Hash> = (0..size)
-                .map(|n| leaf_hash(format!("record {n}").as_bytes()))
+            let leaves: Vec<(Hash, String)> = (0..size)
+                .map(|n| {
+                    (
+                        leaf_hash(format!("record {n}").as_bytes()),
+                        format!("ex-{n}"),
+                    )
+                })
                 .collect();
             let receipts = sign_batch(&key, "r1", &leaves, 1_000, 2_000);
             for (n, receipt) in receipts.iter().enumerate() {
                 let checked = verify(receipt, &public).expect("verifies");
-                assert_eq!(checked.leaf_hash, leaves[n]);
+                assert_eq!(checked.leaf_hash, leaves[n].0);
+                assert_eq!(receipt.exchange_id, leaves[n].1);
                 assert_eq!(
                     (checked.committed_at_ms, checked.include_by_ms),
                     (1_000, 2_000)
                 );
             }
         }
-        let leaves: Vec<Hash> = (0..5u8).map(|n| leaf_hash(&[n])).collect();
+        let leaves: Vec<(Hash, String)> = (0..5u8)
+            .map(|n| (leaf_hash(&[n]), format!("ex-{n}")))
+            .collect();
         let good = sign_batch(&key, "r1", &leaves, 1_000, 2_000).remove(3);
+
+        // Moved to another exchange, or claimed by another replica.
+        let mut other_exchange = good.clone();
+        other_exchange.exchange_id = "ex-1".into();
+        assert_eq!(
+            verify(&other_exchange, &public),
+            Err(ReceiptError::NotInBatch)
+        );
+        let mut other_replica = good.clone();
+        other_replica.replica = "r2".into();
+        assert_eq!(
+            verify(&other_replica, &public),
+            Err(ReceiptError::BadSignature)
+        );
 
         let mut other_leaf = good.clone();
         other_leaf.leaf_hash = leaf_hash(b"another record").to_vec();

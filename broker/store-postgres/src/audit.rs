@@ -28,7 +28,6 @@ use deadpool_postgres::{GenericClient, Pool};
 use onceonly_audit_log::{AuditError, AuditFilter, AuditMetrics, receipt};
 use onceonly_merkle::sth::SignedTreeHead;
 use onceonly_merkle::{Frontier, Hash, ProofError, Subtrees, leaf_hash};
-use onceonly_proto::time::now_ms;
 use onceonly_proto::v1::{AuditReceipt, AuditRecord};
 use prost::Message;
 use ring::signature::{Ed25519KeyPair, KeyPair};
@@ -78,6 +77,15 @@ struct Inner {
     heads_published: AtomicU64,
     /// Sequencing runs that failed (the database, a cut connection).
     failed_runs: AtomicU64,
+    /// Why no new receipt can be kept now, if so: records wait longer
+    /// than a failover takes. Only the probe sets and clears it.
+    lagging: Mutex<Option<String>>,
+    /// Authenticates queued records (replicas hold it, the database does
+    /// not): a record written into the queue by anyone else is never
+    /// signed into the log.
+    row_key: ring::hmac::Key,
+    /// Queued rows set aside because they did not authenticate or decode.
+    quarantined: AtomicU64,
     metrics: AuditMetrics,
 }
 
@@ -88,11 +96,11 @@ pub struct PgAuditLog {
     appends: mpsc::Sender<Append>,
 }
 
-fn storage(e: impl std::fmt::Display) -> AuditError {
-    AuditError::Storage(format!("PostgreSQL: {e}"))
+fn storage(e: impl std::error::Error) -> AuditError {
+    AuditError::Storage(format!("PostgreSQL: {}", crate::describe(&e)))
 }
 
-async fn bounded<T, E: std::fmt::Display>(
+async fn bounded<T, E: std::error::Error>(
     limit: Duration,
     what: &str,
     work: impl Future<Output = Result<T, E>>,
@@ -238,9 +246,11 @@ impl PgAuditLog {
     /// starts this replica's queue writer, sequencer candidate and probe.
     /// They end once every handle is dropped; the returned task completes
     /// then.
+    /// `row_key` authenticates queued records between replicas.
     pub async fn open(
         pool: Pool,
         key: Ed25519KeyPair,
+        row_key: ring::hmac::Key,
         settings: LogSettings,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), AuditError> {
         let client = bounded(settings.timeout, "connecting", pool.get()).await?;
@@ -266,6 +276,9 @@ impl PgAuditLog {
             epoch: AtomicU64::new(0),
             heads_published: AtomicU64::new(0),
             failed_runs: AtomicU64::new(0),
+            lagging: Mutex::new(None),
+            row_key,
+            quarantined: AtomicU64::new(0),
             metrics: AuditMetrics::default(),
         });
         let (appends, queue) = mpsc::channel(MAX_BATCH * 4);
@@ -476,11 +489,20 @@ impl PgAuditLog {
         if self.inner.fault.load(Ordering::SeqCst) {
             return Some("appends fail (injected fault)".into());
         }
+        if let Some(lag) = self.inner.lag() {
+            return Some(lag);
+        }
         self.inner
             .failure
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Queued rows this replica's sequencer set aside (they did not
+    /// authenticate or decode).
+    pub fn quarantined(&self) -> u64 {
+        self.inner.quarantined.load(Ordering::Relaxed)
     }
 
     /// Records covered by the latest signed head, as last read.
@@ -523,15 +545,35 @@ impl Inner {
         *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
+    fn lag(&self) -> Option<String> {
+        self.lagging
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The tag that authenticates a queued record's bytes.
+    fn row_tag(&self, record: &[u8]) -> Vec<u8> {
+        let mut context = ring::hmac::Context::with_key(&self.row_key);
+        context.update(b"onceonly-audit-queue-v1\0");
+        context.update(record);
+        context.sign().as_ref().to_vec()
+    }
+
     /// One queue commit of `records`; their receipts, in order.
     async fn commit(&self, records: &[AuditRecord]) -> Result<Vec<AuditReceipt>, AuditError> {
         if self.fault.load(Ordering::SeqCst) {
             return Err(AuditError::Storage("appends fail (injected fault)".into()));
         }
+        // A receipt promises inclusion within the merge delay: none is
+        // given while nothing sequences.
+        if let Some(lag) = self.lag() {
+            return Err(AuditError::Storage(lag));
+        }
         let bytes: Vec<Vec<u8>> = records.iter().map(Message::encode_to_vec).collect();
         let leaves: Vec<Hash> = bytes.iter().map(|b| leaf_hash(b)).collect();
         let leaf_bytes: Vec<&[u8]> = leaves.iter().map(|h| h.as_slice()).collect();
-        let committed_at = now_ms().max(0);
+        let tags: Vec<Vec<u8>> = bytes.iter().map(|b| self.row_tag(b)).collect();
         let client = bounded(
             self.settings.timeout,
             "waiting for a connection",
@@ -539,28 +581,39 @@ impl Inner {
         )
         .await?;
         let started = Instant::now();
-        bounded(
+        // The commit time is the database's (one clock for every replica
+        // and the sequencer's heads), taken as the rows are written.
+        let row = bounded(
             self.settings.timeout,
             "committing audit records",
-            client.execute(
-                "INSERT INTO audit_queue (replica, leaf_hash, record, queued_at_ms)
-                 SELECT $1, q.leaf_hash, q.record, $4
-                 FROM unnest($2::bytea[], $3::bytea[]) WITH ORDINALITY AS q(leaf_hash, record, n)
-                 ORDER BY q.n",
-                &[&self.settings.replica, &leaf_bytes, &bytes, &committed_at],
+            client.query_one(
+                "WITH clock AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now_ms),
+                 written AS (
+                   INSERT INTO audit_queue (replica, leaf_hash, record, mac, queued_at_ms)
+                   SELECT $1, q.leaf_hash, q.record, q.mac, clock.now_ms
+                   FROM unnest($2::bytea[], $3::bytea[], $4::bytea[]) WITH ORDINALITY AS q(leaf_hash, record, mac, n), clock
+                   ORDER BY q.n
+                   RETURNING queued_at_ms)
+                 SELECT max(queued_at_ms) FROM written",
+                &[&self.settings.replica, &leaf_bytes, &bytes, &tags],
             ),
         )
         .await?;
+        let committed_at = row.get::<_, Option<i64>>(0).unwrap_or(0).max(0) as u64;
         self.metrics
             .fsync_seconds
             .observe(started.elapsed().as_secs_f64());
         self.metrics.batch_records.observe(records.len() as f64);
-        let include_by = committed_at as u64 + self.settings.merge_delay.as_millis() as u64;
+        let include_by = committed_at + self.settings.merge_delay.as_millis() as u64;
+        let named: Vec<(Hash, String)> = leaves
+            .into_iter()
+            .zip(records.iter().map(|r| r.exchange_id.clone()))
+            .collect();
         Ok(receipt::sign_batch(
             &self.key,
             &self.settings.replica,
-            &leaves,
-            committed_at as u64,
+            &named,
+            committed_at,
             include_by,
         ))
     }
@@ -605,7 +658,7 @@ async fn probe(inner: Weak<Inner>) {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let result: Result<(), AuditError> = async {
+        let result: Result<Option<String>, AuditError> = async {
             let client =
                 bounded(inner.settings.timeout, "connecting", inner.pool.get()).await?;
             let row = bounded(
@@ -613,28 +666,37 @@ async fn probe(inner: Weak<Inner>) {
                 "probing",
                 client.query_one(
                     "SELECT (SELECT max(tree_size) FROM audit_heads),
-                            (SELECT min(queued_at_ms) FROM audit_queue)",
+                            (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+                              - (SELECT min(queued_at_ms) FROM audit_queue)",
                     &[],
                 ),
             )
             .await?;
-            let size: Option<i64> = row.get(0);
-            inner
-                .tree_size
-                .fetch_max(size.unwrap_or(0) as u64, Ordering::Relaxed);
-            let oldest: Option<i64> = row.get(1);
-            let waited = oldest.map_or(0, |t| now_ms() - t);
-            if waited > inner.settings.merge_delay.as_millis() as i64 {
-                return Err(AuditError::Storage(format!(
-                    "a committed record has waited {waited} ms for the sequencer, beyond the merge delay ({} ms): no replica sequences the log",
-                    inner.settings.merge_delay.as_millis()
+            let size = row.get::<_, Option<i64>>(0).unwrap_or(0) as u64;
+            let seen = inner.tree_size.fetch_max(size, Ordering::Relaxed);
+            if size < seen {
+                return Err(AuditError::Corrupt(format!(
+                    "the database's latest signed head covers {size} records, but this replica saw one of {seen}: committed history was lost (a failover to a replica that lagged, or a restore); stop the replicas and restore the database"
                 )));
             }
-            Ok(())
+            // On the database's clock, as the records' commit times.
+            let waited: Option<i64> = row.get(1);
+            let failover = inner.settings.lease + inner.settings.interval * 3;
+            Ok(waited
+                .filter(|w| *w > failover.as_millis() as i64)
+                .map(|waited| {
+                    format!(
+                        "a committed record has waited {waited} ms for the sequencer, longer than a failover takes ({} ms): no replica sequences the log, so no receipt is given",
+                        failover.as_millis()
+                    )
+                }))
         }
         .await;
         match result {
-            Ok(()) => inner.succeeded(),
+            Ok(lag) => {
+                *inner.lagging.lock().unwrap_or_else(|p| p.into_inner()) = lag;
+                inner.succeeded();
+            }
             Err(e) => inner.failed(e.to_string()),
         }
     }
@@ -743,6 +805,12 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
         .map_err(storage)?;
         let head = latest_head(&tx).await?;
         let size = head.as_ref().map_or(0, |h| h.tree_size);
+        let seen = inner.tree_size.load(Ordering::Relaxed);
+        if size < seen {
+            return Err(AuditError::Corrupt(format!(
+                "the database's latest head covers {size} records, below the {seen} this replica saw: committed history was lost; sequencing stops"
+            )));
+        }
         let frontier = match leader.frontier.take() {
             Some(frontier) if frontier.size() == size => frontier,
             _ => {
@@ -768,7 +836,7 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
         };
         let queued = tx
             .query(
-                "SELECT queue_id, record, replica, queued_at_ms FROM audit_queue
+                "SELECT queue_id, record, replica, queued_at_ms, mac FROM audit_queue
                  ORDER BY queue_id LIMIT $1",
                 &[&MAX_SEQUENCED],
             )
@@ -783,11 +851,33 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
         let mut queue_ids = Vec::with_capacity(queued.len());
         let mut columns = LeafColumns::default();
         let (mut levels, mut nodes, mut hashes) = (Vec::new(), Vec::new(), Vec::new());
+        let mut set_aside: Vec<(i64, String)> = Vec::new();
         for row in &queued {
+            let queue_id: i64 = row.get(0);
             let record_bytes: Vec<u8> = row.get(1);
-            let record = AuditRecord::decode(record_bytes.as_slice()).map_err(|e| {
-                AuditError::Corrupt(format!("queued record {}: {e}", row.get::<_, i64>(0)))
-            })?;
+            let tag: Vec<u8> = row.get(4);
+            // Written by a replica (it holds the key), or by someone else:
+            // only the former is signed into the log.
+            if ring::hmac::verify(
+                &inner.row_key,
+                &[b"onceonly-audit-queue-v1\0".as_slice(), &record_bytes].concat(),
+                &tag,
+            )
+            .is_err()
+            {
+                set_aside.push((
+                    queue_id,
+                    "its tag does not authenticate it: not written by a replica".into(),
+                ));
+                continue;
+            }
+            let record = match AuditRecord::decode(record_bytes.as_slice()) {
+                Ok(record) => record,
+                Err(e) => {
+                    set_aside.push((queue_id, format!("it does not decode: {e}")));
+                    continue;
+                }
+            };
             let index = next.size();
             let leaf = leaf_hash(&record_bytes);
             for (level, node, hash) in next.push(leaf) {
@@ -797,8 +887,31 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
                     hashes.push(hash.to_vec());
                 }
             }
-            queue_ids.push(row.get::<_, i64>(0));
+            queue_ids.push(queue_id);
             columns.push(index, leaf, &record, record_bytes, row.get(2), row.get(3));
+        }
+        if !set_aside.is_empty() {
+            let (ids, reasons): (Vec<i64>, Vec<String>) = set_aside.into_iter().unzip();
+            for (id, reason) in ids.iter().zip(&reasons) {
+                tracing::error!(queue_id = id, %reason, "a queued audit row was set aside in audit_quarantine");
+            }
+            tx.execute(
+                "WITH moved AS (DELETE FROM audit_queue WHERE queue_id = ANY($1) RETURNING *)
+                 INSERT INTO audit_quarantine (queue_id, replica, leaf_hash, record, mac, queued_at_ms, reason)
+                 SELECT m.queue_id, m.replica, m.leaf_hash, m.record, m.mac, m.queued_at_ms, r.reason
+                 FROM moved m JOIN unnest($1::bigint[], $2::text[]) AS r(queue_id, reason) USING (queue_id)",
+                &[&ids, &reasons],
+            )
+            .await
+            .map_err(storage)?;
+            inner
+                .quarantined
+                .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        }
+        if queue_ids.is_empty() {
+            tx.commit().await.map_err(storage)?;
+            leader.frontier = Some(frontier);
+            return Ok(true);
         }
         tx.execute(
             "INSERT INTO audit_leaves (log_index, queue_id, leaf_hash, record, replica, queued_at_ms,
@@ -830,7 +943,16 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
         )
         .await
         .map_err(storage)?;
-        let timestamp = (now_ms().max(0) as u64).max(leader.last_timestamp_ms);
+        // The database's clock, as the receipts' commit times.
+        let clock: i64 = tx
+            .query_one(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+                &[],
+            )
+            .await
+            .map_err(storage)?
+            .get(0);
+        let timestamp = (clock.max(0) as u64).max(leader.last_timestamp_ms);
         let head = SignedTreeHead::sign(&inner.key, next.size(), next.root(), timestamp);
         tx.execute(
             "INSERT INTO audit_heads (tree_size, root_hash, timestamp_ms, key_id, signature, sequencer_epoch)

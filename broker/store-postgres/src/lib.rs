@@ -18,6 +18,22 @@ pub use tokio_postgres;
 
 use sha2::{Digest, Sha256};
 
+/// An error with its causes: tokio-postgres shows only "db error" for a
+/// server's refusal, whose message is its source.
+pub fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// One versioned schema change.
 #[derive(Debug, Clone, Copy)]
 pub struct Migration {
@@ -45,8 +61,8 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 2,
-        name: "audit_leaf_columns",
-        sql: include_str!("../migrations/0002_audit_leaf_columns.sql"),
+        name: "replicas_at_work",
+        sql: include_str!("../migrations/0002_replicas_at_work.sql"),
     },
 ];
 
@@ -70,7 +86,7 @@ pub enum Mode {
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     /// The database did not answer or refused a statement.
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", describe(.0))]
     Database(#[from] tokio_postgres::Error),
     /// An applied migration is not the one this build has.
     #[error(
@@ -219,7 +235,7 @@ pub async fn migrate(
 #[derive(Debug, thiserror::Error)]
 pub enum KeyCheckError {
     /// The database failed.
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", describe(.0))]
     Database(#[from] tokio_postgres::Error),
     /// The check value differs.
     #[error(

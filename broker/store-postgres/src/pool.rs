@@ -18,8 +18,14 @@ pub struct PoolSettings {
     pub password: Option<String>,
     /// Connections at most.
     pub size: usize,
-    /// The longest a connect, or a wait for a free connection, may take.
+    /// The longest a connect, a wait for a free connection, one statement
+    /// or a wait for a lock may take (the server enforces the last two).
     pub timeout: Duration,
+    /// The longest a session may sit in an open transaction doing
+    /// nothing before the server ends it: a replica that died inside a
+    /// transaction (its host gone) then releases the locks it held, the
+    /// sequencer lease's row among them, within this.
+    pub idle_in_transaction: Duration,
 }
 
 impl std::fmt::Debug for PoolSettings {
@@ -29,6 +35,7 @@ impl std::fmt::Debug for PoolSettings {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("size", &self.size)
             .field("timeout", &self.timeout)
+            .field("idle_in_transaction", &self.idle_in_transaction)
             .finish()
     }
 }
@@ -57,10 +64,30 @@ pub fn pool(settings: &PoolSettings) -> Result<Pool, PoolSetupError> {
     if config.get_application_name().is_none() {
         config.application_name("onceonly-broker");
     }
-    // A half-open connection (the server's host gone) is noticed by the
-    // kernel's keepalives instead of never.
+    // Server-side bounds, which hold even where a client gave up on a
+    // statement (a dropped future does not stop the server's work): no
+    // statement or lock wait beyond the timeout, no idle transaction
+    // beyond its limit. Operators' own `options` come first; ours win.
+    let bound = |d: Duration| d.as_millis().max(1);
+    let ours = format!(
+        "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
+        bound(settings.timeout),
+        bound(settings.timeout),
+        bound(settings.idle_in_transaction),
+    );
+    let options = match config.get_options() {
+        Some(theirs) if !theirs.is_empty() => format!("{theirs} {ours}"),
+        _ => ours,
+    };
+    config.options(options);
+    // A half-open connection (the server's host gone) is noticed within
+    // the timeout: unacknowledged data gives up after it, and idle
+    // connections are probed.
+    config.tcp_user_timeout(settings.timeout);
     config.keepalives(true);
     config.keepalives_idle(Duration::from_secs(10));
+    config.keepalives_interval(Duration::from_secs(2));
+    config.keepalives_retries(3);
     let manager = Manager::from_config(
         config,
         tokio_postgres::NoTls,

@@ -238,11 +238,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let receipt = read_receipt(&receipt)?;
             let key = load_public_key(&public_key)?;
             let checked = onceonly_audit_log::receipt::verify(&receipt, &key)?;
+            // Names from the broker, printed as data, never as terminal
+            // control sequences.
             println!(
-                "receipt verified: leaf {} committed at {} ms by {}, to be in the log by {} ms",
+                "receipt verified: exchange {} (leaf {}) committed at {} ms by replica {}, to be in the log by {} ms",
+                receipt.exchange_id.escape_debug(),
                 hex::encode(checked.leaf_hash),
                 checked.committed_at_ms,
-                receipt.replica,
+                receipt.replica.escape_debug(),
                 checked.include_by_ms
             );
             if !offline {
@@ -254,9 +257,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     ReceiptStatus::Pending {
                         tree_size,
                         include_by_ms,
-                    } => println!(
-                        "not yet in the log (latest head: {tree_size} records); due by {include_by_ms} ms: check again after"
-                    ),
+                        overdue,
+                    } => {
+                        if overdue {
+                            anyhow::bail!(
+                                "not in the log, and the broker has signed no head since its promise fell due at {include_by_ms} ms (latest head: {tree_size} records): the promise is broken or the log stalled; keep the receipt"
+                            );
+                        }
+                        println!(
+                            "not yet in the log (latest head: {tree_size} records); due by {include_by_ms} ms: check again after"
+                        )
+                    }
                 }
             }
         }
