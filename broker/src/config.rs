@@ -497,3 +497,85 @@ impl BrokerConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod storage_tests {
+    use super::*;
+
+    fn storage(toml_text: &str) -> StorageConfig {
+        #[derive(Deserialize)]
+        struct File {
+            storage: StorageConfig,
+        }
+        toml::from_str::<File>(toml_text).expect("parses").storage
+    }
+
+    #[test]
+    fn the_embedded_default_needs_nothing_and_postgres_needs_a_sound_setup() {
+        assert_eq!(StorageConfig::default().backend, Backend::Embedded);
+        assert_eq!(storage("[storage]\n").problem(), None);
+
+        let missing = storage("[storage]\nbackend = \"postgres\"\n").problem();
+        assert!(
+            matches!(&missing, Some(("storage.url", _, fix)) if fix.contains("postgres://")),
+            "{missing:?}"
+        );
+        let garbled =
+            storage("[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@b:notaport/c\"\n")
+                .problem();
+        assert!(
+            matches!(garbled, Some(("storage.url", _, _))),
+            "{garbled:?}"
+        );
+        let no_pool = storage(
+            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@db/c\"\npool_size = 0\n",
+        )
+        .problem();
+        assert!(
+            matches!(no_pool, Some(("storage.pool_size", _, _))),
+            "{no_pool:?}"
+        );
+        // A receipt's promise must outlast a sequencer failover.
+        let short = storage(
+            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@db/c\"\nmerge_delay = \"1s\"\nsequencer_lease = \"1s\"\n",
+        )
+        .problem();
+        assert!(
+            matches!(&short, Some(("storage.merge_delay", problem, _)) if problem.contains("failover")),
+            "{short:?}"
+        );
+        let zero = storage(
+            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@db/c\"\nsequencer_interval = \"0s\"\n",
+        )
+        .problem();
+        assert!(
+            matches!(zero, Some(("storage.sequencer_interval", _, _))),
+            "{zero:?}"
+        );
+        let sound = storage(
+            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@db/c\"\nmerge_delay = \"2s\"\n",
+        );
+        assert_eq!(sound.problem(), None);
+        assert_eq!(sound.schema, SchemaPolicy::Apply);
+    }
+
+    #[test]
+    fn an_unknown_backend_or_key_is_refused_by_name() {
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct File {
+            storage: StorageConfig,
+        }
+        let unknown = toml::from_str::<File>("[storage]\nbackend = \"mysql\"\n")
+            .expect_err("no such backend")
+            .to_string();
+        assert!(
+            unknown.contains("mysql") && unknown.contains("postgres"),
+            "{unknown}"
+        );
+        let typo = toml::from_str::<File>("[storage]\npool = 3\n")
+            .expect_err("no such key")
+            .to_string();
+        assert!(typo.contains("pool"), "{typo}");
+    }
+}

@@ -1,5 +1,6 @@
 //! The benchmark harness runs end to end (briefly, in the test profile):
-//! its table has the five scenarios, the ratios and the handshake rows, and
+//! its table has every scenario (PostgreSQL's where a server can run), the
+//! ratios and the handshake rows, and
 //! its JSON parses. The figures themselves are not judged here.
 
 #[test]
@@ -42,7 +43,18 @@ fn onceonly_bench_prints_every_row_and_writes_json() {
     if proxied {
         assert!(stdout.contains("c=4: brokered-durable / HAProxy throughput"));
     }
-    let expected = if proxied { 11 } else { 9 };
+    // The PostgreSQL rows where a server can run here (`.ci/run` installs
+    // one), or the reason they were skipped.
+    let replicated = stdout.contains("| brokered on PostgreSQL, 2 replicas | 4 |");
+    assert!(
+        replicated || stdout.contains("skipped: brokered on PostgreSQL:"),
+        "neither the PostgreSQL rows nor why they were skipped:\n{stdout}"
+    );
+    if replicated {
+        assert!(stdout.contains("| brokered on PostgreSQL, 1 replica | 1 |"));
+        assert!(stdout.contains("c=4: 2 replicas / 1 replica on PostgreSQL throughput"));
+    }
+    let expected = 9 + if proxied { 2 } else { 0 } + if replicated { 4 } else { 0 };
     assert_eq!(
         rows.len(),
         expected,

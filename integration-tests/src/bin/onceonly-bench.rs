@@ -16,7 +16,12 @@
 //!    h2 to the backend, 2 threads (the fair peer: what an operator would
 //!    otherwise put in front of registers); installed with apt-get where
 //!    missing and possible, else the row is skipped with the reason;
-//! 6. the raw cost of one flush on this disk (the floor of a durable request);
+//! 6. brokered on PostgreSQL (a server of the bench's own, `initdb` in a
+//!    temporary directory): one replica, and two replicas sharing one
+//!    database with the callers' connections split between them; their
+//!    CPU is the replicas' together (PostgreSQL's own is not counted), and
+//!    the rows are skipped with the reason where PostgreSQL is missing;
+//! 7. the raw cost of one flush on this disk (the floor of a durable request);
 //!
 //! with requests/s, latency p50/p90/p99/max (HDR histogram), the broker's
 //! CPU seconds per 1,000 requests and its peak RSS, and the ratios; then
@@ -285,7 +290,7 @@ async fn measure(
     target: &Target,
     concurrency: usize,
     seconds: f64,
-    broker_pid: Option<u32>,
+    broker_pids: &[u32],
     scenario: &str,
 ) -> Row {
     static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -326,7 +331,8 @@ async fn measure(
         }
     };
     run(warmup, false).await;
-    let cpu_before = broker_pid.map(cpu_seconds);
+    let cpu = |pids: &[u32]| pids.iter().map(|pid| cpu_seconds(*pid)).sum::<f64>();
+    let cpu_before = cpu(broker_pids);
     let started = Instant::now();
     let (histogram, errors) = run(Duration::from_secs_f64(seconds), true).await;
     let elapsed = started.elapsed().as_secs_f64();
@@ -342,10 +348,13 @@ async fn measure(
         p90_ms: ms(0.9),
         p99_ms: ms(0.99),
         max_ms: histogram.max() as f64 / 1000.0,
-        broker_cpu_seconds_per_1000: broker_pid
-            .zip(cpu_before)
-            .map(|(pid, before)| (cpu_seconds(pid) - before) * 1000.0 / requests.max(1) as f64),
-        broker_peak_rss_mib: broker_pid.map(peak_rss_mib),
+        broker_cpu_seconds_per_1000: (!broker_pids.is_empty())
+            .then(|| (cpu(broker_pids) - cpu_before) * 1000.0 / requests.max(1) as f64),
+        // The largest of the replicas'.
+        broker_peak_rss_mib: broker_pids
+            .iter()
+            .map(|pid| peak_rss_mib(*pid))
+            .reduce(f64::max),
     }
 }
 
@@ -432,11 +441,98 @@ async fn handshakes(
     })
 }
 
+/// Brokers on the bench's own PostgreSQL: one replica on one database,
+/// two on another.
+struct Replicated {
+    /// Stopped when dropped.
+    _postgres: onceonly_integration_tests::postgres::TestPostgres,
+    /// The lone replica, then the pair.
+    replicas: Vec<Server>,
+    one: Target,
+    two: Target,
+}
+
+async fn start_replicated(
+    pki: &Pki,
+    work: &Path,
+    connector: SocketAddr,
+) -> anyhow::Result<Replicated> {
+    let postgres =
+        tokio::task::spawn_blocking(onceonly_integration_tests::postgres::TestPostgres::start)
+            .await??;
+    let (admin, connection) =
+        tokio_postgres::connect(&postgres.url("postgres"), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let mut replicas = Vec::new();
+    for (database, count) in [("one_replica", 1), ("two_replicas", 2)] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await?;
+        let dir = work.join(database);
+        std::fs::create_dir_all(&dir)?;
+        let config = write_broker_config_with(
+            &dir,
+            pki,
+            connector,
+            true,
+            &format!(
+                "[storage]\nbackend = \"postgres\"\nurl = \"{}\"\n",
+                postgres.url(database)
+            ),
+        )?;
+        for n in 0..count {
+            // Each replica its own data directory; keys shared.
+            let text = std::fs::read_to_string(&config)?;
+            let own = dir.join(format!("broker-{n}.toml"));
+            std::fs::write(
+                &own,
+                text.replacen("data_dir = \"data\"", &format!("data_dir = \"data-{n}\""), 1),
+            )?;
+            replicas.push(
+                Server::start(&["serve-broker", "--config", &own.display().to_string()]).await?,
+            );
+        }
+    }
+    let brokered = |addrs: &[SocketAddr]| -> anyhow::Result<Target> {
+        // The callers' connections split between the replicas, as a TCP
+        // load balancer would.
+        let mut clients = Vec::new();
+        for (n, addr) in addrs.iter().enumerate() {
+            let share = CONNECTIONS / addrs.len() + usize::from(n < CONNECTIONS % addrs.len());
+            clients.extend(
+                channels(pki, Role::Authority, "bench", *addr)?
+                    .into_iter()
+                    .take(share)
+                    .map(EvidenceServiceClient::new),
+            );
+        }
+        Ok(Target::Brokered(clients, Arc::new(Vec::new())))
+    };
+    let one = brokered(&[replicas[0].addr])?;
+    let two = brokered(&[replicas[1].addr, replicas[2].addr])?;
+    Ok(Replicated {
+        _postgres: postgres,
+        replicas,
+        one,
+        two,
+    })
+}
+
 fn write_broker_config(
     dir: &Path,
     pki: &Pki,
     connector: SocketAddr,
     durable: bool,
+) -> anyhow::Result<PathBuf> {
+    write_broker_config_with(dir, pki, connector, durable, "")
+}
+
+fn write_broker_config_with(
+    dir: &Path,
+    pki: &Pki,
+    connector: SocketAddr,
+    durable: bool,
+    sections: &str,
 ) -> anyhow::Result<PathBuf> {
     let tls = pki.tls_files(Role::Broker, "broker");
     std::fs::write(
@@ -453,7 +549,7 @@ fn write_broker_config(
     std::fs::write(
         &path,
         format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\npolicy = \"policy.toml\"\nrouting = \"routing.toml\"\npseudonym_key = \"secrets/pseudonym.key\"\naudit_key = \"secrets/audit.key\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\ncrl = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[limits]\nconcurrency = 4096\n[audit]\ndurable = {durable}\n",
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\npolicy = \"policy.toml\"\nrouting = \"routing.toml\"\npseudonym_key = \"secrets/pseudonym.key\"\naudit_key = \"secrets/audit.key\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\ncrl = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[limits]\nconcurrency = 4096\n[audit]\ndurable = {durable}\n{sections}",
             tls.ca,
             tls.cert,
             tls.key,
@@ -606,6 +702,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
 
+    let replicated = match start_replicated(&pki, work.path(), connector.addr).await {
+        Ok(replicated) => Some(replicated),
+        Err(why) => {
+            println!("skipped: brokered on PostgreSQL: {why:#}");
+            None
+        }
+    };
+
     let mut rows = Vec::new();
     for &concurrency in &cli.concurrency {
         eprintln!("measuring at concurrency {concurrency} ...");
@@ -616,7 +720,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     concurrency,
                     seconds,
                     // Its CPU and memory, beside the broker's.
-                    proxy.child.id(),
+                    proxy.child.id().as_slice(),
                     "proxied: HAProxy, no checks",
                 )
                 .await,
@@ -627,7 +731,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &direct,
                 concurrency,
                 seconds,
-                None,
+                &[],
                 "direct: client -> connector",
             )
             .await,
@@ -637,7 +741,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &brokered[0],
                 concurrency,
                 seconds,
-                Some(brokers[0].pid()),
+                &[brokers[0].pid()],
                 "brokered, audit durable",
             )
             .await,
@@ -647,7 +751,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &brokered[1],
                 concurrency,
                 seconds,
-                Some(brokers[1].pid()),
+                &[brokers[1].pid()],
                 "brokered, audit not flushed",
             )
             .await,
@@ -657,11 +761,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &brokered[2],
                 concurrency,
                 seconds,
-                Some(brokers[0].pid()),
+                &[brokers[0].pid()],
                 "brokered, audit durable, encrypted to the requester",
             )
             .await,
         );
+        if let Some(replicated) = &replicated {
+            for (target, pids, scenario) in [
+                (
+                    &replicated.one,
+                    vec![replicated.replicas[0].pid()],
+                    "brokered on PostgreSQL, 1 replica",
+                ),
+                (
+                    &replicated.two,
+                    vec![replicated.replicas[1].pid(), replicated.replicas[2].pid()],
+                    "brokered on PostgreSQL, 2 replicas",
+                ),
+            ] {
+                rows.push(measure(target, concurrency, seconds, &pids, scenario).await);
+            }
+        }
     }
     let flush = raw_flush(work.path(), seconds);
     rows.push(flush.clone());
@@ -703,6 +823,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ratios.push((
                 format!("c={concurrency}: brokered-durable p50 - HAProxy p50 (ms)"),
                 b.p50_ms - h.p50_ms,
+            ));
+        }
+        if let (Some(b), Some(one), Some(two)) = (
+            find("brokered, audit durable"),
+            find("brokered on PostgreSQL, 1"),
+            find("brokered on PostgreSQL, 2"),
+        ) {
+            ratios.push((
+                format!("c={concurrency}: 1 replica on PostgreSQL / embedded throughput"),
+                one.requests_per_second / b.requests_per_second,
+            ));
+            ratios.push((
+                format!("c={concurrency}: 2 replicas / 1 replica on PostgreSQL throughput"),
+                two.requests_per_second / one.requests_per_second,
             ));
         }
         if let (Some(b), Some(e)) = (
