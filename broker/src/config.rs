@@ -47,6 +47,9 @@
 //! backend = "embedded"                  # data_dir (default), or "postgres" for replicas
 //! # url = "postgres://onceonly@db.internal/onceonly"
 //! # password_file = "secrets/postgres.password"   # kept out of the URL and this file
+//! # ca = "pki/postgres-ca.pem"          # TLS 1.3, required and verified
+//! # client_cert = "..."                 # where the server wants client certificates
+//! # client_key = "..."
 //! # pool_size = 16
 //! # timeout = "5s"                      # one database round at most
 //! # schema = "apply"                    # or "check": fail naming missing migrations
@@ -163,6 +166,20 @@ pub struct StorageConfig {
     pub url: Option<String>,
     /// PostgreSQL: a file holding the password (one line).
     pub password_file: Option<PathBuf>,
+    /// PostgreSQL: the CA (PEM) of the server's certificate: TLS 1.3 to
+    /// the server, required and verified for the URL's host. Without it
+    /// the connection is plaintext, which is refused for a server not on
+    /// this host unless `insecure_plaintext`.
+    pub ca: Option<PathBuf>,
+    /// PostgreSQL: a client certificate and key (PEM) to present, where
+    /// the server authenticates clients by certificate.
+    pub client_cert: Option<PathBuf>,
+    /// The key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// PostgreSQL: allow a plaintext connection to a server on another
+    /// host (records, pseudonyms and ciphertexts then cross the network
+    /// unprotected; only on a network you trust like the host itself).
+    pub insecure_plaintext: bool,
     /// PostgreSQL: connections per replica at most.
     pub pool_size: usize,
     /// PostgreSQL: the longest one database round may take.
@@ -189,6 +206,10 @@ impl Default for StorageConfig {
             backend: Backend::Embedded,
             url: None,
             password_file: None,
+            ca: None,
+            client_cert: None,
+            client_key: None,
+            insecure_plaintext: false,
             pool_size: 16,
             timeout: Duration::from_secs(5),
             schema: SchemaPolicy::Apply,
@@ -212,11 +233,50 @@ impl StorageConfig {
                 "give e.g. url = \"postgres://onceonly@db.internal/onceonly\"",
             ));
         };
-        if let Err(e) = url.parse::<onceonly_store_postgres::tokio_postgres::Config>() {
+        let parsed = match url.parse::<onceonly_store_postgres::tokio_postgres::Config>() {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                return Some((
+                    "storage.url",
+                    format!("does not parse ({e})"),
+                    "give postgres://user@host:port/database, or host=... dbname=... key=value pairs",
+                ));
+            }
+        };
+        if parsed.get_password().is_some() {
             return Some((
                 "storage.url",
-                format!("does not parse ({e})"),
-                "give postgres://user@host:port/database, or host=... dbname=... key=value pairs",
+                "holds a password".into(),
+                "keep the password out of the configuration: put it in a file of its own and name it in storage.password_file",
+            ));
+        }
+        if self.ca.is_none() && !self.insecure_plaintext {
+            use onceonly_store_postgres::tokio_postgres::config::Host;
+            let remote = parsed.get_hosts().iter().find_map(|host| match host {
+                Host::Tcp(name) => {
+                    let local = name == "localhost"
+                        || name
+                            .parse::<std::net::IpAddr>()
+                            .is_ok_and(|ip| ip.is_loopback());
+                    (!local).then(|| name.clone())
+                }
+                Host::Unix(_) => None,
+            });
+            if let Some(host) = remote {
+                return Some((
+                    "storage.ca",
+                    format!(
+                        "is missing, so the connection to {host} would be plaintext: records, pseudonyms and sealed outcomes would cross the network unprotected"
+                    ),
+                    "give the CA (PEM) of the PostgreSQL server's certificate (TLS is then required and verified), or, only on a network you trust like this host, set storage.insecure_plaintext = true",
+                ));
+            }
+        }
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return Some((
+                "storage.client_cert",
+                "and storage.client_key come together".into(),
+                "give both, or neither",
             ));
         }
         if !(1..=1000).contains(&self.pool_size) {
@@ -395,11 +455,14 @@ impl BrokerConfig {
             *slot = relative_to(path, slot);
         }
         self.tls.crl = self.tls.crl.as_ref().map(|crl| relative_to(path, crl));
-        self.storage.password_file = self
-            .storage
-            .password_file
-            .as_ref()
-            .map(|file| relative_to(path, file));
+        for file in [
+            &mut self.storage.password_file,
+            &mut self.storage.ca,
+            &mut self.storage.client_cert,
+            &mut self.storage.client_key,
+        ] {
+            *file = file.as_ref().map(|f| relative_to(path, f));
+        }
     }
 
     /// Checks the values; errors name the file, the key and the fix.
@@ -483,6 +546,9 @@ impl BrokerConfig {
             ("tls.key", Some(&self.tls.key)),
             ("tls.crl", self.tls.crl.as_ref()),
             ("storage.password_file", self.storage.password_file.as_ref()),
+            ("storage.ca", self.storage.ca.as_ref()),
+            ("storage.client_cert", self.storage.client_cert.as_ref()),
+            ("storage.client_key", self.storage.client_key.as_ref()),
         ] {
             if let Some(file) = file
                 && !file.is_file()
@@ -528,7 +594,7 @@ mod storage_tests {
             "{garbled:?}"
         );
         let no_pool = storage(
-            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@db/c\"\npool_size = 0\n",
+            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@127.0.0.1/c\"\npool_size = 0\n",
         )
         .problem();
         assert!(
@@ -537,7 +603,7 @@ mod storage_tests {
         );
         // A receipt's promise must outlast a sequencer failover.
         let short = storage(
-            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@db/c\"\nmerge_delay = \"1s\"\nsequencer_lease = \"1s\"\n",
+            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@127.0.0.1/c\"\nmerge_delay = \"1s\"\nsequencer_lease = \"1s\"\n",
         )
         .problem();
         assert!(
@@ -545,7 +611,7 @@ mod storage_tests {
             "{short:?}"
         );
         let zero = storage(
-            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@db/c\"\nsequencer_interval = \"0s\"\n",
+            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@127.0.0.1/c\"\nsequencer_interval = \"0s\"\n",
         )
         .problem();
         assert!(
@@ -553,10 +619,30 @@ mod storage_tests {
             "{zero:?}"
         );
         let sound = storage(
-            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@db/c\"\nmerge_delay = \"2s\"\n",
+            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@127.0.0.1/c\"\nmerge_delay = \"2s\"\n",
         );
         assert_eq!(sound.problem(), None);
         assert_eq!(sound.schema, SchemaPolicy::Apply);
+        // Across a network: TLS, or an explicit, named choice against it.
+        let remote =
+            storage("[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@db.internal/c\"\n")
+                .problem();
+        assert!(
+            matches!(&remote, Some(("storage.ca", problem, _)) if problem.contains("db.internal")),
+            "{remote:?}"
+        );
+        let chosen = storage(
+            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@db.internal/c\"\ninsecure_plaintext = true\n",
+        );
+        assert_eq!(chosen.problem(), None);
+        let password = storage(
+            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a:secret@127.0.0.1/c\"\n",
+        )
+        .problem();
+        assert!(
+            matches!(&password, Some(("storage.url", _, fix)) if fix.contains("password_file")),
+            "{password:?}"
+        );
     }
 
     #[test]

@@ -285,29 +285,8 @@ impl ConsentStore {
                 consents,
                 by_subject,
             } => (db, consents, by_subject),
-            Backend::Postgres(pool) => {
-                let c = &consent;
-                let tag = self.tag(c)?;
-                Self::client(pool)
-                    .await?
-                    .execute(
-                        &format!("INSERT INTO consents ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"),
-                        &[
-                            &c.consent_id,
-                            &c.subject_scheme,
-                            &c.subject_pseudonym,
-                            &c.subject_sealed,
-                            &c.authority_id,
-                            &c.evidence_type,
-                            &c.purpose,
-                            &c.granted_at_ms,
-                            &c.expires_at_ms,
-                            &c.revoked_at_ms,
-                            &c.recorded_by,
-                            &tag,
-                        ],
-                    )
-                    .await?;
+            Backend::Postgres(_) => {
+                self.import(&consent).await?;
                 return Ok(consent);
             }
         };
@@ -320,6 +299,57 @@ impl ConsentStore {
         by_subject.insert(index_key, consent.consent_id.as_bytes())?;
         db.flush_async().await?;
         Ok(consent)
+    }
+
+    /// Every consent of the embedded store (moving a data directory into
+    /// PostgreSQL); empty for the PostgreSQL store.
+    pub fn all_embedded(&self) -> Result<Vec<StoredConsent>, ConsentError> {
+        let Backend::Sled { consents, .. } = &self.backend else {
+            return Ok(Vec::new());
+        };
+        consents
+            .iter()
+            .map(|entry| {
+                let (id, bytes) = entry?;
+                serde_json::from_slice(&bytes).map_err(|e| ConsentError::Corrupt {
+                    id: String::from_utf8_lossy(&id).into_owned(),
+                    reason: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// Writes `consent` as it is (its id, times and revocation kept) into
+    /// the PostgreSQL store, tagged (moving a data directory into it).
+    pub async fn import(&self, consent: &StoredConsent) -> Result<(), ConsentError> {
+        let Backend::Postgres(pool) = &self.backend else {
+            return Err(ConsentError::Storage(
+                "consents are imported into the PostgreSQL store only".into(),
+            ));
+        };
+        let tag = self.tag(consent)?;
+        let c = consent;
+        Self::client(pool)
+            .await?
+            .execute(
+                &format!("INSERT INTO consents ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"),
+                &[
+                    &c.consent_id,
+                    &c.subject_scheme,
+                    &c.subject_pseudonym,
+                    &c.subject_sealed,
+                    &c.authority_id,
+                    &c.evidence_type,
+                    &c.purpose,
+                    &c.granted_at_ms,
+                    &c.expires_at_ms,
+                    &c.revoked_at_ms,
+                    &c.recorded_by,
+                    &tag,
+                ],
+            )
+            .await?;
+        Ok(())
     }
 
     /// The consent `id`.

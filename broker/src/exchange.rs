@@ -116,6 +116,9 @@ pub struct Broker {
     pub signer: SignerCell,
     /// Test-only faults (a broker that alters evidence), off in service.
     pub faults: Faults,
+    /// Whether the broker reports SERVING (gRPC health, and `/ready` on
+    /// the admin listener).
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
     /// What the request path counts and times ([`crate::metrics`]).
     pub metrics: crate::metrics::Metrics,
 }

@@ -1,5 +1,6 @@
 //! `onceonly-broker`: creates the broker's keys, runs the broker, checks
-//! its files, rotates its audit key.
+//! its files, rotates its audit key, moves a data directory into
+//! PostgreSQL for replicas.
 //!
 //! Exit codes: 0 success, 1 failure (the message names the file, line and
 //! fix), 2 usage error.
@@ -60,6 +61,16 @@ enum Command {
     /// follow the hand-over. Give auditors the new .pub afterwards.
     RotateAuditKey {
         /// The broker configuration (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Move the audit log and the consents of `data_dir` (the broker
+    /// stopped) into the empty PostgreSQL database of `[storage]`, before
+    /// any replica serves: the log is verified end to end, then written as
+    /// it is (records, tree, last signed head), so the signed history goes
+    /// on and auditors' saved heads stay provable. `data_dir` is unchanged.
+    MoveToPostgres {
+        /// The broker configuration (TOML), `[storage]` naming the target.
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -148,6 +159,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!(
                 "the old private key was deleted; give auditors the new {} (they may keep trusting the old public key: verifiers follow the hand-over)",
                 onceonly_broker::audit::public_key_path(&config.audit_key).display()
+            );
+        }
+        Command::MoveToPostgres { config } => {
+            let config = BrokerConfig::load(&config)?;
+            let moved = onceonly_broker::storage::move_to_postgres(&config).await?;
+            println!(
+                "moved {} records and {} consents into PostgreSQL; its log goes on from the signed head of {} records",
+                moved.records,
+                moved.consents,
+                moved.head.as_ref().map_or(0, |h| h.tree_size)
+            );
+            println!(
+                "start the replicas on it; auditors check the move with `onceonly-audit verify --saved-head` against any replica"
             );
         }
         Command::Check { config } => {

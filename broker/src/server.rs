@@ -116,6 +116,7 @@ type OpenedStorage = (
     ConsentStore,
     JoinHandle<()>,
     Duration,
+    // The idempotency window's and quotas' connections, for replicas.
     Option<onceonly_store_postgres::Pool>,
 );
 
@@ -175,7 +176,7 @@ async fn open_replicated(
     let pseudonym_check = crate::keys::pseudonym_key_check(config)?;
     let audit_key_id =
         onceonly_merkle::sth::key_id(ring::signature::KeyPair::public_key(&audit_key).as_ref());
-    let pool = crate::storage::open_postgres(
+    let pools = crate::storage::open_postgres(
         storage,
         &[
             ("pseudonym_key", &pseudonym_check),
@@ -187,7 +188,8 @@ async fn open_replicated(
     let replica = crate::storage::replica_name();
     let started = std::time::Instant::now();
     let (log, writer) = onceonly_store_postgres::PgAuditLog::open(
-        pool.clone(),
+        pools.requests.clone(),
+        pools.log.clone(),
         audit_key,
         pseudonyms.row_key(),
         onceonly_store_postgres::LogSettings {
@@ -206,10 +208,10 @@ async fn open_replicated(
     tracing::info!(%replica, "serving as a replica on PostgreSQL");
     Ok((
         Audit::Replicated(log),
-        ConsentStore::postgres(pool.clone(), pseudonyms),
+        ConsentStore::postgres(pools.requests.clone(), pseudonyms),
         writer,
         round_trip,
-        Some(pool),
+        Some(pools.window),
     ))
 }
 
@@ -294,6 +296,7 @@ impl BoundBroker {
                 })?,
             tls: server_tls.clone(),
             faults: Faults::default(),
+            ready: Arc::default(),
             metrics: crate::metrics::Metrics::default(),
         });
         let listener =
@@ -379,8 +382,12 @@ impl BoundBroker {
         } = self;
         let admin_task = admin.map(|(listener, addr)| {
             let registry = Arc::new(crate::metrics::registry(&broker, tls.clone()));
-            tracing::info!(%addr, "metrics on http://{addr}/metrics");
-            tokio::spawn(onceonly_proto::telemetry::serve_metrics(listener, registry))
+            tracing::info!(%addr, "metrics on http://{addr}/metrics, readiness on /ready");
+            tokio::spawn(onceonly_proto::telemetry::serve_admin(
+                listener,
+                registry,
+                Some(broker.ready.clone()),
+            ))
         });
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
@@ -407,10 +414,12 @@ impl BoundBroker {
         let stop_crl_watcher = crl_watcher.abort_handle();
 
         let (drain_started, drain_signal) = oneshot::channel::<()>();
+        let shutting_down = broker.ready.clone();
         let signal = async move {
             shutdown.await;
             stop_crl_watcher.abort();
             set_all(&health_reporter, false).await;
+            shutting_down.store(false, std::sync::atomic::Ordering::Relaxed);
             if !announce.is_zero() {
                 // Health says NOT_SERVING while the broker still serves, so
                 // load balancers move new traffic away before it stops
@@ -682,6 +691,9 @@ async fn watch_readiness(
                 tracing::info!("serving again");
             }
             set_all(&health, ready).await;
+            broker
+                .ready
+                .store(ready, std::sync::atomic::Ordering::Relaxed);
             serving = Some(ready);
         }
         last_crl = Some(state);

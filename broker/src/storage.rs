@@ -4,6 +4,8 @@
 //! module opens the chosen one and is the audit log's face; consents and
 //! the idempotency window choose their backend in their own modules.
 
+use std::sync::Arc;
+
 use onceonly_audit_log::{AuditError, AuditFault, AuditFilter, AuditLog, AuditMetrics};
 use onceonly_merkle::Hash;
 use onceonly_merkle::sth::SignedTreeHead;
@@ -216,6 +218,9 @@ pub enum PostgresError {
     /// The pool could not be built.
     #[error(transparent)]
     Pool(#[from] onceonly_store_postgres::PoolSetupError),
+    /// The TLS files ([storage] ca, client_cert, client_key) are unusable.
+    #[error("TLS to PostgreSQL: {0}")]
+    Tls(String),
     /// No connection within the timeout, or the server refused it.
     #[error("PostgreSQL did not answer: {0}")]
     Connect(String),
@@ -229,11 +234,24 @@ pub enum PostgresError {
 
 /// Connects to PostgreSQL as `storage` says and brings the schema up to
 /// this build's (or checks it).
+/// A replica's connections, by job.
+#[derive(Clone)]
+pub struct Pools {
+    /// Durable work: audit commits, consents, readers (`pool_size`).
+    pub requests: Pool,
+    /// The idempotency window and quota counts: commits that do not wait
+    /// for the WAL flush, as that state may be lost with a crash of the
+    /// database like the embedded broker's memory (`pool_size`).
+    pub window: Pool,
+    /// The sequencer and the probe, two connections of their own.
+    pub log: Pool,
+}
+
 /// `keys`: (name, check value) of the keys every replica must share.
 pub async fn open_postgres(
     storage: &StorageConfig,
     keys: &[(&str, &str)],
-) -> Result<Pool, PostgresError> {
+) -> Result<Pools, PostgresError> {
     let password = match &storage.password_file {
         Some(file) => Some(
             std::fs::read_to_string(file)
@@ -246,15 +264,36 @@ pub async fn open_postgres(
         ),
         None => None,
     };
-    let pool = onceonly_store_postgres::pool(&onceonly_store_postgres::PoolSettings {
+    let tls = match &storage.ca {
+        Some(ca) => Some(
+            onceonly_certs::tls::external_client_config(
+                ca,
+                storage
+                    .client_cert
+                    .as_deref()
+                    .zip(storage.client_key.as_deref()),
+            )
+            .map_err(|e| PostgresError::Tls(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let settings = |size: usize, synchronous_commit: bool| onceonly_store_postgres::PoolSettings {
         url: storage.url.clone().unwrap_or_default(),
-        password,
-        size: storage.pool_size,
+        password: password.clone(),
+        size,
         timeout: storage.timeout,
-        // Shorter than the lease: a dead sequencer's transaction (and its
-        // lock on the lease row) ends before the lease would.
+        // As long as the lease: a dead sequencer's transaction (and its
+        // lock on the lease row) ends by the time its lease would.
         idle_in_transaction: storage.sequencer_lease,
-    })?;
+        tls: tls.clone(),
+        synchronous_commit,
+    };
+    let pool = onceonly_store_postgres::pool(&settings(storage.pool_size, true))?;
+    let pools = Pools {
+        requests: pool.clone(),
+        window: onceonly_store_postgres::pool(&settings(storage.pool_size, false))?,
+        log: onceonly_store_postgres::pool(&settings(2, true))?,
+    };
     let mut client = pool
         .get()
         .await
@@ -266,7 +305,7 @@ pub async fn open_postgres(
     let state = onceonly_store_postgres::migrate(&mut client, mode).await?;
     tracing::info!(?state, "PostgreSQL schema ready");
     onceonly_store_postgres::check_keys(&client, keys).await?;
-    Ok(pool)
+    Ok(pools)
 }
 
 /// This process's name among replicas: host, process id and a random
@@ -279,4 +318,116 @@ pub fn replica_name() -> String {
     let mut tag = [0u8; 3];
     rand::rng().fill_bytes(&mut tag);
     format!("{host}-{}-{}", std::process::id(), hex::encode(tag))
+}
+
+/// What moving a data directory into PostgreSQL did.
+#[derive(Debug, Clone)]
+pub struct Moved {
+    /// Records moved.
+    pub records: u64,
+    /// The last signed head, now the PostgreSQL log's.
+    pub head: Option<SignedTreeHead>,
+    /// Consents moved.
+    pub consents: usize,
+}
+
+/// Why a data directory could not be moved.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    /// The configuration does not name a PostgreSQL target.
+    #[error(
+        "{0}: set [storage] backend = \"postgres\" and its url (the target); data_dir stays the source"
+    )]
+    NoTarget(String),
+    /// A key could not be read.
+    #[error(transparent)]
+    Key(#[from] crate::keys::KeyError),
+    /// The embedded log does not verify.
+    #[error("the data directory's log does not verify, so it is not moved: {0}")]
+    Tampered(#[from] onceonly_audit_log::Tamper),
+    /// The data directory could not be read.
+    #[error("{0}")]
+    Read(String),
+    /// PostgreSQL refused.
+    #[error(transparent)]
+    Postgres(#[from] PostgresError),
+    /// The import failed (nothing was written).
+    #[error(transparent)]
+    Import(#[from] onceonly_store_postgres::audit::ImportError),
+    /// A consent could not be moved.
+    #[error(transparent)]
+    Consent(#[from] crate::consent::ConsentError),
+}
+
+/// Moves the log and the consents of `config.data_dir` (the broker
+/// stopped) into the empty PostgreSQL database of `config.storage`: the log
+/// is verified end to end first, then its records, tree and last signed
+/// head are written as they are, so auditors' saved heads stay provable
+/// against the replicas (the signed history goes on); consents keep their
+/// ids, times and revocations. The data directory is left unchanged.
+pub async fn move_to_postgres(config: &crate::BrokerConfig) -> Result<Moved, MoveError> {
+    use ring::signature::KeyPair;
+    if config.storage.backend != crate::config::Backend::Postgres {
+        return Err(MoveError::NoTarget(
+            "the configuration's [storage] is embedded".into(),
+        ));
+    }
+    let audit_key = crate::keys::load_audit_key(&config.audit_key)?;
+    let public_key = audit_key.public_key().as_ref().to_vec();
+    let data_dir = config.data_dir.clone();
+    let key = public_key.clone();
+    let (verified, frames) = tokio::task::spawn_blocking(move || {
+        let verified = onceonly_audit_log::verify_dir(&data_dir, &key)?;
+        let frames = onceonly_audit_log::segment::read_all(
+            &data_dir.join(onceonly_audit_log::segment::FILE_NAME),
+        )
+        .map_err(|e| MoveError::Read(e.to_string()))?;
+        Ok::<_, MoveError>((verified, frames))
+    })
+    .await
+    .map_err(|e| MoveError::Read(e.to_string()))??;
+    let size = verified.head.as_ref().map_or(0, |h| h.tree_size);
+    let records: Vec<Vec<u8>> = frames
+        .into_iter()
+        .filter(|(_, _, checksum_ok)| *checksum_ok)
+        .flat_map(|(_, frame, _)| frame.records)
+        .take(size as usize)
+        .collect();
+    let pseudonyms = Arc::new(crate::keys::load_checked_pseudonym_key(config)?);
+    let pseudonym_check = crate::keys::pseudonym_key_check(config)?;
+    let audit_key_id = onceonly_merkle::sth::key_id(&public_key);
+    let pool = open_postgres(
+        &config.storage,
+        &[
+            ("pseudonym_key", &pseudonym_check),
+            ("audit_key", &audit_key_id),
+        ],
+    )
+    .await?
+    .requests;
+    if let Some(head) = &verified.head {
+        onceonly_store_postgres::audit::import(&pool, &records, head, &public_key).await?;
+    }
+    // The consents, from sled (which the stopped broker no longer locks).
+    let storage = sled::Config::new().path(&config.data_dir);
+    let db = tokio::task::spawn_blocking(move || crate::audit::open_storage(storage))
+        .await
+        .map_err(|e| MoveError::Read(e.to_string()))?
+        .map_err(|e| {
+            MoveError::Read(format!(
+                "{}: {e} (stop the broker first)",
+                config.data_dir.display()
+            ))
+        })?;
+    let embedded = crate::consent::ConsentStore::open(&db, pseudonyms.clone())?;
+    let target = crate::consent::ConsentStore::postgres(pool, pseudonyms);
+    let consents = embedded.all_embedded()?;
+    for consent in &consents {
+        target.import(consent).await?;
+    }
+    Ok(Moved {
+        records: records.len() as u64,
+        head: verified.head,
+        consents: consents.len(),
+    })
 }

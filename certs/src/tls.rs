@@ -1106,3 +1106,25 @@ pub fn find_connect_error<'a>(
     }
     None
 }
+
+/// A TLS 1.3 client of a server outside the participant PKI (PostgreSQL):
+/// the server's certificate verified against the roots in `ca` (PEM) and
+/// for the host name dialled, as WebPKI does; with `client`, a certificate
+/// chain and key (PEM) to present where the server asks for one.
+pub fn external_client_config(
+    ca: &Path,
+    client: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(ca)? {
+        roots.add(cert)?;
+    }
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots);
+    let config = match client {
+        Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}

@@ -236,3 +236,29 @@ pub fn cuttable_channel(config: Arc<rustls::ClientConfig>, addr: SocketAddr) -> 
         .connect_with_connector_lazy(connector);
     CuttableChannel { channel, sockets }
 }
+
+/// The HTTP status of `GET path` on a plain-HTTP listener (the admin
+/// listener's `/ready`, as a load balancer's check sees it).
+pub async fn http_status(addr: SocketAddr, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("admin listener");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("response");
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}

@@ -105,6 +105,54 @@ impl TestPostgres {
         ])
     }
 
+    /// Turns TLS on (for the next start): a throw-away CA and a server
+    /// certificate for 127.0.0.1 and localhost, written into the data
+    /// directory; and, with `only_tls`, refuses plaintext connections over
+    /// TCP. Returns the CA's certificate (PEM) for clients. Restarts the
+    /// server.
+    pub fn enable_tls(&self, only_tls: bool) -> anyhow::Result<String> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "onceonly test PostgreSQL CA");
+        let ca = ca_params.self_signed(&ca_key)?;
+        let server_key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "onceonly test PostgreSQL");
+        let server = params.signed_by(&server_key, &Issuer::new(ca_params, &ca_key))?;
+        let data = self.data();
+        std::fs::write(data.join("server.crt"), server.pem())?;
+        std::fs::write(data.join("server.key"), server_key.serialize_pem())?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                data.join("server.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )?;
+        }
+        if self.run_as.is_some() {
+            let uid = user_id("postgres")?;
+            for file in ["server.crt", "server.key"] {
+                std::os::unix::fs::chown(data.join(file), Some(uid), None)?;
+            }
+        }
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf"))?;
+        conf.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_min_protocol_version = 'TLSv1.3'\n");
+        std::fs::write(data.join("postgresql.conf"), conf)?;
+        if only_tls {
+            let hba = "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n";
+            std::fs::write(data.join("pg_hba.conf"), hba)?;
+        }
+        self.stop()?;
+        self.start_again()?;
+        Ok(ca.pem())
+    }
+
     /// The server's log so far (for a failing test's message).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()

@@ -41,6 +41,14 @@ struct Replica {
     addr: SocketAddr,
 }
 
+/// A failing test must not leave replicas running.
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn broker_binary() -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test binary");
     let dir = exe
@@ -242,6 +250,7 @@ async fn killing_a_replica_and_then_the_sequencer_loses_nothing_and_forks_nothin
     let mut killed = replicas[victim].take().expect("running");
     killed.child.kill().expect("SIGKILL");
     killed.child.wait().expect("reaped");
+    drop(killed);
 
     // Phase 2: kill the sequencer.
     wait_for_acks(acks.load(Ordering::Relaxed) + ACKS_PER_PHASE).await;
@@ -253,6 +262,7 @@ async fn killing_a_replica_and_then_the_sequencer_loses_nothing_and_forks_nothin
     let mut killed = replicas[position].take().expect("running");
     killed.child.kill().expect("SIGKILL");
     killed.child.wait().expect("reaped");
+    drop(killed);
 
     // The last replica takes over within the lease and a few runs, and
     // the load goes on.
@@ -383,10 +393,7 @@ async fn killing_a_replica_and_then_the_sequencer_loses_nothing_and_forks_nothin
         .get(0);
     assert!(epochs >= 2, "the log was sequenced under one epoch only");
 
-    for replica in replicas.iter_mut().flatten() {
-        let _ = replica.child.kill();
-        let _ = replica.child.wait();
-    }
+    drop(replicas);
     drop(postgres);
 }
 

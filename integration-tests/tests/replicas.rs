@@ -189,6 +189,28 @@ async fn consents_and_request_ids_hold_across_replicas() {
     );
     assert_eq!(again_evidence.payload, first_evidence.payload);
     assert_eq!(again_evidence.register_jws, first_evidence.register_jws);
+    // What the replicas keep in the database names no citizen and holds
+    // no evidence in the clear (outcomes are sealed).
+    let db = database(&_postgres).await;
+    let mut dump = String::new();
+    for table in ["consents", "idempotency", "audit_queue", "audit_leaves"] {
+        for row in db
+            .query(&format!("SELECT t::text FROM {table} t"), &[])
+            .await
+            .expect("dump")
+        {
+            dump.push_str(row.get::<_, &str>(0));
+        }
+    }
+    assert!(dump.contains("same-id-1"), "the dump holds the rows");
+    for secret in [
+        onceonly_integration_tests::world::ANNA.to_owned(),
+        hex::encode(onceonly_integration_tests::world::ANNA),
+        hex::encode(&first_evidence.payload),
+        hex::encode(&first_evidence.payload[..16]),
+    ] {
+        assert!(!dump.contains(&secret), "{secret} is in the database");
+    }
     // Reused for something else at B: refused.
     let mut other = birth_certificate("same-id-1");
     other.purpose = "something-else".into();
@@ -363,6 +385,17 @@ async fn without_postgres_replicas_refuse_release_nothing_and_recover() {
     for addr in [a, b] {
         wait_for_health(&world, addr, false).await;
     }
+    // A load balancer's HTTP check sees it too.
+    let admin = [
+        world.admin_addr(),
+        others[0].admin_addr().expect("admin listener"),
+    ];
+    for addr in admin {
+        assert_eq!(
+            onceonly_integration_tests::http_status(addr, "/ready").await,
+            503
+        );
+    }
 
     let _postgres = tokio::task::spawn_blocking(move || {
         postgres.start_again().expect("starts again");
@@ -372,6 +405,12 @@ async fn without_postgres_replicas_refuse_release_nothing_and_recover() {
     .expect("join");
     for addr in [a, b] {
         wait_for_health(&world, addr, true).await;
+    }
+    for addr in admin {
+        assert_eq!(
+            onceonly_integration_tests::http_status(addr, "/ready").await,
+            200
+        );
     }
     for (n, addr) in [a, b].into_iter().enumerate() {
         let answer = authority(&world, addr)
@@ -825,4 +864,280 @@ async fn a_quota_holds_across_replicas() {
         .request_evidence(birth_certificate("other-authority"))
         .await
         .expect("other callers are not limited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directorys_log_and_consents_move_into_postgres_with_their_signed_history() {
+    // A broker on its embedded data directory, with history and a consent.
+    let mut world = World::start().await;
+    let a = world.broker_addr();
+    portal(&world, a)
+        .grant_consent(GrantConsentRequest {
+            subject: Some(anna()),
+            authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
+            evidence_type: "proof-of-residence".into(),
+            purpose: "parental-allowance".into(),
+            expires_at: Some(onceonly_proto::time::timestamp(
+                onceonly_proto::time::now_ms() + 3_600_000,
+            )),
+        })
+        .await
+        .expect("grant");
+    for id in ["before-move-1", "before-move-2"] {
+        authority(&world, a)
+            .request_evidence(birth_certificate(id))
+            .await
+            .expect("delivered");
+    }
+    let key = audit_public_key(&world);
+    let saved = verify_remote(&mut auditor(&world, a), &key, None, true)
+        .await
+        .expect("verifies")
+        .head
+        .expect("a head");
+    world.stop_broker().await;
+
+    // Moved into PostgreSQL.
+    let postgres = tokio::task::spawn_blocking(TestPostgres::start)
+        .await
+        .expect("join")
+        .expect("PostgreSQL starts");
+    let text = std::fs::read_to_string(&world.config_path).expect("config");
+    std::fs::write(
+        &world.config_path,
+        format!(
+            "{text}\n[storage]\nbackend = \"postgres\"\nurl = \"{}\"\nmerge_delay = \"{MERGE_DELAY_MS}ms\"\n",
+            postgres.url("postgres")
+        ),
+    )
+    .expect("config");
+    let config = onceonly_broker::BrokerConfig::load(&world.config_path).expect("config");
+    let moved = onceonly_broker::storage::move_to_postgres(&config)
+        .await
+        .expect("moves");
+    assert_eq!(moved.records, saved.tree_size);
+    assert_eq!(moved.consents, 1);
+    // Into an empty log only.
+    let again = onceonly_broker::storage::move_to_postgres(&config)
+        .await
+        .expect_err("the target is no longer empty");
+    assert!(again.to_string().contains("not empty"), "{again}");
+
+    // A replica on it: the moved consent holds, the log goes on, and the
+    // head saved before the move is provably part of it.
+    world.start_broker().await;
+    let a = world.broker_addr();
+    authority(&world, a)
+        .request_evidence(residence("after-move"))
+        .await
+        .expect("the moved consent is honoured");
+    world
+        .wait_for_records("after-move", 1, Duration::from_millis(MERGE_DELAY_MS * 2))
+        .await;
+    let audit = verify_remote(&mut auditor(&world, a), &key, Some(&saved), true)
+        .await
+        .expect("the moved log verifies and extends the saved head");
+    assert!(audit.consistent_with_saved);
+    assert!(audit.head.expect("head").tree_size > saved.tree_size);
+    let records = world.audit_records().await;
+    for id in ["before-move-1", "before-move-2", "after-move"] {
+        assert_eq!(of_count(&records, id), 1, "{id}");
+    }
+    drop(postgres);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_other_keys_than_the_others_refuses_to_start() {
+    let (_postgres, world, _others) = replicas(0).await;
+    // Another pseudonym key, made as `init` makes keys.
+    let text = std::fs::read_to_string(&world.config_path).expect("config");
+    let stranger = world.dir.path().join("stranger.toml");
+    std::fs::write(
+        &stranger,
+        text.replace("secrets/pseudonym.key", "secrets/other-pseudonym.key")
+            .replace("secrets/audit.key", "secrets/other-audit.key")
+            .replacen("data_dir = \"data\"", "data_dir = \"data-stranger\"", 1),
+    )
+    .expect("config");
+    let config = onceonly_broker::BrokerConfig::load(&stranger).expect("config");
+    onceonly_broker::keys::init(&config).expect("other keys");
+    for (file, which) in [
+        (
+            text.replace("secrets/pseudonym.key", "secrets/other-pseudonym.key"),
+            "pseudonym_key",
+        ),
+        (
+            text.replace("secrets/audit.key", "secrets/other-audit.key"),
+            "audit_key",
+        ),
+    ] {
+        std::fs::write(
+            &stranger,
+            file.replacen(
+                "data_dir = \"data\"",
+                &format!("data_dir = \"data-{which}\""),
+                1,
+            ),
+        )
+        .expect("config");
+        let config = onceonly_broker::BrokerConfig::load(&stranger).expect("config");
+        let refused = match onceonly_broker::BoundBroker::bind(&config).await {
+            Ok(_) => panic!("a replica with another {which} started"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            refused.contains(which) && refused.contains("same"),
+            "{which}: {refused}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_lost_signed_history_is_refused() {
+    let (postgres, world, _others) = replicas(0).await;
+    let a = world.broker_addr();
+    for batch in 0..2 {
+        authority(&world, a)
+            .request_evidence(birth_certificate(&format!("history-{batch}")))
+            .await
+            .expect("delivered");
+        head_covering(
+            &world,
+            a,
+            batch + 1,
+            Duration::from_millis(MERGE_DELAY_MS * 2),
+        )
+        .await;
+    }
+    // As a failover to a standby that lagged, or a restore of an older
+    // backup, would: the latest head and its records are gone.
+    let db = database(&postgres).await;
+    db.batch_execute(
+        "DELETE FROM audit_heads WHERE tree_size = (SELECT max(tree_size) FROM audit_heads);
+         DELETE FROM audit_nodes WHERE level > 0;
+         DELETE FROM audit_leaves WHERE log_index >= (SELECT max(tree_size) FROM audit_heads);",
+    )
+    .await
+    .expect("history lost");
+    wait_for_health(&world, a, false).await;
+    let refused = authority(&world, a)
+        .request_evidence(birth_certificate("after-loss"))
+        .await
+        .expect_err("no evidence on a history that lost answered records");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(reason_of(&refused), Some(ErrorReason::AuditUnavailable));
+    let heads: i64 = db
+        .query_one("SELECT count(*) FROM audit_heads", &[])
+        .await
+        .expect("heads")
+        .get(0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later: i64 = db
+        .query_one("SELECT count(*) FROM audit_heads", &[])
+        .await
+        .expect("heads")
+        .get(0);
+    assert_eq!(
+        heads, later,
+        "the sequencer signed on over the lost history"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_reach_postgres_over_verified_tls_only() {
+    let postgres = tokio::task::spawn_blocking(|| {
+        let postgres = TestPostgres::start()?;
+        let ca = postgres.enable_tls(true)?;
+        Ok::<_, anyhow::Error>((postgres, ca))
+    })
+    .await
+    .expect("join");
+    let (postgres, ca) = postgres.expect("PostgreSQL with TLS starts");
+    let dir = tempfile::tempdir().expect("dir");
+    let ca_path = dir.path().join("postgres-ca.pem");
+    std::fs::write(&ca_path, ca).expect("ca");
+    let world = World::start_with(BrokerSettings {
+        sections: format!(
+            "[storage]\nbackend = \"postgres\"\nurl = \"{}\"\nca = {:?}\nmerge_delay = \"{MERGE_DELAY_MS}ms\"\n",
+            postgres.url("postgres"),
+            ca_path
+        ),
+        ..Default::default()
+    })
+    .await;
+    let answer = authority(&world, world.broker_addr())
+        .request_evidence(birth_certificate("over-tls"))
+        .await
+        .expect("served over TLS to PostgreSQL")
+        .into_inner();
+    assert!(answer.audit_receipt.is_some());
+    // Every session of the replica is TLS 1.3.
+    let db = database_over_tls(&postgres, &ca_path).await;
+    let plain: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'onceonly-broker' AND (NOT s.ssl OR s.version <> 'TLSv1.3')",
+            &[],
+        )
+        .await
+        .expect("sessions")
+        .get(0);
+    assert_eq!(plain, 0, "a replica session without TLS 1.3");
+
+    // Without the CA (plaintext), and with another CA: a replica does not
+    // start, and says why.
+    let text = std::fs::read_to_string(&world.config_path).expect("config");
+    let other_ca = dir.path().join("other-ca.pem");
+    std::fs::write(
+        &other_ca,
+        rcgen::CertificateParams::new(Vec::<String>::new())
+            .expect("params")
+            .self_signed(&rcgen::KeyPair::generate().expect("key"))
+            .expect("cert")
+            .pem(),
+    )
+    .expect("other ca");
+    for (variant, expected) in [
+        (
+            text.replace(&format!("ca = {ca_path:?}\n"), ""),
+            "no encryption",
+        ),
+        (
+            text.replace(&format!("{ca_path:?}"), &format!("{other_ca:?}")),
+            "certificate",
+        ),
+    ] {
+        let path = world.dir.path().join("broker-variant.toml");
+        std::fs::write(
+            &path,
+            variant.replacen("data_dir = \"data\"", "data_dir = \"data-variant\"", 1),
+        )
+        .expect("config");
+        let config = onceonly_broker::BrokerConfig::load(&path).expect("config");
+        let refused = match onceonly_broker::BoundBroker::bind(&config).await {
+            Ok(_) => panic!("a replica started with {expected:?} expected"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            refused.to_lowercase().contains(expected),
+            "{expected}: {refused}"
+        );
+    }
+}
+
+async fn database_over_tls(
+    postgres: &TestPostgres,
+    ca: &std::path::Path,
+) -> tokio_postgres::Client {
+    let tls = onceonly_certs::tls::external_client_config(ca, None).expect("tls");
+    let mut config: tokio_postgres::Config = postgres.url("postgres").parse().expect("url");
+    config.ssl_mode(tokio_postgres::config::SslMode::Require);
+    let (client, connection) = config
+        .connect(tokio_postgres_rustls::MakeRustlsConnect::new(
+            tls.as_ref().clone(),
+        ))
+        .await
+        .expect("connects over TLS");
+    tokio::spawn(connection);
+    client
 }

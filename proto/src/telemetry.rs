@@ -109,8 +109,20 @@ pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     registry: std::sync::Arc<prometheus_client::registry::Registry>,
 ) {
+    serve_admin(listener, registry, None).await;
+}
+
+/// [`serve_metrics`], and where `ready` is given, `GET /ready`: 200 while
+/// it holds, 503 otherwise — readiness (as gRPC health reports it) for
+/// load balancers that cannot speak gRPC over mutual TLS (HAProxy's
+/// `option httpchk`).
+pub async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    registry: std::sync::Arc<prometheus_client::registry::Registry>,
+    ready: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+) {
     use axum::response::IntoResponse;
-    let app = axum::Router::new().route(
+    let mut app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
             let registry = registry.clone();
@@ -130,6 +142,21 @@ pub async fn serve_metrics(
             }
         }),
     );
+    if let Some(ready) = ready {
+        app = app.route(
+            "/ready",
+            axum::routing::get(move || {
+                let serving = ready.load(std::sync::atomic::Ordering::Relaxed);
+                async move {
+                    if serving {
+                        (axum::http::StatusCode::OK, "SERVING\n")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n")
+                    }
+                }
+            }),
+        );
+    }
     if let Err(error) = axum::serve(listener, app).await {
         tracing::error!(%error, "the admin listener stopped");
     }

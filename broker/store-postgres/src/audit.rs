@@ -60,7 +60,12 @@ struct Append {
 }
 
 struct Inner {
+    /// Commits and readers.
     pool: Pool,
+    /// The sequencer's and the probe's own connections: request traffic
+    /// waiting for the other pool cannot starve the sequencer (which would
+    /// stall the log and with it every replica).
+    log_pool: Pool,
     key: Ed25519KeyPair,
     key_id: String,
     settings: LogSettings,
@@ -80,6 +85,10 @@ struct Inner {
     /// Why no new receipt can be kept now, if so: records wait longer
     /// than a failover takes. Only the probe sets and clears it.
     lagging: Mutex<Option<String>>,
+    /// Why this replica stopped for good, if it did: the database lost
+    /// signed history, or its tree does not hash to its head. Cleared only
+    /// by a restart (after the operator restored the database).
+    halted: Mutex<Option<String>>,
     /// Authenticates queued records (replicas hold it, the database does
     /// not): a record written into the queue by anyone else is never
     /// signed into the log.
@@ -247,8 +256,11 @@ impl PgAuditLog {
     /// They end once every handle is dropped; the returned task completes
     /// then.
     /// `row_key` authenticates queued records between replicas.
+    /// `pool` serves commits and readers; `log_pool` (two connections
+    /// suffice) the sequencer and the probe alone.
     pub async fn open(
         pool: Pool,
+        log_pool: Pool,
         key: Ed25519KeyPair,
         row_key: ring::hmac::Key,
         settings: LogSettings,
@@ -268,6 +280,7 @@ impl PgAuditLog {
         let inner = Arc::new(Inner {
             key_id: onceonly_merkle::sth::key_id(key.public_key().as_ref()),
             pool,
+            log_pool,
             key,
             settings,
             failure: Mutex::new(None),
@@ -277,6 +290,7 @@ impl PgAuditLog {
             heads_published: AtomicU64::new(0),
             failed_runs: AtomicU64::new(0),
             lagging: Mutex::new(None),
+            halted: Mutex::new(None),
             row_key,
             quarantined: AtomicU64::new(0),
             metrics: AuditMetrics::default(),
@@ -489,6 +503,9 @@ impl PgAuditLog {
         if self.inner.fault.load(Ordering::SeqCst) {
             return Some("appends fail (injected fault)".into());
         }
+        if let Some(halt) = self.inner.halt() {
+            return Some(halt);
+        }
         if let Some(lag) = self.inner.lag() {
             return Some(lag);
         }
@@ -536,6 +553,146 @@ impl PgAuditLog {
     }
 }
 
+/// Why a log could not be imported.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// The database failed.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// The PostgreSQL log already holds records.
+    #[error(
+        "the PostgreSQL audit log is not empty ({0} records, queued or sequenced): a data directory's log is moved only into an empty one, before any replica serves"
+    )]
+    NotEmpty(i64),
+    /// The records do not hash to the head, or another key signed it.
+    #[error("the log to import does not match its signed head: {0}")]
+    Mismatch(String),
+}
+
+/// Moves a whole verified log (every record's bytes, in order, and its
+/// last signed head, signed by the key whose raw public key is
+/// `public_key`) into the empty PostgreSQL log behind `pool`, in one
+/// transaction: leaves, tree nodes and the head as they are, so the signed
+/// history goes on (later heads extend this one, provably). Records keep
+/// their log_index; they name no replica.
+pub async fn import(
+    pool: &Pool,
+    records: &[Vec<u8>],
+    head: &SignedTreeHead,
+    public_key: &[u8],
+) -> Result<(), ImportError> {
+    head.verify(public_key)
+        .map_err(|e| ImportError::Mismatch(format!("the head does not verify: {e}")))?;
+    if head.tree_size != records.len() as u64 {
+        return Err(ImportError::Mismatch(format!(
+            "{} records, but the head covers {}",
+            records.len(),
+            head.tree_size
+        )));
+    }
+    let mut frontier = Frontier::new();
+    let mut columns = LeafColumns::default();
+    let (mut levels, mut nodes, mut hashes) = (Vec::new(), Vec::new(), Vec::new());
+    for (index, bytes) in records.iter().enumerate() {
+        let record = AuditRecord::decode(bytes.as_slice())
+            .map_err(|e| ImportError::Mismatch(format!("record {index}: {e}")))?;
+        let leaf = leaf_hash(bytes);
+        for (level, node, hash) in frontier.push(leaf) {
+            if level > 0 {
+                levels.push(level as i32);
+                nodes.push(to_i64(node));
+                hashes.push(hash.to_vec());
+            }
+        }
+        columns.push(index as u64, leaf, &record, bytes.clone(), String::new(), 0);
+    }
+    if frontier.root() != head.root_hash {
+        return Err(ImportError::Mismatch(
+            "the records do not hash to the head's root".into(),
+        ));
+    }
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|e| AuditError::Storage(format!("PostgreSQL: {}", crate::describe(&e))))?;
+    let tx = client.transaction().await.map_err(storage)?;
+    // No sequencer may run meanwhile.
+    tx.batch_execute(
+        "LOCK TABLE sequencer_lease, audit_queue, audit_leaves, audit_heads IN EXCLUSIVE MODE",
+    )
+    .await
+    .map_err(storage)?;
+    let present: i64 = tx
+        .query_one(
+            "SELECT (SELECT count(*) FROM audit_leaves) + (SELECT count(*) FROM audit_queue)
+                  + (SELECT count(*) FROM audit_heads)",
+            &[],
+        )
+        .await
+        .map_err(storage)?
+        .get(0);
+    if present != 0 {
+        return Err(ImportError::NotEmpty(present));
+    }
+    // Imported leaves take negative queue ids: unique, and apart from the
+    // queue's own.
+    let queue_ids: Vec<i64> = columns.indices.iter().map(|i| -(i + 1)).collect();
+    insert_leaves(&tx, &columns, &queue_ids).await?;
+    tx.execute(
+        "INSERT INTO audit_nodes (level, node_index, hash)
+         SELECT * FROM unnest($1::integer[], $2::bigint[], $3::bytea[])",
+        &[&levels, &nodes, &hashes],
+    )
+    .await
+    .map_err(storage)?;
+    tx.execute(
+        "INSERT INTO audit_heads (tree_size, root_hash, timestamp_ms, key_id, signature, sequencer_epoch)
+         VALUES ($1, $2, $3, $4, $5, 0)",
+        &[
+            &to_i64(head.tree_size),
+            &head.root_hash.as_slice(),
+            &to_i64(head.timestamp_ms),
+            &hex::decode(&head.key_id).unwrap_or_default(),
+            &head.signature,
+        ],
+    )
+    .await
+    .map_err(storage)?;
+    tx.commit().await.map_err(storage)?;
+    Ok(())
+}
+
+async fn insert_leaves(
+    tx: &deadpool_postgres::Transaction<'_>,
+    columns: &LeafColumns,
+    queue_ids: &[i64],
+) -> Result<(), AuditError> {
+    tx.execute(
+        "INSERT INTO audit_leaves (log_index, queue_id, leaf_hash, record, replica, queued_at_ms,
+             subject_pseudonym, caller_id, evidence_type, connector_id, outcome, received_s)
+         SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[], $5::text[],
+             $6::bigint[], $7::bytea[], $8::text[], $9::text[], $10::text[], $11::integer[],
+             $12::bigint[])",
+        &[
+            &columns.indices,
+            &queue_ids,
+            &columns.leaves,
+            &columns.records,
+            &columns.replicas,
+            &columns.queued_at,
+            &columns.subjects,
+            &columns.callers,
+            &columns.evidence_types,
+            &columns.connectors,
+            &columns.outcomes,
+            &columns.received,
+        ],
+    )
+    .await
+    .map_err(storage)?;
+    Ok(())
+}
+
 impl Inner {
     fn failed(&self, reason: String) {
         *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
@@ -543,6 +700,22 @@ impl Inner {
 
     fn succeeded(&self) {
         *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn halt(&self) -> Option<String> {
+        self.halted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Stops appends and sequencing until a restart.
+    fn halt_with(&self, reason: &str) {
+        tracing::error!(%reason, "the replicated audit log stops until a restart");
+        self.halted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| reason.to_owned());
     }
 
     fn lag(&self) -> Option<String> {
@@ -564,6 +737,9 @@ impl Inner {
     async fn commit(&self, records: &[AuditRecord]) -> Result<Vec<AuditReceipt>, AuditError> {
         if self.fault.load(Ordering::SeqCst) {
             return Err(AuditError::Storage("appends fail (injected fault)".into()));
+        }
+        if let Some(halt) = self.halt() {
+            return Err(AuditError::Storage(halt));
         }
         // A receipt promises inclusion within the merge delay: none is
         // given while nothing sequences.
@@ -660,7 +836,7 @@ async fn probe(inner: Weak<Inner>) {
         };
         let result: Result<Option<String>, AuditError> = async {
             let client =
-                bounded(inner.settings.timeout, "connecting", inner.pool.get()).await?;
+                bounded(inner.settings.timeout, "connecting", inner.log_pool.get()).await?;
             let row = bounded(
                 inner.settings.timeout,
                 "probing",
@@ -697,6 +873,7 @@ async fn probe(inner: Weak<Inner>) {
                 *inner.lagging.lock().unwrap_or_else(|p| p.into_inner()) = lag;
                 inner.succeeded();
             }
+            Err(e @ AuditError::Corrupt(_)) => inner.halt_with(&e.to_string()),
             Err(e) => inner.failed(e.to_string()),
         }
     }
@@ -723,6 +900,11 @@ async fn sequence(inner: Weak<Inner>) {
         let Some(inner) = inner.upgrade() else {
             return;
         };
+        // Halted: nothing more is signed, nor the lease taken, until a
+        // restart.
+        if inner.halt().is_some() {
+            continue;
+        }
         let result = match &mut leadership {
             None => acquire(&inner).await.map(|epoch| {
                 if let Some(epoch) = epoch {
@@ -748,6 +930,9 @@ async fn sequence(inner: Weak<Inner>) {
                     // again under the lease next time.
                     leader.frontier = None;
                     inner.failed_runs.fetch_add(1, Ordering::Relaxed);
+                    if matches!(e, AuditError::Corrupt(_) | AuditError::WrongKey { .. }) {
+                        inner.halt_with(&e.to_string());
+                    }
                     Err(e)
                 }
             },
@@ -761,7 +946,7 @@ async fn sequence(inner: Weak<Inner>) {
 /// Takes the lease where it is free, expired, or this replica's own; the
 /// new epoch then.
 async fn acquire(inner: &Inner) -> Result<Option<i64>, AuditError> {
-    let client = bounded(inner.settings.timeout, "connecting", inner.pool.get()).await?;
+    let client = bounded(inner.settings.timeout, "connecting", inner.log_pool.get()).await?;
     let lease_ms = inner.settings.lease.as_millis() as i64;
     let row = bounded(
         inner.settings.timeout,
@@ -783,7 +968,7 @@ async fn acquire(inner: &Inner) -> Result<Option<i64>, AuditError> {
 /// One sequencing run, one transaction. Ok(false): the lease is lost.
 async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, AuditError> {
     let limit = inner.settings.timeout;
-    let mut client = bounded(limit, "connecting", inner.pool.get()).await?;
+    let mut client = bounded(limit, "connecting", inner.log_pool.get()).await?;
     let work = async {
         let tx = client.transaction().await.map_err(storage)?;
         // Fencing: the lease row, locked, must still be ours.
@@ -812,7 +997,12 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
             )));
         }
         let frontier = match leader.frontier.take() {
-            Some(frontier) if frontier.size() == size => frontier,
+            Some(frontier)
+                if frontier.size() == size
+                    && head.as_ref().is_none_or(|h| h.root_hash == frontier.root()) =>
+            {
+                frontier
+            }
             _ => {
                 let frontier =
                     with_subtrees(&tx, |store| Frontier::from_store(store, size)).await?;
@@ -913,29 +1103,7 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
             leader.frontier = Some(frontier);
             return Ok(true);
         }
-        tx.execute(
-            "INSERT INTO audit_leaves (log_index, queue_id, leaf_hash, record, replica, queued_at_ms,
-                 subject_pseudonym, caller_id, evidence_type, connector_id, outcome, received_s)
-             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[], $5::text[],
-                 $6::bigint[], $7::bytea[], $8::text[], $9::text[], $10::text[], $11::integer[],
-                 $12::bigint[])",
-            &[
-                &columns.indices,
-                &queue_ids,
-                &columns.leaves,
-                &columns.records,
-                &columns.replicas,
-                &columns.queued_at,
-                &columns.subjects,
-                &columns.callers,
-                &columns.evidence_types,
-                &columns.connectors,
-                &columns.outcomes,
-                &columns.received,
-            ],
-        )
-        .await
-        .map_err(storage)?;
+        insert_leaves(&tx, &columns, &queue_ids).await?;
         tx.execute(
             "INSERT INTO audit_nodes (level, node_index, hash)
              SELECT * FROM unnest($1::integer[], $2::bigint[], $3::bytea[])",

@@ -26,6 +26,14 @@ pub struct PoolSettings {
     /// transaction (its host gone) then releases the locks it held, the
     /// sequencer lease's row among them, within this.
     pub idle_in_transaction: Duration,
+    /// TLS to the server: required and verified (the server's certificate
+    /// against this configuration's roots, for the URL's host name) where
+    /// given; plaintext otherwise.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// Whether a commit waits for its WAL flush (and synchronous standbys).
+    /// Off only for state that may be lost with a crash of the database,
+    /// as the embedded broker's memory is (the idempotency window).
+    pub synchronous_commit: bool,
 }
 
 impl std::fmt::Debug for PoolSettings {
@@ -36,6 +44,8 @@ impl std::fmt::Debug for PoolSettings {
             .field("size", &self.size)
             .field("timeout", &self.timeout)
             .field("idle_in_transaction", &self.idle_in_transaction)
+            .field("tls", &self.tls.is_some())
+            .field("synchronous_commit", &self.synchronous_commit)
             .finish()
     }
 }
@@ -69,12 +79,15 @@ pub fn pool(settings: &PoolSettings) -> Result<Pool, PoolSetupError> {
     // statement or lock wait beyond the timeout, no idle transaction
     // beyond its limit. Operators' own `options` come first; ours win.
     let bound = |d: Duration| d.as_millis().max(1);
-    let ours = format!(
+    let mut ours = format!(
         "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
         bound(settings.timeout),
         bound(settings.timeout),
         bound(settings.idle_in_transaction),
     );
+    if !settings.synchronous_commit {
+        ours.push_str(" -c synchronous_commit=off");
+    }
     let options = match config.get_options() {
         Some(theirs) if !theirs.is_empty() => format!("{theirs} {ours}"),
         _ => ours,
@@ -88,13 +101,23 @@ pub fn pool(settings: &PoolSettings) -> Result<Pool, PoolSetupError> {
     config.keepalives_idle(Duration::from_secs(10));
     config.keepalives_interval(Duration::from_secs(2));
     config.keepalives_retries(3);
-    let manager = Manager::from_config(
-        config,
-        tokio_postgres::NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match &settings.tls {
+        Some(tls) => {
+            // Required, never "preferred": a server (or someone in the
+            // path) that answers without TLS is refused, not used in the
+            // clear.
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            Manager::from_config(
+                config,
+                tokio_postgres_rustls::MakeRustlsConnect::new(tls.as_ref().clone()),
+                manager_config,
+            )
+        }
+        None => Manager::from_config(config, tokio_postgres::NoTls, manager_config),
+    };
     Pool::builder(manager)
         .max_size(settings.size.max(1))
         .runtime(Runtime::Tokio1)

@@ -486,7 +486,11 @@ async fn start_replicated(
             let own = dir.join(format!("broker-{n}.toml"));
             std::fs::write(
                 &own,
-                text.replacen("data_dir = \"data\"", &format!("data_dir = \"data-{n}\""), 1),
+                text.replacen(
+                    "data_dir = \"data\"",
+                    &format!("data_dir = \"data-{n}\""),
+                    1,
+                ),
             )?;
             replicas.push(
                 Server::start(&["serve-broker", "--config", &own.display().to_string()]).await?,
