@@ -443,8 +443,9 @@ impl SharedWindow {
         let stale = self.stale_after.as_millis() as i64;
         // New, expired, or claimed and abandoned (no outcome long past any
         // deadline): ours. Times are the database's, one clock for all.
-        let claimed = client
-            .query_opt(
+        // Prepared once per connection: this runs for every request.
+        let claim = client
+            .prepare_cached(
                 "WITH clock AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now_ms)
                  INSERT INTO idempotency AS i
                      (caller_id, request_id, fingerprint, exchange_id, outcome_sealed, started_at_ms, expires_at_ms)
@@ -456,7 +457,19 @@ impl SharedWindow {
                    WHERE i.expires_at_ms <= EXCLUDED.started_at_ms
                       OR (i.outcome_sealed IS NULL AND i.started_at_ms < EXCLUDED.started_at_ms - $6)
                  RETURNING exchange_id",
-                &[&caller, &request_id, &fingerprint.as_slice(), &exchange_id, &window, &stale],
+            )
+            .await?;
+        let claimed = client
+            .query_opt(
+                &claim,
+                &[
+                    &caller,
+                    &request_id,
+                    &fingerprint.as_slice(),
+                    &exchange_id,
+                    &window,
+                    &stale,
+                ],
             )
             .await?;
         if claimed.is_some() {
@@ -521,14 +534,15 @@ impl SharedWindow {
             let bytes = self
                 .sealing
                 .seal_outcome(&context(caller, request_id, exchange_id), &sealed.encode_to_vec())?;
-            let updated = self
-                .client()
-                .await?
-                .execute(
+            let client = self.client().await?;
+            let store = client
+                .prepare_cached(
                     "UPDATE idempotency SET outcome_sealed = $4
                      WHERE caller_id = $1 AND request_id = $2 AND exchange_id = $3",
-                    &[&caller, &request_id, &exchange_id, &bytes],
                 )
+                .await?;
+            let updated = client
+                .execute(&store, &[&caller, &request_id, &exchange_id, &bytes])
                 .await?;
             if updated == 0 {
                 return Err("the claim is gone (taken over as stale, or expired) before its outcome was stored".into());

@@ -296,8 +296,9 @@ impl SharedQuotas {
             // GCRA: the theoretical arrival time moves on by one interval
             // per request, from now at the earliest; a request is admitted
             // while it stays within burst intervals of now.
-            let admitted = client
-                .query_opt(
+            // Prepared once per connection: this runs for every request.
+            let count = client
+                .prepare_cached(
                     "WITH clock AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS now_us)
                      INSERT INTO quota_gcra AS q (bucket, tat_us)
                      SELECT $1, clock.now_us + $2 FROM clock
@@ -305,8 +306,10 @@ impl SharedQuotas {
                        SET tat_us = greatest(q.tat_us, EXCLUDED.tat_us - $2) + $2
                        WHERE greatest(q.tat_us, EXCLUDED.tat_us - $2) + $2 - (EXCLUDED.tat_us - $2) <= $3
                      RETURNING tat_us",
-                    &[&bucket.key, &interval, &tolerance],
                 )
+                .await?;
+            let admitted = client
+                .query_opt(&count, &[&bucket.key, &interval, &tolerance])
                 .await?;
             if admitted.is_some() {
                 return Ok(Ok(()));

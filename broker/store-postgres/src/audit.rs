@@ -759,10 +759,11 @@ impl Inner {
         let started = Instant::now();
         // The commit time is the database's (one clock for every replica
         // and the sequencer's heads), taken as the rows are written.
-        let row = bounded(
+        // Prepared once per connection: this runs for every batch.
+        let insert = bounded(
             self.settings.timeout,
-            "committing audit records",
-            client.query_one(
+            "preparing the audit commit",
+            client.prepare_cached(
                 "WITH clock AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now_ms),
                  written AS (
                    INSERT INTO audit_queue (replica, leaf_hash, record, mac, queued_at_ms)
@@ -771,6 +772,14 @@ impl Inner {
                    ORDER BY q.n
                    RETURNING queued_at_ms)
                  SELECT max(queued_at_ms) FROM written",
+            ),
+        )
+        .await?;
+        let row = bounded(
+            self.settings.timeout,
+            "committing audit records",
+            client.query_one(
+                &insert,
                 &[&self.settings.replica, &leaf_bytes, &bytes, &tags],
             ),
         )

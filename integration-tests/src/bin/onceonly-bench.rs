@@ -207,6 +207,8 @@ struct Row {
     concurrency: usize,
     requests: u64,
     errors: u64,
+    /// The refusals among them, by code and ErrorReason.
+    error_kinds: std::collections::BTreeMap<String, u64>,
     requests_per_second: f64,
     p50_ms: f64,
     p90_ms: f64,
@@ -250,7 +252,21 @@ fn subject() -> Option<SubjectId> {
     })
 }
 
-async fn call(target: &Target, slot: usize, id: u64) -> bool {
+/// One call: Ok, or the refusal's code and ErrorReason (for the row's
+/// error breakdown).
+async fn call(target: &Target, slot: usize, id: u64) -> Result<(), String> {
+    let refused = |status: tonic::Status| {
+        format!(
+            "{:?} {}",
+            status.code(),
+            onceonly_proto::status::reason_of(&status)
+                .map(|r| r
+                    .as_str_name()
+                    .trim_start_matches("ERROR_REASON_")
+                    .to_owned())
+                .unwrap_or_else(|| status.message().chars().take(60).collect())
+        )
+    };
     match target {
         Target::Direct(clients, broker) => {
             let mut client = clients[slot % clients.len()].clone();
@@ -265,7 +281,11 @@ async fn call(target: &Target, slot: usize, id: u64) -> bool {
             };
             request.authorization_ticket =
                 ticket_for(broker, "onceonly.test", "civil-register", &request);
-            client.provide_evidence(request).await.is_ok()
+            client
+                .provide_evidence(request)
+                .await
+                .map(drop)
+                .map_err(refused)
         }
         Target::Brokered(clients, encrypt_to) => {
             let mut client = clients[slot % clients.len()].clone();
@@ -280,7 +300,8 @@ async fn call(target: &Target, slot: usize, id: u64) -> bool {
                     ..Default::default()
                 })
                 .await
-                .is_ok()
+                .map(drop)
+                .map_err(refused)
         }
     }
 }
@@ -305,27 +326,30 @@ async fn measure(
                 tasks.push(tokio::spawn(async move {
                     let mut histogram =
                         Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("histogram");
-                    let mut errors = 0u64;
+                    let mut errors = std::collections::BTreeMap::<String, u64>::new();
                     while Instant::now() < stop {
                         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
                         let started = Instant::now();
-                        if call(&target, slot, id).await {
-                            if record {
-                                let _ = histogram.record(started.elapsed().as_micros() as u64);
+                        match call(&target, slot, id).await {
+                            Ok(()) => {
+                                if record {
+                                    let _ = histogram.record(started.elapsed().as_micros() as u64);
+                                }
                             }
-                        } else {
-                            errors += 1;
+                            Err(why) => *errors.entry(why).or_default() += 1,
                         }
                     }
                     (histogram, errors)
                 }));
             }
             let mut all = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("histogram");
-            let mut errors = 0;
+            let mut errors = std::collections::BTreeMap::<String, u64>::new();
             for task in tasks {
                 let (histogram, e) = task.await.expect("caller");
                 let _ = all.add(histogram);
-                errors += e;
+                for (why, n) in e {
+                    *errors.entry(why).or_default() += n;
+                }
             }
             (all, errors)
         }
@@ -342,7 +366,8 @@ async fn measure(
         scenario: scenario.into(),
         concurrency,
         requests,
-        errors,
+        errors: errors.values().sum(),
+        error_kinds: errors,
         requests_per_second: requests as f64 / elapsed,
         p50_ms: ms(0.5),
         p90_ms: ms(0.9),
@@ -376,6 +401,7 @@ fn raw_flush(dir: &Path, seconds: f64) -> Row {
         concurrency: 1,
         requests: histogram.len(),
         errors: 0,
+        error_kinds: Default::default(),
         requests_per_second: histogram.len() as f64 / started.elapsed().as_secs_f64(),
         p50_ms: ms(0.5),
         p90_ms: ms(0.9),
@@ -893,6 +919,19 @@ fn print_markdown(report: &Report) {
             opt(r.broker_cpu_seconds_per_1000),
             opt(r.broker_peak_rss_mib),
             r.errors
+        );
+    }
+    for r in report.rows.iter().filter(|r| r.errors > 0) {
+        let kinds: Vec<String> = r
+            .error_kinds
+            .iter()
+            .map(|(why, n)| format!("{why} x{n}"))
+            .collect();
+        println!(
+            "\nerrors, {} at c={}: {}",
+            r.scenario,
+            r.concurrency,
+            kinds.join(", ")
         );
     }
     println!("\n| ratio | value |\n| --- | ---: |");
