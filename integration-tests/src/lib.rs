@@ -262,3 +262,45 @@ pub async fn http_status(addr: SocketAddr, path: &str) -> u16 {
         .and_then(|code| code.parse().ok())
         .unwrap_or(0)
 }
+
+/// Asserts that `heads`, gathered in any order from any replicas, are one
+/// history: each signed by `key`, one root per tree size, and each
+/// consistent with the next larger one, as `auditor`'s consistency proofs
+/// show (so every head is consistent with every later one).
+pub async fn assert_one_history(
+    auditor: &mut onceonly_proto::v1::audit_service_client::AuditServiceClient<
+        tonic::transport::Channel,
+    >,
+    key: &[u8],
+    mut heads: Vec<onceonly_merkle::sth::SignedTreeHead>,
+) {
+    heads.sort_by_key(|h| (h.tree_size, h.timestamp_ms));
+    for pair in heads.windows(2) {
+        let (older, newer) = (&pair[0], &pair[1]);
+        older.verify(key).expect("signed by the audit key");
+        if older.tree_size == newer.tree_size {
+            assert_eq!(older.root_hash, newer.root_hash, "two trees of one size");
+            continue;
+        }
+        let proof: Vec<onceonly_merkle::Hash> = auditor
+            .get_consistency_proof(onceonly_proto::v1::GetConsistencyProofRequest {
+                first_size: older.tree_size,
+                second_size: newer.tree_size,
+            })
+            .await
+            .expect("proof")
+            .into_inner()
+            .proof
+            .into_iter()
+            .map(|p| p.try_into().expect("32 bytes"))
+            .collect();
+        onceonly_merkle::verify_consistency(
+            older.tree_size,
+            newer.tree_size,
+            &older.root_hash,
+            &newer.root_hash,
+            &proof,
+        )
+        .expect("every head extends the ones before");
+    }
+}

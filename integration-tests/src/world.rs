@@ -155,18 +155,7 @@ impl World {
     /// keys but its own data directory (`data-<n>`) and configuration file
     /// (`broker-<n>.toml`): a replica, where `[storage]` is PostgreSQL.
     pub async fn start_replica(&self, n: usize) -> RunningBroker {
-        let text = std::fs::read_to_string(&self.config_path).expect("broker.toml");
-        let path = self.dir.path().join(format!("broker-{n}.toml"));
-        std::fs::write(
-            &path,
-            text.replacen(
-                "data_dir = \"data\"",
-                &format!("data_dir = \"data-{n}\""),
-                1,
-            ),
-        )
-        .expect("replica config");
-        let config = BrokerConfig::load(&path).expect("replica config");
+        let config = BrokerConfig::load(&self.replica_config(n)).expect("replica config");
         BoundBroker::bind(&config)
             .await
             .expect("replica binds")
@@ -313,11 +302,17 @@ impl World {
 
     /// Every audit record, as the auditor sees them.
     pub async fn audit_records(&self) -> Vec<AuditRecord> {
+        self.audit_records_at(self.broker_addr()).await
+    }
+
+    /// Every audit record, as the auditor sees them at the broker (or
+    /// replica) at `addr`.
+    pub async fn audit_records_at(&self, addr: SocketAddr) -> Vec<AuditRecord> {
+        let mut auditor = AuditServiceClient::new(self.channel_to(addr, Role::Auditor, AUDITOR));
         let mut records = Vec::new();
         let mut page_token = String::new();
         loop {
-            let page = self
-                .auditor()
+            let page = auditor
                 .query_records(QueryRecordsRequest {
                     page_token: page_token.clone(),
                     page_size: 1000,

@@ -27,7 +27,7 @@ use onceonly_merkle::sth::SignedTreeHead;
 use onceonly_proto::status::reason_of;
 use onceonly_proto::v1::audit_service_client::AuditServiceClient;
 use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
-use onceonly_proto::v1::{ErrorReason, GetConsistencyProofRequest, GetSignedTreeHeadRequest};
+use onceonly_proto::v1::{ErrorReason, GetSignedTreeHeadRequest};
 
 const MERGE_DELAY_MS: i64 = 4_000;
 const WRITERS: usize = 6;
@@ -332,7 +332,7 @@ async fn killing_a_replica_and_then_the_sequencer_loses_nothing_and_forks_nothin
     assert!(late.is_empty(), "records past the merge delay: {late:?}");
 
     let mut counts: HashMap<String, usize> = HashMap::new();
-    for record in world_records(&world, survivor).await {
+    for record in world.audit_records_at(survivor).await {
         *counts.entry(record.request_id).or_default() += 1;
     }
     for id in &acknowledged {
@@ -356,33 +356,7 @@ async fn killing_a_replica_and_then_the_sequencer_loses_nothing_and_forks_nothin
     );
     let mut heads = heads.lock().expect("lock").clone();
     heads.push(final_head);
-    heads.sort_by_key(|h| (h.tree_size, h.timestamp_ms));
-    heads.dedup_by(|a, b| a.tree_size == b.tree_size && a.root_hash == b.root_hash);
-    for pair in heads.windows(2) {
-        let (older, newer) = (&pair[0], &pair[1]);
-        older.verify(&key).expect("signed by the audit key");
-        assert_ne!(older.tree_size, newer.tree_size, "two trees of one size");
-        let proof: Vec<onceonly_merkle::Hash> = auditor
-            .get_consistency_proof(GetConsistencyProofRequest {
-                first_size: older.tree_size,
-                second_size: newer.tree_size,
-            })
-            .await
-            .expect("proof")
-            .into_inner()
-            .proof
-            .into_iter()
-            .map(|p| p.try_into().expect("32 bytes"))
-            .collect();
-        onceonly_merkle::verify_consistency(
-            older.tree_size,
-            newer.tree_size,
-            &older.root_hash,
-            &newer.root_hash,
-            &proof,
-        )
-        .expect("every head extends the ones before");
-    }
+    onceonly_integration_tests::assert_one_history(&mut auditor, &key, heads).await;
     let epochs: i64 = db
         .query_one(
             "SELECT count(DISTINCT sequencer_epoch) FROM audit_heads",
@@ -395,26 +369,4 @@ async fn killing_a_replica_and_then_the_sequencer_loses_nothing_and_forks_nothin
 
     drop(replicas);
     drop(postgres);
-}
-
-async fn world_records(world: &World, addr: SocketAddr) -> Vec<onceonly_proto::v1::AuditRecord> {
-    let mut auditor = AuditServiceClient::new(world.channel_to(addr, Role::Auditor, AUDITOR));
-    let mut records = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = auditor
-            .query_records(onceonly_proto::v1::QueryRecordsRequest {
-                page_token: page_token.clone(),
-                page_size: 1000,
-                ..Default::default()
-            })
-            .await
-            .expect("auditor queries")
-            .into_inner();
-        records.extend(page.records);
-        if page.next_page_token.is_empty() {
-            return records;
-        }
-        page_token = page.next_page_token;
-    }
 }

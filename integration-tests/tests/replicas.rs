@@ -20,8 +20,8 @@ use onceonly_proto::v1::audit_service_client::AuditServiceClient;
 use onceonly_proto::v1::consent_service_client::ConsentServiceClient;
 use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
 use onceonly_proto::v1::{
-    ErrorReason, GetConsistencyProofRequest, GetInclusionProofRequest, GetSignedTreeHeadRequest,
-    GrantConsentRequest, RequestEvidenceRequest, RevokeConsentRequest,
+    ErrorReason, GetInclusionProofRequest, GetSignedTreeHeadRequest, GrantConsentRequest,
+    RequestEvidenceRequest, RevokeConsentRequest,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -67,6 +67,30 @@ fn auditor(world: &World, addr: SocketAddr) -> AuditServiceClient<Channel> {
 
 fn audit_public_key(world: &World) -> Vec<u8> {
     load_public_key(&world.dir.path().join("secrets/audit.key.pub")).expect("public key")
+}
+
+/// The portal at `addr` grants `authority` Anna's proof of residence for
+/// the parental allowance, for an hour.
+async fn grant_residence(
+    world: &World,
+    addr: SocketAddr,
+    authority: &str,
+) -> onceonly_proto::v1::Consent {
+    portal(world, addr)
+        .grant_consent(GrantConsentRequest {
+            subject: Some(anna()),
+            authority_id: format!("spiffe://onceonly.test/authority/{authority}"),
+            evidence_type: "proof-of-residence".into(),
+            purpose: "parental-allowance".into(),
+            expires_at: Some(onceonly_proto::time::timestamp(
+                onceonly_proto::time::now_ms() + 3_600_000,
+            )),
+        })
+        .await
+        .expect("the portal grants")
+        .into_inner()
+        .consent
+        .expect("consent")
 }
 
 fn residence(id: &str) -> RequestEvidenceRequest {
@@ -118,21 +142,7 @@ async fn consents_and_request_ids_hold_across_replicas() {
     let (a, b) = (world.broker_addr(), others[0].local_addr());
 
     // Granted through A, enforced at B at once.
-    let consent = portal(&world, a)
-        .grant_consent(GrantConsentRequest {
-            subject: Some(anna()),
-            authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
-            evidence_type: "proof-of-residence".into(),
-            purpose: "parental-allowance".into(),
-            expires_at: Some(onceonly_proto::time::timestamp(
-                onceonly_proto::time::now_ms() + 3_600_000,
-            )),
-        })
-        .await
-        .expect("portal grants at A")
-        .into_inner()
-        .consent
-        .expect("consent");
+    let consent = grant_residence(&world, a, BERLIN).await;
     let delivered = authority(&world, b)
         .request_evidence(residence("across-1"))
         .await
@@ -583,35 +593,8 @@ async fn heads_stay_consistent_when_the_sequencers_connections_are_cut_mid_batch
     }
     // No fork: one root per size, and each head is consistent with every
     // later one (proven by the replica that did not serve it).
-    heads.sort_by_key(|h| (h.tree_size, h.timestamp_ms));
-    for pair in heads.windows(2) {
-        let (older, newer) = (&pair[0], &pair[1]);
-        older.verify(&key).expect("signed");
-        if older.tree_size == newer.tree_size {
-            assert_eq!(older.root_hash, newer.root_hash, "two trees of one size");
-            continue;
-        }
-        let proof: Vec<onceonly_merkle::Hash> = auditor(&world, addrs[1])
-            .get_consistency_proof(GetConsistencyProofRequest {
-                first_size: older.tree_size,
-                second_size: newer.tree_size,
-            })
-            .await
-            .expect("proof")
-            .into_inner()
-            .proof
-            .into_iter()
-            .map(|p| p.try_into().expect("32 bytes"))
-            .collect();
-        onceonly_merkle::verify_consistency(
-            older.tree_size,
-            newer.tree_size,
-            &older.root_hash,
-            &newer.root_hash,
-            &proof,
-        )
-        .expect("every head extends the ones before");
-    }
+    onceonly_integration_tests::assert_one_history(&mut auditor(&world, addrs[1]), &key, heads)
+        .await;
     verify_remote(&mut auditor(&world, addrs[0]), &key, None, true)
         .await
         .expect("the whole log verifies");
@@ -635,21 +618,7 @@ async fn rows_written_into_the_database_by_anyone_but_a_replica_do_not_count() {
     // An intruder with write access to the database copies a real consent
     // row (granted for another authority) and rewrites it for Berlin: the
     // replicas do not honour it.
-    let granted = portal(&world, a)
-        .grant_consent(GrantConsentRequest {
-            subject: Some(anna()),
-            authority_id: format!("spiffe://onceonly.test/authority/{}", AUTHORITIES[1]),
-            evidence_type: "proof-of-residence".into(),
-            purpose: "parental-allowance".into(),
-            expires_at: Some(onceonly_proto::time::timestamp(
-                onceonly_proto::time::now_ms() + 3_600_000,
-            )),
-        })
-        .await
-        .expect("grant")
-        .into_inner()
-        .consent
-        .expect("consent");
+    let granted = grant_residence(&world, a, AUTHORITIES[1]).await;
     db.execute(
         "INSERT INTO consents
          SELECT 'cns-forged', subject_scheme, subject_pseudonym, subject_sealed,
@@ -667,21 +636,7 @@ async fn rows_written_into_the_database_by_anyone_but_a_replica_do_not_count() {
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert_eq!(reason_of(&refused), Some(ErrorReason::ConsentMissing));
     // Un-revoking a revoked consent by clearing its revocation: refused too.
-    let own = portal(&world, a)
-        .grant_consent(GrantConsentRequest {
-            subject: Some(anna()),
-            authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
-            evidence_type: "proof-of-residence".into(),
-            purpose: "parental-allowance".into(),
-            expires_at: Some(onceonly_proto::time::timestamp(
-                onceonly_proto::time::now_ms() + 3_600_000,
-            )),
-        })
-        .await
-        .expect("grant")
-        .into_inner()
-        .consent
-        .expect("consent");
+    let own = grant_residence(&world, a, BERLIN).await;
     portal(&world, b)
         .revoke_consent(RevokeConsentRequest {
             consent_id: own.consent_id.clone(),
@@ -871,18 +826,7 @@ async fn a_data_directorys_log_and_consents_move_into_postgres_with_their_signed
     // A broker on its embedded data directory, with history and a consent.
     let mut world = World::start().await;
     let a = world.broker_addr();
-    portal(&world, a)
-        .grant_consent(GrantConsentRequest {
-            subject: Some(anna()),
-            authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
-            evidence_type: "proof-of-residence".into(),
-            purpose: "parental-allowance".into(),
-            expires_at: Some(onceonly_proto::time::timestamp(
-                onceonly_proto::time::now_ms() + 3_600_000,
-            )),
-        })
-        .await
-        .expect("grant");
+    grant_residence(&world, a, BERLIN).await;
     for id in ["before-move-1", "before-move-2"] {
         authority(&world, a)
             .request_evidence(birth_certificate(id))

@@ -93,3 +93,61 @@ async fn verify_dir_reports_clean_and_tampered_copies() {
     let message = String::from_utf8_lossy(&tampered.stderr);
     assert!(message.contains("record 4 is missing"), "{message}");
 }
+
+#[test]
+fn check_receipt_offline_accepts_a_signed_receipt_and_refuses_an_altered_one() {
+    use prost::Message;
+    let dir = tempfile::tempdir().expect("dir");
+    let key_path = dir.path().join("secrets/audit.key");
+    let key = new_key(&key_path);
+    let leaves: Vec<(onceonly_merkle::Hash, String)> = (0..3)
+        .map(|n| {
+            (
+                onceonly_merkle::leaf_hash(format!("record {n}").as_bytes()),
+                format!("ex-{n}"),
+            )
+        })
+        .collect();
+    let receipt =
+        onceonly_audit_log::receipt::sign_batch(&key, "replica-1", &leaves, 1_000, 3_000).remove(1);
+    let check = |receipt: &onceonly_proto::v1::AuditReceipt, as_hex: bool| {
+        let file = dir.path().join("receipt");
+        let bytes = receipt.encode_to_vec();
+        if as_hex {
+            std::fs::write(&file, hex::encode(&bytes)).expect("write");
+        } else {
+            std::fs::write(&file, &bytes).expect("write");
+        }
+        Command::new(env!("CARGO_BIN_EXE_onceonly-audit"))
+            .arg("check-receipt")
+            .arg("--receipt")
+            .arg(&file)
+            .arg("--public-key")
+            .arg(public_key_path(&key_path))
+            .arg("--offline")
+            .output()
+            .expect("runs")
+    };
+    for as_hex in [false, true] {
+        let good = check(&receipt, as_hex);
+        assert!(
+            good.status.success(),
+            "{}",
+            String::from_utf8_lossy(&good.stderr)
+        );
+        let out = String::from_utf8_lossy(&good.stdout);
+        assert!(
+            out.contains("receipt verified") && out.contains("ex-1") && out.contains("3000 ms"),
+            "{out}"
+        );
+    }
+    let mut moved = receipt.clone();
+    moved.exchange_id = "ex-2".into();
+    let refused = check(&moved, true);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("not in the batch"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}

@@ -331,7 +331,7 @@ impl PgAuditLog {
         if let Some(head) = &head {
             self.inner
                 .tree_size
-                .fetch_max(head.tree_size, Ordering::Relaxed);
+                .fetch_max(head.tree_size, Ordering::AcqRel);
         }
         Ok(head)
     }
@@ -844,6 +844,10 @@ async fn probe(inner: Weak<Inner>) {
             return;
         };
         let result: Result<Option<String>, AuditError> = async {
+            // What this replica saw before the query starts: every head it
+            // counts was committed before, so the query's snapshot holds
+            // it (read after, a head committed meanwhile would look lost).
+            let seen = inner.tree_size.load(Ordering::Acquire);
             let client =
                 bounded(inner.settings.timeout, "connecting", inner.log_pool.get()).await?;
             let row = bounded(
@@ -858,7 +862,7 @@ async fn probe(inner: Weak<Inner>) {
             )
             .await?;
             let size = row.get::<_, Option<i64>>(0).unwrap_or(0) as u64;
-            let seen = inner.tree_size.fetch_max(size, Ordering::Relaxed);
+            inner.tree_size.fetch_max(size, Ordering::AcqRel);
             if size < seen {
                 return Err(AuditError::Corrupt(format!(
                     "the database's latest signed head covers {size} records, but this replica saw one of {seen}: committed history was lost (a failover to a replica that lagged, or a restore); stop the replicas and restore the database"
@@ -997,9 +1001,10 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
         )
         .await
         .map_err(storage)?;
+        // Read before the head, as in the probe.
+        let seen = inner.tree_size.load(Ordering::Acquire);
         let head = latest_head(&tx).await?;
         let size = head.as_ref().map_or(0, |h| h.tree_size);
-        let seen = inner.tree_size.load(Ordering::Relaxed);
         if size < seen {
             return Err(AuditError::Corrupt(format!(
                 "the database's latest head covers {size} records, below the {seen} this replica saw: committed history was lost; sequencing stops"
@@ -1154,7 +1159,7 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
         tx.commit().await.map_err(storage)?;
         leader.last_timestamp_ms = timestamp;
         leader.frontier = Some(next);
-        inner.tree_size.fetch_max(head.tree_size, Ordering::Relaxed);
+        inner.tree_size.fetch_max(head.tree_size, Ordering::AcqRel);
         inner.heads_published.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     };

@@ -128,6 +128,10 @@ async fn serve_connector(pki: &Path) -> anyhow::Result<()> {
 }
 
 async fn serve_broker(config: &Path) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     let config = onceonly_broker::BrokerConfig::load(config)?;
     let broker = onceonly_broker::BoundBroker::bind(&config).await?;
     println!("ADDR {}", broker.local_addr());
@@ -144,9 +148,12 @@ struct Server {
 
 impl Server {
     async fn start(args: &[&str]) -> anyhow::Result<Self> {
+        // The servers log errors (to this process's stderr); set
+        // ONCEONLY_BENCH_LOG (a RUST_LOG filter) to see more.
+        let filter = std::env::var("ONCEONLY_BENCH_LOG").unwrap_or_else(|_| "error".into());
         let mut child = tokio::process::Command::new(std::env::current_exe()?)
             .args(args)
-            .env("RUST_LOG", "error")
+            .env("RUST_LOG", filter)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .kill_on_drop(true)
@@ -470,10 +477,11 @@ async fn handshakes(
 /// Brokers on the bench's own PostgreSQL: one replica on one database,
 /// two on another.
 struct Replicated {
+    /// The lone replica, then the pair (dropped first: fields drop in
+    /// order, and the database goes last).
+    replicas: Vec<Server>,
     /// Stopped when dropped.
     _postgres: onceonly_integration_tests::postgres::TestPostgres,
-    /// The lone replica, then the pair.
-    replicas: Vec<Server>,
     one: Target,
     two: Target,
 }
@@ -541,8 +549,8 @@ async fn start_replicated(
     let one = brokered(&[replicas[0].addr])?;
     let two = brokered(&[replicas[1].addr, replicas[2].addr])?;
     Ok(Replicated {
-        _postgres: postgres,
         replicas,
+        _postgres: postgres,
         one,
         two,
     })

@@ -114,9 +114,9 @@ struct Connection {
     /// A PKI directory made with onceonly-certs (with --id).
     #[arg(long, default_value = "pki")]
     pki: PathBuf,
-    /// Your participant id in the PKI.
+    /// Your participant id in the PKI (needed to reach the broker).
     #[arg(long)]
-    id: String,
+    id: Option<String>,
     /// Your role.
     #[arg(long, default_value = "auditor")]
     role: Role,
@@ -189,7 +189,11 @@ fn main() -> ExitCode {
 
 async fn client(connection: &Connection) -> anyhow::Result<AuditServiceClient<Channel>> {
     let pki = Pki::open(&connection.pki)?;
-    let files: TlsFiles = pki.tls_files(connection.role, &connection.id);
+    let id = connection
+        .id
+        .as_deref()
+        .context("--id is needed to reach the broker: your participant id in the PKI")?;
+    let files: TlsFiles = pki.tls_files(connection.role, id);
     let (config, _) = onceonly_certs::tls::client_config(&files)?;
     let broker: Participant = pki.participant(Role::Broker, "broker")?;
     let channel = MtlsConnector::new(config, Some(broker))
