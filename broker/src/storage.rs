@@ -277,22 +277,29 @@ pub async fn open_postgres(
         ),
         None => None,
     };
-    let settings = |size: usize, synchronous_commit: bool| onceonly_store_postgres::PoolSettings {
-        url: storage.url.clone().unwrap_or_default(),
-        password: password.clone(),
-        size,
-        timeout: storage.timeout,
-        // As long as the lease: a dead sequencer's transaction (and its
-        // lock on the lease row) ends by the time its lease would.
-        idle_in_transaction: storage.sequencer_lease,
-        tls: tls.clone(),
-        synchronous_commit,
-    };
-    let pool = onceonly_store_postgres::pool(&settings(storage.pool_size, true))?;
+    let settings =
+        |size: usize, synchronous_commit: bool, name: &str| onceonly_store_postgres::PoolSettings {
+            url: storage.url.clone().unwrap_or_default(),
+            password: password.clone(),
+            size,
+            timeout: storage.timeout,
+            // As long as the lease: a dead sequencer's transaction (and its
+            // lock on the lease row) ends by the time its lease would.
+            idle_in_transaction: storage.sequencer_lease,
+            tls: tls.clone(),
+            application_name: name.to_owned(),
+            synchronous_commit,
+        };
+    let pool =
+        onceonly_store_postgres::pool(&settings(storage.pool_size, true, "onceonly-broker"))?;
     let pools = Pools {
         requests: pool.clone(),
-        window: onceonly_store_postgres::pool(&settings(storage.pool_size, false))?,
-        log: onceonly_store_postgres::pool(&settings(2, true))?,
+        window: onceonly_store_postgres::pool(&settings(
+            storage.pool_size,
+            false,
+            "onceonly-broker-window",
+        ))?,
+        log: onceonly_store_postgres::pool(&settings(2, true, "onceonly-broker-sequencer"))?,
     };
     let mut client = pool
         .get()

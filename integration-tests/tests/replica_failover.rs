@@ -49,19 +49,24 @@ impl Drop for Replica {
     }
 }
 
-fn broker_binary() -> std::path::PathBuf {
+/// A binary of this build, beside the test's (`target/<profile>/`).
+fn binary(name: &str, package: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test binary");
     let dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target dir");
-    let binary = dir.join("onceonly-broker");
+    let binary = dir.join(name);
     assert!(
         binary.is_file(),
-        "{} is missing: build it with `cargo build -p onceonly-broker` (cargo test --workspace does)",
+        "{} is missing: build it with `cargo build -p {package}` (cargo test --workspace does)",
         binary.display()
     );
     binary
+}
+
+fn broker_binary() -> std::path::PathBuf {
+    binary("onceonly-broker", "onceonly-broker")
 }
 
 fn spawn_replica(config: &std::path::Path) -> Replica {
@@ -347,6 +352,27 @@ async fn killing_a_replica_and_then_the_sequencer_loses_nothing_and_forks_nothin
     let audit = verify_remote(&mut auditor, &key, None, true)
         .await
         .expect("the log verifies");
+    // And as an auditor runs it: `onceonly-audit verify` against the
+    // surviving replica.
+    let cli = tokio::process::Command::new(binary("onceonly-audit", "onceonly-audit-log"))
+        .arg("verify")
+        .arg("--broker")
+        .arg(survivor.to_string())
+        .arg("--pki")
+        .arg(world.pki.dir())
+        .arg("--id")
+        .arg(AUDITOR)
+        .arg("--public-key")
+        .arg(world.dir.path().join("secrets/audit.key.pub"))
+        .output()
+        .await
+        .expect("onceonly-audit runs");
+    assert!(
+        cli.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&cli.stdout),
+        String::from_utf8_lossy(&cli.stderr)
+    );
     assert!(
         audit
             .head

@@ -870,13 +870,16 @@ async fn probe(inner: Weak<Inner>) {
             }
             // On the database's clock, as the records' commit times.
             let waited: Option<i64> = row.get(1);
-            let failover = inner.settings.lease + inner.settings.interval * 3;
+            // Longer than a failover takes and than half the merge delay:
+            // no sequencer is coming back in time for new receipts.
+            let patience = (inner.settings.lease + inner.settings.interval * 3)
+                .max(inner.settings.merge_delay / 2);
             Ok(waited
-                .filter(|w| *w > failover.as_millis() as i64)
+                .filter(|w| *w > patience.as_millis() as i64)
                 .map(|waited| {
                     format!(
-                        "a committed record has waited {waited} ms for the sequencer, longer than a failover takes ({} ms): no replica sequences the log, so no receipt is given",
-                        failover.as_millis()
+                        "a committed record has waited {waited} ms for the sequencer, longer than a failover takes and half the merge delay ({} ms): no replica sequences the log, so no receipt is given",
+                        patience.as_millis()
                     )
                 }))
         }

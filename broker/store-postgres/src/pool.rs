@@ -30,6 +30,9 @@ pub struct PoolSettings {
     /// against this configuration's roots, for the URL's host name) where
     /// given; plaintext otherwise.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// The sessions' `application_name` (where the URL names none), so
+    /// `pg_stat_activity` shows whose they are.
+    pub application_name: String,
     /// Whether a commit waits for its WAL flush (and synchronous standbys).
     /// Off only for state that may be lost with a crash of the database,
     /// as the embedded broker's memory is (the idempotency window).
@@ -45,6 +48,7 @@ impl std::fmt::Debug for PoolSettings {
             .field("timeout", &self.timeout)
             .field("idle_in_transaction", &self.idle_in_transaction)
             .field("tls", &self.tls.is_some())
+            .field("application_name", &self.application_name)
             .field("synchronous_commit", &self.synchronous_commit)
             .finish()
     }
@@ -72,7 +76,7 @@ pub fn pool(settings: &PoolSettings) -> Result<Pool, PoolSetupError> {
         config.connect_timeout(settings.timeout);
     }
     if config.get_application_name().is_none() {
-        config.application_name("onceonly-broker");
+        config.application_name(&settings.application_name);
     }
     // Server-side bounds, which hold even where a client gave up on a
     // statement (a dropped future does not stop the server's work): no
