@@ -252,16 +252,25 @@ impl StorageConfig {
         }
         if self.ca.is_none() && !self.insecure_plaintext {
             use onceonly_store_postgres::tokio_postgres::config::Host;
-            let remote = parsed.get_hosts().iter().find_map(|host| match host {
-                Host::Tcp(name) => {
-                    let local = name == "localhost"
-                        || name
-                            .parse::<std::net::IpAddr>()
-                            .is_ok_and(|ip| ip.is_loopback());
-                    (!local).then(|| name.clone())
-                }
-                Host::Unix(_) => None,
-            });
+            // Where connections go: `hostaddr` (when given) wins over the
+            // host's name.
+            let remote = parsed
+                .get_hostaddrs()
+                .iter()
+                .find(|ip| !ip.is_loopback())
+                .map(|ip| ip.to_string())
+                .or_else(|| {
+                    parsed.get_hosts().iter().find_map(|host| match host {
+                        Host::Tcp(name) => {
+                            let local = name == "localhost"
+                                || name
+                                    .parse::<std::net::IpAddr>()
+                                    .is_ok_and(|ip| ip.is_loopback());
+                            (!local && parsed.get_hostaddrs().is_empty()).then(|| name.clone())
+                        }
+                        Host::Unix(_) => None,
+                    })
+                });
             if let Some(host) = remote {
                 return Some((
                     "storage.ca",
@@ -271,6 +280,13 @@ impl StorageConfig {
                     "give the CA (PEM) of the PostgreSQL server's certificate (TLS is then required and verified), or, only on a network you trust like this host, set storage.insecure_plaintext = true",
                 ));
             }
+        }
+        if self.client_cert.is_some() && self.ca.is_none() {
+            return Some((
+                "storage.client_cert",
+                "is given without storage.ca, so it would never be presented (no TLS)".into(),
+                "give storage.ca as well, or drop the client certificate",
+            ));
         }
         if self.client_cert.is_some() != self.client_key.is_some() {
             return Some((
@@ -630,6 +646,14 @@ mod storage_tests {
         assert!(
             matches!(&remote, Some(("storage.ca", problem, _)) if problem.contains("db.internal")),
             "{remote:?}"
+        );
+        let by_address = storage(
+            "[storage]\nbackend = \"postgres\"\nurl = \"host=localhost hostaddr=203.0.113.5 user=a dbname=c\"\n",
+        )
+        .problem();
+        assert!(
+            matches!(&by_address, Some(("storage.ca", problem, _)) if problem.contains("203.0.113.5")),
+            "{by_address:?}"
         );
         let chosen = storage(
             "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@db.internal/c\"\ninsecure_plaintext = true\n",

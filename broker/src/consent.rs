@@ -286,7 +286,7 @@ impl ConsentStore {
                 by_subject,
             } => (db, consents, by_subject),
             Backend::Postgres(_) => {
-                self.import(&consent).await?;
+                self.import(&consent, false).await?;
                 return Ok(consent);
             }
         };
@@ -320,8 +320,13 @@ impl ConsentStore {
     }
 
     /// Writes `consent` as it is (its id, times and revocation kept) into
-    /// the PostgreSQL store, tagged (moving a data directory into it).
-    pub async fn import(&self, consent: &StoredConsent) -> Result<(), ConsentError> {
+    /// the PostgreSQL store, tagged (moving a data directory into it);
+    /// with `if_absent`, a consent of that id already there is kept.
+    pub async fn import(
+        &self,
+        consent: &StoredConsent,
+        if_absent: bool,
+    ) -> Result<(), ConsentError> {
         let Backend::Postgres(pool) = &self.backend else {
             return Err(ConsentError::Storage(
                 "consents are imported into the PostgreSQL store only".into(),
@@ -332,7 +337,10 @@ impl ConsentStore {
         Self::client(pool)
             .await?
             .execute(
-                &format!("INSERT INTO consents ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"),
+                &format!(
+                    "INSERT INTO consents ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12){}",
+                    if if_absent { " ON CONFLICT (consent_id) DO NOTHING" } else { "" }
+                ),
                 &[
                     &c.consent_id,
                     &c.subject_scheme,

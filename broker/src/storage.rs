@@ -381,6 +381,18 @@ pub async fn move_to_postgres(config: &crate::BrokerConfig) -> Result<Moved, Mov
     }
     let audit_key = crate::keys::load_audit_key(&config.audit_key)?;
     let public_key = audit_key.public_key().as_ref().to_vec();
+    // sled first: its lock proves no broker runs on the data directory
+    // (which would go on appending records this move does not carry).
+    let storage = sled::Config::new().path(&config.data_dir);
+    let db = tokio::task::spawn_blocking(move || crate::audit::open_storage(storage))
+        .await
+        .map_err(|e| MoveError::Read(e.to_string()))?
+        .map_err(|e| {
+            MoveError::Read(format!(
+                "{}: {e} (stop the broker first)",
+                config.data_dir.display()
+            ))
+        })?;
     let data_dir = config.data_dir.clone();
     let key = public_key.clone();
     let (verified, frames) = tokio::task::spawn_blocking(move || {
@@ -412,25 +424,22 @@ pub async fn move_to_postgres(config: &crate::BrokerConfig) -> Result<Moved, Mov
     )
     .await?
     .requests;
-    if let Some(head) = &verified.head {
-        onceonly_store_postgres::audit::import(&pool, &records, head, &public_key).await?;
-    }
-    // The consents, from sled (which the stopped broker no longer locks).
-    let storage = sled::Config::new().path(&config.data_dir);
-    let db = tokio::task::spawn_blocking(move || crate::audit::open_storage(storage))
-        .await
-        .map_err(|e| MoveError::Read(e.to_string()))?
-        .map_err(|e| {
-            MoveError::Read(format!(
-                "{}: {e} (stop the broker first)",
-                config.data_dir.display()
-            ))
-        })?;
+    let log_moved = match &verified.head {
+        Some(head) => {
+            onceonly_store_postgres::audit::import(&pool, &records, head, &public_key).await?
+        }
+        None => onceonly_store_postgres::audit::Imported::Written,
+    };
+    // The consents: a rerun (after a failure here) finds the log already
+    // there and adds the consents still missing.
     let embedded = crate::consent::ConsentStore::open(&db, pseudonyms.clone())?;
     let target = crate::consent::ConsentStore::postgres(pool, pseudonyms);
     let consents = embedded.all_embedded()?;
     for consent in &consents {
-        target.import(consent).await?;
+        target.import(consent, true).await?;
+    }
+    if log_moved == onceonly_store_postgres::audit::Imported::AlreadyThere {
+        tracing::info!("the log was already moved by an earlier run; consents completed");
     }
     Ok(Moved {
         records: records.len() as u64,

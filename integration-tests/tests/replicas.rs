@@ -890,11 +890,12 @@ async fn a_data_directorys_log_and_consents_move_into_postgres_with_their_signed
         .expect("moves");
     assert_eq!(moved.records, saved.tree_size);
     assert_eq!(moved.consents, 1);
-    // Into an empty log only.
+    // Run again (as after a failure half-way), it finds the same log there
+    // and completes nothing twice.
     let again = onceonly_broker::storage::move_to_postgres(&config)
         .await
-        .expect_err("the target is no longer empty");
-    assert!(again.to_string().contains("not empty"), "{again}");
+        .expect("a rerun of the same move");
+    assert_eq!(again.records, moved.records);
 
     // A replica on it: the moved consent holds, the log goes on, and the
     // head saved before the move is provably part of it.
@@ -916,6 +917,18 @@ async fn a_data_directorys_log_and_consents_move_into_postgres_with_their_signed
     for id in ["before-move-1", "before-move-2", "after-move"] {
         assert_eq!(of_count(&records, id), 1, "{id}");
     }
+    let consents: i64 = database(&postgres)
+        .await
+        .query_one("SELECT count(*) FROM consents", &[])
+        .await
+        .expect("consents")
+        .get(0);
+    assert_eq!(consents, 1, "the rerun added no second copy");
+    // Once the replicas' log has gone on, no data directory is moved in.
+    let late = onceonly_broker::storage::move_to_postgres(&config)
+        .await
+        .expect_err("the target holds more than that log");
+    assert!(late.to_string().contains("not empty"), "{late}");
     drop(postgres);
 }
 

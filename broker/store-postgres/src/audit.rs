@@ -569,10 +569,24 @@ pub enum ImportError {
     Mismatch(String),
 }
 
+/// What [`import`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Imported {
+    /// The log was written.
+    Written,
+    /// The database already holds exactly this log (an earlier move that
+    /// stopped after it): nothing was written.
+    AlreadyThere,
+}
+
+/// Rows per insert statement of an import.
+const IMPORT_CHUNK: usize = 10_000;
+
 /// Moves a whole verified log (every record's bytes, in order, and its
 /// last signed head, signed by the key whose raw public key is
 /// `public_key`) into the empty PostgreSQL log behind `pool`, in one
-/// transaction: leaves, tree nodes and the head as they are, so the signed
+/// transaction (a database already holding exactly this log is left as it
+/// is): leaves, tree nodes and the head as they are, so the signed
 /// history goes on (later heads extend this one, provably). Records keep
 /// their log_index; they name no replica.
 pub async fn import(
@@ -580,7 +594,7 @@ pub async fn import(
     records: &[Vec<u8>],
     head: &SignedTreeHead,
     public_key: &[u8],
-) -> Result<(), ImportError> {
+) -> Result<Imported, ImportError> {
     head.verify(public_key)
         .map_err(|e| ImportError::Mismatch(format!("the head does not verify: {e}")))?;
     if head.tree_size != records.len() as u64 {
@@ -632,19 +646,43 @@ pub async fn import(
         .map_err(storage)?
         .get(0);
     if present != 0 {
+        // This very log, moved before (a rerun after a later step failed)?
+        let there = latest_head(&tx).await?;
+        let queued: i64 = tx
+            .query_one("SELECT count(*) FROM audit_queue", &[])
+            .await
+            .map_err(storage)?
+            .get(0);
+        if queued == 0
+            && there
+                .as_ref()
+                .is_some_and(|h| h.tree_size == head.tree_size && h.root_hash == head.root_hash)
+        {
+            return Ok(Imported::AlreadyThere);
+        }
         return Err(ImportError::NotEmpty(present));
     }
     // Imported leaves take negative queue ids: unique, and apart from the
     // queue's own.
     let queue_ids: Vec<i64> = columns.indices.iter().map(|i| -(i + 1)).collect();
-    insert_leaves(&tx, &columns, &queue_ids).await?;
-    tx.execute(
-        "INSERT INTO audit_nodes (level, node_index, hash)
-         SELECT * FROM unnest($1::integer[], $2::bigint[], $3::bytea[])",
-        &[&levels, &nodes, &hashes],
-    )
-    .await
-    .map_err(storage)?;
+    for start in (0..queue_ids.len()).step_by(IMPORT_CHUNK) {
+        let end = (start + IMPORT_CHUNK).min(queue_ids.len());
+        insert_leaves(&tx, &columns.slice(start..end), &queue_ids[start..end]).await?;
+    }
+    for start in (0..levels.len()).step_by(IMPORT_CHUNK) {
+        let end = (start + IMPORT_CHUNK).min(levels.len());
+        tx.execute(
+            "INSERT INTO audit_nodes (level, node_index, hash)
+             SELECT * FROM unnest($1::integer[], $2::bigint[], $3::bytea[])",
+            &[
+                &&levels[start..end],
+                &&nodes[start..end],
+                &&hashes[start..end],
+            ],
+        )
+        .await
+        .map_err(storage)?;
+    }
     tx.execute(
         "INSERT INTO audit_heads (tree_size, root_hash, timestamp_ms, key_id, signature, sequencer_epoch)
          VALUES ($1, $2, $3, $4, $5, 0)",
@@ -659,7 +697,7 @@ pub async fn import(
     .await
     .map_err(storage)?;
     tx.commit().await.map_err(storage)?;
-    Ok(())
+    Ok(Imported::Written)
 }
 
 async fn insert_leaves(
@@ -1192,6 +1230,23 @@ struct LeafColumns {
 }
 
 impl LeafColumns {
+    /// The rows `range`, for a chunked insert.
+    fn slice(&self, range: std::ops::Range<usize>) -> LeafColumns {
+        LeafColumns {
+            indices: self.indices[range.clone()].to_vec(),
+            leaves: self.leaves[range.clone()].to_vec(),
+            records: self.records[range.clone()].to_vec(),
+            replicas: self.replicas[range.clone()].to_vec(),
+            queued_at: self.queued_at[range.clone()].to_vec(),
+            subjects: self.subjects[range.clone()].to_vec(),
+            callers: self.callers[range.clone()].to_vec(),
+            evidence_types: self.evidence_types[range.clone()].to_vec(),
+            connectors: self.connectors[range.clone()].to_vec(),
+            outcomes: self.outcomes[range.clone()].to_vec(),
+            received: self.received[range].to_vec(),
+        }
+    }
+
     fn push(
         &mut self,
         index: u64,

@@ -69,6 +69,12 @@ pub enum PoolSetupError {
 pub fn pool(settings: &PoolSettings) -> Result<Pool, PoolSetupError> {
     let mut config =
         tokio_postgres::Config::from_str(&settings.url).map_err(PoolSetupError::Url)?;
+    // Several hosts (a primary and standbys): only the one that takes
+    // writes, never a standby that may lag (whose shorter history a
+    // replica would take for lost), unless the URL asks otherwise.
+    if config.get_target_session_attrs() == tokio_postgres::config::TargetSessionAttrs::Any {
+        config.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+    }
     if let Some(password) = &settings.password {
         config.password(password);
     }
