@@ -126,21 +126,16 @@ async fn open_embedded(
     audit_key: ring::signature::Ed25519KeyPair,
     pseudonyms: Arc<crate::pseudonym::Pseudonymiser>,
 ) -> Result<OpenedStorage, StartError> {
-    // Opening waits out another process's lock with sleeps: off the
-    // async workers.
-    let storage = sled::Config::new()
-        .path(&config.data_dir)
-        .cache_capacity(config.storage_cache.as_u64());
-    let db = tokio::task::spawn_blocking(move || crate::audit::open_storage(storage))
-        .await
-        .map_err(|e| StartError::Storage {
-            what: format!("data directory {}", config.data_dir.display()),
-            reason: e.to_string(),
-        })?
-        .map_err(|e| StartError::Storage {
-            what: format!("data directory {}", config.data_dir.display()),
-            reason: e.to_string(),
-        })?;
+    let db = crate::storage::open_sled(
+        sled::Config::new()
+            .path(&config.data_dir)
+            .cache_capacity(config.storage_cache.as_u64()),
+    )
+    .await
+    .map_err(|reason| StartError::Storage {
+        what: format!("data directory {}", config.data_dir.display()),
+        reason,
+    })?;
     let (audit, audit_writer) =
         AuditLog::open(&config.data_dir, &db, config.audit.durable, audit_key)?;
     let consents = ConsentStore::open(&db, pseudonyms)?;

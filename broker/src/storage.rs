@@ -327,6 +327,16 @@ pub fn replica_name() -> String {
     format!("{host}-{}-{}", std::process::id(), hex::encode(tag))
 }
 
+/// Opens sled as `config` says, off the async workers (opening waits out
+/// another process's lock with sleeps); the error as text, for the caller
+/// to name the directory and what to do.
+pub async fn open_sled(config: sled::Config) -> Result<sled::Db, String> {
+    tokio::task::spawn_blocking(move || crate::audit::open_storage(config))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
 /// What moving a data directory into PostgreSQL did.
 #[derive(Debug, Clone)]
 pub struct Moved {
@@ -383,10 +393,8 @@ pub async fn move_to_postgres(config: &crate::BrokerConfig) -> Result<Moved, Mov
     let public_key = audit_key.public_key().as_ref().to_vec();
     // sled first: its lock proves no broker runs on the data directory
     // (which would go on appending records this move does not carry).
-    let storage = sled::Config::new().path(&config.data_dir);
-    let db = tokio::task::spawn_blocking(move || crate::audit::open_storage(storage))
+    let db = open_sled(sled::Config::new().path(&config.data_dir))
         .await
-        .map_err(|e| MoveError::Read(e.to_string()))?
         .map_err(|e| {
             MoveError::Read(format!(
                 "{}: {e} (stop the broker first)",
