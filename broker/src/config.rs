@@ -332,13 +332,41 @@ impl StorageConfig {
 }
 
 /// Where traces go.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Telemetry {
     /// An OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`: spans of every
     /// step of the request path are exported there, continuing the
     /// caller's `traceparent`. None: no export.
     pub otlp_endpoint: Option<String>,
+    /// Which spans are exported (`RUST_LOG` syntax): by default onceonly's
+    /// own (`"onceonly=info"`), none of the HTTP/2 and tower internals.
+    pub trace_filter: String,
+    /// The `service.name` the spans carry (replicas may add their name).
+    pub service_name: String,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            otlp_endpoint: None,
+            trace_filter: onceonly_proto::telemetry::DEFAULT_TRACE_FILTER.to_owned(),
+            service_name: "onceonly-broker".to_owned(),
+        }
+    }
+}
+
+impl Telemetry {
+    /// The OTLP export these settings ask for, if any.
+    pub fn export(&self) -> Option<onceonly_proto::telemetry::TraceExport> {
+        self.otlp_endpoint
+            .as_ref()
+            .map(|endpoint| onceonly_proto::telemetry::TraceExport {
+                endpoint: endpoint.clone(),
+                service_name: self.service_name.clone(),
+                filter: self.trace_filter.clone(),
+            })
+    }
 }
 
 /// The admin listener: plain HTTP, apart from the mutual-TLS API port.
@@ -532,6 +560,22 @@ impl BrokerConfig {
                 "idempotency.max_entries",
                 "is zero".into(),
                 "remember at least one request, e.g. 100000",
+            );
+        }
+        if let Err(problem) =
+            onceonly_proto::telemetry::check_trace_filter(&self.telemetry.trace_filter)
+        {
+            return invalid(
+                "telemetry.trace_filter",
+                problem,
+                "or remove the key for the default",
+            );
+        }
+        if self.telemetry.service_name.trim().is_empty() {
+            return invalid(
+                "telemetry.service_name",
+                "is empty".into(),
+                "name the process as collectors should show it, e.g. \"onceonly-broker\"",
             );
         }
         if let Some((key, problem, fix)) = self.tls.crl_problem() {

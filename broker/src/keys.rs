@@ -165,6 +165,15 @@ fn parse_audit_key(path: &Path, pkcs8: &[u8]) -> Result<Ed25519KeyPair, KeyError
 /// Loads the audit signing key at `path`, which must exist, and checks that
 /// `<path>.pub` (where it exists) holds its public half.
 pub fn load_audit_key(path: &Path) -> Result<Ed25519KeyPair, KeyError> {
+    let key = read_audit_key(path)?;
+    if !public_key_matches(path, &key)? {
+        write_public(&public_key_path(path), &key)?;
+    }
+    Ok(key)
+}
+
+/// The audit signing key at `path`, which must exist.
+fn read_audit_key(path: &Path) -> Result<Ed25519KeyPair, KeyError> {
     let pkcs8 = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -175,20 +184,46 @@ pub fn load_audit_key(path: &Path) -> Result<Ed25519KeyPair, KeyError> {
         }
         Err(e) => return Err(io(path)(e)),
     };
-    let key = parse_audit_key(path, &pkcs8)?;
+    parse_audit_key(path, &pkcs8)
+}
+
+/// Whether `<path>.pub` holds `key`'s public half: true if it does, false
+/// if it is missing, an error if it names another key.
+fn public_key_matches(path: &Path, key: &Ed25519KeyPair) -> Result<bool, KeyError> {
     let public = public_key_path(path);
     match std::fs::read_to_string(&public) {
-        Ok(text) if text.trim() == hex::encode(key.public_key().as_ref()) => {}
-        Ok(_) => {
-            return Err(KeyError::PublicMismatch {
-                public,
-                key: path.to_owned(),
-            });
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_public(&public, &key)?,
-        Err(e) => return Err(io(&public)(e)),
+        Ok(text) if text.trim() == hex::encode(key.public_key().as_ref()) => Ok(true),
+        Ok(_) => Err(KeyError::PublicMismatch {
+            public,
+            key: path.to_owned(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io(&public)(e)),
     }
-    Ok(key)
+}
+
+/// What `onceonly-broker check` verifies of the keys, changing nothing:
+/// both exist and parse, `audit.key.pub` (where present) holds the audit
+/// key's public half, and the pseudonym key is the one the data directory
+/// was created with (where it has a check value). So a `check` that
+/// passes is not followed by a `serve` that refuses for a key.
+pub fn check(config: &BrokerConfig) -> Result<(), KeyError> {
+    let audit_key = read_audit_key(&config.audit_key)?;
+    public_key_matches(&config.audit_key, &audit_key)?;
+    let secret = read_pseudonym_secret(&config.pseudonym_key)?;
+    let check = config.data_dir.join(PSEUDONYM_CHECK_FILE);
+    match std::fs::read_to_string(&check) {
+        Ok(text) if text.trim() != pseudonym_check_value(&secret) => {
+            Err(KeyError::PseudonymKeyReplaced {
+                key: config.pseudonym_key.clone(),
+                data_dir: config.data_dir.clone(),
+                check,
+            })
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(&check)(e)),
+    }
 }
 
 /// Loads the pseudonym key at `path`, which must exist.

@@ -38,8 +38,10 @@ enum Command {
         #[arg(long)]
         json_logs: bool,
     },
-    /// Check a configuration with its policy and routing table, without
-    /// serving: run it before reloading a live broker.
+    /// Check a configuration with its policy, routing table and keys,
+    /// without serving: run it before starting or reloading a broker (the
+    /// shipped unit runs it before every start). Fails where `serve`
+    /// would, keys missing (before `init`) included.
     Check {
         /// The broker configuration (TOML).
         #[arg(long, short)]
@@ -93,19 +95,15 @@ fn main() -> ExitCode {
         }
     };
     // Traces go over OTLP where the configuration names an endpoint.
-    let otlp = match &cli.command {
+    let export = match &cli.command {
         Command::Serve { config, .. } => BrokerConfig::load(config)
             .ok()
-            .and_then(|c| c.telemetry.otlp_endpoint),
+            .and_then(|c| c.telemetry.export()),
         _ => None,
     };
     let telemetry = {
         let _runtime = runtime.enter();
-        onceonly_proto::telemetry::init(
-            json_logs,
-            otlp.as_deref()
-                .map(|endpoint| ("onceonly-broker", endpoint)),
-        )
+        onceonly_proto::telemetry::init(json_logs, export.as_ref())
     };
     let telemetry = match telemetry {
         Ok(telemetry) => telemetry,
@@ -119,10 +117,16 @@ fn main() -> ExitCode {
         let _runtime = runtime.enter();
         telemetry.shutdown();
     }
+    // Everything that matters is closed by now (the audit log flushed); a
+    // blocking task still running must not hold the process.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!(
+                "error: {}",
+                onceonly_certs::report::error_chain(error.as_ref())
+            );
             ExitCode::FAILURE
         }
     }
@@ -179,8 +183,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let routing = RoutingTable::load(&config.routing)?;
             let text = std::fs::read_to_string(&config.policy)?;
             let policy = Policy::parse(&config.policy, &text, &routing)?;
+            onceonly_broker::keys::check(&config)?;
             println!(
-                "ok: {} evidence types, {} policy rules",
+                "ok: {} evidence types, {} policy rules, keys present",
                 routing.evidence_types().len(),
                 policy.len()
             );

@@ -7,8 +7,8 @@
 //! Two kinds: counters and histograms the request path and the audit
 //! writer record as things happen ([`Metrics`], [`AuditMetrics`]), and
 //! gauges read from the broker's state at each scrape ([`StateCollector`]):
-//! exchanges in flight, the log's size, refused connections and calls,
-//! certificate and CRL lifetimes. `OPERATIONS.md` lists every metric.
+//! exchanges in flight, the log's size, refused connections and calls;
+//! and certificate and CRL lifetimes ([`onceonly_certs::metrics`]). `OPERATIONS.md` lists every metric.
 
 use std::sync::{Arc, Weak};
 
@@ -109,8 +109,10 @@ pub fn registry(broker: &Arc<Broker>, tls: Arc<ReloadableServerTls>) -> Registry
     );
     registry.register_collector(Box::new(StateCollector {
         broker: Arc::downgrade(broker),
-        tls,
     }));
+    registry.register_collector(Box::new(onceonly_certs::metrics::TlsLifetimes::new(
+        tls, "broker",
+    )));
     registry
 }
 
@@ -127,7 +129,6 @@ pub fn encode(registry: &Registry) -> String {
 #[derive(Debug)]
 pub struct StateCollector {
     broker: Weak<Broker>,
-    tls: Arc<ReloadableServerTls>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -139,11 +140,6 @@ struct ReasonLabel {
 struct EndpointLabels {
     connector: String,
     endpoint: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CertificateLabel {
-    certificate: String,
 }
 
 fn gauge(
@@ -241,66 +237,8 @@ impl Collector for StateCollector {
                 ConstGauge::new(i64::from(up)).encode(family.encode_family(&labels)?)?;
             }
         }
-        let now = onceonly_proto::time::now_ms() / 1000;
-        let files = self.tls.files();
-        let mut expiry = Vec::new();
-        for (which, path) in [("broker", &files.cert), ("ca", &files.ca)] {
-            if let Some(not_after) = not_after(path) {
-                expiry.push((which, not_after - now));
-            }
-        }
-        {
-            let mut family = encoder.encode_descriptor(
-                "onceonly_certificate_expiry_seconds",
-                "Seconds until the broker's own certificate and the CA expire",
-                None,
-                ConstGauge::new(0.0).metric_type(),
-            )?;
-            for (which, seconds) in expiry {
-                let labels = CertificateLabel {
-                    certificate: which.to_owned(),
-                };
-                ConstGauge::new(seconds as f64).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        if let Some(crl) = &files.crl
-            && let Some((this_update, next_update)) = crl_times(crl)
-        {
-            gauge(
-                &mut encoder,
-                "onceonly_crl_age_seconds",
-                "Seconds since the revocation list in use was issued",
-                (now - this_update) as f64,
-            )?;
-            gauge(
-                &mut encoder,
-                "onceonly_crl_next_update_seconds",
-                "Seconds until the revocation list's nextUpdate (negative: stale)",
-                next_update.map_or(f64::INFINITY, |next| (next - now) as f64),
-            )?;
-        }
         Ok(())
     }
-}
-
-/// A certificate file's `notAfter` (Unix seconds).
-fn not_after(path: &std::path::Path) -> Option<i64> {
-    let cert = onceonly_certs::pki::load_certs(path)
-        .ok()?
-        .into_iter()
-        .next()?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    Some(parsed.validity().not_after.timestamp())
-}
-
-/// A CRL file's `thisUpdate` and `nextUpdate` (Unix seconds).
-fn crl_times(path: &std::path::Path) -> Option<(i64, Option<i64>)> {
-    let crl = onceonly_certs::pki::load_crl(path).ok()?;
-    let (_, parsed) = x509_parser::parse_x509_crl(crl.as_ref()).ok()?;
-    Some((
-        parsed.last_update().timestamp(),
-        parsed.next_update().map(|t| t.timestamp()),
-    ))
 }
 
 /// The label value for an evidence type: itself where catalogued.

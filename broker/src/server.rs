@@ -362,6 +362,20 @@ impl BoundBroker {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
+        self.serve_until(shutdown, false).await
+    }
+
+    /// Serves until Ctrl-C or SIGTERM; SIGHUP reloads policy and TLS.
+    pub async fn serve(self) -> Result<(), StartError> {
+        self.serve_until(onceonly_certs::serve::terminate_signal(), true)
+            .await
+    }
+
+    async fn serve_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        reload_on_sighup: bool,
+    ) -> Result<(), StartError> {
         let BoundBroker {
             broker,
             tls,
@@ -399,6 +413,10 @@ impl BoundBroker {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| StartError::Serve(e.to_string()))?;
+        // Every task started here is stopped below, and holds the broker
+        // only weakly or until aborted: the audit writer ends only when
+        // its last handle is gone, and the process with it.
+        let sighup = reload_on_sighup.then(|| spawn_sighup_reload(&broker, tls.clone()));
         let watcher = tokio::spawn(watch_policy(broker.policy.clone()));
         let health_checker = tokio::spawn(check_connectors(broker.clone()));
         let crl_watcher = tokio::spawn(watch_readiness(
@@ -466,26 +484,44 @@ impl BoundBroker {
                 Ok(())
             }
         };
-        watcher.abort();
-        crl_watcher.abort();
-        health_checker.abort();
+        drop(sighup);
+        for task in [&watcher, &crl_watcher, &health_checker] {
+            task.abort();
+        }
         if let Some(admin) = &admin_task {
             admin.abort();
         }
         drop(serving);
+        // Aborted tasks drop their futures (and handles on the broker) at
+        // their next poll; wait for that, so that only exchanges still
+        // writing their records hold the broker now.
+        for task in [watcher, crl_watcher, health_checker]
+            .into_iter()
+            .chain(admin_task)
+        {
+            let _ = task.await;
+        }
         // The audit writer ends once the last handle to the log is gone;
         // waiting for it means every batch is flushed and the data
-        // directory closed before we return.
+        // directory closed before we return. Exchanges cut off by the
+        // grace period still write their (cancelled) records first, within
+        // their own deadlines; past that, something holds the log that
+        // should not, and waiting longer would turn a stop into a SIGKILL.
+        let holders = Arc::strong_count(&broker) - 1;
         drop(broker);
-        let _ = audit_writer.await;
-        result
-    }
-
-    /// Serves until Ctrl-C or SIGTERM; SIGHUP reloads policy and TLS.
-    pub async fn serve(self) -> Result<(), StartError> {
-        spawn_sighup_reload(self.broker.clone(), self.tls.clone());
-        self.serve_with_shutdown(onceonly_certs::serve::terminate_signal())
+        let mut audit_writer = audit_writer;
+        if tokio::time::timeout(WRITER_PATIENCE, &mut audit_writer)
             .await
+            .is_err()
+        {
+            tracing::error!(
+                holders,
+                patience = ?WRITER_PATIENCE,
+                "the audit log is still held after the drain; stopping without waiting for it (every answered request's record is already durable)"
+            );
+            audit_writer.abort();
+        }
+        result
     }
 
     /// Serves in the background; the handle stops it.
@@ -610,13 +646,28 @@ pub fn reload_tls(broker: &Broker, tls: &ReloadableServerTls) -> Result<usize, T
     Ok(closed)
 }
 
-fn spawn_sighup_reload(broker: Arc<Broker>, tls: Arc<ReloadableServerTls>) {
+/// How long a stopping broker waits for its audit log to close once the
+/// drain is over: the longest an exchange cut off by the grace period takes
+/// to write its record is a register call's cancellation and one append.
+const WRITER_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Reloads policy and TLS on SIGHUP while the guard lives. It holds the
+/// broker weakly: a handler that kept it alive kept the audit writer, and
+/// so the process, from ever ending (issue 21).
+fn spawn_sighup_reload(
+    broker: &Arc<Broker>,
+    tls: Arc<ReloadableServerTls>,
+) -> onceonly_certs::serve::SighupGuard {
+    let broker = Arc::downgrade(broker);
     onceonly_certs::serve::on_sighup(move || {
+        let Some(broker) = broker.upgrade() else {
+            return;
+        };
         reload_policy(&broker.policy);
         if let Err(error) = reload_tls(&broker, &tls) {
             tracing::error!(%error, "TLS NOT (fully) reloaded; the previous configuration stays");
         }
-    });
+    })
 }
 
 /// Checks every connector endpoint's health every `circuit.health_interval`

@@ -12,6 +12,7 @@
 //!   door, in the handshake, per HTTP/2 connection, when idle).
 //! - [`security`]: counters of refused connections and calls, by reason.
 //! - [`inspect`]: what `onceonly-certs inspect` prints.
+//! - [`report`]: an error and its causes, for a person, each cause once.
 //!
 //! The `onceonly-certs` binary is a thin CLI over this library.
 
@@ -19,7 +20,9 @@ pub mod config_file;
 pub mod connection;
 pub mod identity;
 pub mod inspect;
+pub mod metrics;
 pub mod pki;
+pub mod report;
 pub mod security;
 pub mod serve;
 pub mod tls;

@@ -11,7 +11,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use onceonly_certs::inspect::CertificateSummary;
 use onceonly_certs::pki::{self, InitOptions, IssueOptions, KeyAlgorithm, Pki};
+use onceonly_certs::report::error_chain;
 use onceonly_certs::{Participant, Role};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 /// Create and manage the onceonly participant PKI: a root CA per trust
 /// domain and one certificate per participant, whose identity is the URI SAN
@@ -37,6 +40,10 @@ enum Command {
         /// Key algorithm for the CA and, by default, every participant.
         #[arg(long, value_enum, default_value_t = Algorithm::EcdsaP256)]
         key_algorithm: Algorithm,
+        /// The organisation (O) in the subject of the CA's and of every
+        /// certificate issued from this PKI, e.g. "Land Berlin".
+        #[arg(long, default_value = pki::DEFAULT_ORGANISATION)]
+        organisation: String,
         /// How long the CA is valid, e.g. "10y" or "3650days".
         #[arg(long, default_value = "10years", value_parser = humantime::parse_duration)]
         ca_validity: Duration,
@@ -121,7 +128,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the revoked serials.
+    /// List the revoked serials: when each was revoked and whose
+    /// certificate in the PKI directory has it.
     Revoked,
 }
 
@@ -145,7 +153,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", error_chain(error.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -156,6 +164,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init {
             trust_domain,
             key_algorithm,
+            organisation,
             ca_validity,
             broker_id,
             broker_names,
@@ -164,6 +173,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let mut options = InitOptions::new(&trust_domain);
             options.key_algorithm = key_algorithm.into();
+            options.organisation = organisation;
             options.ca_validity = ca_validity;
             options.broker_id = broker_id;
             if !broker_names.is_empty() {
@@ -172,7 +182,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             options.broker_validity = validity;
             options.force = force;
             let (pki, broker) = Pki::init(&cli.dir, &options)?;
-            println!("created PKI for trust domain {}", pki.trust_domain());
+            println!(
+                "created PKI for trust domain {} (organisation {:?})",
+                pki.trust_domain(),
+                pki.organisation()
+            );
             println!("  CA certificate   {}", pki.ca_cert_path().display());
             println!("  revocation list  {}", pki.crl_path().display());
             print_issued(&broker);
@@ -248,23 +262,54 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let pki = Pki::open(&cli.dir)?;
             let valid_for = time::Duration::try_from(valid_for)
                 .map_err(|e| anyhow::anyhow!("--valid-for: {e}"))?;
-            let next_update = time::OffsetDateTime::now_utc() + valid_for;
+            let next_update = OffsetDateTime::now_utc() + valid_for;
             pki.refresh_crl(next_update)?;
             println!(
-                "{} re-signed, current until {next_update}; reload brokers and connectors (SIGHUP)",
-                pki.crl_path().display()
+                "{} re-signed, current until {}; reload brokers and connectors (SIGHUP)",
+                pki.crl_path().display(),
+                rfc3339(next_update)
             );
         }
         Command::Revoked => {
             let pki = Pki::open(&cli.dir)?;
-            let (serials, number) = pki.revoked_serials().context("reading the CRL")?;
-            println!("CRL number {number}, {} revoked", serials.len());
-            for (serial, when) in serials {
-                println!("{serial}  revoked at unix time {when}");
+            let crl = pki::read_revocation_list(&pki.crl_path()).context("reading the CRL")?;
+            let stored = pki.stored_certificates()?;
+            let current = match crl.next_update {
+                Some(until) if until < OffsetDateTime::now_utc() => {
+                    format!("STALE since {} (run refresh-crl)", rfc3339(until))
+                }
+                Some(until) => format!("current until {}", rfc3339(until)),
+                None => "no nextUpdate".to_owned(),
+            };
+            println!(
+                "CRL number {}, signed {}, {current}; {} revoked",
+                crl.number,
+                rfc3339(crl.this_update),
+                crl.revoked.len()
+            );
+            for (serial, when) in &crl.revoked {
+                let holder = stored.iter().find(|c| c.serial_hex == *serial).map_or(
+                    "(not in this PKI directory)".to_owned(),
+                    |c| {
+                        let p = &c.participant;
+                        let kind = if c.encryption { " (encryption)" } else { "" };
+                        format!("{}/{}{kind}  {p}", p.role(), p.id())
+                    },
+                );
+                println!("{serial}  revoked {}  {holder}", rfc3339(*when));
             }
         }
     }
     Ok(())
+}
+
+/// A time as RFC 3339 in UTC to the second, e.g. `2026-11-23T09:30:00Z`.
+fn rfc3339(when: OffsetDateTime) -> String {
+    let utc = when.to_offset(time::UtcOffset::UTC);
+    utc.replace_nanosecond(0)
+        .unwrap_or(utc)
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| when.to_string())
 }
 
 fn print_issued(issued: &pki::IssuedCertificate) {
@@ -273,7 +318,7 @@ fn print_issued(issued: &pki::IssuedCertificate) {
     println!("  certificate  {}", issued.cert_path.display());
     println!("  key          {} (mode 0600)", issued.key_path.display());
     println!("  serial       {}", issued.serial_hex);
-    println!("  valid until  {}", issued.not_after);
+    println!("  valid until  {}", rfc3339(issued.not_after));
     if let Some(old) = &issued.revoked_serial {
         println!("  replaced     {old}, now revoked (reload brokers and connectors: SIGHUP)");
     }

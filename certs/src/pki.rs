@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! pki/
-//!   pki.toml                 trust domain and key algorithm
+//!   pki.toml                 trust domain, key algorithm, organisation
 //!   ca.pem     ca.key        the root CA (the key is mode 0600)
 //!   crl.pem                  the revocation list, signed by the CA
 //!   <role>/<id>.pem          a participant's certificate
@@ -103,6 +103,11 @@ pub enum PkiError {
     /// The serial is not a certificate of this CA.
     #[error("no certificate with serial {0} was found in this PKI")]
     UnknownSerial(String),
+    /// The organisation for certificate subjects is unusable.
+    #[error(
+        "invalid organisation {0:?}: give 1 to 64 characters, without control characters or spaces at either end (e.g. \"Land Berlin\")"
+    )]
+    InvalidOrganisation(String),
     /// An encryption certificate was asked for a role that does not
     /// receive encrypted evidence.
     #[error(
@@ -119,6 +124,41 @@ pub struct PkiMeta {
     pub trust_domain: String,
     /// The algorithm participant keys get by default.
     pub key_algorithm: KeyAlgorithm,
+    /// The organisation (O) in the subject of every certificate issued.
+    /// PKIs made before it was configurable have none in `pki.toml`: they
+    /// keep [`DEFAULT_ORGANISATION`]. Written only when it differs, so
+    /// such a `pki.toml` stays readable by older `onceonly-certs`.
+    #[serde(
+        default = "default_organisation",
+        skip_serializing_if = "is_default_organisation"
+    )]
+    pub organisation: String,
+}
+
+/// The subject organisation of a PKI made without `--organisation`.
+pub const DEFAULT_ORGANISATION: &str = "onceonly";
+
+fn default_organisation() -> String {
+    DEFAULT_ORGANISATION.to_owned()
+}
+
+fn is_default_organisation(organisation: &str) -> bool {
+    organisation == DEFAULT_ORGANISATION
+}
+
+/// Checks an organisation name for certificate subjects: 1 to 64
+/// characters (X.520's upper bound), no control characters, no spaces at
+/// either end.
+pub fn validate_organisation(organisation: &str) -> Result<(), PkiError> {
+    let length = organisation.chars().count();
+    let valid = (1..=64).contains(&length)
+        && organisation.trim() == organisation
+        && !organisation.chars().any(char::is_control);
+    if valid {
+        Ok(())
+    } else {
+        Err(PkiError::InvalidOrganisation(organisation.to_owned()))
+    }
 }
 
 /// How `init` creates a PKI.
@@ -128,6 +168,9 @@ pub struct InitOptions {
     pub trust_domain: String,
     /// Key algorithm for the CA and, by default, every participant.
     pub key_algorithm: KeyAlgorithm,
+    /// The organisation (O) in the subject of the CA's and every
+    /// participant's certificate, e.g. `Land Berlin`.
+    pub organisation: String,
     /// How long the root CA is valid.
     pub ca_validity: Duration,
     /// The broker's id (its certificate is issued at init).
@@ -141,12 +184,14 @@ pub struct InitOptions {
 }
 
 impl InitOptions {
-    /// Defaults for a trust domain: ECDSA P-256, a 10-year CA, a broker
-    /// `broker` valid 90 days for `localhost`, `127.0.0.1` and `::1`.
+    /// Defaults for a trust domain: ECDSA P-256, organisation
+    /// [`DEFAULT_ORGANISATION`], a 10-year CA, a broker `broker` valid 90
+    /// days for `localhost`, `127.0.0.1` and `::1`.
     pub fn new(trust_domain: &str) -> Self {
         InitOptions {
             trust_domain: trust_domain.to_owned(),
             key_algorithm: KeyAlgorithm::default(),
+            organisation: default_organisation(),
             ca_validity: Duration::from_secs(10 * 365 * 86_400),
             broker_id: "broker".to_owned(),
             broker_names: default_server_names(),
@@ -294,9 +339,11 @@ impl Pki {
     /// broker's certificate. Refuses to overwrite unless `options.force`.
     pub fn init(dir: &Path, options: &InitOptions) -> Result<(Pki, IssuedCertificate), PkiError> {
         validate_trust_domain(&options.trust_domain)?;
+        validate_organisation(&options.organisation)?;
         let meta = PkiMeta {
             trust_domain: options.trust_domain.clone(),
             key_algorithm: options.key_algorithm,
+            organisation: options.organisation.clone(),
         };
         let pki = Pki {
             dir: dir.to_owned(),
@@ -310,7 +357,11 @@ impl Pki {
         create_dir(dir)?;
 
         let ca_key = options.key_algorithm.generate()?;
-        let ca_params = ca_params(&options.trust_domain, options.ca_validity);
+        let ca_params = ca_params(
+            &options.trust_domain,
+            &options.organisation,
+            options.ca_validity,
+        );
         let ca_cert = ca_params.self_signed(&ca_key)?;
         let meta_text = toml::to_string(&pki.meta).map_err(|e| PkiError::Malformed {
             path: pki.meta_path(),
@@ -354,6 +405,10 @@ impl Pki {
             reason: e.to_string(),
         })?;
         validate_trust_domain(&meta.trust_domain)?;
+        validate_organisation(&meta.organisation).map_err(|e| PkiError::Malformed {
+            path: meta_path.clone(),
+            reason: e.to_string(),
+        })?;
         Ok(Pki {
             dir: dir.to_owned(),
             meta,
@@ -389,6 +444,11 @@ impl Pki {
     /// The trust domain.
     pub fn trust_domain(&self) -> &str {
         &self.meta.trust_domain
+    }
+
+    /// The organisation (O) in the subject of every certificate issued.
+    pub fn organisation(&self) -> &str {
+        &self.meta.organisation
     }
 
     fn meta_path(&self) -> PathBuf {
@@ -436,6 +496,63 @@ impl Pki {
     /// The participant a role and id give in this trust domain.
     pub fn participant(&self, role: Role, id: &str) -> Result<Participant, PkiError> {
         Ok(Participant::new(&self.meta.trust_domain, role, id)?)
+    }
+
+    /// The certificates in the directory now: every `<role>/<id>.pem` and
+    /// `authority/<id>.enc.pem`, sorted by role and id. A replaced
+    /// (`--force`) certificate is gone from the directory, so a revoked
+    /// serial may have no holder here. Files that hold no certificate of a
+    /// valid participant are skipped.
+    pub fn stored_certificates(&self) -> Result<Vec<StoredCertificate>, PkiError> {
+        let mut found = Vec::new();
+        for role in Role::ALL {
+            let folder = self.dir.join(role.as_str());
+            let entries = match fs::read_dir(&folder) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(PkiError::Io {
+                        path: folder,
+                        source,
+                    });
+                }
+            };
+            for entry in entries {
+                let path = entry
+                    .map_err(|source| PkiError::Io {
+                        path: folder.clone(),
+                        source,
+                    })?
+                    .path();
+                let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                    continue;
+                };
+                let Some(stem) = name.strip_suffix(".pem") else {
+                    continue;
+                };
+                let (id, encryption) = match stem.strip_suffix(".enc") {
+                    Some(id) => (id, true),
+                    None => (stem, false),
+                };
+                let Ok(participant) = self.participant(role, id) else {
+                    continue;
+                };
+                let Some(serial_hex) = load_certs(&path).ok().and_then(|certs| {
+                    let (_, cert) = x509_parser::parse_x509_certificate(certs[0].as_ref()).ok()?;
+                    Some(hex::encode(strip_sign_byte(cert.raw_serial())))
+                }) else {
+                    continue;
+                };
+                found.push(StoredCertificate {
+                    participant,
+                    encryption,
+                    path,
+                    serial_hex,
+                });
+            }
+        }
+        found.sort_by(|a, b| (&a.participant, a.encryption).cmp(&(&b.participant, b.encryption)));
+        Ok(found)
     }
 
     fn issuer(&self) -> Result<Issuer<'static, KeyPair>, PkiError> {
@@ -493,9 +610,20 @@ impl Pki {
             .not_before
             .unwrap_or_else(|| OffsetDateTime::now_utc() - time::Duration::minutes(1));
         let mut params = if options.encryption {
-            encryption_params(&participant, not_before, options.validity)?
+            encryption_params(
+                &participant,
+                &self.meta.organisation,
+                not_before,
+                options.validity,
+            )?
         } else {
-            participant_params(&participant, &names, not_before, options.validity)?
+            participant_params(
+                &participant,
+                &self.meta.organisation,
+                &names,
+                not_before,
+                options.validity,
+            )?
         };
         let serial = random_serial();
         params.serial_number = Some(SerialNumber::from_slice(&serial));
@@ -547,27 +675,13 @@ impl Pki {
     /// The serials on the current revocation list (lower-case hex) and the
     /// list's number.
     pub fn revoked_serials(&self) -> Result<(Vec<(String, i64)>, u64), PkiError> {
-        let path = self.crl_path();
-        let der = load_crl(&path)?;
-        let (_, crl) =
-            x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| PkiError::Malformed {
-                path: path.clone(),
-                reason: format!("not a CRL: {e}"),
-            })?;
-        let number = crl
-            .crl_number()
-            .and_then(|n| u64::try_from(n).ok())
-            .unwrap_or(0);
-        let serials = crl
-            .iter_revoked_certificates()
-            .map(|entry| {
-                (
-                    hex::encode(strip_sign_byte(entry.raw_serial())),
-                    entry.revocation_date.timestamp(),
-                )
-            })
+        let list = read_revocation_list(&self.crl_path())?;
+        let serials = list
+            .revoked
+            .into_iter()
+            .map(|(serial, when)| (serial, when.unix_timestamp()))
             .collect();
-        Ok((serials, number))
+        Ok((serials, list.number))
     }
 
     /// Re-signs the revocation list unchanged but for its number and its
@@ -671,6 +785,71 @@ impl Pki {
     }
 }
 
+/// A certificate found in a PKI directory ([`Pki::stored_certificates`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCertificate {
+    /// Whose it is (from where it lies: `<role>/<id>.pem`).
+    pub participant: Participant,
+    /// An authority's encryption certificate (`<id>.enc.pem`).
+    pub encryption: bool,
+    /// The file.
+    pub path: PathBuf,
+    /// Its serial, lower-case hex, as the revocation list names it.
+    pub serial_hex: String,
+}
+
+/// A revocation list as read from its file ([`read_revocation_list`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationList {
+    /// The CRL number (counts re-signings).
+    pub number: u64,
+    /// When it was signed.
+    pub this_update: OffsetDateTime,
+    /// Until when it is current; verifiers refuse every peer after it
+    /// (unless told to warn only).
+    pub next_update: Option<OffsetDateTime>,
+    /// The revoked serials (lower-case hex) and when each was revoked.
+    pub revoked: Vec<(String, OffsetDateTime)>,
+}
+
+/// Reads and parses a revocation list (PEM or DER). Checks its form only,
+/// not its signature: the TLS verifiers do that.
+pub fn read_revocation_list(path: &Path) -> Result<RevocationList, PkiError> {
+    parse_revocation_list(path, load_crl(path)?.as_ref())
+}
+
+/// Parses a DER revocation list read from `path` (named in errors).
+pub fn parse_revocation_list(path: &Path, der: &[u8]) -> Result<RevocationList, PkiError> {
+    let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|e| PkiError::Malformed {
+        path: path.to_owned(),
+        reason: format!("not a revocation list (X.509 CRL): {e}"),
+    })?;
+    let when = |t: x509_parser::time::ASN1Time| {
+        OffsetDateTime::from_unix_timestamp(t.timestamp()).map_err(|e| PkiError::Malformed {
+            path: path.to_owned(),
+            reason: format!("a time out of range: {e}"),
+        })
+    };
+    let revoked = crl
+        .iter_revoked_certificates()
+        .map(|entry| {
+            Ok((
+                hex::encode(strip_sign_byte(entry.raw_serial())),
+                when(entry.revocation_date)?,
+            ))
+        })
+        .collect::<Result<Vec<_>, PkiError>>()?;
+    Ok(RevocationList {
+        number: crl
+            .crl_number()
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(0),
+        this_update: when(crl.last_update())?,
+        next_update: crl.next_update().map(when).transpose()?,
+        revoked,
+    })
+}
+
 /// A PKI in a temporary directory, removed on drop. Derefs to [`Pki`].
 #[derive(Debug)]
 pub struct ThrowawayPki {
@@ -686,10 +865,10 @@ impl std::ops::Deref for ThrowawayPki {
     }
 }
 
-fn ca_params(trust_domain: &str, validity: Duration) -> CertificateParams {
+fn ca_params(trust_domain: &str, organisation: &str, validity: Duration) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
-    name.push(DnType::OrganizationName, "onceonly");
+    name.push(DnType::OrganizationName, organisation);
     name.push(
         DnType::CommonName,
         format!("onceonly root CA {trust_domain}"),
@@ -714,13 +893,14 @@ fn ca_params(trust_domain: &str, validity: Duration) -> CertificateParams {
 
 fn participant_params(
     participant: &Participant,
+    organisation: &str,
     server_names: &[String],
     not_before: OffsetDateTime,
     validity: Duration,
 ) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
-    name.push(DnType::OrganizationName, "onceonly");
+    name.push(DnType::OrganizationName, organisation);
     name.push(DnType::OrganizationalUnitName, participant.role().as_str());
     name.push(DnType::CommonName, participant.id());
     params.distinguished_name = name;
@@ -755,10 +935,11 @@ fn participant_params(
 /// not, as it reads only extended key usage).
 fn encryption_params(
     participant: &Participant,
+    organisation: &str,
     not_before: OffsetDateTime,
     validity: Duration,
 ) -> Result<CertificateParams, PkiError> {
-    let mut params = participant_params(participant, &[], not_before, validity)?;
+    let mut params = participant_params(participant, organisation, &[], not_before, validity)?;
     params.distinguished_name.push(
         DnType::OrganizationalUnitName,
         format!("{}-encryption", participant.role().as_str()),
@@ -837,10 +1018,21 @@ fn read_string(path: &Path) -> Result<String, PkiError> {
 }
 
 /// Creates a new secret file (mode 0600) with `contents`, and its parent
-/// folders; refuses to replace an existing file. Synced before returning.
+/// folders (those it creates mode 0700: a folder of keys is nobody else's
+/// to list); refuses to replace an existing file. Synced before returning.
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
     if let Some(parent) = path.parent() {
-        create_dir(parent)?;
+        let mut builder = fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            builder.mode(0o700);
+        }
+        builder.create(parent).map_err(|source| PkiError::Io {
+            path: parent.to_owned(),
+            source,
+        })?;
     }
     write_file(path, contents, true, false)
 }

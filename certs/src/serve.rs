@@ -24,10 +24,17 @@ pub async fn terminate_signal() {
 }
 
 /// Runs `reload` on every SIGHUP, in a background task (not on other
-/// platforms).
-pub fn on_sighup(reload: impl Fn() + Send + 'static) {
+/// platforms), until the returned guard is dropped.
+///
+/// The guard is the point: a task that lives as long as the process keeps
+/// whatever its closure holds alive as long, and a server that waits for
+/// its last handle (the broker's audit writer does) would then never exit.
+/// Drop the guard when serving ends, and let the closure hold weak
+/// references where it can.
+#[must_use = "the SIGHUP handler stops when the guard is dropped"]
+pub fn on_sighup(reload: impl Fn() + Send + 'static) -> SighupGuard {
     #[cfg(unix)]
-    tokio::spawn(async move {
+    let task = Some(tokio::spawn(async move {
         let Ok(mut hangups) =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {
@@ -36,7 +43,26 @@ pub fn on_sighup(reload: impl Fn() + Send + 'static) {
         while hangups.recv().await.is_some() {
             reload();
         }
-    });
+    }));
     #[cfg(not(unix))]
-    drop(reload);
+    let task = {
+        drop(reload);
+        None
+    };
+    SighupGuard { task }
+}
+
+/// Stops the SIGHUP handler of [`on_sighup`] (and drops its closure) when
+/// dropped.
+#[derive(Debug)]
+pub struct SighupGuard {
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SighupGuard {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
 }

@@ -36,7 +36,7 @@ use crate::connection::{
     ConnectionGate, ConnectionLimits, ConnectionSlot, ConnectionState, GateRefusal,
 };
 use crate::identity::{CrlState, IdentityError, IdentityVerifier, Participant, explain_tls_error};
-use crate::pki::{CrlStalePolicy, PkiError, TlsFiles, load_certs, load_crl};
+use crate::pki::{CrlStalePolicy, PkiError, TlsFiles, load_certs, load_crl, parse_revocation_list};
 use crate::security::{RefusalKind, SecurityEvents};
 
 /// The ALPN protocol gRPC runs on.
@@ -118,7 +118,13 @@ fn load_own(
 /// explicitly (`allow_no_crl`, logged).
 fn load_crls(files: &TlsFiles) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
     match &files.crl {
-        Some(path) => Ok(vec![load_crl(path)?]),
+        Some(path) => {
+            let crl = load_crl(path)?;
+            // Parsed here so that a damaged file is named as such, not
+            // reported by the verifier as a "rejected certificate".
+            parse_revocation_list(path, crl.as_ref())?;
+            Ok(vec![crl])
+        }
         None if files.allow_no_crl => {
             tracing::warn!(cert = %files.cert.display(), "running WITHOUT a revocation list (tls.allow_no_crl): revoked certificates are accepted");
             Ok(Vec::new())
@@ -759,7 +765,16 @@ impl RefusalLog {
         }
         *last = Some(now);
         let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
-        tracing::warn!(%remote_addr, %reason, suppressed, "client refused (and `suppressed` more refusals in the last second)");
+        if suppressed == 0 {
+            tracing::warn!(%remote_addr, %reason, "client refused");
+        } else {
+            tracing::warn!(
+                %remote_addr,
+                %reason,
+                suppressed,
+                "client refused (and {suppressed} more refusals since the last line, not logged one by one)"
+            );
+        }
     }
 }
 

@@ -82,6 +82,19 @@ pub struct ConnectorConfig {
     /// `onceonly_proto::telemetry::init`.)
     #[serde(default)]
     pub otlp_endpoint: Option<String>,
+    /// Which spans are exported (`RUST_LOG` syntax); default
+    /// `"onceonly=info"`: the connector's own, no HTTP/2 internals.
+    #[serde(default = "default_trace_filter")]
+    pub trace_filter: String,
+    /// The `service.name` its spans carry; default: the connector's id
+    /// from its certificate (e.g. `civil-register`), so a collector tells
+    /// connectors apart.
+    #[serde(default)]
+    pub service_name: Option<String>,
+}
+
+fn default_trace_filter() -> String {
+    onceonly_proto::telemetry::DEFAULT_TRACE_FILTER.to_owned()
 }
 
 /// A connector's limits.
@@ -130,6 +143,8 @@ impl ConnectorConfig {
             encryption_required_for: Vec::new(),
             admin_listen: None,
             otlp_endpoint: None,
+            trace_filter: default_trace_filter(),
+            service_name: None,
         }
     }
 
@@ -198,11 +213,34 @@ impl ConnectorConfig {
         Ok(())
     }
 
+    /// The OTLP export these settings ask for, if any: named
+    /// `service_name`, or else by the connector's id in its certificate
+    /// (`onceonly-connector` where the certificate cannot be read; serving
+    /// then fails and says why).
+    pub fn trace_export(&self) -> Option<onceonly_proto::telemetry::TraceExport> {
+        let endpoint = self.otlp_endpoint.clone()?;
+        let service_name = self.service_name.clone().unwrap_or_else(|| {
+            onceonly_certs::pki::load_certs(&self.tls.cert)
+                .ok()
+                .and_then(|certs| certs.into_iter().next())
+                .and_then(|cert| onceonly_certs::Participant::from_certificate(cert.as_ref()).ok())
+                .map_or_else(|| "onceonly-connector".to_owned(), |p| p.id().to_owned())
+        });
+        Some(onceonly_proto::telemetry::TraceExport {
+            endpoint,
+            service_name,
+            filter: self.trace_filter.clone(),
+        })
+    }
+
     /// Checks the values; `config_path` names the file in errors.
     pub fn validate(&self, config_path: &Path) -> Result<(), ConfigFileError> {
         let invalid = |key: &str, problem: String, fix: &str| {
             Err(ConfigFileError::invalid(config_path, key, problem, fix))
         };
+        if let Err(problem) = onceonly_proto::telemetry::check_trace_filter(&self.trace_filter) {
+            return invalid("trace_filter", problem, "or remove the key for the default");
+        }
         if !(1..=100_000).contains(&self.limits.concurrency) {
             return invalid(
                 "limits.concurrency",

@@ -241,9 +241,14 @@ impl<C: Connector> BoundConnector<C> {
         );
         let admin_task = self.admin.map(|(listener, addr)| {
             tracing::info!(%addr, "connector metrics on http://{addr}/metrics");
+            let mut registry = grpc.metrics().registry();
+            registry.register_collector(Box::new(onceonly_certs::metrics::TlsLifetimes::new(
+                self.tls.clone(),
+                "connector",
+            )));
             tokio::spawn(onceonly_proto::telemetry::serve_metrics(
                 listener,
-                Arc::new(grpc.metrics().registry()),
+                Arc::new(registry),
             ))
         });
         let max_response = usize::try_from(config.limits.max_payload_size.as_u64())
@@ -308,7 +313,7 @@ impl<C: Connector> BoundConnector<C> {
 
     /// Serves until Ctrl-C or SIGTERM; reloads TLS files on SIGHUP.
     pub async fn serve(self) -> Result<(), ServeError> {
-        spawn_sighup_reload(self.tls.clone());
+        let _sighup = spawn_sighup_reload(self.tls.clone());
         self.serve_with_shutdown(onceonly_certs::serve::terminate_signal())
             .await
     }
@@ -387,8 +392,9 @@ impl Drop for RunningConnector {
     }
 }
 
-/// Reloads the TLS files on every SIGHUP; a failed reload keeps the old ones.
-pub fn spawn_sighup_reload(tls: Arc<ReloadableServerTls>) {
+/// Reloads the TLS files on every SIGHUP, while the guard lives; a failed
+/// reload keeps the old ones.
+pub fn spawn_sighup_reload(tls: Arc<ReloadableServerTls>) -> onceonly_certs::serve::SighupGuard {
     onceonly_certs::serve::on_sighup(move || match tls.reload() {
         Ok(closed) => tracing::info!(
             closed,
@@ -397,5 +403,5 @@ pub fn spawn_sighup_reload(tls: Arc<ReloadableServerTls>) {
         Err(error) => {
             tracing::error!(%error, "TLS reload failed; keeping the previous configuration")
         }
-    });
+    })
 }

@@ -2,6 +2,8 @@
 //! on `127.0.0.1:0`, and gRPC channels presenting a chosen participant's
 //! certificate over mutual TLS.
 
+pub mod deployed;
+pub mod otlp;
 pub mod postgres;
 pub mod probe;
 pub mod world;
@@ -240,6 +242,18 @@ pub fn cuttable_channel(config: Arc<rustls::ClientConfig>, addr: SocketAddr) -> 
 /// The HTTP status of `GET path` on a plain-HTTP listener (the admin
 /// listener's `/ready`, as a load balancer's check sees it).
 pub async fn http_status(addr: SocketAddr, path: &str) -> u16 {
+    http_get(addr, path)
+        .await
+        .0
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `GET path` on a plain-HTTP listener (the admin listener): the status
+/// line and headers, and the body (a chunked one decoded).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
@@ -256,11 +270,36 @@ pub async fn http_status(addr: SocketAddr, path: &str) -> u16 {
         .read_to_string(&mut response)
         .await
         .expect("response");
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0)
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return (head.to_owned(), body.to_owned());
+    }
+    let mut text = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+        if size == 0 {
+            break;
+        }
+        text.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
+    (head.to_owned(), text)
+}
+
+/// GET /metrics from an admin listener (broker or connector): the body,
+/// after checking it is served as OpenMetrics text.
+pub async fn scrape_metrics(addr: SocketAddr) -> String {
+    let (head, body) = http_get(addr, "/metrics").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("openmetrics-text"),
+        "{head}"
+    );
+    body
 }
 
 /// Asserts that `heads`, gathered in any order from any replicas, are one
@@ -302,5 +341,47 @@ pub async fn assert_one_history(
             &proof,
         )
         .expect("every head extends the ones before");
+    }
+}
+
+/// A binary of this build, beside the test's (`target/<profile>/`), which
+/// `cargo test --workspace` builds; the message says how to build it where
+/// it is missing.
+pub fn binary(name: &str, package: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    let binary = dir.join(name);
+    assert!(
+        binary.is_file(),
+        "{} is missing: build it with `cargo build -p {package}` (cargo test --workspace does)",
+        binary.display()
+    );
+    binary
+}
+
+/// Every audit record the broker shows the caller of `channel` (an
+/// auditor sees them all), page by page.
+pub async fn all_records(channel: Channel) -> Vec<onceonly_proto::v1::AuditRecord> {
+    let mut auditor = onceonly_proto::v1::audit_service_client::AuditServiceClient::new(channel);
+    let mut records = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = auditor
+            .query_records(onceonly_proto::v1::QueryRecordsRequest {
+                page_token: page_token.clone(),
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("the auditor queries")
+            .into_inner();
+        records.extend(page.records);
+        if page.next_page_token.is_empty() {
+            return records;
+        }
+        page_token = page.next_page_token;
     }
 }

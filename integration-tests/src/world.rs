@@ -11,10 +11,10 @@ use onceonly_broker::{BoundBroker, BrokerConfig, RunningBroker};
 use onceonly_certs::pki::ThrowawayPki;
 use onceonly_certs::{Pki, Role};
 use onceonly_connector_sdk::RunningConnector;
+use onceonly_proto::v1::AuditRecord;
 use onceonly_proto::v1::audit_service_client::AuditServiceClient;
 use onceonly_proto::v1::consent_service_client::ConsentServiceClient;
 use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
-use onceonly_proto::v1::{AuditRecord, QueryRecordsRequest};
 use onceonly_registry_mock::{MockRegister, RegisterKind};
 use tonic::transport::Channel;
 
@@ -308,25 +308,7 @@ impl World {
     /// Every audit record, as the auditor sees them at the broker (or
     /// replica) at `addr`.
     pub async fn audit_records_at(&self, addr: SocketAddr) -> Vec<AuditRecord> {
-        let mut auditor = AuditServiceClient::new(self.channel_to(addr, Role::Auditor, AUDITOR));
-        let mut records = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let page = auditor
-                .query_records(QueryRecordsRequest {
-                    page_token: page_token.clone(),
-                    page_size: 1000,
-                    ..Default::default()
-                })
-                .await
-                .expect("auditor queries")
-                .into_inner();
-            records.extend(page.records);
-            if page.next_page_token.is_empty() {
-                return records;
-            }
-            page_token = page.next_page_token;
-        }
+        crate::all_records(self.channel_to(addr, Role::Auditor, AUDITOR)).await
     }
 }
 

@@ -10,7 +10,6 @@ use onceonly_certs::Role;
 use onceonly_integration_tests::world::{AUDITOR, AUTHORITIES, World, birth_certificate};
 use onceonly_proto::status::reason_of;
 use onceonly_proto::v1::ErrorReason;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -21,47 +20,7 @@ const PATIENCE: Duration = Duration::from_secs(20);
 
 /// GET /metrics from the broker's admin listener.
 async fn scrape(world: &World) -> String {
-    scrape_at(world.admin_addr()).await
-}
-
-/// GET /metrics over plain HTTP/1.1; the body.
-async fn scrape_at(addr: std::net::SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("admin listener");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(
-        head.to_ascii_lowercase().contains("openmetrics-text"),
-        "{head}"
-    );
-    // A chunked body: drop the chunk sizes.
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut text = String::new();
-        let mut rest = body;
-        while let Some((size, after)) = rest.split_once("\r\n") {
-            let size = usize::from_str_radix(size.trim(), 16).expect("chunk size");
-            if size == 0 {
-                break;
-            }
-            text.push_str(&after[..size]);
-            rest = &after[size + 2..];
-        }
-        return text;
-    }
-    body.to_owned()
+    onceonly_integration_tests::scrape_metrics(world.admin_addr()).await
 }
 
 /// The samples of a scrape, parsed by `prometheus-parse`: name and labels
@@ -465,7 +424,9 @@ async fn a_connector_serves_its_own_metrics_counting_answers_and_refusals() {
         .await
         .expect_err("no ticket");
 
-    let samples = samples(&scrape_at(connector.admin_addr().expect("admin")).await);
+    let samples = samples(
+        &onceonly_integration_tests::scrape_metrics(connector.admin_addr().expect("admin")).await,
+    );
     assert_eq!(
         value(
             &samples,

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use onceonly_broker::auditor::{load_public_key, verify_remote};
 use onceonly_certs::Role;
+use onceonly_integration_tests::binary;
 use onceonly_integration_tests::postgres::TestPostgres;
 use onceonly_integration_tests::world::{
     AUDITOR, AUTHORITIES, BrokerSettings, World, birth_certificate,
@@ -47,22 +48,6 @@ impl Drop for Replica {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A binary of this build, beside the test's (`target/<profile>/`).
-fn binary(name: &str, package: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test binary");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir");
-    let binary = dir.join(name);
-    assert!(
-        binary.is_file(),
-        "{} is missing: build it with `cargo build -p {package}` (cargo test --workspace does)",
-        binary.display()
-    );
-    binary
 }
 
 fn broker_binary() -> std::path::PathBuf {

@@ -4,61 +4,28 @@
 //! trace, each step's parent the exchange's span and the connector's span a
 //! child of the broker's forward.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use onceonly_integration_tests::otlp::{Receiver, Span};
 use onceonly_integration_tests::world::{AUTHORITIES, World, birth_certificate};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::trace::v1::Span;
-use tonic::{Request, Response, Status};
-
-#[derive(Clone, Default)]
-struct Receiver {
-    spans: Arc<Mutex<Vec<Span>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        let mut spans = self.spans.lock().expect("spans");
-        for resource in request.into_inner().resource_spans {
-            for scope in resource.scope_spans {
-                spans.extend(scope.spans);
-            }
-        }
-        Ok(Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
+use tonic::Request;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_request_yields_broker_and_connector_spans_in_the_callers_trace() {
-    let receiver = Receiver::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(receiver.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let telemetry =
-        onceonly_proto::telemetry::init(false, Some(("onceonly-test", &format!("http://{addr}"))))
-            .expect("exporter")
-            .expect("installed");
+    let (receiver, endpoint) = Receiver::start().await;
+    let telemetry = onceonly_proto::telemetry::init(
+        false,
+        Some(&onceonly_proto::telemetry::TraceExport {
+            endpoint,
+            service_name: "onceonly-test".into(),
+            filter: onceonly_proto::telemetry::DEFAULT_TRACE_FILTER.into(),
+        }),
+    )
+    .expect("exporter")
+    .expect("installed");
 
     let world = World::start().await;
     let mut call = Request::new(birth_certificate("traced-1"));
@@ -83,12 +50,10 @@ async fn one_request_yields_broker_and_connector_spans_in_the_callers_trace() {
             .await
             .expect("flush");
         let spans: Vec<Span> = receiver
-            .spans
-            .lock()
-            .expect("spans")
-            .iter()
+            .spans()
+            .into_iter()
+            .map(|received| received.span)
             .filter(|s| hex::encode(&s.trace_id) == TRACE_ID)
-            .cloned()
             .collect();
         if spans.iter().any(|s| s.name == "provide_evidence")
             && spans.iter().any(|s| s.name == "request_evidence")

@@ -168,11 +168,44 @@ pub fn latency_buckets() -> impl Iterator<Item = f64> {
     prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 19)
 }
 
+/// What spans are exported by default: those of onceonly's own crates
+/// (their targets all begin `onceonly`), at `info` and above. The request
+/// path's spans are all there; the HTTP/2 and tower internals below them
+/// (`poll_ready`, `FramedRead::poll_next`, `send_data`, ...) are not: they
+/// were about 250 root spans per request and 100 a second when idle.
+pub const DEFAULT_TRACE_FILTER: &str = "onceonly=info";
+
+/// Where and as what a process exports its spans over OTLP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceExport {
+    /// The OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`.
+    pub endpoint: String,
+    /// The resource's `service.name`: each process names itself (the
+    /// broker, each connector by its id), so a collector tells them apart.
+    pub service_name: String,
+    /// Which spans are exported, in `RUST_LOG` syntax (`target=level`,
+    /// comma-separated); [`DEFAULT_TRACE_FILTER`] unless configured.
+    pub filter: String,
+}
+
+/// Checks a trace filter setting; the error says what is wrong with it.
+pub fn check_trace_filter(filter: &str) -> Result<(), String> {
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map(drop)
+        .map_err(|e| {
+            format!(
+                "not a trace filter ({e}); write `target=level` directives separated by commas, e.g. {DEFAULT_TRACE_FILTER:?}"
+            )
+        })
+}
+
 /// Installs the process's logging: `RUST_LOG` filter (default `info`),
-/// plain or JSON lines on stderr, and, where `otlp` names a service and an
-/// endpoint, spans exported over OTLP. Call within a tokio runtime when
-/// exporting; keep the returned pipeline to flush it before exit.
-pub fn init(json: bool, otlp: Option<(&str, &str)>) -> Result<Option<Telemetry>, TelemetryError> {
+/// plain or JSON lines on stderr, and, where `export` is given, spans
+/// exported over OTLP (only those its filter admits). Call within a tokio
+/// runtime when exporting; keep the returned pipeline to flush it before
+/// exit.
+pub fn init(json: bool, export: Option<&TraceExport>) -> Result<Option<Telemetry>, TelemetryError> {
     use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -183,13 +216,27 @@ pub fn init(json: bool, otlp: Option<(&str, &str)>) -> Result<Option<Telemetry>,
     } else {
         tracing_subscriber::fmt::layer().boxed()
     };
-    let telemetry = otlp
-        .map(|(service, endpoint)| Telemetry::otlp(service, endpoint))
-        .transpose()?;
-    let traces = telemetry.as_ref().map(|t| t.layer());
+    let traces = match export {
+        Some(export) => {
+            let trace_filter = tracing_subscriber::EnvFilter::builder()
+                .parse(&export.filter)
+                .map_err(|e| TelemetryError {
+                    endpoint: export.endpoint.clone(),
+                    reason: format!("trace filter {:?}: {e}", export.filter),
+                })?;
+            let telemetry = Telemetry::otlp(&export.service_name, &export.endpoint)?;
+            let layer = telemetry.layer().with_filter(trace_filter);
+            Some((telemetry, layer))
+        }
+        None => None,
+    };
+    let (telemetry, layer) = match traces {
+        Some((telemetry, layer)) => (Some(telemetry), Some(layer)),
+        None => (None, None),
+    };
     let _ = tracing_subscriber::registry()
         .with(logs.with_filter(filter))
-        .with(traces)
+        .with(layer)
         .try_init();
     Ok(telemetry)
 }

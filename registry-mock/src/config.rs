@@ -53,7 +53,25 @@ impl MockConfig {
         config
             .connector
             .apply_env(path, |key| std::env::var(key).ok())?;
-        config.connector.validate(path)?;
+        // The SDK names its keys as they stand in a connector's own file;
+        // here they sit under [connector], and the error says so.
+        config
+            .connector
+            .validate(path)
+            .map_err(|error| match error {
+                ConfigFileError::Invalid {
+                    path,
+                    key,
+                    problem,
+                    fix,
+                } => ConfigFileError::Invalid {
+                    path,
+                    key: format!("connector.{key}"),
+                    problem,
+                    fix,
+                },
+                other => other,
+            })?;
         config.faults.validate().map_err(|problem| {
             ConfigFileError::invalid(
                 path,
@@ -72,5 +90,78 @@ impl MockConfig {
             None => MockRegister::embedded(self.register)?,
         };
         Ok(register.with_faults(self.faults.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped civil sample with `edit` applied, its TLS files from a
+    /// throw-away PKI, loaded from a file.
+    fn load_edited(edit: impl Fn(String) -> String) -> Result<MockConfig, ConfigFileError> {
+        let pki = onceonly_certs::Pki::throwaway(
+            "onceonly.test",
+            &[(onceonly_certs::Role::Connector, "civil-register")],
+        )
+        .expect("PKI");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("civil.toml");
+        let sample = include_str!("../config/civil.toml")
+            .replace("\"../../pki/", &format!("\"{}/", pki.dir().display()));
+        std::fs::write(&path, edit(sample)).expect("write");
+        MockConfig::load(&path)
+    }
+
+    #[test]
+    fn the_shipped_sample_loads() {
+        load_edited(|text| text).expect("the sample is valid");
+    }
+
+    #[test]
+    fn an_sdk_setting_in_error_is_named_where_it_stands_under_connector() {
+        let error = load_edited(|text| text.replace("concurrency = 256", "concurrency = 0"))
+            .expect_err("zero concurrency");
+        let text = error.to_string();
+        assert!(text.contains("connector.limits.concurrency"), "{text}");
+        assert!(text.contains("civil.toml"), "{text}");
+    }
+
+    #[test]
+    fn admin_listen_and_otlp_endpoint_are_read_under_connector() {
+        let config = load_edited(|text| {
+            text.replace(
+                "# admin_listen = \"127.0.0.1:9471\"",
+                "admin_listen = \"127.0.0.1:9471\"",
+            )
+            .replace(
+                "# otlp_endpoint = \"http://127.0.0.1:4317\"",
+                "otlp_endpoint = \"http://127.0.0.1:4317\"",
+            )
+        })
+        .expect("valid");
+        assert_eq!(
+            config.connector.admin_listen,
+            Some("127.0.0.1:9471".parse().expect("addr"))
+        );
+        let export = config.connector.trace_export().expect("an export");
+        assert_eq!(export.endpoint, "http://127.0.0.1:4317");
+        assert_eq!(
+            export.filter,
+            onceonly_proto::telemetry::DEFAULT_TRACE_FILTER
+        );
+    }
+
+    #[test]
+    fn a_bad_trace_filter_is_refused_naming_the_key() {
+        let error = load_edited(|text| {
+            text.replace(
+                "allowed_broker_id = \"broker\"\n",
+                "allowed_broker_id = \"broker\"\ntrace_filter = \"onceonly=loud\"\n",
+            )
+        })
+        .expect_err("not a level");
+        let text = error.to_string();
+        assert!(text.contains("connector.trace_filter"), "{text}");
     }
 }

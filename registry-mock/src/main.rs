@@ -40,19 +40,27 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse().command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // Each cause once, as the other onceonly binaries print them.
+            eprintln!(
+                "error: {}",
+                onceonly_certs::report::error_chain(error.as_ref())
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve { config } => {
             let config = MockConfig::load(&config)?;
             // Traces go over OTLP where the configuration names an endpoint.
-            let telemetry = onceonly_proto::telemetry::init(
-                false,
-                config
-                    .connector
-                    .otlp_endpoint
-                    .as_deref()
-                    .map(|endpoint| ("onceonly-connector", endpoint)),
-            )?;
+            let telemetry =
+                onceonly_proto::telemetry::init(false, config.connector.trace_export().as_ref())?;
             let register = config.register().context("loading register data")?;
             let server = ConnectorServer::new(register, config.connector)
                 .bind()

@@ -409,6 +409,9 @@ fn recover(store: &Store, path: &Path) -> Result<(u64, Option<SignedTreeHead>), 
     };
     let file_len = store.file.metadata()?.len();
     let (mut offset, mut next_index, mut head) = (0u64, 0u64, None);
+    // What this opening did, for the operator (after a restore above all).
+    let mut index_rebuilt = false;
+    let mut torn_tail_cut_bytes = 0u64;
     // Resume after the last indexed frame, where the file still holds it.
     if let Some(entry) = store
         .index
@@ -434,9 +437,12 @@ fn recover(store: &Store, path: &Path) -> Result<(u64, Option<SignedTreeHead>), 
                 // power cut) or belongs to another file: rebuild it.
                 tracing::warn!(path = %path.display(), "the audit index does not match the log file; rebuilding it");
                 store.index.clear()?;
+                index_rebuilt = true;
             }
         }
     }
+    let indexed_from = next_index;
+    let mut frames_indexed = 0u64;
     loop {
         let (frame, len) = match segment::read_at(&store.file, offset, file_len)? {
             segment::Read::End => break,
@@ -451,6 +457,7 @@ fn recover(store: &Store, path: &Path) -> Result<(u64, Option<SignedTreeHead>), 
             segment::Read::Malformed { reason } => return Err(corrupt(offset, &reason)),
             segment::Read::Torn { reason } => {
                 cut_torn_tail(store, path, offset, &reason)?;
+                torn_tail_cut_bytes = file_len - offset;
                 break;
             }
         };
@@ -483,6 +490,7 @@ fn recover(store: &Store, path: &Path) -> Result<(u64, Option<SignedTreeHead>), 
         next_index += records.len() as u64;
         offset += len;
         head = Some(frame.head);
+        frames_indexed += 1;
     }
     let head = head.map(|bytes| decode_head(&bytes)).transpose()?;
     if head.as_ref().map_or(0, |h| h.tree_size) != next_index {
@@ -491,6 +499,19 @@ fn recover(store: &Store, path: &Path) -> Result<(u64, Option<SignedTreeHead>), 
             &format!("{next_index} records but the last signed head says otherwise"),
         ));
     }
+    // One line that says what the opening found and did: after a restore
+    // the operator sees how many records the log holds, whether the index
+    // was rebuilt (and from which record), and what a crash left behind.
+    tracing::info!(
+        path = %path.display(),
+        records = next_index,
+        bytes = offset,
+        index_rebuilt,
+        indexes_rebuilt_from = (frames_indexed > 0).then_some(indexed_from),
+        frames_indexed,
+        torn_tail_cut_bytes,
+        "audit log opened"
+    );
     Ok((offset, head))
 }
 

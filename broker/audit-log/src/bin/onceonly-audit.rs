@@ -1,11 +1,23 @@
 //! `onceonly-audit`: query the exchange log, and verify it offline.
 //!
+//! An auditor reaches the broker with the files the CA operator hands over:
+//! the CA certificate, the revocation list, and the auditor's own
+//! certificate and key (`--ca`, `--crl`, `--cert`, `--key`, or the same
+//! names in an `--config` file). The trust domain is read from the
+//! auditor's certificate, and the broker must present the SPIFFE id of the
+//! trust domain's `broker` (or of `--broker-id`). `--pki DIR --id ID` reads
+//! the same files from a PKI directory laid out as `onceonly-certs` makes
+//! it (the CA's own, or the demo's).
+//!
+//! Errors are written for the auditor: what to pass, or what to ask the CA
+//! operator for; never advice only the CA can follow.
+//!
 //! Exit codes: 0 success (and, for the verify commands, the log verified),
 //! 1 the log did not verify or the operation failed (the message says
 //! where), 2 usage error.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -15,10 +27,14 @@ use onceonly_audit_log::auditor::{
     ReceiptStatus, SavedHead, check_receipt, load_public_key, verify_remote,
 };
 use onceonly_audit_log::verify_dir_against;
-use onceonly_certs::{MtlsConnector, Participant, Pki, Role, TlsFiles};
+use onceonly_certs::pki::read_revocation_list;
+use onceonly_certs::report::error_chain;
+use onceonly_certs::tls::{ConnectError, TlsError, find_connect_error};
+use onceonly_certs::{MtlsConnector, Participant, PkiError, Role, TlsFiles};
 use onceonly_proto::v1::audit_service_client::AuditServiceClient;
 use onceonly_proto::v1::{
-    AuditRecord, ExchangeOutcome, QueryRecordsRequest, RecordKind, SubjectId, SubjectIdScheme,
+    AuditRecord, ErrorReason, ExchangeOutcome, QueryRecordsRequest, RecordKind, SubjectId,
+    SubjectIdScheme,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -105,21 +121,272 @@ enum Command {
     },
 }
 
-/// How to reach the broker: its address and the caller's certificate.
+/// How to reach the broker: its address and identity, and your
+/// certificate. Give the files your CA operator handed over (--ca, --crl,
+/// --cert, --key) or name them in --config; --pki with --id reads them from
+/// a PKI directory as onceonly-certs lays it out.
 #[derive(Debug, Args)]
 struct Connection {
-    /// The broker, host:port.
-    #[arg(long, default_value = "127.0.0.1:7443")]
-    broker: String,
-    /// A PKI directory made with onceonly-certs (with --id).
-    #[arg(long, default_value = "pki")]
-    pki: PathBuf,
-    /// Your participant id in the PKI (needed to reach the broker).
-    #[arg(long)]
+    /// The broker, host:port [default: 127.0.0.1:7443]. The host must be a
+    /// name the broker's certificate covers.
+    #[arg(long, value_name = "HOST:PORT")]
+    broker: Option<String>,
+    /// The broker's participant id in your trust domain, or its whole
+    /// SPIFFE id [default: broker].
+    #[arg(long, value_name = "ID")]
+    broker_id: Option<String>,
+    /// The trust domain's CA certificate (ca.pem), from your CA operator.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// The CA's revocation list (crl.pem), from your CA operator; get the
+    /// current one before it goes stale.
+    #[arg(long, value_name = "FILE")]
+    crl: Option<PathBuf>,
+    /// Your certificate (e.g. datenschutz.pem), from your CA operator.
+    #[arg(long, value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// Your private key (e.g. datenschutz.key), from your CA operator.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// An auditor configuration file (TOML) with `broker`, `broker_id`,
+    /// `ca`, `crl`, `cert` and `key` (paths relative to the file); flags
+    /// override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// A PKI directory as onceonly-certs makes it (the CA's, or the demo's):
+    /// with --id, reads ca.pem, crl.pem and <role>/<id>.pem and .key in it
+    /// [default: pki].
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["ca", "crl", "cert", "key", "config"])]
+    pki: Option<PathBuf>,
+    /// Your participant id in the --pki directory.
+    #[arg(long, conflicts_with_all = ["ca", "crl", "cert", "key", "config"])]
     id: Option<String>,
-    /// Your role.
+    /// Your role in the --pki directory.
     #[arg(long, default_value = "auditor")]
     role: Role,
+}
+
+/// An auditor's configuration file (`--config`): where the broker is and
+/// the files the CA operator handed over.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditorConfig {
+    /// host:port.
+    broker: Option<String>,
+    /// The broker's id in the trust domain, or its SPIFFE id.
+    broker_id: Option<String>,
+    /// ca.pem.
+    ca: Option<PathBuf>,
+    /// crl.pem.
+    crl: Option<PathBuf>,
+    /// The auditor's certificate.
+    cert: Option<PathBuf>,
+    /// The auditor's private key.
+    key: Option<PathBuf>,
+}
+
+/// Where an auditor's files come from.
+const ISSUED: &str = "your auditor certificate is issued with `onceonly-certs issue --role auditor --id YOU` on the CA's machine; ca.pem and crl.pem come from the same directory";
+
+/// What an auditor who has no files yet is told.
+const ASK_THE_CA: &str =
+    "As an auditor, pass --ca, --crl, --cert and --key with the files your CA operator gave you";
+
+/// Where the TLS files came from, to say which flag a bad one was.
+#[derive(Debug)]
+enum FilesFrom {
+    /// --ca, --crl, --cert, --key, or the --config file: the flags of
+    /// the files named only there.
+    Given {
+        config: Option<PathBuf>,
+        from_config: Vec<&'static str>,
+    },
+    /// A PKI directory (--pki/--id).
+    PkiDir(PathBuf),
+}
+
+/// The broker to reach, and the files to reach it with.
+#[derive(Debug)]
+struct Reach {
+    broker: String,
+    broker_id: Option<String>,
+    files: TlsFiles,
+    from: FilesFrom,
+}
+
+impl Connection {
+    /// Works out which files to use: flags over the config file; or the
+    /// PKI directory's. Says what is missing in the auditor's terms.
+    fn reach(&self) -> anyhow::Result<Reach> {
+        let config = match &self.config {
+            Some(path) => {
+                let mut config: AuditorConfig =
+                    onceonly_certs::config_file::load_toml(path).map_err(|e| {
+                        anyhow::anyhow!(
+                            "{}; --config names an auditor configuration file with broker, broker_id, ca, crl, cert and key",
+                            error_chain(&e)
+                        )
+                    })?;
+                for file in [
+                    &mut config.ca,
+                    &mut config.crl,
+                    &mut config.cert,
+                    &mut config.key,
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    *file = onceonly_certs::config_file::relative_to(path, file);
+                }
+                config
+            }
+            None => AuditorConfig::default(),
+        };
+        let broker = self
+            .broker
+            .clone()
+            .or(config.broker)
+            .unwrap_or_else(|| "127.0.0.1:7443".to_owned());
+        let broker_id = self.broker_id.clone().or(config.broker_id);
+        if self.pki.is_some() || self.id.is_some() {
+            let dir = self.pki.clone().unwrap_or_else(|| PathBuf::from("pki"));
+            let Some(id) = &self.id else {
+                anyhow::bail!(
+                    "--pki {} needs --id: your participant id in that PKI directory. {ASK_THE_CA} ({ISSUED}).",
+                    dir.display()
+                );
+            };
+            let folder = dir.join(self.role.as_str());
+            let files = TlsFiles::new(
+                dir.join("ca.pem"),
+                folder.join(format!("{id}.pem")),
+                folder.join(format!("{id}.key")),
+                Some(dir.join("crl.pem")),
+            );
+            return Ok(Reach {
+                broker,
+                broker_id,
+                files,
+                from: FilesFrom::PkiDir(dir),
+            });
+        }
+        let given = [
+            ("--ca", self.ca.clone().or(config.ca)),
+            ("--crl", self.crl.clone().or(config.crl)),
+            ("--cert", self.cert.clone().or(config.cert)),
+            ("--key", self.key.clone().or(config.key)),
+        ];
+        let missing: Vec<&str> = given
+            .iter()
+            .filter(|(_, path)| path.is_none())
+            .map(|(flag, _)| *flag)
+            .collect();
+        if missing.len() == given.len() {
+            anyhow::bail!(
+                "no certificate to reach the broker with. {ASK_THE_CA}, or name them in --config auditor.toml ({ISSUED})."
+            );
+        }
+        if !missing.is_empty() {
+            anyhow::bail!(
+                "{} missing: the broker is reached with all four of --ca, --crl, --cert and --key. {ASK_THE_CA} ({ISSUED}).",
+                missing.join(", ")
+            );
+        }
+        let flags = [&self.ca, &self.crl, &self.cert, &self.key];
+        let from_config = given
+            .iter()
+            .zip(flags)
+            .filter(|(_, flag)| flag.is_none())
+            .map(|((name, _), _)| *name)
+            .collect();
+        let [ca, crl, cert, key] = given.map(|(_, path)| path.unwrap_or_default());
+        Ok(Reach {
+            broker,
+            broker_id,
+            files: TlsFiles::new(ca, cert, key, Some(crl)),
+            from: FilesFrom::Given {
+                config: self.config.clone(),
+                from_config,
+            },
+        })
+    }
+}
+
+impl Reach {
+    /// Each file readable and the revocation list current, or a message
+    /// naming the flag, the file and what to ask for.
+    fn check_files(&self) -> anyhow::Result<()> {
+        for (flag, path, what) in self.named_files() {
+            if let Err(e) = std::fs::File::open(&path) {
+                anyhow::bail!("{}", self.unusable(flag, &path, what, &e.to_string()));
+            }
+        }
+        let [.., (flag, crl, what)] = self.named_files();
+        let list = read_revocation_list(&crl)
+            .map_err(|e| anyhow::anyhow!("{}", self.unusable(flag, &crl, what, &e.to_string())))?;
+        if let Some(until) = list.next_update
+            && until < OffsetDateTime::now_utc()
+        {
+            anyhow::bail!(
+                "the revocation list {} was current until {}: a stale list cannot show that the broker's certificate is not revoked, so the broker would be refused. Ask your CA operator for the current crl.pem (they re-sign it with `onceonly-certs refresh-crl`).",
+                crl.display(),
+                until.format(&Rfc3339).unwrap_or_else(|_| until.to_string())
+            );
+        }
+        Ok(())
+    }
+
+    /// Each file with its flag and what it should be, in the order the TLS
+    /// configuration loads them (so the first with a path is the one a
+    /// load error of that path is about).
+    fn named_files(&self) -> [(&'static str, PathBuf, &'static str); 4] {
+        [
+            ("--cert", self.files.cert.clone(), "your certificate"),
+            ("--key", self.files.key.clone(), "your private key"),
+            ("--ca", self.files.ca.clone(), "the CA certificate (ca.pem)"),
+            (
+                "--crl",
+                self.files.crl.clone().unwrap_or_default(),
+                "the CA's revocation list (crl.pem)",
+            ),
+        ]
+    }
+
+    /// What a TLS load error about `path` says, in the auditor's terms.
+    fn unusable_file(&self, path: &Path, why: &str) -> String {
+        match self.named_files().into_iter().find(|(_, p, _)| p == path) {
+            Some((flag, path, what)) => self.unusable(flag, &path, what, why),
+            None => format!("{}: {why}", path.display()),
+        }
+    }
+
+    /// A file that cannot be used, and why, in the terms of where it came
+    /// from: which flag, what it should be, whom to ask.
+    fn unusable(&self, flag: &str, path: &Path, what: &str, why: &str) -> String {
+        let why = why
+            .strip_prefix(&format!("{}: ", path.display()))
+            .unwrap_or(why);
+        match &self.from {
+            FilesFrom::Given {
+                config: Some(config),
+                from_config,
+            } if from_config.contains(&flag) => format!(
+                "{} in {}: {}: {why}. It names {what}, one of the files your CA operator gave you ({ISSUED}).",
+                flag.trim_start_matches("--"),
+                config.display(),
+                path.display()
+            ),
+            FilesFrom::Given { .. } => format!(
+                "{flag} {}: {why}. {flag} takes {what}, one of the files your CA operator gave you ({ISSUED}).",
+                path.display()
+            ),
+            FilesFrom::PkiDir(dir) => format!(
+                "{}: {why}. --pki {} --id ID reads a PKI directory as onceonly-certs lays it out (ca.pem, crl.pem, ROLE/ID.pem and ROLE/ID.key). {ASK_THE_CA} ({ISSUED}).",
+                path.display(),
+                dir.display()
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -181,24 +448,97 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", describe(&error));
             ExitCode::FAILURE
         }
     }
 }
 
 async fn client(connection: &Connection) -> anyhow::Result<AuditServiceClient<Channel>> {
-    let pki = Pki::open(&connection.pki)?;
-    let id = connection
-        .id
-        .as_deref()
-        .context("--id is needed to reach the broker: your participant id in the PKI")?;
-    let files: TlsFiles = pki.tls_files(connection.role, id);
-    let (config, _) = onceonly_certs::tls::client_config(&files)?;
-    let broker: Participant = pki.participant(Role::Broker, "broker")?;
+    let reach = connection.reach()?;
+    reach.check_files()?;
+    let (config, me) = onceonly_certs::tls::client_config(&reach.files).map_err(|e| {
+        let message = match &e {
+            TlsError::Files(PkiError::Malformed { path, reason }) => {
+                reach.unusable_file(path, reason)
+            }
+            TlsError::Files(PkiError::Io { path, source }) => {
+                reach.unusable_file(path, &source.to_string())
+            }
+            TlsError::Key { .. } | TlsError::Rustls(_) => format!(
+                "{}. Your certificate and key must be the pair your CA operator issued together.",
+                error_chain(&e)
+            ),
+            TlsError::OwnIdentity { .. } => format!(
+                "{}. Your certificate must be one issued with `onceonly-certs issue`.",
+                error_chain(&e)
+            ),
+            _ => error_chain(&e),
+        };
+        anyhow::anyhow!("{message}")
+    })?;
+    let broker: Participant = match reach.broker_id.as_deref() {
+        Some(spiffe) if spiffe.starts_with("spiffe://") => spiffe
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--broker-id {spiffe}: {e}"))?,
+        id => Participant::new(me.trust_domain(), Role::Broker, id.unwrap_or("broker"))
+            .map_err(|e| anyhow::anyhow!("--broker-id: {e}"))?,
+    };
     let channel = MtlsConnector::new(config, Some(broker))
-        .channel(&connection.broker, Duration::from_secs(5))?;
+        .channel(&reach.broker, Duration::from_secs(5))
+        .map_err(|e| anyhow::anyhow!("--broker: {e}"))?;
     Ok(AuditServiceClient::new(channel))
+}
+
+/// An error as the auditor reads it: a failed connection says what to
+/// check, a refusal the broker's reason; every cause said once.
+fn describe(error: &anyhow::Error) -> String {
+    if let Some(connect) = find_connect_error(error.as_ref()) {
+        let hint = match connect {
+            ConnectError::Tcp { .. } => {
+                "check --broker (host:port) and that the broker is running there"
+            }
+            ConnectError::InvalidEndpoint(_) => "--broker takes host:port",
+            ConnectError::CertificateRefused { reason, .. }
+                if reason.contains("NotValidForName") =>
+            {
+                "the host in --broker must be a name the broker's certificate covers (ask its operator which)"
+            }
+            ConnectError::CertificateRefused { .. } => {
+                "the broker's certificate did not verify against --ca and --crl; check that they are your CA operator's current ones"
+            }
+            ConnectError::Handshake { .. } => {
+                "check that --broker is the broker's gRPC port, and --ca, --cert and --key are your CA operator's current ones"
+            }
+            ConnectError::IdentityMismatch { .. } => {
+                "if your trust domain's broker has another id than `broker`, pass --broker-id"
+            }
+        };
+        return format!("cannot reach the broker: {connect}; {hint}");
+    }
+    if let Some(status) = error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<tonic::Status>())
+    {
+        return match status.code() {
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => format!(
+                "the broker refused: {} ({:?}); ask your CA operator whether your certificate is current and of role auditor",
+                status.message(),
+                status.code()
+            ),
+            code => format!("the broker answered {code:?}: {}", status.message()),
+        };
+    }
+    error_chain(error.as_ref())
+}
+
+/// The broker's audit public key, or what to ask for.
+fn read_public_key(path: &Path) -> anyhow::Result<Vec<u8>> {
+    load_public_key(path).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; --public-key takes the broker's audit.key.pub, which the broker's operator hands out"
+        )
+    })
 }
 
 fn timestamp(text: &Option<String>, flag: &str) -> anyhow::Result<Option<prost_types::Timestamp>> {
@@ -240,7 +580,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             connection,
         } => {
             let receipt = read_receipt(&receipt)?;
-            let key = load_public_key(&public_key)?;
+            let key = read_public_key(&public_key)?;
             let checked = onceonly_audit_log::receipt::verify(&receipt, &key)?;
             // Names from the broker, printed as data, never as terminal
             // control sequences.
@@ -310,10 +650,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 page_size: 1000,
                 page_token: String::new(),
             };
+            // The header only once the broker answered: a failed call
+            // prints nothing but the error.
+            let mut page = client.query_records(request.clone()).await?.into_inner();
             let mut out = Output::new(format, std::io::stdout())?;
             let mut written = 0usize;
             loop {
-                let page = client.query_records(request.clone()).await?.into_inner();
                 for record in &page.records {
                     if limit != 0 && written == limit {
                         return out.finish().map(drop);
@@ -325,6 +667,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     return out.finish().map(drop);
                 }
                 request.page_token = page.next_page_token;
+                page = client.query_records(request.clone()).await?.into_inner();
             }
         }
         Command::Verify {
@@ -334,7 +677,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             save_head,
             no_recompute,
         } => {
-            let public_key = load_public_key(&public_key)?;
+            let public_key = read_public_key(&public_key)?;
             let saved = saved_head.as_deref().map(SavedHead::load).transpose()?;
             let mut client = client(&connection).await?;
             let audit =
@@ -372,7 +715,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             saved_head,
             save_head,
         } => {
-            let public_key = load_public_key(&public_key)?;
+            let public_key = read_public_key(&public_key)?;
             let saved = saved_head.as_deref().map(SavedHead::load).transpose()?;
             let verified = verify_dir_against(&data_dir, &public_key, saved.as_ref())
                 .map_err(|tamper| anyhow::anyhow!("NOT VERIFIED: {tamper}"))?;
@@ -402,9 +745,10 @@ enum Output<W: Write> {
     Csv(Box<csv::Writer<W>>),
 }
 
-/// The CSV and JSON Lines columns; `kind` came last, so columns counted by
-/// position before it still hold what they held.
-const COLUMNS: [&str; 17] = [
+/// The CSV and JSON Lines columns; new ones come last (`kind`, then
+/// `error_reason`, `register_contacted`, `policy_rule`, `replica`), so
+/// columns counted by position before them still hold what they held.
+const COLUMNS: [&str; 21] = [
     "log_index",
     "received_at",
     "exchange_id",
@@ -422,6 +766,10 @@ const COLUMNS: [&str; 17] = [
     "payload_sha256",
     "consent_id",
     "kind",
+    "error_reason",
+    "register_contacted",
+    "policy_rule",
+    "replica",
 ];
 
 /// What a record is, as the `kind` column says it: `EXCHANGE` (an evidence
@@ -439,7 +787,18 @@ fn kind(r: &AuditRecord) -> String {
     }
 }
 
-fn fields(r: &AuditRecord) -> [String; 17] {
+/// The `ErrorReason` the caller got, as its name (`QUOTA_EXCEEDED`,
+/// `CONNECTOR_CIRCUIT_OPEN`, ...); empty for delivered evidence and for
+/// records of other kinds.
+fn error_reason(r: &AuditRecord) -> String {
+    match ErrorReason::try_from(r.error_reason) {
+        Ok(ErrorReason::Unspecified) => String::new(),
+        Ok(reason) => reason.reason().to_owned(),
+        Err(_) => format!("UNKNOWN({})", r.error_reason),
+    }
+}
+
+fn fields(r: &AuditRecord) -> [String; 21] {
     let received = r
         .received_at
         .as_ref()
@@ -467,6 +826,10 @@ fn fields(r: &AuditRecord) -> [String; 17] {
         hex::encode(&r.payload_sha256),
         r.consent_id.clone(),
         kind(r),
+        error_reason(r),
+        r.register_contacted.to_string(),
+        r.policy_rule.clone(),
+        r.replica.clone(),
     ]
 }
 
@@ -476,7 +839,7 @@ impl<W: Write> Output<W> {
             Format::Table => {
                 writeln!(
                     out,
-                    "{:>6}  {:<20}  {:<15}  {:<52}  {:<28}  {:<10}  {:<18}  {:<10}",
+                    "{:>6}  {:<20}  {:<15}  {:<52}  {:<28}  {:<10}  {:<18}  {:<30}  {:<10}",
                     "index",
                     "received",
                     "kind",
@@ -484,6 +847,7 @@ impl<W: Write> Output<W> {
                     "evidence type",
                     "outcome",
                     "status",
+                    "reason",
                     "connector"
                 )?;
                 Output::Table(out)
@@ -504,8 +868,8 @@ impl<W: Write> Output<W> {
         match self {
             Output::Table(out) => writeln!(
                 out,
-                "{:>6}  {:<20}  {:<15}  {:<52}  {:<28}  {:<10}  {:<18}  {:<10}",
-                f[0], f[1], f[16], f[4], f[5], f[11], f[12], f[10]
+                "{:>6}  {:<20}  {:<15}  {:<52}  {:<28}  {:<10}  {:<18}  {:<30}  {:<10}",
+                f[0], f[1], f[16], f[4], f[5], f[11], f[12], f[17], f[10]
             )?,
             Output::Jsonl(out) => {
                 let object: serde_json::Map<String, serde_json::Value> = COLUMNS
@@ -624,5 +988,59 @@ mod tests {
             &rows[0][column("caller_id")],
             "spiffe://onceonly.test/portal/\\u{202e}latrop"
         );
+    }
+
+    #[test]
+    fn every_format_shows_the_refusal_reason_the_caller_got() {
+        let over_quota = AuditRecord {
+            log_index: 3,
+            outcome: ExchangeOutcome::Denied as i32,
+            status_code: tonic::Code::ResourceExhausted as i32,
+            error_reason: ErrorReason::QuotaExceeded as i32,
+            ..Default::default()
+        };
+        let circuit_open = AuditRecord {
+            log_index: 4,
+            outcome: ExchangeOutcome::Failed as i32,
+            status_code: tonic::Code::Unavailable as i32,
+            error_reason: ErrorReason::ConnectorCircuitOpen as i32,
+            ..Default::default()
+        };
+        let delivered = AuditRecord {
+            log_index: 5,
+            outcome: ExchangeOutcome::Delivered as i32,
+            register_contacted: true,
+            ..Default::default()
+        };
+        let printed = |format: Format| {
+            let mut out = Output::new(format, Vec::new()).expect("header");
+            for record in [&over_quota, &circuit_open, &delivered] {
+                out.write(record).expect("written");
+            }
+            String::from_utf8(out.finish().expect("flushed")).expect("utf-8")
+        };
+        let table = printed(Format::Table);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].contains("  reason  "), "{table}");
+        assert!(lines[1].contains("  QUOTA_EXCEEDED  "), "{table}");
+        assert!(lines[2].contains("  CONNECTOR_CIRCUIT_OPEN  "), "{table}");
+
+        let csv = printed(Format::Csv);
+        let mut reader = csv::Reader::from_reader(csv.as_bytes());
+        let header = reader.headers().expect("header").clone();
+        let column = |name: &str| header.iter().position(|h| h == name).expect(name);
+        assert_eq!(column("kind"), 16, "older columns keep their places");
+        let rows: Vec<csv::StringRecord> = reader.records().map(|r| r.expect("row")).collect();
+        let reasons: Vec<&str> = rows
+            .iter()
+            .map(|row| &row[column("error_reason")])
+            .collect();
+        assert_eq!(reasons, ["QUOTA_EXCEEDED", "CONNECTOR_CIRCUIT_OPEN", ""]);
+        assert_eq!(&rows[2][column("register_contacted")], "true");
+
+        let jsonl = printed(Format::Jsonl);
+        let first: serde_json::Value =
+            serde_json::from_str(jsonl.lines().next().expect("a line")).expect("JSON");
+        assert_eq!(first["error_reason"], "QUOTA_EXCEEDED");
     }
 }

@@ -1,0 +1,391 @@
+//! The binaries as they ship: `onceonly-certs` makes the PKI, the three
+//! sample registers and the broker run as processes started from the
+//! command lines of the shipped systemd units (`deploy/`), with their
+//! configuration files in the layout of OPERATIONS.md, and are stopped with
+//! SIGTERM and reloaded with SIGHUP, as systemd stops and reloads them.
+//!
+//! In-process tests once hid a broker that never exited on SIGTERM (a
+//! SIGHUP task held it, and so its audit writer, forever) and an OTLP
+//! export that flooded the collector with HTTP/2 internals. This test sees
+//! both, from outside: the processes' exit, and the spans a real OTLP
+//! receiver gets.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use onceonly_certs::Role;
+use onceonly_integration_tests::deployed::{Installation, Process, REGISTERS, Settings};
+use onceonly_integration_tests::otlp::Receiver;
+use onceonly_integration_tests::world::birth_certificate;
+use onceonly_integration_tests::{all_records, binary, scrape_metrics};
+use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
+use onceonly_proto::v1::{AuditRecord, ExchangeOutcome, RecordKind};
+
+const BROKER_UNIT: &str = "onceonly-broker.service";
+const CONNECTOR_UNIT: &str = "onceonly-registry-mock@.service";
+const ANNOUNCE: Duration = Duration::from_secs(1);
+const GRACE: Duration = Duration::from_secs(3);
+/// Beyond announce and grace: start-up of the drain, the log's close, the
+/// traces' last export, on a busy machine. Shorter than the broker's own
+/// patience with a log still held (10 s), which the logs must not mention
+/// either.
+const STOP_MARGIN: Duration = Duration::from_secs(6);
+const AUTHORITY: &str = "elterngeld-berlin";
+const REVOKED_AUTHORITY: &str = "elterngeld-muenchen";
+/// Concurrent callers while SIGTERM arrives.
+const CALLERS: usize = 8;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_binaries_stop_on_sigterm_reload_on_sighup_and_lose_no_record() {
+    let (receiver, endpoint) = Receiver::start().await;
+    let installation = Installation::lay_out(Settings {
+        shutdown_announce: ANNOUNCE,
+        shutdown_grace: GRACE,
+        // Long enough that SIGTERM finds requests with the register.
+        civil_latency: Duration::from_millis(300),
+        otlp_endpoint: Some(endpoint),
+    });
+    let mut connectors: Vec<Process> = REGISTERS
+        .iter()
+        .map(|(register, _, _)| installation.start(CONNECTOR_UNIT, register))
+        .collect();
+    let addresses: Vec<(&str, std::net::SocketAddr)> = REGISTERS
+        .iter()
+        .zip(&connectors)
+        .map(|((register, _, _), process)| (*register, process.addr))
+        .collect();
+    installation.configure_broker(&addresses);
+
+    // The unit's ExecStartPre (`check`) fails before `init`: serve would.
+    let check = installation.run_start_pre(BROKER_UNIT);
+    let said = String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success(), "check passed without keys");
+    assert!(
+        said.contains("onceonly-broker init"),
+        "check names the fix: {said}"
+    );
+    let init = std::process::Command::new(binary("onceonly-broker", "onceonly-broker"))
+        .arg("init")
+        .arg("--config")
+        .arg(installation.broker_config())
+        .output()
+        .expect("init runs");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let secrets = installation.state().join("secrets");
+    assert_eq!(
+        mode(&secrets),
+        0o700,
+        "init makes the key folder nobody else's"
+    );
+    let check = installation.run_start_pre(BROKER_UNIT);
+    assert!(
+        check.status.success(),
+        "check after init: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // Under load, SIGTERM: the process exits within announce + grace, and
+    // every answered request has its record.
+    let mut broker = installation.start(BROKER_UNIT, "broker");
+    let answered = under_load_until_stopped(&installation, &mut broker).await;
+    assert!(
+        answered.len() >= 2 * CALLERS,
+        "too few answers to judge: {}",
+        answered.len()
+    );
+    let verify = std::process::Command::new(binary("onceonly-audit", "onceonly-audit-log"))
+        .arg("verify-dir")
+        .arg("--data-dir")
+        .arg(installation.state().join("data"))
+        .arg("--public-key")
+        .arg(secrets.join("audit.key.pub"))
+        .output()
+        .expect("onceonly-audit runs");
+    assert!(
+        verify.status.success(),
+        "the log verifies after the stop: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    // It starts again on the same data directory, with every record.
+    assert!(installation.run_start_pre(BROKER_UNIT).status.success());
+    let mut broker = installation.start(BROKER_UNIT, "broker");
+    let records = exchange_records(&installation, &broker).await;
+    // The start says what it found: every record, nothing rebuilt or cut
+    // after a clean stop.
+    let opened = broker
+        .logs()
+        .lines()
+        .rfind(|line| line.contains("\"audit log opened\""))
+        .map(str::to_owned)
+        .expect("the start logs what it opened");
+    assert!(
+        opened.contains(&format!("\"records\":{}", records.len()))
+            && opened.contains("\"index_rebuilt\":false")
+            && opened.contains("\"torn_tail_cut_bytes\":0"),
+        "{opened}"
+    );
+    let mut by_exchange: HashMap<&str, Vec<&AuditRecord>> = HashMap::new();
+    for record in &records {
+        by_exchange
+            .entry(record.exchange_id.as_str())
+            .or_default()
+            .push(record);
+    }
+    for exchange_id in &answered {
+        let found = by_exchange.get(exchange_id.as_str()).map_or(0, Vec::len);
+        assert_eq!(
+            found, 1,
+            "answered exchange {exchange_id} has {found} records"
+        );
+        assert_eq!(
+            by_exchange[exchange_id.as_str()][0].outcome(),
+            ExchangeOutcome::Delivered
+        );
+    }
+    assert!(
+        by_exchange.values().all(|records| records.len() == 1),
+        "an exchange with two records"
+    );
+
+    // SIGHUP reloads the CRL: a newly revoked authority is refused, the
+    // others are served.
+    ask(
+        &installation,
+        &broker,
+        REVOKED_AUTHORITY,
+        "before-revocation",
+    )
+    .await
+    .expect("served before its revocation");
+    let revoke = std::process::Command::new(binary("onceonly-certs", "onceonly-certs"))
+        .arg("--dir")
+        .arg(installation.root.path().join("pki"))
+        .args(["revoke", "--role", "authority", "--id", REVOKED_AUTHORITY])
+        .output()
+        .expect("onceonly-certs runs");
+    assert!(revoke.status.success());
+    installation.publish_crl();
+    broker.signal("HUP");
+    let mut refused = false;
+    for attempt in 0..100 {
+        if ask(
+            &installation,
+            &broker,
+            REVOKED_AUTHORITY,
+            &format!("after-revocation-{attempt}"),
+        )
+        .await
+        .is_err()
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        refused,
+        "the revoked authority is still served after SIGHUP"
+    );
+    ask(&installation, &broker, AUTHORITY, "after-reload")
+        .await
+        .expect("others are served after the reload");
+    assert!(
+        broker.logs().contains("TLS certificates and CRL reloaded"),
+        "the reload is logged:\n{}",
+        broker.logs()
+    );
+
+    // Connectors report their own certificate's expiry and the CRL's age.
+    let metrics = scrape_metrics(connectors[0].admin_addr()).await;
+    for needle in [
+        "onceonly_certificate_expiry_seconds{certificate=\"connector\"}",
+        "onceonly_certificate_expiry_seconds{certificate=\"ca\"}",
+        "onceonly_crl_age_seconds",
+        "onceonly_crl_next_update_seconds",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "the connector's metrics lack {needle}"
+        );
+    }
+
+    // Idle, SIGTERM: out within the announcement and a margin.
+    let records = exchange_records(&installation, &broker).await;
+    broker.signal("TERM");
+    let (status, took) = broker
+        .wait_exit(ANNOUNCE + STOP_MARGIN)
+        .unwrap_or_else(|| panic!("the idle broker did not exit:\n{}", broker.logs()));
+    assert!(status.success(), "exit status {status}");
+    assert!(took >= ANNOUNCE, "NOT_SERVING was announced first");
+    for connector in &mut connectors {
+        connector.signal("TERM");
+        let (status, _) = connector
+            .wait_exit(STOP_MARGIN)
+            .unwrap_or_else(|| panic!("a connector did not exit:\n{}", connector.logs()));
+        assert!(status.success(), "connector exit status {status}");
+    }
+
+    // Every process flushed its spans on the way out: one trace per
+    // exchange, a handful of others, and no library internals.
+    let spans = receiver.spans();
+    let exchanges: Vec<&AuditRecord> = records
+        .iter()
+        .filter(|r| r.kind() == RecordKind::Unspecified)
+        .collect();
+    let request_traces: HashSet<Vec<u8>> = spans
+        .iter()
+        .filter(|s| s.span.name == "request_evidence")
+        .map(|s| s.span.trace_id.clone())
+        .collect();
+    let exchange_spans = spans
+        .iter()
+        .filter(|s| s.span.name == "request_evidence")
+        .count();
+    assert_eq!(
+        exchange_spans,
+        exchanges.len(),
+        "one request_evidence span per exchange record"
+    );
+    assert_eq!(request_traces.len(), exchanges.len(), "one trace each");
+    let others: Vec<&str> = spans
+        .iter()
+        .filter(|s| !request_traces.contains(&s.span.trace_id))
+        .map(|s| s.span.name.as_str())
+        .collect();
+    assert!(
+        others.len() <= 20,
+        "{} spans outside the request traces: {:?}",
+        others.len(),
+        &others[..others.len().min(40)]
+    );
+    assert!(
+        spans.len() <= exchanges.len() * 12 + 20,
+        "{} spans for {} exchanges",
+        spans.len(),
+        exchanges.len()
+    );
+    let services: HashSet<(&str, &str)> = spans
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.span.name.as_str(),
+                "request_evidence" | "provide_evidence"
+            )
+        })
+        .map(|s| (s.service.as_str(), s.span.name.as_str()))
+        .collect();
+    assert_eq!(
+        services,
+        HashSet::from([
+            ("onceonly-broker", "request_evidence"),
+            ("civil-register", "provide_evidence"),
+        ]),
+        "each process names its own service"
+    );
+}
+
+/// `CALLERS` authorities' applications ask for evidence until the broker
+/// stops; SIGTERM goes out once `2 * CALLERS` answers are in. Returns the
+/// exchange ids of the answers with evidence, after checking the process
+/// exited cleanly within announce + grace + margin.
+async fn under_load_until_stopped(
+    installation: &Installation,
+    broker: &mut Process,
+) -> Vec<String> {
+    let answers = Arc::new(AtomicUsize::new(0));
+    let stopped = Arc::new(AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for caller in 0..CALLERS {
+        let mut client = EvidenceServiceClient::new(installation.channel(
+            broker.addr,
+            Role::Authority,
+            AUTHORITY,
+        ));
+        let (answers, stopped) = (answers.clone(), stopped.clone());
+        callers.push(tokio::spawn(async move {
+            let mut delivered = Vec::new();
+            for n in 0.. {
+                if stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                match client
+                    .request_evidence(birth_certificate(&format!("load-{caller}-{n}")))
+                    .await
+                {
+                    Ok(answer) => {
+                        delivered.push(answer.into_inner().exchange_id);
+                        answers.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // Refused while shutting down, or the port is closed:
+                    // try again until the process is gone.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+            delivered
+        }));
+    }
+    while answers.load(Ordering::SeqCst) < 2 * CALLERS {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    broker.signal("TERM");
+    let exited = tokio::task::block_in_place(|| broker.wait_exit(ANNOUNCE + GRACE + STOP_MARGIN));
+    stopped.store(true, Ordering::SeqCst);
+    let Some((status, took)) = exited else {
+        panic!(
+            "the broker did not exit within {:?} of SIGTERM:\n{}",
+            ANNOUNCE + GRACE + STOP_MARGIN,
+            broker.logs()
+        );
+    };
+    assert!(status.success(), "exit status {status}:\n{}", broker.logs());
+    assert!(
+        took >= ANNOUNCE,
+        "NOT_SERVING was announced first ({took:?})"
+    );
+    assert!(
+        !broker.logs().contains("still held"),
+        "the audit log was held past the drain:\n{}",
+        broker.logs()
+    );
+    let mut delivered = Vec::new();
+    for caller in callers {
+        delivered.extend(caller.await.expect("caller"));
+    }
+    delivered
+}
+
+/// One request for Anna's birth certificate as `authority`, on a new
+/// connection (so a reloaded CRL applies to it).
+async fn ask(
+    installation: &Installation,
+    broker: &Process,
+    authority: &str,
+    request_id: &str,
+) -> Result<(), tonic::Status> {
+    EvidenceServiceClient::new(installation.channel(broker.addr, Role::Authority, authority))
+        .request_evidence(birth_certificate(request_id))
+        .await
+        .map(drop)
+}
+
+/// Every record, as the auditor sees them.
+async fn exchange_records(installation: &Installation, broker: &Process) -> Vec<AuditRecord> {
+    all_records(installation.channel(broker.addr, Role::Auditor, "datenschutz")).await
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o777
+}
