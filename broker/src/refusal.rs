@@ -395,6 +395,7 @@ fn forward_status(connector: &str, failure: &ForwardError) -> Status {
             Code::NotFound
             | Code::PermissionDenied
             | Code::InvalidArgument
+            | Code::FailedPrecondition
             | Code::Unavailable
             | Code::ResourceExhausted => Status::with_details(
                 status.code(),

@@ -256,6 +256,8 @@ pub struct ConnectionState {
     not_after: Option<i64>,
     /// Set once: why the connection is no longer served.
     closed: std::sync::OnceLock<crate::tls::PeerRefusal>,
+    /// Set when the server stops: the connection ends, its calls with it.
+    shut_down: std::sync::atomic::AtomicBool,
     /// Wakes the connection's stream to act on `closed`.
     waker: futures::task::AtomicWaker,
 }
@@ -281,6 +283,7 @@ impl ConnectionState {
             chain,
             not_after,
             closed: std::sync::OnceLock::new(),
+            shut_down: std::sync::atomic::AtomicBool::new(false),
             waker: futures::task::AtomicWaker::new(),
         }
     }
@@ -296,6 +299,19 @@ impl ConnectionState {
         if self.closed.set(refusal).is_ok() {
             self.waker.wake();
         }
+    }
+
+    /// Ends the connection because the server stops (its drain is over):
+    /// the stream ends, and calls still in flight on it are cancelled.
+    pub fn shut_down(&self) {
+        if !self.shut_down.swap(true, Ordering::SeqCst) {
+            self.waker.wake();
+        }
+    }
+
+    /// Whether [`ConnectionState::shut_down`] was called.
+    pub fn is_shut_down(&self) -> bool {
+        self.shut_down.load(Ordering::SeqCst)
     }
 
     /// Why the server closed the connection, if it did.

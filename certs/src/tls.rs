@@ -414,12 +414,8 @@ impl ReloadableServerTls {
     /// many were closed.
     pub fn reverify(&self) -> usize {
         let (_, verifier) = self.current();
-        let open: Vec<Arc<ConnectionState>> = {
-            let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-            connections.retain(|c| c.strong_count() > 0);
-            connections.iter().filter_map(|c| c.upgrade()).collect()
-        };
-        let closed = open
+        let closed = self
+            .open_connections()
             .iter()
             .filter(|connection| !verify_open(&verifier, connection))
             .count();
@@ -430,6 +426,24 @@ impl ReloadableServerTls {
             );
         }
         closed
+    }
+
+    /// Ends every open connection (the server stops and its drain is
+    /// over): calls still in flight are cancelled, which lets their
+    /// handlers record them and finish. Returns how many were open.
+    pub fn shut_down_all(&self) -> usize {
+        let open = self.open_connections();
+        for connection in &open {
+            connection.shut_down();
+        }
+        open.len()
+    }
+
+    /// The connections still open (forgetting those that ended).
+    fn open_connections(&self) -> Vec<Arc<ConnectionState>> {
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        connections.retain(|c| c.strong_count() > 0);
+        connections.iter().filter_map(|c| c.upgrade()).collect()
     }
 
     /// Keeps `connection`, verified under configuration `generation`, to
@@ -650,6 +664,12 @@ impl AsyncRead for MtlsStream {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 refusal.reason,
+            )));
+        }
+        if this.activity.is_shut_down() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the server is stopping",
             )));
         }
         let before = buf.filled().len();

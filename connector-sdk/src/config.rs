@@ -233,6 +233,29 @@ impl ConnectorConfig {
         })
     }
 
+    /// Resolves paths, applies the environment's overrides and validates
+    /// a `ConnectorConfig` that a binary's file holds under `[connector]`
+    /// (the mock registers, `onceonly-connector`): errors name the keys as
+    /// they stand there (`connector.limits.concurrency`).
+    pub fn prepare_nested(&mut self, config_path: &Path) -> Result<(), ConfigFileError> {
+        self.resolve_paths(config_path);
+        self.apply_env(config_path, |key| std::env::var(key).ok())?;
+        self.validate(config_path).map_err(|error| match error {
+            ConfigFileError::Invalid {
+                path,
+                key,
+                problem,
+                fix,
+            } => ConfigFileError::Invalid {
+                path,
+                key: format!("connector.{key}"),
+                problem,
+                fix,
+            },
+            other => other,
+        })
+    }
+
     /// Checks the values; `config_path` names the file in errors.
     pub fn validate(&self, config_path: &Path) -> Result<(), ConfigFileError> {
         let invalid = |key: &str, problem: String, fix: &str| {

@@ -125,6 +125,14 @@ pub enum ProvideError {
         /// What is wrong.
         reason: String,
     },
+    /// Several records match the subject where one is expected: the
+    /// register does not guess. FAILED_PRECONDITION (AMBIGUOUS_SUBJECT).
+    #[error("several records of the register match this subject; it does not guess which is meant")]
+    AmbiguousSubject,
+    /// The register's source did not answer within its own time limit
+    /// (or the caller's deadline). DEADLINE_EXCEEDED.
+    #[error("the register did not answer in time: {0}")]
+    TooSlow(String),
     /// The register is down or failing; the broker may retry. UNAVAILABLE.
     #[error("register unavailable: {0}")]
     RegisterUnavailable(String),

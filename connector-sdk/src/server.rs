@@ -302,7 +302,9 @@ impl<C: Connector> BoundConnector<C> {
                 let _ = drain_signal.await;
                 tokio::time::sleep(grace).await;
             } => {
-                tracing::warn!(?grace, "requests still in flight after the grace period; stopping anyway");
+                // Their connections end, and the lookups on them with them.
+                let cut = self.tls.shut_down_all();
+                tracing::warn!(?grace, connections = cut, "requests still in flight after the grace period; their connections are closed");
             }
         }
         if let Some(admin) = admin_task {

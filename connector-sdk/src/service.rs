@@ -438,6 +438,16 @@ pub(crate) fn provide_error_status(provide_error: &ProvideError) -> Status {
                 reason.clone(),
             )],
         ),
+        ProvideError::AmbiguousSubject => error(
+            Code::FailedPrecondition,
+            ErrorReason::AmbiguousSubject,
+            provide_error.to_string(),
+        ),
+        ProvideError::TooSlow(_) => error(
+            Code::DeadlineExceeded,
+            ErrorReason::DeadlineExceeded,
+            provide_error.to_string(),
+        ),
         ProvideError::RegisterUnavailable(_) => error(
             Code::Unavailable,
             ErrorReason::ConnectorUnavailable,

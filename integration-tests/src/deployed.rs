@@ -333,6 +333,22 @@ impl Installation {
         process
     }
 
+    /// `onceonly-broker init` on the broker's configuration, as the
+    /// operator runs it once; its output where it fails.
+    pub fn init_broker(&self) -> Result<(), String> {
+        let init = Command::new(binary("onceonly-broker", "onceonly-broker"))
+            .arg("init")
+            .arg("--config")
+            .arg(self.broker_config())
+            .output()
+            .expect("init runs");
+        if init.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&init.stderr).into_owned())
+        }
+    }
+
     /// Runs `ExecStartPre` of `unit` (the broker's `check`) to its end.
     pub fn run_start_pre(&self, unit: &str) -> std::process::Output {
         self.unit_command(unit, "ExecStartPre", "")
@@ -400,10 +416,11 @@ impl Process {
         let started = Instant::now();
         loop {
             let logs = self.logs();
+            // The last start's line: a restarted process appends to the
+            // same log.
             if let Some(addr) = logs
-                .split("metrics on http://")
-                .nth(1)
-                .and_then(|rest| rest.split('/').next())
+                .rsplit_once("metrics on http://")
+                .and_then(|(_, rest)| rest.split('/').next())
                 .and_then(|addr| addr.parse().ok())
             {
                 return addr;

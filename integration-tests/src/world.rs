@@ -1,5 +1,6 @@
 //! A whole onceonly installation on loopback for tests and the demo: a
-//! throw-away PKI, the three mock registers, and the broker, configured
+//! throw-away PKI, the three mock registers and the school register (the
+//! generic connector over SQLite), and the broker, configured
 //! from the sample files shipped in `broker/config/` with the registers'
 //! real ports filled in.
 
@@ -26,11 +27,12 @@ pub const SAMPLE_POLICY: &str = include_str!("../../broker/config/policy.toml");
 pub const SAMPLE_ROUTING: &str = include_str!("../../broker/config/routing.toml");
 
 /// The authorities the sample policy names.
-pub const AUTHORITIES: [&str; 4] = [
+pub const AUTHORITIES: [&str; 5] = [
     "elterngeld-berlin",
     "elterngeld-muenchen",
     "kfz-steuer-koeln",
     "gewerbeamt-muenchen",
+    crate::school::BAFOEG,
 ];
 /// Anna Lena Schneider's IDNr, in the shipped civil register (Berlin).
 pub const ANNA: &str = "82281866209";
@@ -69,7 +71,7 @@ pub struct World {
     pub dir: tempfile::TempDir,
     /// The broker's configuration file.
     pub config_path: PathBuf,
-    /// Civil, vehicle and business registers.
+    /// Civil, vehicle, business and school registers.
     pub registers: Vec<RunningConnector>,
     /// The broker, while running.
     pub broker: Option<RunningBroker>,
@@ -108,6 +110,7 @@ impl World {
         ] {
             participants.push((Role::Connector, kind.default_connector_id()));
         }
+        participants.push((Role::Connector, crate::school::SCHOOL_REGISTER));
         let pki = crate::pki_with(&participants);
         let mut registers = Vec::new();
         let mut routing_text = SAMPLE_ROUTING.to_owned();
@@ -128,6 +131,13 @@ impl World {
             .prefix("onceonly-world-")
             .tempdir()
             .expect("temp dir");
+        // The fourth register: no code, a mapping file over SQLite.
+        let school =
+            onceonly_connector::GenericConnector::load(&crate::school::lay_out(dir.path()))
+                .expect("the shipped school mapping");
+        let running = start_connector(&pki, crate::school::SCHOOL_REGISTER, school).await;
+        routing_text = routing_text.replace("127.0.0.1:7104", &running.local_addr().to_string());
+        registers.push(running);
         std::fs::write(dir.path().join("routing.toml"), routing_text).expect("routing");
         std::fs::write(dir.path().join("policy.toml"), SAMPLE_POLICY).expect("policy");
         let config_path = write_broker_config(dir.path(), &pki, &settings);

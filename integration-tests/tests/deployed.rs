@@ -30,7 +30,7 @@ const GRACE: Duration = Duration::from_secs(3);
 /// Beyond announce and grace: start-up of the drain, the log's close, the
 /// traces' last export, on a busy machine. Shorter than the broker's own
 /// patience with a log still held (10 s), which the logs must not mention
-/// either.
+/// either, and than the slow register's latency in the cut-off test.
 const STOP_MARGIN: Duration = Duration::from_secs(6);
 const AUTHORITY: &str = "elterngeld-berlin";
 const REVOKED_AUTHORITY: &str = "elterngeld-muenchen";
@@ -66,17 +66,9 @@ async fn the_shipped_binaries_stop_on_sigterm_reload_on_sighup_and_lose_no_recor
         said.contains("onceonly-broker init"),
         "check names the fix: {said}"
     );
-    let init = std::process::Command::new(binary("onceonly-broker", "onceonly-broker"))
-        .arg("init")
-        .arg("--config")
-        .arg(installation.broker_config())
-        .output()
-        .expect("init runs");
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    installation
+        .init_broker()
+        .unwrap_or_else(|error| panic!("init: {error}"));
     let secrets = installation.state().join("secrets");
     assert_eq!(
         mode(&secrets),
@@ -300,6 +292,7 @@ async fn under_load_until_stopped(
     installation: &Installation,
     broker: &mut Process,
 ) -> Vec<String> {
+    let started = std::time::Instant::now();
     let answers = Arc::new(AtomicUsize::new(0));
     let stopped = Arc::new(AtomicBool::new(false));
     let mut callers = Vec::new();
@@ -333,6 +326,12 @@ async fn under_load_until_stopped(
         }));
     }
     while answers.load(Ordering::SeqCst) < 2 * CALLERS {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the broker answered {} requests in a minute:\n{}",
+            answers.load(Ordering::SeqCst),
+            broker.logs()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     broker.signal("TERM");
@@ -351,7 +350,7 @@ async fn under_load_until_stopped(
         "NOT_SERVING was announced first ({took:?})"
     );
     assert!(
-        !broker.logs().contains("still held"),
+        !broker.logs().contains("did not close after the drain"),
         "the audit log was held past the drain:\n{}",
         broker.logs()
     );
@@ -388,4 +387,105 @@ fn mode(path: &std::path::Path) -> u32 {
         .permissions()
         .mode()
         & 0o777
+}
+
+/// Exchanges still with a slow register when the grace period ends are cut
+/// off with their connections: the broker exits in time, and each one has
+/// its record, as cancelled, with the register contacted. (Before, their
+/// connections lived on and the stop waited for the broker's last handle.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchanges_that_outlast_the_grace_period_are_cut_off_and_recorded() {
+    const SLOW: usize = 3;
+    let register_latency = Duration::from_secs(20);
+    let installation = Installation::lay_out(Settings {
+        shutdown_announce: Duration::ZERO,
+        shutdown_grace: Duration::from_secs(1),
+        civil_latency: register_latency,
+        otlp_endpoint: None,
+    });
+    let connectors: Vec<Process> = REGISTERS
+        .iter()
+        .map(|(register, _, _)| installation.start(CONNECTOR_UNIT, register))
+        .collect();
+    let addresses: Vec<(&str, std::net::SocketAddr)> = REGISTERS
+        .iter()
+        .zip(&connectors)
+        .map(|((register, _, _), process)| (*register, process.addr))
+        .collect();
+    installation.configure_broker(&addresses);
+    installation
+        .init_broker()
+        .unwrap_or_else(|error| panic!("init: {error}"));
+    let mut broker = installation.start(BROKER_UNIT, "broker");
+    let mut calls = Vec::new();
+    for n in 0..SLOW {
+        let mut client = EvidenceServiceClient::new(installation.channel(
+            broker.addr,
+            Role::Authority,
+            AUTHORITY,
+        ));
+        calls.push(tokio::spawn(async move {
+            let mut request = tonic::Request::new(birth_certificate(&format!("slow-{n}")));
+            request.set_timeout(Duration::from_secs(30));
+            client.request_evidence(request).await
+        }));
+    }
+    // Until the broker has all of them with the register.
+    let admin = broker.admin_addr();
+    let waiting = std::time::Instant::now();
+    loop {
+        let metrics = scrape_metrics(admin).await;
+        let in_flight = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("onceonly_exchanges_in_flight "))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if in_flight >= SLOW as f64 {
+            break;
+        }
+        assert!(
+            waiting.elapsed() < Duration::from_secs(30),
+            "the exchanges never reached the register:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    broker.signal("TERM");
+    let (status, took) =
+        tokio::task::block_in_place(|| broker.wait_exit(Duration::from_secs(1) + STOP_MARGIN))
+            .unwrap_or_else(|| {
+                panic!(
+                    "the broker waited for its slow exchanges:\n{}",
+                    broker.logs()
+                )
+            });
+    assert!(status.success(), "exit status {status}:\n{}", broker.logs());
+    assert!(took < register_latency, "{took:?}");
+    assert!(
+        !broker.logs().contains("did not close after the drain"),
+        "{}",
+        broker.logs()
+    );
+    for call in calls {
+        call.await
+            .expect("the call's task")
+            .expect_err("no evidence for a cut-off exchange");
+    }
+
+    let broker = installation.start(BROKER_UNIT, "broker");
+    let records = exchange_records(&installation, &broker).await;
+    for n in 0..SLOW {
+        let request_id = format!("slow-{n}");
+        let mine: Vec<&AuditRecord> = records
+            .iter()
+            .filter(|r| r.request_id == request_id)
+            .collect();
+        assert_eq!(mine.len(), 1, "{request_id}: {records:?}");
+        assert_eq!(
+            mine[0].outcome(),
+            ExchangeOutcome::Cancelled,
+            "{:?}",
+            mine[0]
+        );
+        assert!(mine[0].register_contacted, "{:?}", mine[0]);
+    }
 }

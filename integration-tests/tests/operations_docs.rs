@@ -6,11 +6,12 @@
 //! operators to build two binaries and then install three, and nothing
 //! installed a connector.
 //!
-//! Two rewrites keep the run cheap and harmless: the release profile
-//! becomes this build's own (`--release` dropped, `target/release/` is
-//! `target/<profile>/`, which `cargo test --workspace` has built already,
-//! so cargo finds everything fresh), and absolute paths go under the
-//! temporary root.
+//! Rewrites keep the run cheaper and harmless: the release profile becomes
+//! this build's own (`--release` dropped, `target/release/` is
+//! `target/<profile>/`; cargo then builds only what the named packages'
+//! features change: `.ci/run` builds the same beforehand), absolute paths
+//! go under the temporary root, and only `cargo build` and `install` lines
+//! are run at all.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -19,6 +20,12 @@ use std::process::Command;
 use onceonly_integration_tests::deployed::repository;
 
 const MARKER: &str = "<!-- install:";
+/// The shipped systemd units.
+const UNITS: [&str; 3] = [
+    "onceonly-broker.service",
+    "onceonly-registry-mock@.service",
+    "onceonly-connector@.service",
+];
 
 /// The shell block right after the marker.
 fn install_block(document: &str) -> String {
@@ -58,7 +65,7 @@ fn programs_named(document: &str) -> BTreeSet<String> {
             programs.insert(first.to_owned());
         }
     }
-    for unit in ["onceonly-broker.service", "onceonly-registry-mock@.service"] {
+    for unit in UNITS {
         let text = std::fs::read_to_string(repository().join("deploy").join(unit)).expect("unit");
         for line in text.lines() {
             if let Some((_, command)) = line.split_once("=/usr/local/bin/")
@@ -77,33 +84,85 @@ fn programs_named(document: &str) -> BTreeSet<String> {
     programs
 }
 
-/// Runs `document`'s install block under a temporary root and checks that
-/// it installed every program `document` and the units run; the error says
-/// what is missing.
-fn install_and_check(document: &str) -> Result<(), String> {
-    let block = install_block(document);
-    let programs = programs_named(document);
-    let root = tempfile::tempdir().expect("temp root");
+/// The block's commands, one per line (continuations joined), each a
+/// `cargo build` or an `install`: anything else (a `useradd`, a
+/// `systemctl`) is not run here, as root, on the test machine.
+fn commands(block: &str) -> Result<Vec<String>, String> {
+    let joined = block.replace("\\\n", " ");
+    let commands: Vec<String> = joined
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    for command in &commands {
+        if !command.starts_with("cargo build ") && !command.starts_with("install ") {
+            return Err(format!(
+                "the install block runs {command:?}: keep it to cargo build and install (other steps go in a block of their own)"
+            ));
+        }
+    }
+    Ok(commands)
+}
+
+/// Runs `command` (from the block) with this build's profile for
+/// `--release` and `root` under absolute paths.
+fn run(command: &str, root: &Path) -> Result<(), String> {
     let profile_dir = onceonly_integration_tests::binary("onceonly-broker", "onceonly-broker")
         .parent()
         .expect("target/<profile>")
         .to_owned();
-    let script = block
+    let command = command
         .replace(" --release", "")
         .replace("target/release/", &format!("{}/", profile_dir.display()))
-        .replace(" /usr/", &format!(" {}/usr/", root.path().display()))
-        .replace(" /etc/", &format!(" {}/etc/", root.path().display()));
+        .replace(" /usr/", &format!(" {}/usr/", root.display()))
+        .replace(" /etc/", &format!(" {}/etc/", root.display()));
     let output = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &script])
+        .args(["-euo", "pipefail", "-c", &command])
         .current_dir(repository())
         .output()
         .expect("bash runs");
-    if !output.status.success() {
-        return Err(format!(
-            "the install commands failed:\n{script}\n{}{}",
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{command} failed:\n{}{}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
-        ));
+        ))
+    }
+}
+
+/// The document's `cargo build`, run once per test process (both tests
+/// would otherwise build at once and race each other's copies).
+fn build_once(build: &str) -> Result<(), String> {
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = tempfile::tempdir().expect("temp root");
+            run(build, root.path())
+        })
+        .clone()
+}
+
+/// Runs `document`'s install block under a temporary root and checks that
+/// it installed every program `document` and the units run; the error says
+/// what is missing.
+fn install_and_check(document: &str) -> Result<(), String> {
+    let commands = commands(&install_block(document))?;
+    let programs = programs_named(document);
+    let root = tempfile::tempdir().expect("temp root");
+    for command in &commands {
+        if command.starts_with("cargo build ") {
+            if command.contains("--workspace") || command.contains("onceonly-integration-tests") {
+                return Err(format!(
+                    "{command:?} builds the test suite's broker (feature test-hooks): name the packages"
+                ));
+            }
+            build_once(command)?;
+        } else {
+            run(command, root.path())?;
+        }
     }
     let bin = root.path().join("usr/local/bin");
     for program in &programs {
@@ -124,7 +183,7 @@ fn install_and_check(document: &str) -> Result<(), String> {
             return Err(format!("the installed {program} --help fails"));
         }
     }
-    for unit in ["onceonly-broker.service", "onceonly-registry-mock@.service"] {
+    for unit in UNITS {
         if !root.path().join("etc/systemd/system").join(unit).is_file() {
             return Err(format!("{unit} is not installed"));
         }
@@ -149,6 +208,7 @@ fn the_install_commands_of_operations_md_install_every_binary_it_names() {
         "onceonly-certs",
         "onceonly-audit",
         "onceonly-registry-mock",
+        "onceonly-connector",
     ] {
         assert!(
             programs.contains(expected),
@@ -164,6 +224,19 @@ fn an_install_block_that_misses_a_binary_the_document_runs_is_caught() {
     let document = operations_md().replacen(" target/release/onceonly-audit", "", 1);
     let error = install_and_check(&document).expect_err("onceonly-audit is missing");
     assert!(error.contains("onceonly-audit"), "{error}");
+}
+
+#[test]
+fn an_install_block_that_builds_the_test_broker_or_runs_other_steps_is_refused() {
+    let workspace = operations_md().replacen(
+        "cargo build --release --locked -p onceonly-broker",
+        "cargo build --release --locked --workspace --bins -p onceonly-broker",
+        1,
+    );
+    let error = install_and_check(&workspace).expect_err("--workspace");
+    assert!(error.contains("test-hooks"), "{error}");
+    let block = "cargo build -p x\nuseradd --system onceonly\n";
+    assert!(commands(block).expect_err("useradd").contains("useradd"));
 }
 
 fn mode(path: &Path) -> u32 {

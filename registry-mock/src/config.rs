@@ -48,30 +48,8 @@ impl MockConfig {
     /// validates.
     pub fn load(path: &Path) -> Result<Self, ConfigFileError> {
         let mut config: MockConfig = config_file::load_toml(path)?;
-        config.connector.resolve_paths(path);
         config.data = config.data.map(|data| relative_to(path, &data));
-        config
-            .connector
-            .apply_env(path, |key| std::env::var(key).ok())?;
-        // The SDK names its keys as they stand in a connector's own file;
-        // here they sit under [connector], and the error says so.
-        config
-            .connector
-            .validate(path)
-            .map_err(|error| match error {
-                ConfigFileError::Invalid {
-                    path,
-                    key,
-                    problem,
-                    fix,
-                } => ConfigFileError::Invalid {
-                    path,
-                    key: format!("connector.{key}"),
-                    problem,
-                    fix,
-                },
-                other => other,
-            })?;
+        config.connector.prepare_nested(path)?;
         config.faults.validate().map_err(|problem| {
             ConfigFileError::invalid(
                 path,

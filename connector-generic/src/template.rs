@@ -1,0 +1,129 @@
+//! The evidence document: a minijinja template rendered with one match's
+//! fields, the subject and the parameters. What it inserts is escaped for
+//! the document's format (JSON values are serialised, so a quote in a
+//! register's data cannot end a string; XML text is escaped), and a JSON
+//! document must parse before it is released.
+
+use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value};
+use serde_json::Map;
+
+use crate::lookup::{LookupError, Values};
+use crate::mapping::Format;
+
+fn environment(format: Format) -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_auto_escape_callback(move |_| match format {
+        Format::Json => AutoEscape::Json,
+        Format::Xml => AutoEscape::Html,
+    });
+    // A field the template names but the match lacks is an error, not an
+    // empty string in a certificate.
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env
+}
+
+/// Checks that `template` parses (when the mapping is loaded).
+pub fn check(template: &str, format: Format) -> Result<(), String> {
+    environment(format)
+        .template_from_str(template)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// Renders the document for one match: `fields` (already picked) at the
+/// top level, beside `subject` and the parameters (a field of the same
+/// name wins).
+pub fn render(
+    template: &str,
+    format: Format,
+    fields: Map<String, serde_json::Value>,
+    values: &Values,
+) -> Result<Vec<u8>, LookupError> {
+    let mut context: Map<String, serde_json::Value> = values
+        .all()
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone())))
+        .collect();
+    context.extend(fields);
+    let env = environment(format);
+    let rendered = env
+        .template_from_str(template)
+        .and_then(|t| t.render(Value::from_serialize(&context)))
+        .map_err(|e| LookupError::Internal(format!("the template does not render: {e:#}")))?;
+    if format == Format::Json
+        && let Err(e) = serde_json::from_str::<serde_json::Value>(&rendered)
+    {
+        return Err(LookupError::Internal(format!(
+            "the template renders no valid JSON ({e}); check its quoting: {{{{ name }}}} inserts a JSON value, quotes included"
+        )));
+    }
+    Ok(rendered.into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&str, serde_json::Value)]) -> Map<String, serde_json::Value> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn json_values_are_serialised_so_data_cannot_break_out_of_a_string() {
+        let values = Values::new("82281866209", []);
+        let doc = render(
+            r#"{"name": {{ name }}, "year": {{ year }}, "id": {{ subject }}}"#,
+            Format::Json,
+            fields(&[
+                ("name", "Anna \"},\"admin\":true,{\"x\":\"".into()),
+                ("year", 2019.into()),
+            ]),
+            &values,
+        )
+        .expect("renders");
+        let parsed: serde_json::Value = serde_json::from_slice(&doc).expect("JSON");
+        assert_eq!(parsed["name"], "Anna \"},\"admin\":true,{\"x\":\"");
+        assert_eq!(parsed["year"], 2019);
+        assert_eq!(parsed["id"], "82281866209");
+        assert!(parsed.get("admin").is_none());
+    }
+
+    #[test]
+    fn xml_text_is_escaped() {
+        let doc = render(
+            "<name>{{ name }}</name>",
+            Format::Xml,
+            fields(&[("name", "<b>&'\"</b>".into())]),
+            &Values::new("x", []),
+        )
+        .expect("renders");
+        let text = String::from_utf8(doc).expect("utf-8");
+        assert!(!text.contains("<b>"), "{text}");
+        assert!(text.contains("&lt;b&gt;&amp;"), "{text}");
+    }
+
+    #[test]
+    fn a_missing_field_or_invalid_json_is_an_error_not_a_document() {
+        assert!(matches!(
+            render(
+                "{\"a\": {{ absent }}}",
+                Format::Json,
+                Map::new(),
+                &Values::new("x", [])
+            ),
+            Err(LookupError::Internal(_))
+        ));
+        assert!(matches!(
+            render(
+                "{\"a\": \"{{ subject }}\"}",
+                Format::Json,
+                Map::new(),
+                &Values::new("x", [])
+            ),
+            Err(LookupError::Internal(_))
+        ));
+    }
+}
