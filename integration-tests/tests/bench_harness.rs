@@ -54,7 +54,20 @@ fn onceonly_bench_prints_every_row_and_writes_json() {
         assert!(stdout.contains("| brokered on PostgreSQL, 1 replica | 1 |"));
         assert!(stdout.contains("c=4: 2 replicas / 1 replica on PostgreSQL throughput"));
     }
-    let expected = 9 + if proxied { 2 } else { 0 } + if replicated { 4 } else { 0 };
+    // The generic connector's rows: SQLite always, PostgreSQL where it runs.
+    assert!(stdout.contains("| brokered via onceonly-connector, SQLite | 4 |"));
+    assert!(stdout.contains(
+        "c=4: brokered via onceonly-connector, SQLite / registry-mock brokered throughput"
+    ));
+    let generic_pg = stdout.contains("| brokered via onceonly-connector, PostgreSQL | 4 |");
+    assert!(
+        generic_pg || stdout.contains("skipped: brokered via onceonly-connector, PostgreSQL:"),
+        "neither the generic PostgreSQL rows nor why they were skipped:\n{stdout}"
+    );
+    let expected = 11
+        + if proxied { 2 } else { 0 }
+        + if replicated { 4 } else { 0 }
+        + if generic_pg { 2 } else { 0 };
     assert_eq!(
         rows.len(),
         expected,

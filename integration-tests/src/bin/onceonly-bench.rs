@@ -85,6 +85,16 @@ enum Mode {
         #[arg(long)]
         pki: PathBuf,
     },
+    /// (internal) Run onceonly-connector as the civil register, from a
+    /// mapping file, for the benchmark.
+    ServeGeneric {
+        /// The PKI directory.
+        #[arg(long)]
+        pki: PathBuf,
+        /// The mapping file.
+        #[arg(long)]
+        mapping: PathBuf,
+    },
     /// (internal) Run a broker for the benchmark.
     ServeBroker {
         /// The broker configuration.
@@ -102,16 +112,31 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.mode {
         Some(Mode::ServeConnector { pki }) => runtime.block_on(serve_connector(&pki)),
+        Some(Mode::ServeGeneric { pki, mapping }) => {
+            runtime.block_on(serve_generic(&pki, &mapping))
+        }
         Some(Mode::ServeBroker { config }) => runtime.block_on(serve_broker(&config)),
         None => runtime.block_on(run(cli)),
     }
 }
 
 async fn serve_connector(pki: &Path) -> anyhow::Result<()> {
-    let pki = Pki::open(pki)?;
     let register = onceonly_registry_mock::MockRegister::embedded(
         onceonly_registry_mock::RegisterKind::Civil,
     )?;
+    serve_as_civil(pki, register).await
+}
+
+async fn serve_generic(pki: &Path, mapping: &Path) -> anyhow::Result<()> {
+    serve_as_civil(pki, onceonly_connector::GenericConnector::load(mapping)?).await
+}
+
+/// Serves `register` with the civil register's certificate.
+async fn serve_as_civil(
+    pki: &Path,
+    register: impl onceonly_connector_sdk::Connector,
+) -> anyhow::Result<()> {
+    let pki = Pki::open(pki)?;
     let server = onceonly_connector_sdk::ConnectorServer::builder(
         register,
         pki.tls_files(Role::Connector, "civil-register"),
@@ -556,6 +581,109 @@ async fn start_replicated(
     })
 }
 
+/// Where the generic connector's rows read from.
+#[derive(Debug, Clone, Copy)]
+enum GenericSource {
+    Sqlite,
+    Postgres,
+}
+
+impl GenericSource {
+    fn scenario(self) -> &'static str {
+        match self {
+            GenericSource::Sqlite => "brokered via onceonly-connector, SQLite",
+            GenericSource::Postgres => "brokered via onceonly-connector, PostgreSQL",
+        }
+    }
+}
+
+/// Anna's birth certificate as a register's table, and the mapping that
+/// serves it as the civil register's `birth-certificate` (XML, about the
+/// mock register's size).
+const BIRTHS_SQL: &str = "CREATE TABLE births (idnr TEXT NOT NULL, family_name TEXT NOT NULL, given_names TEXT NOT NULL, birth_date TEXT NOT NULL, birth_place TEXT NOT NULL, registry_office TEXT NOT NULL, entry TEXT NOT NULL);
+CREATE INDEX births_by_idnr ON births (idnr);
+INSERT INTO births VALUES ('82281866209', 'Schneider', 'Anna Lena', '1990-04-12', 'Berlin', 'Standesamt Berlin-Mitte', 'G 1234/1990');";
+
+fn births_mapping(source: &str) -> String {
+    format!(
+        r#"[sources.births]
+{source}
+
+[[evidence_types]]
+id = "birth-certificate"
+display_name = "Birth certificate"
+subject_schemes = ["DE_IDNR"]
+media_type = "application/xml"
+source = "births"
+query = "SELECT family_name, given_names, birth_date, birth_place, registry_office, entry FROM births WHERE idnr = :subject"
+template = """<?xml version="1.0" encoding="UTF-8"?>
+<BirthCertificate xmlns="urn:onceonly:sample:civil:1">
+  <Person><FamilyName>{{{{ family_name }}}}</FamilyName><GivenNames>{{{{ given_names }}}}</GivenNames><IDNr>{{{{ subject }}}}</IDNr></Person>
+  <Birth><Date>{{{{ birth_date }}}}</Date><Place>{{{{ birth_place }}}}</Place></Birth>
+  <Registry><Office>{{{{ registry_office }}}}</Office><Entry>{{{{ entry }}}}</Entry></Registry>
+</BirthCertificate>"""
+"#
+    )
+}
+
+/// A generic connector process and the broker routed to it.
+struct Generic {
+    source: GenericSource,
+    connector: Server,
+    broker: Server,
+    _postgres: Option<onceonly_integration_tests::postgres::TestPostgres>,
+}
+
+async fn start_generic(pki: &Pki, work: &Path, source: GenericSource) -> anyhow::Result<Generic> {
+    let dir = work.join(match source {
+        GenericSource::Sqlite => "generic-sqlite",
+        GenericSource::Postgres => "generic-postgres",
+    });
+    std::fs::create_dir_all(&dir)?;
+    let (source_table, postgres) = match source {
+        GenericSource::Sqlite => {
+            rusqlite::Connection::open(dir.join("births.db"))?.execute_batch(BIRTHS_SQL)?;
+            (
+                "kind = \"sqlite\"\npath = \"births.db\"\npool_size = 16".to_owned(),
+                None,
+            )
+        }
+        GenericSource::Postgres => {
+            let postgres = tokio::task::spawn_blocking(
+                onceonly_integration_tests::postgres::TestPostgres::start,
+            )
+            .await??;
+            let url = postgres.url("postgres");
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            client.batch_execute(BIRTHS_SQL).await?;
+            (
+                format!("kind = \"postgres\"\nurl = \"{url}\"\npool_size = 16"),
+                Some(postgres),
+            )
+        }
+    };
+    let mapping = dir.join("mapping.toml");
+    std::fs::write(&mapping, births_mapping(&source_table))?;
+    let connector = Server::start(&[
+        "serve-generic",
+        "--pki",
+        &pki.dir().display().to_string(),
+        "--mapping",
+        &mapping.display().to_string(),
+    ])
+    .await?;
+    let config = write_broker_config(&dir, pki, connector.addr, true)?;
+    let broker =
+        Server::start(&["serve-broker", "--config", &config.display().to_string()]).await?;
+    Ok(Generic {
+        source,
+        connector,
+        broker,
+        _postgres: postgres,
+    })
+}
+
 fn write_broker_config(
     dir: &Path,
     pki: &Pki,
@@ -740,6 +868,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
 
+    // The civil register again, served by onceonly-connector from a
+    // mapping file over SQLite and over PostgreSQL, each behind a broker
+    // of its own configured as brokers[0] is.
+    let mut generic = Vec::new();
+    for source in [GenericSource::Sqlite, GenericSource::Postgres] {
+        match start_generic(&pki, work.path(), source).await {
+            Ok(started) => {
+                let target = brokered_to(&started.broker, Vec::new())?;
+                generic.push((target, started));
+            }
+            Err(why) => println!("skipped: {}: {why:#}", source.scenario()),
+        }
+    }
+
     let replicated = match start_replicated(&pki, work.path(), connector.addr).await {
         Ok(replicated) => Some(replicated),
         Err(why) => {
@@ -804,6 +946,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await,
         );
+        for (target, started) in &generic {
+            rows.push(
+                measure(
+                    target,
+                    concurrency,
+                    seconds,
+                    &[started.broker.pid()],
+                    started.source.scenario(),
+                )
+                .await,
+            );
+        }
         if let Some(replicated) = &replicated {
             for (target, pids, scenario) in [
                 (
@@ -876,6 +1030,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 format!("c={concurrency}: 2 replicas / 1 replica on PostgreSQL throughput"),
                 two.requests_per_second / one.requests_per_second,
             ));
+        }
+        for source in [GenericSource::Sqlite, GenericSource::Postgres] {
+            if let (Some(b), Some(g)) = (find("brokered, audit durable"), find(source.scenario())) {
+                ratios.push((
+                    format!(
+                        "c={concurrency}: {} / registry-mock brokered throughput",
+                        source.scenario()
+                    ),
+                    g.requests_per_second / b.requests_per_second,
+                ));
+            }
         }
         if let (Some(b), Some(e)) = (
             find("brokered, audit durable"),

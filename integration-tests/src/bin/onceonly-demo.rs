@@ -1,16 +1,19 @@
 //! `onceonly-demo`: the whole exchange on loopback, explained as it happens.
 //!
-//! A throw-away PKI, three mock registers and the broker (sample policy and
-//! routing from `broker/config/`), all over mutual TLS on real ports; then an
-//! authority's requests (allowed, denied, needing consent before and after
-//! the citizen grants it, and after she revokes it; evidence the register
-//! signed, and evidence encrypted to the office, both verified by the
-//! office), and the audit trail as the auditor and the citizen see it.
+//! A throw-away PKI, three mock registers, a fourth served by the generic
+//! connector from a mapping file over SQLite, and the broker (sample policy
+//! and routing from `broker/config/`), all over mutual TLS on real ports;
+//! then an authority's requests (allowed, denied, needing consent before
+//! and after the citizen grants it, and after she revokes it; evidence the
+//! register signed, and evidence encrypted to the office, both verified by
+//! the office), a second authority's request to the register without code,
+//! and the audit trail as the auditor and the citizen see it.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use onceonly_certs::tls::identity_verifier;
 use onceonly_certs::{IssueOptions, Role};
+use onceonly_integration_tests::school::{BAFOEG, SCHOOL_REGISTER, school_leaving_certificate};
 use onceonly_integration_tests::world::{AUTHORITIES, PORTAL, World};
 use onceonly_proto::status::reason_of;
 use onceonly_proto::v1::{
@@ -45,12 +48,13 @@ async fn main() -> anyhow::Result<()> {
 
     step(
         2,
-        "Three registers, each a connector built on the SDK, serving mutual TLS",
+        "Four registers, each a connector on the SDK, serving mutual TLS; the fourth runs no code of its own",
     );
     for (register, what) in world.registers.iter().zip([
         "birth-certificate (XML), proof-of-residence (JSON)",
         "vehicle-registration (JSON)",
         "commercial-register-extract (XML)",
+        "school-leaving-certificate (JSON): onceonly-connector, a mapping file over SQLite",
     ]) {
         println!(
             "   {:<52} {:<16} {what}",
@@ -84,6 +88,11 @@ async fn main() -> anyhow::Result<()> {
         )?),
         Some(DecryptionKey::from_files(&enc_cert, &enc_key)?),
     );
+    let civil = Asker {
+        opener: &opener,
+        authority: BERLIN,
+        connector: "civil-register",
+    };
     let anna = Some(SubjectId {
         scheme: SubjectIdScheme::DeIdnr.into(),
         value: ANNA.into(),
@@ -108,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
         authority
             .request_evidence(ask("demo-1", "birth-certificate", "§ 9 Abs. 1 BEEG"))
             .await,
-        &opener,
+        &civil,
     );
 
     step(
@@ -123,7 +132,7 @@ async fn main() -> anyhow::Result<()> {
         .remove(0)
         .as_ref()
         .to_vec();
-    show(authority.request_evidence(sealed).await, &opener);
+    show(authority.request_evidence(sealed).await, &civil);
 
     step(
         6,
@@ -133,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
         authority
             .request_evidence(ask("demo-2", "vehicle-registration", "§ 9 Abs. 1 BEEG"))
             .await,
-        &opener,
+        &civil,
     );
 
     step(
@@ -148,7 +157,7 @@ async fn main() -> anyhow::Result<()> {
                 "Art. 6 Abs. 1 lit. a DSGVO",
             ))
             .await,
-        &opener,
+        &civil,
     );
 
     step(
@@ -183,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
                 "Art. 6 Abs. 1 lit. a DSGVO",
             ))
             .await,
-        &opener,
+        &civil,
     );
 
     step(10, "Anna revokes her consent; the office asks once more");
@@ -201,11 +210,40 @@ async fn main() -> anyhow::Result<()> {
                 "Art. 6 Abs. 1 lit. a DSGVO",
             ))
             .await,
-        &opener,
+        &civil,
     );
 
     step(
         11,
+        "The student finance office (BAfoeG) asks for Anna's school-leaving certificate",
+    );
+    println!(
+        "   (the school register wrote no code: onceonly-connector serves it from connector-generic/config/school-mapping.toml,"
+    );
+    println!(
+        "    a parameterised query over an SQLite file and a JSON template; the SDK under it checks the ticket, signs, keeps the deadline)"
+    );
+    let bafoeg_opener = EvidenceOpener::new(
+        Arc::new(identity_verifier(
+            &world.pki.tls_files(Role::Authority, BAFOEG),
+            "onceonly.test",
+        )?),
+        None,
+    );
+    show(
+        world
+            .authority(BAFOEG)
+            .request_evidence(school_leaving_certificate("demo-6", ANNA))
+            .await,
+        &Asker {
+            opener: &bafoeg_opener,
+            authority: BAFOEG,
+            connector: SCHOOL_REGISTER,
+        },
+    );
+
+    step(
+        12,
         "The audit trail, as the data-protection auditor sees it (one record per request)",
     );
     let records = world.audit_records().await;
@@ -215,7 +253,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     step(
-        12,
+        13,
         "What Anna sees in the citizen portal's transparency view",
     );
     let about_anna = onceonly_proto::v1::audit_service_client::AuditServiceClient::new(
@@ -270,9 +308,17 @@ fn step(n: u32, text: &str) {
     println!("\n{n:>2}. {text}");
 }
 
+/// Who asked and which register should have answered, for the office's
+/// checks of what it got.
+struct Asker<'a> {
+    opener: &'a EvidenceOpener,
+    authority: &'a str,
+    connector: &'a str,
+}
+
 fn show(
     result: Result<tonic::Response<onceonly_proto::v1::RequestEvidenceResponse>, tonic::Status>,
-    opener: &EvidenceOpener,
+    asker: &Asker<'_>,
 ) {
     match result {
         Ok(response) => {
@@ -314,11 +360,11 @@ fn show(
                 evidence_type: &evidence.evidence_type,
                 subject_scheme: SubjectIdScheme::DeIdnr,
                 subject_value: ANNA,
-                requester: &format!("spiffe://onceonly.test/authority/{BERLIN}"),
+                requester: &format!("spiffe://onceonly.test/authority/{}", asker.authority),
                 parameters: Some(&Default::default()),
-                connector: Some("civil-register"),
+                connector: Some(asker.connector),
             };
-            let payload = match opener.open(&evidence, &expected) {
+            let payload = match asker.opener.open(&evidence, &expected) {
                 Ok(opened) => {
                     println!(
                         "      the office verified: signed by {} (certificate issued by the CA), bound to this exchange, requester and subject{}",
