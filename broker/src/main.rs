@@ -184,10 +184,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&config.policy)?;
             let policy = Policy::parse(&config.policy, &text, &routing)?;
             onceonly_broker::keys::check(&config)?;
+            let (tls, _) = onceonly_broker::server::load_tls(&config)?;
             println!(
-                "ok: {} evidence types, {} policy rules, keys present",
+                "ok: {} evidence types, {} policy rules, keys present, TLS files of {}",
                 routing.evidence_types().len(),
-                policy.len()
+                policy.len(),
+                tls.identity()
             );
         }
     }

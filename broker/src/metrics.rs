@@ -23,6 +23,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::exchange::Broker;
+use onceonly_certs::metrics::gauge;
 
 use onceonly_proto::telemetry::latency_buckets;
 
@@ -140,16 +141,6 @@ struct ReasonLabel {
 struct EndpointLabels {
     connector: String,
     endpoint: String,
-}
-
-fn gauge(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    value: f64,
-) -> Result<(), std::fmt::Error> {
-    let metric = ConstGauge::new(value);
-    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
 impl Collector for StateCollector {

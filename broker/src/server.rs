@@ -210,6 +210,24 @@ async fn open_replicated(
     ))
 }
 
+/// Loads the broker's TLS files for both its sides (callers and
+/// connectors), checking that its certificate is a broker's: what `bind`
+/// needs, and what `onceonly-broker check` tries.
+pub fn load_tls(
+    config: &BrokerConfig,
+) -> Result<(Arc<ReloadableServerTls>, Arc<ReloadableClientTls>), StartError> {
+    let server_tls = ReloadableServerTls::load_with(config.tls.clone(), ClientAuth::Deferred)?;
+    let identity = server_tls.identity().clone();
+    if identity.role() != Role::Broker {
+        return Err(StartError::NotABroker {
+            path: config.tls.cert.display().to_string(),
+            identity,
+        });
+    }
+    let client_tls = Arc::new(ReloadableClientTls::load(config.tls.clone())?);
+    Ok((server_tls, client_tls))
+}
+
 /// A broker with everything loaded and its port bound.
 pub struct BoundBroker {
     broker: Arc<Broker>,
@@ -232,15 +250,8 @@ impl BoundBroker {
     pub async fn bind(config: &BrokerConfig) -> Result<Self, StartError> {
         let routing = Arc::new(RoutingTable::load(&config.routing)?);
         let policy = Arc::new(PolicyStore::load(&config.policy, routing.clone())?);
-        let server_tls = ReloadableServerTls::load_with(config.tls.clone(), ClientAuth::Deferred)?;
+        let (server_tls, client_tls) = load_tls(config)?;
         let identity = server_tls.identity().clone();
-        if identity.role() != Role::Broker {
-            return Err(StartError::NotABroker {
-                path: config.tls.cert.display().to_string(),
-                identity,
-            });
-        }
-        let client_tls = Arc::new(ReloadableClientTls::load(config.tls.clone())?);
         let pseudonyms = Arc::new(crate::keys::load_checked_pseudonym_key(config)?);
         let audit_key = crate::keys::load_audit_key(&config.audit_key)?;
         let (audit, consents, audit_writer, append_seed, shared) = match config.storage.backend {

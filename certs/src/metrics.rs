@@ -40,7 +40,9 @@ struct CertificateLabel {
     certificate: String,
 }
 
-fn gauge(
+/// Encodes one gauge without labels (a helper for collectors of state read
+/// at each scrape).
+pub fn gauge(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,

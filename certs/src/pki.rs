@@ -146,14 +146,30 @@ fn is_default_organisation(organisation: &str) -> bool {
     organisation == DEFAULT_ORGANISATION
 }
 
+/// Bidirectional overrides and isolates, marks and zero-width characters:
+/// invisible in a subject line, they could make one organisation read as
+/// another.
+fn is_invisible_formatting(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
+}
+
 /// Checks an organisation name for certificate subjects: 1 to 64
-/// characters (X.520's upper bound), no control characters, no spaces at
-/// either end.
+/// characters (X.520's upper bound), no control or invisible formatting
+/// characters, no spaces at either end.
 pub fn validate_organisation(organisation: &str) -> Result<(), PkiError> {
     let length = organisation.chars().count();
     let valid = (1..=64).contains(&length)
         && organisation.trim() == organisation
-        && !organisation.chars().any(char::is_control);
+        && !organisation
+            .chars()
+            .any(|c| c.is_control() || is_invisible_formatting(c));
     if valid {
         Ok(())
     } else {

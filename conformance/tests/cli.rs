@@ -8,27 +8,31 @@ fn conformance() -> Command {
     Command::new(env!("CARGO_BIN_EXE_onceonly-conformance"))
 }
 
+/// Every argument the kit needs, its files not there.
+fn arguments() -> Vec<&'static str> {
+    vec![
+        "--connector",
+        "127.0.0.1:1",
+        "--connector-id",
+        "civil-register",
+        "--ca",
+        "/nonexistent/ca.pem",
+        "--broker-cert",
+        "/nonexistent/broker.pem",
+        "--broker-key",
+        "/nonexistent/broker.key",
+        "--evidence-type",
+        "birth-certificate",
+        "--subject",
+        "82281866209",
+    ]
+}
+
 #[test]
 fn a_usage_error_exits_2_and_names_the_fix() {
     let output = conformance()
-        .args([
-            "--connector",
-            "127.0.0.1:1",
-            "--connector-id",
-            "civil-register",
-            "--ca",
-            "/nonexistent/ca.pem",
-            "--broker-cert",
-            "/nonexistent/broker.pem",
-            "--broker-key",
-            "/nonexistent/broker.key",
-            "--evidence-type",
-            "birth-certificate",
-            "--subject",
-            "82281866209",
-            "--scheme",
-            "PASSPORT",
-        ])
+        .args(arguments())
+        .args(["--scheme", "PASSPORT"])
         .output()
         .expect("runs");
     assert_eq!(output.status.code(), Some(2));
@@ -37,25 +41,7 @@ fn a_usage_error_exits_2_and_names_the_fix() {
 
 #[test]
 fn files_that_cannot_be_read_are_a_setup_error_not_a_verdict() {
-    let output = conformance()
-        .args([
-            "--connector",
-            "127.0.0.1:1",
-            "--connector-id",
-            "civil-register",
-            "--ca",
-            "/nonexistent/ca.pem",
-            "--broker-cert",
-            "/nonexistent/broker.pem",
-            "--broker-key",
-            "/nonexistent/broker.key",
-            "--evidence-type",
-            "birth-certificate",
-            "--subject",
-            "82281866209",
-        ])
-        .output()
-        .expect("runs");
+    let output = conformance().args(arguments()).output().expect("runs");
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/"));
 }

@@ -298,3 +298,91 @@ fn check_and_try_work_without_a_broker() {
         "{said}"
     );
 }
+
+/// The binary as the unit runs it: SIGHUP with a broken mapping is refused
+/// and logged, the fixed one is taken, SIGTERM ends it.
+#[test]
+fn sighup_reloads_the_mapping_and_refuses_a_broken_one() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = onceonly_certs::Pki::throwaway(
+        "onceonly.test",
+        &[(onceonly_certs::Role::Connector, "school-register")],
+    )
+    .expect("pki");
+    let mapping = sample(dir.path(), str::to_owned);
+    let config = config(dir.path(), &pki);
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_onceonly-connector"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starts"),
+    );
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = child.0.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let wait_for = |needle: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!("no line with {needle:?}"),
+            }
+        }
+    };
+    wait_for("serving as");
+    let signal = |name: &str| {
+        assert!(
+            Command::new("kill")
+                .arg(format!("-{name}"))
+                .arg(child.0.id().to_string())
+                .status()
+                .expect("kill")
+                .success()
+        );
+    };
+    std::fs::write(
+        &mapping,
+        MAPPING.replace("source = \"schools\"", "source = \"nowhere\""),
+    )
+    .expect("edit");
+    signal("HUP");
+    let refused = wait_for("mapping NOT reloaded");
+    assert!(refused.contains("school-mapping.toml:"), "{refused}");
+    std::fs::write(&mapping, MAPPING.replace("\"overall_grade\"", "\"grade\"")).expect("edit");
+    signal("HUP");
+    wait_for("mapping reloaded");
+    signal("TERM");
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A child process killed when the test ends, passed or not.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

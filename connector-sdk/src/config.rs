@@ -264,6 +264,17 @@ impl ConnectorConfig {
         if let Err(problem) = onceonly_proto::telemetry::check_trace_filter(&self.trace_filter) {
             return invalid("trace_filter", problem, "or remove the key for the default");
         }
+        if self
+            .service_name
+            .as_ref()
+            .is_some_and(|name| name.trim().is_empty())
+        {
+            return invalid(
+                "service_name",
+                "is empty".into(),
+                "name the connector as collectors should show it, or remove the key for its id",
+            );
+        }
         if !(1..=100_000).contains(&self.limits.concurrency) {
             return invalid(
                 "limits.concurrency",

@@ -47,16 +47,7 @@ async fn the_shipped_binaries_stop_on_sigterm_reload_on_sighup_and_lose_no_recor
         civil_latency: Duration::from_millis(300),
         otlp_endpoint: Some(endpoint),
     });
-    let mut connectors: Vec<Process> = REGISTERS
-        .iter()
-        .map(|(register, _, _)| installation.start(CONNECTOR_UNIT, register))
-        .collect();
-    let addresses: Vec<(&str, std::net::SocketAddr)> = REGISTERS
-        .iter()
-        .zip(&connectors)
-        .map(|((register, _, _), process)| (*register, process.addr))
-        .collect();
-    installation.configure_broker(&addresses);
+    let mut connectors = start_connectors_and_configure(&installation);
 
     // The unit's ExecStartPre (`check`) fails before `init`: serve would.
     let check = installation.run_start_pre(BROKER_UNIT);
@@ -81,6 +72,32 @@ async fn the_shipped_binaries_stop_on_sigterm_reload_on_sighup_and_lose_no_recor
         "check after init: {}",
         String::from_utf8_lossy(&check.stderr)
     );
+    // A connector's certificate where the broker's belongs: check refuses
+    // it, as serve would.
+    let tls = installation.etc().join("tls");
+    let (connector_cert, connector_key) = installation
+        .pki
+        .participant_paths(Role::Connector, "civil-register");
+    for (from, to) in [
+        (&connector_cert, "broker.pem"),
+        (&connector_key, "broker.key"),
+    ] {
+        std::fs::copy(tls.join(to), tls.join(format!("{to}.kept"))).expect("keep");
+        std::fs::copy(from, tls.join(to)).expect("swap");
+    }
+    let check = installation.run_start_pre(BROKER_UNIT);
+    assert!(
+        !check.status.success(),
+        "check took a connector's certificate"
+    );
+    assert!(
+        String::from_utf8_lossy(&check.stderr).contains("civil-register"),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    for name in ["broker.pem", "broker.key"] {
+        std::fs::rename(tls.join(format!("{name}.kept")), tls.join(name)).expect("restore");
+    }
 
     // Under load, SIGTERM: the process exits within announce + grace, and
     // every answered request has its record.
@@ -403,16 +420,7 @@ async fn exchanges_that_outlast_the_grace_period_are_cut_off_and_recorded() {
         civil_latency: register_latency,
         otlp_endpoint: None,
     });
-    let connectors: Vec<Process> = REGISTERS
-        .iter()
-        .map(|(register, _, _)| installation.start(CONNECTOR_UNIT, register))
-        .collect();
-    let addresses: Vec<(&str, std::net::SocketAddr)> = REGISTERS
-        .iter()
-        .zip(&connectors)
-        .map(|((register, _, _), process)| (*register, process.addr))
-        .collect();
-    installation.configure_broker(&addresses);
+    let _connectors = start_connectors_and_configure(&installation);
     installation
         .init_broker()
         .unwrap_or_else(|error| panic!("init: {error}"));
@@ -488,4 +496,20 @@ async fn exchanges_that_outlast_the_grace_period_are_cut_off_and_recorded() {
         );
         assert!(mine[0].register_contacted, "{:?}", mine[0]);
     }
+}
+
+/// The sample registers started as their unit starts them, and the
+/// broker's configuration written to route to them.
+fn start_connectors_and_configure(installation: &Installation) -> Vec<Process> {
+    let connectors: Vec<Process> = REGISTERS
+        .iter()
+        .map(|(register, _, _)| installation.start(CONNECTOR_UNIT, register))
+        .collect();
+    let addresses: Vec<(&str, std::net::SocketAddr)> = REGISTERS
+        .iter()
+        .zip(&connectors)
+        .map(|((register, _, _), process)| (*register, process.addr))
+        .collect();
+    installation.configure_broker(&addresses);
+    connectors
 }

@@ -190,6 +190,11 @@ pub struct TraceExport {
 
 /// Checks a trace filter setting; the error says what is wrong with it.
 pub fn check_trace_filter(filter: &str) -> Result<(), String> {
+    if filter.trim().is_empty() {
+        return Err(format!(
+            "is empty, which would export nothing; give e.g. {DEFAULT_TRACE_FILTER:?}, or leave otlp_endpoint unset to export nothing"
+        ));
+    }
     tracing_subscriber::EnvFilter::builder()
         .parse(filter)
         .map(drop)

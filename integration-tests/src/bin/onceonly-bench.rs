@@ -77,6 +77,8 @@ struct Cli {
     json: Option<PathBuf>,
 }
 
+// The variants are the internal subcommands' names (serve-...).
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Subcommand)]
 enum Mode {
     /// (internal) Run the civil mock register for the benchmark.
@@ -629,7 +631,8 @@ template = """<?xml version="1.0" encoding="UTF-8"?>
 /// A generic connector process and the broker routed to it.
 struct Generic {
     source: GenericSource,
-    connector: Server,
+    /// Kept running while measured.
+    _connector: Server,
     broker: Server,
     _postgres: Option<onceonly_integration_tests::postgres::TestPostgres>,
 }
@@ -678,7 +681,7 @@ async fn start_generic(pki: &Pki, work: &Path, source: GenericSource) -> anyhow:
         Server::start(&["serve-broker", "--config", &config.display().to_string()]).await?;
     Ok(Generic {
         source,
-        connector,
+        _connector: connector,
         broker,
         _postgres: postgres,
     })

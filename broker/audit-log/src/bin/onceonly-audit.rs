@@ -478,9 +478,19 @@ async fn client(connection: &Connection) -> anyhow::Result<AuditServiceClient<Ch
         anyhow::anyhow!("{message}")
     })?;
     let broker: Participant = match reach.broker_id.as_deref() {
-        Some(spiffe) if spiffe.starts_with("spiffe://") => spiffe
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--broker-id {spiffe}: {e}"))?,
+        Some(spiffe) if spiffe.starts_with("spiffe://") => {
+            let broker: Participant = spiffe
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--broker-id {spiffe}: {e}"))?;
+            // Only a broker of your own trust domain answers for the log.
+            if broker.role() != Role::Broker || broker.trust_domain() != me.trust_domain() {
+                anyhow::bail!(
+                    "--broker-id {spiffe}: not a broker of your trust domain; give spiffe://{}/broker/<id>, or just the <id>",
+                    me.trust_domain()
+                );
+            }
+            broker
+        }
         id => Participant::new(me.trust_domain(), Role::Broker, id.unwrap_or("broker"))
             .map_err(|e| anyhow::anyhow!("--broker-id: {e}"))?,
     };
