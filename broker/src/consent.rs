@@ -171,6 +171,22 @@ fn tag_input(consent: &StoredConsent) -> Result<Vec<u8>, ConsentError> {
     Ok(input)
 }
 
+/// A consent write PostgreSQL answered without an error but did not make
+/// (`what`: "the grant", "the revocation"), e.g. because a trigger on the
+/// table skips or rewrites it. Nothing was changed, and the caller is told
+/// so rather than "granted" or "revoked".
+fn not_stored(what: &str, id: &str, how: &str) -> ConsentError {
+    // The operator's hint goes to the log; the error (which also lands in
+    // the audit record a citizen's view shows) says only what happened.
+    tracing::error!(
+        consent_id = id,
+        "PostgreSQL did not store {what} of the consent: {how}, yet it reported success. A trigger on the consents table skips or rewrites writes (list its triggers with `\\d consents` in psql; replicas create none)"
+    );
+    ConsentError::Storage(format!(
+        "the consent store did not store {what}; nothing was changed"
+    ))
+}
+
 impl ConsentStore {
     /// Opens the store in `db`.
     pub fn open(db: &sled::Db, pseudonyms: Arc<Pseudonymiser>) -> Result<Self, ConsentError> {
@@ -334,8 +350,8 @@ impl ConsentStore {
         };
         let tag = self.tag(consent)?;
         let c = consent;
-        Self::client(pool)
-            .await?
+        let client = Self::client(pool).await?;
+        let stored = client
             .execute(
                 &format!(
                     "INSERT INTO consents ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12){}",
@@ -357,6 +373,24 @@ impl ConsentStore {
                 ],
             )
             .await?;
+        // One row, or (if_absent) none because the consent is there already.
+        let there = stored == 1
+            || (if_absent
+                && stored == 0
+                && client
+                    .query_opt(
+                        "SELECT 1 FROM consents WHERE consent_id = $1",
+                        &[&c.consent_id],
+                    )
+                    .await?
+                    .is_some());
+        if !there {
+            return Err(not_stored(
+                "the grant",
+                &c.consent_id,
+                &format!("the INSERT stored {stored} rows"),
+            ));
+        }
         Ok(())
     }
 
@@ -408,11 +442,36 @@ impl ConsentStore {
                 let mut consent = self.authenticated(&row)?;
                 if consent.revoked_at_ms.is_none() {
                     consent.revoked_at_ms = Some(now_ms);
-                    tx.execute(
-                        "UPDATE consents SET revoked_at_ms = $2, mac = $3 WHERE consent_id = $1",
-                        &[&id, &now_ms, &self.tag(&consent)?],
-                    )
-                    .await?;
+                    let tag = self.tag(&consent)?;
+                    // What the table kept, not what was sent: the portal is
+                    // told "revoked" only where the row says so.
+                    let stored = tx
+                        .query_opt(
+                            "UPDATE consents SET revoked_at_ms = $2, mac = $3 WHERE consent_id = $1
+                             RETURNING revoked_at_ms, mac",
+                            &[&id, &now_ms, &tag],
+                        )
+                        .await?;
+                    match stored {
+                        None => {
+                            return Err(not_stored(
+                                "the revocation",
+                                id,
+                                "the UPDATE changed no row",
+                            ));
+                        }
+                        Some(row)
+                            if row.get::<_, Option<i64>>(0) != Some(now_ms)
+                                || row.get::<_, Vec<u8>>(1) != tag =>
+                        {
+                            return Err(not_stored(
+                                "the revocation",
+                                id,
+                                "the UPDATE stored other values than it was given",
+                            ));
+                        }
+                        Some(_) => {}
+                    }
                 }
                 tx.commit().await?;
                 return Ok(consent);

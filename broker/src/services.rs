@@ -145,7 +145,11 @@ fn consent_storage(e: ConsentError) -> Status {
         }
         ConsentError::Storage(reason) => {
             tracing::error!(%reason, "consent storage failed");
-            Status::unavailable("the consent store is unavailable; retry")
+            error(
+                Code::Unavailable,
+                ErrorReason::BrokerUnavailable,
+                "the consent store is unavailable; retry (the broker operator has the details in its log)",
+            )
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod deployed;
 pub mod otlp;
 pub mod postgres;
 pub mod probe;
+pub mod replicas;
 pub mod school;
 pub mod world;
 

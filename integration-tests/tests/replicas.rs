@@ -7,10 +7,12 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use onceonly_broker::RunningBroker;
 use onceonly_broker::auditor::{ReceiptStatus, check_receipt, load_public_key, verify_remote};
 use onceonly_certs::Role;
 use onceonly_integration_tests::postgres::TestPostgres;
+use onceonly_integration_tests::replicas::{
+    MERGE_DELAY_MS, database, grant_residence, replicas, residence,
+};
 use onceonly_integration_tests::world::{
     AUDITOR, AUTHORITIES, BrokerSettings, PORTAL, World, anna, birth_certificate,
 };
@@ -20,38 +22,12 @@ use onceonly_proto::v1::audit_service_client::AuditServiceClient;
 use onceonly_proto::v1::consent_service_client::ConsentServiceClient;
 use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
 use onceonly_proto::v1::{
-    ErrorReason, GetInclusionProofRequest, GetSignedTreeHeadRequest, GrantConsentRequest,
-    RequestEvidenceRequest, RevokeConsentRequest,
+    ErrorReason, GetInclusionProofRequest, GetSignedTreeHeadRequest, RevokeConsentRequest,
 };
 use tonic::Code;
 use tonic::transport::Channel;
 
 const BERLIN: &str = AUTHORITIES[0];
-/// Long enough for a failover on a loaded 2-core machine; the sequencer
-/// runs every 100 ms and a lease lasts 1 s.
-const MERGE_DELAY_MS: u64 = 4_000;
-
-/// A PostgreSQL server, an installation whose broker is replica 0, and
-/// `extra` more replicas.
-async fn replicas(extra: usize) -> (TestPostgres, World, Vec<RunningBroker>) {
-    let postgres = tokio::task::spawn_blocking(TestPostgres::start)
-        .await
-        .expect("join")
-        .expect("PostgreSQL starts");
-    let world = World::start_with(BrokerSettings {
-        sections: format!(
-            "[storage]\nbackend = \"postgres\"\nurl = \"{}\"\nmerge_delay = \"{MERGE_DELAY_MS}ms\"\nsequencer_lease = \"1s\"\nsequencer_interval = \"100ms\"\ntimeout = \"2s\"\n",
-            postgres.url("postgres")
-        ),
-        ..Default::default()
-    })
-    .await;
-    let mut others = Vec::new();
-    for n in 1..=extra {
-        others.push(world.start_replica(n).await);
-    }
-    (postgres, world, others)
-}
 
 fn authority(world: &World, addr: SocketAddr) -> EvidenceServiceClient<Channel> {
     EvidenceServiceClient::new(world.channel_to(addr, Role::Authority, BERLIN))
@@ -67,41 +43,6 @@ fn auditor(world: &World, addr: SocketAddr) -> AuditServiceClient<Channel> {
 
 fn audit_public_key(world: &World) -> Vec<u8> {
     load_public_key(&world.dir.path().join("secrets/audit.key.pub")).expect("public key")
-}
-
-/// The portal at `addr` grants `authority` Anna's proof of residence for
-/// the parental allowance, for an hour.
-async fn grant_residence(
-    world: &World,
-    addr: SocketAddr,
-    authority: &str,
-) -> onceonly_proto::v1::Consent {
-    portal(world, addr)
-        .grant_consent(GrantConsentRequest {
-            subject: Some(anna()),
-            authority_id: format!("spiffe://onceonly.test/authority/{authority}"),
-            evidence_type: "proof-of-residence".into(),
-            purpose: "parental-allowance".into(),
-            expires_at: Some(onceonly_proto::time::timestamp(
-                onceonly_proto::time::now_ms() + 3_600_000,
-            )),
-        })
-        .await
-        .expect("the portal grants")
-        .into_inner()
-        .consent
-        .expect("consent")
-}
-
-fn residence(id: &str) -> RequestEvidenceRequest {
-    RequestEvidenceRequest {
-        request_id: id.into(),
-        evidence_type: "proof-of-residence".into(),
-        subject: Some(anna()),
-        purpose: "parental-allowance".into(),
-        legal_basis: "Art. 6 Abs. 1 lit. a DSGVO".into(),
-        ..Default::default()
-    }
 }
 
 async fn head_at(world: &World, addr: SocketAddr) -> Option<SignedTreeHead> {
@@ -627,15 +568,6 @@ async fn heads_stay_consistent_when_the_sequencers_connections_are_cut_mid_batch
     verify_remote(&mut auditor(&world, addrs[0]), &key, None, true)
         .await
         .expect("the whole log verifies");
-}
-
-async fn database(postgres: &TestPostgres) -> tokio_postgres::Client {
-    let (client, connection) =
-        tokio_postgres::connect(&postgres.url("postgres"), tokio_postgres::NoTls)
-            .await
-            .expect("connects");
-    tokio::spawn(connection);
-    client
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -796,7 +796,10 @@ impl Inner {
         .await?;
         let started = Instant::now();
         // The commit time is the database's (one clock for every replica
-        // and the sequencer's heads), taken as the rows are written.
+        // and the sequencer's heads), taken as the rows are written. What
+        // the statement returns is what the table stored: the batch is
+        // committed only once every row is there (a BEFORE INSERT trigger
+        // that returns NULL makes an INSERT store nothing and succeed).
         // Prepared once per connection: this runs for every batch.
         let insert = bounded(
             self.settings.timeout,
@@ -809,20 +812,32 @@ impl Inner {
                    FROM unnest($2::bytea[], $3::bytea[], $4::bytea[]) WITH ORDINALITY AS q(leaf_hash, record, mac, n), clock
                    ORDER BY q.n
                    RETURNING queued_at_ms)
-                 SELECT max(queued_at_ms) FROM written",
+                 SELECT count(*), min(queued_at_ms), max(queued_at_ms),
+                        -- A batch stored in part, or at no real time, fails
+                        -- the statement itself, so it rolls back whole (one
+                        -- round trip, no transaction around it): the cast
+                        -- of this text is evaluated only on that branch.
+                        CASE WHEN count(*) = $5::bigint AND min(queued_at_ms) > 0 THEN 0
+                             ELSE ('onceonly: audit_queue stored ' || count(*) || ' of ' || $5::bigint
+                                   || ' rows, at ' || coalesce(min(queued_at_ms), 0) || ' ms: a trigger drops or rewrites them')::int
+                        END
+                 FROM written",
             ),
         )
         .await?;
+        let sent = records.len() as i64;
         let row = bounded(
             self.settings.timeout,
             "committing audit records",
             client.query_one(
                 &insert,
-                &[&self.settings.replica, &leaf_bytes, &bytes, &tags],
+                &[&self.settings.replica, &leaf_bytes, &bytes, &tags, &sent],
             ),
         )
         .await?;
-        let committed_at = row.get::<_, Option<i64>>(0).unwrap_or(0).max(0) as u64;
+        // The same check here, for its message (and should the statement's
+        // ever be lost).
+        let committed_at = stored_commit_time(records.len(), row.get(0), row.get(1), row.get(2))?;
         self.metrics
             .fsync_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -839,6 +854,30 @@ impl Inner {
             committed_at,
             include_by,
         ))
+    }
+}
+
+/// The commit time of a queue commit of `sent` records, from what its
+/// INSERT returned: the rows stored and their earliest and latest
+/// `queued_at_ms`. Err unless every record was stored, at a real time: a
+/// receipt (and with it evidence) is never given for a record the
+/// database did not keep.
+fn stored_commit_time(
+    sent: usize,
+    stored: i64,
+    earliest: Option<i64>,
+    latest: Option<i64>,
+) -> Result<u64, AuditError> {
+    if usize::try_from(stored).ok() != Some(sent) {
+        return Err(AuditError::Storage(format!(
+            "PostgreSQL stored {stored} of the {sent} audit records written to audit_queue, yet reported success: a trigger on the table drops rows (list its triggers with `\\d audit_queue` in psql; replicas create none). The batch's requests were refused (no evidence released)"
+        )));
+    }
+    match (earliest, latest) {
+        (Some(earliest), Some(latest)) if earliest > 0 => Ok(latest as u64),
+        _ => Err(AuditError::Storage(format!(
+            "PostgreSQL stored the {sent} audit records written to audit_queue with commit times {earliest:?}..{latest:?} ms, not the database's clock: a trigger on the table rewrites queued_at_ms (list its triggers with `\\d audit_queue` in psql; replicas create none). The batch was rolled back and its requests refused (no evidence released)"
+        ))),
     }
 }
 
@@ -1269,5 +1308,35 @@ impl LeafColumns {
         self.outcomes.push(record.outcome);
         self.received
             .push(record.received_at.as_ref().map_or(0, |t| t.seconds));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_counts_only_when_every_record_was_stored_at_a_real_time() {
+        assert_eq!(
+            stored_commit_time(3, 3, Some(1_000), Some(1_000)).expect("stored"),
+            1_000
+        );
+        for (stored, earliest, latest) in [
+            // A BEFORE INSERT trigger returning NULL: nothing stored, and
+            // max() of no rows is NULL.
+            (0, None, None),
+            // One row of three dropped.
+            (2, Some(1_000), Some(1_000)),
+            // The commit time rewritten.
+            (3, Some(0), Some(1_000)),
+            (3, Some(-5), Some(-5)),
+        ] {
+            let refused = stored_commit_time(3, stored, earliest, latest)
+                .expect_err("not every record stored at a real time");
+            assert!(
+                matches!(&refused, AuditError::Storage(why) if why.contains("audit_queue")),
+                "{refused:?}"
+            );
+        }
     }
 }

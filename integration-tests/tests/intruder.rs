@@ -1,0 +1,266 @@
+//! An intruder in the replicas' PostgreSQL database (THREAT_MODEL, issue
+//! 23): someone who can create triggers on the tables, without the keys
+//! the replicas hold. Each test installs a trigger that makes a write the
+//! replicas depend on store nothing, or something else, while PostgreSQL
+//! reports success, and checks that the replicas notice: the caller is
+//! refused with the status and reason named here, and nothing is released
+//! or reported done that the database did not keep.
+
+use std::time::{Duration, Instant};
+
+use onceonly_integration_tests::replicas::{
+    MERGE_DELAY_MS, database, grant_residence, replicas, residence,
+};
+use onceonly_integration_tests::world::{AUTHORITIES, birth_certificate};
+use onceonly_proto::status::reason_of;
+use onceonly_proto::v1::{
+    AuditRecord, ErrorReason, GrantConsentRequest, RecordKind, RevokeConsentRequest,
+};
+use tonic::Code;
+
+const BERLIN: &str = AUTHORITIES[0];
+
+/// A trigger function that makes the row's write a no-op: PostgreSQL skips
+/// the row and reports success.
+const DROP_ROW: &str =
+    "CREATE FUNCTION onceonly_drop() RETURNS trigger AS 'BEGIN RETURN NULL; END' LANGUAGE plpgsql";
+
+/// The records of `kind` about consent `consent_id`, in log order, once
+/// there are at least `count` (waiting at most two merge delays).
+async fn consent_records(
+    world: &onceonly_integration_tests::world::World,
+    kind: RecordKind,
+    consent_id: &str,
+    count: usize,
+) -> Vec<AuditRecord> {
+    let deadline = Instant::now() + Duration::from_millis(MERGE_DELAY_MS * 2);
+    loop {
+        let records: Vec<AuditRecord> = world
+            .audit_records()
+            .await
+            .into_iter()
+            .filter(|r| r.kind() == kind && r.consent_id == consent_id)
+            .collect();
+        if records.len() >= count || Instant::now() > deadline {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_queue_that_drops_rows_gets_refusals_and_releases_no_evidence() {
+    let (postgres, world, _) = replicas(0).await;
+    let db = database(&postgres).await;
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("before-trigger"))
+        .await
+        .expect("delivered while the queue stores rows");
+
+    db.batch_execute(&format!(
+        "{DROP_ROW};
+         CREATE TRIGGER drop_queue BEFORE INSERT ON audit_queue
+           FOR EACH ROW EXECUTE FUNCTION onceonly_drop();"
+    ))
+    .await
+    .expect("the intruder's trigger");
+    let refused = match world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("while-dropped"))
+        .await
+    {
+        Ok(answer) => panic!(
+            "evidence released while its record was dropped: receipt {:?}",
+            answer.into_inner().audit_receipt
+        ),
+        Err(status) => status,
+    };
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(reason_of(&refused), Some(ErrorReason::AuditUnavailable));
+
+    // Without the trigger the same replica delivers again, at once.
+    db.batch_execute("DROP TRIGGER drop_queue ON audit_queue")
+        .await
+        .expect("drop the trigger");
+    let answer = world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("after-trigger"))
+        .await
+        .expect("delivered once the queue stores rows again")
+        .into_inner();
+    assert!(answer.evidence.is_some());
+    let receipt = answer.audit_receipt.expect("a receipt");
+    let now_s = onceonly_proto::time::now_ms() / 1000;
+    assert!(
+        receipt
+            .committed_at
+            .is_some_and(|t| (t.seconds - now_s).abs() < 60),
+        "committed now, by the database's clock: {receipt:?}"
+    );
+
+    // The log holds what was answered, and nothing of the refusal.
+    world
+        .wait_for_records(
+            "after-trigger",
+            1,
+            Duration::from_millis(MERGE_DELAY_MS * 2),
+        )
+        .await;
+    let records = world.audit_records().await;
+    let of = |id: &str| records.iter().filter(|r| r.request_id == id).count();
+    assert_eq!(of("before-trigger"), 1);
+    assert_eq!(of("after-trigger"), 1);
+    assert_eq!(of("while-dropped"), 0, "refused, and unrecorded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_the_database_skips_is_refused_not_reported_done() {
+    let (postgres, world, _) = replicas(0).await;
+    let db = database(&postgres).await;
+    let consent = grant_residence(&world, world.broker_addr(), BERLIN).await;
+    let revoke = || async {
+        world
+            .portal()
+            .revoke_consent(RevokeConsentRequest {
+                consent_id: consent.consent_id.clone(),
+            })
+            .await
+    };
+
+    // Every UPDATE of a consent row is skipped.
+    db.batch_execute(&format!(
+        "{DROP_ROW};
+         CREATE TRIGGER keep_consents BEFORE UPDATE ON consents
+           FOR EACH ROW EXECUTE FUNCTION onceonly_drop();"
+    ))
+    .await
+    .expect("the intruder's trigger");
+    let refused = match revoke().await {
+        Ok(answer) => panic!(
+            "the portal was told the consent is revoked while its row is unchanged: {:?}",
+            answer.into_inner().consent
+        ),
+        Err(status) => status,
+    };
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(
+        reason_of(&refused),
+        Some(ErrorReason::BrokerUnavailable),
+        "{refused:?}"
+    );
+
+    // Every UPDATE stores the row as it was (its old MAC included).
+    db.batch_execute(
+        "CREATE OR REPLACE FUNCTION onceonly_drop() RETURNS trigger AS 'BEGIN RETURN OLD; END' LANGUAGE plpgsql",
+    )
+    .await
+    .expect("the intruder's second trigger");
+    let refused = match revoke().await {
+        Ok(answer) => panic!(
+            "the portal was told the consent is revoked while its old row was kept: {:?}",
+            answer.into_inner().consent
+        ),
+        Err(status) => status,
+    };
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(reason_of(&refused), Some(ErrorReason::BrokerUnavailable));
+
+    // The portal knows the consent still holds, and it does.
+    world
+        .authority(BERLIN)
+        .request_evidence(residence("not-revoked"))
+        .await
+        .expect("the consent was not revoked, and the portal was told so");
+
+    // Without the trigger the revocation takes effect.
+    db.batch_execute("DROP TRIGGER keep_consents ON consents")
+        .await
+        .expect("drop the trigger");
+    let revoked = revoke()
+        .await
+        .expect("revoked once the database stores it")
+        .into_inner()
+        .consent
+        .expect("consent");
+    assert!(revoked.revoked_at.is_some());
+    let refused = world
+        .authority(BERLIN)
+        .request_evidence(residence("revoked"))
+        .await
+        .expect_err("a revoked consent");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(reason_of(&refused), Some(ErrorReason::ConsentMissing));
+
+    // The log: every revocation asked for is recorded before it is made;
+    // each that did not take effect is followed by a record saying so.
+    let records = consent_records(&world, RecordKind::ConsentRevoked, &consent.consent_id, 5).await;
+    let statuses: Vec<Code> = records
+        .iter()
+        .map(|r| Code::from_i32(r.status_code))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            Code::Ok,
+            Code::Unavailable,
+            Code::Ok,
+            Code::Unavailable,
+            Code::Ok
+        ],
+        "{records:#?}"
+    );
+    for failed in records.iter().filter(|r| r.status_code != 0) {
+        assert!(
+            failed.status_message.starts_with("not carried out"),
+            "{failed:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_the_database_drops_is_refused_not_reported_done() {
+    let (postgres, world, _) = replicas(0).await;
+    let db = database(&postgres).await;
+    db.batch_execute(&format!(
+        "{DROP_ROW};
+         CREATE TRIGGER drop_consents BEFORE INSERT ON consents
+           FOR EACH ROW EXECUTE FUNCTION onceonly_drop();"
+    ))
+    .await
+    .expect("the intruder's trigger");
+    let grant = GrantConsentRequest {
+        subject: Some(onceonly_integration_tests::world::anna()),
+        authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
+        evidence_type: "proof-of-residence".into(),
+        purpose: "parental-allowance".into(),
+        expires_at: Some(onceonly_proto::time::timestamp(
+            onceonly_proto::time::now_ms() + 3_600_000,
+        )),
+    };
+    let refused = match world.portal().grant_consent(grant).await {
+        Ok(answer) => panic!(
+            "the portal was told a consent was granted that the database did not store: {:?}",
+            answer.into_inner().consent
+        ),
+        Err(status) => status,
+    };
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(reason_of(&refused), Some(ErrorReason::BrokerUnavailable));
+    let stored: i64 = db
+        .query_one("SELECT count(*) FROM consents", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(stored, 0);
+
+    db.batch_execute("DROP TRIGGER drop_consents ON consents")
+        .await
+        .expect("drop the trigger");
+    grant_residence(&world, world.broker_addr(), BERLIN).await;
+    world
+        .authority(BERLIN)
+        .request_evidence(residence("granted"))
+        .await
+        .expect("granted once the database stores it");
+}
