@@ -687,7 +687,7 @@ impl Broker {
         let request_id = record.request_id.clone();
         let outcome = record.outcome();
         let labels = crate::metrics::ExchangeLabels {
-            evidence_type: crate::metrics::evidence_type_label(self, &record.evidence_type),
+            evidence_type: evidence_type_label(self, &record.evidence_type),
             outcome: outcome_label(record.outcome()),
             reason: if record.error_reason == 0 {
                 "none".to_owned()
@@ -985,4 +985,13 @@ fn fingerprint(request: &RequestEvidenceRequest) -> [u8; 32] {
         hash.update(value.as_bytes());
     }
     hash.finalize().into()
+}
+
+/// The label value for an evidence type: itself where catalogued.
+pub fn evidence_type_label(broker: &Broker, evidence_type: &str) -> String {
+    if broker.routing.evidence_type(evidence_type).is_some() {
+        evidence_type.to_owned()
+    } else {
+        "unknown".to_owned()
+    }
 }

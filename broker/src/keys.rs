@@ -371,7 +371,7 @@ pub async fn rotate_audit_key(config: &BrokerConfig) -> Result<Rotation, KeyErro
     let next_path = suffixed(&config.audit_key, ".next");
     let old = load_audit_key(&config.audit_key)?;
     let old_public = hex::encode(old.public_key().as_ref());
-    let db = crate::storage::open_sled(sled::Config::new().path(&config.data_dir))
+    let db = crate::audit::open_storage_async(sled::Config::new().path(&config.data_dir))
         .await
         .map_err(|e| {
             KeyError::Log(format!(

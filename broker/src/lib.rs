@@ -27,6 +27,7 @@
 //! The `onceonly-broker` binary is a thin CLI over [`server`].
 
 pub mod access_log;
+pub mod admin;
 pub mod circuit;
 pub mod config;
 pub mod consent;

@@ -1,7 +1,7 @@
 //! Every way an exchange can end without evidence, as one typed error, and
 //! the one place that turns it into what the caller sees (gRPC status with
 //! its `ErrorReason` and details) and how the audit log classes it
-//! ([`ExchangeOutcome`]). The request path ([`crate::exchange`]) only ever
+//! ([`ExchangeOutcome`]). The request path (the `exchange` module) only ever
 //! returns a [`Refusal`]; nothing else builds a `Status` for it.
 
 use std::time::Duration;

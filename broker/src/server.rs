@@ -136,6 +136,12 @@ async fn open_embedded(
         what: format!("data directory {}", config.data_dir.display()),
         reason,
     })?;
+    if !config.audit.durable {
+        tracing::error!(
+            data_dir = %config.data_dir.display(),
+            "[audit] durable = false: records are NOT flushed before answers, so a crash loses answered requests' records; for measurements only, never in service"
+        );
+    }
     let (audit, audit_writer) =
         AuditLog::open(&config.data_dir, &db, config.audit.durable, audit_key)?;
     let consents = ConsentStore::open(&db, pseudonyms)?;
@@ -401,7 +407,7 @@ impl BoundBroker {
             admin,
         } = self;
         let admin_task = admin.map(|(listener, addr)| {
-            let registry = Arc::new(crate::metrics::registry(&broker, tls.clone()));
+            let registry = Arc::new(crate::admin::registry(&broker, tls.clone()));
             tracing::info!(%addr, "metrics on http://{addr}/metrics, readiness on /ready");
             tokio::spawn(onceonly_proto::telemetry::serve_admin(
                 listener,

@@ -327,15 +327,8 @@ pub fn replica_name() -> String {
     format!("{host}-{}-{}", std::process::id(), hex::encode(tag))
 }
 
-/// Opens sled as `config` says, off the async workers (opening waits out
-/// another process's lock with sleeps); the error as text, for the caller
-/// to name the directory and what to do.
-pub async fn open_sled(config: sled::Config) -> Result<sled::Db, String> {
-    tokio::task::spawn_blocking(move || crate::audit::open_storage(config))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
-}
+/// Opens sled as `config` says, off the async workers.
+pub use crate::audit::open_storage_async as open_sled;
 
 /// What moving a data directory into PostgreSQL did.
 #[derive(Debug, Clone)]

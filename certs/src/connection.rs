@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +28,9 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::identity::Participant;
+use crate::security::RefusalKind;
 
 /// Connection limits, as `[connections]` in a server's configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -255,7 +258,7 @@ pub struct ConnectionState {
     /// The end entity's `notAfter` (Unix seconds).
     not_after: Option<i64>,
     /// Set once: why the connection is no longer served.
-    closed: std::sync::OnceLock<crate::tls::PeerRefusal>,
+    closed: std::sync::OnceLock<PeerRefusal>,
     /// Set when the server stops: the connection ends, its calls with it.
     shut_down: std::sync::atomic::AtomicBool,
     /// Wakes the connection's stream to act on `closed`.
@@ -295,7 +298,7 @@ impl ConnectionState {
 
     /// Stops serving the connection: calls on it are refused with
     /// `refusal`, and its stream ends.
-    pub fn close(&self, refusal: crate::tls::PeerRefusal) {
+    pub fn close(&self, refusal: PeerRefusal) {
         if self.closed.set(refusal).is_ok() {
             self.waker.wake();
         }
@@ -315,20 +318,20 @@ impl ConnectionState {
     }
 
     /// Why the server closed the connection, if it did.
-    pub fn closed(&self) -> Option<crate::tls::PeerRefusal> {
+    pub fn closed(&self) -> Option<PeerRefusal> {
         self.closed.get().cloned()
     }
 
     /// Why the connection is no longer served, if it is not: closed by the
     /// server, or its peer's certificate expired since the handshake.
-    pub fn refusal(&self) -> Option<crate::tls::PeerRefusal> {
+    pub fn refusal(&self) -> Option<PeerRefusal> {
         if let Some(closed) = self.closed.get() {
             return Some(closed.clone());
         }
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         match self.not_after {
-            Some(not_after) if now > not_after => Some(crate::tls::PeerRefusal {
-                kind: crate::security::RefusalKind::Expired,
+            Some(not_after) if now > not_after => Some(PeerRefusal {
+                kind: RefusalKind::Expired,
                 reason: "certificate has expired since the connection was opened".into(),
                 claimed: None,
             }),
@@ -417,7 +420,7 @@ where
         request.extensions_mut().insert(CallStarted(Instant::now()));
         let guard = request
             .extensions()
-            .get::<crate::tls::PeerIdentity>()
+            .get::<PeerIdentity>()
             .and_then(|peer| peer.activity.as_ref())
             .map(ConnectionState::begin_call);
         let response = self.0.call(request);
@@ -457,6 +460,31 @@ impl http_body::Body for GuardedBody {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// What a server knows about the peer of a connection, as request handlers
+/// see it.
+#[derive(Debug, Clone)]
+pub struct PeerIdentity {
+    /// Who the peer is, from its verified certificate; or, on a server with
+    /// a server that defers client authentication (`ClientAuth::Deferred`), why its certificate was refused.
+    pub identity: Result<Participant, PeerRefusal>,
+    /// Its address.
+    pub remote_addr: Option<SocketAddr>,
+    /// The connection's calls in flight, for its idle timeout.
+    pub activity: Option<Arc<ConnectionState>>,
+}
+
+/// Why a peer's certificate was refused, and whom it claimed to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRefusal {
+    /// The class of the refusal, for counting.
+    pub kind: RefusalKind,
+    /// The reason, for the caller and the log (e.g. "certificate has been
+    /// revoked").
+    pub reason: String,
+    /// The SPIFFE id the certificate claims (unverified), if readable.
+    pub claimed: Option<String>,
 }
 
 #[cfg(test)]

@@ -413,7 +413,7 @@ impl IdentityVerifier {
     ) -> Result<Self, IdentityError> {
         let crl_next_update = crls
             .iter()
-            .filter_map(|crl| crate::pki::crl_next_update(crl.as_ref()))
+            .filter_map(|crl| crl_next_update(crl.as_ref()))
             .min();
         validate_trust_domain(trust_domain)?;
         let mut store = RootCertStore::empty();
@@ -654,6 +654,12 @@ impl ClientCertVerifier for IdentityVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.webpki.supported_verify_schemes()
     }
+}
+
+/// The `nextUpdate` of a DER revocation list (Unix seconds), if it has one.
+pub fn crl_next_update(der: &[u8]) -> Option<i64> {
+    let (_, crl) = x509_parser::parse_x509_crl(der).ok()?;
+    crl.next_update().map(|t| t.timestamp())
 }
 
 #[cfg(test)]

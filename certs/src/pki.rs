@@ -1091,11 +1091,7 @@ fn write_file(path: &Path, contents: &[u8], secret: bool, overwrite: bool) -> Re
     file.sync_all().map_err(io)
 }
 
-/// The `nextUpdate` of a DER revocation list (Unix seconds), if it has one.
-pub fn crl_next_update(der: &[u8]) -> Option<i64> {
-    let (_, crl) = x509_parser::parse_x509_crl(der).ok()?;
-    crl.next_update().map(|t| t.timestamp())
-}
+pub use crate::identity::crl_next_update;
 
 /// Reads every certificate of a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {

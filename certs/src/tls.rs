@@ -542,30 +542,7 @@ fn verify_open(verifier: &IdentityVerifier, connection: &ConnectionState) -> boo
     }
 }
 
-/// What a server knows about the peer of a connection, as request handlers
-/// see it.
-#[derive(Debug, Clone)]
-pub struct PeerIdentity {
-    /// Who the peer is, from its verified certificate; or, on a server with
-    /// [`ClientAuth::Deferred`], why its certificate was refused.
-    pub identity: Result<Participant, PeerRefusal>,
-    /// Its address.
-    pub remote_addr: Option<SocketAddr>,
-    /// The connection's calls in flight, for its idle timeout.
-    pub activity: Option<Arc<ConnectionState>>,
-}
-
-/// Why a peer's certificate was refused, and whom it claimed to be.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerRefusal {
-    /// The class of the refusal, for counting.
-    pub kind: RefusalKind,
-    /// The reason, for the caller and the log (e.g. "certificate has been
-    /// revoked").
-    pub reason: String,
-    /// The SPIFFE id the certificate claims (unverified), if readable.
-    pub claimed: Option<String>,
-}
+pub use crate::connection::{PeerIdentity, PeerRefusal};
 
 /// The caller's verified identity from a tonic request, or why there is
 /// none (refused certificate, or a server not fed by [`MtlsIncoming`]).

@@ -4,16 +4,46 @@
 //! values; TLS with the source's CA (and client certificate), or a bearer
 //! token from a file; a timeout per call.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use crate::lookup::{LookupError, Values};
-use crate::mapping::HttpRequestSpec;
+use serde::Deserialize;
 
+use crate::lookup::{LookupError, Values};
+use crate::template::Format;
+
+/// An HTTP source's call for one lookup.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRequestSpec {
+    /// `GET` (default) or `POST`.
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// The path after `base_url`, with `{subject}` and `{<parameter>}`
+    /// placeholders (each value percent-encoded as one path segment).
+    pub path: String,
+    /// Query parameters; values may hold placeholders (URL-encoded).
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+    /// POST only: a JSON body template (`{{ subject }}` etc., JSON-encoded).
+    #[serde(default)]
+    pub body: Option<String>,
+    /// Answers with these statuses mean "no such subject" (default 404).
+    #[serde(default = "default_not_found")]
+    pub not_found_status: Vec<u16>,
+}
+
+fn default_method() -> String {
+    "GET".to_owned()
+}
+
+fn default_not_found() -> Vec<u16> {
+    vec![404]
+}
 /// Checks the base URL: http(s), and TLS unless the API is on this host.
 pub fn check_base_url(base_url: &str, has_ca: bool) -> Result<(), (String, &'static str)> {
     let url = reqwest::Url::parse(base_url).map_err(|e| {
@@ -64,7 +94,7 @@ pub fn check_request(
         }
     }
     if let Some(body) = &request.body {
-        crate::template::check(body, crate::mapping::Format::Json)?;
+        crate::template::check(body, Format::Json)?;
     }
     Ok(())
 }
@@ -196,9 +226,7 @@ impl Http {
             .collect();
         let mut call = if request.method == "POST" {
             let body = match &request.body {
-                Some(body) => {
-                    crate::template::render(body, crate::mapping::Format::Json, Map::new(), values)?
-                }
+                Some(body) => crate::template::render(body, Format::Json, Map::new(), values)?,
                 None => b"{}".to_vec(),
             };
             self.client

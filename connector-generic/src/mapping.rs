@@ -33,6 +33,9 @@ use onceonly_proto::v1::{EvidenceParameter, EvidenceTypeInfo, SubjectIdScheme};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use crate::http::HttpRequestSpec;
+pub use crate::template::Format;
+
 /// A mapping file that cannot be used: where, what, and how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{path}:{line}: {problem}; {fix}")]
@@ -180,60 +183,6 @@ pub struct ParameterSpec {
     /// Whether every request must carry it.
     #[serde(default)]
     pub required: bool,
-}
-
-/// An HTTP source's call for one lookup.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpRequestSpec {
-    /// `GET` (default) or `POST`.
-    #[serde(default = "default_method")]
-    pub method: String,
-    /// The path after `base_url`, with `{subject}` and `{<parameter>}`
-    /// placeholders (each value percent-encoded as one path segment).
-    pub path: String,
-    /// Query parameters; values may hold placeholders (URL-encoded).
-    #[serde(default)]
-    pub query: BTreeMap<String, String>,
-    /// POST only: a JSON body template (`{{ subject }}` etc., JSON-encoded).
-    #[serde(default)]
-    pub body: Option<String>,
-    /// Answers with these statuses mean "no such subject" (default 404).
-    #[serde(default = "default_not_found")]
-    pub not_found_status: Vec<u16>,
-}
-
-fn default_method() -> String {
-    "GET".to_owned()
-}
-
-fn default_not_found() -> Vec<u16> {
-    vec![404]
-}
-
-/// The document formats a template can produce, by media type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// `application/json` or `+json`: inserted values are JSON-encoded and
-    /// the result must parse as JSON.
-    Json,
-    /// `application/xml`, `text/xml` or `+xml`: inserted values are escaped.
-    Xml,
-}
-
-impl Format {
-    /// The format of `media_type`, if a template can produce it.
-    pub fn of(media_type: &str) -> Option<Format> {
-        let essence = media_type.split(';').next().unwrap_or("").trim();
-        if essence == "application/json" || essence.ends_with("+json") {
-            Some(Format::Json)
-        } else if essence == "application/xml" || essence == "text/xml" || essence.ends_with("+xml")
-        {
-            Some(Format::Xml)
-        } else {
-            None
-        }
-    }
 }
 
 /// A validated mapping: everything resolved, ready to open its sources.

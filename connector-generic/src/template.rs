@@ -8,7 +8,6 @@ use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value};
 use serde_json::Map;
 
 use crate::lookup::{LookupError, Values};
-use crate::mapping::Format;
 
 fn environment(format: Format) -> Environment<'static> {
     let mut env = Environment::new();
@@ -58,6 +57,31 @@ pub fn render(
         )));
     }
     Ok(rendered.into_bytes())
+}
+
+/// The document formats a template can produce, by media type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `application/json` or `+json`: inserted values are JSON-encoded and
+    /// the result must parse as JSON.
+    Json,
+    /// `application/xml`, `text/xml` or `+xml`: inserted values are escaped.
+    Xml,
+}
+
+impl Format {
+    /// The format of `media_type`, if a template can produce it.
+    pub fn of(media_type: &str) -> Option<Format> {
+        let essence = media_type.split(';').next().unwrap_or("").trim();
+        if essence == "application/json" || essence.ends_with("+json") {
+            Some(Format::Json)
+        } else if essence == "application/xml" || essence == "text/xml" || essence.ends_with("+xml")
+        {
+            Some(Format::Xml)
+        } else {
+            None
+        }
+    }
 }
 
 #[cfg(test)]

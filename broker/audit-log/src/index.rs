@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use onceonly_proto::v1::{AuditRecord, ExchangeOutcome};
 
-use crate::store::BatchPlace;
+use crate::AuditError;
 
 /// The key layout of the `audit-index` tree.
 pub mod keys {
@@ -158,5 +158,38 @@ impl AuditFilter {
         }
         self.outcome
             .map(|o| keys::index_prefix(Field::Outcome as u8, &(o as i32).to_be_bytes()))
+    }
+}
+
+/// Where a batch's frame is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchPlace {
+    pub(crate) first_index: u64,
+    pub(crate) offset: u64,
+    pub(crate) count: u64,
+}
+
+impl BatchPlace {
+    /// The value of its `b` entry: offset (u64 BE) and record count (u32 BE).
+    pub(crate) fn encode(&self) -> [u8; 12] {
+        let mut value = [0u8; 12];
+        value[..8].copy_from_slice(&self.offset.to_be_bytes());
+        value[8..].copy_from_slice(&(self.count as u32).to_be_bytes());
+        value
+    }
+
+    pub(crate) fn decode(key: &[u8], value: &[u8]) -> Result<Self, AuditError> {
+        let corrupt = || AuditError::Corrupt("a batch index entry is malformed".into());
+        let first_index = u64::from_be_bytes(key[1..].try_into().map_err(|_| corrupt())?);
+        if value.len() != 12 {
+            return Err(corrupt());
+        }
+        Ok(BatchPlace {
+            first_index,
+            offset: u64::from_be_bytes(value[..8].try_into().map_err(|_| corrupt())?),
+            count: u64::from(u32::from_be_bytes(
+                value[8..].try_into().map_err(|_| corrupt())?,
+            )),
+        })
     }
 }

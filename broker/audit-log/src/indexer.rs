@@ -1,4 +1,4 @@
-//! The indexer thread: takes the frames the [`crate::writer`] has made
+//! The indexer thread: takes the frames the writer (`writer` module) has made
 //! durable and adds them to the sled index in larger batches, behind the
 //! writer and off the path of any request.
 //!
@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use onceonly_proto::v1::AuditRecord;
 
+use crate::fault::AuditFault;
 use crate::index::index_frames;
-use crate::log::AuditFault;
 use crate::store::{BatchPlace, Store};
 
 /// The longest a durable frame waits for the index.

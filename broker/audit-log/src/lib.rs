@@ -44,6 +44,8 @@
 //! tool needs and nothing it does not.
 
 pub mod auditor;
+#[cfg(feature = "store")]
+pub mod fault;
 pub mod handover;
 pub mod head;
 #[cfg(feature = "store")]
@@ -70,7 +72,7 @@ pub use log::{AuditFault, AuditLog};
 #[cfg(feature = "store")]
 pub use metrics::AuditMetrics;
 #[cfg(feature = "store")]
-pub use store::{open_storage, time_a_flush};
+pub use store::{open_storage, open_storage_async, time_a_flush};
 pub use verify::{Tamper, VerifiedLog, verify_dir, verify_dir_against};
 
 /// Why the log failed.

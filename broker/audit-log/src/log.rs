@@ -13,6 +13,8 @@ use prost::Message;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use tokio::sync::{mpsc, oneshot};
 
+pub use crate::fault::AuditFault;
+use crate::fault::poisoned;
 use crate::head::decode_head;
 use crate::index::{AuditFilter, index_frames, keys};
 use crate::metrics::AuditMetrics;
@@ -30,20 +32,6 @@ pub struct AuditLog {
     /// While set, the writer holds its next batch open (tests that need
     /// several appends in one frame).
     held: Arc<AtomicBool>,
-}
-
-/// A fault to inject into the log's writer, for fail-closed drills and tests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum AuditFault {
-    /// None: appends work.
-    None = 0,
-    /// Every append fails before it is written.
-    Append = 1,
-    /// Appends are written, flushed and answered, then indexing them fails
-    /// (their frames must stay readable, and the log refuse further appends
-    /// until reopened, which indexes them).
-    IndexAfterFlush = 2,
 }
 
 impl AuditLog {
@@ -383,10 +371,6 @@ impl AuditLog {
     pub fn metrics(&self) -> &AuditMetrics {
         &self.store.metrics
     }
-}
-
-pub(crate) fn poisoned() -> AuditError {
-    AuditError::Storage("a thread panicked while holding the signed head".into())
 }
 
 fn proof_error(e: ProofError<AuditError>) -> AuditError {

@@ -32,45 +32,14 @@ pub(crate) struct Store {
     pub(crate) last_failure_ms: std::sync::atomic::AtomicI64,
     /// Flush and batch figures, for the broker's metrics.
     pub(crate) metrics: AuditMetrics,
-    /// Frames written but not yet in the index (the [`crate::indexer`]
+    /// Frames written but not yet in the index (the indexer
     /// takes them in larger batches behind the writer), ascending.
     pub(crate) recent: RwLock<VecDeque<BatchPlace>>,
     /// Every record below this index is in the sled index.
     pub(crate) indexed_end: AtomicU64,
 }
 
-/// Where a batch's frame is.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct BatchPlace {
-    pub(crate) first_index: u64,
-    pub(crate) offset: u64,
-    pub(crate) count: u64,
-}
-
-impl BatchPlace {
-    /// The value of its `b` entry: offset (u64 BE) and record count (u32 BE).
-    pub(crate) fn encode(&self) -> [u8; 12] {
-        let mut value = [0u8; 12];
-        value[..8].copy_from_slice(&self.offset.to_be_bytes());
-        value[8..].copy_from_slice(&(self.count as u32).to_be_bytes());
-        value
-    }
-
-    pub(crate) fn decode(key: &[u8], value: &[u8]) -> Result<Self, AuditError> {
-        let corrupt = || AuditError::Corrupt("a batch index entry is malformed".into());
-        let first_index = u64::from_be_bytes(key[1..].try_into().map_err(|_| corrupt())?);
-        if value.len() != 12 {
-            return Err(corrupt());
-        }
-        Ok(BatchPlace {
-            first_index,
-            offset: u64::from_be_bytes(value[..8].try_into().map_err(|_| corrupt())?),
-            count: u64::from(u32::from_be_bytes(
-                value[8..].try_into().map_err(|_| corrupt())?,
-            )),
-        })
-    }
-}
+pub(crate) use crate::index::BatchPlace;
 
 impl Store {
     /// The batch holding log index `index`, where written: among the
@@ -78,7 +47,7 @@ impl Store {
     /// to the index before it leaves `recent`, so one of the two has it.)
     pub(crate) fn batch_of(&self, index: u64) -> Result<Option<BatchPlace>, AuditError> {
         {
-            let recent = self.recent.read().map_err(|_| crate::log::poisoned())?;
+            let recent = self.recent.read().map_err(|_| crate::fault::poisoned())?;
             if recent
                 .front()
                 .is_some_and(|first| index >= first.first_index)
@@ -204,4 +173,14 @@ pub fn open_storage(config: sled::Config) -> sled::Result<sled::Db> {
             other => return other,
         }
     }
+}
+
+/// [`open_storage`] off the async workers (opening waits out another
+/// process's lock with sleeps); the error as text, for the caller to name
+/// the directory and what to do.
+pub async fn open_storage_async(config: sled::Config) -> Result<sled::Db, String> {
+    tokio::task::spawn_blocking(move || open_storage(config))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
 }

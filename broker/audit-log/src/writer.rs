@@ -15,9 +15,9 @@ use prost::Message;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::fault::{AuditFault, poisoned};
 use crate::head::head_to_proto;
 use crate::indexer::Job;
-use crate::log::{AuditFault, poisoned};
 use crate::store::{BatchPlace, Store};
 use crate::{AuditError, handover, segment};
 

@@ -95,9 +95,14 @@ pub fn pool(settings: &PoolSettings) -> Result<Pool, PoolSetupError> {
         bound(settings.timeout),
         bound(settings.idle_in_transaction),
     );
-    if !settings.synchronous_commit {
-        ours.push_str(" -c synchronous_commit=off");
-    }
+    // Set either way: a durable pool's commits wait for the WAL flush (and
+    // the synchronous standby) even where the server's or the role's
+    // default says otherwise, or an operator's `options` in the URL.
+    ours.push_str(if settings.synchronous_commit {
+        " -c synchronous_commit=on"
+    } else {
+        " -c synchronous_commit=off"
+    });
     let options = match config.get_options() {
         Some(theirs) if !theirs.is_empty() => format!("{theirs} {ours}"),
         _ => ours,
