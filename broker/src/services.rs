@@ -439,10 +439,7 @@ impl AuditService for AuditGrpc {
             .audit
             .query(filter, start, limit)
             .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "audit query failed");
-                Status::unavailable("the audit log is unavailable; retry")
-            })?;
+            .map_err(audit_status)?;
         Ok(Response::new(QueryRecordsResponse {
             records,
             next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
@@ -604,6 +601,14 @@ fn audit_status(e: crate::audit::AuditError) -> Status {
             ErrorReason::InvalidRequest,
             &[FieldViolation::new("tree_size", reason)],
         ),
+        crate::audit::AuditError::Corrupt(reason) => {
+            tracing::error!(%reason, "the audit log's stored state disagrees with its records");
+            error(
+                Code::DataLoss,
+                ErrorReason::AuditLogInconsistent,
+                "the audit log's stored index disagrees with its signed records, so nothing is shown; the broker operator has the details in its log",
+            )
+        }
         other => {
             tracing::error!(error = %other, "audit log failed");
             Status::unavailable("the audit log is unavailable; retry")

@@ -264,3 +264,110 @@ async fn a_grant_the_database_drops_is_refused_not_reported_done() {
         .await
         .expect("granted once the database stores it");
 }
+
+/// The records `channel`'s participant sees, or the refusal.
+async fn view(
+    channel: tonic::transport::Channel,
+    subject: Option<onceonly_proto::v1::SubjectId>,
+) -> Result<Vec<AuditRecord>, tonic::Status> {
+    onceonly_proto::v1::audit_service_client::AuditServiceClient::new(channel)
+        .query_records(onceonly_proto::v1::QueryRecordsRequest {
+            subject,
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().records)
+}
+
+/// The columns queries filter on are not in the Merkle leaf: an intruder
+/// who edits them must not move a record into another authority's or
+/// another citizen's view (the log itself would still verify). Queries
+/// check each record against what it was found for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_moved_into_another_view_is_refused_not_shown() {
+    use onceonly_certs::Role;
+    use onceonly_integration_tests::world::{PORTAL, anna};
+    const MUENCHEN: &str = AUTHORITIES[1];
+    const KOELN: &str = AUTHORITIES[2];
+    let (postgres, world, _) = replicas(0).await;
+    let db = database(&postgres).await;
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("moved-between-authorities"))
+        .await
+        .expect("delivered");
+    // Another person's vehicle, fetched by the tax office.
+    let mut vehicle = birth_certificate("moved-between-citizens");
+    vehicle.evidence_type = "vehicle-registration".into();
+    vehicle.purpose = "vehicle-tax-assessment".into();
+    vehicle.legal_basis = "§ 1 KraftStG".into();
+    vehicle.subject = Some(onceonly_proto::v1::SubjectId {
+        value: "21641045750".into(),
+        ..anna()
+    });
+    world
+        .authority(KOELN)
+        .request_evidence(vehicle)
+        .await
+        .expect("delivered");
+    for id in ["moved-between-authorities", "moved-between-citizens"] {
+        let sequenced = world
+            .wait_for_records(id, 1, Duration::from_millis(MERGE_DELAY_MS * 3))
+            .await;
+        assert_eq!(sequenced.len(), 1, "{id} sequenced");
+    }
+    let muenchen = || world.channel(Role::Authority, MUENCHEN);
+    let portal = || world.channel(Role::Portal, PORTAL);
+    assert!(
+        view(muenchen(), None)
+            .await
+            .expect("its own view")
+            .is_empty(),
+        "München asked for nothing"
+    );
+    let anna_before = view(portal(), Some(anna())).await.expect("Anna's view");
+    assert!(
+        anna_before
+            .iter()
+            .all(|r| r.request_id != "moved-between-citizens")
+    );
+
+    // The intruder moves Berlin's record into München's view.
+    let moved = db
+        .execute(
+            "UPDATE audit_leaves SET caller_id = $1 WHERE caller_id = $2",
+            &[
+                &format!("spiffe://onceonly.test/authority/{MUENCHEN}"),
+                &format!("spiffe://onceonly.test/authority/{BERLIN}"),
+            ],
+        )
+        .await
+        .expect("the intruder's update");
+    assert!(moved >= 1);
+    let refused = view(muenchen(), None)
+        .await
+        .expect_err("München must not see Berlin's record as its own");
+    assert_eq!(refused.code(), Code::DataLoss, "{refused:?}");
+    assert_eq!(reason_of(&refused), Some(ErrorReason::AuditLogInconsistent));
+
+    // And someone else's vehicle record into Anna's history.
+    let moved = db
+        .execute(
+            "UPDATE audit_leaves SET subject_pseudonym =
+               (SELECT subject_pseudonym FROM audit_leaves WHERE caller_id = $1 LIMIT 1)
+             WHERE caller_id = $2",
+            &[
+                &format!("spiffe://onceonly.test/authority/{MUENCHEN}"),
+                &format!("spiffe://onceonly.test/authority/{KOELN}"),
+            ],
+        )
+        .await
+        .expect("the intruder's update");
+    assert!(moved >= 1);
+    let refused = view(portal(), Some(anna()))
+        .await
+        .expect_err("Anna's view must not show another person's record");
+    assert_eq!(refused.code(), Code::DataLoss, "{refused:?}");
+    assert_eq!(reason_of(&refused), Some(ErrorReason::AuditLogInconsistent));
+}

@@ -120,7 +120,11 @@ pub struct AuditFilter {
 }
 
 impl AuditFilter {
-    pub(crate) fn matches(&self, record: &AuditRecord) -> bool {
+    /// Whether `record` has what the filter asks for: the check every
+    /// query makes of a record an index listed, so that an edited index
+    /// (sled's, or the database's columns) cannot move a record into
+    /// another subject's or caller's view.
+    pub fn matches(&self, record: &AuditRecord) -> bool {
         let received = record.received_at.as_ref().map_or(0, |t| t.seconds);
         self.subject_pseudonym
             .as_ref()

@@ -447,7 +447,7 @@ impl PgAuditLog {
         let outcome = filter.outcome.map(|o| o as i32);
         let rows = client
             .query(
-                "SELECT log_index, record FROM audit_leaves
+                "SELECT log_index, record, leaf_hash FROM audit_leaves
                  WHERE log_index >= $1
                    AND ($2::bytea IS NULL OR subject_pseudonym = $2)
                    AND ($3::text IS NULL OR caller_id = $3)
@@ -480,6 +480,16 @@ impl PgAuditLog {
             let bytes: Vec<u8> = row.get(1);
             let mut record = AuditRecord::decode(bytes.as_slice())
                 .map_err(|e| AuditError::Corrupt(format!("record {index}: {e}")))?;
+            // The columns the query filtered on are not in the Merkle leaf:
+            // someone with write access could edit them and move a record
+            // into another subject's or authority's view while the log
+            // still verifies. Each record must have what it was found for,
+            // and be the leaf it is stored as.
+            if !filter.matches(&record) || leaf_hash(&bytes).as_slice() != row.get::<_, &[u8]>(2) {
+                return Err(AuditError::Corrupt(format!(
+                    "record {index} is listed in audit_leaves under columns (or a leaf hash) its signed bytes do not have: the table was edited outside the replicas; nothing of this query is shown. `onceonly-audit verify` checks the records themselves"
+                )));
+            }
             // Its place, for reading (the committed bytes carry none).
             record.log_index = index as u64;
             records.push(record);
