@@ -371,3 +371,68 @@ async fn a_record_moved_into_another_view_is_refused_not_shown() {
     assert_eq!(refused.code(), Code::DataLoss, "{refused:?}");
     assert_eq!(reason_of(&refused), Some(ErrorReason::AuditLogInconsistent));
 }
+
+/// A queued row copied while it waited, and put back after its record was
+/// signed into the log, must not be signed in a second time (a citizen's
+/// view would show an authority fetching their data twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_queue_row_is_set_aside_not_sequenced_twice() {
+    let (postgres, world, _) = replicas(0).await;
+    let db = database(&postgres).await;
+    db.batch_execute(
+        "CREATE TABLE stolen (LIKE audit_queue);
+         CREATE FUNCTION onceonly_copy() RETURNS trigger AS
+           'BEGIN INSERT INTO stolen SELECT (NEW).*; RETURN NULL; END' LANGUAGE plpgsql;
+         CREATE TRIGGER copy_queue AFTER INSERT ON audit_queue
+           FOR EACH ROW EXECUTE FUNCTION onceonly_copy();",
+    )
+    .await
+    .expect("the intruder's copying trigger");
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("copied"))
+        .await
+        .expect("delivered");
+    let sequenced = world
+        .wait_for_records("copied", 1, Duration::from_millis(MERGE_DELAY_MS * 3))
+        .await;
+    assert_eq!(sequenced.len(), 1);
+    let put_back = db
+        .execute(
+            "INSERT INTO audit_queue (replica, leaf_hash, record, mac, queued_at_ms)
+             SELECT replica, leaf_hash, record, mac, queued_at_ms FROM stolen",
+            &[],
+        )
+        .await
+        .expect("the copy goes back into the queue");
+    assert!(put_back >= 1);
+    // The sequencer takes the queue every 100 ms: wait until it is empty.
+    let deadline = Instant::now() + Duration::from_millis(MERGE_DELAY_MS * 3);
+    loop {
+        let waiting: i64 = db
+            .query_one("SELECT count(*) FROM audit_queue", &[])
+            .await
+            .expect("count")
+            .get(0);
+        if waiting == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the queue was never taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let quarantined: Vec<String> = db
+        .query("SELECT reason FROM audit_quarantine", &[])
+        .await
+        .expect("quarantine")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        quarantined.iter().any(|reason| reason.contains("copy")),
+        "{quarantined:?}"
+    );
+    let records = world
+        .wait_for_records("copied", 2, Duration::from_secs(1))
+        .await;
+    assert_eq!(records.len(), 1, "signed into the log twice: {records:?}");
+}

@@ -1146,6 +1146,23 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
         let mut columns = LeafColumns::default();
         let (mut levels, mut nodes, mut hashes) = (Vec::new(), Vec::new(), Vec::new());
         let mut set_aside: Vec<(i64, String)> = Vec::new();
+        // Every record is unique (its exchange id, its time): a leaf the log
+        // holds already, or one queued twice, is a copied row, which must
+        // not be signed into the log a second time.
+        let queued_leaves: Vec<Vec<u8>> = queued
+            .iter()
+            .map(|row| leaf_hash(row.get::<_, &[u8]>(1)).to_vec())
+            .collect();
+        let mut seen: std::collections::HashSet<Vec<u8>> = tx
+            .query(
+                "SELECT leaf_hash FROM audit_leaves WHERE leaf_hash = ANY($1)",
+                &[&queued_leaves],
+            )
+            .await
+            .map_err(storage)?
+            .iter()
+            .map(|row| row.get::<_, Vec<u8>>(0))
+            .collect();
         for row in &queued {
             let queue_id: i64 = row.get(0);
             let record_bytes: Vec<u8> = row.get(1);
@@ -1172,8 +1189,15 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
                     continue;
                 }
             };
-            let index = next.size();
             let leaf = leaf_hash(&record_bytes);
+            if !seen.insert(leaf.to_vec()) {
+                set_aside.push((
+                    queue_id,
+                    "a copy of a record the log already holds (or queued twice): the row was copied".into(),
+                ));
+                continue;
+            }
+            let index = next.size();
             for (level, node, hash) in next.push(leaf) {
                 if level > 0 {
                     levels.push(level as i32);
