@@ -137,12 +137,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve { config, .. } => {
             let config = BrokerConfig::load(&config)?;
             let broker = BoundBroker::bind(&config).await?;
+            // Before the line that says it is ready: a SIGTERM after it stops.
+            let stop = onceonly_certs::serve::terminate_signal();
             println!(
                 "onceonly broker {} listening on {}",
                 broker.identity(),
                 broker.local_addr()
             );
-            broker.serve().await?;
+            broker.serve_until_stopped(stop).await?;
         }
         Command::Init { config } => {
             let config = BrokerConfig::load(&config)?;

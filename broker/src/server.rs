@@ -384,8 +384,18 @@ impl BoundBroker {
 
     /// Serves until Ctrl-C or SIGTERM; SIGHUP reloads policy and TLS.
     pub async fn serve(self) -> Result<(), StartError> {
-        self.serve_until(onceonly_certs::serve::terminate_signal(), true)
+        self.serve_until_stopped(onceonly_certs::serve::terminate_signal())
             .await
+    }
+
+    /// Serves until `stop` completes (give it
+    /// `onceonly_certs::serve::terminate_signal()` made before the process
+    /// says it is ready); SIGHUP reloads policy and TLS.
+    pub async fn serve_until_stopped(
+        self,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        self.serve_until(stop, true).await
     }
 
     async fn serve_until(

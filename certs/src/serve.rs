@@ -1,25 +1,45 @@
 //! Process signals every onceonly server handles the same way: Ctrl-C or
 //! SIGTERM to shut down gracefully, SIGHUP to reload files in place.
 
-/// Completes on Ctrl-C or SIGTERM.
-pub async fn terminate_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Completes on Ctrl-C or SIGTERM. The handlers are installed when this
+/// is called, not when the future is first polled: call it before saying
+/// the server is ready, so that a SIGTERM right after that line (a service
+/// manager, a test) stops the server rather than killing the process with
+/// the signal's default action. Call within a tokio runtime.
+pub fn terminate_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (terminate, interrupt) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        // SIGHUP too: its default action ends the process, and the reload
+        // handler may be installed a moment after the ready line. Once
+        // tokio handles a signal it does so for the life of the process,
+        // so an early SIGHUP is only missed, never fatal.
+        drop(signal(SignalKind::hangup()));
+        (
+            signal(SignalKind::terminate()).ok(),
+            signal(SignalKind::interrupt()).ok(),
+        )
     };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
+    async move {
+        #[cfg(unix)]
+        {
+            let wait = |signal: Option<tokio::signal::unix::Signal>| async move {
+                match signal {
+                    Some(mut signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = wait(terminate) => {},
+                () = wait(interrupt) => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
@@ -33,17 +53,17 @@ pub async fn terminate_signal() {
 /// references where it can.
 #[must_use = "the SIGHUP handler stops when the guard is dropped"]
 pub fn on_sighup(reload: impl Fn() + Send + 'static) -> SighupGuard {
+    // Installed now, not when the task first runs.
     #[cfg(unix)]
-    let task = Some(tokio::spawn(async move {
-        let Ok(mut hangups) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            return;
-        };
-        while hangups.recv().await.is_some() {
-            reload();
-        }
-    }));
+    let task = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .ok()
+        .map(|mut hangups| {
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    reload();
+                }
+            })
+        });
     #[cfg(not(unix))]
     let task = {
         drop(reload);

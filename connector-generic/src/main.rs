@@ -105,12 +105,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let server = ConnectorServer::new(connector, config.connector)
                 .bind()
                 .await?;
+            // Before the line that says it is ready: a SIGTERM after it stops.
+            let stop = onceonly_certs::serve::terminate_signal();
             println!(
                 "onceonly-connector serving as {} on {}",
                 server.identity(),
                 server.local_addr()
             );
-            server.serve().await?;
+            server.serve_until(stop).await?;
             if let Some(telemetry) = telemetry {
                 telemetry.shutdown();
             }

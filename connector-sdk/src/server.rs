@@ -315,9 +315,19 @@ impl<C: Connector> BoundConnector<C> {
 
     /// Serves until Ctrl-C or SIGTERM; reloads TLS files on SIGHUP.
     pub async fn serve(self) -> Result<(), ServeError> {
-        let _sighup = spawn_sighup_reload(self.tls.clone());
-        self.serve_with_shutdown(onceonly_certs::serve::terminate_signal())
+        self.serve_until(onceonly_certs::serve::terminate_signal())
             .await
+    }
+
+    /// Serves until `stop` completes (give it
+    /// `onceonly_certs::serve::terminate_signal()` made before the process
+    /// says it is ready); reloads TLS files on SIGHUP.
+    pub async fn serve_until(
+        self,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let _sighup = spawn_sighup_reload(self.tls.clone());
+        self.serve_with_shutdown(stop).await
     }
 
     /// Serves in a background task; the handle stops it.

@@ -65,13 +65,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let server = ConnectorServer::new(register, config.connector)
                 .bind()
                 .await?;
+            // Before the line that says it is ready: a SIGTERM after it stops.
+            let stop = onceonly_certs::serve::terminate_signal();
             println!(
                 "{:?} register serving as {} on {}",
                 config.register,
                 server.identity(),
                 server.local_addr()
             );
-            server.serve().await?;
+            server.serve_until(stop).await?;
             if let Some(telemetry) = telemetry {
                 telemetry.shutdown();
             }
