@@ -120,16 +120,7 @@ fn main() -> ExitCode {
     // Everything that matters is closed by now (the audit log flushed); a
     // blocking task still running must not hold the process.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!(
-                "error: {}",
-                onceonly_certs::report::error_chain(error.as_ref())
-            );
-            ExitCode::FAILURE
-        }
-    }
+    onceonly_certs::report::exit_code(result)
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {

@@ -11,7 +11,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use onceonly_certs::inspect::CertificateSummary;
 use onceonly_certs::pki::{self, InitOptions, IssueOptions, KeyAlgorithm, Pki};
-use onceonly_certs::report::error_chain;
 use onceonly_certs::{Participant, Role};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -150,13 +149,7 @@ impl From<Algorithm> for KeyAlgorithm {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {}", error_chain(error.as_ref()));
-            ExitCode::FAILURE
-        }
-    }
+    onceonly_certs::report::exit_code(run(cli))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

@@ -27,6 +27,18 @@ pub fn error_chain(error: &(dyn Error + 'static)) -> String {
     line
 }
 
+/// A binary's exit for the outcome of its work: success, or the error on
+/// stderr as `error: ` and [`error_chain`], and failure (exit code 1).
+pub fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", error_chain(error.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -70,16 +70,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(run(cli));
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!(
-                "error: {}",
-                onceonly_certs::report::error_chain(error.as_ref())
-            );
-            ExitCode::FAILURE
-        }
-    }
+    onceonly_certs::report::exit_code(result)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

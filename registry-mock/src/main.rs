@@ -41,17 +41,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run(Cli::parse().command).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            // Each cause once, as the other onceonly binaries print them.
-            eprintln!(
-                "error: {}",
-                onceonly_certs::report::error_chain(error.as_ref())
-            );
-            std::process::ExitCode::FAILURE
-        }
-    }
+    onceonly_certs::report::exit_code(run(Cli::parse().command).await)
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
