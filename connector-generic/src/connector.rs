@@ -17,6 +17,7 @@ use crate::http::Http;
 use crate::lookup::{LookupError, Values};
 use crate::mapping::{EvidenceTypeMapping, Lookup, Mapping, MappingError, SourceSpec};
 use crate::sql::{Postgres, Sqlite};
+use crate::template::{Format, Templates};
 
 /// An opened source.
 #[derive(Debug, Clone)]
@@ -75,6 +76,14 @@ pub struct Loaded {
     /// The mapping.
     pub mapping: Mapping,
     sources: BTreeMap<String, Source>,
+    /// Its documents' templates (by evidence type id) and HTTP bodies
+    /// (`<id>#body`), parsed once.
+    templates: Templates,
+}
+
+/// The name of an HTTP request body's template.
+fn body_template(evidence_type: &str) -> String {
+    format!("{evidence_type}#body")
 }
 
 /// Why a mapping could not be put into service.
@@ -116,7 +125,30 @@ impl Loaded {
             })?;
             sources.insert(name.clone(), source);
         }
-        Ok(Loaded { mapping, sources })
+        let mut templates = Vec::new();
+        for (id, evidence_type) in &mapping.evidence_types {
+            templates.push((
+                id.clone(),
+                evidence_type.template.clone(),
+                evidence_type.format,
+            ));
+            if let Lookup::Http(request) = &evidence_type.lookup
+                && let Some(body) = &request.body
+            {
+                templates.push((body_template(id), body.clone(), Format::Json));
+            }
+        }
+        // Each parsed when the mapping was checked: this does not fail.
+        let templates = Templates::new(templates).map_err(|reason| LoadError::Source {
+            path: path.to_owned(),
+            name: "templates".into(),
+            reason,
+        })?;
+        Ok(Loaded {
+            mapping,
+            sources,
+            templates,
+        })
     }
 
     /// Checks every SQL query against its database (it compiles; its
@@ -167,7 +199,12 @@ impl Loaded {
                 db.rows(query, query.values(values)).await?
             }
             (Lookup::Http(request), Source::Http(api)) => {
-                api.rows(request, mapping_results(mapping), values).await?
+                let body = request.body.is_some().then(|| {
+                    self.templates
+                        .render(&body_template(evidence_type), Map::new(), values)
+                });
+                api.rows(request, mapping_results(mapping), values, body.transpose()?)
+                    .await?
             }
             _ => {
                 return Err(LookupError::Internal(
@@ -181,7 +218,7 @@ impl Loaded {
             Err(_) => return Err(LookupError::Ambiguous),
         };
         let fields = pick(mapping, row);
-        let bytes = crate::template::render(&mapping.template, mapping.format, fields, values)?;
+        let bytes = self.templates.render(evidence_type, fields, values)?;
         Ok(EvidencePayload::new(bytes, mapping.media_type.clone()))
     }
 }

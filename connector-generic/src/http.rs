@@ -206,13 +206,15 @@ impl Http {
         }))
     }
 
-    /// Makes the call for one lookup and returns the matches: the array
-    /// `results` points at, or the answer as the one match.
+    /// Makes the call for one lookup (POSTing `body`, the rendered body
+    /// template, where the request has one) and returns the matches: the
+    /// array `results` points at, or the answer as the one match.
     pub async fn rows(
         &self,
         request: &HttpRequestSpec,
         results: Option<&str>,
         values: &Values,
+        body: Option<Vec<u8>>,
     ) -> Result<Vec<Map<String, Value>>, LookupError> {
         let url = format!(
             "{}{}",
@@ -225,10 +227,8 @@ impl Http {
             .map(|(k, v)| (k.clone(), fill(v, values, str::to_owned)))
             .collect();
         let mut call = if request.method == "POST" {
-            let body = match &request.body {
-                Some(body) => crate::template::render(body, Format::Json, Map::new(), values)?,
-                None => b"{}".to_vec(),
-            };
+            // The request's body template, rendered by the caller.
+            let body = body.unwrap_or_else(|| b"{}".to_vec());
             self.client
                 .post(&url)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")

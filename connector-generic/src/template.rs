@@ -9,9 +9,10 @@ use serde_json::Map;
 
 use crate::lookup::{LookupError, Values};
 
-fn environment(format: Format) -> Environment<'static> {
+/// An environment whose templates escape for `format_of(name)`.
+fn environment(format_of: impl Fn(&str) -> Format + Send + Sync + 'static) -> Environment<'static> {
     let mut env = Environment::new();
-    env.set_auto_escape_callback(move |_| match format {
+    env.set_auto_escape_callback(move |name| match format_of(name) {
         Format::Json => AutoEscape::Json,
         Format::Xml => AutoEscape::Html,
     });
@@ -23,40 +24,92 @@ fn environment(format: Format) -> Environment<'static> {
 
 /// Checks that `template` parses (when the mapping is loaded).
 pub fn check(template: &str, format: Format) -> Result<(), String> {
-    environment(format)
+    environment(move |_| format)
         .template_from_str(template)
         .map(drop)
         .map_err(|e| e.to_string())
 }
 
-/// Renders the document for one match: `fields` (already picked) at the
-/// top level, beside `subject` and the parameters (a field of the same
-/// name wins).
+/// A mapping's templates, parsed once when it is loaded (not once per
+/// lookup), each with the format it escapes for.
+pub struct Templates {
+    env: Environment<'static>,
+    formats: std::sync::Arc<std::collections::HashMap<String, Format>>,
+}
+
+impl std::fmt::Debug for Templates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Templates")
+            .field("names", &self.formats.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Templates {
+    /// Parses `templates`, each (name, text, format).
+    pub fn new(templates: Vec<(String, String, Format)>) -> Result<Templates, String> {
+        let formats: std::sync::Arc<std::collections::HashMap<String, Format>> =
+            std::sync::Arc::new(
+                templates
+                    .iter()
+                    .map(|(name, _, format)| (name.clone(), *format))
+                    .collect(),
+            );
+        let of = formats.clone();
+        let mut env = environment(move |name| of.get(name).copied().unwrap_or(Format::Json));
+        for (name, text, _) in templates {
+            env.add_template_owned(name.clone(), text)
+                .map_err(|e| format!("template {name}: {e}"))?;
+        }
+        Ok(Templates { env, formats })
+    }
+
+    /// Renders template `name` for one match: `fields` (already picked)
+    /// at the top level, beside `subject` and the parameters (a field of
+    /// the same name wins).
+    pub fn render(
+        &self,
+        name: &str,
+        fields: Map<String, serde_json::Value>,
+        values: &Values,
+    ) -> Result<Vec<u8>, LookupError> {
+        let format = *self
+            .formats
+            .get(name)
+            .ok_or_else(|| LookupError::Internal(format!("no template {name}")))?;
+        let mut context: Map<String, serde_json::Value> = values
+            .all()
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone())))
+            .collect();
+        context.extend(fields);
+        let rendered = self
+            .env
+            .get_template(name)
+            .and_then(|t| t.render(Value::from_serialize(&context)))
+            .map_err(|e| LookupError::Internal(format!("the template does not render: {e:#}")))?;
+        if format == Format::Json
+            && let Err(e) = serde_json::from_str::<serde_json::Value>(&rendered)
+        {
+            return Err(LookupError::Internal(format!(
+                "the template renders no valid JSON ({e}); check its quoting: {{{{ name }}}} inserts a JSON value, quotes included"
+            )));
+        }
+        Ok(rendered.into_bytes())
+    }
+}
+
+/// Renders `template` once (tests, and where no mapping holds it):
+/// [`Templates::render`] of a one-template set.
 pub fn render(
     template: &str,
     format: Format,
     fields: Map<String, serde_json::Value>,
     values: &Values,
 ) -> Result<Vec<u8>, LookupError> {
-    let mut context: Map<String, serde_json::Value> = values
-        .all()
-        .iter()
-        .map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone())))
-        .collect();
-    context.extend(fields);
-    let env = environment(format);
-    let rendered = env
-        .template_from_str(template)
-        .and_then(|t| t.render(Value::from_serialize(&context)))
-        .map_err(|e| LookupError::Internal(format!("the template does not render: {e:#}")))?;
-    if format == Format::Json
-        && let Err(e) = serde_json::from_str::<serde_json::Value>(&rendered)
-    {
-        return Err(LookupError::Internal(format!(
-            "the template renders no valid JSON ({e}); check its quoting: {{{{ name }}}} inserts a JSON value, quotes included"
-        )));
-    }
-    Ok(rendered.into_bytes())
+    Templates::new(vec![("document".into(), template.into(), format)])
+        .map_err(|e| LookupError::Internal(format!("the template does not parse: {e}")))?
+        .render("document", fields, values)
 }
 
 /// The document formats a template can produce, by media type.
