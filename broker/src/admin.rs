@@ -119,24 +119,24 @@ impl Collector for StateCollector {
             "1 while the audit log refuses appends (readiness is NOT_SERVING)",
             f64::from(u8::from(broker.audit.refusing().is_some())),
         )?;
-        if let Some(log) = broker.audit.replicated() {
+        if let Some(replica) = broker.audit.replica_gauges() {
             gauge(
                 &mut encoder,
                 "onceonly_audit_sequencer",
                 "1 while this replica holds the sequencer lease",
-                f64::from(u8::from(log.sequencer_epoch().is_some())),
+                f64::from(u8::from(replica.sequencer)),
             )?;
             gauge(
                 &mut encoder,
                 "onceonly_audit_sequencer_failed_runs",
                 "Sequencing runs of this replica that failed (a cut connection, the database)",
-                log.failed_runs() as f64,
+                replica.failed_runs as f64,
             )?;
             gauge(
                 &mut encoder,
                 "onceonly_audit_quarantined",
                 "Queued rows this replica's sequencer set aside (not written by a replica, or undecodable)",
-                log.quarantined() as f64,
+                replica.quarantined as f64,
             )?;
         }
         for (name, help, count) in [

@@ -54,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 use tracing::Instrument;
 
-use crate::consent::ConsentStore;
+use crate::consent::Consents;
 use crate::forward::{Authorization, ForwardError, Forwarder};
 use crate::idempotency::{Begin, IdempotencyCache, StoredOutcome, StoredStatus, wait_for};
 use crate::policy::{ConsentRequirement, Decision, PolicyStore};
@@ -87,11 +87,11 @@ pub struct Broker {
     /// The policy in force, quotas included (reloadable).
     pub policy: Arc<PolicyStore>,
     /// Consents.
-    pub consents: ConsentStore,
+    pub consents: Consents,
     /// Quotas counted in the database replicas share, where they do.
-    pub shared_quotas: Option<crate::quota::SharedQuotas>,
+    pub shared_quotas: Option<Arc<dyn onceonly_store::QuotaCounter>>,
     /// The audit log.
-    pub audit: crate::storage::Audit,
+    pub audit: Arc<dyn onceonly_store::AuditStore>,
     /// Subject pseudonyms for the audit log.
     pub pseudonyms: Arc<Pseudonymiser>,
     /// Connections to connectors.
@@ -356,7 +356,7 @@ impl Broker {
                 Ok(verdict) => verdict,
                 Err(e) => {
                     tracing::warn!(
-                        error = %onceonly_store_postgres::describe(e.as_ref()),
+                        error = %onceonly_store::describe(e.as_ref()),
                         "the shared quota count failed; counting here alone"
                     );
                     quotas.quotas().check(caller.id())

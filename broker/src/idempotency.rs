@@ -6,7 +6,8 @@
 //! Outcomes are kept in memory, for the window, bounded in number and in
 //! bytes (the oldest are forgotten first), and the cache never grows past
 //! its budget. The embedded broker writes no outcome to disk. Replicas on
-//! PostgreSQL also share the window there ([`SharedWindow`]): the first
+//! PostgreSQL also share the window there ([`RequestWindow`], the
+//! `onceonly-store-postgres` crate's `PgWindow`): the first
 //! replica to see a request id claims it in the `idempotency` table and
 //! stores the final outcome sealed (AES-256-GCM under a key derived from
 //! the pseudonym key all replicas hold, bound to the caller and request
@@ -17,51 +18,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use onceonly_proto::v1::{ExchangeOutcome, RequestEvidenceResponse};
-use prost::Message;
 use tokio::sync::watch;
 
-use crate::pseudonym::Pseudonymiser;
-
-/// A finished exchange's outcome, as it can be replayed.
-#[derive(Debug, Clone)]
-pub struct StoredOutcome {
-    /// The exchange that produced it (the replay's audit record names it).
-    pub exchange_id: String,
-    /// The response, or the refusal.
-    pub result: Result<RequestEvidenceResponse, StoredStatus>,
-}
-
-/// A `tonic::Status` in a form that can be cloned and rebuilt.
-#[derive(Debug, Clone)]
-pub struct StoredStatus {
-    /// Code.
-    pub code: tonic::Code,
-    /// Message.
-    pub message: String,
-    /// Encoded `google.rpc.Status` details.
-    pub details: Vec<u8>,
-    /// How the first exchange's record classed it; a replay's record is
-    /// classed the same.
-    pub outcome: ExchangeOutcome,
-}
-
-impl StoredStatus {
-    /// Captures a status and its audit class.
-    pub fn capture(status: &tonic::Status, outcome: ExchangeOutcome) -> Self {
-        StoredStatus {
-            code: status.code(),
-            message: status.message().to_owned(),
-            details: status.details().to_vec(),
-            outcome,
-        }
-    }
-
-    /// Rebuilds the status.
-    pub fn rebuild(&self) -> tonic::Status {
-        tonic::Status::with_details(self.code, self.message.clone(), self.details.clone().into())
-    }
-}
+pub use onceonly_store::{Claim, RequestWindow, StoredOutcome, StoredStatus};
 
 type Key = (String, String);
 
@@ -76,15 +35,13 @@ struct Entry {
 /// Bookkeeping per entry beyond its outcome (keys, maps, channel).
 const ENTRY_OVERHEAD: usize = 256;
 
-impl StoredOutcome {
-    /// Approximate memory an outcome holds.
-    fn size(&self) -> usize {
-        ENTRY_OVERHEAD
-            + match &self.result {
-                Ok(response) => prost::Message::encoded_len(response),
-                Err(status) => status.message.len() + status.details.len(),
-            }
-    }
+/// Approximate memory an outcome holds.
+fn size_of(outcome: &StoredOutcome) -> usize {
+    ENTRY_OVERHEAD
+        + match &outcome.result {
+            Ok(response) => prost::Message::encoded_len(response),
+            Err(status) => status.message.len() + status.details.len(),
+        }
 }
 
 /// What [`IdempotencyCache::begin`] found.
@@ -107,7 +64,7 @@ pub enum Replay {
     /// Another replica does: its outcome is read from the shared window.
     Shared {
         /// The window.
-        window: Arc<SharedWindow>,
+        window: Arc<dyn RequestWindow>,
         /// The caller's id.
         caller: String,
         /// The request id.
@@ -125,7 +82,7 @@ pub struct Pending {
     cache: std::sync::Weak<Mutex<Inner>>,
     /// The claim in the shared window, where there is one: (window, the
     /// first exchange's id).
-    shared: Option<(Arc<SharedWindow>, String)>,
+    shared: Option<(Arc<dyn RequestWindow>, String)>,
 }
 
 impl Pending {
@@ -140,7 +97,7 @@ impl Pending {
         let Some(sender) = self.sender.take() else {
             return;
         };
-        let size = outcome.size();
+        let size = size_of(&outcome);
         let _ = sender.send(Some(outcome));
         if let Some(inner) = self.cache.upgrade() {
             let mut inner = inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -187,7 +144,10 @@ pub struct IdempotencyCache {
     window: Duration,
     max_entries: usize,
     max_bytes: usize,
-    shared: Option<Arc<SharedWindow>>,
+    shared: Option<Arc<dyn RequestWindow>>,
+    /// Claims in the shared window so far: every 1024th sweeps the
+    /// expired ones.
+    claims: std::sync::atomic::AtomicU64,
 }
 
 impl IdempotencyCache {
@@ -204,12 +164,13 @@ impl IdempotencyCache {
             max_entries: max_entries.max(1),
             max_bytes,
             shared: None,
+            claims: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
     /// Shares the window with other replicas through `shared`.
-    pub fn with_shared(mut self, shared: SharedWindow) -> Self {
-        self.shared = Some(Arc::new(shared));
+    pub fn with_shared(mut self, shared: Arc<dyn RequestWindow>) -> Self {
+        self.shared = Some(shared);
         self
     }
 
@@ -235,16 +196,15 @@ impl IdempotencyCache {
             .await
         {
             Ok(Claim::Ours) => {
-                if shared
+                if self
                     .claims
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                    % 1024
-                    == 0
+                    .is_multiple_of(1024)
                 {
                     let sweeping = shared.clone();
                     tokio::spawn(async move {
                         if let Err(e) = sweeping.sweep().await {
-                            tracing::warn!(error = %onceonly_store_postgres::describe(e.as_ref()), "sweeping the shared idempotency window");
+                            tracing::warn!(error = %onceonly_store::describe(e.as_ref()), "sweeping the shared idempotency window");
                         }
                     });
                 }
@@ -262,7 +222,7 @@ impl IdempotencyCache {
                 // The claim may even have landed with its answer lost:
                 // running now could run the request twice.
                 tracing::warn!(
-                    error = %onceonly_store_postgres::describe(e.as_ref()),
+                    error = %onceonly_store::describe(e.as_ref()),
                     "the shared idempotency window is unavailable"
                 );
                 Begin::Unavailable
@@ -350,323 +310,10 @@ async fn wait_for_local(
     }
 }
 
-/// What the shared window said to a claim.
-enum Claim {
-    /// The request id is this replica's to run.
-    Ours,
-    /// Another exchange has it, with the same content.
-    Theirs { exchange_id: String },
-    /// Another exchange has it, with other content.
-    Conflict,
-}
-
-/// An outcome as sealed in the shared window.
-#[derive(Clone, PartialEq, prost::Message)]
-struct SealedOutcome {
-    #[prost(string, tag = "1")]
-    exchange_id: String,
-    #[prost(message, optional, tag = "2")]
-    response: Option<RequestEvidenceResponse>,
-    #[prost(int32, tag = "3")]
-    code: i32,
-    #[prost(string, tag = "4")]
-    message: String,
-    #[prost(bytes = "vec", tag = "5")]
-    details: Vec<u8>,
-    #[prost(int32, tag = "6")]
-    outcome: i32,
-    #[prost(bool, tag = "7")]
-    refused: bool,
-}
-
-/// The idempotency window in PostgreSQL, shared by replicas.
-pub struct SharedWindow {
-    pool: onceonly_store_postgres::Pool,
-    sealing: Arc<Pseudonymiser>,
-    window: Duration,
-    /// A claim with no outcome after this is the claimant's crash: taken
-    /// over.
-    stale_after: Duration,
-    timeout: Duration,
-    /// Claims so far: every 1024th sweeps the expired ones.
-    claims: std::sync::atomic::AtomicU64,
-}
-
-type WindowError = Box<dyn std::error::Error + Send + Sync>;
-
-/// What a sealed outcome is bound to: its claim (caller, request id and
-/// the exchange that claimed it), so a database writer cannot move an
-/// outcome to another claim.
-fn context(caller: &str, request_id: &str, exchange_id: &str) -> Vec<u8> {
-    let mut context = b"onceonly-idempotency-v1\0".to_vec();
-    for part in [caller, request_id, exchange_id] {
-        context.extend_from_slice(&(part.len() as u32).to_be_bytes());
-        context.extend_from_slice(part.as_bytes());
-    }
-    context
-}
-
-impl SharedWindow {
-    /// The window in `pool`'s database; outcomes sealed under a key of
-    /// `sealing`; a claim without an outcome for `stale_after` (longer
-    /// than any exchange may run) is taken over.
-    pub fn new(
-        pool: onceonly_store_postgres::Pool,
-        sealing: Arc<Pseudonymiser>,
-        window: Duration,
-        stale_after: Duration,
-        timeout: Duration,
-    ) -> Self {
-        SharedWindow {
-            pool,
-            sealing,
-            window,
-            stale_after,
-            timeout,
-            claims: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    async fn client(&self) -> Result<deadpool_postgres::Object, WindowError> {
-        Ok(tokio::time::timeout(self.timeout, self.pool.get()).await??)
-    }
-
-    async fn claim(
-        &self,
-        caller: &str,
-        request_id: &str,
-        fingerprint: &[u8; 32],
-        exchange_id: &str,
-    ) -> Result<Claim, WindowError> {
-        let client = self.client().await?;
-        let window = self.window.as_millis() as i64;
-        let stale = self.stale_after.as_millis() as i64;
-        // New, expired, or claimed and abandoned (no outcome long past any
-        // deadline): ours. Times are the database's, one clock for all.
-        // Prepared once per connection: this runs for every request.
-        let claim = client
-            .prepare_cached(
-                "WITH clock AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now_ms)
-                 INSERT INTO idempotency AS i
-                     (caller_id, request_id, fingerprint, exchange_id, outcome_sealed, started_at_ms, expires_at_ms)
-                 SELECT $1, $2, $3, $4, NULL, clock.now_ms, clock.now_ms + $5 FROM clock
-                 ON CONFLICT (caller_id, request_id) DO UPDATE
-                   SET fingerprint = EXCLUDED.fingerprint, exchange_id = EXCLUDED.exchange_id,
-                       outcome_sealed = NULL, started_at_ms = EXCLUDED.started_at_ms,
-                       expires_at_ms = EXCLUDED.expires_at_ms
-                   WHERE i.expires_at_ms <= EXCLUDED.started_at_ms
-                      OR (i.outcome_sealed IS NULL AND i.started_at_ms < EXCLUDED.started_at_ms - $6)
-                 RETURNING exchange_id",
-            )
-            .await?;
-        let claimed = client
-            .query_opt(
-                &claim,
-                &[
-                    &caller,
-                    &request_id,
-                    &fingerprint.as_slice(),
-                    &exchange_id,
-                    &window,
-                    &stale,
-                ],
-            )
-            .await?;
-        if claimed.is_some() {
-            return Ok(Claim::Ours);
-        }
-        let Some(row) = client
-            .query_opt(
-                "SELECT fingerprint, exchange_id FROM idempotency WHERE caller_id = $1 AND request_id = $2",
-                &[&caller, &request_id],
-            )
-            .await?
-        else {
-            // Released in between: the caller's retry loop runs it as new.
-            return Ok(Claim::Theirs {
-                exchange_id: String::new(),
-            });
-        };
-        let theirs: Vec<u8> = row.get(0);
-        Ok(if theirs == fingerprint {
-            Claim::Theirs {
-                exchange_id: row.get(1),
-            }
-        } else {
-            Claim::Conflict
-        })
-    }
-
-    /// Stores the final outcome of `exchange_id`'s claim, sealed; logged
-    /// where it fails (repeats elsewhere then run again after the claim
-    /// goes stale, and find it audited as a new exchange).
-    async fn store(
-        &self,
-        caller: &str,
-        request_id: &str,
-        exchange_id: &str,
-        outcome: &StoredOutcome,
-    ) {
-        let sealed = SealedOutcome {
-            exchange_id: outcome.exchange_id.clone(),
-            response: outcome.result.as_ref().ok().cloned(),
-            code: outcome.result.as_ref().err().map_or(0, |s| s.code as i32),
-            message: outcome
-                .result
-                .as_ref()
-                .err()
-                .map(|s| s.message.clone())
-                .unwrap_or_default(),
-            details: outcome
-                .result
-                .as_ref()
-                .err()
-                .map(|s| s.details.clone())
-                .unwrap_or_default(),
-            outcome: outcome
-                .result
-                .as_ref()
-                .err()
-                .map_or(0, |s| s.outcome as i32),
-            refused: outcome.result.is_err(),
-        };
-        let result: Result<(), WindowError> = async {
-            let bytes = self
-                .sealing
-                .seal_outcome(&context(caller, request_id, exchange_id), &sealed.encode_to_vec())?;
-            let client = self.client().await?;
-            let store = client
-                .prepare_cached(
-                    "UPDATE idempotency SET outcome_sealed = $4
-                     WHERE caller_id = $1 AND request_id = $2 AND exchange_id = $3",
-                )
-                .await?;
-            let updated = client
-                .execute(&store, &[&caller, &request_id, &exchange_id, &bytes])
-                .await?;
-            if updated == 0 {
-                return Err("the claim is gone (taken over as stale, or expired) before its outcome was stored".into());
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %onceonly_store_postgres::describe(e.as_ref()), "could not store the outcome in the shared idempotency window");
-        }
-    }
-
-    async fn release(&self, caller: &str, request_id: &str, exchange_id: &str) {
-        let result: Result<u64, WindowError> = async {
-            Ok(self
-                .client()
-                .await?
-                .execute(
-                    "DELETE FROM idempotency
-                     WHERE caller_id = $1 AND request_id = $2 AND exchange_id = $3 AND outcome_sealed IS NULL",
-                    &[&caller, &request_id, &exchange_id],
-                )
-                .await?)
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %onceonly_store_postgres::describe(e.as_ref()), "could not release a claim in the shared idempotency window");
-        }
-    }
-
-    /// Waits for the outcome of `exchange_id`'s claim; None where the claim
-    /// was released (or taken over) without one.
-    async fn wait(
-        &self,
-        caller: &str,
-        request_id: &str,
-        exchange_id: &str,
-    ) -> Option<StoredOutcome> {
-        if exchange_id.is_empty() {
-            return None;
-        }
-        let mut pause = Duration::from_millis(5);
-        loop {
-            let row = match self.client().await {
-                Ok(client) => client
-                    .query_opt(
-                        "SELECT exchange_id, outcome_sealed FROM idempotency
-                         WHERE caller_id = $1 AND request_id = $2",
-                        &[&caller, &request_id],
-                    )
-                    .await
-                    .map_err(
-                        |e| tracing::warn!(error = %onceonly_store_postgres::describe(&e), "reading the shared idempotency window"),
-                    ),
-                Err(e) => {
-                    tracing::warn!(error = %onceonly_store_postgres::describe(e.as_ref()), "reading the shared idempotency window");
-                    Err(())
-                }
-            };
-            match row {
-                Ok(None) => return None,
-                Ok(Some(row)) if row.get::<_, String>(0) != exchange_id => return None,
-                Ok(Some(row)) => {
-                    if let Some(bytes) = row.get::<_, Option<Vec<u8>>>(1) {
-                        return self.open(caller, request_id, exchange_id, &bytes);
-                    }
-                }
-                Err(()) => {}
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
-        }
-    }
-
-    fn open(
-        &self,
-        caller: &str,
-        request_id: &str,
-        exchange_id: &str,
-        bytes: &[u8],
-    ) -> Option<StoredOutcome> {
-        let plain = self
-            .sealing
-            .open_outcome(&context(caller, request_id, exchange_id), bytes)
-            .map_err(|e| tracing::error!(error = %e, "a shared outcome does not open"))
-            .ok()?;
-        let sealed = SealedOutcome::decode(plain.as_slice())
-            .map_err(|e| tracing::error!(error = %e, "a shared outcome does not decode"))
-            .ok()?;
-        let result = if sealed.refused {
-            Err(StoredStatus {
-                code: tonic::Code::from_i32(sealed.code),
-                message: sealed.message,
-                details: sealed.details,
-                outcome: ExchangeOutcome::try_from(sealed.outcome)
-                    .unwrap_or(ExchangeOutcome::Failed),
-            })
-        } else {
-            Ok(sealed.response.unwrap_or_default())
-        };
-        Some(StoredOutcome {
-            exchange_id: sealed.exchange_id,
-            result,
-        })
-    }
-
-    /// Forgets claims past the window (any replica may; each runs it now
-    /// and then).
-    pub async fn sweep(&self) -> Result<u64, WindowError> {
-        Ok(self
-            .client()
-            .await?
-            .execute(
-                "DELETE FROM idempotency
-                 WHERE expires_at_ms <= (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
-                &[],
-            )
-            .await?)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use onceonly_proto::v1::{ExchangeOutcome, RequestEvidenceResponse};
 
     fn outcome(id: &str) -> StoredOutcome {
         StoredOutcome {
@@ -739,7 +386,7 @@ mod tests {
                 ..Default::default()
             }),
         };
-        let one_entry = outcome(1999).size();
+        let one_entry = size_of(&outcome(1999));
         for n in 0..2_000 {
             let Begin::New(pending) = cache.begin_local("a", &format!("r{n}"), [1; 32]) else {
                 panic!("new")

@@ -10,7 +10,11 @@
 //!   [`quota`] how often;
 //! - [`refusal`] is every way an exchange ends without evidence, classed
 //!   once into a gRPC status and an audit outcome;
-//! - [`consent`] keeps subjects' consents, in sled;
+//! - [`consent`] names and seals the subjects of consents;
+//! - [`storage`] opens the stores the request path keeps its state in
+//!   (the traits of [`onceonly_store`]: the audit log, consents, the
+//!   request window, quotas), embedded or on PostgreSQL: the one place
+//!   that chooses a backend;
 //! - [`audit`] is the durable, group-committed audit log (the
 //!   `onceonly-audit-log` crate, beside [`onceonly_merkle`]), and
 //!   [`access_log`] records in it what portals do with a subject's data;

@@ -21,8 +21,7 @@ const CONTEXT: &[u8] = b"onceonly-subject-pseudonym-v1\0";
 pub struct Pseudonymiser {
     key: hmac::Key,
     sealing: aead::LessSafeKey,
-    outcomes: aead::LessSafeKey,
-    rows: hmac::Key,
+    rows: onceonly_store::RowKeys,
 }
 
 /// Why a subject id could not be sealed, or a sealed one opened.
@@ -81,8 +80,10 @@ impl Pseudonymiser {
         Pseudonymiser {
             key: hmac::Key::new(hmac::HMAC_SHA256, secret),
             sealing: derive(SEALING_LABEL),
-            outcomes: derive(OUTCOME_LABEL),
-            rows: hmac::Key::new(hmac::HMAC_SHA256, &rows),
+            rows: onceonly_store::RowKeys {
+                row_tag: hmac::Key::new(hmac::HMAC_SHA256, &rows),
+                outcome_seal: std::sync::Arc::new(derive(OUTCOME_LABEL)),
+            },
         }
     }
 
@@ -125,41 +126,12 @@ impl Pseudonymiser {
     /// The key that authenticates rows replicas share (derived, never the
     /// secret itself).
     pub fn row_key(&self) -> hmac::Key {
+        self.rows.row_tag.clone()
+    }
+
+    /// The keys stores authenticate and seal their rows with.
+    pub fn row_keys(&self) -> onceonly_store::RowKeys {
         self.rows.clone()
-    }
-
-    /// Seals a remembered outcome for the shared idempotency window, bound
-    /// to `context` (caller and request id): a random nonce, then the
-    /// ciphertext and tag.
-    pub fn seal_outcome(&self, context: &[u8], plain: &[u8]) -> Result<Vec<u8>, Unsealable> {
-        let mut nonce = [0u8; aead::NONCE_LEN];
-        rand::rng().fill_bytes(&mut nonce);
-        let mut data = plain.to_vec();
-        self.outcomes
-            .seal_in_place_append_tag(
-                aead::Nonce::assume_unique_for_key(nonce),
-                aead::Aad::from(context),
-                &mut data,
-            )
-            .map_err(|_| Unsealable)?;
-        let mut sealed = nonce.to_vec();
-        sealed.extend_from_slice(&data);
-        Ok(sealed)
-    }
-
-    /// Opens what [`Pseudonymiser::seal_outcome`] sealed with `context`.
-    pub fn open_outcome(&self, context: &[u8], sealed: &[u8]) -> Result<Vec<u8>, Unsealable> {
-        if sealed.len() < aead::NONCE_LEN {
-            return Err(Unsealable);
-        }
-        let (nonce, rest) = sealed.split_at(aead::NONCE_LEN);
-        let nonce = aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| Unsealable)?;
-        let mut data = rest.to_vec();
-        let plain = self
-            .outcomes
-            .open_in_place(nonce, aead::Aad::from(context), &mut data)
-            .map_err(|_| Unsealable)?;
-        Ok(plain.to_vec())
     }
 
     /// The pseudonym of a subject id (also of a malformed one, so that even

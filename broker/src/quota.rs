@@ -27,7 +27,7 @@
 //! of the `governor` crate (a well-kept limiter, lock-free per check). A
 //! policy reload starts every quota afresh.
 //!
-//! Replicas on PostgreSQL share their quotas ([`SharedQuotas`]): a caller's
+//! Replicas on PostgreSQL share their quotas ([`onceonly_store::QuotaCounter`]): a caller's
 //! gRPC connection stays with one replica, so splitting a quota between
 //! replicas would refuse a caller whose traffic all lands on one, and
 //! counting alone would let it have the quota once per replica. The same
@@ -102,14 +102,7 @@ pub struct QuotaEntry {
     pub spec: QuotaSpec,
 }
 
-/// A caller over its quota.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OverQuota {
-    /// The quota's name and limits.
-    pub quota: String,
-    /// When the next request will be admitted.
-    pub retry_after: Duration,
-}
+pub use onceonly_store::{OverQuota, QuotaBucket};
 
 struct Bucket {
     name: String,
@@ -118,17 +111,6 @@ struct Bucket {
     key: String,
     spec: QuotaSpec,
     limiter: DefaultDirectRateLimiter,
-}
-
-/// Where a caller's requests count, for quotas shared by replicas.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BucketRef {
-    /// The key in the shared table.
-    pub key: String,
-    /// The quota's name and limits, quoted to the caller.
-    pub name: String,
-    /// The limits.
-    pub spec: QuotaSpec,
 }
 
 impl QuotaSpec {
@@ -246,17 +228,19 @@ impl Quotas {
     }
 
     /// The bucket `caller_id`'s requests count in, if it has a quota.
-    pub fn bucket_of(&self, caller_id: &str) -> Option<BucketRef> {
+    pub fn bucket_of(&self, caller_id: &str) -> Option<QuotaBucket> {
         match self.by_caller.get(caller_id) {
-            Some(bucket) => Some(BucketRef {
+            Some(bucket) => Some(QuotaBucket {
                 key: bucket.key.clone(),
                 name: bucket.name.clone(),
-                spec: bucket.spec,
+                interval: bucket.spec.emission_interval(),
+                burst: bucket.spec.burst.get(),
             }),
-            None => self.default.as_ref().map(|(spec, _)| BucketRef {
+            None => self.default.as_ref().map(|(spec, _)| QuotaBucket {
                 key: format!("default: {spec}\n{caller_id}"),
                 name: format!("default: {spec}"),
-                spec: *spec,
+                interval: spec.emission_interval(),
+                burst: spec.burst.get(),
             }),
         }
     }
@@ -264,71 +248,6 @@ impl Quotas {
     /// Whether no quota is set.
     pub fn is_empty(&self) -> bool {
         self.by_caller.is_empty() && self.default.is_none()
-    }
-}
-
-/// Quotas counted in PostgreSQL, shared by replicas.
-pub struct SharedQuotas {
-    pool: onceonly_store_postgres::Pool,
-    timeout: Duration,
-}
-
-/// Why the shared count could not be taken.
-pub type SharedQuotaError = Box<dyn std::error::Error + Send + Sync>;
-
-impl SharedQuotas {
-    /// Quotas counted in `pool`'s database.
-    pub fn new(pool: onceonly_store_postgres::Pool, timeout: Duration) -> Self {
-        SharedQuotas { pool, timeout }
-    }
-
-    /// Counts one request in `bucket`, on the database's clock: Ok(Err)
-    /// where it is over the quota.
-    pub async fn check(
-        &self,
-        bucket: &BucketRef,
-    ) -> Result<Result<(), OverQuota>, SharedQuotaError> {
-        let interval =
-            i64::try_from(bucket.spec.emission_interval().as_micros()).unwrap_or(i64::MAX);
-        let tolerance = interval.saturating_mul(i64::from(bucket.spec.burst.get()));
-        let work = async {
-            let client = self.pool.get().await?;
-            // GCRA: the theoretical arrival time moves on by one interval
-            // per request, from now at the earliest; a request is admitted
-            // while it stays within burst intervals of now.
-            // Prepared once per connection: this runs for every request.
-            let count = client
-                .prepare_cached(
-                    "WITH clock AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS now_us)
-                     INSERT INTO quota_gcra AS q (bucket, tat_us)
-                     SELECT $1, clock.now_us + $2 FROM clock
-                     ON CONFLICT (bucket) DO UPDATE
-                       SET tat_us = greatest(q.tat_us, EXCLUDED.tat_us - $2) + $2
-                       WHERE greatest(q.tat_us, EXCLUDED.tat_us - $2) + $2 - (EXCLUDED.tat_us - $2) <= $3
-                     RETURNING tat_us",
-                )
-                .await?;
-            let admitted = client
-                .query_opt(&count, &[&bucket.key, &interval, &tolerance])
-                .await?;
-            if admitted.is_some() {
-                return Ok(Ok(()));
-            }
-            let wait_us: i64 = client
-                .query_one(
-                    "SELECT tat_us - (extract(epoch FROM clock_timestamp()) * 1000000)::bigint
-                     FROM quota_gcra WHERE bucket = $1",
-                    &[&bucket.key],
-                )
-                .await?
-                .get(0);
-            let retry_after = wait_us.saturating_sub(tolerance - interval).max(0);
-            Ok::<_, SharedQuotaError>(Err(OverQuota {
-                quota: bucket.name.clone(),
-                retry_after: Duration::from_micros(retry_after as u64),
-            }))
-        };
-        tokio::time::timeout(self.timeout, work).await?
     }
 }
 

@@ -24,17 +24,14 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::audit::{AuditError, AuditLog};
-use crate::config::Backend;
+use crate::audit::AuditError;
 use crate::config::BrokerConfig;
-use crate::consent::{ConsentError, ConsentStore};
 use crate::exchange::{Broker, ExchangeLimit, Faults};
 use crate::forward::Forwarder;
 use crate::idempotency::IdempotencyCache;
 use crate::policy::PolicyStore;
 use crate::routing::RoutingTable;
 use crate::services::{AuditGrpc, ConsentGrpc, EvidenceGrpc};
-use crate::storage::Audit;
 use onceonly_seal::jws::SignerCell;
 
 /// Evidence payloads pass through; the largest the broker relays.
@@ -102,118 +99,13 @@ impl From<AuditError> for StartError {
     }
 }
 
-impl From<ConsentError> for StartError {
-    fn from(e: ConsentError) -> Self {
+impl From<crate::storage::OpenError> for StartError {
+    fn from(e: crate::storage::OpenError) -> Self {
         StartError::Storage {
-            what: "consent store".into(),
-            reason: e.to_string(),
+            what: e.what,
+            reason: e.reason,
         }
     }
-}
-
-type OpenedStorage = (
-    Audit,
-    ConsentStore,
-    JoinHandle<()>,
-    Duration,
-    // The idempotency window's and quotas' connections, for replicas.
-    Option<onceonly_store_postgres::Pool>,
-);
-
-/// The data directory: sled (indexes, consents) and the log file.
-async fn open_embedded(
-    config: &BrokerConfig,
-    audit_key: ring::signature::Ed25519KeyPair,
-    pseudonyms: Arc<crate::pseudonym::Pseudonymiser>,
-) -> Result<OpenedStorage, StartError> {
-    let db = crate::storage::open_sled(
-        sled::Config::new()
-            .path(&config.data_dir)
-            .cache_capacity(config.storage_cache.as_u64()),
-    )
-    .await
-    .map_err(|reason| StartError::Storage {
-        what: format!("data directory {}", config.data_dir.display()),
-        reason,
-    })?;
-    if !config.audit.durable {
-        tracing::error!(
-            data_dir = %config.data_dir.display(),
-            "[audit] durable = false: records are NOT flushed before answers, so a crash loses answered requests' records; for measurements only, never in service"
-        );
-    }
-    let (audit, audit_writer) =
-        AuditLog::open(&config.data_dir, &db, config.audit.durable, audit_key)?;
-    let consents = ConsentStore::open(&db, pseudonyms)?;
-    let data_dir = config.data_dir.clone();
-    let flush = tokio::task::spawn_blocking(move || crate::audit::time_a_flush(&data_dir))
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|timed| timed)
-        .map_err(|e| StartError::Storage {
-            what: format!("a timed flush in {}", config.data_dir.display()),
-            reason: e.to_string(),
-        })?;
-    tracing::debug!(
-        flush_ms = flush.as_secs_f64() * 1000.0,
-        "timed a flush of the data directory"
-    );
-    Ok((Audit::Embedded(audit), consents, audit_writer, flush, None))
-}
-
-/// PostgreSQL shared with other replicas: the schema checked or brought up
-/// to date, the replicated log started (this replica's queue writer and
-/// sequencer candidate).
-async fn open_replicated(
-    config: &BrokerConfig,
-    audit_key: ring::signature::Ed25519KeyPair,
-    pseudonyms: Arc<crate::pseudonym::Pseudonymiser>,
-) -> Result<OpenedStorage, StartError> {
-    let storage = &config.storage;
-    let postgres = |reason: String| StartError::Storage {
-        what: "PostgreSQL ([storage] url)".into(),
-        reason,
-    };
-    let pseudonym_check = crate::keys::pseudonym_key_check(config)?;
-    let audit_key_id =
-        onceonly_merkle::sth::key_id(ring::signature::KeyPair::public_key(&audit_key).as_ref());
-    let pools = crate::storage::open_postgres(
-        storage,
-        &[
-            ("pseudonym_key", &pseudonym_check),
-            ("audit_key", &audit_key_id),
-        ],
-    )
-    .await
-    .map_err(|e| postgres(e.to_string()))?;
-    let replica = crate::storage::replica_name();
-    let started = std::time::Instant::now();
-    let (log, writer) = onceonly_store_postgres::PgAuditLog::open(
-        pools.requests.clone(),
-        pools.log.clone(),
-        audit_key,
-        pseudonyms.row_key(),
-        onceonly_store_postgres::LogSettings {
-            replica: replica.clone(),
-            merge_delay: storage.merge_delay,
-            lease: storage.sequencer_lease,
-            interval: storage.sequencer_interval,
-            timeout: storage.timeout,
-        },
-    )
-    .await
-    .map_err(|e| postgres(e.to_string()))?;
-    // Opening read the latest head: a round trip, the seed of the deadline
-    // reserve until commits are timed.
-    let round_trip = started.elapsed();
-    tracing::info!(%replica, "serving as a replica on PostgreSQL");
-    Ok((
-        Audit::Replicated(log),
-        ConsentStore::postgres(pools.requests.clone(), pseudonyms),
-        writer,
-        round_trip,
-        Some(pools.window),
-    ))
 }
 
 /// Loads the broker's TLS files for both its sides (callers and
@@ -260,18 +152,17 @@ impl BoundBroker {
         let identity = server_tls.identity().clone();
         let pseudonyms = Arc::new(crate::keys::load_checked_pseudonym_key(config)?);
         let audit_key = crate::keys::load_audit_key(&config.audit_key)?;
-        let (audit, consents, audit_writer, append_seed, shared) = match config.storage.backend {
-            Backend::Embedded => open_embedded(config, audit_key, pseudonyms.clone()).await?,
-            Backend::Postgres => open_replicated(config, audit_key, pseudonyms.clone()).await?,
-        };
+        let crate::storage::Opened {
+            stores,
+            writer: audit_writer,
+            append_seed,
+        } = crate::storage::open(config, audit_key, &pseudonyms).await?;
         let broker = Arc::new(Broker {
             routing,
             policy,
-            consents,
-            shared_quotas: shared
-                .clone()
-                .map(|pool| crate::quota::SharedQuotas::new(pool, config.storage.timeout)),
-            audit,
+            consents: crate::consent::Consents::new(stores.consents, pseudonyms.clone()),
+            shared_quotas: stores.shared.as_ref().map(|shared| shared.quotas.clone()),
+            audit: stores.audit,
             pseudonyms: pseudonyms.clone(),
             forwarder: Forwarder::new(client_tls, identity.trust_domain(), config.circuit.clone()),
             idempotency: {
@@ -280,19 +171,8 @@ impl BoundBroker {
                     config.idempotency.max_entries,
                     usize::try_from(config.idempotency.max_bytes.as_u64()).unwrap_or(usize::MAX),
                 );
-                match shared {
-                    // A claim with no outcome long after any exchange's
-                    // deadline and every bounded database step after it
-                    // (audit commit, outcome store) is its replica's crash.
-                    Some(pool) => cache.with_shared(crate::idempotency::SharedWindow::new(
-                        pool,
-                        pseudonyms.clone(),
-                        config.idempotency.window,
-                        config.limits.max_request_time
-                            + config.storage.timeout * 4
-                            + Duration::from_secs(10),
-                        config.storage.timeout,
-                    )),
+                match stores.shared {
+                    Some(shared) => cache.with_shared(shared.window),
                     None => cache,
                 }
             },

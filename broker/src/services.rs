@@ -16,7 +16,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::access_log::{Access, ChangeFailed};
 use crate::audit::AuditFilter;
-use crate::consent::{ConsentError, ConsentStore, NewConsent};
+use crate::consent::{ConsentError, Consents, NewConsent, to_proto};
 use crate::exchange::Broker;
 use onceonly_proto::time::{millis, now_ms};
 
@@ -219,7 +219,7 @@ impl ConsentService for ConsentGrpc {
         let subject = grant.subject.clone().unwrap_or_default();
         check_portal_scope(&self.0, &portal, &grant.evidence_type)?;
         // Recorded before it takes effect: no record, no consent.
-        let consent_id = ConsentStore::new_consent_id();
+        let consent_id = Consents::new_consent_id();
         let access = Access {
             consent_id: consent_id.clone(),
             evidence_type: grant.evidence_type.clone(),
@@ -247,7 +247,7 @@ impl ConsentService for ConsentGrpc {
             .map_err(change_failed)?;
         tracing::info!(consent_id = %consent.consent_id, portal = %portal, "consent granted");
         Ok(Response::new(GrantConsentResponse {
-            consent: Some(consent.to_proto(now, subject)),
+            consent: Some(to_proto(&consent, now, subject)),
         }))
     }
 
@@ -297,7 +297,7 @@ impl ConsentService for ConsentGrpc {
             .map_err(change_failed)?;
         tracing::info!(consent_id = %id, portal = %portal, "consent revoked");
         Ok(Response::new(RevokeConsentResponse {
-            consent: Some(consent.to_proto(now, subject)),
+            consent: Some(to_proto(&consent, now, subject)),
         }))
     }
 
@@ -340,7 +340,7 @@ impl ConsentService for ConsentGrpc {
         Ok(Response::new(ListConsentsResponse {
             consents: consents
                 .iter()
-                .map(|c| c.to_proto(now, subject.clone()))
+                .map(|c| to_proto(c, now, subject.clone()))
                 .collect(),
             next_page_token,
         }))
@@ -479,13 +479,6 @@ impl AuditService for AuditGrpc {
         )?;
         let mut ask = request.into_inner();
         if !ask.leaf_hash.is_empty() {
-            if self.0.audit.embedded().is_some() {
-                return Err(error(
-                    Code::FailedPrecondition,
-                    ErrorReason::InvalidRequest,
-                    "this broker runs on its embedded log, which keeps no index by leaf hash: its answers carry audit_log_index; ask by leaf_index",
-                ));
-            }
             // By hash (a receipt's), as RFC 6962's get-proof-by-hash.
             let wanted: onceonly_merkle::Hash =
                 ask.leaf_hash.as_slice().try_into().map_err(|_| {
@@ -600,6 +593,11 @@ fn audit_status(e: crate::audit::AuditError) -> Status {
         crate::audit::AuditError::OutOfRange(reason) => invalid_request(
             ErrorReason::InvalidRequest,
             &[FieldViolation::new("tree_size", reason)],
+        ),
+        crate::audit::AuditError::Unsupported(reason) => error(
+            Code::FailedPrecondition,
+            ErrorReason::InvalidRequest,
+            reason,
         ),
         crate::audit::AuditError::Corrupt(reason) => {
             tracing::error!(%reason, "the audit log's stored state disagrees with its records");

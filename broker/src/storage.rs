@@ -1,207 +1,187 @@
-//! Where the broker's state lives, behind one face for the request path:
-//! the embedded store (sled and the log file in `data_dir`, one process),
-//! or PostgreSQL shared by replicas ([`onceonly_store_postgres`]). This
-//! module opens the chosen one and is the audit log's face; consents and
-//! the idempotency window choose their backend in their own modules.
+//! Where the broker's state lives: the one place that chooses a backend.
+//! [`open`] opens the embedded store (the log file and sled in
+//! `data_dir`, one process) or PostgreSQL shared by replicas
+//! ([`onceonly_store_postgres`]) as `[storage] backend` says, and hands
+//! the request path a [`Stores`] of trait objects ([`onceonly_store`]):
+//! nothing else in the broker matches on the backend. Also here: moving a
+//! data directory into PostgreSQL.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use onceonly_audit_log::{AuditError, AuditFault, AuditFilter, AuditLog, AuditMetrics};
-use onceonly_merkle::Hash;
+use onceonly_audit_log::AuditLog;
 use onceonly_merkle::sth::SignedTreeHead;
-use onceonly_proto::v1::{AuditReceipt, AuditRecord};
-use onceonly_store_postgres::{PgAuditLog, Pool};
+pub use onceonly_store::{Appended, Shared, Stores};
+use onceonly_store_postgres::Pool;
+use tokio::task::JoinHandle;
 
-use crate::config::{SchemaPolicy, StorageConfig};
+use crate::config::{Backend, BrokerConfig, SchemaPolicy, StorageConfig};
+use crate::pseudonym::Pseudonymiser;
 
-/// The audit log, embedded or replicated.
-#[derive(Clone)]
-pub enum Audit {
-    /// The log file in `data_dir`: records are in a signed head before the
-    /// answer.
-    Embedded(AuditLog),
-    /// PostgreSQL: records are committed before the answer and in a signed
-    /// head within the merge delay, as each receipt promises.
-    Replicated(PgAuditLog),
+/// Why the stores could not be opened: what, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {reason}")]
+pub struct OpenError {
+    /// What could not be opened.
+    pub what: String,
+    /// Why.
+    pub reason: String,
 }
 
-/// Where an appended record is.
-#[derive(Debug, Clone, Default)]
-pub struct Appended {
-    /// Its log index, where the record is already in a signed head.
-    pub index: Option<u64>,
-    /// The signed promise of inclusion, where it is not yet.
-    pub receipt: Option<AuditReceipt>,
+/// The stores, opened.
+pub struct Opened {
+    /// The stores the request path uses.
+    pub stores: Stores,
+    /// The audit log's writer: ends once the last handle to the log is
+    /// gone, its last records flushed.
+    pub writer: JoinHandle<()>,
+    /// How long a durable write took at start (a timed flush, or a round
+    /// trip to the database): the seed of the deadline reserve.
+    pub append_seed: Duration,
 }
 
-impl Audit {
-    /// Appends `record` durably: Ok once it is committed.
-    pub async fn append(&self, record: AuditRecord) -> Result<Appended, AuditError> {
-        match self {
-            Audit::Embedded(log) => log.append(record).await.map(|index| Appended {
-                index: Some(index),
-                receipt: None,
-            }),
-            Audit::Replicated(log) => log.append(record).await.map(|receipt| Appended {
-                index: None,
-                receipt: Some(receipt),
-            }),
-        }
+/// Opens the stores `config` names, the log's heads signed by `audit_key`.
+pub async fn open(
+    config: &BrokerConfig,
+    audit_key: ring::signature::Ed25519KeyPair,
+    pseudonyms: &Arc<Pseudonymiser>,
+) -> Result<Opened, OpenError> {
+    match config.storage.backend {
+        Backend::Embedded => open_embedded(config, audit_key, pseudonyms).await,
+        Backend::Postgres => open_replicated(config, audit_key, pseudonyms).await,
     }
+}
 
-    /// The latest signed tree head.
-    pub async fn signed_tree_head(&self) -> Result<Option<SignedTreeHead>, AuditError> {
-        match self {
-            Audit::Embedded(log) => log.signed_tree_head(),
-            Audit::Replicated(log) => log.signed_tree_head().await,
-        }
+/// The data directory: sled (indexes, consents) and the log file.
+async fn open_embedded(
+    config: &BrokerConfig,
+    audit_key: ring::signature::Ed25519KeyPair,
+    pseudonyms: &Arc<Pseudonymiser>,
+) -> Result<Opened, OpenError> {
+    let in_data_dir = |what: &str, reason: String| OpenError {
+        what: format!("{what} {}", config.data_dir.display()),
+        reason,
+    };
+    let db = open_sled(
+        sled::Config::new()
+            .path(&config.data_dir)
+            .cache_capacity(config.storage_cache.as_u64()),
+    )
+    .await
+    .map_err(|reason| in_data_dir("data directory", reason))?;
+    if !config.audit.durable {
+        tracing::error!(
+            data_dir = %config.data_dir.display(),
+            "[audit] durable = false: records are NOT flushed before answers, so a crash loses answered requests' records; for measurements only, never in service"
+        );
     }
+    let (audit, writer) = AuditLog::open(&config.data_dir, &db, config.audit.durable, audit_key)
+        .map_err(|e| OpenError {
+            what: "audit log".into(),
+            reason: e.to_string(),
+        })?;
+    let consents = onceonly_store::embedded::SledConsents::open(&db, pseudonyms.row_key())
+        .map_err(|e| OpenError {
+            what: "consent store".into(),
+            reason: e.to_string(),
+        })?;
+    let data_dir = config.data_dir.clone();
+    let flush = tokio::task::spawn_blocking(move || crate::audit::time_a_flush(&data_dir))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|timed| timed)
+        .map_err(|e| in_data_dir("a timed flush in", e.to_string()))?;
+    tracing::debug!(
+        flush_ms = flush.as_secs_f64() * 1000.0,
+        "timed a flush of the data directory"
+    );
+    Ok(Opened {
+        stores: Stores {
+            audit: Arc::new(audit),
+            consents: Arc::new(consents),
+            shared: None,
+        },
+        writer,
+        append_seed: flush,
+    })
+}
 
-    /// The audit path of record `index` in the tree of `size`, and the
-    /// record's leaf hash.
-    pub async fn inclusion_proof(
-        &self,
-        index: u64,
-        size: u64,
-    ) -> Result<(Vec<Hash>, Hash), AuditError> {
-        match self {
-            Audit::Embedded(log) => Ok((log.inclusion_proof(index, size)?, log.leaf_hash(index)?)),
-            Audit::Replicated(log) => Ok((
-                log.inclusion_proof(index, size).await?,
-                log.leaf_hash(index).await?,
+/// PostgreSQL shared with other replicas: the schema checked or brought up
+/// to date, the replicated log started (this replica's queue writer and
+/// sequencer candidate).
+async fn open_replicated(
+    config: &BrokerConfig,
+    audit_key: ring::signature::Ed25519KeyPair,
+    pseudonyms: &Arc<Pseudonymiser>,
+) -> Result<Opened, OpenError> {
+    let storage = &config.storage;
+    let postgres = |reason: String| OpenError {
+        what: "PostgreSQL ([storage] url)".into(),
+        reason,
+    };
+    let pseudonym_check =
+        crate::keys::pseudonym_key_check(config).map_err(|e| postgres(e.to_string()))?;
+    let audit_key_id =
+        onceonly_merkle::sth::key_id(ring::signature::KeyPair::public_key(&audit_key).as_ref());
+    let pools = open_postgres(
+        storage,
+        &[
+            ("pseudonym_key", &pseudonym_check),
+            ("audit_key", &audit_key_id),
+        ],
+    )
+    .await
+    .map_err(|e| postgres(e.to_string()))?;
+    let replica = replica_name();
+    let started = std::time::Instant::now();
+    let (log, writer) = onceonly_store_postgres::PgAuditLog::open(
+        pools.requests.clone(),
+        pools.log.clone(),
+        audit_key,
+        pseudonyms.row_key(),
+        onceonly_store_postgres::LogSettings {
+            replica: replica.clone(),
+            merge_delay: storage.merge_delay,
+            lease: storage.sequencer_lease,
+            interval: storage.sequencer_interval,
+            timeout: storage.timeout,
+        },
+    )
+    .await
+    .map_err(|e| postgres(e.to_string()))?;
+    // Opening read the latest head: a round trip, the seed of the deadline
+    // reserve until commits are timed.
+    let round_trip = started.elapsed();
+    tracing::info!(%replica, "serving as a replica on PostgreSQL");
+    // A claim with no outcome long after any exchange's deadline and every
+    // bounded database step after it (audit commit, outcome store) is its
+    // replica's crash.
+    let stale_claim =
+        config.limits.max_request_time + storage.timeout * 4 + Duration::from_secs(10);
+    Ok(Opened {
+        stores: Stores {
+            audit: Arc::new(log),
+            consents: Arc::new(onceonly_store_postgres::PgConsents::new(
+                pools.requests.clone(),
+                pseudonyms.row_key(),
             )),
-        }
-    }
-
-    /// The index of the record whose leaf hash is `leaf_hash`, among the
-    /// first `size` (None where it is not there); Err(Unsupported) for the
-    /// embedded log, which has no such index (its answers carry the
-    /// record's log index instead, and a scan per call would let any
-    /// caller make the broker read its whole log).
-    pub async fn find_leaf(&self, leaf_hash: &Hash, size: u64) -> Result<Option<u64>, AuditError> {
-        match self {
-            Audit::Embedded(_) => Err(AuditError::OutOfRange(
-                "lookup by leaf hash is for replicas' receipts; this broker runs on its embedded log, whose answers carry audit_log_index: ask by leaf_index".into(),
-            )),
-            Audit::Replicated(log) => Ok(log.find_leaf(leaf_hash).await?.filter(|i| *i < size)),
-        }
-    }
-
-    /// The proof that the tree of `second` extends the tree of `first`.
-    pub async fn consistency_proof(
-        &self,
-        first: u64,
-        second: u64,
-    ) -> Result<Vec<Hash>, AuditError> {
-        match self {
-            Audit::Embedded(log) => log.consistency_proof(first, second),
-            Audit::Replicated(log) => log.consistency_proof(first, second).await,
-        }
-    }
-
-    /// Entries from `start`, at most `max`: (index, record, leaf bytes).
-    pub async fn entries(
-        &self,
-        start: u64,
-        max: u64,
-    ) -> Result<Vec<(u64, AuditRecord, Vec<u8>)>, AuditError> {
-        match self {
-            Audit::Embedded(log) => {
-                let log = log.clone();
-                // Reads from the file: off the async workers.
-                tokio::task::spawn_blocking(move || {
-                    let end = log.len().min(start.saturating_add(max));
-                    let mut entries = Vec::new();
-                    for index in start..end {
-                        if let Some((record, leaf_data)) = log.entry(index)? {
-                            entries.push((index, record, leaf_data));
-                        }
-                    }
-                    Ok(entries)
-                })
-                .await
-                .map_err(|e| AuditError::Storage(format!("reading entries: {e}")))?
-            }
-            Audit::Replicated(log) => log.entries(start, max).await,
-        }
-    }
-
-    /// Up to `limit` records matching `filter` from `start`, and where to
-    /// continue.
-    pub async fn query(
-        &self,
-        filter: AuditFilter,
-        start: u64,
-        limit: usize,
-    ) -> Result<(Vec<AuditRecord>, Option<u64>), AuditError> {
-        match self {
-            Audit::Embedded(log) => {
-                let log = log.clone();
-                // A query may scan the index and read the file.
-                tokio::task::spawn_blocking(move || log.query(&filter, start, limit))
-                    .await
-                    .map_err(|e| AuditError::Storage(format!("audit query: {e}")))?
-            }
-            Audit::Replicated(log) => log.query(&filter, start, limit).await,
-        }
-    }
-
-    /// Why appends are refused now, if they are (readiness follows it).
-    pub fn refusing(&self) -> Option<String> {
-        match self {
-            Audit::Embedded(log) => log.refusing(),
-            Audit::Replicated(log) => log.refusing(),
-        }
-    }
-
-    /// Records covered by the latest signed head (as last seen).
-    pub fn tree_size(&self) -> u64 {
-        match self {
-            Audit::Embedded(log) => log.tree_size(),
-            Audit::Replicated(log) => log.tree_size(),
-        }
-    }
-
-    /// Batch and flush (or commit) figures.
-    pub fn metrics(&self) -> &AuditMetrics {
-        match self {
-            Audit::Embedded(log) => log.metrics(),
-            Audit::Replicated(log) => log.metrics(),
-        }
-    }
-
-    /// Makes every append fail while `failing` (drills and tests).
-    pub fn inject_failure(&self, failing: bool) {
-        match self {
-            Audit::Embedded(log) => log.inject_failure(failing),
-            Audit::Replicated(log) => log.inject_failure(failing),
-        }
-    }
-
-    /// Injects `fault` (the embedded log's faults; the replicated log knows
-    /// only failing appends).
-    pub fn inject(&self, fault: AuditFault) {
-        match self {
-            Audit::Embedded(log) => log.inject(fault),
-            Audit::Replicated(log) => log.inject_failure(fault != AuditFault::None),
-        }
-    }
-
-    /// The embedded log, where that is the backend.
-    pub fn embedded(&self) -> Option<&AuditLog> {
-        match self {
-            Audit::Embedded(log) => Some(log),
-            Audit::Replicated(_) => None,
-        }
-    }
-
-    /// The replicated log, where that is the backend.
-    pub fn replicated(&self) -> Option<&PgAuditLog> {
-        match self {
-            Audit::Embedded(_) => None,
-            Audit::Replicated(log) => Some(log),
-        }
-    }
+            shared: Some(Shared {
+                window: Arc::new(onceonly_store_postgres::PgWindow::new(
+                    pools.window.clone(),
+                    pseudonyms.row_keys(),
+                    config.idempotency.window,
+                    stale_claim,
+                    storage.timeout,
+                )),
+                quotas: Arc::new(onceonly_store_postgres::PgQuotas::new(
+                    pools.window,
+                    storage.timeout,
+                )),
+            }),
+        },
+        writer,
+        append_seed: round_trip,
+    })
 }
 
 /// Why PostgreSQL could not be opened.
@@ -232,8 +212,6 @@ pub enum PostgresError {
     Keys(#[from] onceonly_store_postgres::KeyCheckError),
 }
 
-/// Connects to PostgreSQL as `storage` says and brings the schema up to
-/// this build's (or checks it).
 /// A replica's connections, by job.
 #[derive(Clone)]
 pub struct Pools {
@@ -247,7 +225,9 @@ pub struct Pools {
     pub log: Pool,
 }
 
-/// `keys`: (name, check value) of the keys every replica must share.
+/// Connects to PostgreSQL as `storage` says and brings the schema up to
+/// this build's (or checks it). `keys`: (name, check value) of the keys
+/// every replica must share.
 pub async fn open_postgres(
     storage: &StorageConfig,
     keys: &[(&str, &str)],
@@ -364,6 +344,13 @@ pub enum MoveError {
     /// The import failed (nothing was written).
     #[error(transparent)]
     Import(#[from] onceonly_store_postgres::audit::ImportError),
+    /// A consent of the data directory fails its check (written or
+    /// edited outside the broker): the move stops before anything is
+    /// written.
+    #[error(
+        "{0}; nothing was moved (restore the data directory from a backup, or remove that consent, and move again)"
+    )]
+    Unauthentic(crate::consent::ConsentError),
     /// A consent could not be moved.
     #[error(transparent)]
     Consent(#[from] crate::consent::ConsentError),
@@ -394,6 +381,14 @@ pub async fn move_to_postgres(config: &crate::BrokerConfig) -> Result<Moved, Mov
                 config.data_dir.display()
             ))
         })?;
+    // Every consent must pass its check before anything is written: a row
+    // written into the data directory by hand would otherwise be tagged
+    // by PostgreSQL's store as genuine.
+    let pseudonyms = Arc::new(crate::keys::load_checked_pseudonym_key(config)?);
+    let embedded = onceonly_store::embedded::SledConsents::open(&db, pseudonyms.row_key())?;
+    let consents = onceonly_store::ConsentStore::all(&embedded)
+        .await
+        .map_err(MoveError::Unauthentic)?;
     let data_dir = config.data_dir.clone();
     let key = public_key.clone();
     let (verified, frames) = tokio::task::spawn_blocking(move || {
@@ -413,7 +408,6 @@ pub async fn move_to_postgres(config: &crate::BrokerConfig) -> Result<Moved, Mov
         .flat_map(|(_, frame, _)| frame.records)
         .take(size as usize)
         .collect();
-    let pseudonyms = Arc::new(crate::keys::load_checked_pseudonym_key(config)?);
     let pseudonym_check = crate::keys::pseudonym_key_check(config)?;
     let audit_key_id = onceonly_merkle::sth::key_id(&public_key);
     let pool = open_postgres(
@@ -433,11 +427,9 @@ pub async fn move_to_postgres(config: &crate::BrokerConfig) -> Result<Moved, Mov
     };
     // The consents: a rerun (after a failure here) finds the log already
     // there and adds the consents still missing.
-    let embedded = crate::consent::ConsentStore::open(&db, pseudonyms.clone())?;
-    let target = crate::consent::ConsentStore::postgres(pool, pseudonyms);
-    let consents = embedded.all_embedded()?;
+    let target = onceonly_store_postgres::PgConsents::new(pool, pseudonyms.row_key());
     for consent in &consents {
-        target.import(consent, true).await?;
+        onceonly_store::ConsentStore::import(&target, consent).await?;
     }
     if log_moved == onceonly_store_postgres::audit::Imported::AlreadyThere {
         tracing::info!("the log was already moved by an earlier run; consents completed");

@@ -493,7 +493,9 @@ async fn connector_down_is_unavailable_and_failover_reaches_the_second_endpoint(
 async fn no_record_means_no_evidence() {
     let world = World::start().await;
     let broker = world.running_broker().broker().expect("running");
-    broker.audit.inject_failure(true);
+    broker
+        .audit
+        .inject(onceonly_broker::audit::AuditFault::Append);
     let status = world
         .authority(BERLIN)
         .request_evidence(birth_certificate("unaudited-1"))
@@ -501,7 +503,9 @@ async fn no_record_means_no_evidence() {
         .expect_err("evidence without its audit record");
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(reason_of(&status), Some(ErrorReason::AuditUnavailable));
-    broker.audit.inject_failure(false);
+    broker
+        .audit
+        .inject(onceonly_broker::audit::AuditFault::None);
     assert!(
         world
             .audit_records()

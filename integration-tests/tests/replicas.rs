@@ -278,16 +278,12 @@ async fn receipts_check_offline_and_against_the_log_served_by_any_replica() {
             .into_inner();
         proof.leaf_index
     };
-    let entries = onceonly_broker::storage::Audit::Replicated(
-        world
-            .running_broker()
-            .broker()
-            .expect("running")
-            .audit
-            .replicated()
-            .expect("replicated")
-            .clone(),
-    );
+    let entries = world
+        .running_broker()
+        .broker()
+        .expect("running")
+        .audit
+        .clone();
     let committed = entries
         .entries(first_included, 1)
         .await
@@ -473,16 +469,14 @@ async fn heads_stay_consistent_when_the_sequencers_connections_are_cut_mid_batch
     let mut round = 0u64;
     let replicated: Vec<_> = [world.running_broker(), &others[0]]
         .iter()
-        .map(|r| {
-            r.broker()
-                .expect("running")
-                .audit
-                .replicated()
-                .expect("replicated")
-                .clone()
-        })
+        .map(|r| r.broker().expect("running").audit.clone())
         .collect();
-    let failed_runs = || replicated.iter().map(|r| r.failed_runs()).sum::<u64>();
+    let failed_runs = || {
+        replicated
+            .iter()
+            .map(|r| r.replica_gauges().expect("replicated").failed_runs)
+            .sum::<u64>()
+    };
     // Until a sequencing run was cut (at least 4 s of it, at most 60).
     while started.elapsed() < Duration::from_secs(4)
         || (failed_runs() == 0 && started.elapsed() < Duration::from_secs(60))
@@ -817,6 +811,47 @@ async fn a_data_directorys_log_and_consents_move_into_postgres_with_their_signed
     )
     .expect("config");
     let config = onceonly_broker::BrokerConfig::load(&world.config_path).expect("config");
+    // An intruder in the data directory forges a consent for another
+    // authority from the genuine row: the move refuses it before writing
+    // anything (PostgreSQL's store would otherwise tag it as genuine).
+    let data_dir = config.data_dir.clone();
+    let forge = |forging: bool| {
+        let db = sled::open(&data_dir).expect("the stopped broker's sled");
+        let tree = db.open_tree("consents").expect("consents");
+        if forging {
+            let (_, genuine) = tree.iter().next().expect("a consent").expect("read");
+            let mut row: serde_json::Value = serde_json::from_slice(&genuine).expect("json");
+            row["consent_id"] = "cns-forged".into();
+            row["authority_id"] = "spiffe://onceonly.test/authority/intruder".into();
+            tree.insert("cns-forged", serde_json::to_vec(&row).expect("json"))
+                .expect("forged");
+        } else {
+            tree.remove("cns-forged").expect("removed");
+        }
+        db.flush().expect("flush");
+    };
+    forge(true);
+    let refused = onceonly_broker::storage::move_to_postgres(&config)
+        .await
+        .expect_err("a forged consent is moved");
+    assert!(
+        matches!(
+            &refused,
+            onceonly_broker::storage::MoveError::Unauthentic(_)
+        ) && refused.to_string().contains("cns-forged"),
+        "{refused}"
+    );
+    let tables: i64 = database(&postgres)
+        .await
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+            &[],
+        )
+        .await
+        .expect("tables")
+        .get(0);
+    assert_eq!(tables, 0, "a refused move wrote into PostgreSQL");
+    forge(false);
     let moved = onceonly_broker::storage::move_to_postgres(&config)
         .await
         .expect("moves");

@@ -90,6 +90,10 @@ pub enum AuditError {
     /// A proof was asked for sizes the log cannot prove.
     #[error("{0}")]
     OutOfRange(String),
+    /// This log does not offer what was asked (the reason says what it
+    /// offers instead).
+    #[error("{0}")]
+    Unsupported(String),
     /// The log's last signed head was not signed by the configured key.
     #[error(
         "{log}: its last signed tree head (of {size} records) does not verify under the configured audit key (public key {public_key}): this is not the key that signed this log. Restore the key that did; a new key is never started over an existing log (rotate with `onceonly-broker rotate-audit-key`)"

@@ -563,6 +563,85 @@ impl PgAuditLog {
     }
 }
 
+#[onceonly_store::async_trait]
+impl onceonly_store::AuditStore for PgAuditLog {
+    async fn append(&self, record: AuditRecord) -> Result<onceonly_store::Appended, AuditError> {
+        PgAuditLog::append(self, record)
+            .await
+            .map(|receipt| onceonly_store::Appended {
+                index: None,
+                receipt: Some(receipt),
+            })
+    }
+
+    async fn signed_tree_head(&self) -> Result<Option<SignedTreeHead>, AuditError> {
+        PgAuditLog::signed_tree_head(self).await
+    }
+
+    async fn inclusion_proof(
+        &self,
+        index: u64,
+        size: u64,
+    ) -> Result<(Vec<Hash>, Hash), AuditError> {
+        Ok((
+            PgAuditLog::inclusion_proof(self, index, size).await?,
+            self.leaf_hash(index).await?,
+        ))
+    }
+
+    async fn find_leaf(&self, leaf: &Hash, size: u64) -> Result<Option<u64>, AuditError> {
+        Ok(PgAuditLog::find_leaf(self, leaf)
+            .await?
+            .filter(|i| *i < size))
+    }
+
+    async fn consistency_proof(&self, first: u64, second: u64) -> Result<Vec<Hash>, AuditError> {
+        PgAuditLog::consistency_proof(self, first, second).await
+    }
+
+    async fn entries(
+        &self,
+        start: u64,
+        max: u64,
+    ) -> Result<Vec<onceonly_store::LogEntry>, AuditError> {
+        PgAuditLog::entries(self, start, max).await
+    }
+
+    async fn query(
+        &self,
+        filter: AuditFilter,
+        start: u64,
+        limit: usize,
+    ) -> Result<(Vec<AuditRecord>, Option<u64>), AuditError> {
+        PgAuditLog::query(self, &filter, start, limit).await
+    }
+
+    fn refusing(&self) -> Option<String> {
+        PgAuditLog::refusing(self)
+    }
+
+    fn tree_size(&self) -> u64 {
+        PgAuditLog::tree_size(self)
+    }
+
+    fn metrics(&self) -> &AuditMetrics {
+        PgAuditLog::metrics(self)
+    }
+
+    fn replica_gauges(&self) -> Option<onceonly_store::ReplicaGauges> {
+        Some(onceonly_store::ReplicaGauges {
+            sequencer: self.sequencer_epoch().is_some(),
+            failed_runs: self.failed_runs(),
+            quarantined: self.quarantined(),
+        })
+    }
+
+    fn inject(&self, fault: onceonly_audit_log::AuditFault) {
+        // The replicated log knows one fault: failing appends.
+        self.inject_failure(fault != onceonly_audit_log::AuditFault::None);
+    }
+}
+
 /// Why a log could not be imported.
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {

@@ -9,30 +9,24 @@
 //! missing, for operators who apply schema changes themselves.
 
 pub mod audit;
+pub mod consents;
 pub mod pool;
+pub mod quotas;
+pub mod window;
 
 pub use audit::{LogSettings, PgAuditLog};
+pub use consents::PgConsents;
 pub use deadpool_postgres::Pool;
 pub use pool::{PoolSettings, PoolSetupError, pool};
+pub use quotas::PgQuotas;
 pub use tokio_postgres;
+pub use window::PgWindow;
 
 use sha2::{Digest, Sha256};
 
-/// An error with its causes: tokio-postgres shows only "db error" for a
-/// server's refusal, whose message is its source.
-pub fn describe(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
+/// An error with its causes (tokio-postgres shows only "db error" for a
+/// server's refusal, whose message is its source).
+pub use onceonly_store::describe;
 
 /// One versioned schema change.
 #[derive(Debug, Clone, Copy)]
