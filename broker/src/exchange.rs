@@ -159,6 +159,10 @@ struct Exchange {
     /// audit write and the answer.
     work_deadline: Deadline,
     trace: TraceContext,
+    /// The policy in force when the exchange began: every decision of the
+    /// exchange (quota, rule, consent, encryption) is taken under this one,
+    /// so a reload in between cannot mix two policies.
+    policy: Arc<crate::policy::Policy>,
 }
 
 impl Broker {
@@ -257,7 +261,7 @@ impl Broker {
         // hold anything.
         exchange.record.caller_id = peer.spiffe_id();
         let authenticated = self
-            .count_quota(authorize_role(peer))
+            .count_quota(&exchange.policy, authorize_role(peer))
             .instrument(tracing::info_span!("authenticate"))
             .await
             .and_then(|caller| {
@@ -347,10 +351,10 @@ impl Broker {
     /// here otherwise.
     async fn count_quota(
         &self,
+        quotas: &crate::policy::Policy,
         caller: Result<Participant, Refusal>,
     ) -> Result<Participant, Refusal> {
         let caller = caller?;
-        let quotas = self.policy.current();
         let verdict = match (&self.shared_quotas, quotas.quotas().bucket_of(caller.id())) {
             (Some(shared), Some(bucket)) => match shared.check(&bucket).await {
                 Ok(verdict) => verdict,
@@ -416,7 +420,7 @@ impl Broker {
         // any register is called; 5. route
         // (the ticket then names that certificate, by its fingerprint).
         let destination = tracing::info_span!("route").in_scope(|| {
-            self.check_encryption(caller, &request)?;
+            self.check_encryption(&exchange.policy, caller, &request)?;
             self.route(&request)
         })?;
         exchange.record.connector_id = destination.connector_id.clone();
@@ -495,15 +499,12 @@ impl Broker {
     /// CA; where the policy requires encryption, the request must name one.
     fn check_encryption(
         &self,
+        policy: &crate::policy::Policy,
         caller: &Participant,
         request: &RequestEvidenceRequest,
     ) -> Result<(), Refusal> {
         if request.encryption_certificate.is_empty() {
-            if self
-                .policy
-                .current()
-                .requires_encryption(&request.evidence_type)
-            {
+            if policy.requires_encryption(&request.evidence_type) {
                 return Err(Refusal::EncryptionRequired {
                     evidence_type: request.evidence_type.clone(),
                 });
@@ -533,7 +534,7 @@ impl Broker {
             self.check_consent(exchange, request).await?;
         }
         // An encryption requirement (or a certificate revoked) since.
-        self.check_encryption(caller, request)?;
+        self.check_encryption(&exchange.policy, caller, request)?;
         Ok(())
     }
 
@@ -544,7 +545,7 @@ impl Broker {
         caller: &Participant,
         request: &RequestEvidenceRequest,
     ) -> Result<ConsentRequirement, Refusal> {
-        match self.policy.current().decide(
+        match exchange.policy.decide(
             caller.id(),
             &request.evidence_type,
             &request.purpose,
@@ -647,6 +648,7 @@ impl Broker {
             deadline,
             work_deadline: deadline,
             trace,
+            policy: self.policy.current(),
         }
     }
 
