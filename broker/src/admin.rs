@@ -119,6 +119,31 @@ impl Collector for StateCollector {
             "1 while the audit log refuses appends (readiness is NOT_SERVING)",
             f64::from(u8::from(broker.audit.refusing().is_some())),
         )?;
+        let revocations = broker.consents.revocations();
+        gauge(
+            &mut encoder,
+            "onceonly_revocations_followed",
+            "Audit log entries read and checked against the signed head for consent revocations",
+            revocations.followed() as f64,
+        )?;
+        gauge(
+            &mut encoder,
+            "onceonly_revocations_known",
+            "Consents known revoked from the audit log (or revoked by this broker since its start)",
+            revocations.count() as f64,
+        )?;
+        gauge(
+            &mut encoder,
+            "onceonly_revocations_check_failures",
+            "Rounds in which the audit log's entries did not check out against its signed head while reading revocations",
+            revocations.failed_checks() as f64,
+        )?;
+        gauge(
+            &mut encoder,
+            "onceonly_consent_rows_written_back",
+            "Consent rows read that said active for a consent the audit log has revoked (an old row written back); each counted as revoked",
+            revocations.written_back() as f64,
+        )?;
         if let Some(replica) = broker.audit.replica_gauges() {
             gauge(
                 &mut encoder,
@@ -137,6 +162,12 @@ impl Collector for StateCollector {
                 "onceonly_audit_quarantined",
                 "Queued rows this replica's sequencer set aside (not written by a replica, or undecodable)",
                 replica.quarantined as f64,
+            )?;
+            gauge(
+                &mut encoder,
+                "onceonly_audit_receipts_broken",
+                "Receipts this replica gave whose records never reached the log (a queued row deleted before it was sequenced); the replica then refuses requests",
+                replica.receipts_broken as f64,
             )?;
         }
         for (name, help, count) in [

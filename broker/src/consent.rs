@@ -17,6 +17,7 @@ pub use onceonly_store::consent::{ConsentError, ConsentQuery, ConsentStore, Stor
 use rand::RngCore;
 
 use crate::pseudonym::Pseudonymiser;
+use crate::revocations::Revocations;
 
 /// The wire form of `consent` at `now_ms`, naming `subject` (known to the
 /// caller, or opened with [`Consents::subject_of`]).
@@ -57,17 +58,48 @@ pub struct NewConsent {
 pub struct Consents {
     store: Arc<dyn ConsentStore>,
     pseudonyms: Arc<Pseudonymiser>,
+    revocations: Arc<Revocations>,
 }
 
 impl Consents {
-    /// Consents kept in `store`, subjects named under `pseudonyms`.
-    pub fn new(store: Arc<dyn ConsentStore>, pseudonyms: Arc<Pseudonymiser>) -> Self {
-        Consents { store, pseudonyms }
+    /// Consents kept in `store`, subjects named under `pseudonyms`; a
+    /// consent in `revocations` is revoked whatever its row says.
+    pub fn new(
+        store: Arc<dyn ConsentStore>,
+        pseudonyms: Arc<Pseudonymiser>,
+        revocations: Arc<Revocations>,
+    ) -> Self {
+        Consents {
+            store,
+            pseudonyms,
+            revocations,
+        }
     }
 
     /// The store behind.
     pub fn store(&self) -> &Arc<dyn ConsentStore> {
         &self.store
+    }
+
+    /// The revocations known from the log.
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
+    }
+
+    /// `consent` as the log has it: revoked where the log says so, even if
+    /// its row (written back with an old MAC) says otherwise.
+    fn as_logged(&self, mut consent: StoredConsent) -> StoredConsent {
+        if consent.revoked_at_ms.is_none()
+            && let Some(at) = self.revocations.revoked_at(&consent.consent_id)
+        {
+            tracing::error!(
+                consent_id = %consent.consent_id,
+                "the consent's row says it is active, but the audit log holds its revocation: the row was written back (someone other than the broker writes to the store); it counts as revoked"
+            );
+            self.revocations.count_written_back();
+            consent.revoked_at_ms = Some(at);
+        }
+        consent
     }
 
     fn pseudonym_of(&self, subject: &SubjectId) -> String {
@@ -112,13 +144,16 @@ impl Consents {
 
     /// The consent `id`.
     pub async fn get(&self, id: &str) -> Result<Option<StoredConsent>, ConsentError> {
-        self.store.get(id).await
+        Ok(self.store.get(id).await?.map(|c| self.as_logged(c)))
     }
 
     /// Revokes consent `id` durably; an already revoked consent keeps its
     /// first revocation time.
     pub async fn revoke(&self, id: &str, now_ms: i64) -> Result<StoredConsent, ConsentError> {
-        self.store.revoke(id, now_ms).await
+        let revoked = self.store.revoke(id, now_ms).await?;
+        self.revocations
+            .note(id, revoked.revoked_at_ms.unwrap_or(now_ms));
+        Ok(revoked)
     }
 
     /// The subject a stored consent names, opened from its sealed form.
@@ -140,9 +175,11 @@ impl Consents {
         skip: usize,
         limit: usize,
     ) -> Result<(Vec<StoredConsent>, bool), ConsentError> {
-        self.store
+        let (found, more) = self
+            .store
             .list(&self.pseudonym_of(subject), skip, limit)
-            .await
+            .await?;
+        Ok((found.into_iter().map(|c| self.as_logged(c)).collect(), more))
     }
 
     /// An active consent covering the request, if any. With `consent_id`,
@@ -164,13 +201,34 @@ impl Consents {
             evidence_type,
             purpose,
         };
-        match consent_id {
-            Some(id) => Ok(self
-                .store
-                .get(id)
-                .await?
-                .filter(|c| query.covered_by(c, now_ms))),
-            None => self.store.find_active(&query, now_ms).await,
+        let found = match consent_id {
+            Some(id) => self.store.get(id).await?,
+            None => self.store.find_active(&query, now_ms).await?,
+        };
+        let found = found.map(|c| self.as_logged(c));
+        match found {
+            Some(c) if query.covered_by(&c, now_ms) => Ok(Some(c)),
+            // A row written back: another consent may still cover the
+            // request (looked for the slow way, as this happens only when
+            // the store was tampered with).
+            Some(_) if consent_id.is_none() => {
+                let mut skip = 0;
+                loop {
+                    let (page, more) = self.store.list(&pseudonym, skip, 100).await?;
+                    skip += page.len();
+                    if let Some(c) = page
+                        .into_iter()
+                        .map(|c| self.as_logged(c))
+                        .find(|c| query.covered_by(c, now_ms))
+                    {
+                        return Ok(Some(c));
+                    }
+                    if !more {
+                        return Ok(None);
+                    }
+                }
+            }
+            _ => Ok(None),
         }
     }
 }
@@ -197,6 +255,7 @@ mod tests {
                     .expect("store"),
             ),
             pseudonyms,
+            Arc::default(),
         );
         let garbage = b"{not json".to_vec();
         let consents = db.open_tree("consents").expect("tree");
@@ -231,7 +290,12 @@ mod tests {
         let memory: Arc<dyn ConsentStore> =
             Arc::new(onceonly_store::memory::MemoryConsents::default());
         for backend in [sled, memory] {
-            grant_find_revoke_and_expire_in(Consents::new(backend, pseudonyms.clone())).await;
+            grant_find_revoke_and_expire_in(Consents::new(
+                backend,
+                pseudonyms.clone(),
+                Arc::default(),
+            ))
+            .await;
         }
     }
 

@@ -10,7 +10,9 @@
 //!   [`quota`] how often;
 //! - [`refusal`] is every way an exchange ends without evidence, classed
 //!   once into a gRPC status and an audit outcome;
-//! - [`consent`] names and seals the subjects of consents;
+//! - [`consent`] names and seals the subjects of consents, and
+//!   [`revocations`] keeps the revocations the signed log holds, so no
+//!   row written back can undo one;
 //! - [`storage`] opens the stores the request path keeps its state in
 //!   (the traits of [`onceonly_store`]: the audit log, consents, the
 //!   request window, quotas), embedded or on PostgreSQL: the one place
@@ -44,6 +46,7 @@ pub mod policy;
 pub mod pseudonym;
 pub mod quota;
 pub mod refusal;
+pub mod revocations;
 pub mod routing;
 pub mod server;
 pub mod services;

@@ -10,7 +10,6 @@
 //! subject id.
 
 use onceonly_proto::v1::SubjectIdScheme;
-use rand::RngCore;
 use ring::{aead, hkdf, hmac};
 
 /// Domain separation for the HMAC input.
@@ -90,35 +89,21 @@ impl Pseudonymiser {
     /// Seals a subject id for the consent store, bound to `context` (the
     /// consent id): hex of a random nonce and the ciphertext.
     pub fn seal(&self, context: &str, scheme: i32, value: &str) -> Result<String, Unsealable> {
-        let mut nonce = [0u8; aead::NONCE_LEN];
-        rand::rng().fill_bytes(&mut nonce);
-        let mut data = format!("{scheme}:{value}").into_bytes();
-        self.sealing
-            .seal_in_place_append_tag(
-                aead::Nonce::assume_unique_for_key(nonce),
-                aead::Aad::from(context.as_bytes()),
-                &mut data,
-            )
-            .map_err(|_| Unsealable)?;
-        let mut sealed = nonce.to_vec();
-        sealed.extend_from_slice(&data);
-        Ok(hex::encode(sealed))
+        onceonly_store::keys::seal(
+            &self.sealing,
+            context.as_bytes(),
+            format!("{scheme}:{value}").as_bytes(),
+        )
+        .map(hex::encode)
+        .map_err(|_| Unsealable)
     }
 
     /// Opens what [`Pseudonymiser::seal`] sealed with the same `context`.
     pub fn open(&self, context: &str, sealed: &str) -> Result<(i32, String), Unsealable> {
         let bytes = hex::decode(sealed).map_err(|_| Unsealable)?;
-        if bytes.len() < aead::NONCE_LEN {
-            return Err(Unsealable);
-        }
-        let (nonce, rest) = bytes.split_at(aead::NONCE_LEN);
-        let nonce = aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| Unsealable)?;
-        let mut data = rest.to_vec();
-        let plain = self
-            .sealing
-            .open_in_place(nonce, aead::Aad::from(context.as_bytes()), &mut data)
+        let plain = onceonly_store::keys::open(&self.sealing, context.as_bytes(), &bytes)
             .map_err(|_| Unsealable)?;
-        let text = std::str::from_utf8(plain).map_err(|_| Unsealable)?;
+        let text = std::str::from_utf8(&plain).map_err(|_| Unsealable)?;
         let (scheme, value) = text.split_once(':').ok_or(Unsealable)?;
         Ok((scheme.parse().map_err(|_| Unsealable)?, value.to_owned()))
     }

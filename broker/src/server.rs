@@ -152,15 +152,28 @@ impl BoundBroker {
         let identity = server_tls.identity().clone();
         let pseudonyms = Arc::new(crate::keys::load_checked_pseudonym_key(config)?);
         let audit_key = crate::keys::load_audit_key(&config.audit_key)?;
+        let audit_public_key = ring::signature::KeyPair::public_key(&audit_key)
+            .as_ref()
+            .to_vec();
         let crate::storage::Opened {
             stores,
             writer: audit_writer,
             append_seed,
         } = crate::storage::open(config, audit_key, &pseudonyms).await?;
+        let revocations = crate::revocations::start(&stores.audit, audit_public_key)
+            .await
+            .map_err(|e| StartError::Storage {
+                what: "the audit log (reading consent revocations)".into(),
+                reason: e.to_string(),
+            })?;
         let broker = Arc::new(Broker {
             routing,
             policy,
-            consents: crate::consent::Consents::new(stores.consents, pseudonyms.clone()),
+            consents: crate::consent::Consents::new(
+                stores.consents,
+                pseudonyms.clone(),
+                revocations.clone(),
+            ),
             shared_quotas: stores.shared.as_ref().map(|shared| shared.quotas.clone()),
             audit: stores.audit,
             pseudonyms: pseudonyms.clone(),

@@ -710,3 +710,62 @@ async fn a_portal_scoped_by_the_policy_cannot_record_other_consents() {
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(reason_of(&status), Some(ErrorReason::PolicyDenied));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_consent_row_written_back_into_the_data_directory_does_not_undo_its_revocation() {
+    let mut world = World::start().await;
+    let consent = world
+        .portal()
+        .grant_consent(residence_consent())
+        .await
+        .expect("grant")
+        .into_inner()
+        .consent
+        .expect("consent");
+    let residence = |id: &str| {
+        let mut request = birth_certificate(id);
+        request.evidence_type = "proof-of-residence".into();
+        request.legal_basis = "Art. 6 Abs. 1 lit. a DSGVO".into();
+        request
+    };
+    // Someone with the data disk copies the active consent's row (its MAC
+    // is valid for these values forever) while the broker is stopped.
+    world.stop_broker().await;
+    let data = world.dir.path().join("data");
+    let active_row = {
+        let db = sled::open(&data).expect("the stopped broker's sled");
+        db.open_tree("consents")
+            .expect("consents")
+            .get(&consent.consent_id)
+            .expect("read")
+            .expect("the consent's row")
+    };
+    world.start_broker().await;
+    world
+        .portal()
+        .revoke_consent(onceonly_proto::v1::RevokeConsentRequest {
+            consent_id: consent.consent_id.clone(),
+        })
+        .await
+        .expect("revoked");
+    world.stop_broker().await;
+    {
+        let db = sled::open(&data).expect("the stopped broker's sled");
+        db.open_tree("consents")
+            .expect("consents")
+            .insert(consent.consent_id.as_bytes(), active_row)
+            .expect("the old row written back");
+        db.flush().expect("flush");
+    }
+    // A revocation read from the log counts once it has stood this long
+    // without a record saying it failed.
+    tokio::time::sleep(onceonly_broker::revocations::SETTLE).await;
+    world.start_broker().await;
+    let refused = world
+        .authority(BERLIN)
+        .request_evidence(residence("after-write-back"))
+        .await
+        .expect_err("evidence released on a consent the log has revoked");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(reason_of(&refused), Some(ErrorReason::ConsentMissing));
+}

@@ -436,3 +436,182 @@ async fn a_copied_queue_row_is_set_aside_not_sequenced_twice() {
         .await;
     assert_eq!(records.len(), 1, "signed into the log twice: {records:?}");
 }
+
+/// The value of gauge `name` in the replica's metrics, where it is there.
+async fn gauge(world: &onceonly_integration_tests::world::World, name: &str) -> Option<f64> {
+    let text = onceonly_integration_tests::scrape_metrics(world.admin_addr()).await;
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_row_deleted_before_sequencing_stops_the_replica() {
+    let (postgres, world, _) = replicas(0).await;
+    let db = database(&postgres).await;
+    // An AFTER trigger: the INSERT stores the row (so the commit's count
+    // holds) and the trigger deletes it at once, before the sequencer's
+    // next round.
+    db.batch_execute(
+        "CREATE FUNCTION onceonly_vanish() RETURNS trigger AS
+           'BEGIN DELETE FROM audit_queue WHERE queue_id = NEW.queue_id; RETURN NULL; END'
+           LANGUAGE plpgsql;
+         CREATE TRIGGER vanish AFTER INSERT ON audit_queue
+           FOR EACH ROW EXECUTE FUNCTION onceonly_vanish();",
+    )
+    .await
+    .expect("the intruder's trigger");
+    // This answer went out with a receipt before the row vanished: a
+    // receipt is a promise about the future, which only its holder's
+    // check-receipt and the replica's own watch can hold to account.
+    let vanished = world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("vanished"))
+        .await
+        .expect("committed, then deleted")
+        .into_inner();
+    assert!(vanished.audit_receipt.is_some());
+    db.batch_execute("DROP TRIGGER vanish ON audit_queue")
+        .await
+        .expect("the intruder covers its tracks");
+    assert_eq!(
+        gauge(&world, "onceonly_audit_receipts_broken").await,
+        Some(0.0),
+        "counted before the record was due"
+    );
+
+    // Past the receipt's include-by time the replica finds its record in
+    // neither the log nor the queue, and stops.
+    let deadline = Instant::now() + Duration::from_millis(MERGE_DELAY_MS * 3);
+    while gauge(&world, "onceonly_audit_receipts_broken").await != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted row was never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        gauge(&world, "onceonly_audit_refusing").await,
+        Some(1.0),
+        "readiness still says serving"
+    );
+    let refused = match world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("after-the-loss"))
+        .await
+    {
+        Ok(answer) => panic!(
+            "evidence released by a replica whose receipted record was deleted: {:?}",
+            answer.into_inner().audit_receipt
+        ),
+        Err(status) => status,
+    };
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(reason_of(&refused), Some(ErrorReason::AuditUnavailable));
+    let records = world.audit_records().await;
+    assert!(
+        records.iter().all(|r| r.request_id != "vanished"),
+        "the deleted record is in the log after all"
+    );
+}
+
+/// The value of gauge `name` at the admin listener `addr`.
+async fn gauge_at(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let text = onceonly_integration_tests::scrape_metrics(addr).await;
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_consent_row_written_back_does_not_undo_its_revocation() {
+    let (postgres, world, others) = replicas(1).await;
+    let db = database(&postgres).await;
+    let consent = grant_residence(&world, world.broker_addr(), BERLIN).await;
+    // The intruder keeps the row as it is while the consent is active: its
+    // MAC is valid, for these values, forever.
+    let saved = db
+        .query_one(
+            "SELECT revoked_at_ms, mac FROM consents WHERE consent_id = $1",
+            &[&consent.consent_id],
+        )
+        .await
+        .expect("the active row");
+    assert_eq!(saved.get::<_, Option<i64>>(0), None);
+    let old_mac: Vec<u8> = saved.get(1);
+
+    // The citizen revokes through replica 0; replica 1 learns of it from
+    // the database row, and from the signed log.
+    world
+        .portal()
+        .revoke_consent(RevokeConsentRequest {
+            consent_id: consent.consent_id.clone(),
+        })
+        .await
+        .expect("revoked");
+    let other = others[0].local_addr();
+    let other_admin = others[0].admin_addr().expect("admin listener");
+    let deadline =
+        Instant::now() + Duration::from_millis(MERGE_DELAY_MS * 3) + Duration::from_secs(10);
+    while gauge_at(other_admin, "onceonly_revocations_known").await != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "replica 1 never read the revocation from the log"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The old row goes back, with its old MAC: a valid row of an active
+    // consent, as far as the database can tell.
+    let written = db
+        .execute(
+            "UPDATE consents SET revoked_at_ms = NULL, mac = $2 WHERE consent_id = $1",
+            &[&consent.consent_id, &old_mac],
+        )
+        .await
+        .expect("the intruder writes the old row back");
+    assert_eq!(written, 1);
+    for (addr, replica) in [(world.broker_addr(), "replica-0"), (other, "replica-1")] {
+        let refused = match onceonly_proto::v1::evidence_service_client::EvidenceServiceClient::new(
+            world.channel_to(addr, onceonly_certs::Role::Authority, BERLIN),
+        )
+        .request_evidence(residence(&format!("after-write-back-{replica}")))
+        .await
+        {
+            Ok(_) => panic!("{replica} released evidence on a consent revoked in the log"),
+            Err(status) => status,
+        };
+        assert_eq!(
+            refused.code(),
+            Code::FailedPrecondition,
+            "{replica}: {refused:?}"
+        );
+        assert_eq!(
+            reason_of(&refused),
+            Some(ErrorReason::ConsentMissing),
+            "{replica}"
+        );
+    }
+    assert!(
+        gauge_at(other_admin, "onceonly_consent_rows_written_back")
+            .await
+            .is_some_and(|n| n >= 1.0),
+        "the written-back row was not counted"
+    );
+    // The portal's view says revoked too, whatever the row says.
+    let listed = world
+        .portal()
+        .list_consents(onceonly_proto::v1::ListConsentsRequest {
+            subject: Some(onceonly_integration_tests::world::anna()),
+            ..Default::default()
+        })
+        .await
+        .expect("listed")
+        .into_inner();
+    let shown = listed
+        .consents
+        .iter()
+        .find(|c| c.consent_id == consent.consent_id)
+        .expect("the consent is listed");
+    assert!(shown.revoked_at.is_some(), "{shown:?}");
+}

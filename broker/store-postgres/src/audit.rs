@@ -95,6 +95,14 @@ struct Inner {
     row_key: ring::hmac::Key,
     /// Queued rows set aside because they did not authenticate or decode.
     quarantined: AtomicU64,
+    /// The leaves this replica receipted and has not yet seen in the log,
+    /// with their include-by times (ms, the database's clock), oldest
+    /// first: a queued row deleted before the sequencer took it (by an
+    /// intruder, or a trigger) shows as a receipt whose record never
+    /// arrives.
+    receipted: Mutex<std::collections::VecDeque<(Hash, u64)>>,
+    /// Receipts this replica gave whose records never reached the log.
+    receipts_broken: AtomicU64,
     metrics: AuditMetrics,
 }
 
@@ -293,6 +301,8 @@ impl PgAuditLog {
             halted: Mutex::new(None),
             row_key,
             quarantined: AtomicU64::new(0),
+            receipted: Mutex::default(),
+            receipts_broken: AtomicU64::new(0),
             metrics: AuditMetrics::default(),
         });
         let (appends, queue) = mpsc::channel(MAX_BATCH * 4);
@@ -552,6 +562,11 @@ impl PgAuditLog {
         self.inner.failed_runs.load(Ordering::Relaxed)
     }
 
+    /// Receipts this replica gave whose records never reached the log.
+    pub fn receipts_broken(&self) -> u64 {
+        self.inner.receipts_broken.load(Ordering::Relaxed)
+    }
+
     /// This replica's name.
     pub fn replica(&self) -> &str {
         &self.inner.settings.replica
@@ -633,6 +648,7 @@ impl onceonly_store::AuditStore for PgAuditLog {
             sequencer: self.sequencer_epoch().is_some(),
             failed_runs: self.failed_runs(),
             quarantined: self.quarantined(),
+            receipts_broken: self.receipts_broken(),
         })
     }
 
@@ -932,6 +948,10 @@ impl Inner {
             .observe(started.elapsed().as_secs_f64());
         self.metrics.batch_records.observe(records.len() as f64);
         let include_by = committed_at + self.settings.merge_delay.as_millis() as u64;
+        self.receipted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(leaves.iter().map(|leaf| (*leaf, include_by)));
         let named: Vec<(Hash, String)> = leaves
             .into_iter()
             .zip(records.iter().map(|r| r.exchange_id.clone()))
@@ -1022,11 +1042,13 @@ async fn probe(inner: Weak<Inner>) {
                 client.query_one(
                     "SELECT (SELECT max(tree_size) FROM audit_heads),
                             (extract(epoch FROM clock_timestamp()) * 1000)::bigint
-                              - (SELECT min(queued_at_ms) FROM audit_queue)",
+                              - (SELECT min(queued_at_ms) FROM audit_queue),
+                            (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
                     &[],
                 ),
             )
             .await?;
+            watch_receipts(&inner, &client, row.get::<_, i64>(2)).await?;
             let size = row.get::<_, Option<i64>>(0).unwrap_or(0) as u64;
             inner.tree_size.fetch_max(size, Ordering::AcqRel);
             if size < seen {
@@ -1059,6 +1081,87 @@ async fn probe(inner: Weak<Inner>) {
             Err(e) => inner.failed(e.to_string()),
         }
     }
+}
+
+/// Checks the leaves this replica receipted whose include-by time (plus
+/// two sequencer rounds) has passed, at `now_ms` on the database's clock:
+/// each must be in the log by now, or still in the queue (which the lag
+/// check reports). One in neither was deleted from the queue before it was
+/// sequenced, although its commit was acknowledged and its evidence
+/// released: the database is not the replicas' alone any more, so the log
+/// stops (Corrupt: appends refused, readiness NOT_SERVING) until an
+/// operator has looked.
+async fn watch_receipts(
+    inner: &Inner,
+    client: &deadpool_postgres::Object,
+    now_ms: i64,
+) -> Result<(), AuditError> {
+    let grace = (inner.settings.interval * 2).as_millis() as u64;
+    let now = u64::try_from(now_ms).unwrap_or(0);
+    let due: Vec<Hash> = inner
+        .receipted
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .take_while(|(_, include_by)| include_by.saturating_add(grace) <= now)
+        .map(|(leaf, _)| *leaf)
+        .collect();
+    if due.is_empty() {
+        return Ok(());
+    }
+    let wanted: Vec<&[u8]> = due.iter().map(|leaf| leaf.as_slice()).collect();
+    let rows = bounded(
+        inner.settings.timeout,
+        "checking receipted records",
+        client.query(
+            "SELECT leaf_hash, true FROM audit_leaves WHERE leaf_hash = ANY($1)
+             UNION ALL
+             SELECT leaf_hash, false FROM audit_queue WHERE leaf_hash = ANY($1)",
+            &[&wanted],
+        ),
+    )
+    .await?;
+    let mut logged = std::collections::HashSet::new();
+    let mut queued = std::collections::HashSet::new();
+    for row in &rows {
+        let leaf: Vec<u8> = row.get(0);
+        if row.get::<_, bool>(1) {
+            logged.insert(leaf);
+        } else {
+            queued.insert(leaf);
+        }
+    }
+    let missing: Vec<&Hash> = due
+        .iter()
+        .filter(|leaf| !logged.contains(leaf.as_slice()) && !queued.contains(leaf.as_slice()))
+        .collect();
+    {
+        let mut receipted = inner.receipted.lock().unwrap_or_else(|p| p.into_inner());
+        // The due ones are the oldest: drop those in the log (or lost, and
+        // reported now); keep those still queued for the next round.
+        let mut kept = std::collections::VecDeque::new();
+        for _ in 0..due.len() {
+            if let Some((leaf, include_by)) = receipted.pop_front()
+                && queued.contains(leaf.as_slice())
+            {
+                kept.push_back((leaf, include_by));
+            }
+        }
+        while let Some(entry) = kept.pop_back() {
+            receipted.push_front(entry);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    inner
+        .receipts_broken
+        .fetch_add(missing.len() as u64, Ordering::Relaxed);
+    Err(AuditError::Corrupt(format!(
+        "{} record(s) this replica committed to audit_queue and receipted (leaf {} first) are neither in the log nor in the queue past their include-by time: a queued row was deleted before it was sequenced (a trigger on audit_queue, or a writer other than the replicas). Their holders' `onceonly-audit check-receipt` fails; this replica refuses new requests until the database is checked (`\\d audit_queue` lists triggers) and it is restarted",
+        missing.len(),
+        hex::encode(missing[0])
+    )))
 }
 
 /// What a replica holding the lease knows.

@@ -28,6 +28,8 @@ pub struct ReplicaGauges {
     pub failed_runs: u64,
     /// Queued rows the sequencer set aside.
     pub quarantined: u64,
+    /// Receipts this replica gave whose records never reached the log.
+    pub receipts_broken: u64,
 }
 
 /// An append-only Merkle log of records (RFC 9162), durable before the

@@ -25,38 +25,47 @@ pub struct RowKeys {
 )]
 pub struct Unsealable;
 
+/// Seals `plain` under `key`, bound to `context` (AES-256-GCM): a random
+/// nonce, then the ciphertext and tag.
+pub fn seal(key: &aead::LessSafeKey, context: &[u8], plain: &[u8]) -> Result<Vec<u8>, Unsealable> {
+    let mut nonce = [0u8; aead::NONCE_LEN];
+    ring::rand::SystemRandom::new()
+        .fill(&mut nonce)
+        .map_err(|_| Unsealable)?;
+    let mut data = plain.to_vec();
+    key.seal_in_place_append_tag(
+        aead::Nonce::assume_unique_for_key(nonce),
+        aead::Aad::from(context),
+        &mut data,
+    )
+    .map_err(|_| Unsealable)?;
+    let mut sealed = nonce.to_vec();
+    sealed.extend_from_slice(&data);
+    Ok(sealed)
+}
+
+/// Opens what [`seal`] sealed under `key` for `context`.
+pub fn open(key: &aead::LessSafeKey, context: &[u8], sealed: &[u8]) -> Result<Vec<u8>, Unsealable> {
+    if sealed.len() < aead::NONCE_LEN {
+        return Err(Unsealable);
+    }
+    let (nonce, rest) = sealed.split_at(aead::NONCE_LEN);
+    let nonce = aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| Unsealable)?;
+    let mut data = rest.to_vec();
+    let plain = key
+        .open_in_place(nonce, aead::Aad::from(context), &mut data)
+        .map_err(|_| Unsealable)?;
+    Ok(plain.to_vec())
+}
+
 impl RowKeys {
-    /// Seals `plain`, bound to `context` (AES-256-GCM, random nonce first).
+    /// Seals an outcome for the shared request window, bound to `context`.
     pub fn seal_outcome(&self, context: &[u8], plain: &[u8]) -> Result<Vec<u8>, Unsealable> {
-        let mut nonce = [0u8; aead::NONCE_LEN];
-        ring::rand::SystemRandom::new()
-            .fill(&mut nonce)
-            .map_err(|_| Unsealable)?;
-        let mut data = plain.to_vec();
-        self.outcome_seal
-            .seal_in_place_append_tag(
-                aead::Nonce::assume_unique_for_key(nonce),
-                aead::Aad::from(context),
-                &mut data,
-            )
-            .map_err(|_| Unsealable)?;
-        let mut sealed = nonce.to_vec();
-        sealed.extend_from_slice(&data);
-        Ok(sealed)
+        seal(&self.outcome_seal, context, plain)
     }
 
     /// Opens what [`RowKeys::seal_outcome`] sealed for `context`.
     pub fn open_outcome(&self, context: &[u8], sealed: &[u8]) -> Result<Vec<u8>, Unsealable> {
-        if sealed.len() < aead::NONCE_LEN {
-            return Err(Unsealable);
-        }
-        let (nonce, rest) = sealed.split_at(aead::NONCE_LEN);
-        let nonce = aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| Unsealable)?;
-        let mut data = rest.to_vec();
-        let plain = self
-            .outcome_seal
-            .open_in_place(nonce, aead::Aad::from(context), &mut data)
-            .map_err(|_| Unsealable)?;
-        Ok(plain.to_vec())
+        open(&self.outcome_seal, context, sealed)
     }
 }
