@@ -7,12 +7,12 @@
 //! they show in that subject's view.
 
 use onceonly_certs::Participant;
-use onceonly_proto::status::error;
-use onceonly_proto::v1::{AuditRecord, ErrorReason, RecordKind, SubjectId};
+use onceonly_proto::v1::{AuditRecord, RecordKind, SubjectId};
 use rand::RngCore;
-use tonic::{Code, Status};
+use tonic::Code;
 
 use crate::exchange::Broker;
+use crate::refusal::ServiceRefusal;
 use onceonly_proto::time::{now_ms, timestamp};
 
 /// What an access concerned, beyond who and whom.
@@ -28,17 +28,6 @@ pub struct Access {
     pub consent_authority_id: String,
 }
 
-/// Why a recorded consent change did not happen.
-#[derive(Debug)]
-pub enum ChangeFailed {
-    /// Its record could not be written (the status to answer with).
-    NotRecorded(Status),
-    /// The consent store failed after the record (a second record says so).
-    Store(crate::consent::ConsentError),
-    /// The change's task failed.
-    Task(String),
-}
-
 impl Broker {
     /// Records a consent change by `caller`, then makes it with `change`,
     /// in a task of its own: a caller that goes away between the two (a
@@ -52,7 +41,7 @@ impl Broker {
         subject: SubjectId,
         access: Access,
         change: F,
-    ) -> Result<crate::consent::StoredConsent, ChangeFailed>
+    ) -> Result<crate::consent::StoredConsent, ServiceRefusal>
     where
         F: FnOnce(std::sync::Arc<Broker>) -> Fut + Send + 'static,
         Fut: std::future::Future<
@@ -63,20 +52,19 @@ impl Broker {
         let task = tokio::spawn(async move {
             broker
                 .record_access(kind, &caller, &subject, access.clone())
-                .await
-                .map_err(ChangeFailed::NotRecorded)?;
+                .await?;
             match change(broker.clone()).await {
                 Ok(consent) => Ok(consent),
                 Err(e) => {
                     broker
                         .record_failed_access(kind, &caller, &subject, access, &e)
                         .await;
-                    Err(ChangeFailed::Store(e))
+                    Err(ServiceRefusal::Consent(e))
                 }
             }
         });
         task.await
-            .unwrap_or_else(|e| Err(ChangeFailed::Task(e.to_string())))
+            .unwrap_or_else(|e| Err(ServiceRefusal::ChangeFailed(e.to_string())))
     }
 
     /// Records that `caller` did `kind` about `subject`; Err (UNAVAILABLE,
@@ -88,15 +76,11 @@ impl Broker {
         caller: &Participant,
         subject: &SubjectId,
         access: Access,
-    ) -> Result<crate::storage::Appended, Status> {
+    ) -> Result<crate::storage::Appended, ServiceRefusal> {
         let record = self.access_record(kind, caller, subject, access);
         self.audit.append(record).await.map_err(|audit_error| {
             tracing::error!(%audit_error, ?kind, caller = %caller, "access record not written: refused");
-            error(
-                Code::Unavailable,
-                ErrorReason::AuditUnavailable,
-                "this access to a subject's data could not be recorded, so it was not carried out; retry",
-            )
+            ServiceRefusal::NotRecorded
         })
     }
 

@@ -39,7 +39,6 @@ use onceonly_certs::security::SecurityEvents;
 use onceonly_certs::{Participant, PeerRefusal, ReloadableServerTls, Role};
 use onceonly_proto::deadline::{Deadline, LatencyWindow, Reserve};
 use onceonly_proto::metadata::TraceContext;
-use onceonly_proto::status::invalid_request;
 use onceonly_proto::v1::{
     AuditRecord, ErrorReason, Evidence, ExchangeOutcome, ProvideEvidenceRequest,
     RequestEvidenceRequest, RequestEvidenceResponse,
@@ -121,6 +120,82 @@ pub struct Broker {
     pub ready: Arc<std::sync::atomic::AtomicBool>,
     /// What the request path counts and times ([`crate::metrics`]).
     pub metrics: crate::metrics::Metrics,
+}
+
+/// What a broker is built from, each part loaded or opened already: the
+/// server builds it from the configuration's files ([`crate::server`]),
+/// tests from texts, a throw-away PKI and stores in memory.
+pub struct BrokerParts {
+    /// The evidence-type catalogue and routes.
+    pub routing: Arc<RoutingTable>,
+    /// The policy in force.
+    pub policy: Arc<PolicyStore>,
+    /// Where the broker's state lives.
+    pub stores: onceonly_store::Stores,
+    /// Revocations known from the signed log ([`crate::revocations`]).
+    pub revocations: Arc<crate::revocations::Revocations>,
+    /// Subject pseudonyms and the stores' row keys.
+    pub pseudonyms: Arc<Pseudonymiser>,
+    /// Connections to connectors.
+    pub forwarder: Forwarder,
+    /// The broker's server TLS (its identity, CA and CRL).
+    pub tls: Arc<ReloadableServerTls>,
+    /// Signs tickets with the broker's certificate key.
+    pub signer: SignerCell,
+    /// Limits on requests.
+    pub limits: crate::config::Limits,
+    /// The idempotency window.
+    pub idempotency: crate::config::Idempotency,
+    /// How long a durable append took at start: the deadline reserve's
+    /// first estimate.
+    pub append_seed: Duration,
+}
+
+impl Broker {
+    /// The broker made of `parts`.
+    pub fn from_parts(parts: BrokerParts) -> Self {
+        let BrokerParts {
+            routing,
+            policy,
+            stores,
+            revocations,
+            pseudonyms,
+            forwarder,
+            tls,
+            signer,
+            limits,
+            idempotency,
+            append_seed,
+        } = parts;
+        let cache = IdempotencyCache::new(
+            idempotency.window,
+            idempotency.max_entries,
+            usize::try_from(idempotency.max_bytes.as_u64()).unwrap_or(usize::MAX),
+        );
+        Broker {
+            routing,
+            policy,
+            consents: Consents::new(stores.consents, pseudonyms.clone(), revocations),
+            shared_quotas: stores.shared.as_ref().map(|shared| shared.quotas.clone()),
+            audit: stores.audit,
+            pseudonyms,
+            forwarder,
+            idempotency: match stores.shared {
+                Some(shared) => cache.with_shared(shared.window),
+                None => cache,
+            },
+            exchanges: ExchangeLimit::new(limits.concurrency, limits.max_waiting),
+            max_request_time: limits.max_request_time,
+            append_latency: LatencyWindow::seeded(append_seed),
+            exchange_tasks: Arc::new(Semaphore::new(limits.max_exchanges)),
+            security: Arc::default(),
+            tls,
+            signer,
+            faults: Faults::default(),
+            ready: Arc::default(),
+            metrics: crate::metrics::Metrics::default(),
+        }
+    }
 }
 
 /// Faults a test can switch on to play a broker that misbehaves; they do
@@ -239,9 +314,7 @@ impl Broker {
             Ok(answer) => answer.map_err(|refusal| refusal.status()),
             Err(join_error) => {
                 tracing::error!(%join_error, "exchange task failed");
-                Err(Status::internal(
-                    "the broker failed on this request; its operator has the details in its log",
-                ))
+                Err(Refusal::TaskFailed.status())
             }
         };
         cancel_on_drop.disarm();
@@ -404,9 +477,7 @@ impl Broker {
         request: RequestEvidenceRequest,
     ) -> Result<Evidence, Refusal> {
         // 2. validate
-        tracing::info_span!("validate")
-            .in_scope(|| validate(&self.routing, &request))
-            .map_err(Refusal::Invalid)?;
+        tracing::info_span!("validate").in_scope(|| validate(&self.routing, &request))?;
         // 3. authorize
         let consent = tracing::info_span!("authorize")
             .in_scope(|| self.authorize(exchange, caller, &request))?;
@@ -681,7 +752,10 @@ impl Broker {
                 record.status_code = status.code() as i32;
                 // Connector messages come from outside too.
                 record.status_message = printable(status.message(), 1024);
-                record.error_reason = refusal.reason() as i32;
+                // From the status just built (not built again).
+                record.error_reason = onceonly_proto::status::reason_of(&status)
+                    .unwrap_or(ErrorReason::Unspecified)
+                    as i32;
             }
         }
         record.latency_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -905,7 +979,7 @@ pub fn authorize_role(caller: Participant) -> Result<Participant, Refusal> {
 }
 
 /// Step 2: checks every field; the status names each bad one.
-pub fn validate(routing: &RoutingTable, request: &RequestEvidenceRequest) -> Result<(), Status> {
+pub fn validate(routing: &RoutingTable, request: &RequestEvidenceRequest) -> Result<(), Refusal> {
     let mut violations = Violations::new();
     violations
         .check(validate::request_id("request_id", &request.request_id))
@@ -938,16 +1012,19 @@ pub fn validate(routing: &RoutingTable, request: &RequestEvidenceRequest) -> Res
     }
     violations
         .into_result()
-        .map_err(|v| invalid_request(ErrorReason::InvalidRequest, &v))?;
+        .map_err(|violations| Refusal::Invalid {
+            reason: ErrorReason::InvalidRequest,
+            violations,
+        })?;
     if known.is_none() {
         let catalogue: Vec<&str> = routing
             .evidence_types()
             .into_iter()
             .map(|t| t.entry.id.as_str())
             .collect();
-        return Err(invalid_request(
-            ErrorReason::UnknownEvidenceType,
-            &[FieldViolation::new(
+        return Err(Refusal::Invalid {
+            reason: ErrorReason::UnknownEvidenceType,
+            violations: vec![FieldViolation::new(
                 "evidence_type",
                 format!(
                     "{:?} is not in the catalogue; known: {}",
@@ -955,7 +1032,7 @@ pub fn validate(routing: &RoutingTable, request: &RequestEvidenceRequest) -> Res
                     catalogue.join(", ")
                 ),
             )],
-        ));
+        });
     }
     Ok(())
 }
@@ -997,3 +1074,7 @@ pub fn evidence_type_label(broker: &Broker, evidence_type: &str) -> String {
         "unknown".to_owned()
     }
 }
+
+#[cfg(test)]
+#[path = "exchange_tests.rs"]
+mod tests;

@@ -486,12 +486,18 @@ impl PolicyStore {
     /// Loads the policy at `path`; fails where it does not check.
     pub fn load(path: &Path, routing: Arc<RoutingTable>) -> Result<Self, ConfigFileError> {
         let policy = Self::read(path, &routing)?;
-        Ok(PolicyStore {
+        Ok(Self::with_policy(path, policy, routing))
+    }
+
+    /// A store holding `policy`, reloaded from `path` (tests, and tools
+    /// that check a policy text before it is a file).
+    pub fn with_policy(path: &Path, policy: Policy, routing: Arc<RoutingTable>) -> Self {
+        PolicyStore {
             path: path.to_owned(),
             current: RwLock::new(Arc::new(policy)),
             routing,
             reloads: std::sync::atomic::AtomicU64::new(0),
-        })
+        }
     }
 
     fn read(path: &Path, routing: &RoutingTable) -> Result<Policy, ConfigFileError> {

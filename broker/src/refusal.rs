@@ -1,12 +1,14 @@
-//! Every way an exchange can end without evidence, as one typed error, and
-//! the one place that turns it into what the caller sees (gRPC status with
-//! its `ErrorReason` and details) and how the audit log classes it
-//! ([`ExchangeOutcome`]). The request path (the `exchange` module) only ever
-//! returns a [`Refusal`]; nothing else builds a `Status` for it.
+//! Every way a call can be refused, as typed errors, and the one place that
+//! turns them into what the caller sees (gRPC status with its
+//! `ErrorReason` and details), for all three services: [`Refusal`] for an
+//! exchange (with how the audit log classes it, [`ExchangeOutcome`]), and
+//! [`ServiceRefusal`] for the consent and audit services. The request path
+//! and the services only ever return one of these; nothing else in the
+//! broker builds a `Status`.
 
 use std::time::Duration;
 
-use onceonly_certs::Participant;
+use onceonly_certs::{Participant, Role};
 use onceonly_proto::deadline::TooShort;
 use onceonly_proto::status::{
     certificate_refused, error, error_with_metadata, invalid_request, reason_of, resource_exhausted,
@@ -15,8 +17,10 @@ use onceonly_proto::v1::{ErrorReason, ExchangeOutcome};
 use onceonly_proto::validate::FieldViolation;
 use tonic::{Code, Status};
 
+use crate::consent::ConsentError;
 use crate::forward::ForwardError;
 use crate::idempotency::StoredStatus;
+use onceonly_store::AuditError;
 
 /// Why an exchange ended without evidence.
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +56,17 @@ pub enum Refusal {
     /// The caller's deadline cannot hold the exchange and its record.
     #[error(transparent)]
     DeadlineTooShort(TooShort),
-    /// A field is malformed; the status names each (built by validation).
-    #[error("invalid request: {}", .0.message())]
-    Invalid(Status),
+    /// Fields are malformed, missing, or unknown; each is named.
+    #[error("invalid request: {}", violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; "))]
+    Invalid {
+        /// `INVALID_REQUEST`, or `UNKNOWN_EVIDENCE_TYPE`.
+        reason: ErrorReason,
+        /// Every bad field.
+        violations: Vec<FieldViolation>,
+    },
+    /// The exchange's task failed (a bug): nothing was released.
+    #[error("the exchange task failed")]
+    TaskFailed,
     /// No policy rule allows the request.
     #[error("no policy rule allows it")]
     PolicyDenied(Box<DeniedRequest>),
@@ -146,7 +158,7 @@ impl Refusal {
     pub fn outcome(&self) -> ExchangeOutcome {
         use ExchangeOutcome::*;
         match self {
-            Refusal::Invalid(_)
+            Refusal::Invalid { .. }
             | Refusal::RequestIdReused { .. }
             | Refusal::EncryptionCertificateRefused(_) => Rejected,
             Refusal::Unauthenticated { .. }
@@ -165,7 +177,8 @@ impl Refusal {
             | Refusal::DeadlineExceeded { .. }
             | Refusal::Forward { .. }
             | Refusal::AuditUnavailable
-            | Refusal::FirstDidNotFinish => Failed,
+            | Refusal::FirstDidNotFinish
+            | Refusal::TaskFailed => Failed,
         }
     }
 
@@ -189,14 +202,9 @@ impl Refusal {
     pub fn status(&self) -> Status {
         match self {
             Refusal::Unauthenticated { reason } => certificate_refused(reason),
-            Refusal::RoleNotPermitted { caller } => error(
-                Code::PermissionDenied,
-                ErrorReason::RoleNotPermitted,
-                format!(
-                    "{caller} has role {}; only authorities (role authority) may request evidence",
-                    caller.role()
-                ),
-            ),
+            Refusal::RoleNotPermitted { caller } => {
+                role_not_permitted(caller, "RequestEvidence", &[Role::Authority])
+            }
             Refusal::QuotaExceeded {
                 caller,
                 quota,
@@ -218,7 +226,12 @@ impl Refusal {
                 ),
             ),
             Refusal::DeadlineTooShort(too_short) => too_short.status(),
-            Refusal::Invalid(status) => status.clone(),
+            Refusal::Invalid { reason, violations } => invalid_request(*reason, violations),
+            Refusal::TaskFailed => error(
+                Code::Internal,
+                ErrorReason::BrokerUnavailable,
+                "the broker failed on this request; its operator has the details in its log",
+            ),
             Refusal::PolicyDenied(denied) => {
                 let DeniedRequest {
                     caller,
@@ -419,6 +432,58 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_service_refusal_carries_a_reason_and_the_role_wording_is_shared() {
+        let portal = Participant::new("onceonly.test", Role::Portal, "p").expect("participant");
+        let refusals = [
+            ServiceRefusal::Unauthenticated("expired".into()),
+            ServiceRefusal::RoleNotPermitted {
+                caller: portal.clone(),
+                what: "GetEntries",
+                roles: &[Role::Auditor],
+            },
+            ServiceRefusal::OthersRecords,
+            ServiceRefusal::invalid("subject", "required"),
+            ServiceRefusal::PortalOutOfScope {
+                portal: portal.clone(),
+                evidence_type: "birth-certificate".into(),
+            },
+            ServiceRefusal::Consent(ConsentError::NotFound("cns-x".into())),
+            ServiceRefusal::Consent(ConsentError::Corrupt {
+                id: "cns-x".into(),
+                reason: "tag".into(),
+            }),
+            ServiceRefusal::Consent(ConsentError::Storage("down".into())),
+            ServiceRefusal::NotRecorded,
+            ServiceRefusal::ChangeFailed("panicked".into()),
+            ServiceRefusal::Audit(AuditError::OutOfRange("size".into())),
+            ServiceRefusal::Audit(AuditError::Unsupported("no index".into())),
+            ServiceRefusal::Audit(AuditError::Corrupt("edited".into())),
+            ServiceRefusal::Audit(AuditError::WriterStopped),
+            ServiceRefusal::LeafNotFound { tree_size: 3 },
+        ];
+        for refusal in &refusals {
+            let status = refusal.status();
+            assert!(
+                reason_of(&status).is_some_and(|r| r != ErrorReason::Unspecified),
+                "{refusal:?} gives {status:?} without a reason"
+            );
+        }
+        // The exchange and the services word a role refusal alike.
+        let exchange = Refusal::RoleNotPermitted {
+            caller: portal.clone(),
+        }
+        .status();
+        let service = ServiceRefusal::RoleNotPermitted {
+            caller: portal,
+            what: "RequestEvidence",
+            roles: &[Role::Authority],
+        }
+        .status();
+        assert_eq!(exchange.message(), service.message());
+        assert_eq!(exchange.details(), service.details());
+    }
+
+    #[test]
     fn a_registers_refusal_is_failed_and_its_replay_is_classed_the_same() {
         let refusal = Refusal::Forward {
             connector: "civil-register".into(),
@@ -465,5 +530,181 @@ mod tests {
         assert_eq!(Refusal::Cancelled.outcome(), ExchangeOutcome::Cancelled);
         assert_eq!(Refusal::Cancelled.reason(), ErrorReason::Cancelled);
         assert!(Refusal::Cancelled.is_transient());
+    }
+}
+
+/// PERMISSION_DENIED for `caller`, whose role is not among `roles`, the
+/// ones `what` is for.
+fn role_not_permitted(caller: &Participant, what: &str, roles: &[Role]) -> Status {
+    let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+    error(
+        Code::PermissionDenied,
+        ErrorReason::RoleNotPermitted,
+        format!(
+            "{caller} has role {}; {what} is for role {}",
+            caller.role(),
+            roles.join(" or ")
+        ),
+    )
+}
+
+/// Why a call to the consent or the audit service was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceRefusal {
+    /// The caller's certificate was refused.
+    #[error("client certificate refused: {0}")]
+    Unauthenticated(String),
+    /// The caller's role may not make this call.
+    #[error("{caller} may not call {what}")]
+    RoleNotPermitted {
+        /// Who called.
+        caller: Participant,
+        /// The call.
+        what: &'static str,
+        /// The roles it is for.
+        roles: &'static [Role],
+    },
+    /// An authority asked for another caller's records.
+    #[error("an authority sees only its own requests")]
+    OthersRecords,
+    /// Fields of the request are missing or malformed.
+    #[error("invalid request")]
+    Invalid(Vec<FieldViolation>),
+    /// The policy limits the portal to other evidence types.
+    #[error("{portal} may not record consents for {evidence_type:?}")]
+    PortalOutOfScope {
+        /// The portal.
+        portal: Participant,
+        /// The evidence type it asked about.
+        evidence_type: String,
+    },
+    /// The consent store failed, or has no such consent.
+    #[error(transparent)]
+    Consent(#[from] ConsentError),
+    /// The change's record could not be written, so it was not made.
+    #[error("the access could not be recorded")]
+    NotRecorded,
+    /// The task making a recorded change failed.
+    #[error("the consent change task failed: {0}")]
+    ChangeFailed(String),
+    /// The audit log failed, or cannot answer this.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// No record with the leaf hash asked for is in the tree of this size.
+    #[error("no record with this leaf hash in the tree of {tree_size} records")]
+    LeafNotFound {
+        /// The tree size asked about.
+        tree_size: u64,
+    },
+}
+
+impl From<ServiceRefusal> for Status {
+    fn from(refusal: ServiceRefusal) -> Status {
+        refusal.status()
+    }
+}
+
+impl ServiceRefusal {
+    /// One bad field.
+    pub fn invalid(field: &str, problem: impl Into<String>) -> Self {
+        ServiceRefusal::Invalid(vec![FieldViolation::new(field, problem)])
+    }
+
+    /// What the caller gets.
+    pub fn status(&self) -> Status {
+        match self {
+            ServiceRefusal::Unauthenticated(reason) => certificate_refused(reason),
+            ServiceRefusal::RoleNotPermitted {
+                caller,
+                what,
+                roles,
+            } => role_not_permitted(caller, what, roles),
+            ServiceRefusal::OthersRecords => error(
+                Code::PermissionDenied,
+                ErrorReason::RoleNotPermitted,
+                "an authority sees only its own requests",
+            ),
+            ServiceRefusal::Invalid(violations) => {
+                invalid_request(ErrorReason::InvalidRequest, violations)
+            }
+            ServiceRefusal::PortalOutOfScope {
+                portal,
+                evidence_type,
+            } => error(
+                Code::PermissionDenied,
+                ErrorReason::PolicyDenied,
+                format!(
+                    "{portal} may not record consents for {evidence_type:?}; the broker's policy ([[portal]]) limits it to other evidence types"
+                ),
+            ),
+            ServiceRefusal::Consent(ConsentError::NotFound(id)) => error(
+                Code::NotFound,
+                ErrorReason::NotFound,
+                format!("no consent {id:?}"),
+            ),
+            ServiceRefusal::Consent(ConsentError::Corrupt { id, reason }) => {
+                tracing::error!(consent_id = %id, %reason, "a stored consent cannot be used");
+                error(
+                    Code::DataLoss,
+                    ErrorReason::BrokerUnavailable,
+                    format!(
+                        "consent {id:?} is stored but cannot be used (unreadable, or not written by the broker), and was left unchanged; the broker operator must restore it from a backup"
+                    ),
+                )
+            }
+            ServiceRefusal::Consent(ConsentError::Storage(reason)) => {
+                tracing::error!(%reason, "consent storage failed");
+                error(
+                    Code::Unavailable,
+                    ErrorReason::BrokerUnavailable,
+                    "the consent store is unavailable; retry (the broker operator has the details in its log)",
+                )
+            }
+            ServiceRefusal::NotRecorded => error(
+                Code::Unavailable,
+                ErrorReason::AuditUnavailable,
+                "this access to a subject's data could not be recorded, so it was not carried out; retry",
+            ),
+            ServiceRefusal::ChangeFailed(reason) => {
+                tracing::error!(%reason, "consent change task failed");
+                error(
+                    Code::Internal,
+                    ErrorReason::BrokerUnavailable,
+                    "the consent change failed; the broker operator has the details in its log",
+                )
+            }
+            ServiceRefusal::Audit(AuditError::OutOfRange(reason)) => invalid_request(
+                ErrorReason::InvalidRequest,
+                &[FieldViolation::new("tree_size", reason.clone())],
+            ),
+            ServiceRefusal::Audit(AuditError::Unsupported(reason)) => error(
+                Code::FailedPrecondition,
+                ErrorReason::InvalidRequest,
+                reason.clone(),
+            ),
+            ServiceRefusal::Audit(AuditError::Corrupt(reason)) => {
+                tracing::error!(%reason, "the audit log's stored state disagrees with its records");
+                error(
+                    Code::DataLoss,
+                    ErrorReason::AuditLogInconsistent,
+                    "the audit log's stored index disagrees with its signed records, so nothing is shown; the broker operator has the details in its log",
+                )
+            }
+            ServiceRefusal::Audit(other) => {
+                tracing::error!(error = %other, "audit log failed");
+                error(
+                    Code::Unavailable,
+                    ErrorReason::AuditUnavailable,
+                    "the audit log is unavailable; retry",
+                )
+            }
+            ServiceRefusal::LeafNotFound { tree_size } => error(
+                Code::NotFound,
+                ErrorReason::NotFound,
+                format!(
+                    "no record with this leaf hash in the tree of {tree_size} records (yet): a receipt's record is in a signed head by its include_by"
+                ),
+            ),
+        }
     }
 }

@@ -16,19 +16,17 @@ use onceonly_certs::tls::{ReloadableClientTls, TlsError};
 use onceonly_certs::{
     ClientAuth, ConnectionLimits, MtlsIncoming, Participant, ReloadableServerTls, Role,
 };
-use onceonly_proto::deadline::LatencyWindow;
 use onceonly_proto::v1::audit_service_server::AuditServiceServer;
 use onceonly_proto::v1::consent_service_server::ConsentServiceServer;
 use onceonly_proto::v1::evidence_service_server::EvidenceServiceServer;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::audit::AuditError;
 use crate::config::BrokerConfig;
-use crate::exchange::{Broker, ExchangeLimit, Faults};
+use crate::exchange::Broker;
 use crate::forward::Forwarder;
-use crate::idempotency::IdempotencyCache;
 use crate::policy::PolicyStore;
 use crate::routing::RoutingTable;
 use crate::services::{AuditGrpc, ConsentGrpc, EvidenceGrpc};
@@ -166,44 +164,24 @@ impl BoundBroker {
                 what: "the audit log (reading consent revocations)".into(),
                 reason: e.to_string(),
             })?;
-        let broker = Arc::new(Broker {
+        let signer = SignerCell::load(&config.tls.cert, &config.tls.key, server_tls.generation())
+            .map_err(|e| StartError::Signer {
+            path: config.tls.key.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let broker = Arc::new(Broker::from_parts(crate::exchange::BrokerParts {
             routing,
             policy,
-            consents: crate::consent::Consents::new(
-                stores.consents,
-                pseudonyms.clone(),
-                revocations.clone(),
-            ),
-            shared_quotas: stores.shared.as_ref().map(|shared| shared.quotas.clone()),
-            audit: stores.audit,
-            pseudonyms: pseudonyms.clone(),
+            stores,
+            revocations,
+            pseudonyms,
             forwarder: Forwarder::new(client_tls, identity.trust_domain(), config.circuit.clone()),
-            idempotency: {
-                let cache = IdempotencyCache::new(
-                    config.idempotency.window,
-                    config.idempotency.max_entries,
-                    usize::try_from(config.idempotency.max_bytes.as_u64()).unwrap_or(usize::MAX),
-                );
-                match stores.shared {
-                    Some(shared) => cache.with_shared(shared.window),
-                    None => cache,
-                }
-            },
-            exchanges: ExchangeLimit::new(config.limits.concurrency, config.limits.max_waiting),
-            max_request_time: config.limits.max_request_time,
-            append_latency: LatencyWindow::seeded(append_seed),
-            exchange_tasks: Arc::new(Semaphore::new(config.limits.max_exchanges)),
-            security: Arc::default(),
-            signer: SignerCell::load(&config.tls.cert, &config.tls.key, server_tls.generation())
-                .map_err(|e| StartError::Signer {
-                    path: config.tls.key.display().to_string(),
-                    reason: e.to_string(),
-                })?,
             tls: server_tls.clone(),
-            faults: Faults::default(),
-            ready: Arc::default(),
-            metrics: crate::metrics::Metrics::default(),
-        });
+            signer,
+            limits: config.limits.clone(),
+            idempotency: config.idempotency.clone(),
+            append_seed,
+        }));
         let listener =
             TcpListener::bind(config.listen)
                 .await

@@ -6,18 +6,18 @@ use std::sync::Arc;
 
 use onceonly_certs::connection::CallStarted;
 use onceonly_certs::{Participant, Role, peer_identity};
-use onceonly_proto::status::{certificate_refused, error, invalid_request};
 use onceonly_proto::v1::audit_service_server::AuditService;
 use onceonly_proto::v1::consent_service_server::ConsentService;
 use onceonly_proto::v1::evidence_service_server::EvidenceService;
 use onceonly_proto::v1::*;
 use onceonly_proto::validate::{self, FieldViolation, Violations};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
-use crate::access_log::{Access, ChangeFailed};
+use crate::access_log::Access;
 use crate::audit::AuditFilter;
 use crate::consent::{ConsentError, Consents, NewConsent, to_proto};
 use crate::exchange::Broker;
+use crate::refusal::ServiceRefusal;
 use onceonly_proto::time::{millis, now_ms};
 
 /// The longest a consent may be granted for.
@@ -29,26 +29,21 @@ const MAX_CONSENT_MS: i64 = 5 * 366 * 86_400_000;
 fn require_role<T>(
     broker: &Broker,
     request: &Request<T>,
-    allowed: &[Role],
-    what: &str,
-) -> Result<Participant, Status> {
+    allowed: &'static [Role],
+    what: &'static str,
+) -> Result<Participant, ServiceRefusal> {
     let caller = peer_identity(request).map_err(|refusal| {
         broker.security.call_refused(refusal.kind);
-        certificate_refused(&refusal.reason)
+        ServiceRefusal::Unauthenticated(refusal.reason.clone())
     })?;
     if allowed.contains(&caller.role()) {
         return Ok(caller.clone());
     }
-    let roles: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
-    Err(error(
-        Code::PermissionDenied,
-        ErrorReason::RoleNotPermitted,
-        format!(
-            "{caller} has role {}; {what} is for role {}",
-            caller.role(),
-            roles.join(" or ")
-        ),
-    ))
+    Err(ServiceRefusal::RoleNotPermitted {
+        caller: caller.clone(),
+        what,
+        roles: allowed,
+    })
 }
 
 /// `EvidenceService`, for authorities.
@@ -96,24 +91,13 @@ impl EvidenceService for EvidenceGrpc {
 /// `ConsentService`, for portals (and auditors, read-only).
 pub struct ConsentGrpc(pub Arc<Broker>);
 
-fn change_failed(failure: ChangeFailed) -> Status {
-    match failure {
-        ChangeFailed::NotRecorded(status) => status,
-        ChangeFailed::Store(e) => consent_storage(e),
-        ChangeFailed::Task(e) => {
-            tracing::error!(error = %e, "consent change task failed");
-            Status::internal("the consent change failed; the operator has the details")
-        }
-    }
-}
-
 /// PERMISSION_DENIED where the policy limits `portal` to other evidence
 /// types.
 fn check_portal_scope(
     broker: &Broker,
     portal: &Participant,
     evidence_type: &str,
-) -> Result<(), Status> {
+) -> Result<(), ServiceRefusal> {
     if broker
         .policy
         .current()
@@ -121,37 +105,10 @@ fn check_portal_scope(
     {
         return Ok(());
     }
-    Err(error(
-        Code::PermissionDenied,
-        ErrorReason::PolicyDenied,
-        format!(
-            "{portal} may not record consents for {evidence_type:?}; the broker's policy ([[portal]]) limits it to other evidence types"
-        ),
-    ))
-}
-
-fn consent_storage(e: ConsentError) -> Status {
-    match e {
-        ConsentError::NotFound(id) => error(
-            Code::NotFound,
-            ErrorReason::NotFound,
-            format!("no consent {id:?}"),
-        ),
-        ConsentError::Corrupt { id, reason } => {
-            tracing::error!(consent_id = %id, %reason, "stored consent cannot be decoded");
-            Status::data_loss(format!(
-                "consent {id:?} is stored but cannot be read, and was left unchanged; the broker operator must restore it from a backup"
-            ))
-        }
-        ConsentError::Storage(reason) => {
-            tracing::error!(%reason, "consent storage failed");
-            error(
-                Code::Unavailable,
-                ErrorReason::BrokerUnavailable,
-                "the consent store is unavailable; retry (the broker operator has the details in its log)",
-            )
-        }
-    }
+    Err(ServiceRefusal::PortalOutOfScope {
+        portal: portal.clone(),
+        evidence_type: evidence_type.to_owned(),
+    })
 }
 
 #[tonic::async_trait]
@@ -213,9 +170,7 @@ impl ConsentService for ConsentGrpc {
             }
             Some(_) => {}
         }
-        violations
-            .into_result()
-            .map_err(|v| invalid_request(ErrorReason::InvalidRequest, &v))?;
+        violations.into_result().map_err(ServiceRefusal::Invalid)?;
         let subject = grant.subject.clone().unwrap_or_default();
         check_portal_scope(&self.0, &portal, &grant.evidence_type)?;
         // Recorded before it takes effect: no record, no consent.
@@ -243,8 +198,7 @@ impl ConsentService for ConsentGrpc {
                 access,
                 move |broker| async move { broker.consents.grant(consent_id, new, now).await },
             )
-            .await
-            .map_err(change_failed)?;
+            .await?;
         tracing::info!(consent_id = %consent.consent_id, portal = %portal, "consent granted");
         Ok(Response::new(GrantConsentResponse {
             consent: Some(to_proto(&consent, now, subject)),
@@ -258,10 +212,7 @@ impl ConsentService for ConsentGrpc {
         let portal = require_role(&self.0, &request, &[Role::Portal], "RevokeConsent")?;
         let id = request.into_inner().consent_id;
         if id.is_empty() {
-            return Err(invalid_request(
-                ErrorReason::InvalidRequest,
-                &[FieldViolation::new("consent_id", "required")],
-            ));
+            return Err(ServiceRefusal::invalid("consent_id", "required").into());
         }
         let now = now_ms();
         let stored = self
@@ -269,14 +220,14 @@ impl ConsentService for ConsentGrpc {
             .consents
             .get(&id)
             .await
-            .map_err(consent_storage)?
-            .ok_or_else(|| consent_storage(ConsentError::NotFound(id.clone())))?;
+            .map_err(ServiceRefusal::from)?
+            .ok_or_else(|| ServiceRefusal::Consent(ConsentError::NotFound(id.clone())))?;
         check_portal_scope(&self.0, &portal, &stored.evidence_type)?;
         let subject = self
             .0
             .consents
             .subject_of(&stored)
-            .map_err(consent_storage)?;
+            .map_err(ServiceRefusal::from)?;
         let access = Access {
             consent_id: id.clone(),
             evidence_type: stored.evidence_type.clone(),
@@ -293,8 +244,7 @@ impl ConsentService for ConsentGrpc {
                 access,
                 move |broker| async move { broker.consents.revoke(&revoked, now).await },
             )
-            .await
-            .map_err(change_failed)?;
+            .await?;
         tracing::info!(consent_id = %id, portal = %portal, "consent revoked");
         Ok(Response::new(RevokeConsentResponse {
             consent: Some(to_proto(&consent, now, subject)),
@@ -313,7 +263,7 @@ impl ConsentService for ConsentGrpc {
         )?;
         let list = request.into_inner();
         validate::subject(list.subject.as_ref(), "subject")
-            .map_err(|v| invalid_request(ErrorReason::InvalidRequest, &[v]))?;
+            .map_err(|v| ServiceRefusal::Invalid(vec![v]))?;
         let skip = parse_page_token(&list.page_token)?;
         let limit = page_size(list.page_size, 50, 500);
         let subject = list.subject.unwrap_or_default();
@@ -330,7 +280,7 @@ impl ConsentService for ConsentGrpc {
             .consents
             .list(&subject, usize::try_from(skip).unwrap_or(usize::MAX), limit)
             .await
-            .map_err(consent_storage)?;
+            .map_err(ServiceRefusal::from)?;
         let now = now_ms();
         let next_page_token = if more {
             (skip + consents.len() as u64).to_string()
@@ -354,17 +304,14 @@ fn page_size(asked: u32, default: usize, max: usize) -> usize {
     }
 }
 
-fn parse_page_token(token: &str) -> Result<u64, Status> {
+fn parse_page_token(token: &str) -> Result<u64, ServiceRefusal> {
     if token.is_empty() {
         return Ok(0);
     }
     token.parse().map_err(|_| {
-        invalid_request(
-            ErrorReason::InvalidRequest,
-            &[FieldViolation::new(
-                "page_token",
-                "not a token this service issued; pass next_page_token unchanged",
-            )],
+        ServiceRefusal::invalid(
+            "page_token",
+            "not a token this service issued; pass next_page_token unchanged",
         )
     })
 }
@@ -399,28 +346,22 @@ impl AuditService for AuditGrpc {
         };
         if let Some(subject) = &query.subject {
             validate::subject(Some(subject), "subject")
-                .map_err(|v| invalid_request(ErrorReason::InvalidRequest, &[v]))?;
+                .map_err(|v| ServiceRefusal::Invalid(vec![v]))?;
             filter.subject_pseudonym =
                 Some(self.0.pseudonyms.pseudonym(subject.scheme, &subject.value));
         }
         match caller.role() {
             Role::Portal if filter.subject_pseudonym.is_none() => {
-                return Err(invalid_request(
-                    ErrorReason::InvalidRequest,
-                    &[FieldViolation::new(
-                        "subject",
-                        "required for a portal: the transparency view shows one person's records",
-                    )],
-                ));
+                return Err(ServiceRefusal::invalid(
+                    "subject",
+                    "required for a portal: the transparency view shows one person's records",
+                )
+                .into());
             }
             Role::Authority => {
                 let own = caller.spiffe_id();
                 if filter.caller_id.as_ref().is_some_and(|c| *c != own) {
-                    return Err(error(
-                        Code::PermissionDenied,
-                        ErrorReason::RoleNotPermitted,
-                        "an authority sees only its own requests",
-                    ));
+                    return Err(ServiceRefusal::OthersRecords.into());
                 }
                 filter.caller_id = Some(own);
             }
@@ -439,7 +380,7 @@ impl AuditService for AuditGrpc {
             .audit
             .query(filter, start, limit)
             .await
-            .map_err(audit_status)?;
+            .map_err(ServiceRefusal::from)?;
         Ok(Response::new(QueryRecordsResponse {
             records,
             next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
@@ -461,7 +402,7 @@ impl AuditService for AuditGrpc {
             .audit
             .signed_tree_head()
             .await
-            .map_err(audit_status)?;
+            .map_err(ServiceRefusal::from)?;
         Ok(Response::new(GetSignedTreeHeadResponse {
             tree_head: head.as_ref().map(crate::audit::head_to_proto),
         }))
@@ -482,12 +423,9 @@ impl AuditService for AuditGrpc {
             // By hash (a receipt's), as RFC 6962's get-proof-by-hash.
             let wanted: onceonly_merkle::Hash =
                 ask.leaf_hash.as_slice().try_into().map_err(|_| {
-                    invalid_request(
-                        ErrorReason::InvalidRequest,
-                        &[FieldViolation::new(
-                            "leaf_hash",
-                            format!("is {} bytes; a leaf hash is 32", ask.leaf_hash.len()),
-                        )],
+                    ServiceRefusal::invalid(
+                        "leaf_hash",
+                        format!("is {} bytes; a leaf hash is 32", ask.leaf_hash.len()),
                     )
                 })?;
             ask.leaf_index = self
@@ -495,33 +433,24 @@ impl AuditService for AuditGrpc {
                 .audit
                 .find_leaf(&wanted, ask.tree_size)
                 .await
-                .map_err(audit_status)?
-                .ok_or_else(|| {
-                    error(
-                        Code::NotFound,
-                        ErrorReason::InvalidRequest,
-                        format!(
-                            "no record with this leaf hash in the tree of {} records (yet): a receipt's record is in a signed head by its include_by",
-                            ask.tree_size
-                        ),
-                    )
+                .map_err(ServiceRefusal::from)?
+                .ok_or(ServiceRefusal::LeafNotFound {
+                    tree_size: ask.tree_size,
                 })?;
         }
         if ask.leaf_index >= ask.tree_size {
-            return Err(invalid_request(
-                ErrorReason::InvalidRequest,
-                &[FieldViolation::new(
-                    "leaf_index",
-                    format!("must be below tree_size {}", ask.tree_size),
-                )],
-            ));
+            return Err(ServiceRefusal::invalid(
+                "leaf_index",
+                format!("must be below tree_size {}", ask.tree_size),
+            )
+            .into());
         }
         let (audit_path, leaf_hash) = self
             .0
             .audit
             .inclusion_proof(ask.leaf_index, ask.tree_size)
             .await
-            .map_err(audit_status)?;
+            .map_err(ServiceRefusal::from)?;
         Ok(Response::new(GetInclusionProofResponse {
             leaf_index: ask.leaf_index,
             tree_size: ask.tree_size,
@@ -542,20 +471,16 @@ impl AuditService for AuditGrpc {
         )?;
         let ask = request.into_inner();
         if ask.first_size > ask.second_size {
-            return Err(invalid_request(
-                ErrorReason::InvalidRequest,
-                &[FieldViolation::new(
-                    "first_size",
-                    "must not exceed second_size",
-                )],
-            ));
+            return Err(
+                ServiceRefusal::invalid("first_size", "must not exceed second_size").into(),
+            );
         }
         let proof = self
             .0
             .audit
             .consistency_proof(ask.first_size, ask.second_size)
             .await
-            .map_err(audit_status)?;
+            .map_err(ServiceRefusal::from)?;
         Ok(Response::new(GetConsistencyProofResponse {
             first_size: ask.first_size,
             second_size: ask.second_size,
@@ -575,7 +500,7 @@ impl AuditService for AuditGrpc {
             .audit
             .entries(ask.start_index, max)
             .await
-            .map_err(audit_status)?
+            .map_err(ServiceRefusal::from)?
             .into_iter()
             .map(|(leaf_index, record, leaf_data)| LogEntry {
                 leaf_index,
@@ -584,32 +509,5 @@ impl AuditService for AuditGrpc {
             })
             .collect();
         Ok(Response::new(GetEntriesResponse { entries }))
-    }
-}
-
-/// The status of an audit log failure.
-fn audit_status(e: crate::audit::AuditError) -> Status {
-    match e {
-        crate::audit::AuditError::OutOfRange(reason) => invalid_request(
-            ErrorReason::InvalidRequest,
-            &[FieldViolation::new("tree_size", reason)],
-        ),
-        crate::audit::AuditError::Unsupported(reason) => error(
-            Code::FailedPrecondition,
-            ErrorReason::InvalidRequest,
-            reason,
-        ),
-        crate::audit::AuditError::Corrupt(reason) => {
-            tracing::error!(%reason, "the audit log's stored state disagrees with its records");
-            error(
-                Code::DataLoss,
-                ErrorReason::AuditLogInconsistent,
-                "the audit log's stored index disagrees with its signed records, so nothing is shown; the broker operator has the details in its log",
-            )
-        }
-        other => {
-            tracing::error!(error = %other, "audit log failed");
-            Status::unavailable("the audit log is unavailable; retry")
-        }
     }
 }
