@@ -615,3 +615,56 @@ async fn an_old_consent_row_written_back_does_not_undo_its_revocation() {
         .expect("the consent is listed");
     assert!(shown.revoked_at.is_some(), "{shown:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_that_keeps_sequenced_rows_stops_the_sequencer_before_it_signs_twice() {
+    let (postgres, world, _) = replicas(0).await;
+    let db = database(&postgres).await;
+    let logged = || async {
+        db.query_one("SELECT count(*) FROM audit_leaves", &[])
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
+    };
+    let before = logged().await;
+    // Every DELETE from the queue is skipped: the sequencer's next run
+    // would take the same rows again and sign them into the log twice.
+    db.batch_execute(&format!(
+        "{DROP_ROW};
+         CREATE TRIGGER keep_queue BEFORE DELETE ON audit_queue
+           FOR EACH ROW EXECUTE FUNCTION onceonly_drop();"
+    ))
+    .await
+    .expect("the intruder's trigger");
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("kept-in-queue"))
+        .await
+        .expect("committed to the queue before the trigger matters");
+    let deadline = Instant::now() + Duration::from_millis(MERGE_DELAY_MS * 2);
+    while gauge(&world, "onceonly_audit_refusing").await != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the sequencer never noticed the rows it could not take"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = match world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("after-the-halt"))
+        .await
+    {
+        Ok(answer) => panic!(
+            "evidence released by a replica whose sequencer stopped: {:?}",
+            answer.into_inner().audit_receipt
+        ),
+        Err(status) => status,
+    };
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(reason_of(&refused), Some(ErrorReason::AuditUnavailable));
+    assert_eq!(
+        logged().await,
+        before,
+        "the run that could not take its rows was committed"
+    );
+}

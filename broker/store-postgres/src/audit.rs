@@ -810,7 +810,7 @@ async fn insert_leaves(
     columns: &LeafColumns,
     queue_ids: &[i64],
 ) -> Result<(), AuditError> {
-    tx.execute(
+    let stored = tx.execute(
         "INSERT INTO audit_leaves (log_index, queue_id, leaf_hash, record, replica, queued_at_ms,
              subject_pseudonym, caller_id, evidence_type, connector_id, outcome, received_s)
          SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[], $5::text[],
@@ -833,7 +833,18 @@ async fn insert_leaves(
     )
     .await
     .map_err(storage)?;
-    Ok(())
+    written("audit_leaves", stored, columns.indices.len())
+}
+
+/// Ok where a write stored the `sent` rows it was given: a trigger that
+/// drops rows makes PostgreSQL report success for fewer.
+fn written(table: &str, stored: u64, sent: usize) -> Result<(), AuditError> {
+    if stored == sent as u64 {
+        return Ok(());
+    }
+    Err(AuditError::Corrupt(format!(
+        "PostgreSQL stored {stored} of the {sent} rows written to {table}, yet reported success: a trigger on the table drops rows (list its triggers with `\\d {table}` in psql; replicas create none). The run was rolled back; sequencing stops until the database is checked and the replica restarted"
+    )))
 }
 
 impl Inner {
@@ -1395,15 +1406,24 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
             for (id, reason) in ids.iter().zip(&reasons) {
                 tracing::error!(queue_id = id, %reason, "a queued audit row was set aside in audit_quarantine");
             }
-            tx.execute(
-                "WITH moved AS (DELETE FROM audit_queue WHERE queue_id = ANY($1) RETURNING *)
-                 INSERT INTO audit_quarantine (queue_id, replica, leaf_hash, record, mac, queued_at_ms, reason)
+            let moved = tx.query_one(
+                "WITH moved AS (DELETE FROM audit_queue WHERE queue_id = ANY($1) RETURNING *),
+                 kept AS (INSERT INTO audit_quarantine (queue_id, replica, leaf_hash, record, mac, queued_at_ms, reason)
                  SELECT m.queue_id, m.replica, m.leaf_hash, m.record, m.mac, m.queued_at_ms, r.reason
-                 FROM moved m JOIN unnest($1::bigint[], $2::text[]) AS r(queue_id, reason) USING (queue_id)",
+                 FROM moved m JOIN unnest($1::bigint[], $2::text[]) AS r(queue_id, reason) USING (queue_id)
+                 RETURNING 1)
+                 SELECT count(*) FROM kept",
                 &[&ids, &reasons],
             )
             .await
-            .map_err(storage)?;
+            .map_err(storage)?
+            .get::<_, i64>(0);
+            if moved != ids.len() as i64 {
+                return Err(AuditError::Corrupt(format!(
+                    "PostgreSQL moved {moved} of the {} rows to set aside into audit_quarantine, yet reported success: a trigger on audit_queue or audit_quarantine keeps or drops rows. Sequencing stops until the database is checked and the replica restarted",
+                    ids.len()
+                )));
+            }
             inner
                 .quarantined
                 .fetch_add(ids.len() as u64, Ordering::Relaxed);
@@ -1414,13 +1434,15 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
             return Ok(true);
         }
         insert_leaves(&tx, &columns, &queue_ids).await?;
-        tx.execute(
-            "INSERT INTO audit_nodes (level, node_index, hash)
-             SELECT * FROM unnest($1::integer[], $2::bigint[], $3::bytea[])",
-            &[&levels, &nodes, &hashes],
-        )
-        .await
-        .map_err(storage)?;
+        let stored = tx
+            .execute(
+                "INSERT INTO audit_nodes (level, node_index, hash)
+                 SELECT * FROM unnest($1::integer[], $2::bigint[], $3::bytea[])",
+                &[&levels, &nodes, &hashes],
+            )
+            .await
+            .map_err(storage)?;
+        written("audit_nodes", stored, levels.len())?;
         // The database's clock, as the receipts' commit times.
         let clock: i64 = tx
             .query_one(
@@ -1432,26 +1454,38 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
             .get(0);
         let timestamp = (clock.max(0) as u64).max(leader.last_timestamp_ms);
         let head = SignedTreeHead::sign(&inner.key, next.size(), next.root(), timestamp);
-        tx.execute(
-            "INSERT INTO audit_heads (tree_size, root_hash, timestamp_ms, key_id, signature, sequencer_epoch)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            &[
-                &to_i64(head.tree_size),
-                &head.root_hash.as_slice(),
-                &to_i64(head.timestamp_ms),
-                &hex::decode(&inner.key_id).unwrap_or_default(),
-                &head.signature,
-                &leader.epoch,
-            ],
-        )
-        .await
-        .map_err(storage)?;
-        tx.execute(
-            "DELETE FROM audit_queue WHERE queue_id = ANY($1)",
-            &[&queue_ids],
-        )
-        .await
-        .map_err(storage)?;
+        let stored = tx
+            .execute(
+                "INSERT INTO audit_heads (tree_size, root_hash, timestamp_ms, key_id, signature, sequencer_epoch)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &to_i64(head.tree_size),
+                    &head.root_hash.as_slice(),
+                    &to_i64(head.timestamp_ms),
+                    &hex::decode(&inner.key_id).unwrap_or_default(),
+                    &head.signature,
+                    &leader.epoch,
+                ],
+            )
+            .await
+            .map_err(storage)?;
+        written("audit_heads", stored, 1)?;
+        // What the DELETE removed, not what it was asked to: a BEFORE DELETE
+        // trigger that keeps the rows would have every later run take them
+        // again. Nothing of this run is committed then (its head unsigned).
+        let taken = tx
+            .execute(
+                "DELETE FROM audit_queue WHERE queue_id = ANY($1)",
+                &[&queue_ids],
+            )
+            .await
+            .map_err(storage)?;
+        if taken != queue_ids.len() as u64 {
+            return Err(AuditError::Corrupt(format!(
+                "PostgreSQL removed {taken} of the {} sequenced rows from audit_queue, yet reported success: a trigger on the table keeps rows (list its triggers with `\\d audit_queue` in psql; replicas create none). The run was rolled back; sequencing stops until the database is checked and the replica restarted",
+                queue_ids.len()
+            )));
+        }
         tx.commit().await.map_err(storage)?;
         leader.last_timestamp_ms = timestamp;
         leader.frontier = Some(next);
