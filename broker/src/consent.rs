@@ -148,12 +148,12 @@ impl Consents {
     }
 
     /// Revokes consent `id` durably; an already revoked consent keeps its
-    /// first revocation time.
+    /// first revocation time. Called once the request to revoke is in the
+    /// log: from then on the consent counts as revoked here, also where the
+    /// store fails to make the change (the log's readers count it the same).
     pub async fn revoke(&self, id: &str, now_ms: i64) -> Result<StoredConsent, ConsentError> {
-        let revoked = self.store.revoke(id, now_ms).await?;
-        self.revocations
-            .note(id, revoked.revoked_at_ms.unwrap_or(now_ms));
-        Ok(revoked)
+        self.revocations.note(id, now_ms);
+        self.store.revoke(id, now_ms).await
     }
 
     /// The subject a stored consent names, opened from its sealed form.
@@ -202,7 +202,15 @@ impl Consents {
             purpose,
         };
         let found = match consent_id {
-            Some(id) => self.store.get(id).await?,
+            // A named consent that fails its check covers nothing (it is
+            // logged): the request lacks a consent, it is not a store fault.
+            Some(id) => match self.store.get(id).await {
+                Err(ConsentError::Corrupt { id, reason }) => {
+                    tracing::error!(consent_id = %id, %reason, "a named consent does not count");
+                    None
+                }
+                other => other?,
+            },
             None => self.store.find_active(&query, now_ms).await?,
         };
         let found = found.map(|c| self.as_logged(c));

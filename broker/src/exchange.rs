@@ -123,7 +123,7 @@ pub struct Broker {
 }
 
 /// What a broker is built from, each part loaded or opened already: the
-/// server builds it from the configuration's files ([`crate::server`]),
+/// server module builds it from the configuration's files,
 /// tests from texts, a throw-away PKI and stores in memory.
 pub struct BrokerParts {
     /// The evidence-type catalogue and routes.
@@ -236,7 +236,9 @@ struct Exchange {
     trace: TraceContext,
     /// The policy in force when the exchange began: every decision of the
     /// exchange (quota, rule, consent, encryption) is taken under this one,
-    /// so a reload in between cannot mix two policies.
+    /// so a reload in between cannot mix two policies. (A repeat that
+    /// waited for its first exchange decides again under the policy in
+    /// force when that one's outcome arrived.)
     policy: Arc<crate::policy::Policy>,
 }
 
@@ -829,6 +831,9 @@ impl Broker {
         request: &RequestEvidenceRequest,
     ) -> Result<RequestEvidenceResponse, Refusal> {
         exchange.record.replay_of_exchange_id = first.exchange_id.clone();
+        // The policy as it is now, not as it was before waiting for the
+        // first exchange: a rule removed meanwhile takes effect.
+        exchange.policy = self.policy.current();
         match first.result {
             Ok(response) => {
                 // Evidence is released again only where it would be now: a

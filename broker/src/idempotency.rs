@@ -86,20 +86,16 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Publishes the outcome to waiting and later repeats: here at once,
-    /// and where the window is shared, stored for the other replicas off
-    /// the answer's path (a repeat there waits on the claim until it is;
-    /// should this process die first, the claim goes stale and a repeat
-    /// runs again, as after any crash mid-exchange).
+    /// Publishes the outcome to waiting and later repeats (at every
+    /// replica, where the window is shared: stored before this returns, so
+    /// that a drain waits for it; in a task of its own, a restart could
+    /// leave the claim without its outcome and a repeat elsewhere would run
+    /// the exchange a second time).
     pub async fn finish(mut self, outcome: StoredOutcome) {
         if let Some((window, exchange_id)) = self.shared.take() {
-            let (caller, request_id) = self.key.clone();
-            let shared = outcome.clone();
-            tokio::spawn(async move {
-                window
-                    .store(&caller, &request_id, &exchange_id, &shared)
-                    .await;
-            });
+            window
+                .store(&self.key.0, &self.key.1, &exchange_id, &outcome)
+                .await;
         }
         let Some(sender) = self.sender.take() else {
             return;

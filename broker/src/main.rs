@@ -76,6 +76,15 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Tag the consents of a data directory written before consents were
+    /// authenticated, as the broker's own (the broker stopped). Run once
+    /// after upgrading such a directory: until then those consents do not
+    /// count. Never run it on a directory someone else may have written to.
+    TagConsents {
+        /// The broker configuration (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -156,6 +165,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!(
                 "the old private key was deleted; give auditors the new {} (they may keep trusting the old public key: verifiers follow the hand-over)",
                 onceonly_broker::audit::public_key_path(&config.audit_key).display()
+            );
+        }
+        Command::TagConsents { config } => {
+            let config = BrokerConfig::load(&config)?;
+            let tagged = onceonly_broker::storage::tag_consents(&config).await?;
+            println!(
+                "tagged {tagged} consents of {}; the broker counts them again",
+                config.data_dir.display()
             );
         }
         Command::MoveToPostgres { config } => {

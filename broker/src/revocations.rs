@@ -9,10 +9,11 @@
 //! signed heads the store cannot forge. [`follow`] reads the log from its
 //! start, checks every entry against the latest signed head (the entries
 //! must hash to its root), and keeps the consents revoked there. A
-//! revocation is recorded before it is made, and where the change then
-//! fails a second record says "not carried out" a moment later: so a
-//! revocation from the log counts once it has stood for [`SETTLE`] without
-//! such a record. (The replica that made it counts it at once.) [`crate::consent::Consents`] applies them to
+//! revocation is recorded before it is made, so it counts from the moment
+//! its record is in the log, also where the consent store then failed to
+//! make it (a second record says "not carried out", and the portal is
+//! told to retry): failing closed, nothing written into the queue can
+//! take a revocation back. The consent module's `Consents` applies them to
 //! every consent it reads, whatever the row says, and notes its own
 //! revocations at once.
 
@@ -28,18 +29,17 @@ use tonic::Code;
 
 /// How often the log is read for new entries.
 const FOLLOW_INTERVAL: Duration = Duration::from_millis(250);
+/// How long to wait after a round that did not check out.
+const BACK_OFF: Duration = Duration::from_secs(5);
+/// The longest one round may take (database reads included).
+const ROUND_LIMIT: Duration = Duration::from_secs(60);
 /// Entries read at once.
 const PAGE: u64 = 1000;
-/// How long a revocation in the log waits for a record saying it was not
-/// carried out before it counts.
-pub const SETTLE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default)]
 struct Known {
     /// Consent id -> when it was revoked (Unix ms).
     revoked: HashMap<String, i64>,
-    /// Revocations read from the log, not yet settled.
-    pending: HashMap<String, i64>,
 }
 
 /// The consents revoked, with when (Unix ms).
@@ -108,37 +108,21 @@ impl Revocations {
     }
 
     fn apply(&self, record: &AuditRecord) {
-        if record.kind() != RecordKind::ConsentRevoked || record.consent_id.is_empty() {
+        // The record of the request to revoke, written before the change
+        // (not the "not carried out" one that may follow it).
+        if record.status_code != Code::Ok as i32 {
             return;
         }
-        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
-        if record.status_code == Code::Ok as i32 {
-            let at = record
-                .received_at
-                .as_ref()
-                .map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000));
-            if !known.revoked.contains_key(&record.consent_id) {
-                known.pending.entry(record.consent_id.clone()).or_insert(at);
-            }
-        } else {
-            // "Not carried out": the consent store refused the change.
-            known.pending.remove(&record.consent_id);
-        }
-    }
-
-    /// Counts the revocations that have stood for [`SETTLE`] at `now_ms`.
-    fn settle(&self, now_ms: i64) {
-        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
-        let settled: Vec<(String, i64)> = known
-            .pending
-            .iter()
-            .filter(|(_, at)| **at + SETTLE.as_millis() as i64 <= now_ms)
-            .map(|(id, at)| (id.clone(), *at))
-            .collect();
-        for (id, at) in settled {
-            known.pending.remove(&id);
-            known.revoked.entry(id).or_insert(at);
-        }
+        let at = record
+            .received_at
+            .as_ref()
+            .map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000));
+        self.known
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .revoked
+            .entry(record.consent_id.clone())
+            .or_insert(at);
     }
 }
 
@@ -190,18 +174,30 @@ async fn follow(
     public_key: Vec<u8>,
     mut frontier: Frontier,
 ) {
+    let mut pause = FOLLOW_INTERVAL;
     loop {
-        tokio::time::sleep(FOLLOW_INTERVAL).await;
+        tokio::time::sleep(pause).await;
         let (Some(revocations), Some(audit)) = (revocations.upgrade(), audit.upgrade()) else {
             return;
         };
-        match follow_once(&revocations, audit.as_ref(), &public_key, &mut frontier).await {
-            Ok(()) => {}
+        let round = tokio::time::timeout(
+            ROUND_LIMIT,
+            follow_once(&revocations, audit.as_ref(), &public_key, &mut frontier),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(FollowError::Mismatch(format!(
+                "a round took longer than {ROUND_LIMIT:?}"
+            )))
+        });
+        pause = match round {
+            Ok(()) => FOLLOW_INTERVAL,
             Err(e) => {
                 revocations.failed_checks.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "reading revocations from the audit log failed; consents revoked since are known only from their rows");
+                BACK_OFF
             }
-        }
+        };
     }
 }
 
@@ -211,7 +207,6 @@ async fn follow_once(
     public_key: &[u8],
     frontier: &mut Frontier,
 ) -> Result<(), FollowError> {
-    revocations.settle(onceonly_proto::time::now_ms());
     let Some(head) = audit.signed_tree_head().await? else {
         return Ok(());
     };
@@ -253,7 +248,10 @@ async fn follow_once(
                 break;
             }
             next.push(leaf_hash(&leaf_data));
-            records.push(record);
+            // Only what counts is kept (a long stretch of the log is not).
+            if record.kind() == RecordKind::ConsentRevoked && !record.consent_id.is_empty() {
+                records.push(record);
+            }
         }
     }
     if next.root() != head.root_hash {
@@ -265,7 +263,6 @@ async fn follow_once(
     for record in &records {
         revocations.apply(record);
     }
-    revocations.settle(onceonly_proto::time::now_ms());
     *frontier = next;
     revocations
         .followed
@@ -290,23 +287,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn revocations_in_the_log_count_and_failed_ones_are_taken_back() {
+    async fn a_revocation_counts_from_its_record_and_nothing_later_takes_it_back() {
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).expect("key");
         let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key");
         let public = key.public_key().as_ref().to_vec();
         let log = Arc::new(onceonly_store::memory::MemoryAudit::new(key));
-        let now = onceonly_proto::time::now_ms();
-        let fresh = AuditRecord {
-            received_at: Some(timestamp(now)),
-            ..revocation("cns-c", true)
-        };
         for record in [
             revocation("cns-a", true),
             AuditRecord::default(),
+            // A revocation whose change failed still counts (fail closed):
+            // a "not carried out" record, genuine or replayed, takes
+            // nothing back.
             revocation("cns-b", true),
             revocation("cns-b", false),
-            fresh,
+            revocation("cns-c", false),
         ] {
             log.append(record).await.expect("append");
         }
@@ -317,18 +312,12 @@ mod tests {
             .expect("the log checks out");
         assert_eq!(revocations.followed(), 5);
         assert_eq!(revocations.revoked_at("cns-a"), Some(5_000));
-        assert_eq!(
-            revocations.revoked_at("cns-b"),
-            None,
-            "a revocation not carried out"
-        );
+        assert_eq!(revocations.revoked_at("cns-b"), Some(5_000));
         assert_eq!(
             revocations.revoked_at("cns-c"),
             None,
-            "counted before a failure record could follow"
+            "only a failure record"
         );
-        revocations.settle(now + SETTLE.as_millis() as i64);
-        assert_eq!(revocations.revoked_at("cns-c"), Some(now));
         // Another key's heads do not count.
         let other = Ed25519KeyPair::generate_pkcs8(&rng).expect("key");
         let other = Ed25519KeyPair::from_pkcs8(other.as_ref()).expect("key");

@@ -310,6 +310,24 @@ pub fn replica_name() -> String {
 /// Opens sled as `config` says, off the async workers.
 pub use crate::audit::open_storage_async as open_sled;
 
+/// Tags the consents of `config.data_dir` written before consents were
+/// authenticated (the broker stopped: sled's lock proves it), as the
+/// broker's own; how many. Run once after upgrading such a directory.
+pub async fn tag_consents(config: &BrokerConfig) -> Result<usize, OpenError> {
+    let failed = |what: &str, reason: String| OpenError {
+        what: format!("{what} {}", config.data_dir.display()),
+        reason,
+    };
+    let pseudonyms = crate::keys::load_checked_pseudonym_key(config)
+        .map_err(|e| failed("the pseudonym key for", e.to_string()))?;
+    let db = open_sled(sled::Config::new().path(&config.data_dir))
+        .await
+        .map_err(|e| failed("data directory", format!("{e} (stop the broker first)")))?;
+    onceonly_store::embedded::SledConsents::open(&db, pseudonyms.row_key())
+        .and_then(|consents| consents.tag_untagged())
+        .map_err(|e| failed("the consents in", e.to_string()))
+}
+
 /// What moving a data directory into PostgreSQL did.
 #[derive(Debug, Clone)]
 pub struct Moved {

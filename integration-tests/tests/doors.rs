@@ -757,9 +757,6 @@ async fn an_old_consent_row_written_back_into_the_data_directory_does_not_undo_i
             .expect("the old row written back");
         db.flush().expect("flush");
     }
-    // A revocation read from the log counts once it has stood this long
-    // without a record saying it failed.
-    tokio::time::sleep(onceonly_broker::revocations::SETTLE).await;
     world.start_broker().await;
     let refused = world
         .authority(BERLIN)
@@ -768,4 +765,72 @@ async fn an_old_consent_row_written_back_into_the_data_directory_does_not_undo_i
         .expect_err("evidence released on a consent the log has revoked");
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert_eq!(reason_of(&refused), Some(ErrorReason::ConsentMissing));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consents_of_a_data_directory_from_before_tags_count_once_the_operator_tags_them() {
+    let mut world = World::start().await;
+    let consent = world
+        .portal()
+        .grant_consent(residence_consent())
+        .await
+        .expect("grant")
+        .into_inner()
+        .consent
+        .expect("consent");
+    let residence = |id: &str| {
+        let mut request = birth_certificate(id);
+        request.evidence_type = "proof-of-residence".into();
+        request.legal_basis = "Art. 6 Abs. 1 lit. a DSGVO".into();
+        request
+    };
+    // The row as an older version wrote it: no tag.
+    world.stop_broker().await;
+    let data = world.dir.path().join("data");
+    {
+        let db = sled::open(&data).expect("the stopped broker's sled");
+        let tree = db.open_tree("consents").expect("consents");
+        let bytes = tree
+            .get(&consent.consent_id)
+            .expect("read")
+            .expect("the consent's row");
+        let mut row: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        row.as_object_mut().expect("object").remove("mac");
+        tree.insert(
+            consent.consent_id.as_bytes(),
+            serde_json::to_vec(&row).expect("json"),
+        )
+        .expect("write");
+        db.flush().expect("flush");
+    }
+    world.start_broker().await;
+    let refused = world
+        .authority(BERLIN)
+        .request_evidence(residence("untagged"))
+        .await
+        .expect_err("an untagged consent counted");
+    assert_eq!(reason_of(&refused), Some(ErrorReason::ConsentMissing));
+
+    // The operator tags them once, the broker stopped, with the binary as
+    // it ships.
+    world.stop_broker().await;
+    let tagged = std::process::Command::new(onceonly_integration_tests::binary(
+        "onceonly-broker",
+        "onceonly-broker",
+    ))
+    .args(["tag-consents", "--config"])
+    .arg(&world.config_path)
+    .output()
+    .expect("tag-consents runs");
+    assert!(tagged.status.success(), "{tagged:?}");
+    assert!(
+        String::from_utf8_lossy(&tagged.stdout).starts_with("tagged 1 consents"),
+        "{tagged:?}"
+    );
+    world.start_broker().await;
+    world
+        .authority(BERLIN)
+        .request_evidence(residence("tagged"))
+        .await
+        .expect("the tagged consent counts");
 }

@@ -166,12 +166,15 @@ async fn a_revocation_the_database_skips_is_refused_not_reported_done() {
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     assert_eq!(reason_of(&refused), Some(ErrorReason::BrokerUnavailable));
 
-    // The portal knows the consent still holds, and it does.
-    world
+    // The store kept the consent, but the log holds the citizen's request
+    // to revoke it: the broker fails closed and no longer counts it.
+    let refused = world
         .authority(BERLIN)
-        .request_evidence(residence("not-revoked"))
+        .request_evidence(residence("revocation-asked"))
         .await
-        .expect("the consent was not revoked, and the portal was told so");
+        .expect_err("a consent whose revocation was asked for");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(reason_of(&refused), Some(ErrorReason::ConsentMissing));
 
     // Without the trigger the revocation takes effect.
     db.batch_execute("DROP TRIGGER keep_consents ON consents")

@@ -453,6 +453,9 @@ impl PgAuditLog {
         start: u64,
         limit: usize,
     ) -> Result<(Vec<AuditRecord>, Option<u64>), AuditError> {
+        let signed = PgAuditLog::signed_tree_head(self)
+            .await?
+            .map_or(0, |h| h.tree_size);
         let client = self.client().await?;
         let outcome = filter.outcome.map(|o| o as i32);
         let rows = client
@@ -466,6 +469,7 @@ impl PgAuditLog {
                    AND ($6::integer IS NULL OR outcome = $6)
                    AND ($7::bigint IS NULL OR received_s >= $7)
                    AND ($8::bigint IS NULL OR received_s < $8)
+                   AND log_index < $10
                  ORDER BY log_index LIMIT $9",
                 &[
                     &to_i64(start),
@@ -477,6 +481,9 @@ impl PgAuditLog {
                     &filter.received_after,
                     &filter.received_before,
                     &(limit as i64 + 1),
+                    // Only what a signed head covers: a row inserted
+                    // beyond it is no record of the log.
+                    &to_i64(signed),
                 ],
             )
             .await
@@ -1059,7 +1066,8 @@ async fn probe(inner: Weak<Inner>) {
                 ),
             )
             .await?;
-            watch_receipts(&inner, &client, row.get::<_, i64>(2)).await?;
+            let size_now = row.get::<_, Option<i64>>(0).unwrap_or(0);
+            watch_receipts(&inner, &client, row.get::<_, i64>(2), size_now).await?;
             let size = row.get::<_, Option<i64>>(0).unwrap_or(0) as u64;
             inner.tree_size.fetch_max(size, Ordering::AcqRel);
             if size < seen {
@@ -1106,6 +1114,7 @@ async fn watch_receipts(
     inner: &Inner,
     client: &deadpool_postgres::Object,
     now_ms: i64,
+    signed_size: i64,
 ) -> Result<(), AuditError> {
     let grace = (inner.settings.interval * 2).as_millis() as u64;
     let now = u64::try_from(now_ms).unwrap_or(0);
@@ -1125,10 +1134,11 @@ async fn watch_receipts(
         inner.settings.timeout,
         "checking receipted records",
         client.query(
-            "SELECT leaf_hash, true FROM audit_leaves WHERE leaf_hash = ANY($1)
+            "SELECT leaf_hash, record, true FROM audit_leaves
+               WHERE leaf_hash = ANY($1) AND log_index < $2
              UNION ALL
-             SELECT leaf_hash, false FROM audit_queue WHERE leaf_hash = ANY($1)",
-            &[&wanted],
+             SELECT leaf_hash, record, false FROM audit_queue WHERE leaf_hash = ANY($1)",
+            &[&wanted, &signed_size],
         ),
     )
     .await?;
@@ -1136,7 +1146,12 @@ async fn watch_receipts(
     let mut queued = std::collections::HashSet::new();
     for row in &rows {
         let leaf: Vec<u8> = row.get(0);
-        if row.get::<_, bool>(1) {
+        // A row counts only as what its bytes are: a row made up to carry
+        // the leaf hash of a deleted record does not hash to it.
+        if leaf_hash(row.get::<_, &[u8]>(1)).as_slice() != leaf.as_slice() {
+            continue;
+        }
+        if row.get::<_, bool>(2) {
             logged.insert(leaf);
         } else {
             queued.insert(leaf);
@@ -1169,7 +1184,7 @@ async fn watch_receipts(
         .receipts_broken
         .fetch_add(missing.len() as u64, Ordering::Relaxed);
     Err(AuditError::Corrupt(format!(
-        "{} record(s) this replica committed to audit_queue and receipted (leaf {} first) are neither in the log nor in the queue past their include-by time: a queued row was deleted before it was sequenced (a trigger on audit_queue, or a writer other than the replicas). Their holders' `onceonly-audit check-receipt` fails; this replica refuses new requests until the database is checked (`\\d audit_queue` lists triggers) and it is restarted",
+        "{} record(s) this replica committed to audit_queue and receipted (leaf {} first) are neither in the signed log nor in the queue past their include-by time: a queued row was deleted before it was sequenced (a trigger on audit_queue, or a writer other than the replicas), set aside in audit_quarantine, or lost with a database failover to a standby that lagged. Their holders' `onceonly-audit check-receipt` fails; this replica refuses new requests until the database is checked (`\\d audit_queue` lists triggers; look into audit_quarantine) and it is restarted",
         missing.len(),
         hex::encode(missing[0])
     )))

@@ -2,8 +2,12 @@
 //! replicas: a consent granted or revoked through one replica holds at
 //! every other from the moment it is answered. Every row carries a tag
 //! ([`onceonly_store::consent::tag`]) under the key replicas hold and the
-//! database does not, and every write's effect is checked: a trigger that
-//! skips or rewrites a write makes the call fail, not succeed silently.
+//! database does not, and every write's effect is checked as it is made
+//! (its row count, what RETURNING gives back): a BEFORE trigger that skips
+//! or rewrites a write makes the call fail, not succeed silently. A change
+//! undone afterwards (an AFTER trigger, an old row written back with its
+//! old tag) is caught above the store: brokers take revocations from the
+//! signed audit log as well (the broker's `revocations` module).
 
 use onceonly_store::consent::{self, ConsentError, ConsentQuery, ConsentStore, StoredConsent};
 use ring::hmac;

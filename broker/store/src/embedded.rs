@@ -109,14 +109,11 @@ impl AuditStore for AuditLog {
 struct Row {
     #[serde(flatten)]
     consent: StoredConsent,
-    /// Absent only in rows written before consents were tagged; opening
-    /// tags those once (see [`SledConsents::open`]).
+    /// Absent only in rows written before consents were tagged (see
+    /// [`SledConsents::tag_untagged`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     mac: Option<String>,
 }
-
-/// The marker, in tree `consents_meta`, that every row has been tagged.
-const TAGGED: &[u8] = b"rows-tagged-v1";
 
 /// Consents in sled: trees `consents` (consent id -> [`Row`], JSON) and
 /// `consents_by_subject` (subject pseudonym, newest first, consent id ->
@@ -144,44 +141,41 @@ fn corrupt(id: &[u8], reason: impl std::fmt::Display) -> ConsentError {
 }
 
 impl SledConsents {
-    /// Opens the store in `db`, its rows tagged under `key`. A data
-    /// directory from before tagging has its rows tagged once, here (they
-    /// were the broker's own; from then on an untagged row is refused).
+    /// Opens the store in `db`, its rows tagged under `key`. A row without
+    /// a tag (written before consents were authenticated, or by someone
+    /// else) does not count until [`SledConsents::tag_untagged`] is run on
+    /// purpose: nothing in the data directory can make the broker tag rows
+    /// by itself.
     pub fn open(db: &sled::Db, key: hmac::Key) -> Result<Self, ConsentError> {
-        let store = SledConsents {
+        Ok(SledConsents {
             consents: db.open_tree("consents").map_err(storage)?,
             by_subject: db.open_tree("consents_by_subject").map_err(storage)?,
             db: db.clone(),
             key: Arc::new(key),
-        };
-        let meta = db.open_tree("consents_meta").map_err(storage)?;
-        if meta.get(TAGGED).map_err(storage)?.is_none() {
-            let mut tagged = 0usize;
-            for entry in store.consents.iter() {
-                let (id, bytes) = entry.map_err(storage)?;
-                // Rows that do not decode stay as they are, and fail later.
-                let Ok(mut row) = serde_json::from_slice::<Row>(&bytes) else {
-                    continue;
-                };
-                if row.mac.is_none() {
-                    row.mac = Some(hex::encode(consent::tag(&store.key, &row.consent)?));
-                    store
-                        .consents
-                        .insert(id, Self::encode(&row)?)
-                        .map_err(storage)?;
-                    tagged += 1;
-                }
-            }
-            meta.insert(TAGGED, &[1u8]).map_err(storage)?;
-            db.flush().map_err(storage)?;
-            if tagged > 0 {
-                tracing::info!(
-                    tagged,
-                    "tagged the consents of a data directory from before consents were authenticated"
-                );
+        })
+    }
+
+    /// Tags every row that has no tag yet, as the broker's own: run once by
+    /// the operator after upgrading a data directory from before consents
+    /// were authenticated, the broker stopped. Rows that do not decode are
+    /// left as they are. Returns how many were tagged.
+    pub fn tag_untagged(&self) -> Result<usize, ConsentError> {
+        let mut tagged = 0usize;
+        for entry in self.consents.iter() {
+            let (id, bytes) = entry.map_err(storage)?;
+            let Ok(mut row) = serde_json::from_slice::<Row>(&bytes) else {
+                continue;
+            };
+            if row.mac.is_none() && row.consent.consent_id.as_bytes() == id.as_ref() {
+                row.mac = Some(hex::encode(consent::tag(&self.key, &row.consent)?));
+                self.consents
+                    .insert(id, Self::encode(&row)?)
+                    .map_err(storage)?;
+                tagged += 1;
             }
         }
-        Ok(store)
+        self.db.flush().map_err(storage)?;
+        Ok(tagged)
     }
 
     fn encode(row: &Row) -> Result<Vec<u8>, ConsentError> {
@@ -449,7 +443,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_data_directory_from_before_tags_is_tagged_once_at_opening() {
+    async fn rows_from_before_tags_count_only_once_the_operator_tags_them() {
         let dir = tempfile::tempdir().expect("dir");
         let db = sled::open(dir.path()).expect("db");
         let old = consent("cns-old", 1_000);
@@ -458,19 +452,20 @@ mod tests {
             .insert("cns-old", serde_json::to_vec(&old).expect("json"))
             .expect("insert");
         let store = SledConsents::open(&db, key()).expect("store");
-        assert_eq!(store.get("cns-old").await.expect("get"), Some(old.clone()));
-        // Once tagged, an untagged row written later is refused.
-        let mut late = old;
-        late.consent_id = "cns-late".into();
-        db.open_tree("consents")
-            .expect("tree")
-            .insert("cns-late", serde_json::to_vec(&late).expect("json"))
-            .expect("insert");
+        assert!(
+            matches!(
+                store.get("cns-old").await,
+                Err(ConsentError::Corrupt { .. })
+            ),
+            "opening tagged a row by itself"
+        );
         drop(store);
-        let reopened = SledConsents::open(&db, key()).expect("store");
-        assert!(matches!(
-            reopened.get("cns-late").await,
-            Err(ConsentError::Corrupt { .. })
-        ));
+        // Reopening never tags either: no marker to delete, nothing to
+        // trigger.
+        let store = SledConsents::open(&db, key()).expect("store");
+        assert!(store.get("cns-old").await.is_err());
+        assert_eq!(store.tag_untagged().expect("tagged"), 1);
+        assert_eq!(store.get("cns-old").await.expect("get"), Some(old));
+        assert_eq!(store.tag_untagged().expect("again"), 0, "tagged twice");
     }
 }
