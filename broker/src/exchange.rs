@@ -8,7 +8,7 @@
 //! 2. [`validate`]: request id, evidence type known, subject well-formed for
 //!    a scheme the type is keyed by, purpose and legal basis present,
 //!    parameters known, sizes within limits. Every bad field is named.
-//! 3. [`Broker::authorize`]: the policy allows caller x evidence type x
+//! 3. [`authorize`]: the policy allows caller x evidence type x
 //!    purpose x legal basis (deny by default).
 //! 4. [`Broker::check_consent`]: where the policy requires it, an active
 //!    consent of the subject.
@@ -19,6 +19,12 @@
 //!    only where safe.
 //! 7. [`Broker::audit_and_answer`]: one audit record, durable, BEFORE the
 //!    evidence is released; no record, no evidence.
+//!
+//! The steps return what they decided (the rule, the consent, the
+//! destination) and the path writes it into the exchange's one audit
+//! record, whose request fields are set when it begins and whose outcome
+//! is set by [`Broker::audit_and_answer`]; every decision is taken under
+//! the one policy snapshot the exchange took when it began.
 //!
 //! Every request, refused or not, leaves exactly one audit record, also
 //! when the caller cancels or drops its connection: the exchange runs in a
@@ -481,11 +487,13 @@ impl Broker {
         // 2. validate
         tracing::info_span!("validate").in_scope(|| validate(&self.routing, &request))?;
         // 3. authorize
-        let consent = tracing::info_span!("authorize")
-            .in_scope(|| self.authorize(exchange, caller, &request))?;
+        let (rule, consent) = tracing::info_span!("authorize")
+            .in_scope(|| authorize(&exchange.policy, caller, &request))?;
+        exchange.record.policy_rule = rule;
         // 4. consent
         if consent == ConsentRequirement::Required {
-            self.check_consent(exchange, &request)
+            exchange.record.consent_id = self
+                .check_consent(&exchange.record.caller_id, &request)
                 .instrument(tracing::info_span!("consent"))
                 .await?;
         }
@@ -603,53 +611,32 @@ impl Broker {
         caller: &Participant,
         request: &RequestEvidenceRequest,
     ) -> Result<(), Refusal> {
-        if self.authorize(exchange, caller, request)? == ConsentRequirement::Required {
-            self.check_consent(exchange, request).await?;
+        let (rule, consent) = authorize(&exchange.policy, caller, request)?;
+        exchange.record.policy_rule = rule;
+        if consent == ConsentRequirement::Required {
+            exchange.record.consent_id = self
+                .check_consent(&exchange.record.caller_id, request)
+                .await?;
         }
         // An encryption requirement (or a certificate revoked) since.
         self.check_encryption(&exchange.policy, caller, request)?;
         Ok(())
     }
 
-    /// 3. The policy decides; deny by default.
-    fn authorize(
-        &self,
-        exchange: &mut Exchange,
-        caller: &Participant,
-        request: &RequestEvidenceRequest,
-    ) -> Result<ConsentRequirement, Refusal> {
-        match exchange.policy.decide(
-            caller.id(),
-            &request.evidence_type,
-            &request.purpose,
-            &request.legal_basis,
-        ) {
-            Decision::Allow { rule, consent } => {
-                exchange.record.policy_rule = rule;
-                Ok(consent)
-            }
-            Decision::Deny => Err(Refusal::PolicyDenied(Box::new(DeniedRequest {
-                caller: caller.clone(),
-                evidence_type: request.evidence_type.clone(),
-                purpose: request.purpose.clone(),
-                legal_basis: request.legal_basis.clone(),
-            }))),
-        }
-    }
-
-    /// 4. An active consent of the subject must cover the request.
+    /// Step 4: an active consent of the subject must cover the request
+    /// of `caller_id`; its id.
     async fn check_consent(
         &self,
-        exchange: &mut Exchange,
+        caller_id: &str,
         request: &RequestEvidenceRequest,
-    ) -> Result<(), Refusal> {
+    ) -> Result<String, Refusal> {
         let subject = request.subject.clone().unwrap_or_default();
         let consent_id = Some(request.consent_id.as_str()).filter(|id| !id.is_empty());
         let found = self
             .consents
             .find_active(
                 &subject,
-                &exchange.record.caller_id,
+                caller_id,
                 &request.evidence_type,
                 &request.purpose,
                 consent_id,
@@ -661,10 +648,7 @@ impl Broker {
                 Refusal::ConsentStoreUnavailable
             })?;
         match found {
-            Some(consent) => {
-                exchange.record.consent_id = consent.consent_id;
-                Ok(())
-            }
+            Some(consent) => Ok(consent.consent_id),
             None => Err(Refusal::ConsentMissing {
                 evidence_type: request.evidence_type.clone(),
                 purpose: request.purpose.clone(),
@@ -971,6 +955,29 @@ struct Waiting<'a>(&'a AtomicUsize);
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Step 3: the policy decides, deny by default; the rule that allowed the
+/// request, and whether it needs a consent.
+fn authorize(
+    policy: &crate::policy::Policy,
+    caller: &Participant,
+    request: &RequestEvidenceRequest,
+) -> Result<(String, ConsentRequirement), Refusal> {
+    match policy.decide(
+        caller.id(),
+        &request.evidence_type,
+        &request.purpose,
+        &request.legal_basis,
+    ) {
+        Decision::Allow { rule, consent } => Ok((rule, consent)),
+        Decision::Deny => Err(Refusal::PolicyDenied(Box::new(DeniedRequest {
+            caller: caller.clone(),
+            evidence_type: request.evidence_type.clone(),
+            purpose: request.purpose.clone(),
+            legal_basis: request.legal_basis.clone(),
+        }))),
     }
 }
 

@@ -567,3 +567,28 @@ async fn a_policy_that_requires_encryption_refuses_a_request_in_clear() {
         ExchangeOutcome::Denied,
     );
 }
+
+#[tokio::test]
+async fn the_authorize_step_names_its_rule_and_whether_a_consent_is_needed() {
+    let path = Path_::new().await;
+    let policy = path.broker.policy.current();
+    let a = path.participant(Role::Authority, "a");
+    let b = path.participant(Role::Authority, "b");
+    assert_eq!(
+        authorize(&policy, &a, &birth("x")).expect("allowed"),
+        ("birth".to_owned(), ConsentRequirement::NotRequired)
+    );
+    assert_eq!(
+        authorize(&policy, &a, &residence("x")).expect("allowed"),
+        (
+            "residence-with-consent".to_owned(),
+            ConsentRequirement::Required
+        )
+    );
+    let denied = authorize(&policy, &b, &residence("x")).expect_err("no rule for b");
+    assert_eq!(denied.reason(), ErrorReason::PolicyDenied);
+    assert!(
+        path.audit.records().is_empty(),
+        "a step wrote a record of its own"
+    );
+}
