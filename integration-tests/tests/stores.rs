@@ -199,6 +199,40 @@ async fn the_window_keeps_its_contract(window: Arc<dyn RequestWindow>, backend: 
         Claim::Ours,
         "{backend}: released, so claimable"
     );
+    // Many replicas claim one request id at once: exactly one runs it, the
+    // others are told whose it is.
+    let racing: Vec<_> = (0..8)
+        .map(|n| {
+            let window = window.clone();
+            tokio::spawn(async move {
+                let exchange = format!("x-race-{n}");
+                let claim = window
+                    .claim("caller", "r3", &[3; 32], &exchange)
+                    .await
+                    .expect("claim");
+                (exchange, claim)
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for task in racing {
+        outcomes.push(task.await.expect("task"));
+    }
+    let winners: Vec<&String> = outcomes
+        .iter()
+        .filter(|(_, c)| *c == Claim::Ours)
+        .map(|(x, _)| x)
+        .collect();
+    assert_eq!(winners.len(), 1, "{backend}: {outcomes:?}");
+    let winner = Claim::Theirs {
+        exchange_id: winners[0].clone(),
+    };
+    for (_, claim) in &outcomes {
+        assert!(
+            *claim == Claim::Ours || *claim == winner,
+            "{backend}: {outcomes:?}"
+        );
+    }
     window.sweep().await.expect("sweep");
 }
 
