@@ -210,6 +210,26 @@ impl Path_ {
         }
     }
 
+    /// Anna's consent for authority a's residence requests.
+    async fn grant_residence(&self) -> StoredConsent {
+        self.broker
+            .consents
+            .grant(
+                crate::consent::Consents::new_consent_id(),
+                NewConsent {
+                    subject: anna(),
+                    authority_id: "spiffe://onceonly.test/authority/a".into(),
+                    evidence_type: "proof-of-residence".into(),
+                    purpose: "parental-allowance".into(),
+                    expires_at_ms: now_ms() + 60_000,
+                    recorded_by: "spiffe://onceonly.test/portal/p".into(),
+                },
+                now_ms(),
+            )
+            .await
+            .expect("granted")
+    }
+
     fn participant(&self, role: Role, id: &str) -> Participant {
         self.pki.participant(role, id).expect("participant")
     }
@@ -387,23 +407,7 @@ async fn a_consent_bound_request_waits_for_the_consent_and_ends_with_its_revocat
         ErrorReason::ConsentMissing,
         ExchangeOutcome::Denied,
     );
-    let consent = path
-        .broker
-        .consents
-        .grant(
-            crate::consent::Consents::new_consent_id(),
-            NewConsent {
-                subject: anna(),
-                authority_id: "spiffe://onceonly.test/authority/a".into(),
-                evidence_type: "proof-of-residence".into(),
-                purpose: "parental-allowance".into(),
-                expires_at_ms: now_ms() + 60_000,
-                recorded_by: "spiffe://onceonly.test/portal/p".into(),
-            },
-            now_ms(),
-        )
-        .await
-        .expect("granted");
+    let consent = path.grant_residence().await;
     path.ask(residence("with-consent"))
         .await
         .expect("delivered with the consent");
@@ -449,22 +453,7 @@ async fn a_jurisdiction_no_register_serves_has_no_route() {
     let path = Path_::new().await;
     let mut request = residence("nowhere");
     request.jurisdiction = "DE-HB".into();
-    path.broker
-        .consents
-        .grant(
-            crate::consent::Consents::new_consent_id(),
-            NewConsent {
-                subject: anna(),
-                authority_id: "spiffe://onceonly.test/authority/a".into(),
-                evidence_type: "proof-of-residence".into(),
-                purpose: "parental-allowance".into(),
-                expires_at_ms: now_ms() + 60_000,
-                recorded_by: "spiffe://onceonly.test/portal/p".into(),
-            },
-            now_ms(),
-        )
-        .await
-        .expect("granted");
+    path.grant_residence().await;
     let record = path.assert_refused(
         path.ask(request).await,
         "nowhere",

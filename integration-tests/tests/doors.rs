@@ -591,6 +591,36 @@ fn residence_consent() -> GrantConsentRequest {
     }
 }
 
+/// Grants Anna's residence consent for Berlin through the portal.
+async fn granted_residence(world: &World) -> onceonly_proto::v1::Consent {
+    world
+        .portal()
+        .grant_consent(residence_consent())
+        .await
+        .expect("grant")
+        .into_inner()
+        .consent
+        .expect("consent")
+}
+
+/// Berlin's request for Anna's proof of residence.
+fn residence_request(id: &str) -> onceonly_proto::v1::RequestEvidenceRequest {
+    let mut request = birth_certificate(id);
+    request.evidence_type = "proof-of-residence".into();
+    request.legal_basis = "Art. 6 Abs. 1 lit. a DSGVO".into();
+    request
+}
+
+/// Runs `edit` on the `consents` tree of the stopped broker's data
+/// directory, as someone with the data disk would, and flushes.
+fn edit_consents<T>(world: &World, edit: impl FnOnce(&sled::Tree) -> T) -> T {
+    let db = sled::open(world.dir.path().join("data")).expect("the stopped broker's sled");
+    let tree = db.open_tree("consents").expect("consents");
+    let result = edit(&tree);
+    db.flush().expect("flush");
+    result
+}
+
 #[tokio::test]
 async fn a_repeated_request_id_gets_no_evidence_once_the_consent_is_revoked() {
     let world = World::start().await;
@@ -714,32 +744,15 @@ async fn a_portal_scoped_by_the_policy_cannot_record_other_consents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_consent_row_written_back_into_the_data_directory_does_not_undo_its_revocation() {
     let mut world = World::start().await;
-    let consent = world
-        .portal()
-        .grant_consent(residence_consent())
-        .await
-        .expect("grant")
-        .into_inner()
-        .consent
-        .expect("consent");
-    let residence = |id: &str| {
-        let mut request = birth_certificate(id);
-        request.evidence_type = "proof-of-residence".into();
-        request.legal_basis = "Art. 6 Abs. 1 lit. a DSGVO".into();
-        request
-    };
+    let consent = granted_residence(&world).await;
     // Someone with the data disk copies the active consent's row (its MAC
     // is valid for these values forever) while the broker is stopped.
     world.stop_broker().await;
-    let data = world.dir.path().join("data");
-    let active_row = {
-        let db = sled::open(&data).expect("the stopped broker's sled");
-        db.open_tree("consents")
-            .expect("consents")
-            .get(&consent.consent_id)
+    let active_row = edit_consents(&world, |tree| {
+        tree.get(&consent.consent_id)
             .expect("read")
             .expect("the consent's row")
-    };
+    });
     world.start_broker().await;
     world
         .portal()
@@ -749,18 +762,14 @@ async fn an_old_consent_row_written_back_into_the_data_directory_does_not_undo_i
         .await
         .expect("revoked");
     world.stop_broker().await;
-    {
-        let db = sled::open(&data).expect("the stopped broker's sled");
-        db.open_tree("consents")
-            .expect("consents")
-            .insert(consent.consent_id.as_bytes(), active_row)
-            .expect("the old row written back");
-        db.flush().expect("flush");
-    }
+    edit_consents(&world, |tree| {
+        tree.insert(consent.consent_id.as_bytes(), active_row)
+            .expect("the old row written back")
+    });
     world.start_broker().await;
     let refused = world
         .authority(BERLIN)
-        .request_evidence(residence("after-write-back"))
+        .request_evidence(residence_request("after-write-back"))
         .await
         .expect_err("evidence released on a consent the log has revoked");
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
@@ -770,26 +779,10 @@ async fn an_old_consent_row_written_back_into_the_data_directory_does_not_undo_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consents_of_a_data_directory_from_before_tags_count_once_the_operator_tags_them() {
     let mut world = World::start().await;
-    let consent = world
-        .portal()
-        .grant_consent(residence_consent())
-        .await
-        .expect("grant")
-        .into_inner()
-        .consent
-        .expect("consent");
-    let residence = |id: &str| {
-        let mut request = birth_certificate(id);
-        request.evidence_type = "proof-of-residence".into();
-        request.legal_basis = "Art. 6 Abs. 1 lit. a DSGVO".into();
-        request
-    };
+    let consent = granted_residence(&world).await;
     // The row as an older version wrote it: no tag.
     world.stop_broker().await;
-    let data = world.dir.path().join("data");
-    {
-        let db = sled::open(&data).expect("the stopped broker's sled");
-        let tree = db.open_tree("consents").expect("consents");
+    edit_consents(&world, |tree| {
         let bytes = tree
             .get(&consent.consent_id)
             .expect("read")
@@ -800,13 +793,12 @@ async fn consents_of_a_data_directory_from_before_tags_count_once_the_operator_t
             consent.consent_id.as_bytes(),
             serde_json::to_vec(&row).expect("json"),
         )
-        .expect("write");
-        db.flush().expect("flush");
-    }
+        .expect("write")
+    });
     world.start_broker().await;
     let refused = world
         .authority(BERLIN)
-        .request_evidence(residence("untagged"))
+        .request_evidence(residence_request("untagged"))
         .await
         .expect_err("an untagged consent counted");
     assert_eq!(reason_of(&refused), Some(ErrorReason::ConsentMissing));
@@ -830,7 +822,7 @@ async fn consents_of_a_data_directory_from_before_tags_count_once_the_operator_t
     world.start_broker().await;
     world
         .authority(BERLIN)
-        .request_evidence(residence("tagged"))
+        .request_evidence(residence_request("tagged"))
         .await
         .expect("the tagged consent counts");
 }

@@ -46,6 +46,23 @@ const MAX_CLAIMS: usize = 256;
 /// batches and less throughput under load, fewer more waiting at low load).
 const CLAIMS_IN_FLIGHT: usize = 4;
 
+/// What a claim does where its request id is held already, in both of the
+/// claim's statements: it takes the id over where the holder's claim
+/// expired, or was abandoned (no outcome long past any deadline, `$6`).
+/// Times are the database's, one clock for all.
+macro_rules! take_over {
+    () => {
+        "
+                 ON CONFLICT (caller_id, request_id) DO UPDATE
+                   SET fingerprint = EXCLUDED.fingerprint, exchange_id = EXCLUDED.exchange_id,
+                       outcome_sealed = NULL, started_at_ms = EXCLUDED.started_at_ms,
+                       expires_at_ms = EXCLUDED.expires_at_ms
+                   WHERE i.expires_at_ms <= EXCLUDED.started_at_ms
+                      OR (i.outcome_sealed IS NULL AND i.started_at_ms < EXCLUDED.started_at_ms - $6)
+                 "
+    };
+}
+
 /// One claim asked of the batcher.
 struct Asked {
     caller: String,
@@ -202,19 +219,14 @@ async fn claim_one(claiming: &Claiming, asked: &Asked) -> Result<Claim, WindowEr
     let work = async {
         let client = claiming.pool.get().await?;
         let claim = client
-            .prepare_cached(
+            .prepare_cached(concat!(
                 "WITH clock AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now_ms)
                  INSERT INTO idempotency AS i
                      (caller_id, request_id, fingerprint, exchange_id, outcome_sealed, started_at_ms, expires_at_ms)
-                 SELECT $1, $2, $3, $4, NULL, clock.now_ms, clock.now_ms + $5 FROM clock
-                 ON CONFLICT (caller_id, request_id) DO UPDATE
-                   SET fingerprint = EXCLUDED.fingerprint, exchange_id = EXCLUDED.exchange_id,
-                       outcome_sealed = NULL, started_at_ms = EXCLUDED.started_at_ms,
-                       expires_at_ms = EXCLUDED.expires_at_ms
-                   WHERE i.expires_at_ms <= EXCLUDED.started_at_ms
-                      OR (i.outcome_sealed IS NULL AND i.started_at_ms < EXCLUDED.started_at_ms - $6)
-                 RETURNING exchange_id",
-            )
+                 SELECT $1, $2, $3, $4, NULL, clock.now_ms, clock.now_ms + $5 FROM clock",
+                take_over!(),
+                "RETURNING exchange_id",
+            ))
             .await?;
         let claimed = client
             .query_opt(
@@ -273,27 +285,22 @@ async fn claim_all(claiming: &Claiming, asked: &[Asked]) -> Result<Vec<Claim>, W
         // request id not claimed is answered from the row that holds it
         // (as the statement found it). Prepared once per connection.
         let claim = client
-            .prepare_cached(
+            .prepare_cached(concat!(
                 "WITH clock AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now_ms),
                  claimed AS (
                    INSERT INTO idempotency AS i
                        (caller_id, request_id, fingerprint, exchange_id, outcome_sealed, started_at_ms, expires_at_ms)
                    SELECT q.caller_id, q.request_id, q.fingerprint, q.exchange_id, NULL, clock.now_ms, clock.now_ms + $5
                    FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[])
-                          AS q(caller_id, request_id, fingerprint, exchange_id), clock
-                   ON CONFLICT (caller_id, request_id) DO UPDATE
-                     SET fingerprint = EXCLUDED.fingerprint, exchange_id = EXCLUDED.exchange_id,
-                         outcome_sealed = NULL, started_at_ms = EXCLUDED.started_at_ms,
-                         expires_at_ms = EXCLUDED.expires_at_ms
-                     WHERE i.expires_at_ms <= EXCLUDED.started_at_ms
-                        OR (i.outcome_sealed IS NULL AND i.started_at_ms < EXCLUDED.started_at_ms - $6)
-                   RETURNING caller_id, request_id)
+                          AS q(caller_id, request_id, fingerprint, exchange_id), clock",
+                take_over!(),
+                "RETURNING caller_id, request_id)
                  SELECT c.caller_id IS NOT NULL, i.fingerprint, i.exchange_id
                  FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS q(caller_id, request_id, n)
                  LEFT JOIN claimed c ON c.caller_id = q.caller_id AND c.request_id = q.request_id
                  LEFT JOIN idempotency i ON i.caller_id = q.caller_id AND i.request_id = q.request_id
                  ORDER BY q.n",
-            )
+            ))
             .await?;
         let rows = client
             .query(
