@@ -76,11 +76,6 @@ impl Consents {
         }
     }
 
-    /// The store behind.
-    pub fn store(&self) -> &Arc<dyn ConsentStore> {
-        &self.store
-    }
-
     /// The revocations known from the log.
     pub fn revocations(&self) -> &Arc<Revocations> {
         &self.revocations

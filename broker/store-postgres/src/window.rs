@@ -214,6 +214,19 @@ async fn claim_batches(claiming: Claiming, mut asked: tokio::sync::mpsc::Receive
     }
 }
 
+/// What a claim of content `fingerprint` is, where it was not ours: the
+/// holder's (fingerprint, exchange id) as read, if any.
+fn held_by(held: Option<(Vec<u8>, String)>, fingerprint: &[u8; 32]) -> Claim {
+    match held {
+        // Released in between: the caller's retry loop runs it as new.
+        None => Claim::Theirs {
+            exchange_id: String::new(),
+        },
+        Some((theirs, exchange_id)) if theirs == fingerprint => Claim::Theirs { exchange_id },
+        Some(_) => Claim::Conflict,
+    }
+}
+
 /// One claim alone, in the statement of one row.
 async fn claim_one(claiming: &Claiming, asked: &Asked) -> Result<Claim, WindowError> {
     let work = async {
@@ -244,26 +257,14 @@ async fn claim_one(claiming: &Claiming, asked: &Asked) -> Result<Claim, WindowEr
         if claimed.is_some() {
             return Ok::<_, WindowError>(Claim::Ours);
         }
-        let Some(row) = client
+        let held = client
             .query_opt(
                 "SELECT fingerprint, exchange_id FROM idempotency WHERE caller_id = $1 AND request_id = $2",
                 &[&asked.caller, &asked.request_id],
             )
             .await?
-        else {
-            // Released in between: the caller's retry loop runs it as new.
-            return Ok(Claim::Theirs {
-                exchange_id: String::new(),
-            });
-        };
-        let theirs: Vec<u8> = row.get(0);
-        Ok(if theirs == asked.fingerprint {
-            Claim::Theirs {
-                exchange_id: row.get(1),
-            }
-        } else {
-            Claim::Conflict
-        })
+            .map(|row| (row.get(0), row.get(1)));
+        Ok(held_by(held, &asked.fingerprint))
     };
     tokio::time::timeout(claiming.timeout, work).await?
 }
@@ -369,17 +370,7 @@ async fn claim_all(claiming: &Claiming, asked: &[Asked]) -> Result<Vec<Claim>, W
                                 .get(&(asked.caller.clone(), asked.request_id.clone()))
                                 .cloned()
                         });
-                    match held {
-                        // Released in between: the caller's retry loop runs
-                        // it as new.
-                        None => Claim::Theirs {
-                            exchange_id: String::new(),
-                        },
-                        Some((theirs, exchange_id)) if theirs == asked.fingerprint => {
-                            Claim::Theirs { exchange_id }
-                        }
-                        Some(_) => Claim::Conflict,
-                    }
+                    held_by(held, &asked.fingerprint)
                 })
                 .collect(),
         )
