@@ -169,6 +169,12 @@ impl Collector for StateCollector {
                 "Receipts this replica gave whose records never reached the log (a queued row deleted before it was sequenced); the replica then refuses requests",
                 replica.receipts_broken as f64,
             )?;
+            gauge(
+                &mut encoder,
+                "onceonly_audit_queue_gaps",
+                "Queued records this replica's sequencer found missing from their replica's numbering (deleted before they were sequenced; listed in audit_queue_gaps)",
+                replica.queue_gaps as f64,
+            )?;
         }
         for (name, help, count) in [
             (

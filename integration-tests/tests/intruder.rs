@@ -402,8 +402,8 @@ async fn a_copied_queue_row_is_set_aside_not_sequenced_twice() {
     assert_eq!(sequenced.len(), 1);
     let put_back = db
         .execute(
-            "INSERT INTO audit_queue (replica, leaf_hash, record, mac, queued_at_ms)
-             SELECT replica, leaf_hash, record, mac, queued_at_ms FROM stolen",
+            "INSERT INTO audit_queue (replica, leaf_hash, record, mac, queued_at_ms, segment, replica_seq)
+             SELECT replica, leaf_hash, record, mac, queued_at_ms, segment, replica_seq FROM stolen",
             &[],
         )
         .await
@@ -515,6 +515,126 @@ async fn a_queued_row_deleted_before_sequencing_stops_the_replica() {
     assert!(
         records.iter().all(|r| r.request_id != "vanished"),
         "the deleted record is in the log after all"
+    );
+}
+
+/// A queued row deleted before it was sequenced, with a later row of the
+/// same replica after it: the sequencer sees the gap in that replica's
+/// numbers, records it and reports it, from the tables alone (without the
+/// writing replica's memory of its receipts, which a restart loses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_row_deleted_before_sequencing_is_a_gap_in_its_replicas_numbers() {
+    let (postgres, world, _) = replicas(0).await;
+    let db = database(&postgres).await;
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("gap-before"))
+        .await
+        .expect("delivered");
+    world
+        .wait_for_records("gap-before", 1, Duration::from_millis(MERGE_DELAY_MS * 3))
+        .await;
+    db.batch_execute(
+        "CREATE FUNCTION onceonly_vanish_one() RETURNS trigger AS
+           $$BEGIN
+             IF encode(NEW.record, 'escape') LIKE '%gap-vanished%' THEN
+               DELETE FROM audit_queue WHERE queue_id = NEW.queue_id;
+             END IF;
+             RETURN NULL;
+           END$$ LANGUAGE plpgsql;
+         CREATE TRIGGER vanish_one AFTER INSERT ON audit_queue
+           FOR EACH ROW EXECUTE FUNCTION onceonly_vanish_one();",
+    )
+    .await
+    .expect("the intruder's trigger");
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("gap-vanished"))
+        .await
+        .expect("committed, then deleted");
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("gap-after"))
+        .await
+        .expect("delivered");
+    db.batch_execute("DROP TRIGGER vanish_one ON audit_queue")
+        .await
+        .expect("the intruder covers its tracks");
+
+    let deadline = Instant::now() + Duration::from_millis(MERGE_DELAY_MS * 2);
+    let gaps = loop {
+        let gaps: Vec<(String, i64, i64, i64)> = db
+            .query(
+                "SELECT replica, segment, first_seq, last_seq FROM audit_queue_gaps",
+                &[],
+            )
+            .await
+            .expect("gaps")
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+            .collect();
+        if !gaps.is_empty() {
+            break gaps;
+        }
+        assert!(Instant::now() < deadline, "the gap was never noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // One record missing: the one after "gap-before" (and whatever else
+    // that replica queued before it, at start), in the replica's first
+    // segment.
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    let (replica, segment, first, last) = &gaps[0];
+    assert_eq!((*segment, first, last), (1, last, first), "{gaps:?}");
+    let before = world
+        .wait_for_records("gap-before", 1, Duration::from_secs(1))
+        .await;
+    assert_eq!(&before[0].replica, replica);
+    assert_eq!(
+        gauge(&world, "onceonly_audit_queue_gaps").await,
+        Some(1.0),
+        "the sequencer did not report the gap"
+    );
+    let after = world
+        .wait_for_records("gap-after", 1, Duration::from_millis(MERGE_DELAY_MS * 2))
+        .await;
+    assert_eq!(after.len(), 1, "the log stopped at the gap");
+    let records = world.audit_records().await;
+    assert!(
+        records.iter().all(|r| r.request_id != "gap-vanished"),
+        "the deleted record is in the log after all"
+    );
+    // The numbers' mark cannot be moved on to hide the gap: a mark
+    // edited in the database stops the sequencer, loudly.
+    db.execute("UPDATE audit_queue_marks SET last_seq = last_seq + 5", &[])
+        .await
+        .expect("the intruder edits the marks");
+    let failed_before = gauge(&world, "onceonly_audit_sequencer_failed_runs")
+        .await
+        .unwrap_or(0.0);
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("after-the-edit"))
+        .await
+        .expect("committed to the queue");
+    let deadline = Instant::now() + Duration::from_millis(MERGE_DELAY_MS * 2);
+    while gauge(&world, "onceonly_audit_sequencer_failed_runs")
+        .await
+        .unwrap_or(0.0)
+        <= failed_before
+    {
+        assert!(
+            Instant::now() < deadline,
+            "a sequencer signed past an edited mark"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        world
+            .audit_records()
+            .await
+            .iter()
+            .all(|r| r.request_id != "after-the-edit"),
+        "sequenced under an edited mark"
     );
 }
 

@@ -33,6 +33,8 @@ use prost::Message;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::sequence_numbers::{self, QueuePosition};
+
 /// Records per queue commit at most.
 const MAX_BATCH: usize = 1024;
 /// Queued records one sequencing run takes at most.
@@ -103,6 +105,9 @@ struct Inner {
     receipted: Mutex<std::collections::VecDeque<(Hash, u64)>>,
     /// Receipts this replica gave whose records never reached the log.
     receipts_broken: AtomicU64,
+    /// Queued records this replica's sequencer found missing from their
+    /// replica's numbering (deleted before they were sequenced).
+    queue_gaps: AtomicU64,
     metrics: AuditMetrics,
 }
 
@@ -303,6 +308,7 @@ impl PgAuditLog {
             quarantined: AtomicU64::new(0),
             receipted: Mutex::default(),
             receipts_broken: AtomicU64::new(0),
+            queue_gaps: AtomicU64::new(0),
             metrics: AuditMetrics::default(),
         });
         let (appends, queue) = mpsc::channel(MAX_BATCH * 4);
@@ -656,6 +662,7 @@ impl onceonly_store::AuditStore for PgAuditLog {
             failed_runs: self.failed_runs(),
             quarantined: self.quarantined(),
             receipts_broken: self.receipts_broken(),
+            queue_gaps: self.inner.queue_gaps.load(Ordering::Relaxed),
         })
     }
 
@@ -886,16 +893,13 @@ impl Inner {
             .clone()
     }
 
-    /// The tag that authenticates a queued record's bytes.
-    fn row_tag(&self, record: &[u8]) -> Vec<u8> {
-        let mut context = ring::hmac::Context::with_key(&self.row_key);
-        context.update(b"onceonly-audit-queue-v1\0");
-        context.update(record);
-        context.sign().as_ref().to_vec()
-    }
-
-    /// One queue commit of `records`; their receipts, in order.
-    async fn commit(&self, records: &[AuditRecord]) -> Result<Vec<AuditReceipt>, AuditError> {
+    /// One queue commit of `records`, numbered from `position`; their
+    /// receipts, in order.
+    async fn commit(
+        &self,
+        records: &[AuditRecord],
+        position: QueuePosition,
+    ) -> Result<Vec<AuditReceipt>, AuditError> {
         if self.fault.load(Ordering::SeqCst) {
             return Err(AuditError::Storage("appends fail (injected fault)".into()));
         }
@@ -910,7 +914,19 @@ impl Inner {
         let bytes: Vec<Vec<u8>> = records.iter().map(Message::encode_to_vec).collect();
         let leaves: Vec<Hash> = bytes.iter().map(|b| leaf_hash(b)).collect();
         let leaf_bytes: Vec<&[u8]> = leaves.iter().map(|h| h.as_slice()).collect();
-        let tags: Vec<Vec<u8>> = bytes.iter().map(|b| self.row_tag(b)).collect();
+        let numbers = position.numbers(records.len());
+        let tags: Vec<Vec<u8>> = bytes
+            .iter()
+            .zip(&numbers)
+            .map(|(b, n)| {
+                sequence_numbers::row_tag(
+                    &self.row_key,
+                    &self.settings.replica,
+                    (position.segment, *n),
+                    b,
+                )
+            })
+            .collect();
         let client = bounded(
             self.settings.timeout,
             "waiting for a connection",
@@ -930,9 +946,9 @@ impl Inner {
             client.prepare_cached(
                 "WITH clock AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now_ms),
                  written AS (
-                   INSERT INTO audit_queue (replica, leaf_hash, record, mac, queued_at_ms)
-                   SELECT $1, q.leaf_hash, q.record, q.mac, clock.now_ms
-                   FROM unnest($2::bytea[], $3::bytea[], $4::bytea[]) WITH ORDINALITY AS q(leaf_hash, record, mac, n), clock
+                   INSERT INTO audit_queue (replica, leaf_hash, record, mac, queued_at_ms, segment, replica_seq)
+                   SELECT $1, q.leaf_hash, q.record, q.mac, clock.now_ms, $6, q.replica_seq
+                   FROM unnest($2::bytea[], $3::bytea[], $4::bytea[], $7::bigint[]) WITH ORDINALITY AS q(leaf_hash, record, mac, replica_seq, n), clock
                    ORDER BY q.n
                    RETURNING queued_at_ms)
                  SELECT count(*), min(queued_at_ms), max(queued_at_ms),
@@ -954,7 +970,15 @@ impl Inner {
             "committing audit records",
             client.query_one(
                 &insert,
-                &[&self.settings.replica, &leaf_bytes, &bytes, &tags, &sent],
+                &[
+                    &self.settings.replica,
+                    &leaf_bytes,
+                    &bytes,
+                    &tags,
+                    &sent,
+                    &position.segment,
+                    &numbers,
+                ],
             ),
         )
         .await?;
@@ -1012,11 +1036,15 @@ fn stored_commit_time(
 /// answers each.
 async fn write_queue(inner: Arc<Inner>, mut queue: mpsc::Receiver<Append>) {
     let mut batch = Vec::new();
+    // One commit at a time: a number is visible only once every lower one
+    // of its segment is (the sequencer's gap check relies on it).
+    let mut position = QueuePosition::start();
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let (records, replies): (Vec<_>, Vec<_>) =
             batch.drain(..).map(|a| (a.record, a.reply)).unzip();
-        match inner.commit(&records).await {
+        match inner.commit(&records, position).await {
             Ok(receipts) => {
+                position.committed(records.len());
                 inner.succeeded();
                 for (reply, receipt) in replies.into_iter().zip(receipts) {
                     let _ = reply.send(Ok(receipt));
@@ -1025,6 +1053,7 @@ async fn write_queue(inner: Arc<Inner>, mut queue: mpsc::Receiver<Append>) {
             Err(e) => {
                 tracing::error!(error = %e, records = records.len(), "audit records not committed");
                 inner.failed(format!("the last audit commit failed: {e}"));
+                position.uncertain();
                 for reply in replies {
                     let _ = reply.send(Err(e.clone()));
                 }
@@ -1338,8 +1367,8 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
         };
         let queued = tx
             .query(
-                "SELECT queue_id, record, replica, queued_at_ms, mac FROM audit_queue
-                 ORDER BY queue_id LIMIT $1",
+                "SELECT queue_id, record, replica, queued_at_ms, mac, segment, replica_seq
+                 FROM audit_queue ORDER BY queue_id LIMIT $1",
                 &[&MAX_SEQUENCED],
             )
             .await
@@ -1371,22 +1400,40 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
             .iter()
             .map(|row| row.get::<_, Vec<u8>>(0))
             .collect();
-        for row in &queued {
+        // Written by a replica (it holds the key), or by someone else:
+        // only the former is signed into the log.
+        let authentic: Vec<bool> = queued
+            .iter()
+            .map(|row| {
+                sequence_numbers::row_is_authentic(
+                    &inner.row_key,
+                    row.get(2),
+                    (row.get(5), row.get(6)),
+                    row.get(1),
+                    row.get(4),
+                )
+            })
+            .collect();
+        let numbers = check_numbers(&tx, &inner.row_key, &queued, &authentic).await?;
+        for (row, authentic) in queued.iter().zip(authentic) {
             let queue_id: i64 = row.get(0);
             let record_bytes: Vec<u8> = row.get(1);
-            let tag: Vec<u8> = row.get(4);
-            // Written by a replica (it holds the key), or by someone else:
-            // only the former is signed into the log.
-            if ring::hmac::verify(
-                &inner.row_key,
-                &[b"onceonly-audit-queue-v1\0".as_slice(), &record_bytes].concat(),
-                &tag,
-            )
-            .is_err()
-            {
+            if !authentic {
                 set_aside.push((
                     queue_id,
                     "its tag does not authenticate it: not written by a replica".into(),
+                ));
+                continue;
+            }
+            if numbers.copies.contains(&queue_id) {
+                set_aside.push((
+                    queue_id,
+                    format!(
+                        "its number ({} in segment {} of replica {}) was taken already: the row is a copy of one sequenced or queued before",
+                        row.get::<_, i64>(6),
+                        row.get::<_, i64>(5),
+                        row.get::<_, &str>(2)
+                    ),
                 ));
                 continue;
             }
@@ -1423,8 +1470,8 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
             }
             let moved = tx.query_one(
                 "WITH moved AS (DELETE FROM audit_queue WHERE queue_id = ANY($1) RETURNING *),
-                 kept AS (INSERT INTO audit_quarantine (queue_id, replica, leaf_hash, record, mac, queued_at_ms, reason)
-                 SELECT m.queue_id, m.replica, m.leaf_hash, m.record, m.mac, m.queued_at_ms, r.reason
+                 kept AS (INSERT INTO audit_quarantine (queue_id, replica, leaf_hash, record, mac, queued_at_ms, segment, replica_seq, reason)
+                 SELECT m.queue_id, m.replica, m.leaf_hash, m.record, m.mac, m.queued_at_ms, m.segment, m.replica_seq, r.reason
                  FROM moved m JOIN unnest($1::bigint[], $2::text[]) AS r(queue_id, reason) USING (queue_id)
                  RETURNING 1)
                  SELECT count(*) FROM kept",
@@ -1443,8 +1490,10 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
                 .quarantined
                 .fetch_add(ids.len() as u64, Ordering::Relaxed);
         }
+        store_numbers(&tx, &inner.row_key, &numbers, leader.epoch).await?;
         if queue_ids.is_empty() {
             tx.commit().await.map_err(storage)?;
+            report_gaps(inner, &numbers.gaps);
             leader.frontier = Some(frontier);
             return Ok(true);
         }
@@ -1506,6 +1555,7 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
         leader.frontier = Some(next);
         inner.tree_size.fetch_max(head.tree_size, Ordering::AcqRel);
         inner.heads_published.fetch_add(1, Ordering::Relaxed);
+        report_gaps(inner, &numbers.gaps);
         Ok(true)
     };
     match tokio::time::timeout(limit.saturating_mul(4), work).await {
@@ -1514,6 +1564,118 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
             "PostgreSQL: a sequencing run took longer than {:?}",
             limit.saturating_mul(4)
         ))),
+    }
+}
+
+/// The numbers of the authentic rows of `queued` (columns as the
+/// sequencer reads them) checked against their segments' stored marks.
+/// A mark that does not authenticate stops the run: it was edited, to hide
+/// a deleted row or to pass a copied one.
+async fn check_numbers(
+    tx: &impl GenericClient,
+    key: &ring::hmac::Key,
+    queued: &[tokio_postgres::Row],
+    authentic: &[bool],
+) -> Result<sequence_numbers::Checked, AuditError> {
+    let numbered: Vec<sequence_numbers::Numbered> = queued
+        .iter()
+        .zip(authentic)
+        .filter(|(row, authentic)| **authentic && row.get::<_, i64>(6) > 0)
+        .map(|(row, _)| sequence_numbers::Numbered {
+            queue_id: row.get(0),
+            replica: row.get(2),
+            segment: row.get(5),
+            seq: row.get(6),
+        })
+        .collect();
+    if numbered.is_empty() {
+        return Ok(sequence_numbers::Checked::default());
+    }
+    let segments: std::collections::HashSet<(&str, i64)> = numbered
+        .iter()
+        .map(|row| (row.replica.as_str(), row.segment))
+        .collect();
+    let (replicas, segments): (Vec<&str>, Vec<i64>) = segments.into_iter().unzip();
+    let mut marks = HashMap::new();
+    for row in tx
+        .query(
+            "SELECT m.replica, m.segment, m.last_seq, m.mac FROM audit_queue_marks m
+             JOIN unnest($1::text[], $2::bigint[]) AS s(replica, segment) USING (replica, segment)",
+            &[&replicas, &segments],
+        )
+        .await
+        .map_err(storage)?
+    {
+        let (replica, segment, last): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        if !sequence_numbers::mark_is_authentic(key, &replica, segment, last, row.get(3)) {
+            return Err(AuditError::Corrupt(format!(
+                "the mark of replica {replica}'s segment {segment} in audit_queue_marks (last number {last}) does not authenticate: it was edited in the database, to hide a deleted queued row or pass a copied one. Sequencing stops until the database is checked and the replica restarted"
+            )));
+        }
+        marks.insert((replica, segment), last);
+    }
+    Ok(sequence_numbers::check(&numbered, &marks))
+}
+
+/// Stores a run's new marks and the gaps it found, each write checked.
+async fn store_numbers(
+    tx: &impl GenericClient,
+    key: &ring::hmac::Key,
+    numbers: &sequence_numbers::Checked,
+    epoch: i64,
+) -> Result<(), AuditError> {
+    if !numbers.marks.is_empty() {
+        let mut replicas = Vec::new();
+        let mut segments = Vec::new();
+        let mut lasts = Vec::new();
+        let mut tags = Vec::new();
+        for ((replica, segment), last) in &numbers.marks {
+            tags.push(sequence_numbers::mark_tag(key, replica, *segment, *last));
+            replicas.push(replica.as_str());
+            segments.push(*segment);
+            lasts.push(*last);
+        }
+        let stored = tx
+            .execute(
+                "INSERT INTO audit_queue_marks (replica, segment, last_seq, mac)
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[])
+                 ON CONFLICT (replica, segment)
+                 DO UPDATE SET last_seq = EXCLUDED.last_seq, mac = EXCLUDED.mac",
+                &[&replicas, &segments, &lasts, &tags],
+            )
+            .await
+            .map_err(storage)?;
+        written("audit_queue_marks", stored, replicas.len())?;
+    }
+    if !numbers.gaps.is_empty() {
+        let replicas: Vec<&str> = numbers.gaps.iter().map(|g| g.replica.as_str()).collect();
+        let segments: Vec<i64> = numbers.gaps.iter().map(|g| g.segment).collect();
+        let firsts: Vec<i64> = numbers.gaps.iter().map(|g| g.first).collect();
+        let lasts: Vec<i64> = numbers.gaps.iter().map(|g| g.last).collect();
+        let stored = tx
+            .execute(
+                "INSERT INTO audit_queue_gaps (replica, segment, first_seq, last_seq, sequencer_epoch)
+                 SELECT r, s, f, l, $5 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS g(r, s, f, l)",
+                &[&replicas, &segments, &firsts, &lasts, &epoch],
+            )
+            .await
+            .map_err(storage)?;
+        written("audit_queue_gaps", stored, replicas.len())?;
+    }
+    Ok(())
+}
+
+/// Counts and logs the gaps of a committed run.
+fn report_gaps(inner: &Inner, gaps: &[sequence_numbers::Gap]) {
+    for gap in gaps {
+        tracing::error!(
+            replica = %gap.replica,
+            segment = gap.segment,
+            first = gap.first,
+            last = gap.last,
+            "queued audit records were deleted before they were sequenced: their receipts are broken (see audit_queue_gaps; look for triggers with `\\d audit_queue` in psql)"
+        );
+        inner.queue_gaps.fetch_add(gap.len(), Ordering::Relaxed);
     }
 }
 

@@ -12,6 +12,7 @@ pub mod audit;
 pub mod consents;
 pub mod pool;
 pub mod quotas;
+mod sequence_numbers;
 pub mod window;
 
 pub use audit::{LogSettings, PgAuditLog};
@@ -57,6 +58,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "replicas_at_work",
         sql: include_str!("../migrations/0002_replicas_at_work.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "queue_sequence_numbers",
+        sql: include_str!("../migrations/0003_queue_sequence_numbers.sql"),
     },
 ];
 

@@ -30,6 +30,9 @@ pub struct ReplicaGauges {
     pub quarantined: u64,
     /// Receipts this replica gave whose records never reached the log.
     pub receipts_broken: u64,
+    /// Queued records this replica's sequencer found missing from their
+    /// replica's numbering: deleted before they were sequenced.
+    pub queue_gaps: u64,
 }
 
 /// An append-only Merkle log of records (RFC 9162), durable before the
