@@ -68,6 +68,8 @@ use onceonly_certs::config_file::{self, ConfigFileError, relative_to};
 use onceonly_certs::{ConnectionLimits, TlsFiles};
 use serde::Deserialize;
 
+pub use crate::storage_config::{PostgresConfig, SchemaPolicy, StorageConfig};
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -131,204 +133,6 @@ pub struct BrokerConfig {
     /// shared by replicas.
     #[serde(default)]
     pub storage: StorageConfig,
-}
-
-/// Which store holds consents, the idempotency window and the audit log.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// sled and the log file in `data_dir`: one broker process.
-    #[default]
-    Embedded,
-    /// PostgreSQL: any number of replicas serving together.
-    Postgres,
-}
-
-/// Whether a replica brings the schema up to date at start.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SchemaPolicy {
-    /// Apply missing migrations (under a lock; replicas may start at once).
-    #[default]
-    Apply,
-    /// Change nothing; refuse to start naming what is missing.
-    Check,
-}
-
-/// `[storage]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StorageConfig {
-    /// The backend.
-    pub backend: Backend,
-    /// PostgreSQL: a URL (`postgres://user@host:port/db`) or libpq
-    /// key=value string. Leave the password out; give `password_file`.
-    pub url: Option<String>,
-    /// PostgreSQL: a file holding the password (one line).
-    pub password_file: Option<PathBuf>,
-    /// PostgreSQL: the CA (PEM) of the server's certificate: TLS 1.3 to
-    /// the server, required and verified for the URL's host. Without it
-    /// the connection is plaintext, which is refused for a server not on
-    /// this host unless `insecure_plaintext`.
-    pub ca: Option<PathBuf>,
-    /// PostgreSQL: a client certificate and key (PEM) to present, where
-    /// the server authenticates clients by certificate.
-    pub client_cert: Option<PathBuf>,
-    /// The key of `client_cert`.
-    pub client_key: Option<PathBuf>,
-    /// PostgreSQL: allow a plaintext connection to a server on another
-    /// host (records, pseudonyms and ciphertexts then cross the network
-    /// unprotected; only on a network you trust like the host itself).
-    pub insecure_plaintext: bool,
-    /// PostgreSQL: connections per replica at most.
-    pub pool_size: usize,
-    /// PostgreSQL: the longest one database round may take.
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-    /// PostgreSQL: apply or only check the schema at start.
-    pub schema: SchemaPolicy,
-    /// PostgreSQL: a committed audit record is in a signed tree head within
-    /// this; each answer's receipt promises it.
-    #[serde(with = "humantime_serde")]
-    pub merge_delay: Duration,
-    /// PostgreSQL: a sequencer that stops renewing its lease is replaced
-    /// after this.
-    #[serde(with = "humantime_serde")]
-    pub sequencer_lease: Duration,
-    /// PostgreSQL: how often the sequencer runs (and others try the lease).
-    #[serde(with = "humantime_serde")]
-    pub sequencer_interval: Duration,
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        StorageConfig {
-            backend: Backend::Embedded,
-            url: None,
-            password_file: None,
-            ca: None,
-            client_cert: None,
-            client_key: None,
-            insecure_plaintext: false,
-            pool_size: 16,
-            timeout: Duration::from_secs(5),
-            schema: SchemaPolicy::Apply,
-            merge_delay: Duration::from_secs(2),
-            sequencer_lease: Duration::from_secs(1),
-            sequencer_interval: Duration::from_millis(100),
-        }
-    }
-}
-
-impl StorageConfig {
-    /// The first problem with the `[storage]` values: (key, problem, fix).
-    pub fn problem(&self) -> Option<(&'static str, String, &'static str)> {
-        if self.backend == Backend::Embedded {
-            return None;
-        }
-        let Some(url) = &self.url else {
-            return Some((
-                "storage.url",
-                "is missing for backend \"postgres\"".into(),
-                "give e.g. url = \"postgres://onceonly@db.internal/onceonly\"",
-            ));
-        };
-        let parsed = match url.parse::<onceonly_store_postgres::tokio_postgres::Config>() {
-            Ok(parsed) => parsed,
-            Err(e) => {
-                return Some((
-                    "storage.url",
-                    format!("does not parse ({e})"),
-                    "give postgres://user@host:port/database, or host=... dbname=... key=value pairs",
-                ));
-            }
-        };
-        if parsed.get_password().is_some() {
-            return Some((
-                "storage.url",
-                "holds a password".into(),
-                "keep the password out of the configuration: put it in a file of its own and name it in storage.password_file",
-            ));
-        }
-        if self.ca.is_none() && !self.insecure_plaintext {
-            use onceonly_store_postgres::tokio_postgres::config::Host;
-            // Where connections go: `hostaddr` (when given) wins over the
-            // host's name.
-            let remote = parsed
-                .get_hostaddrs()
-                .iter()
-                .find(|ip| !ip.is_loopback())
-                .map(|ip| ip.to_string())
-                .or_else(|| {
-                    parsed.get_hosts().iter().find_map(|host| match host {
-                        Host::Tcp(name) => {
-                            let local = name == "localhost"
-                                || name
-                                    .parse::<std::net::IpAddr>()
-                                    .is_ok_and(|ip| ip.is_loopback());
-                            (!local && parsed.get_hostaddrs().is_empty()).then(|| name.clone())
-                        }
-                        Host::Unix(_) => None,
-                    })
-                });
-            if let Some(host) = remote {
-                return Some((
-                    "storage.ca",
-                    format!(
-                        "is missing, so the connection to {host} would be plaintext: records, pseudonyms and sealed outcomes would cross the network unprotected"
-                    ),
-                    "give the CA (PEM) of the PostgreSQL server's certificate (TLS is then required and verified), or, only on a network you trust like this host, set storage.insecure_plaintext = true",
-                ));
-            }
-        }
-        if self.client_cert.is_some() && self.ca.is_none() {
-            return Some((
-                "storage.client_cert",
-                "is given without storage.ca, so it would never be presented (no TLS)".into(),
-                "give storage.ca as well, or drop the client certificate",
-            ));
-        }
-        if self.client_cert.is_some() != self.client_key.is_some() {
-            return Some((
-                "storage.client_cert",
-                "and storage.client_key come together".into(),
-                "give both, or neither",
-            ));
-        }
-        if !(1..=1000).contains(&self.pool_size) {
-            return Some((
-                "storage.pool_size",
-                format!("{} is out of range", self.pool_size),
-                "use 1 to 1000, e.g. 16",
-            ));
-        }
-        for (key, value) in [
-            ("storage.timeout", self.timeout),
-            ("storage.merge_delay", self.merge_delay),
-            ("storage.sequencer_lease", self.sequencer_lease),
-            ("storage.sequencer_interval", self.sequencer_interval),
-        ] {
-            if value.is_zero() {
-                return Some((key, "is zero".into(), "give a duration, e.g. \"1s\""));
-            }
-        }
-        // A sequencer that dies right after a commit is replaced within the
-        // lease and an interval, and the next holder sequences within
-        // another: the receipts' promise must outlast that.
-        let failover = self.sequencer_lease + self.sequencer_interval * 3;
-        if self.merge_delay < failover {
-            return Some((
-                "storage.merge_delay",
-                format!(
-                    "{} is shorter than a sequencer failover (sequencer_lease + 3 x sequencer_interval = {})",
-                    humantime::format_duration(self.merge_delay),
-                    humantime::format_duration(failover)
-                ),
-                "raise merge_delay or shorten sequencer_lease, e.g. merge_delay = \"2s\" with sequencer_lease = \"1s\"",
-            ));
-        }
-        None
-    }
 }
 
 /// Where traces go.
@@ -499,13 +303,15 @@ impl BrokerConfig {
             *slot = relative_to(path, slot);
         }
         self.tls.crl = self.tls.crl.as_ref().map(|crl| relative_to(path, crl));
-        for file in [
-            &mut self.storage.password_file,
-            &mut self.storage.ca,
-            &mut self.storage.client_cert,
-            &mut self.storage.client_key,
-        ] {
-            *file = file.as_ref().map(|f| relative_to(path, f));
+        if let StorageConfig::Postgres(postgres) = &mut self.storage {
+            for file in [
+                &mut postgres.password_file,
+                &mut postgres.ca,
+                &mut postgres.client_cert,
+                &mut postgres.client_key,
+            ] {
+                *file = file.as_ref().map(|f| relative_to(path, f));
+            }
         }
     }
 
@@ -598,6 +404,10 @@ impl BrokerConfig {
                 "keep the key apart from the data (e.g. secrets/pseudonym.key), so a copied data directory does not reveal whom records are about",
             );
         }
+        let postgres = match &self.storage {
+            StorageConfig::Postgres(postgres) => Some(postgres),
+            StorageConfig::Embedded => None,
+        };
         for (key, file) in [
             ("policy", Some(&self.policy)),
             ("routing", Some(&self.routing)),
@@ -605,10 +415,19 @@ impl BrokerConfig {
             ("tls.cert", Some(&self.tls.cert)),
             ("tls.key", Some(&self.tls.key)),
             ("tls.crl", self.tls.crl.as_ref()),
-            ("storage.password_file", self.storage.password_file.as_ref()),
-            ("storage.ca", self.storage.ca.as_ref()),
-            ("storage.client_cert", self.storage.client_cert.as_ref()),
-            ("storage.client_key", self.storage.client_key.as_ref()),
+            (
+                "storage.password_file",
+                postgres.and_then(|p| p.password_file.as_ref()),
+            ),
+            ("storage.ca", postgres.and_then(|p| p.ca.as_ref())),
+            (
+                "storage.client_cert",
+                postgres.and_then(|p| p.client_cert.as_ref()),
+            ),
+            (
+                "storage.client_key",
+                postgres.and_then(|p| p.client_key.as_ref()),
+            ),
         ] {
             if let Some(file) = file
                 && !file.is_file()
@@ -621,115 +440,5 @@ impl BrokerConfig {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod storage_tests {
-    use super::*;
-
-    fn storage(toml_text: &str) -> StorageConfig {
-        #[derive(Deserialize)]
-        struct File {
-            storage: StorageConfig,
-        }
-        toml::from_str::<File>(toml_text).expect("parses").storage
-    }
-
-    #[test]
-    fn the_embedded_default_needs_nothing_and_postgres_needs_a_sound_setup() {
-        assert_eq!(StorageConfig::default().backend, Backend::Embedded);
-        assert_eq!(storage("[storage]\n").problem(), None);
-
-        let missing = storage("[storage]\nbackend = \"postgres\"\n").problem();
-        assert!(
-            matches!(&missing, Some(("storage.url", _, fix)) if fix.contains("postgres://")),
-            "{missing:?}"
-        );
-        let garbled =
-            storage("[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@b:notaport/c\"\n")
-                .problem();
-        assert!(
-            matches!(garbled, Some(("storage.url", _, _))),
-            "{garbled:?}"
-        );
-        let no_pool = storage(
-            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@127.0.0.1/c\"\npool_size = 0\n",
-        )
-        .problem();
-        assert!(
-            matches!(no_pool, Some(("storage.pool_size", _, _))),
-            "{no_pool:?}"
-        );
-        // A receipt's promise must outlast a sequencer failover.
-        let short = storage(
-            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@127.0.0.1/c\"\nmerge_delay = \"1s\"\nsequencer_lease = \"1s\"\n",
-        )
-        .problem();
-        assert!(
-            matches!(&short, Some(("storage.merge_delay", problem, _)) if problem.contains("failover")),
-            "{short:?}"
-        );
-        let zero = storage(
-            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@127.0.0.1/c\"\nsequencer_interval = \"0s\"\n",
-        )
-        .problem();
-        assert!(
-            matches!(zero, Some(("storage.sequencer_interval", _, _))),
-            "{zero:?}"
-        );
-        let sound = storage(
-            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@127.0.0.1/c\"\nmerge_delay = \"2s\"\n",
-        );
-        assert_eq!(sound.problem(), None);
-        assert_eq!(sound.schema, SchemaPolicy::Apply);
-        // Across a network: TLS, or an explicit, named choice against it.
-        let remote =
-            storage("[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@db.internal/c\"\n")
-                .problem();
-        assert!(
-            matches!(&remote, Some(("storage.ca", problem, _)) if problem.contains("db.internal")),
-            "{remote:?}"
-        );
-        let by_address = storage(
-            "[storage]\nbackend = \"postgres\"\nurl = \"host=localhost hostaddr=203.0.113.5 user=a dbname=c\"\n",
-        )
-        .problem();
-        assert!(
-            matches!(&by_address, Some(("storage.ca", problem, _)) if problem.contains("203.0.113.5")),
-            "{by_address:?}"
-        );
-        let chosen = storage(
-            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a@db.internal/c\"\ninsecure_plaintext = true\n",
-        );
-        assert_eq!(chosen.problem(), None);
-        let password = storage(
-            "[storage]\nbackend = \"postgres\"\nurl = \"postgres://a:secret@127.0.0.1/c\"\n",
-        )
-        .problem();
-        assert!(
-            matches!(&password, Some(("storage.url", _, fix)) if fix.contains("password_file")),
-            "{password:?}"
-        );
-    }
-
-    #[test]
-    fn an_unknown_backend_or_key_is_refused_by_name() {
-        #[derive(Debug, Deserialize)]
-        #[allow(dead_code)]
-        struct File {
-            storage: StorageConfig,
-        }
-        let unknown = toml::from_str::<File>("[storage]\nbackend = \"mysql\"\n")
-            .expect_err("no such backend")
-            .to_string();
-        assert!(
-            unknown.contains("mysql") && unknown.contains("postgres"),
-            "{unknown}"
-        );
-        let typo = toml::from_str::<File>("[storage]\npool = 3\n")
-            .expect_err("no such key")
-            .to_string();
-        assert!(typo.contains("pool"), "{typo}");
     }
 }

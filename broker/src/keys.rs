@@ -363,7 +363,7 @@ pub struct Rotation {
 /// rewritten. Run again after a crash, it finishes a hand-over already in
 /// the log, or drops a `.next` the log never used and starts over.
 pub async fn rotate_audit_key(config: &BrokerConfig) -> Result<Rotation, KeyError> {
-    if config.storage.backend == crate::config::Backend::Postgres {
+    if config.storage.postgres().is_some() {
         return Err(KeyError::Log(
             "rotating the audit key of the replicated log on PostgreSQL is not supported yet ([storage] backend = \"postgres\"); the embedded log's rotation does not apply to it".into(),
         ));

@@ -13,6 +13,7 @@
 //! - [`consent`] names and seals the subjects of consents, and
 //!   [`revocations`] keeps the revocations the signed log holds, so no
 //!   row written back can undo one;
+//! - [`storage_config`] is `[storage]`: the backend, chosen once;
 //! - [`storage`] opens the stores the request path keeps its state in
 //!   (the traits of [`onceonly_store`]: the audit log, consents, the
 //!   request window, quotas), embedded or on PostgreSQL: the one place
@@ -51,6 +52,7 @@ pub mod routing;
 pub mod server;
 pub mod services;
 pub mod storage;
+pub mod storage_config;
 
 pub use config::BrokerConfig;
 /// The audit log, a crate of its own ([`onceonly_audit_log`]): the broker

@@ -15,7 +15,7 @@ pub use onceonly_store::{Appended, Shared, Stores};
 use onceonly_store_postgres::Pool;
 use tokio::task::JoinHandle;
 
-use crate::config::{Backend, BrokerConfig, SchemaPolicy, StorageConfig};
+use crate::config::{BrokerConfig, PostgresConfig, SchemaPolicy, StorageConfig};
 use crate::pseudonym::Pseudonymiser;
 
 /// Why the stores could not be opened: what, and why.
@@ -46,9 +46,11 @@ pub async fn open(
     audit_key: ring::signature::Ed25519KeyPair,
     pseudonyms: &Arc<Pseudonymiser>,
 ) -> Result<Opened, OpenError> {
-    match config.storage.backend {
-        Backend::Embedded => open_embedded(config, audit_key, pseudonyms).await,
-        Backend::Postgres => open_replicated(config, audit_key, pseudonyms).await,
+    match &config.storage {
+        StorageConfig::Embedded => open_embedded(config, audit_key, pseudonyms).await,
+        StorageConfig::Postgres(postgres) => {
+            open_replicated(config, postgres, audit_key, pseudonyms).await
+        }
     }
 }
 
@@ -111,10 +113,10 @@ async fn open_embedded(
 /// sequencer candidate).
 async fn open_replicated(
     config: &BrokerConfig,
+    storage: &PostgresConfig,
     audit_key: ring::signature::Ed25519KeyPair,
     pseudonyms: &Arc<Pseudonymiser>,
 ) -> Result<Opened, OpenError> {
-    let storage = &config.storage;
     let postgres = |reason: String| OpenError {
         what: "PostgreSQL ([storage] url)".into(),
         reason,
@@ -229,7 +231,7 @@ pub struct Pools {
 /// this build's (or checks it). `keys`: (name, check value) of the keys
 /// every replica must share.
 pub async fn open_postgres(
-    storage: &StorageConfig,
+    storage: &PostgresConfig,
     keys: &[(&str, &str)],
 ) -> Result<Pools, PostgresError> {
     let password = match &storage.password_file {
@@ -259,7 +261,7 @@ pub async fn open_postgres(
     };
     let settings =
         |size: usize, synchronous_commit: bool, name: &str| onceonly_store_postgres::PoolSettings {
-            url: storage.url.clone().unwrap_or_default(),
+            url: storage.url.clone(),
             password: password.clone(),
             size,
             timeout: storage.timeout,
@@ -382,11 +384,11 @@ pub enum MoveError {
 /// ids, times and revocations. The data directory is left unchanged.
 pub async fn move_to_postgres(config: &crate::BrokerConfig) -> Result<Moved, MoveError> {
     use ring::signature::KeyPair;
-    if config.storage.backend != crate::config::Backend::Postgres {
+    let Some(target) = config.storage.postgres() else {
         return Err(MoveError::NoTarget(
             "the configuration's [storage] is embedded".into(),
         ));
-    }
+    };
     let audit_key = crate::keys::load_audit_key(&config.audit_key)?;
     let public_key = audit_key.public_key().as_ref().to_vec();
     // sled first: its lock proves no broker runs on the data directory
@@ -429,7 +431,7 @@ pub async fn move_to_postgres(config: &crate::BrokerConfig) -> Result<Moved, Mov
     let pseudonym_check = crate::keys::pseudonym_key_check(config)?;
     let audit_key_id = onceonly_merkle::sth::key_id(&public_key);
     let pool = open_postgres(
-        &config.storage,
+        target,
         &[
             ("pseudonym_key", &pseudonym_check),
             ("audit_key", &audit_key_id),
