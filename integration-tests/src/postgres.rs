@@ -88,10 +88,13 @@ impl TestPostgres {
 
     /// Starts the (stopped) server again on the same port.
     pub fn start_again(&self) -> anyhow::Result<()> {
+        // ONCEONLY_PG_OPTIONS adds server options, e.g. for a profile of
+        // the bench's statements: "-c shared_preload_libraries=pg_stat_statements".
         let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={}",
+            "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={} {}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            std::env::var("ONCEONLY_PG_OPTIONS").unwrap_or_default()
         );
         self.pg_ctl(&[
             "-l",

@@ -236,6 +236,41 @@ async fn the_window_keeps_its_contract(window: Arc<dyn RequestWindow>, backend: 
     window.sweep().await.expect("sweep");
 }
 
+/// How long the sweep test's window remembers a request id.
+const SHORT_WINDOW: Duration = Duration::from_millis(400);
+
+/// A window of [`SHORT_WINDOW`] forgets what expired, and only that.
+async fn expired_claims_are_swept(window: Arc<dyn RequestWindow>, backend: &str) {
+    let claim = |rid: &'static str, fingerprint: u8, exchange: &'static str| {
+        let window = window.clone();
+        async move {
+            window
+                .claim("sweeper", rid, &[fingerprint; 32], exchange)
+                .await
+                .expect("claim")
+        }
+    };
+    assert_eq!(claim("old", 1, "x-old").await, Claim::Ours, "{backend}");
+    tokio::time::sleep(SHORT_WINDOW + Duration::from_millis(300)).await;
+    assert_eq!(claim("fresh", 1, "x-fresh").await, Claim::Ours, "{backend}");
+    assert_eq!(
+        window.sweep().await.expect("sweep"),
+        1,
+        "{backend}: the expired claim, and it alone"
+    );
+    assert_eq!(
+        claim("fresh", 2, "x-other").await,
+        Claim::Conflict,
+        "{backend}: the fresh claim was swept"
+    );
+    assert_eq!(
+        claim("old", 2, "x-new").await,
+        Claim::Ours,
+        "{backend}: forgotten, so claimable with other content"
+    );
+    assert_eq!(window.sweep().await.expect("sweep"), 0, "{backend}");
+}
+
 async fn quotas_keep_their_contract(quotas: &dyn QuotaCounter, backend: &str) {
     let bucket = QuotaBucket {
         key: format!("{backend}-bucket"),
@@ -261,6 +296,36 @@ async fn quotas_keep_their_contract(quotas: &dyn QuotaCounter, backend: &str) {
         over.retry_after > Duration::from_secs(50) && over.retry_after <= Duration::from_secs(60),
         "{backend}: {:?}",
         over.retry_after
+    );
+
+    // Many at once (counted together where the backend batches): exactly
+    // the burst is admitted, whatever the order, and each refusal names
+    // its wait.
+    let burst = QuotaBucket {
+        key: format!("{backend}-burst"),
+        name: "test: 1/min, burst 5".into(),
+        interval: Duration::from_secs(60),
+        burst: 5,
+    };
+    let counts = futures::future::join_all((0..40).map(|_| quotas.check(&burst))).await;
+    let admitted = counts
+        .iter()
+        .filter(|count| matches!(count, Ok(Ok(()))))
+        .count();
+    assert_eq!(admitted, 5, "{backend}: {counts:?}");
+    for count in &counts {
+        if let Ok(Err(over)) = count {
+            assert!(
+                over.retry_after > Duration::from_secs(50)
+                    && over.retry_after <= Duration::from_secs(60),
+                "{backend}: {:?}",
+                over.retry_after
+            );
+        }
+    }
+    assert!(
+        counts.iter().all(Result::is_ok),
+        "{backend}: a count failed: {counts:?}"
     );
 }
 
@@ -327,6 +392,13 @@ async fn every_store_in_memory_keeps_the_contract() {
     let shared = stores.shared.expect("memory shares");
     consents_keep_their_contract(stores.consents.as_ref(), "memory").await;
     the_window_keeps_its_contract(shared.window, "memory").await;
+    expired_claims_are_swept(
+        Arc::new(onceonly_store::memory::MemoryWindow::with_window(
+            SHORT_WINDOW,
+        )),
+        "memory",
+    )
+    .await;
     quotas_keep_their_contract(shared.quotas.as_ref(), "memory").await;
     the_log_keeps_its_contract(stores.audit.as_ref(), &public, "memory").await;
 }
@@ -385,6 +457,17 @@ async fn the_postgres_stores_keep_the_contract() {
             window.clone(),
             keys.row_keys(),
             Duration::from_secs(600),
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+        )),
+        "postgres",
+    )
+    .await;
+    expired_claims_are_swept(
+        Arc::new(onceonly_store_postgres::PgWindow::new(
+            window.clone(),
+            keys.row_keys(),
+            SHORT_WINDOW,
             Duration::from_secs(60),
             Duration::from_secs(10),
         )),

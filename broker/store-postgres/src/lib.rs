@@ -9,6 +9,7 @@
 //! missing, for operators who apply schema changes themselves.
 
 pub mod audit;
+mod batch;
 pub mod consents;
 pub mod pool;
 pub mod quotas;
@@ -63,6 +64,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "queue_sequence_numbers",
         sql: include_str!("../migrations/0003_queue_sequence_numbers.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "outcomes_inline",
+        sql: include_str!("../migrations/0004_outcomes_inline.sql"),
     },
 ];
 

@@ -1,68 +1,265 @@
 //! Quota counts in PostgreSQL (table `quota_gcra`), shared by replicas: a
 //! caller's requests count against its quota at every replica together,
 //! on the database's one clock.
+//!
+//! The counts that wait at a moment go out together ([`crate::batch`]):
+//! per bucket one count of n requests, which admits the first k that fit.
+//! A caller's bucket is one row, which every one of its requests would
+//! otherwise update in a statement (and a row lock) of its own.
 
 use std::time::Duration;
 
 use onceonly_store::{OverQuota, QuotaBucket, QuotaCounter, QuotaError};
 
 use crate::Pool;
+use crate::batch::{answer_each, in_batches};
+
+/// Counts at most in one batch, and batches at once.
+const MAX_COUNTS: usize = 256;
+const COUNTS_IN_FLIGHT: usize = 2;
 
 /// Quotas counted in PostgreSQL.
 pub struct PgQuotas {
-    pool: Pool,
-    timeout: Duration,
+    counts: tokio::sync::mpsc::Sender<Asked>,
+}
+
+/// One request to count.
+struct Asked {
+    bucket: QuotaBucket,
+    reply: tokio::sync::oneshot::Sender<Result<Result<(), OverQuota>, String>>,
 }
 
 impl PgQuotas {
     /// Quotas counted in `pool`'s database, each count within `timeout`.
     pub fn new(pool: Pool, timeout: Duration) -> Self {
-        PgQuotas { pool, timeout }
+        let (counts, asked) = tokio::sync::mpsc::channel(MAX_COUNTS * 4);
+        tokio::spawn(in_batches(
+            asked,
+            MAX_COUNTS,
+            COUNTS_IN_FLIGHT,
+            |_: &mut Vec<Asked>| Vec::new(),
+            move |now: Vec<Asked>| {
+                let pool = pool.clone();
+                async move {
+                    let counted = match tokio::time::timeout(timeout, count_all(&pool, &now)).await
+                    {
+                        Ok(counted) => counted,
+                        Err(elapsed) => Err(elapsed.into()),
+                    };
+                    answer_each(now, counted, |one| one.reply);
+                }
+            },
+        ));
+        PgQuotas { counts }
     }
+}
+
+/// A bucket's limits in the database's units: (interval, tolerance) in
+/// microseconds. A request uses up one interval; a bucket admits while
+/// it stays within `burst` intervals of now.
+fn limits(bucket: &QuotaBucket) -> (i64, i64) {
+    let interval = i64::try_from(bucket.interval.as_micros())
+        .unwrap_or(i64::MAX)
+        .max(1);
+    (interval, interval.saturating_mul(i64::from(bucket.burst)))
+}
+
+/// GCRA for `n` requests at once: of a bucket whose theoretical arrival
+/// time is `tat` (µs) at `now`, how many are admitted, first come first,
+/// and the new theoretical arrival time. What `n` counts of one request
+/// each would give.
+fn admit(tat: i64, now: i64, (interval, tolerance): (i64, i64), n: usize) -> (usize, i64) {
+    let base = tat.max(now);
+    let room = tolerance.saturating_sub(base - now);
+    let fit = if room < 0 { 0 } else { room / interval };
+    let admitted = usize::try_from(fit).unwrap_or(usize::MAX).min(n);
+    if admitted == 0 {
+        return (0, tat);
+    }
+    (
+        admitted,
+        base.saturating_add(interval.saturating_mul(admitted as i64)),
+    )
+}
+
+/// How long a refused request waits: until the bucket's arrival time is
+/// within the tolerance of one more request.
+fn retry_after(tat: i64, now: i64, (interval, tolerance): (i64, i64)) -> Duration {
+    let wait = (tat - now).saturating_sub(tolerance - interval).max(0);
+    Duration::from_micros(wait as u64)
+}
+
+/// Counts `asked`, bucket by bucket; the answers in order.
+async fn count_all(pool: &Pool, asked: &[Asked]) -> Result<Vec<Result<(), OverQuota>>, QuotaError> {
+    let mut buckets: Vec<(&QuotaBucket, Vec<usize>)> = Vec::new();
+    for (n, one) in asked.iter().enumerate() {
+        match buckets.iter_mut().find(|(bucket, _)| {
+            bucket.key == one.bucket.key && limits(bucket) == limits(&one.bucket)
+        }) {
+            Some((_, members)) => members.push(n),
+            None => buckets.push((&one.bucket, vec![n])),
+        }
+    }
+    let mut answers: Vec<Result<(), OverQuota>> = vec![Ok(()); asked.len()];
+    let counted = futures::future::try_join_all(
+        buckets
+            .iter()
+            .map(|(bucket, members)| count(pool, bucket, members.len())),
+    )
+    .await?;
+    for ((bucket, members), (admitted, wait)) in buckets.iter().zip(counted) {
+        for n in &members[admitted..] {
+            answers[*n] = Err(OverQuota {
+                quota: bucket.name.clone(),
+                retry_after: wait,
+            });
+        }
+    }
+    Ok(answers)
+}
+
+/// Counts `n` requests in `bucket`: how many are admitted (the first),
+/// and how long the others wait.
+async fn count(
+    pool: &Pool,
+    bucket: &QuotaBucket,
+    n: usize,
+) -> Result<(usize, Duration), QuotaError> {
+    let limits = limits(bucket);
+    let (interval, tolerance) = limits;
+    let mut client = pool.get().await?;
+    if n == 1 {
+        // One request: one statement. The theoretical arrival time moves
+        // on by one interval, from now at the earliest; admitted while it
+        // stays within the tolerance of now. Prepared once per connection.
+        let count = client
+            .prepare_cached(
+                "WITH clock AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS now_us)
+                 INSERT INTO quota_gcra AS q (bucket, tat_us)
+                 SELECT $1, clock.now_us + $2 FROM clock
+                 ON CONFLICT (bucket) DO UPDATE
+                   SET tat_us = greatest(q.tat_us, EXCLUDED.tat_us - $2) + $2
+                   WHERE greatest(q.tat_us, EXCLUDED.tat_us - $2) + $2 - (EXCLUDED.tat_us - $2) <= $3
+                 RETURNING tat_us",
+            )
+            .await?;
+        if client
+            .query_opt(&count, &[&bucket.key, &interval, &tolerance])
+            .await?
+            .is_some()
+        {
+            return Ok((1, Duration::ZERO));
+        }
+        let row = client
+            .query_one(
+                "SELECT tat_us, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint
+                 FROM quota_gcra WHERE bucket = $1",
+                &[&bucket.key],
+            )
+            .await?;
+        return Ok((0, retry_after(row.get(0), row.get(1), limits)));
+    }
+    // Several: the bucket's row locked (made where it is new), counted
+    // here on the database's clock, written back, in one transaction.
+    let tx = client.transaction().await?;
+    let lock = tx
+        .prepare_cached(
+            "WITH clock AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS now_us)
+             INSERT INTO quota_gcra AS q (bucket, tat_us)
+             SELECT $1, clock.now_us FROM clock
+             ON CONFLICT (bucket) DO UPDATE SET tat_us = q.tat_us
+             RETURNING tat_us, (SELECT now_us FROM clock)",
+        )
+        .await?;
+    let row = tx.query_one(&lock, &[&bucket.key]).await?;
+    let (tat, now): (i64, i64) = (row.get(0), row.get(1));
+    let (admitted, next) = admit(tat, now, limits, n);
+    if next != tat {
+        let store = tx
+            .prepare_cached("UPDATE quota_gcra SET tat_us = $2 WHERE bucket = $1")
+            .await?;
+        let stored = tx.execute(&store, &[&bucket.key, &next]).await?;
+        if stored != 1 {
+            return Err(format!(
+                "quota_gcra stored {stored} of 1 count for bucket {}: a trigger on the table drops writes",
+                bucket.key
+            )
+            .into());
+        }
+    }
+    tx.commit().await?;
+    Ok((admitted, retry_after(next, now, limits)))
 }
 
 #[onceonly_store::async_trait]
 impl QuotaCounter for PgQuotas {
     async fn check(&self, bucket: &QuotaBucket) -> Result<Result<(), OverQuota>, QuotaError> {
-        let interval = i64::try_from(bucket.interval.as_micros()).unwrap_or(i64::MAX);
-        let tolerance = interval.saturating_mul(i64::from(bucket.burst));
-        let work = async {
-            let client = self.pool.get().await?;
-            // GCRA: the theoretical arrival time moves on by one interval
-            // per request, from now at the earliest; a request is admitted
-            // while it stays within burst intervals of now.
-            // Prepared once per connection: this runs for every request.
-            let count = client
-                .prepare_cached(
-                    "WITH clock AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS now_us)
-                     INSERT INTO quota_gcra AS q (bucket, tat_us)
-                     SELECT $1, clock.now_us + $2 FROM clock
-                     ON CONFLICT (bucket) DO UPDATE
-                       SET tat_us = greatest(q.tat_us, EXCLUDED.tat_us - $2) + $2
-                       WHERE greatest(q.tat_us, EXCLUDED.tat_us - $2) + $2 - (EXCLUDED.tat_us - $2) <= $3
-                     RETURNING tat_us",
-                )
-                .await?;
-            let admitted = client
-                .query_opt(&count, &[&bucket.key, &interval, &tolerance])
-                .await?;
-            if admitted.is_some() {
-                return Ok(Ok(()));
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.counts
+            .send(Asked {
+                bucket: bucket.clone(),
+                reply,
+            })
+            .await
+            .map_err(|_| "the quota batcher has stopped")?;
+        Ok(answer
+            .await
+            .map_err(|_| "the quota batcher has stopped")??)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` counts of one request each, as the one-row statement makes them.
+    fn one_by_one(mut tat: i64, now: i64, limits: (i64, i64), n: usize) -> (usize, i64) {
+        let mut admitted = 0;
+        for _ in 0..n {
+            let (one, next) = admit(tat, now, limits, 1);
+            admitted += one;
+            tat = next;
+        }
+        (admitted, tat)
+    }
+
+    #[test]
+    fn a_batch_admits_what_its_requests_one_by_one_would() {
+        let now = 1_000_000;
+        for limits in [(1_000, 5_000), (1, 1_000_000), (250_000, 250_000), (7, 21)] {
+            for tat in [
+                0,
+                now - 10_000,
+                now,
+                now + 500,
+                now + 4_000,
+                now + 5_000,
+                now + 9_999,
+            ] {
+                for n in [1, 2, 3, 5, 8, 100] {
+                    assert_eq!(
+                        admit(tat, now, limits, n),
+                        one_by_one(tat, now, limits, n),
+                        "tat {tat}, limits {limits:?}, n {n}"
+                    );
+                }
             }
-            let wait_us: i64 = client
-                .query_one(
-                    "SELECT tat_us - (extract(epoch FROM clock_timestamp()) * 1000000)::bigint
-                     FROM quota_gcra WHERE bucket = $1",
-                    &[&bucket.key],
-                )
-                .await?
-                .get(0);
-            let retry_after = wait_us.saturating_sub(tolerance - interval).max(0);
-            Ok::<_, QuotaError>(Err(OverQuota {
-                quota: bucket.name.clone(),
-                retry_after: Duration::from_micros(retry_after as u64),
-            }))
-        };
-        tokio::time::timeout(self.timeout, work).await?
+        }
+    }
+
+    #[test]
+    fn a_full_bucket_admits_none_and_names_the_wait() {
+        let now = 1_000_000;
+        // Burst of 5 at 1 ms each, all used up: the next one in 1 ms.
+        let limits = (1_000, 5_000);
+        let full = now + 5_000;
+        assert_eq!(admit(full, now, limits, 3), (0, full));
+        assert_eq!(retry_after(full, now, limits), Duration::from_millis(1));
+        // Room for two of five.
+        let (admitted, next) = admit(now + 3_000, now, limits, 5);
+        assert_eq!((admitted, next), (2, now + 5_000));
+        assert_eq!(retry_after(next, now, limits), Duration::from_millis(1));
+        // An idle bucket admits a whole burst, no more.
+        assert_eq!(admit(0, now, limits, 8), (5, now + 5_000));
     }
 }

@@ -10,6 +10,7 @@ use onceonly_store::{Claim, RequestWindow, RowKeys, StoredOutcome, StoredStatus,
 use prost::Message;
 
 use crate::Pool;
+use crate::batch::{answer_each, in_batches};
 
 /// An outcome as sealed in the shared window.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -36,8 +37,10 @@ pub struct PgWindow {
     pool: Pool,
     sealing: RowKeys,
     timeout: Duration,
-    /// Claims waiting for the batcher ([`claim_batches`]).
+    /// Claims waiting for their batch ([`claim_all`]).
     claims: tokio::sync::mpsc::Sender<Asked>,
+    /// Outcomes waiting for their batch ([`store_all`]).
+    outcomes: tokio::sync::mpsc::Sender<Outcome>,
 }
 
 /// Claims at most in one statement.
@@ -45,6 +48,11 @@ const MAX_CLAIMS: usize = 256;
 /// Statements of claims in flight at once (measured: more gave smaller
 /// batches and less throughput under load, fewer more waiting at low load).
 const CLAIMS_IN_FLIGHT: usize = 4;
+/// Expired request ids one sweep deletes at most.
+const SWEPT: i64 = 10_000;
+/// Outcomes at most in one statement, and such statements at once.
+const MAX_OUTCOMES: usize = 256;
+const OUTCOMES_IN_FLIGHT: usize = 4;
 
 /// What a claim does where its request id is held already, in both of the
 /// claim's statements: it takes the id over where the holder's claim
@@ -70,6 +78,16 @@ struct Asked {
     fingerprint: [u8; 32],
     exchange_id: String,
     reply: tokio::sync::oneshot::Sender<Result<Claim, String>>,
+}
+
+/// One sealed outcome to store in its claim's row.
+struct Outcome {
+    caller: String,
+    request_id: String,
+    exchange_id: String,
+    sealed: Vec<u8>,
+    /// Ok(false): the claim is gone; Err: why nothing was stored.
+    reply: tokio::sync::oneshot::Sender<Result<bool, String>>,
 }
 
 /// How the batcher claims.
@@ -105,20 +123,46 @@ impl PgWindow {
         timeout: Duration,
     ) -> Self {
         let (claims, asked) = tokio::sync::mpsc::channel(MAX_CLAIMS * 4);
-        tokio::spawn(claim_batches(
-            Claiming {
-                pool: pool.clone(),
-                window_ms: window.as_millis() as i64,
-                stale_ms: stale_after.as_millis() as i64,
-                timeout,
-            },
+        let claiming = Claiming {
+            pool: pool.clone(),
+            window_ms: window.as_millis() as i64,
+            stale_ms: stale_after.as_millis() as i64,
+            timeout,
+        };
+        tokio::spawn(in_batches(
             asked,
+            MAX_CLAIMS,
+            CLAIMS_IN_FLIGHT,
+            distinct_request_ids,
+            move |now: Vec<Asked>| {
+                let claiming = claiming.clone();
+                async move {
+                    let claims = claim_all(&claiming, &now).await;
+                    answer_each(now, claims, |one| one.reply);
+                }
+            },
+        ));
+        let (outcomes, to_store) = tokio::sync::mpsc::channel(MAX_OUTCOMES * 4);
+        let storing = (pool.clone(), timeout);
+        tokio::spawn(in_batches(
+            to_store,
+            MAX_OUTCOMES,
+            OUTCOMES_IN_FLIGHT,
+            |_: &mut Vec<Outcome>| Vec::new(),
+            move |now: Vec<Outcome>| {
+                let (pool, timeout) = storing.clone();
+                async move {
+                    let stored = store_all(&pool, timeout, &now).await;
+                    answer_each(now, stored, |one| one.reply);
+                }
+            },
         ));
         PgWindow {
             pool,
             sealing,
             timeout,
             claims,
+            outcomes,
         }
     }
 
@@ -159,59 +203,16 @@ impl PgWindow {
     }
 }
 
-/// Claims the request ids asked of it, those that wait at the moment in
-/// one statement (as the audit queue commits its records): per request a
-/// part of one round trip instead of one each. Up to [`CLAIMS_IN_FLIGHT`]
-/// statements run at once, so a claim at low load goes out at once (alone,
-/// in the lighter statement of one claim). Ends when the window is
-/// dropped.
-async fn claim_batches(claiming: Claiming, mut asked: tokio::sync::mpsc::Receiver<Asked>) {
-    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(CLAIMS_IN_FLIGHT));
-    let mut batch: Vec<Asked> = Vec::new();
-    let mut later: Vec<Asked> = Vec::new();
-    loop {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
-        if later.is_empty() {
-            if asked.recv_many(&mut batch, MAX_CLAIMS).await == 0 {
-                return;
-            }
-        } else {
-            batch.append(&mut later);
-            while batch.len() < MAX_CLAIMS {
-                match asked.try_recv() {
-                    Ok(one) => batch.push(one),
-                    Err(_) => break,
-                }
-            }
-        }
-        // A request id twice in one statement would make PostgreSQL refuse
-        // it (ON CONFLICT cannot affect a row twice): the second goes in
-        // the next statement, and finds the first's claim.
-        let mut seen = std::collections::HashSet::new();
-        let (now, next): (Vec<Asked>, Vec<Asked>) = batch
-            .drain(..)
-            .partition(|a| seen.insert((a.caller.clone(), a.request_id.clone())));
-        later = next;
-        let claiming = claiming.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            match claim_all(&claiming, &now).await {
-                Ok(claims) => {
-                    for (one, claim) in now.into_iter().zip(claims) {
-                        let _ = one.reply.send(Ok(claim));
-                    }
-                }
-                Err(e) => {
-                    let why = crate::describe(e.as_ref());
-                    for one in now {
-                        let _ = one.reply.send(Err(why.clone()));
-                    }
-                }
-            }
-        });
-    }
+/// A request id twice in one statement would make PostgreSQL refuse it
+/// (ON CONFLICT cannot affect a row twice): the second goes in the next
+/// statement, and finds the first's claim.
+fn distinct_request_ids(batch: &mut Vec<Asked>) -> Vec<Asked> {
+    let mut seen = std::collections::HashSet::new();
+    let (now, next): (Vec<Asked>, Vec<Asked>) = batch
+        .drain(..)
+        .partition(|a| seen.insert((a.caller.clone(), a.request_id.clone())));
+    *batch = now;
+    next
 }
 
 /// What a claim of content `fingerprint` is, where it was not ours: the
@@ -378,6 +379,68 @@ async fn claim_all(claiming: &Claiming, asked: &[Asked]) -> Result<Vec<Claim>, W
     tokio::time::timeout(claiming.timeout, work).await?
 }
 
+/// Stores `outcomes` (one per claim) in one statement; per outcome whether
+/// its claim's row took it (false: the claim is gone).
+async fn store_all(
+    pool: &Pool,
+    timeout: Duration,
+    outcomes: &[Outcome],
+) -> Result<Vec<bool>, WindowError> {
+    let work = async {
+        let client = pool.get().await?;
+        if let [one] = outcomes {
+            let store = client
+                .prepare_cached(
+                    "UPDATE idempotency SET outcome_sealed = $4
+                     WHERE caller_id = $1 AND request_id = $2 AND exchange_id = $3",
+                )
+                .await?;
+            let updated = client
+                .execute(
+                    &store,
+                    &[&one.caller, &one.request_id, &one.exchange_id, &one.sealed],
+                )
+                .await?;
+            return Ok(vec![updated == 1]);
+        }
+        let callers: Vec<&str> = outcomes.iter().map(|o| o.caller.as_str()).collect();
+        let request_ids: Vec<&str> = outcomes.iter().map(|o| o.request_id.as_str()).collect();
+        let exchange_ids: Vec<&str> = outcomes.iter().map(|o| o.exchange_id.as_str()).collect();
+        let sealed: Vec<&[u8]> = outcomes.iter().map(|o| o.sealed.as_slice()).collect();
+        let store = client
+            .prepare_cached(
+                "UPDATE idempotency AS i SET outcome_sealed = q.sealed
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[])
+                        AS q(caller_id, request_id, exchange_id, sealed)
+                 WHERE i.caller_id = q.caller_id AND i.request_id = q.request_id
+                   AND i.exchange_id = q.exchange_id
+                 RETURNING i.caller_id, i.request_id, i.exchange_id",
+            )
+            .await?;
+        // What the UPDATE returned, not what it was asked: a claim taken
+        // over meanwhile (another exchange id) keeps its own outcome.
+        let stored: std::collections::HashSet<(String, String, String)> = client
+            .query(&store, &[&callers, &request_ids, &exchange_ids, &sealed])
+            .await?
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect();
+        Ok::<_, WindowError>(
+            outcomes
+                .iter()
+                .map(|o| {
+                    stored.contains(&(
+                        o.caller.clone(),
+                        o.request_id.clone(),
+                        o.exchange_id.clone(),
+                    ))
+                })
+                .collect(),
+        )
+    };
+    tokio::time::timeout(timeout, work).await?
+}
+
 #[onceonly_store::async_trait]
 impl RequestWindow for PgWindow {
     async fn claim(
@@ -440,17 +503,21 @@ impl RequestWindow for PgWindow {
             let bytes = self
                 .sealing
                 .seal_outcome(&context(caller, request_id, exchange_id), &sealed.encode_to_vec())?;
-            let client = self.client().await?;
-            let store = client
-                .prepare_cached(
-                    "UPDATE idempotency SET outcome_sealed = $4
-                     WHERE caller_id = $1 AND request_id = $2 AND exchange_id = $3",
-                )
-                .await?;
-            let updated = client
-                .execute(&store, &[&caller, &request_id, &exchange_id, &bytes])
-                .await?;
-            if updated == 0 {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            self.outcomes
+                .send(Outcome {
+                    caller: caller.to_owned(),
+                    request_id: request_id.to_owned(),
+                    exchange_id: exchange_id.to_owned(),
+                    sealed: bytes,
+                    reply,
+                })
+                .await
+                .map_err(|_| "the outcome batcher has stopped")?;
+            let stored = answer
+                .await
+                .map_err(|_| "the outcome batcher has stopped")??;
+            if !stored {
                 return Err("the claim is gone (taken over as stale, or expired) before its outcome was stored".into());
             }
             Ok(())
@@ -526,13 +593,24 @@ impl RequestWindow for PgWindow {
     /// Forgets claims past the window (any replica may; each runs it now
     /// and then).
     async fn sweep(&self) -> Result<u64, WindowError> {
+        // The clock in a sub-select: evaluated once, so the expiry index
+        // finds the expired rows (compared with clock_timestamp(), which
+        // is volatile, every row of the table was read, on every sweep).
+        // At most SWEPT rows a sweep, so no sweep is a long transaction
+        // however many expired at once; the next sweep goes on.
         Ok(self
             .client()
             .await?
             .execute(
-                "DELETE FROM idempotency
-                 WHERE expires_at_ms <= (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
-                &[],
+                "WITH clock AS MATERIALIZED (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now_ms)
+                 DELETE FROM idempotency i USING (
+                   SELECT caller_id, request_id FROM idempotency
+                   WHERE expires_at_ms <= (SELECT now_ms FROM clock)
+                   ORDER BY expires_at_ms LIMIT $1
+                 ) AS expired
+                 WHERE i.caller_id = expired.caller_id AND i.request_id = expired.request_id
+                   AND i.expires_at_ms <= (SELECT now_ms FROM clock)",
+                &[&SWEPT],
             )
             .await?)
     }

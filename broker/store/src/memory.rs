@@ -296,10 +296,17 @@ pub struct MemoryWindow {
 
 impl Default for MemoryWindow {
     fn default() -> Self {
+        MemoryWindow::with_window(Duration::from_secs(600))
+    }
+}
+
+impl MemoryWindow {
+    /// A window that remembers a request id for `window`.
+    pub fn with_window(window: Duration) -> Self {
         MemoryWindow {
             entries: Mutex::default(),
             changed: tokio::sync::Notify::new(),
-            window: Duration::from_secs(600),
+            window,
         }
     }
 }

@@ -75,6 +75,11 @@ struct Cli {
     /// Also write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Measure only the scenarios whose name contains one of these,
+    /// separated by ';' (e.g. "audit durable;PostgreSQL, 1"), for a
+    /// profile of one path or a quicker A/B. Default: all.
+    #[arg(long, value_delimiter = ';')]
+    only: Vec<String>,
 }
 
 // The variants are the internal subcommands' names (serve-...).
@@ -893,10 +898,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
 
+    let wanted = |scenario: &str| {
+        cli.only.is_empty() || cli.only.iter().any(|part| scenario.contains(part.as_str()))
+    };
     let mut rows = Vec::new();
     for &concurrency in &cli.concurrency {
         eprintln!("measuring at concurrency {concurrency} ...");
-        if let Some((proxied, proxy)) = &haproxy {
+        if let Some((proxied, proxy)) = haproxy.as_ref().filter(|_| wanted("proxied: HAProxy")) {
             rows.push(
                 measure(
                     proxied,
@@ -909,47 +917,55 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await,
             );
         }
-        rows.push(
-            measure(
-                &direct,
-                concurrency,
-                seconds,
-                &[],
-                "direct: client -> connector",
-            )
-            .await,
-        );
-        rows.push(
-            measure(
-                &brokered[0],
-                concurrency,
-                seconds,
-                &[brokers[0].pid()],
-                "brokered, audit durable",
-            )
-            .await,
-        );
-        rows.push(
-            measure(
-                &brokered[1],
-                concurrency,
-                seconds,
-                &[brokers[1].pid()],
-                "brokered, audit not flushed",
-            )
-            .await,
-        );
-        rows.push(
-            measure(
-                &brokered[2],
-                concurrency,
-                seconds,
-                &[brokers[0].pid()],
-                "brokered, audit durable, encrypted to the requester",
-            )
-            .await,
-        );
-        for (target, started) in &generic {
+        if wanted("direct: client -> connector") {
+            rows.push(
+                measure(
+                    &direct,
+                    concurrency,
+                    seconds,
+                    &[],
+                    "direct: client -> connector",
+                )
+                .await,
+            );
+        }
+        if wanted("brokered, audit durable") {
+            rows.push(
+                measure(
+                    &brokered[0],
+                    concurrency,
+                    seconds,
+                    &[brokers[0].pid()],
+                    "brokered, audit durable",
+                )
+                .await,
+            );
+        }
+        if wanted("brokered, audit not flushed") {
+            rows.push(
+                measure(
+                    &brokered[1],
+                    concurrency,
+                    seconds,
+                    &[brokers[1].pid()],
+                    "brokered, audit not flushed",
+                )
+                .await,
+            );
+        }
+        if wanted("brokered, audit durable, encrypted to the requester") {
+            rows.push(
+                measure(
+                    &brokered[2],
+                    concurrency,
+                    seconds,
+                    &[brokers[0].pid()],
+                    "brokered, audit durable, encrypted to the requester",
+                )
+                .await,
+            );
+        }
+        for (target, started) in generic.iter().filter(|(_, g)| wanted(g.source.scenario())) {
             rows.push(
                 measure(
                     target,
@@ -974,6 +990,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "brokered on PostgreSQL, 2 replicas",
                 ),
             ] {
+                if !wanted(scenario) {
+                    continue;
+                }
                 rows.push(measure(target, concurrency, seconds, &pids, scenario).await);
             }
         }
