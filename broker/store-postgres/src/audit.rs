@@ -387,7 +387,8 @@ impl PgAuditLog {
             )
             .await
             .map_err(storage)?;
-        rows.iter()
+        let entries: Vec<(u64, AuditRecord, Vec<u8>)> = rows
+            .iter()
             .map(|row| {
                 let index: i64 = row.get(0);
                 let bytes: Vec<u8> = row.get(1);
@@ -397,7 +398,9 @@ impl PgAuditLog {
                 record.log_index = index as u64;
                 Ok((index as u64, record, bytes))
             })
-            .collect()
+            .collect::<Result<_, AuditError>>()?;
+        self.inner.seen_in_log(&entries);
+        Ok(entries)
     }
 
     /// The leaf hash of record `index`.
@@ -862,6 +865,24 @@ fn written(table: &str, stored: u64, sent: usize) -> Result<(), AuditError> {
 }
 
 impl Inner {
+    /// Takes the receipted leaves among `entries` (read from the log, each
+    /// hashed from its bytes, below a signed head) off the receipt watch:
+    /// every replica reads the whole log as it grows (for revocations), so
+    /// the watch need not read those records again.
+    fn seen_in_log(&self, entries: &[(u64, AuditRecord, Vec<u8>)]) {
+        let signed = self.tree_size.load(Ordering::Acquire);
+        let mut receipted = self.receipted.lock().unwrap_or_else(|p| p.into_inner());
+        if receipted.is_empty() {
+            return;
+        }
+        let seen: std::collections::HashSet<Hash> = entries
+            .iter()
+            .filter(|(index, _, _)| *index < signed)
+            .map(|(_, _, bytes)| leaf_hash(bytes))
+            .collect();
+        receipted.retain(|(leaf, _)| !seen.contains(leaf));
+    }
+
     fn failed(&self, reason: String) {
         *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
     }
