@@ -298,13 +298,14 @@ pub async fn open_postgres(
 }
 
 /// This process's name among replicas: host, process id and a random
-/// part, so a restarted process is a new lease holder.
+/// part (64 bits: containers repeat host names and process ids), so a
+/// restarted process is a new lease holder.
 pub fn replica_name() -> String {
     use rand::RngCore;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "host".into());
-    let mut tag = [0u8; 3];
+    let mut tag = [0u8; 8];
     rand::rng().fill_bytes(&mut tag);
     format!("{host}-{}-{}", std::process::id(), hex::encode(tag))
 }

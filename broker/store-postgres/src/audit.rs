@@ -943,7 +943,7 @@ impl Inner {
                 sequence_numbers::row_tag(
                     &self.row_key,
                     &self.settings.replica,
-                    (position.segment, *n),
+                    (position.segment, *n, position.chain),
                     b,
                 )
             })
@@ -967,8 +967,8 @@ impl Inner {
             client.prepare_cached(
                 "WITH clock AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now_ms),
                  written AS (
-                   INSERT INTO audit_queue (replica, leaf_hash, record, mac, queued_at_ms, segment, replica_seq)
-                   SELECT $1, q.leaf_hash, q.record, q.mac, clock.now_ms, $6, q.replica_seq
+                   INSERT INTO audit_queue (replica, leaf_hash, record, mac, queued_at_ms, segment, replica_seq, chain_segment, chain_last)
+                   SELECT $1, q.leaf_hash, q.record, q.mac, clock.now_ms, $6, q.replica_seq, $8, $9
                    FROM unnest($2::bytea[], $3::bytea[], $4::bytea[], $7::bigint[]) WITH ORDINALITY AS q(leaf_hash, record, mac, replica_seq, n), clock
                    ORDER BY q.n
                    RETURNING queued_at_ms)
@@ -999,6 +999,8 @@ impl Inner {
                     &sent,
                     &position.segment,
                     &numbers,
+                    &position.chain.0,
+                    &position.chain.1,
                 ],
             ),
         )
@@ -1247,6 +1249,9 @@ struct Leadership {
     /// lease, e.g. after a round whose commit may or may not have landed.
     frontier: Option<Frontier>,
     last_timestamp_ms: u64,
+    /// The marks this sequencer stored (replica, segment) → last number:
+    /// a stored mark found lower, or gone, was rolled back.
+    marks: HashMap<(String, i64), i64>,
 }
 
 /// The sequencer candidate: every interval, takes the lease where it is
@@ -1275,6 +1280,7 @@ async fn sequence(inner: Weak<Inner>) {
                         epoch,
                         frontier: None,
                         last_timestamp_ms: 0,
+                        marks: HashMap::new(),
                     });
                 }
             }),
@@ -1388,7 +1394,8 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
         };
         let queued = tx
             .query(
-                "SELECT queue_id, record, replica, queued_at_ms, mac, segment, replica_seq
+                "SELECT queue_id, record, replica, queued_at_ms, mac, segment, replica_seq,
+                        chain_segment, chain_last
                  FROM audit_queue ORDER BY queue_id LIMIT $1",
                 &[&MAX_SEQUENCED],
             )
@@ -1429,13 +1436,14 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
                 sequence_numbers::row_is_authentic(
                     &inner.row_key,
                     row.get(2),
-                    (row.get(5), row.get(6)),
+                    (row.get(5), row.get(6), (row.get(7), row.get(8))),
                     row.get(1),
                     row.get(4),
                 )
             })
             .collect();
-        let numbers = check_numbers(&tx, &inner.row_key, &queued, &authentic).await?;
+        let numbers =
+            check_numbers(&tx, &inner.row_key, &queued, &authentic, &leader.marks).await?;
         for (row, authentic) in queued.iter().zip(authentic) {
             let queue_id: i64 = row.get(0);
             let record_bytes: Vec<u8> = row.get(1);
@@ -1491,8 +1499,8 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
             }
             let moved = tx.query_one(
                 "WITH moved AS (DELETE FROM audit_queue WHERE queue_id = ANY($1) RETURNING *),
-                 kept AS (INSERT INTO audit_quarantine (queue_id, replica, leaf_hash, record, mac, queued_at_ms, segment, replica_seq, reason)
-                 SELECT m.queue_id, m.replica, m.leaf_hash, m.record, m.mac, m.queued_at_ms, m.segment, m.replica_seq, r.reason
+                 kept AS (INSERT INTO audit_quarantine (queue_id, replica, leaf_hash, record, mac, queued_at_ms, segment, replica_seq, chain_segment, chain_last, reason)
+                 SELECT m.queue_id, m.replica, m.leaf_hash, m.record, m.mac, m.queued_at_ms, m.segment, m.replica_seq, m.chain_segment, m.chain_last, r.reason
                  FROM moved m JOIN unnest($1::bigint[], $2::text[]) AS r(queue_id, reason) USING (queue_id)
                  RETURNING 1)
                  SELECT count(*) FROM kept",
@@ -1511,10 +1519,15 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
                 .quarantined
                 .fetch_add(ids.len() as u64, Ordering::Relaxed);
         }
+        // Reported before the commit: a commit cut off (or held back by a
+        // trigger past the run's time limit) may still land, and must not
+        // take the only report of a gap with it. A run rolled back finds
+        // the gap again and reports it twice, which is the safe side.
+        report_gaps(inner, &numbers.gaps);
         store_numbers(&tx, &inner.row_key, &numbers, leader.epoch).await?;
         if queue_ids.is_empty() {
             tx.commit().await.map_err(storage)?;
-            report_gaps(inner, &numbers.gaps);
+            leader.marks.extend(numbers.marks.clone());
             leader.frontier = Some(frontier);
             return Ok(true);
         }
@@ -1576,7 +1589,7 @@ async fn sequence_once(inner: &Inner, leader: &mut Leadership) -> Result<bool, A
         leader.frontier = Some(next);
         inner.tree_size.fetch_max(head.tree_size, Ordering::AcqRel);
         inner.heads_published.fetch_add(1, Ordering::Relaxed);
-        report_gaps(inner, &numbers.gaps);
+        leader.marks.extend(numbers.marks.clone());
         Ok(true)
     };
     match tokio::time::timeout(limit.saturating_mul(4), work).await {
@@ -1597,6 +1610,7 @@ async fn check_numbers(
     key: &ring::hmac::Key,
     queued: &[tokio_postgres::Row],
     authentic: &[bool],
+    stored_before: &HashMap<(String, i64), i64>,
 ) -> Result<sequence_numbers::Checked, AuditError> {
     let numbered: Vec<sequence_numbers::Numbered> = queued
         .iter()
@@ -1607,16 +1621,23 @@ async fn check_numbers(
             replica: row.get(2),
             segment: row.get(5),
             seq: row.get(6),
+            chain: (row.get(7), row.get(8)),
         })
         .collect();
     if numbered.is_empty() {
         return Ok(sequence_numbers::Checked::default());
     }
-    let segments: std::collections::HashSet<(&str, i64)> = numbered
+    // Each row's segment, and the one its chain names.
+    let wanted: std::collections::HashSet<(&str, i64)> = numbered
         .iter()
-        .map(|row| (row.replica.as_str(), row.segment))
+        .flat_map(|row| {
+            [
+                (row.replica.as_str(), row.segment),
+                (row.replica.as_str(), row.chain.0),
+            ]
+        })
         .collect();
-    let (replicas, segments): (Vec<&str>, Vec<i64>) = segments.into_iter().unzip();
+    let (replicas, segments): (Vec<&str>, Vec<i64>) = wanted.iter().copied().unzip();
     let mut marks = HashMap::new();
     for row in tx
         .query(
@@ -1634,6 +1655,21 @@ async fn check_numbers(
             )));
         }
         marks.insert((replica, segment), last);
+    }
+    // A mark this sequencer stored, found lower or gone: rolled back (an
+    // older authentic row written back, or the row deleted), which would
+    // let a copy through as new.
+    for (segment, last) in stored_before {
+        if wanted.contains(&(segment.0.as_str(), segment.1))
+            && marks.get(segment).is_none_or(|found| found < last)
+        {
+            return Err(AuditError::Corrupt(format!(
+                "the mark of replica {}'s segment {} in audit_queue_marks was rolled back (this sequencer stored {last}, the table holds {:?}): an older row was written back or the row deleted, to pass a copied queued row. Sequencing stops until the database is checked and the replica restarted",
+                segment.0,
+                segment.1,
+                marks.get(segment)
+            )));
+        }
     }
     Ok(sequence_numbers::check(&numbered, &marks))
 }
@@ -1675,8 +1711,10 @@ async fn store_numbers(
         let lasts: Vec<i64> = numbers.gaps.iter().map(|g| g.last).collect();
         let stored = tx
             .execute(
-                "INSERT INTO audit_queue_gaps (replica, segment, first_seq, last_seq, sequencer_epoch)
-                 SELECT r, s, f, l, $5 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS g(r, s, f, l)",
+                "INSERT INTO audit_queue_gaps AS g (replica, segment, first_seq, last_seq, sequencer_epoch)
+                 SELECT r, s, f, l, $5 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS n(r, s, f, l)
+                 ON CONFLICT (replica, segment, first_seq) DO UPDATE
+                   SET last_seq = greatest(g.last_seq, EXCLUDED.last_seq), noticed_at = now()",
                 &[&replicas, &segments, &firsts, &lasts, &epoch],
             )
             .await
@@ -1686,7 +1724,7 @@ async fn store_numbers(
     Ok(())
 }
 
-/// Counts and logs the gaps of a committed run.
+/// Counts and logs the gaps a run found (before its commit).
 fn report_gaps(inner: &Inner, gaps: &[sequence_numbers::Gap]) {
     for gap in gaps {
         tracing::error!(

@@ -57,6 +57,18 @@ pub(crate) fn answer_each<T, R>(
     results: Result<Vec<R>, Box<dyn std::error::Error + Send + Sync>>,
     reply: impl Fn(T) -> tokio::sync::oneshot::Sender<Result<R, String>>,
 ) {
+    let results = results.and_then(|results| {
+        if results.len() == batch.len() {
+            Ok(results)
+        } else {
+            Err(format!(
+                "a batch of {} was answered with {} results",
+                batch.len(),
+                results.len()
+            )
+            .into())
+        }
+    });
     match results {
         Ok(results) => {
             for (one, result) in batch.into_iter().zip(results) {

@@ -12,11 +12,13 @@ use std::time::Duration;
 use onceonly_store::{OverQuota, QuotaBucket, QuotaCounter, QuotaError};
 
 use crate::Pool;
-use crate::batch::{answer_each, in_batches};
+use crate::batch::in_batches;
 
 /// Counts at most in one batch, and batches at once.
 const MAX_COUNTS: usize = 256;
 const COUNTS_IN_FLIGHT: usize = 2;
+/// Buckets of one batch counted at once (each on a connection of its own).
+const BUCKETS_AT_ONCE: usize = 4;
 
 /// Quotas counted in PostgreSQL.
 pub struct PgQuotas {
@@ -41,12 +43,10 @@ impl PgQuotas {
             move |now: Vec<Asked>| {
                 let pool = pool.clone();
                 async move {
-                    let counted = match tokio::time::timeout(timeout, count_all(&pool, &now)).await
-                    {
-                        Ok(counted) => counted,
-                        Err(elapsed) => Err(elapsed.into()),
-                    };
-                    answer_each(now, counted, |one| one.reply);
+                    let counted = count_all(&pool, timeout, &now).await;
+                    for (one, counted) in now.into_iter().zip(counted) {
+                        let _ = one.reply.send(counted);
+                    }
                 }
             },
         ));
@@ -85,12 +85,21 @@ fn admit(tat: i64, now: i64, (interval, tolerance): (i64, i64), n: usize) -> (us
 /// How long a refused request waits: until the bucket's arrival time is
 /// within the tolerance of one more request.
 fn retry_after(tat: i64, now: i64, (interval, tolerance): (i64, i64)) -> Duration {
-    let wait = (tat - now).saturating_sub(tolerance - interval).max(0);
+    let wait = tat
+        .saturating_sub(now)
+        .saturating_sub(tolerance - interval)
+        .max(0);
     Duration::from_micros(wait as u64)
 }
 
-/// Counts `asked`, bucket by bucket; the answers in order.
-async fn count_all(pool: &Pool, asked: &[Asked]) -> Result<Vec<Result<(), OverQuota>>, QuotaError> {
+/// Counts `asked`, bucket by bucket (a few at once, each within
+/// `timeout`); the answers in order. A bucket that cannot be counted (its
+/// row locked, the database failing) fails its own requests only.
+async fn count_all(
+    pool: &Pool,
+    timeout: Duration,
+    asked: &[Asked],
+) -> Vec<Result<Result<(), OverQuota>, String>> {
     let mut buckets: Vec<(&QuotaBucket, Vec<usize>)> = Vec::new();
     for (n, one) in asked.iter().enumerate() {
         match buckets.iter_mut().find(|(bucket, _)| {
@@ -100,22 +109,49 @@ async fn count_all(pool: &Pool, asked: &[Asked]) -> Result<Vec<Result<(), OverQu
             None => buckets.push((&one.bucket, vec![n])),
         }
     }
-    let mut answers: Vec<Result<(), OverQuota>> = vec![Ok(()); asked.len()];
-    let counted = futures::future::try_join_all(
-        buckets
-            .iter()
-            .map(|(bucket, members)| count(pool, bucket, members.len())),
-    )
-    .await?;
-    for ((bucket, members), (admitted, wait)) in buckets.iter().zip(counted) {
-        for n in &members[admitted..] {
-            answers[*n] = Err(OverQuota {
-                quota: bucket.name.clone(),
-                retry_after: wait,
-            });
+    let mut answers: Vec<Result<Result<(), OverQuota>, String>> = vec![Ok(Ok(())); asked.len()];
+    let mut counted: Vec<Result<(usize, Duration), String>> = Vec::with_capacity(buckets.len());
+    for some in buckets.chunks(BUCKETS_AT_ONCE) {
+        counted.extend(
+            futures::future::join_all(
+                some.iter()
+                    .map(|(bucket, members)| count_within(pool, timeout, bucket, members.len())),
+            )
+            .await,
+        );
+    }
+    for ((bucket, members), counted) in buckets.iter().zip(counted) {
+        match counted {
+            Ok((admitted, wait)) => {
+                for n in &members[admitted..] {
+                    answers[*n] = Ok(Err(OverQuota {
+                        quota: bucket.name.clone(),
+                        retry_after: wait,
+                    }));
+                }
+            }
+            Err(why) => {
+                for n in members {
+                    answers[*n] = Err(why.clone());
+                }
+            }
         }
     }
-    Ok(answers)
+    answers
+}
+
+/// [`count`] within `timeout`, its error as text.
+async fn count_within(
+    pool: &Pool,
+    timeout: Duration,
+    bucket: &QuotaBucket,
+    n: usize,
+) -> Result<(usize, Duration), String> {
+    match tokio::time::timeout(timeout, count(pool, bucket, n)).await {
+        Ok(Ok(counted)) => Ok(counted),
+        Ok(Err(e)) => Err(crate::describe(e.as_ref())),
+        Err(_) => Err(format!("counting took longer than {timeout:?}")),
+    }
 }
 
 /// Counts `n` requests in `bucket`: how many are admitted (the first),

@@ -11,33 +11,55 @@
 //!   commit whose outcome it cannot know (a timeout, a cut connection) the
 //!   replica starts the next segment: the uncertain batch may or may not
 //!   be there, and no later number depends on it. (It was not receipted,
-//!   so nobody holds a promise about it.)
+//!   so nobody holds a promise about it.) Each row of the new segment
+//!   names the last number committed before it (`chain`: the segment and
+//!   number, under the tag), so failed commits an intruder provokes do not
+//!   turn the rows before them into an unchecked tail. A process's first segment is
+//!   a random number, so two processes that happen to share a name do not
+//!   share numbers.
 //! - **Sequencing.** The sequencer keeps, per replica and segment, the last
 //!   number it took (a tagged *mark*). A number at or below the mark, or
 //!   seen twice, is a copied row: set aside. A number above the mark + 1 is
 //!   a gap: rows deleted before they were sequenced, recorded and reported
-//!   however long ago their replica stopped.
+//!   however long ago their replica stopped; so is a segment's `chain`
+//!   above the mark of the segment it names. The sequencer also holds the
+//!   marks it wrote, and stops where a stored one is missing or lower (a
+//!   mark rolled back to let a copy through).
 //!
-//! What numbers cannot show: the last rows of a segment deleted while no
-//! later row of it follows (the writing replica's own watch covers those
+//! What numbers cannot show: the last rows a replica queued, deleted while
+//! nothing of that replica follows (its own receipt watch covers those
 //! while it runs; THREAT_MODEL.md names the rest under Open).
 
 use std::collections::{HashMap, HashSet};
 
-/// Where a replica's next queued record goes: its segment and number.
+/// Where a replica's next queued record goes: its segment and number, and
+/// the last number committed before this segment: (segment, number), or
+/// (0, 0) for none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct QueuePosition {
     pub segment: i64,
     pub next: i64,
+    pub chain: (i64, i64),
 }
 
 impl QueuePosition {
-    /// A replica's first position: segment 1, number 1 (0 is left to rows
-    /// queued before numbers existed).
+    /// A process's first position: number 1 of a random segment (below
+    /// 2^62, so it never runs out; 0 is left to rows queued before numbers
+    /// existed).
     pub fn start() -> Self {
+        let mut bytes = [0u8; 8];
+        // No randomness: segment 1, as unique as the replica's name.
+        let random = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .map_or(0, |()| u64::from_be_bytes(bytes) >> 2);
+        QueuePosition::at(random as i64 + 1)
+    }
+
+    /// Number 1 of `segment`, the first of its process.
+    pub fn at(segment: i64) -> Self {
         QueuePosition {
-            segment: 1,
+            segment,
             next: 1,
+            chain: (0, 0),
         }
     }
 
@@ -54,6 +76,12 @@ impl QueuePosition {
     /// A commit failed, and may or may not have landed: go on in a new
     /// segment, so no later number leans on the uncertain ones.
     pub fn uncertain(&mut self) {
+        // The numbers before the failed commit were committed: the next
+        // segment names the last of them; where nothing was committed in
+        // this one, it names what this one named.
+        if self.next > 1 {
+            self.chain = (self.segment, self.next - 1);
+        }
         self.segment += 1;
         self.next = 1;
     }
@@ -77,13 +105,24 @@ fn tagged(context: &[u8], replica: &str, parts: &[&[u8]]) -> Vec<u8> {
     message
 }
 
-fn row_message(replica: &str, (segment, seq): (i64, i64), record: &[u8]) -> Vec<u8> {
+fn row_message(replica: &str, numbers: Numbers, record: &[u8]) -> Vec<u8> {
+    let (segment, seq, (chain_segment, chain_last)) = numbers;
     tagged(
         ROW_CONTEXT,
         replica,
-        &[&segment.to_be_bytes(), &seq.to_be_bytes(), record],
+        &[
+            &segment.to_be_bytes(),
+            &seq.to_be_bytes(),
+            &chain_segment.to_be_bytes(),
+            &chain_last.to_be_bytes(),
+            record,
+        ],
     )
 }
+
+/// A queued row's segment, number, and the last number committed before
+/// its segment (segment, number).
+pub(crate) type Numbers = (i64, i64, (i64, i64));
 
 fn mark_message(replica: &str, segment: i64, last: i64) -> Vec<u8> {
     tagged(
@@ -97,7 +136,7 @@ fn mark_message(replica: &str, segment: i64, last: i64) -> Vec<u8> {
 pub(crate) fn row_tag(
     key: &ring::hmac::Key,
     replica: &str,
-    position: (i64, i64),
+    position: Numbers,
     record: &[u8],
 ) -> Vec<u8> {
     ring::hmac::sign(key, &row_message(replica, position, record))
@@ -111,7 +150,7 @@ pub(crate) fn row_tag(
 pub(crate) fn row_is_authentic(
     key: &ring::hmac::Key,
     replica: &str,
-    position: (i64, i64),
+    position: Numbers,
     record: &[u8],
     found: &[u8],
 ) -> bool {
@@ -146,6 +185,9 @@ pub(crate) struct Numbered {
     pub replica: String,
     pub segment: i64,
     pub seq: i64,
+    /// The last number committed before this segment: (segment, number),
+    /// (0, 0) for none.
+    pub chain: (i64, i64),
 }
 
 /// Numbers missing from a replica's segment: rows deleted before they
@@ -210,6 +252,36 @@ pub(crate) fn check(rows: &[Numbered], marks: &HashMap<(String, i64), i64>) -> C
             checked.marks.insert(segment, expected - 1);
         }
     }
+    // A segment seen for the first time names the last number committed
+    // before it: every number up to it must have been taken.
+    let mut chained: Vec<((String, i64), i64)> = rows
+        .iter()
+        .filter(|row| {
+            row.seq > 0
+                && row.chain.1 > 0
+                && !marks.contains_key(&(row.replica.clone(), row.segment))
+        })
+        .map(|row| ((row.replica.clone(), row.chain.0), row.chain.1))
+        .collect();
+    chained.sort();
+    chained.dedup_by(|a, b| a.0 == b.0);
+    for (before, after) in chained {
+        let taken = checked
+            .marks
+            .get(&before)
+            .or_else(|| marks.get(&before))
+            .copied()
+            .unwrap_or(0);
+        if taken < after {
+            checked.gaps.push(Gap {
+                replica: before.0.clone(),
+                segment: before.1,
+                first: taken + 1,
+                last: after,
+            });
+            checked.marks.insert(before, after);
+        }
+    }
     checked
         .gaps
         .sort_by(|a, b| (&a.replica, a.segment, a.first).cmp(&(&b.replica, b.segment, b.first)));
@@ -226,6 +298,15 @@ mod tests {
             replica: replica.into(),
             segment,
             seq,
+            chain: (0, 0),
+        }
+    }
+
+    /// The first row of `segment`, which names `last` of `segment - 1`.
+    fn first_of(queue_id: i64, replica: &str, segment: i64, last: i64) -> Numbered {
+        Numbered {
+            chain: (segment - 1, last),
+            ..row(queue_id, replica, segment, 1)
         }
     }
 
@@ -313,7 +394,7 @@ mod tests {
 
     #[test]
     fn a_new_segment_after_an_uncertain_commit_starts_again_at_one() {
-        let mut position = QueuePosition::start();
+        let mut position = QueuePosition::at(1);
         assert_eq!(position.numbers(3), vec![1, 2, 3]);
         position.committed(3);
         assert_eq!(position.numbers(2), vec![4, 5]);
@@ -322,7 +403,8 @@ mod tests {
             position,
             QueuePosition {
                 segment: 2,
-                next: 1
+                next: 1,
+                chain: (1, 3)
             }
         );
         // Segment 1 stops at 3 (the uncertain 4 and 5 may never come):
@@ -332,26 +414,94 @@ mod tests {
                 row(1, "a", 1, 1),
                 row(2, "a", 1, 2),
                 row(3, "a", 1, 3),
-                row(4, "a", 2, 1),
+                first_of(4, "a", 2, 3),
             ],
             &HashMap::new(),
         );
         assert!(checked.gaps.is_empty() && checked.copies.is_empty());
+        // A commit that fails at once passes the chain on: segment 3 still
+        // names segment 1's last.
+        position.uncertain();
+        assert_eq!((position.segment, position.chain), (3, (1, 3)));
+        let skipped = check(
+            &[Numbered {
+                chain: (1, 3),
+                ..row(5, "a", 3, 1)
+            }],
+            &HashMap::from([(("a".to_string(), 1), 1)]),
+        );
+        assert_eq!(
+            skipped.gaps,
+            vec![Gap {
+                replica: "a".into(),
+                segment: 1,
+                first: 2,
+                last: 3
+            }]
+        );
+        // Two processes' first segments differ.
+        assert_ne!(
+            QueuePosition::start().segment,
+            QueuePosition::start().segment
+        );
+    }
+
+    #[test]
+    fn the_rows_before_a_provoked_failure_are_not_an_unchecked_tail() {
+        // Segment 1 committed 1..=4; an intruder deleted 3 and 4 (nothing
+        // of segment 1 follows them), then made the next commit fail, so
+        // the replica went on in segment 2, which names 4 as the last.
+        let marks = HashMap::from([(("a".to_string(), 1), 2)]);
+        let checked = check(&[first_of(9, "a", 2, 4), row(10, "a", 2, 2)], &marks);
+        assert_eq!(
+            checked.gaps,
+            vec![Gap {
+                replica: "a".into(),
+                segment: 1,
+                first: 3,
+                last: 4
+            }]
+        );
+        assert_eq!(checked.marks[&("a".into(), 1)], 4);
+        assert_eq!(checked.marks[&("a".into(), 2)], 2);
+        // Checked once: segment 2 has its mark now, its later rows name
+        // the same `after` and raise nothing.
+        let next = check(
+            &[Numbered {
+                chain: (1, 4),
+                ..row(11, "a", 2, 3)
+            }],
+            &checked.marks,
+        );
+        assert!(next.gaps.is_empty(), "{:?}", next.gaps);
+        // The rows before arrived, in this run or earlier: no gap.
+        let whole = check(
+            &[row(5, "a", 1, 3), row(6, "a", 1, 4), first_of(9, "a", 2, 4)],
+            &marks,
+        );
+        assert!(whole.gaps.is_empty(), "{:?}", whole.gaps);
     }
 
     #[test]
     fn a_tag_covers_replica_segment_number_and_record() {
         let key = key();
-        let tag = row_tag(&key, "replica-a", (1, 7), b"record");
-        assert!(row_is_authentic(&key, "replica-a", (1, 7), b"record", &tag));
+        let tag = row_tag(&key, "replica-a", (1, 7, (0, 0)), b"record");
+        assert!(row_is_authentic(
+            &key,
+            "replica-a",
+            (1, 7, (0, 0)),
+            b"record",
+            &tag
+        ));
         for (replica, position, record) in [
-            ("replica-b", (1, 7), b"record".as_slice()),
-            ("replica-a", (2, 7), b"record"),
-            ("replica-a", (1, 8), b"record"),
-            ("replica-a", (1, 7), b"recorx"),
+            ("replica-b", (1, 7, (0, 0)), b"record".as_slice()),
+            ("replica-a", (2, 7, (0, 0)), b"record"),
+            ("replica-a", (1, 8, (0, 0)), b"record"),
+            ("replica-a", (1, 7, (0, 5)), b"record"),
+            ("replica-a", (1, 7, (0, 0)), b"recorx"),
             // The name's length is in the tag: moving bytes between name
             // and numbers changes it.
-            ("replica-a\0", (1, 7), b"record"),
+            ("replica-a\0", (1, 7, (0, 0)), b"record"),
         ] {
             assert!(
                 !row_is_authentic(&key, replica, position, record, &tag),
@@ -362,12 +512,24 @@ mod tests {
         let legacy = ring::hmac::sign(&key, b"onceonly-audit-queue-v1\0record")
             .as_ref()
             .to_vec();
-        assert!(row_is_authentic(&key, "any", (0, 0), b"record", &legacy));
-        assert!(!row_is_authentic(&key, "any", (0, 0), b"record", &tag));
+        assert!(row_is_authentic(
+            &key,
+            "any",
+            (0, 0, (0, 0)),
+            b"record",
+            &legacy
+        ));
+        assert!(!row_is_authentic(
+            &key,
+            "any",
+            (0, 0, (0, 0)),
+            b"record",
+            &tag
+        ));
         assert!(!row_is_authentic(
             &key,
             "replica-a",
-            (1, 7),
+            (1, 7, (0, 0)),
             b"record",
             &legacy
         ));

@@ -205,12 +205,15 @@ impl PgWindow {
 
 /// A request id twice in one statement would make PostgreSQL refuse it
 /// (ON CONFLICT cannot affect a row twice): the second goes in the next
-/// statement, and finds the first's claim.
+/// statement, and finds the first's claim. The rest in key order, the
+/// order in which the statement locks their rows (as the outcomes'
+/// statement does): two batches never wait for each other crosswise.
 fn distinct_request_ids(batch: &mut Vec<Asked>) -> Vec<Asked> {
     let mut seen = std::collections::HashSet::new();
-    let (now, next): (Vec<Asked>, Vec<Asked>) = batch
+    let (mut now, next): (Vec<Asked>, Vec<Asked>) = batch
         .drain(..)
         .partition(|a| seen.insert((a.caller.clone(), a.request_id.clone())));
+    now.sort_by(|a, b| (&a.caller, &a.request_id).cmp(&(&b.caller, &b.request_id)));
     *batch = now;
     next
 }
@@ -409,9 +412,19 @@ async fn store_all(
         let sealed: Vec<&[u8]> = outcomes.iter().map(|o| o.sealed.as_slice()).collect();
         let store = client
             .prepare_cached(
-                "UPDATE idempotency AS i SET outcome_sealed = q.sealed
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[])
-                        AS q(caller_id, request_id, exchange_id, sealed)
+                // The rows locked in key order first (as the claims'
+                // statement takes them), so a claim batch and an outcome
+                // batch never deadlock over two rows.
+                "WITH q AS (
+                   SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[])
+                     AS q(caller_id, request_id, exchange_id, sealed)),
+                 locked AS (
+                   SELECT i.caller_id, i.request_id FROM idempotency i
+                   JOIN q ON i.caller_id = q.caller_id AND i.request_id = q.request_id
+                   ORDER BY i.caller_id, i.request_id
+                   FOR UPDATE OF i)
+                 UPDATE idempotency AS i SET outcome_sealed = q.sealed
+                 FROM q JOIN locked l USING (caller_id, request_id)
                  WHERE i.caller_id = q.caller_id AND i.request_id = q.request_id
                    AND i.exchange_id = q.exchange_id
                  RETURNING i.caller_id, i.request_id, i.exchange_id",

@@ -176,6 +176,8 @@ async fn serve_broker(config: &Path) -> anyhow::Result<()> {
 struct Server {
     child: tokio::process::Child,
     addr: SocketAddr,
+    /// What it was started with, to start it again.
+    args: Vec<String>,
 }
 
 impl Server {
@@ -201,7 +203,27 @@ impl Server {
                 break addr.parse()?;
             }
         };
-        Ok(Server { child, addr })
+        Ok(Server {
+            child,
+            addr,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        })
+    }
+
+    /// Stops it with SIGTERM (as systemd does), waits for its exit, and
+    /// starts it again as before: the seconds until it serves again. A
+    /// broker reads its whole audit log before it serves (the consent
+    /// revocations in it), so this grows with the log.
+    async fn restart(&mut self) -> anyhow::Result<f64> {
+        let stopped = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()?;
+        anyhow::ensure!(stopped.success(), "kill -TERM {} failed", self.pid());
+        self.child.wait().await?;
+        let started = Instant::now();
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        *self = Server::start(&args).await?;
+        Ok(started.elapsed().as_secs_f64())
     }
 
     fn pid(&self) -> u32 {
@@ -264,12 +286,23 @@ struct Handshakes {
     resumed_share: f64,
 }
 
+/// A broker stopped and started again on the log the run left.
+#[derive(Debug, Clone, Serialize)]
+struct Restart {
+    scenario: String,
+    /// The answered requests of the run on its log (each left a record).
+    records: u64,
+    /// From the restart to serving again.
+    seconds: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     cores: usize,
     seconds_per_measurement: f64,
     rows: Vec<Row>,
     handshakes: Vec<Handshakes>,
+    restarts: Vec<Restart>,
     ratios: Vec<(String, f64)>,
 }
 
@@ -890,7 +923,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
 
-    let replicated = match start_replicated(&pki, work.path(), connector.addr).await {
+    let mut replicated = match start_replicated(&pki, work.path(), connector.addr).await {
         Ok(replicated) => Some(replicated),
         Err(why) => {
             println!("skipped: brokered on PostgreSQL: {why:#}");
@@ -1005,6 +1038,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         handshakes(&pki, brokers[0].addr, true, seconds).await?,
     ];
 
+    // Each broker with the most records, stopped and started again.
+    let answered = |prefix: &str| {
+        rows.iter()
+            .filter(|r| r.scenario.starts_with(prefix))
+            .map(|r| r.requests - r.errors)
+            .sum::<u64>()
+    };
+    eprintln!("restarting brokers on their logs ...");
+    let mut restarts = vec![Restart {
+        scenario: "embedded, audit durable".into(),
+        records: answered("brokered, audit durable"),
+        seconds: brokers[0].restart().await?,
+    }];
+    if let Some(replicated) = &mut replicated {
+        restarts.push(Restart {
+            scenario: "PostgreSQL, 1 replica".into(),
+            records: answered("brokered on PostgreSQL, 1"),
+            seconds: replicated.replicas[0].restart().await?,
+        });
+    }
+
     let mut ratios = Vec::new();
     for &concurrency in &cli.concurrency {
         let find = |scenario: &str| {
@@ -1079,6 +1133,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         seconds_per_measurement: seconds,
         rows,
         handshakes,
+        restarts,
         ratios,
     };
     print_markdown(&report);
@@ -1147,5 +1202,13 @@ fn print_markdown(report: &Report) {
             h.handshakes_per_second,
             h.resumed_share * 100.0
         );
+    }
+    if !report.restarts.is_empty() {
+        println!(
+            "\n| broker stopped (SIGTERM) and started again | records in its log | s until it serves |\n| --- | ---: | ---: |"
+        );
+        for r in &report.restarts {
+            println!("| {} | {} | {:.2} |", r.scenario, r.records, r.seconds);
+        }
     }
 }
