@@ -34,6 +34,10 @@ const GRACE: Duration = Duration::from_secs(3);
 const STOP_MARGIN: Duration = Duration::from_secs(6);
 const AUTHORITY: &str = "elterngeld-berlin";
 const REVOKED_AUTHORITY: &str = "elterngeld-muenchen";
+/// The longest one caller's call may take (the register answers within
+/// its latency; the broker within its grace period).
+const CALL_LIMIT: Duration = Duration::from_secs(20);
+
 /// Concurrent callers while SIGTERM arrives.
 const CALLERS: usize = 8;
 
@@ -326,17 +330,23 @@ async fn under_load_until_stopped(
                 if stopped.load(Ordering::SeqCst) {
                     break;
                 }
-                match client
-                    .request_evidence(birth_certificate(&format!("load-{caller}-{n}")))
-                    .await
+                // Bounded: a call on a connection the stopping broker
+                // left must not keep this caller (and the test) waiting
+                // after the process is gone (seen once in CI: the test
+                // hung here with the broker exited).
+                match tokio::time::timeout(
+                    CALL_LIMIT,
+                    client.request_evidence(birth_certificate(&format!("load-{caller}-{n}"))),
+                )
+                .await
                 {
-                    Ok(answer) => {
+                    Ok(Ok(answer)) => {
                         delivered.push(answer.into_inner().exchange_id);
                         answers.fetch_add(1, Ordering::SeqCst);
                     }
                     // Refused while shutting down, or the port is closed:
                     // try again until the process is gone.
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Ok(Err(_)) | Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
             }
             delivered
@@ -373,7 +383,10 @@ async fn under_load_until_stopped(
     );
     let mut delivered = Vec::new();
     for caller in callers {
-        delivered.extend(caller.await.expect("caller"));
+        let caller = tokio::time::timeout(CALL_LIMIT * 2, caller)
+            .await
+            .expect("a caller still waits after the broker exited");
+        delivered.extend(caller.expect("caller"));
     }
     delivered
 }

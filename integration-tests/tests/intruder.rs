@@ -607,24 +607,31 @@ async fn a_queued_row_deleted_before_sequencing_is_a_gap_in_its_replicas_numbers
     db.execute("UPDATE audit_queue_marks SET last_seq = last_seq + 5", &[])
         .await
         .expect("the intruder edits the marks");
-    let failed_before = gauge(&world, "onceonly_audit_sequencer_failed_runs")
+    the_sequencer_stops_at(&world, "after-the-edit", "an edited mark").await;
+}
+
+/// Sends `request_id` (committed to the queue, receipted) and checks the
+/// sequencer's next run fails rather than sequence it under `what`.
+async fn the_sequencer_stops_at(
+    world: &onceonly_integration_tests::world::World,
+    request_id: &str,
+    what: &str,
+) {
+    let failed_before = gauge(world, "onceonly_audit_sequencer_failed_runs")
         .await
         .unwrap_or(0.0);
     world
         .authority(BERLIN)
-        .request_evidence(birth_certificate("after-the-edit"))
+        .request_evidence(birth_certificate(request_id))
         .await
         .expect("committed to the queue");
-    let deadline = Instant::now() + Duration::from_millis(MERGE_DELAY_MS * 2);
-    while gauge(&world, "onceonly_audit_sequencer_failed_runs")
+    let deadline = Instant::now() + Duration::from_millis(MERGE_DELAY_MS * 3);
+    while gauge(world, "onceonly_audit_sequencer_failed_runs")
         .await
         .unwrap_or(0.0)
         <= failed_before
     {
-        assert!(
-            Instant::now() < deadline,
-            "a sequencer signed past an edited mark"
-        );
+        assert!(Instant::now() < deadline, "a sequencer signed past {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
@@ -632,8 +639,8 @@ async fn a_queued_row_deleted_before_sequencing_is_a_gap_in_its_replicas_numbers
             .audit_records()
             .await
             .iter()
-            .all(|r| r.request_id != "after-the-edit"),
-        "sequenced under an edited mark"
+            .all(|r| r.request_id != request_id),
+        "sequenced under {what}"
     );
 }
 
@@ -675,34 +682,7 @@ async fn an_older_mark_written_back_stops_the_sequencer() {
         .await
         .expect("the intruder writes the old mark back");
     }
-    let failed_before = gauge(&world, "onceonly_audit_sequencer_failed_runs")
-        .await
-        .unwrap_or(0.0);
-    world
-        .authority(BERLIN)
-        .request_evidence(birth_certificate("mark-3"))
-        .await
-        .expect("committed to the queue");
-    let deadline = Instant::now() + patience;
-    while gauge(&world, "onceonly_audit_sequencer_failed_runs")
-        .await
-        .unwrap_or(0.0)
-        <= failed_before
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the sequencer took a rolled-back mark"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        world
-            .audit_records()
-            .await
-            .iter()
-            .all(|r| r.request_id != "mark-3"),
-        "sequenced under a rolled-back mark"
-    );
+    the_sequencer_stops_at(&world, "mark-3", "a rolled-back mark").await;
 }
 
 /// The value of gauge `name` at the admin listener `addr`.
