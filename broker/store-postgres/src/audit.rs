@@ -870,16 +870,22 @@ impl Inner {
     /// every replica reads the whole log as it grows (for revocations), so
     /// the watch need not read those records again.
     fn seen_in_log(&self, entries: &[(u64, AuditRecord, Vec<u8>)]) {
-        let signed = self.tree_size.load(Ordering::Acquire);
-        let mut receipted = self.receipted.lock().unwrap_or_else(|p| p.into_inner());
-        if receipted.is_empty() {
+        if self
+            .receipted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
             return;
         }
+        let signed = self.tree_size.load(Ordering::Acquire);
+        // Hashed outside the lock: appends wait for it.
         let seen: std::collections::HashSet<Hash> = entries
             .iter()
             .filter(|(index, _, _)| *index < signed)
             .map(|(_, _, bytes)| leaf_hash(bytes))
             .collect();
+        let mut receipted = self.receipted.lock().unwrap_or_else(|p| p.into_inner());
         receipted.retain(|(leaf, _)| !seen.contains(leaf));
     }
 
