@@ -347,8 +347,19 @@ impl BoundBroker {
         tracing::info!(addr = %local_addr, identity = %identity, "broker serving");
         // Boxed so it can be dropped (with the services' handles on the
         // broker) before waiting for the audit writer below.
-        let health = health.max_decoding_message_size(max_request_message);
-        let reflection = reflection.max_decoding_message_size(max_request_message);
+        // Health and reflection answer participants of the trust domain
+        // only, as the three services do: a client whose certificate was
+        // refused (a foreign CA, revoked, expired) learns nothing of the
+        // broker, not even that it serves. Load balancers ask /ready on
+        // the admin listener.
+        let health = tonic::service::interceptor::InterceptedService::new(
+            health.max_decoding_message_size(max_request_message),
+            participants_only(broker.security.clone()),
+        );
+        let reflection = tonic::service::interceptor::InterceptedService::new(
+            reflection.max_decoding_message_size(max_request_message),
+            participants_only(broker.security.clone()),
+        );
         let open_connections = tls.clone();
         let incoming =
             MtlsIncoming::with_events(listener, tls, connections.clone(), broker.security.clone());
@@ -572,6 +583,26 @@ fn spawn_sighup_reload(
             tracing::error!(%error, "TLS NOT (fully) reloaded; the previous configuration stays");
         }
     })
+}
+
+/// An interceptor that lets through only calls of a verified participant:
+/// any other is refused as the services refuse it (UNAUTHENTICATED with
+/// the certificate's reason) and counted in `security`. One exception: a
+/// certificate of the trust domain refused only because the broker's own
+/// revocation list is stale, so its holder learns from health that the
+/// broker is NOT_SERVING (the cause is the broker's, not the caller's).
+fn participants_only(
+    security: Arc<onceonly_certs::security::SecurityEvents>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    use onceonly_certs::security::RefusalKind;
+    move |request: tonic::Request<()>| match onceonly_certs::tls::peer_identity(&request) {
+        Ok(_) => Ok(request),
+        Err(refusal) if refusal.kind == RefusalKind::CrlStale => Ok(request),
+        Err(refusal) => {
+            security.call_refused(refusal.kind);
+            Err(crate::refusal::ServiceRefusal::Unauthenticated(refusal.reason).status())
+        }
+    }
 }
 
 /// Checks every connector endpoint's health every `circuit.health_interval`

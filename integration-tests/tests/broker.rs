@@ -308,6 +308,94 @@ async fn certificate_from_an_untrusted_ca_is_refused_counted_and_not_recorded() 
     assert_not_recorded(&world, "foreign-1").await;
 }
 
+/// Health's answer and reflection's list of services on `channel`.
+async fn health_and_reflection(
+    channel: tonic::transport::Channel,
+) -> (
+    Result<i32, tonic::Status>,
+    Result<Vec<String>, tonic::Status>,
+) {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let health = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: "onceonly.v1.EvidenceService".into(),
+        })
+        .await
+        .map(|answer| answer.into_inner().status);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let listed = async {
+        let mut responses = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await?
+            .into_inner();
+        let response = responses
+            .message()
+            .await?
+            .ok_or_else(|| tonic::Status::internal("no reflection response"))?;
+        match response.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                Ok(list.service.into_iter().map(|s| s.name).collect())
+            }
+            other => Err(tonic::Status::internal(format!("{other:?}"))),
+        }
+    }
+    .await;
+    (health, listed)
+}
+
+/// Issue 24: on the gRPC port only participants of the trust domain get
+/// any answer; health and reflection included (load balancers use the
+/// admin listener's /ready).
+#[tokio::test]
+async fn a_stranger_gets_no_answer_from_health_or_reflection() {
+    let world = World::start().await;
+    let foreign = onceonly_integration_tests::pki_with(&[(Role::Authority, BERLIN)]);
+    let mut files = foreign.tls_files(Role::Authority, BERLIN);
+    files.ca = world.pki.ca_cert_path();
+    files.crl = Some(world.pki.crl_path());
+    let (config, _) = onceonly_certs::tls::client_config(&files).expect("tls");
+    let (health, listed) =
+        health_and_reflection(channel_with(config, world.broker_addr(), None)).await;
+    for refused in [
+        health.expect_err("health answered a stranger"),
+        listed.expect_err("reflection answered a stranger"),
+    ] {
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+        assert_eq!(
+            reason_of(&refused),
+            Some(ErrorReason::Unauthenticated),
+            "{refused:?}"
+        );
+        assert!(
+            refused.message().contains("signature does not verify"),
+            "{}",
+            refused.message()
+        );
+    }
+    assert_eq!(refused_calls(&world, RefusalKind::UntrustedIssuer), 2);
+
+    // A participant, whatever its role, gets both.
+    let (health, listed) = health_and_reflection(world.channel(Role::Authority, BERLIN)).await;
+    assert_eq!(
+        health.expect("health answers a participant"),
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let listed = listed.expect("reflection answers a participant");
+    assert!(
+        listed.contains(&"onceonly.v1.EvidenceService".to_owned()),
+        "{listed:?}"
+    );
+}
+
 #[tokio::test]
 async fn client_without_certificate_is_refused_counted_and_not_recorded() {
     let world = World::start().await;
