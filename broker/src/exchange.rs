@@ -278,7 +278,12 @@ impl Broker {
         let span = tracing::info_span!(
             "request_evidence",
             exchange_id = %exchange.record.exchange_id,
-            request_id = %request.request_id,
+            // Not validated yet: control characters (CR/LF could forge
+            // log lines in a text log) dropped, the length capped.
+            request_id = %onceonly_proto::validate::printable(
+                &request.request_id,
+                onceonly_proto::validate::MAX_REQUEST_ID_LEN
+            ),
             trace_id = %exchange.trace.trace_id(),
             caller = %peer,
         );

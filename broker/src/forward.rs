@@ -386,5 +386,17 @@ fn check_evidence(
             request.evidence_type, evidence.evidence_type
         )));
     }
+    // Signed by the register or not, a payload of a type the catalogue
+    // does not list for the evidence type (an HTML page, a program) is not
+    // that evidence.
+    if !onceonly_proto::validate::media_type_listed(&destination.media_types, &evidence.media_type)
+    {
+        return Err(ForwardError::BadEvidence(format!(
+            "the register answered {:?}, which the catalogue does not list for {:?} (it lists {})",
+            onceonly_proto::validate::printable(&evidence.media_type, 100),
+            request.evidence_type,
+            destination.media_types.join(", ")
+        )));
+    }
     Ok(evidence)
 }

@@ -166,6 +166,9 @@ pub struct Destination {
     pub endpoints: Vec<String>,
     /// Its timeout.
     pub timeout: Duration,
+    /// The media types the catalogue lists for the evidence type (none:
+    /// the catalogue does not restrict them).
+    pub media_types: Vec<String>,
 }
 
 impl RoutingTable {
@@ -289,6 +292,13 @@ impl RoutingTable {
                     "keep one definition",
                 ));
             }
+            if entry.media_types.is_empty() {
+                tracing::warn!(
+                    evidence_type = %entry.id,
+                    file = %path.display(),
+                    "the catalogue lists no media_types for this evidence type: answers of any media type are released; list them (e.g. media_types = [\"application/xml\"]) so that others are refused"
+                );
+            }
             table
                 .evidence_types
                 .insert(entry.id.clone(), EvidenceType::new(entry, schemes));
@@ -319,7 +329,8 @@ impl RoutingTable {
     /// Where a request for `evidence_type` in `jurisdiction` goes: the first
     /// route naming the jurisdiction, else the first route open to any.
     pub fn route(&self, evidence_type: &str, jurisdiction: Option<&str>) -> Option<Destination> {
-        let routes = &self.evidence_types.get(evidence_type)?.entry.routes;
+        let entry = &self.evidence_types.get(evidence_type)?.entry;
+        let routes = &entry.routes;
         let route = match jurisdiction {
             Some(j) => routes
                 .iter()
@@ -332,6 +343,7 @@ impl RoutingTable {
             connector_id: route.connector.clone(),
             endpoints: connector.endpoints.clone(),
             timeout: connector.timeout,
+            media_types: entry.media_types.clone(),
         })
     }
 }

@@ -291,6 +291,31 @@ impl<C: Connector> ConnectorGrpc<C> {
                 ),
             ));
         }
+        // Nothing is signed in a media type this connector does not
+        // declare for the evidence type: the broker would refuse it anyway,
+        // and a signature must not vouch for an HTML page or a program
+        // passed off as the evidence.
+        let declared = self
+            .served
+            .get(&request.evidence_type)
+            .map_or(&[][..], |info| info.media_types.as_slice());
+        if !validate::media_type_listed(declared, &payload.media_type) {
+            let found = validate::printable(&payload.media_type, 100);
+            tracing::error!(
+                media_type = %found,
+                evidence_type = %request.evidence_type,
+                "the register's payload is of a media type this connector does not declare; not signed"
+            );
+            return Err(error(
+                Code::Internal,
+                ErrorReason::BadEvidence,
+                format!(
+                    "the register answered media type {found:?}, which this connector does not declare for {:?} ({}); nothing was signed",
+                    request.evidence_type,
+                    declared.join(", ")
+                ),
+            ));
+        }
         let now = time::OffsetDateTime::now_utc();
         let sealing_failed = |detail: String| {
             tracing::error!(%detail, "cannot seal the evidence");
@@ -516,8 +541,10 @@ impl<C: Connector> ConnectorGrpc<C> {
         let (deadline, work_deadline) = self.deadlines(&request, started)?;
         let span = tracing::info_span!(
             "provide_evidence",
-            exchange_id = %request.get_ref().exchange_id,
-            evidence_type = %request.get_ref().evidence_type,
+            // Not validated yet: control characters dropped, length capped
+            // (CR/LF could forge log lines in a text log).
+            exchange_id = %validate::printable(&request.get_ref().exchange_id, 128),
+            evidence_type = %validate::printable(&request.get_ref().evidence_type, 128),
             trace_id = %trace.trace_id(),
             caller = %caller,
         );

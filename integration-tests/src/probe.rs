@@ -59,6 +59,10 @@ impl ProbeCounts {
 pub struct ProbeRegister {
     latency: Duration,
     counts: Arc<ProbeCounts>,
+    /// The media type it answers with, and the one it declares (they
+    /// differ for a register that answers outside its own declaration).
+    media_type: String,
+    declared: String,
 }
 
 impl ProbeRegister {
@@ -69,9 +73,26 @@ impl ProbeRegister {
             ProbeRegister {
                 latency,
                 counts: counts.clone(),
+                media_type: "application/xml".into(),
+                declared: "application/xml".into(),
             },
             counts,
         )
+    }
+
+    /// The same register, declaring and answering `media_type` instead
+    /// (outside the broker's catalogue, for its check).
+    pub fn answering_as(mut self, media_type: &str) -> Self {
+        self.media_type = media_type.into();
+        self.declared = media_type.into();
+        self
+    }
+
+    /// The same register, answering `media_type` while it still declares
+    /// `application/xml` (for the SDK's check).
+    pub fn answering_undeclared(mut self, media_type: &str) -> Self {
+        self.media_type = media_type.into();
+        self
     }
 }
 
@@ -98,7 +119,7 @@ impl Connector for ProbeRegister {
         vec![evidence_type(
             "birth-certificate",
             "Birth certificate",
-            &["application/xml"],
+            &[self.declared.as_str()],
             &[SubjectIdScheme::DeIdnr],
         )]
     }
@@ -114,6 +135,9 @@ impl Connector for ProbeRegister {
         };
         tokio::time::sleep(self.latency).await;
         guard.finished = true;
-        Ok(EvidencePayload::xml("<Geburtsurkunde/>"))
+        Ok(EvidencePayload::new(
+            b"<Geburtsurkunde/>".to_vec(),
+            self.media_type.clone(),
+        ))
     }
 }

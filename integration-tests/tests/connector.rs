@@ -527,3 +527,39 @@ async fn a_connector_without_allowed_broker_id_refuses_to_start() {
     );
     assert!(error.to_string().contains("allowed_broker_id"), "{error}");
 }
+
+/// Issue 24: the SDK signs nothing in a media type the connector does not
+/// declare for the evidence type (a register's code returning an HTML page
+/// or a program): INTERNAL (BAD_EVIDENCE), and the reason names both.
+#[tokio::test]
+async fn a_payload_in_an_undeclared_media_type_is_not_signed() {
+    let pki = pki_with(&[(Role::Connector, "civil-register")]);
+    for media_type in ["text/html", "application/x-msdownload"] {
+        let (probe, counts) = onceonly_integration_tests::probe::ProbeRegister::new(Duration::ZERO);
+        let connector = start_connector(
+            &pki,
+            "civil-register",
+            probe.answering_undeclared(media_type),
+        )
+        .await;
+        let status = connector_client(&pki, Role::Broker, "broker", connector.local_addr())
+            .provide_evidence(request("birth-certificate", idnr(ANNA)))
+            .await
+            .expect_err("signed a payload it does not declare");
+        assert_eq!(status.code(), Code::Internal, "{status:?}");
+        assert_eq!(
+            onceonly_proto::status::reason_of(&status),
+            Some(onceonly_proto::v1::ErrorReason::BadEvidence)
+        );
+        assert!(
+            status.message().contains(media_type) && status.message().contains("application/xml"),
+            "{}",
+            status.message()
+        );
+        assert_eq!(
+            counts.finished.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the register's code ran"
+        );
+    }
+}

@@ -240,3 +240,59 @@ async fn a_waiter_that_is_cancelled_frees_its_place_in_the_queue() {
     );
     busy.abort();
 }
+
+/// Issue 24: a register's signed answer in a media type the catalogue does
+/// not list for the evidence type (birth-certificate: application/xml) is
+/// not released: DATA_LOSS (BAD_EVIDENCE), and the record says so.
+#[tokio::test]
+async fn evidence_in_a_media_type_outside_the_catalogue_is_not_released() {
+    for (n, media_type) in ["text/html", "application/x-msdownload"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut world = World::start().await;
+        let (probe, _counts) = ProbeRegister::new(Duration::ZERO);
+        let probe =
+            start_connector(&world.pki, "civil-register", probe.answering_as(media_type)).await;
+        world.replace_register("civil-register", probe).await;
+        let request_id = format!("media-type-{n}");
+        let refused = world
+            .authority(BERLIN)
+            .request_evidence(birth_certificate(&request_id))
+            .await
+            .expect_err("released a payload outside the catalogue");
+        assert_eq!(refused.code(), Code::DataLoss, "{media_type}: {refused:?}");
+        assert_eq!(
+            reason_of(&refused),
+            Some(ErrorReason::BadEvidence),
+            "{refused:?}"
+        );
+        assert!(
+            refused.message().contains(media_type) && refused.message().contains("application/xml"),
+            "{}",
+            refused.message()
+        );
+        let record = the_record(&world, &request_id).await;
+        assert_eq!(
+            record.error_reason(),
+            ErrorReason::BadEvidence,
+            "{record:?}"
+        );
+        assert!(record.payload_sha256.is_empty(), "{record:?}");
+    }
+    // The listed type, with parameters, is released.
+    let mut world = World::start().await;
+    let (probe, _counts) = ProbeRegister::new(Duration::ZERO);
+    let probe = start_connector(
+        &world.pki,
+        "civil-register",
+        probe.answering_as("application/xml; charset=utf-8"),
+    )
+    .await;
+    world.replace_register("civil-register", probe).await;
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("media-type-listed"))
+        .await
+        .expect("the catalogue's own type is released");
+}

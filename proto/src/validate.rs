@@ -12,6 +12,23 @@ use std::collections::HashMap;
 
 use crate::v1::{EvidenceTypeInfo, SubjectId, SubjectIdScheme};
 
+/// Whether media type `found` is one of `listed` (the catalogue's for an
+/// evidence type): type and subtype compared without regard to case,
+/// parameters (`; charset=...`) ignored. An empty list does not restrict.
+/// The broker refuses evidence outside the list, and the connector SDK
+/// refuses to sign it.
+pub fn media_type_listed(listed: &[String], found: &str) -> bool {
+    let essence = |m: &str| {
+        m.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    };
+    listed.is_empty()
+        || (!essence(found).is_empty() && listed.iter().any(|l| essence(l) == essence(found)))
+}
+
 /// The longest purpose, legal basis or other free-text field we accept.
 pub const MAX_TEXT_LEN: usize = 256;
 /// The longest request id.
@@ -642,5 +659,30 @@ mod tests {
             let _ = eidas_identifier(&s);
             let _ = required_text("f", &s);
         }
+    }
+}
+
+#[cfg(test)]
+mod media_type_tests {
+    use super::media_type_listed;
+
+    #[test]
+    fn a_media_type_is_listed_whatever_its_case_and_parameters() {
+        let xml = ["application/xml".to_string()];
+        assert!(media_type_listed(&xml, "application/xml"));
+        assert!(media_type_listed(&xml, "Application/XML; charset=utf-8"));
+        for other in [
+            "text/html",
+            "application/x-msdownload",
+            "",
+            "application/xml+evil",
+            "application/xm",
+        ] {
+            assert!(!media_type_listed(&xml, other), "{other}");
+        }
+        assert!(
+            media_type_listed(&[], "text/html"),
+            "an empty list does not restrict"
+        );
     }
 }
