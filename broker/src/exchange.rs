@@ -510,6 +510,9 @@ impl Broker {
             self.route(&request)
         })?;
         exchange.record.connector_id = destination.connector_id.clone();
+        // What the consent is checked against again before release (7).
+        let asked_consent =
+            (consent == ConsentRequirement::Required).then(|| ConsentAsked::of(&request));
         // 6. forward, within the exchange limit and the work deadline, with
         // a ticket saying what the policy decided
         let _slot = self.exchanges.admit(exchange.work_deadline).await?;
@@ -572,7 +575,58 @@ impl Broker {
             error,
         })?;
         self.faults.apply(&mut evidence);
+        // 7. consent again, now that the register has answered: one revoked
+        // meanwhile (the register may take seconds) releases nothing, and
+        // the record says the consent is missing.
+        if let Some(asked) = asked_consent {
+            self.recheck_consent(
+                &exchange.record.caller_id,
+                &asked,
+                &exchange.record.consent_id,
+            )
+            .instrument(tracing::info_span!("consent_again"))
+            .await?;
+        }
         Ok(evidence)
+    }
+
+    /// Step 7: the consent the exchange was allowed under (`consent_id`)
+    /// still holds for what was asked.
+    async fn recheck_consent(
+        &self,
+        caller_id: &str,
+        asked: &ConsentAsked,
+        consent_id: &str,
+    ) -> Result<(), Refusal> {
+        let still = self
+            .consents
+            .find_active(
+                &asked.subject,
+                caller_id,
+                &asked.evidence_type,
+                &asked.purpose,
+                Some(consent_id),
+                now_ms(),
+            )
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "consent lookup failed");
+                Refusal::ConsentStoreUnavailable
+            })?;
+        match still {
+            Some(_) => Ok(()),
+            None => {
+                tracing::info!(
+                    consent_id,
+                    "consent revoked (or expired) while the register answered: nothing released"
+                );
+                Err(Refusal::ConsentMissing {
+                    evidence_type: asked.evidence_type.clone(),
+                    purpose: asked.purpose.clone(),
+                    consent_id: Some(consent_id.to_owned()),
+                })
+            }
+        }
     }
 
     /// The broker's own SPIFFE id (the tickets' issuer).
@@ -1095,3 +1149,21 @@ pub fn evidence_type_label(broker: &Broker, evidence_type: &str) -> String {
 #[cfg(test)]
 #[path = "exchange_tests.rs"]
 mod tests;
+
+/// What a consent was checked against, kept for the check after the
+/// register answered (the request itself is moved into the forward).
+struct ConsentAsked {
+    subject: onceonly_proto::v1::SubjectId,
+    evidence_type: String,
+    purpose: String,
+}
+
+impl ConsentAsked {
+    fn of(request: &RequestEvidenceRequest) -> Self {
+        ConsentAsked {
+            subject: request.subject.clone().unwrap_or_default(),
+            evidence_type: request.evidence_type.clone(),
+            purpose: request.purpose.clone(),
+        }
+    }
+}

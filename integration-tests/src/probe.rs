@@ -63,6 +63,8 @@ pub struct ProbeRegister {
     /// differ for a register that answers outside its own declaration).
     media_type: String,
     declared: String,
+    /// The evidence type it serves.
+    evidence_type: String,
 }
 
 impl ProbeRegister {
@@ -75,6 +77,7 @@ impl ProbeRegister {
                 counts: counts.clone(),
                 media_type: "application/xml".into(),
                 declared: "application/xml".into(),
+                evidence_type: "birth-certificate".into(),
             },
             counts,
         )
@@ -86,6 +89,13 @@ impl ProbeRegister {
         self.media_type = media_type.into();
         self.declared = media_type.into();
         self
+    }
+
+    /// The same register, serving `evidence_type` in `media_type` instead
+    /// (e.g. `proof-of-residence`, which needs the subject's consent).
+    pub fn serving(mut self, evidence_type: &str, media_type: &str) -> Self {
+        self.evidence_type = evidence_type.into();
+        self.answering_as(media_type)
     }
 
     /// The same register, answering `media_type` while it still declares
@@ -117,8 +127,8 @@ impl Drop for InFlight {
 impl Connector for ProbeRegister {
     fn evidence_types(&self) -> Vec<EvidenceTypeInfo> {
         vec![evidence_type(
-            "birth-certificate",
-            "Birth certificate",
+            &self.evidence_type,
+            &self.evidence_type,
             &[self.declared.as_str()],
             &[SubjectIdScheme::DeIdnr],
         )]

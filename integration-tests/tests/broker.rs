@@ -204,6 +204,84 @@ async fn consent_is_required_then_granted_then_revoked() {
     );
 }
 
+/// Issue 24: the consent is checked again after the register answered. A
+/// consent revoked while the register worked releases nothing, and the
+/// record says the consent is missing (the register was contacted).
+#[tokio::test]
+async fn a_consent_revoked_while_the_register_answers_releases_nothing() {
+    use std::sync::atomic::Ordering;
+    let mut world = World::start().await;
+    let (probe, counts) =
+        onceonly_integration_tests::probe::ProbeRegister::new(Duration::from_secs(2));
+    let probe = onceonly_integration_tests::start_connector(
+        &world.pki,
+        "civil-register",
+        probe.serving("proof-of-residence", "application/json"),
+    )
+    .await;
+    world.replace_register("civil-register", probe).await;
+    let consent = world
+        .portal()
+        .grant_consent(GrantConsentRequest {
+            subject: idnr(ANNA),
+            authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
+            evidence_type: "proof-of-residence".into(),
+            purpose: PURPOSE.into(),
+            expires_at: Some(prost_types::Timestamp {
+                seconds: time_now() + 3600,
+                nanos: 0,
+            }),
+        })
+        .await
+        .expect("portal grants")
+        .into_inner()
+        .consent
+        .expect("consent");
+    let mut authority = world.authority(BERLIN);
+    let call = tokio::spawn(async move {
+        authority
+            .request_evidence(residence("revoked-meanwhile"))
+            .await
+    });
+    assert!(
+        counts
+            .wait_until(Duration::from_secs(20), |c| c
+                .started
+                .load(Ordering::SeqCst)
+                == 1)
+            .await,
+        "the request never reached the register"
+    );
+    world
+        .portal()
+        .revoke_consent(RevokeConsentRequest {
+            consent_id: consent.consent_id.clone(),
+        })
+        .await
+        .expect("portal revokes");
+    let refused = call
+        .await
+        .expect("task")
+        .expect_err("evidence released under a consent revoked meanwhile");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(reason_of(&refused), Some(ErrorReason::ConsentMissing));
+    assert_eq!(
+        counts.finished.load(Ordering::SeqCst),
+        1,
+        "the register answered"
+    );
+    let record = record_of(&world, "revoked-meanwhile").await;
+    assert_recorded(&record, ExchangeOutcome::Denied, Code::FailedPrecondition);
+    assert_eq!(
+        record.error_reason(),
+        ErrorReason::ConsentMissing,
+        "{record:#?}"
+    );
+    assert!(record.register_contacted, "{record:#?}");
+    assert!(record.payload_sha256.is_empty(), "{record:#?}");
+    assert_eq!(record.consent_id, consent.consent_id);
+}
+
 #[tokio::test]
 async fn malformed_requests_are_invalid_argument_naming_the_field() {
     let world = World::start().await;
