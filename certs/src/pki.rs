@@ -86,6 +86,16 @@ pub enum PkiError {
         /// What is wrong.
         reason: String,
     },
+    /// A revocation list not issued and signed by the trust domain's CA.
+    #[error(
+        "{path}: {reason}; use the CRL `onceonly-certs refresh-crl` writes for this trust domain's CA"
+    )]
+    ForeignCrl {
+        /// The CRL file.
+        path: PathBuf,
+        /// What does not match.
+        reason: String,
+    },
     /// An identity part was invalid.
     #[error(transparent)]
     Identity(#[from] IdentityError),
@@ -832,6 +842,48 @@ pub struct RevocationList {
 /// not its signature: the TLS verifiers do that.
 pub fn read_revocation_list(path: &Path) -> Result<RevocationList, PkiError> {
     parse_revocation_list(path, load_crl(path)?.as_ref())
+}
+
+/// Checks that the revocation list `der` (read from `path`) was issued and
+/// signed by one of `cas`, the trust domain's CA certificates. A list of
+/// another issuer would match no certificate: with unknown revocation
+/// status allowed, it would turn revocation off while looking current.
+pub fn check_crl_issuer(
+    path: &Path,
+    der: &[u8],
+    cas: &[CertificateDer<'_>],
+) -> Result<(), PkiError> {
+    let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|e| PkiError::Malformed {
+        path: path.to_owned(),
+        reason: format!("not a revocation list (X.509 CRL): {e}"),
+    })?;
+    let mut names = Vec::new();
+    for ca in cas {
+        let Ok((_, ca)) = x509_parser::parse_x509_certificate(ca.as_ref()) else {
+            continue;
+        };
+        if ca.subject() != crl.issuer() {
+            names.push(ca.subject().to_string());
+            continue;
+        }
+        return crl
+            .verify_signature(ca.public_key())
+            .map_err(|e| PkiError::ForeignCrl {
+                path: path.to_owned(),
+                reason: format!(
+                    "names the CA {} as its issuer, but its signature does not verify with that CA's key ({e})",
+                    crl.issuer()
+                ),
+            });
+    }
+    Err(PkiError::ForeignCrl {
+        path: path.to_owned(),
+        reason: format!(
+            "is issued by {}, not by this trust domain's CA ({})",
+            crl.issuer(),
+            names.join("; ")
+        ),
+    })
 }
 
 /// Parses a DER revocation list read from `path` (named in errors).

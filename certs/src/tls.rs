@@ -36,7 +36,10 @@ use crate::connection::{
     ConnectionGate, ConnectionLimits, ConnectionSlot, ConnectionState, GateRefusal,
 };
 use crate::identity::{CrlState, IdentityError, IdentityVerifier, Participant, explain_tls_error};
-use crate::pki::{CrlStalePolicy, PkiError, TlsFiles, load_certs, load_crl, parse_revocation_list};
+use crate::pki::{
+    CrlStalePolicy, PkiError, TlsFiles, check_crl_issuer, load_certs, load_crl,
+    parse_revocation_list,
+};
 use crate::security::{RefusalKind, SecurityEvents};
 
 /// The ALPN protocol gRPC runs on.
@@ -123,6 +126,9 @@ fn load_crls(files: &TlsFiles) -> Result<Vec<CertificateRevocationListDer<'stati
             // Parsed here so that a damaged file is named as such, not
             // reported by the verifier as a "rejected certificate".
             parse_revocation_list(path, crl.as_ref())?;
+            // And from our CA: another issuer's list matches no
+            // certificate, so it would switch revocation off unnoticed.
+            check_crl_issuer(path, crl.as_ref(), &load_certs(&files.ca)?)?;
             Ok(vec![crl])
         }
         None if files.allow_no_crl => {

@@ -154,3 +154,73 @@ async fn server_with_unexpected_identity_is_refused_by_the_client() {
         "{found:?}"
     );
 }
+
+/// Issue 24: a revocation list must be issued and signed by the trust
+/// domain's CA. Another CA's list matches no certificate, so it would turn
+/// revocation off while looking current: refused at start, and on reload
+/// (the list in force stays, and a revoked client stays out).
+#[tokio::test]
+async fn a_revocation_list_of_another_ca_is_refused_at_start_and_on_reload() {
+    let pki = Pki::throwaway("onceonly.test", &[(Role::Authority, "a")]).expect("pki");
+    // Another CA of the same name (only its key differs), and one of
+    // another trust domain.
+    let impostor = Pki::throwaway("onceonly.test", &[]).expect("impostor pki");
+    let foreign = Pki::throwaway("elsewhere.test", &[]).expect("foreign pki");
+    let (addr, server_tls) = serve(&pki).await;
+    let serial = onceonly_certs::inspect::CertificateSummary::of(
+        &onceonly_certs::pki::load_certs(&pki.participant_paths(Role::Authority, "a").0)
+            .expect("c")[0],
+    )
+    .expect("summary")
+    .serial;
+    pki.revoke(&serial).expect("revoke");
+    server_tls.reload().expect("reload with our own list");
+    health_check(&pki, Role::Authority, "a", addr, None)
+        .await
+        .expect_err("revoked client was served");
+
+    let ours = std::fs::read(pki.crl_path()).expect("our list");
+    let kept_dir = tempfile::tempdir().expect("tempdir");
+    let kept = kept_dir.path().join("ours.pem");
+    std::fs::write(&kept, &ours).expect("keep our list");
+    for (other, why) in [
+        (
+            &impostor,
+            "its signature does not verify with that CA's key",
+        ),
+        (&foreign, "not by this trust domain's CA"),
+    ] {
+        // The other CA's (empty) list pushed in place of ours.
+        std::fs::copy(other.crl_path(), pki.crl_path()).expect("push the other list");
+        let refused = server_tls
+            .reload()
+            .expect_err("another CA's list was taken");
+        let message = refused.to_string();
+        assert!(
+            message.contains(why) && message.contains("refresh-crl"),
+            "{message}"
+        );
+        // The client keeps our list (its own check would refuse the
+        // other one too).
+        let mut files = pki.tls_files(Role::Authority, "a");
+        files.crl = Some(kept.clone());
+        let (config, _) = tls::client_config(&files).expect("client tls");
+        let still = HealthClient::new(
+            MtlsConnector::new(config, None)
+                .channel(&addr.to_string(), Duration::from_secs(5))
+                .expect("channel"),
+        )
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect_err("the revoked client got in after another CA's list");
+        assert_tls_alert(&still, "CertificateRevoked");
+        let Err(at_start) = ReloadableServerTls::load(pki.tls_files(Role::Broker, "broker")) else {
+            panic!("a server started on another CA's list");
+        };
+        assert!(at_start.to_string().contains(why), "{at_start}");
+    }
+    std::fs::write(pki.crl_path(), ours).expect("our list back");
+    server_tls.reload().expect("our own list reloads");
+}
