@@ -579,54 +579,18 @@ impl Broker {
         // meanwhile (the register may take seconds) releases nothing, and
         // the record says the consent is missing.
         if let Some(asked) = asked_consent {
-            self.recheck_consent(
-                &exchange.record.caller_id,
-                &asked,
-                &exchange.record.consent_id,
-            )
-            .instrument(tracing::info_span!("consent_again"))
-            .await?;
+            let consent_id = exchange.record.consent_id.clone();
+            self.active_consent(&exchange.record.caller_id, &asked, Some(&consent_id))
+                .instrument(tracing::info_span!("consent_again"))
+                .await
+                .inspect_err(|_| {
+                    tracing::info!(
+                        consent_id,
+                        "consent revoked (or expired) while the register answered: nothing released"
+                    );
+                })?;
         }
         Ok(evidence)
-    }
-
-    /// Step 7: the consent the exchange was allowed under (`consent_id`)
-    /// still holds for what was asked.
-    async fn recheck_consent(
-        &self,
-        caller_id: &str,
-        asked: &ConsentAsked,
-        consent_id: &str,
-    ) -> Result<(), Refusal> {
-        let still = self
-            .consents
-            .find_active(
-                &asked.subject,
-                caller_id,
-                &asked.evidence_type,
-                &asked.purpose,
-                Some(consent_id),
-                now_ms(),
-            )
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "consent lookup failed");
-                Refusal::ConsentStoreUnavailable
-            })?;
-        match still {
-            Some(_) => Ok(()),
-            None => {
-                tracing::info!(
-                    consent_id,
-                    "consent revoked (or expired) while the register answered: nothing released"
-                );
-                Err(Refusal::ConsentMissing {
-                    evidence_type: asked.evidence_type.clone(),
-                    purpose: asked.purpose.clone(),
-                    consent_id: Some(consent_id.to_owned()),
-                })
-            }
-        }
     }
 
     /// The broker's own SPIFFE id (the tickets' issuer).
@@ -683,22 +647,34 @@ impl Broker {
     }
 
     /// Step 4: an active consent of the subject must cover the request
-    /// of `caller_id`; its id.
+    /// of `caller_id` (the one it names, where it names one); its id.
     async fn check_consent(
         &self,
         caller_id: &str,
         request: &RequestEvidenceRequest,
     ) -> Result<String, Refusal> {
-        let subject = request.subject.clone().unwrap_or_default();
-        let consent_id = Some(request.consent_id.as_str()).filter(|id| !id.is_empty());
+        let named = Some(request.consent_id.as_str()).filter(|id| !id.is_empty());
+        self.active_consent(caller_id, &ConsentAsked::of(request), named)
+            .await
+    }
+
+    /// An active consent of `asked.subject` for `caller_id`'s evidence
+    /// type and purpose (consent `named`, where given): its id, or
+    /// CONSENT_MISSING. Steps 4 and 7.
+    async fn active_consent(
+        &self,
+        caller_id: &str,
+        asked: &ConsentAsked,
+        named: Option<&str>,
+    ) -> Result<String, Refusal> {
         let found = self
             .consents
             .find_active(
-                &subject,
+                &asked.subject,
                 caller_id,
-                &request.evidence_type,
-                &request.purpose,
-                consent_id,
+                &asked.evidence_type,
+                &asked.purpose,
+                named,
                 now_ms(),
             )
             .await
@@ -709,9 +685,9 @@ impl Broker {
         match found {
             Some(consent) => Ok(consent.consent_id),
             None => Err(Refusal::ConsentMissing {
-                evidence_type: request.evidence_type.clone(),
-                purpose: request.purpose.clone(),
-                consent_id: consent_id.map(str::to_owned),
+                evidence_type: asked.evidence_type.clone(),
+                purpose: asked.purpose.clone(),
+                consent_id: named.map(str::to_owned),
             }),
         }
     }

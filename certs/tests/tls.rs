@@ -29,6 +29,15 @@ async fn serve(pki: &Pki) -> (std::net::SocketAddr, Arc<ReloadableServerTls>) {
     (addr, server_tls)
 }
 
+/// The serial of participant (`role`, `id`)'s certificate.
+fn serial_of(pki: &Pki, role: Role, id: &str) -> String {
+    onceonly_certs::inspect::CertificateSummary::of(
+        &onceonly_certs::pki::load_certs(&pki.participant_paths(role, id).0).expect("c")[0],
+    )
+    .expect("summary")
+    .serial
+}
+
 async fn health_check(
     pki: &Pki,
     role: Role,
@@ -62,12 +71,7 @@ async fn valid_client_is_served_and_revoked_one_refused_after_live_reload() {
         .await
         .expect("a is served");
 
-    let serial = onceonly_certs::inspect::CertificateSummary::of(
-        &onceonly_certs::pki::load_certs(&pki.participant_paths(Role::Authority, "a").0)
-            .expect("c")[0],
-    )
-    .expect("summary")
-    .serial;
+    let serial = serial_of(&pki, Role::Authority, "a");
     pki.revoke(&serial).expect("revoke");
     // Before the reload the server still uses the old list...
     health_check(&pki, Role::Authority, "a", addr, None)
@@ -167,12 +171,7 @@ async fn a_revocation_list_of_another_ca_is_refused_at_start_and_on_reload() {
     let impostor = Pki::throwaway("onceonly.test", &[]).expect("impostor pki");
     let foreign = Pki::throwaway("elsewhere.test", &[]).expect("foreign pki");
     let (addr, server_tls) = serve(&pki).await;
-    let serial = onceonly_certs::inspect::CertificateSummary::of(
-        &onceonly_certs::pki::load_certs(&pki.participant_paths(Role::Authority, "a").0)
-            .expect("c")[0],
-    )
-    .expect("summary")
-    .serial;
+    let serial = serial_of(&pki, Role::Authority, "a");
     pki.revoke(&serial).expect("revoke");
     server_tls.reload().expect("reload with our own list");
     health_check(&pki, Role::Authority, "a", addr, None)

@@ -57,6 +57,28 @@ fn residence(id: &str) -> RequestEvidenceRequest {
     request(id, "proof-of-residence", ANNA, CONSENT_BASIS)
 }
 
+/// Anna's consent, through the portal, to Berlin's fetching her proof of
+/// residence for the parental allowance, for an hour.
+async fn grant_residence_consent(world: &World) -> onceonly_proto::v1::Consent {
+    world
+        .portal()
+        .grant_consent(GrantConsentRequest {
+            subject: idnr(ANNA),
+            authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
+            evidence_type: "proof-of-residence".into(),
+            purpose: PURPOSE.into(),
+            expires_at: Some(prost_types::Timestamp {
+                seconds: time_now() + 3600,
+                nanos: 0,
+            }),
+        })
+        .await
+        .expect("portal grants")
+        .into_inner()
+        .consent
+        .expect("consent")
+}
+
 /// The one audit record of `request_id`; fails where there is not exactly one.
 async fn record_of(world: &World, request_id: &str) -> AuditRecord {
     let records: Vec<AuditRecord> = world
@@ -157,23 +179,7 @@ async fn consent_is_required_then_granted_then_revoked() {
         Code::FailedPrecondition,
     );
 
-    let consent = world
-        .portal()
-        .grant_consent(GrantConsentRequest {
-            subject: idnr(ANNA),
-            authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
-            evidence_type: "proof-of-residence".into(),
-            purpose: PURPOSE.into(),
-            expires_at: Some(prost_types::Timestamp {
-                seconds: time_now() + 3600,
-                nanos: 0,
-            }),
-        })
-        .await
-        .expect("portal grants")
-        .into_inner()
-        .consent
-        .expect("consent");
+    let consent = grant_residence_consent(&world).await;
 
     let delivered = authority
         .request_evidence(residence("consent-2"))
@@ -220,23 +226,7 @@ async fn a_consent_revoked_while_the_register_answers_releases_nothing() {
     )
     .await;
     world.replace_register("civil-register", probe).await;
-    let consent = world
-        .portal()
-        .grant_consent(GrantConsentRequest {
-            subject: idnr(ANNA),
-            authority_id: format!("spiffe://onceonly.test/authority/{BERLIN}"),
-            evidence_type: "proof-of-residence".into(),
-            purpose: PURPOSE.into(),
-            expires_at: Some(prost_types::Timestamp {
-                seconds: time_now() + 3600,
-                nanos: 0,
-            }),
-        })
-        .await
-        .expect("portal grants")
-        .into_inner()
-        .consent
-        .expect("consent");
+    let consent = grant_residence_consent(&world).await;
     let mut authority = world.authority(BERLIN);
     let call = tokio::spawn(async move {
         authority
