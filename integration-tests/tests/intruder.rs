@@ -442,10 +442,7 @@ async fn a_copied_queue_row_is_set_aside_not_sequenced_twice() {
 
 /// The value of gauge `name` in the replica's metrics, where it is there.
 async fn gauge(world: &onceonly_integration_tests::world::World, name: &str) -> Option<f64> {
-    let text = onceonly_integration_tests::scrape_metrics(world.admin_addr()).await;
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .and_then(|value| value.trim().parse().ok())
+    gauge_at(world.admin_addr(), name).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1665,15 +1665,17 @@ async fn check_numbers(
     // A mark this sequencer stored, found lower or gone: rolled back (an
     // older authentic row written back, or the row deleted), which would
     // let a copy through as new.
-    for (segment, last) in stored_before {
-        if wanted.contains(&(segment.0.as_str(), segment.1))
-            && marks.get(segment).is_none_or(|found| found < last)
-        {
+    // Only the segments of this run's rows: the sequencer's memory grows
+    // with every segment it took, this run's rows do not.
+    for (replica, segment) in &wanted {
+        let key = (replica.to_string(), *segment);
+        let Some(last) = stored_before.get(&key) else {
+            continue;
+        };
+        if marks.get(&key).is_none_or(|found| found < last) {
             return Err(AuditError::Corrupt(format!(
-                "the mark of replica {}'s segment {} in audit_queue_marks was rolled back (this sequencer stored {last}, the table holds {:?}): an older row was written back or the row deleted, to pass a copied queued row. Sequencing stops until the database is checked and the replica restarted",
-                segment.0,
-                segment.1,
-                marks.get(segment)
+                "the mark of replica {replica}'s segment {segment} in audit_queue_marks was rolled back (this sequencer stored {last}, the table holds {:?}): an older row was written back or the row deleted, to pass a copied queued row. Sequencing stops until the database is checked and the replica restarted",
+                marks.get(&key)
             )));
         }
     }

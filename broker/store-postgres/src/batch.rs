@@ -83,3 +83,16 @@ pub(crate) fn answer_each<T, R>(
         }
     }
 }
+
+/// Sends the item `make` builds (around its reply channel) to the batcher
+/// `batcher` (named `what` in errors), and waits for its own answer.
+pub(crate) async fn ask<T, R>(
+    batcher: &tokio::sync::mpsc::Sender<T>,
+    what: &str,
+    make: impl FnOnce(tokio::sync::oneshot::Sender<Result<R, String>>) -> T,
+) -> Result<R, Box<dyn std::error::Error + Send + Sync>> {
+    let stopped = || format!("the {what} batcher has stopped");
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    batcher.send(make(reply)).await.map_err(|_| stopped())?;
+    Ok(answer.await.map_err(|_| stopped())??)
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 use onceonly_store::{OverQuota, QuotaBucket, QuotaCounter, QuotaError};
 
 use crate::Pool;
-use crate::batch::in_batches;
+use crate::batch::{ask, in_batches};
 
 /// Counts at most in one batch, and batches at once.
 const MAX_COUNTS: usize = 256;
@@ -230,17 +230,11 @@ async fn count(
 #[onceonly_store::async_trait]
 impl QuotaCounter for PgQuotas {
     async fn check(&self, bucket: &QuotaBucket) -> Result<Result<(), OverQuota>, QuotaError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.counts
-            .send(Asked {
-                bucket: bucket.clone(),
-                reply,
-            })
-            .await
-            .map_err(|_| "the quota batcher has stopped")?;
-        Ok(answer
-            .await
-            .map_err(|_| "the quota batcher has stopped")??)
+        ask(&self.counts, "quota", |reply| Asked {
+            bucket: bucket.clone(),
+            reply,
+        })
+        .await
     }
 }
 

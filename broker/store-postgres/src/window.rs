@@ -10,7 +10,7 @@ use onceonly_store::{Claim, RequestWindow, RowKeys, StoredOutcome, StoredStatus,
 use prost::Message;
 
 use crate::Pool;
-use crate::batch::{answer_each, in_batches};
+use crate::batch::{answer_each, ask, in_batches};
 
 /// An outcome as sealed in the shared window.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -463,20 +463,14 @@ impl RequestWindow for PgWindow {
         fingerprint: &[u8; 32],
         exchange_id: &str,
     ) -> Result<Claim, WindowError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.claims
-            .send(Asked {
-                caller: caller.to_owned(),
-                request_id: request_id.to_owned(),
-                fingerprint: *fingerprint,
-                exchange_id: exchange_id.to_owned(),
-                reply,
-            })
-            .await
-            .map_err(|_| "the claim batcher has stopped")?;
-        Ok(answer
-            .await
-            .map_err(|_| "the claim batcher has stopped")??)
+        ask(&self.claims, "claim", |reply| Asked {
+            caller: caller.to_owned(),
+            request_id: request_id.to_owned(),
+            fingerprint: *fingerprint,
+            exchange_id: exchange_id.to_owned(),
+            reply,
+        })
+        .await
     }
 
     /// Stores the final outcome of `exchange_id`'s claim, sealed; logged
@@ -516,20 +510,14 @@ impl RequestWindow for PgWindow {
             let bytes = self
                 .sealing
                 .seal_outcome(&context(caller, request_id, exchange_id), &sealed.encode_to_vec())?;
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            self.outcomes
-                .send(Outcome {
-                    caller: caller.to_owned(),
-                    request_id: request_id.to_owned(),
-                    exchange_id: exchange_id.to_owned(),
-                    sealed: bytes,
-                    reply,
-                })
-                .await
-                .map_err(|_| "the outcome batcher has stopped")?;
-            let stored = answer
-                .await
-                .map_err(|_| "the outcome batcher has stopped")??;
+            let stored = ask(&self.outcomes, "outcome", |reply| Outcome {
+                caller: caller.to_owned(),
+                request_id: request_id.to_owned(),
+                exchange_id: exchange_id.to_owned(),
+                sealed: bytes,
+                reply,
+            })
+            .await?;
             if !stored {
                 return Err("the claim is gone (taken over as stale, or expired) before its outcome was stored".into());
             }
