@@ -51,7 +51,7 @@ use onceonly_proto::v1::{
 };
 use onceonly_proto::validate::{self, FieldViolation, Violations, printable};
 use onceonly_seal::jws::SignerCell;
-use onceonly_seal::{Recipient, TicketClaims};
+use onceonly_seal::{Recipient, RequestFields, TicketClaims, VerifiedRequest};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -366,6 +366,22 @@ impl Broker {
             }
             Err(refusal) => return self.audit_and_answer(exchange, Err(refusal)).await,
         };
+        // The authority's signature on what it asks, before anything is
+        // looked up or decided for it; its digest goes into the record.
+        let signed = match tracing::info_span!("verify_signed_request")
+            .in_scope(|| self.verify_signed_request(&exchange.policy, &caller, &request))
+        {
+            Ok(signed) => signed,
+            Err(refusal) => return self.audit_and_answer(exchange, Err(refusal)).await,
+        };
+        if let Some(signed) = &signed {
+            exchange.record.signed_request_sha256 =
+                Sha256::digest(&request.signed_request).to_vec();
+            debug_assert_eq!(
+                signed.digest,
+                onceonly_seal::base64_url(&exchange.record.signed_request_sha256)
+            );
+        }
 
         // Idempotency: a repeated request id gets the first outcome; where
         // the first did not finish (cancelled, or a transient failure), this
@@ -422,7 +438,7 @@ impl Broker {
         let result = tokio::select! {
             biased;
             () = caller_gone.cancelled() => Err(Refusal::Cancelled),
-            result = self.decide_and_fetch(&mut exchange, &caller, request) => result,
+            result = self.decide_and_fetch(&mut exchange, &caller, request, signed) => result,
         };
         let exchange_id = exchange.record.exchange_id.clone();
         let answer = self.audit_and_answer(exchange, result).await;
@@ -482,12 +498,54 @@ impl Broker {
         }
     }
 
+    /// The authority's signed request, verified against the request and
+    /// the caller: None where it sent none and the policy lets it.
+    fn verify_signed_request(
+        &self,
+        policy: &crate::policy::Policy,
+        caller: &Participant,
+        request: &RequestEvidenceRequest,
+    ) -> Result<Option<VerifiedRequest>, Refusal> {
+        if request.signed_request.is_empty() && !policy.requires_signed_requests(caller.id()) {
+            return Ok(None);
+        }
+        let subject = request.subject.clone().unwrap_or_default();
+        let parameters = onceonly_seal::parameters_hash(&request.parameters);
+        let encryption_certificate =
+            onceonly_seal::request::certificate_fingerprint(&request.encryption_certificate);
+        let fields = RequestFields {
+            requester: &caller.spiffe_id(),
+            request_id: Some(&request.request_id),
+            evidence_type: &request.evidence_type,
+            subject_scheme: subject.scheme(),
+            subject_value: &subject.value,
+            purpose: &request.purpose,
+            legal_basis: &request.legal_basis,
+            jurisdiction: &request.jurisdiction,
+            parameters: &parameters,
+            consent_id: Some(&request.consent_id),
+            encryption_certificate: &encryption_certificate,
+        };
+        onceonly_seal::verify_request(
+            &request.signed_request,
+            &self.tls.verifier(),
+            &fields,
+            onceonly_seal::unix_now(),
+        )
+        .map(Some)
+        .map_err(|refused| {
+            tracing::info!(%refused, "signed request refused");
+            Refusal::SignedRequest(refused)
+        })
+    }
+
     /// Steps 2 to 6.
     async fn decide_and_fetch(
         &self,
         exchange: &mut Exchange,
         caller: &Participant,
         request: RequestEvidenceRequest,
+        signed: Option<VerifiedRequest>,
     ) -> Result<Evidence, Refusal> {
         // 2. validate
         tracing::info_span!("validate").in_scope(|| validate(&self.routing, &request))?;
@@ -529,19 +587,17 @@ impl Broker {
             encryption_certificate: request.encryption_certificate,
         };
         let authorization = Authorization {
-            claims: TicketClaims::for_request(
-                &forward,
-                self.forwarder_identity(),
-                exchange.record.policy_rule.clone(),
-                exchange.record.consent_id.clone(),
-            ),
-            signer: self.signer.get(self.tls.generation()).map_err(|e| {
-                tracing::error!(error = %e, "the broker's key cannot sign tickets");
-                Refusal::Forward {
-                    connector: destination.connector_id.clone(),
-                    error: ForwardError::CannotAuthorize(e.to_string()),
-                }
-            })?,
+            claims: TicketClaims {
+                req: request.signed_request,
+                ..TicketClaims::for_request(
+                    &forward,
+                    self.forwarder_identity(),
+                    exchange.record.policy_rule.clone(),
+                    exchange.record.consent_id.clone(),
+                )
+            },
+            signed_request: signed,
+            signer: self.signer.get(self.tls.generation()),
             trust: self.tls.verifier(),
         };
         let forwarding = Instant::now();

@@ -234,11 +234,25 @@ impl Path_ {
         self.pki.participant(role, id).expect("participant")
     }
 
+    /// `request` as `caller` asks it: signed with its key, where it is an
+    /// authority of the PKI and the request is not signed yet.
     async fn ask_as(
         &self,
         caller: Participant,
-        request: RequestEvidenceRequest,
+        mut request: RequestEvidenceRequest,
     ) -> Result<RequestEvidenceResponse, Status> {
+        let (cert, key) = self.pki.participant_paths(caller.role(), caller.id());
+        if request.signed_request.is_empty()
+            && caller.role() == Role::Authority
+            && let Ok(signer) = onceonly_seal::Signer::from_files(&cert, &key)
+        {
+            onceonly_seal::sign_request(
+                &mut request,
+                &signer,
+                onceonly_seal::request::DEFAULT_LIFETIME,
+            )
+            .expect("sign");
+        }
         self.broker
             .request_evidence(
                 Ok(caller),

@@ -23,7 +23,7 @@ use onceonly_proto::status::reason_of;
 use onceonly_proto::v1::connector_service_client::ConnectorServiceClient;
 use onceonly_proto::v1::{ErrorReason, Evidence, ProvideEvidenceRequest};
 use onceonly_seal::opener::{Expected, check_statement};
-use onceonly_seal::{Signer, TicketClaims};
+use onceonly_seal::{Signer, TicketClaims, VerifiedRequest};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tonic::Code;
@@ -67,6 +67,9 @@ pub struct Authorization {
     pub signer: Arc<Signer>,
     /// The CA and CRL that the register's statement must verify under.
     pub trust: Arc<IdentityVerifier>,
+    /// The authority's signed request (also in the ticket's `req`), which
+    /// the register's statement must name.
+    pub signed_request: Option<VerifiedRequest>,
 }
 
 impl Authorization {
@@ -355,6 +358,11 @@ fn check_evidence(
         requester: &request.requester_id,
         parameters: Some(&request.parameters),
         connector: Some(&destination.connector_id),
+        encrypted: !authorization.claims.ecf.is_empty(),
+        request: authorization
+            .signed_request
+            .as_ref()
+            .map(VerifiedRequest::binding),
     };
     let (statement, _signer) = check_statement(&evidence, &authorization.trust, &expected)
         .map_err(|e| ForwardError::BadEvidence(format!("the register's statement: {e}")))?;

@@ -68,6 +68,55 @@ struct PolicyFile {
     portal: Vec<PortalEntry>,
     #[serde(default)]
     encryption: Option<EncryptionEntry>,
+    #[serde(default)]
+    signed_requests: Option<SignedRequestsEntry>,
+}
+
+/// The `[signed_requests]` table: every authority signs each request,
+/// except those listed while they move to signing.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignedRequestsEntry {
+    /// Authorities (or `group:<name>`) whose unsigned requests are taken.
+    unsigned_allowed: Spanned<Vec<String>>,
+}
+
+/// The authority ids `list` names (groups expanded); `key` says where, for
+/// errors.
+fn authorities(
+    path: &Path,
+    key: &str,
+    list: &[String],
+    groups: &BTreeMap<String, Vec<String>>,
+) -> Result<BTreeSet<String>, ConfigFileError> {
+    let mut ids = BTreeSet::new();
+    for caller in list {
+        if let Some(group) = caller.strip_prefix("group:") {
+            let members = groups.get(group).ok_or_else(|| {
+                ConfigFileError::invalid(
+                    path,
+                    key,
+                    format!("group {group:?} is not defined"),
+                    format!(
+                        "add it under [groups] or fix the name ({})",
+                        known(groups.keys().map(String::as_str))
+                    ),
+                )
+            })?;
+            ids.extend(members.iter().cloned());
+        } else {
+            onceonly_certs::identity::validate_id(caller).map_err(|e| {
+                ConfigFileError::invalid(
+                    path,
+                    key,
+                    e.to_string(),
+                    "write an authority id, or group:<name>",
+                )
+            })?;
+            ids.insert(caller.clone());
+        }
+    }
+    Ok(ids)
 }
 
 /// The `[encryption]` table: evidence types released only encrypted to the
@@ -130,6 +179,8 @@ pub struct Policy {
     portals: BTreeMap<String, BTreeSet<String>>,
     /// Evidence types released only encrypted to the requester.
     encryption_required: BTreeSet<String>,
+    /// Authorities that may send requests they did not sign.
+    unsigned_allowed: BTreeSet<String>,
 }
 
 impl Policy {
@@ -219,33 +270,12 @@ impl Policy {
                     "give every rule its own id",
                 ));
             }
-            let mut callers = BTreeSet::new();
-            for caller in entry.callers.get_ref() {
-                if let Some(group) = caller.strip_prefix("group:") {
-                    let members = file.groups.get(group).ok_or_else(|| {
-                        ConfigFileError::invalid(
-                            path,
-                            at(entry.callers.span(), &format!("rule {id:?} callers")),
-                            format!("group {group:?} is not defined"),
-                            format!(
-                                "add it under [groups] or fix the name ({})",
-                                known(file.groups.keys().map(String::as_str))
-                            ),
-                        )
-                    })?;
-                    callers.extend(members.iter().cloned());
-                } else {
-                    onceonly_certs::identity::validate_id(caller).map_err(|e| {
-                        ConfigFileError::invalid(
-                            path,
-                            at(entry.callers.span(), &format!("rule {id:?} callers")),
-                            e.to_string(),
-                            "write an authority id, or group:<name>",
-                        )
-                    })?;
-                    callers.insert(caller.clone());
-                }
-            }
+            let callers = authorities(
+                path,
+                &at(entry.callers.span(), &format!("rule {id:?} callers")),
+                entry.callers.get_ref(),
+                &file.groups,
+            )?;
             for evidence_type in entry.evidence_types.get_ref() {
                 if routing.evidence_type(evidence_type).is_none() {
                     let catalogue = routing
@@ -290,12 +320,32 @@ impl Policy {
             });
         }
 
+        let unsigned_allowed = match &file.signed_requests {
+            Some(entry) => authorities(
+                path,
+                &at(
+                    entry.unsigned_allowed.span(),
+                    "signed_requests.unsigned_allowed",
+                ),
+                entry.unsigned_allowed.get_ref(),
+                &file.groups,
+            )?,
+            None => BTreeSet::new(),
+        };
+
         Ok(Policy {
             rules,
             quotas: Arc::new(quotas),
             portals,
             encryption_required,
+            unsigned_allowed,
         })
+    }
+
+    /// Whether `caller_id` must sign its requests: every authority must,
+    /// unless `[signed_requests] unsigned_allowed` names it.
+    pub fn requires_signed_requests(&self, caller_id: &str) -> bool {
+        !self.unsigned_allowed.contains(caller_id)
     }
 
     /// Checks and builds the `[[quota]]` entries and `[default_quota]`.

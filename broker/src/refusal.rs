@@ -20,6 +20,7 @@ use tonic::{Code, Status};
 use crate::consent::ConsentError;
 use crate::forward::ForwardError;
 use crate::idempotency::StoredStatus;
+use onceonly_seal::RequestError;
 use onceonly_store::AuditError;
 
 /// Why an exchange ended without evidence.
@@ -31,6 +32,10 @@ pub enum Refusal {
         /// The verifier's reason.
         reason: String,
     },
+    /// The authority's signed request is missing where the policy requires
+    /// one, does not verify, or says something else than the request.
+    #[error(transparent)]
+    SignedRequest(RequestError),
     /// The caller is not an authority.
     #[error("{caller} may not request evidence")]
     RoleNotPermitted {
@@ -140,6 +145,32 @@ pub enum Refusal {
     Replayed(StoredStatus),
 }
 
+/// What an authority gets for a signed request refused: INVALID_ARGUMENT
+/// naming the field a claim differs from, UNAUTHENTICATED otherwise.
+fn signed_request_refused(refused: &RequestError) -> Status {
+    match refused {
+        RequestError::Mismatch { claim, field } => invalid_request(
+            ErrorReason::SignedRequestMismatch,
+            &[FieldViolation::new(
+                "signed_request",
+                format!(
+                    "its claim {claim} differs from the request's {field}: sign the request as it is sent"
+                ),
+            )],
+        ),
+        RequestError::Missing => error(
+            Code::Unauthenticated,
+            ErrorReason::SignedRequestMissing,
+            "the policy requires this authority to sign its requests, and signed_request is empty: sign each request with your certificate key (see RequestEvidenceRequest.signed_request)",
+        ),
+        other => error(
+            Code::Unauthenticated,
+            ErrorReason::SignedRequestInvalid,
+            format!("{other}; sign each request anew with your own certificate key"),
+        ),
+    }
+}
+
 /// What the policy was asked, and denied.
 #[derive(Debug)]
 pub struct DeniedRequest {
@@ -160,8 +191,10 @@ impl Refusal {
         match self {
             Refusal::Invalid { .. }
             | Refusal::RequestIdReused { .. }
-            | Refusal::EncryptionCertificateRefused(_) => Rejected,
+            | Refusal::EncryptionCertificateRefused(_)
+            | Refusal::SignedRequest(RequestError::Mismatch { .. }) => Rejected,
             Refusal::Unauthenticated { .. }
+            | Refusal::SignedRequest(_)
             | Refusal::RoleNotPermitted { .. }
             | Refusal::QuotaExceeded { .. }
             | Refusal::PolicyDenied(_)
@@ -202,6 +235,7 @@ impl Refusal {
     pub fn status(&self) -> Status {
         match self {
             Refusal::Unauthenticated { reason } => certificate_refused(reason),
+            Refusal::SignedRequest(refused) => signed_request_refused(refused),
             Refusal::RoleNotPermitted { caller } => {
                 role_not_permitted(caller, "RequestEvidence", &[Role::Authority])
             }

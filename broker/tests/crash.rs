@@ -98,6 +98,7 @@ async fn acknowledged_records_survive_sigkill_and_the_log_verifies() {
 
     let (config, _) =
         onceonly_certs::tls::client_config(&pki.tls_files(Role::Authority, "a")).expect("tls");
+    let authority = pki.participant_paths(Role::Authority, "a");
     let acknowledged = Arc::new(Mutex::new(HashSet::new()));
     let killed_at: Arc<OnceLock<Instant>> = Arc::default();
     let mut writers = Vec::new();
@@ -107,8 +108,11 @@ async fn acknowledged_records_survive_sigkill_and_the_log_verifies() {
             .expect("channel");
         let acknowledged = acknowledged.clone();
         let killed_at = killed_at.clone();
+        let authority = authority.clone();
         writers.push(tokio::spawn(async move {
             let mut client = EvidenceServiceClient::new(channel);
+            let signer = onceonly_seal::Signer::from_files(&authority.0, &authority.1)
+                .expect("the authority's signer");
             let mut n = 0u64;
             // Keep going past the kill, until requests fail for real.
             while killed_at
@@ -117,7 +121,7 @@ async fn acknowledged_records_survive_sigkill_and_the_log_verifies() {
             {
                 let id = format!("w{writer}-{n}");
                 n += 1;
-                let request = RequestEvidenceRequest {
+                let mut request = RequestEvidenceRequest {
                     request_id: id.clone(),
                     evidence_type: "birth-certificate".into(),
                     subject: Some(SubjectId {
@@ -133,6 +137,12 @@ async fn acknowledged_records_survive_sigkill_and_the_log_verifies() {
                     },
                     ..Default::default()
                 };
+                onceonly_seal::sign_request(
+                    &mut request,
+                    &signer,
+                    onceonly_seal::request::DEFAULT_LIFETIME,
+                )
+                .expect("sign");
                 let mut call = tonic::Request::new(request);
                 call.set_timeout(Duration::from_secs(2));
                 match client.request_evidence(call).await {

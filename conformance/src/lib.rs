@@ -8,9 +8,13 @@
 //! - requests without a ticket, or with an expired, forged (another key),
 //!   wrongly addressed, replayed or mismatched one, which must be refused
 //!   (PERMISSION_DENIED, `TICKET_*`) before register code runs;
+//! - tickets whose authority-signed request is missing, altered, signed
+//!   by another participant (the broker itself), or used for a second
+//!   exchange, which must be refused too (PERMISSION_DENIED,
+//!   `SIGNED_REQUEST_*`): a broker cannot make up a request;
 //! - a valid request, whose evidence must come with a statement that
 //!   verifies against the CA and binds the payload digest, the exchange,
-//!   the requester and the subject;
+//!   the requester, the subject, and the signed request's nonce and digest;
 //! - encryption to the requester's certificate where asked (with one given),
 //!   and a foreign encryption certificate, which must be refused;
 //! - the deadline, health, and the documented refusal codes.
@@ -30,7 +34,9 @@ use onceonly_proto::v1::{
     DescribeConnectorRequest, ErrorReason, ProvideEvidenceRequest, ProvideEvidenceResponse,
     SubjectId, SubjectIdScheme,
 };
-use onceonly_seal::{DecryptionKey, EvidenceOpener, Expected, Signer, TicketClaims};
+use onceonly_seal::{
+    DecryptionKey, EvidenceOpener, Expected, RequestBinding, RequestClaims, Signer, TicketClaims,
+};
 use serde::Serialize;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -58,8 +64,11 @@ pub struct Target {
     pub parameters: HashMap<String, String>,
     /// A subject it holds nothing about (for NOT_FOUND), if known.
     pub missing_subject: Option<String>,
-    /// An encryption certificate and key of the trust domain (role
-    /// authority): the requester, for the encryption check.
+    /// An authority certificate and key of the trust domain: the
+    /// requester, who signs each request.
+    pub authority: (PathBuf, PathBuf),
+    /// That authority's encryption certificate and key, for the
+    /// encryption check.
     pub encryption: Option<(PathBuf, PathBuf)>,
     /// The deadline of the deadline check.
     pub deadline: Duration,
@@ -155,6 +164,7 @@ pub enum ConformanceError {
 struct Broker {
     client: ConnectorServiceClient<Channel>,
     signer: Arc<Signer>,
+    authority: Arc<Signer>,
     trust_domain: String,
     audience: String,
     requester: String,
@@ -181,8 +191,29 @@ impl Broker {
         }
     }
 
-    /// The ticket a broker would issue for `request`, valid 60 s.
+    /// The request the authority signs for `request`, valid 120 s.
+    fn signed_request(&self, request: &ProvideEvidenceRequest) -> RequestClaims {
+        RequestClaims::for_forwarded(
+            request,
+            &request.exchange_id,
+            onceonly_seal::unix_now(),
+            onceonly_seal::request::DEFAULT_LIFETIME,
+        )
+        .unwrap_or_else(|_| unreachable_claims())
+    }
+
+    /// The ticket a broker would issue for `request`, valid 60 s, carrying
+    /// the request the authority signed.
     fn claims(&mut self, request: &ProvideEvidenceRequest) -> TicketClaims {
+        let signed = self.signed_request(request);
+        TicketClaims {
+            req: signed.sign(&self.authority).unwrap_or_default(),
+            ..self.bare_claims(request)
+        }
+    }
+
+    /// The ticket for `request` without a signed request.
+    fn bare_claims(&mut self, request: &ProvideEvidenceRequest) -> TicketClaims {
         let now = onceonly_seal::unix_now();
         self.serial += 1;
         TicketClaims {
@@ -230,6 +261,26 @@ impl Broker {
             )),
         };
         (answer, started.elapsed())
+    }
+}
+
+/// Claims no connector accepts: where no random nonce can be had, the
+/// checks that need a signed request fail rather than stop the run.
+fn unreachable_claims() -> RequestClaims {
+    RequestClaims {
+        iss: String::new(),
+        rid: String::new(),
+        non: String::new(),
+        iat: 0,
+        exp: 0,
+        evt: String::new(),
+        sbh: String::new(),
+        pur: String::new(),
+        lgb: String::new(),
+        jur: String::new(),
+        prm: String::new(),
+        cid: String::new(),
+        ecf: String::new(),
     }
 }
 
@@ -318,6 +369,113 @@ fn foreign_encryption_certificate(requester: &str) -> Result<Vec<u8>, String> {
         .to_vec())
 }
 
+/// The authority's signed request in the ticket: missing, altered after
+/// signing, signed for another request, signed by the broker itself, and
+/// reused for a second exchange (`used`, the valid check's). Each must be
+/// refused before register code runs.
+async fn signed_request_checks(
+    broker: &mut Broker,
+    report: &mut Report,
+    used: &str,
+    deadline: Duration,
+) {
+    let mut request = broker.request("unsigned");
+    let claims = broker.bare_claims(&request);
+    request.authorization_ticket = broker.sign(&claims);
+    let (answer, _) = broker.call(request, deadline).await;
+    report.checks.push(refusal_check(
+        "signed-request-missing",
+        &answer,
+        Code::PermissionDenied,
+        &[ErrorReason::SignedRequestMissing],
+    ));
+
+    // The token's claims edited after the authority signed them.
+    let mut request = broker.request("altered");
+    let mut claims = broker.claims(&request);
+    claims.req = altered(&claims.req, |c| c.pur = "something-else".into());
+    request.authorization_ticket = broker.sign(&claims);
+    let (answer, _) = broker.call(request, deadline).await;
+    report.checks.push(refusal_check(
+        "signed-request-altered",
+        &answer,
+        Code::PermissionDenied,
+        &[ErrorReason::SignedRequestInvalid],
+    ));
+
+    // Signed by the authority, for another subject than the one asked.
+    let mut request = broker.request("other-subject-signed");
+    let mut other = request.clone();
+    other.subject = Some(SubjectId {
+        scheme: SubjectIdScheme::DeIdnr.into(),
+        value: "10000000000".into(),
+    });
+    let signed = broker.signed_request(&other);
+    let claims = TicketClaims {
+        req: signed.sign(&broker.authority).unwrap_or_default(),
+        ..broker.bare_claims(&request)
+    };
+    request.authorization_ticket = broker.sign(&claims);
+    let (answer, _) = broker.call(request, deadline).await;
+    report.checks.push(refusal_check(
+        "signed-request-mismatch",
+        &answer,
+        Code::PermissionDenied,
+        &[ErrorReason::SignedRequestMismatch],
+    ));
+
+    // The broker, holding a valid broker key, signs the request itself.
+    let mut request = broker.request("broker-signed");
+    let signed = broker.signed_request(&request);
+    let claims = TicketClaims {
+        req: signed.sign(&broker.signer).unwrap_or_default(),
+        ..broker.bare_claims(&request)
+    };
+    request.authorization_ticket = broker.sign(&claims);
+    let (answer, _) = broker.call(request, deadline).await;
+    report.checks.push(refusal_check(
+        "signed-request-by-broker",
+        &answer,
+        Code::PermissionDenied,
+        &[ErrorReason::SignedRequestInvalid],
+    ));
+
+    // The one signed request of the valid check, for a new exchange.
+    // The same request as the valid check's, under a new exchange id.
+    let mut request = broker.request("valid");
+    let claims = TicketClaims {
+        req: used.to_owned(),
+        ..broker.bare_claims(&request)
+    };
+    request.authorization_ticket = broker.sign(&claims);
+    let (answer, _) = broker.call(request, deadline).await;
+    report.checks.push(refusal_check(
+        "signed-request-reused",
+        &answer,
+        Code::PermissionDenied,
+        &[ErrorReason::SignedRequestInvalid],
+    ));
+}
+
+/// `token` with its claims changed by `edit` and its signature kept: what
+/// a party in between would send.
+fn altered(token: &str, edit: impl FnOnce(&mut RequestClaims)) -> String {
+    let mut parts = token.splitn(3, '.');
+    let (Some(header), Some(_), Some(signature)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return token.to_owned();
+    };
+    let Some(mut claims) = RequestClaims::read_unverified(token) else {
+        return token.to_owned();
+    };
+    edit(&mut claims);
+    let claims = serde_json::to_vec(&claims).unwrap_or_default();
+    format!(
+        "{header}.{}.{signature}",
+        onceonly_seal::base64_url(&claims)
+    )
+}
+
 /// Runs every check against `target`.
 pub async fn run(target: Target) -> Result<Report, ConformanceError> {
     let setup = |e: &dyn std::fmt::Display| ConformanceError::Setup(e.to_string());
@@ -348,7 +506,18 @@ pub async fn run(target: Target) -> Result<Report, ConformanceError> {
         Signer::from_files(&target.broker_cert, &target.broker_key).map_err(|e| setup(&e))?,
     );
     let verifier = Arc::new(identity_verifier(&files, &trust_domain).map_err(|e| setup(&e))?);
-    let (requester, decryption) = match &target.encryption {
+    let authority = Arc::new(
+        Signer::from_files(&target.authority.0, &target.authority.1).map_err(|e| setup(&e))?,
+    );
+    if authority.participant().role() != Role::Authority {
+        return Err(ConformanceError::Setup(format!(
+            "{} is {}, not an authority certificate: the checks sign requests as the requester",
+            target.authority.0.display(),
+            authority.participant()
+        )));
+    }
+    let requester = authority.participant().spiffe_id();
+    let decryption = match &target.encryption {
         Some((cert, key)) => {
             let der = onceonly_certs::pki::load_certs(cert)
                 .map_err(|e| setup(&e))?
@@ -358,22 +527,23 @@ pub async fn run(target: Target) -> Result<Report, ConformanceError> {
                     ConformanceError::Setup(format!("{}: no certificate", cert.display()))
                 })?;
             let owner = Participant::from_certificate(der.as_ref()).map_err(|e| setup(&e))?;
-            (
-                owner.spiffe_id(),
-                Some((
-                    der.as_ref().to_vec(),
-                    DecryptionKey::from_files(cert, key).map_err(|e| setup(&e))?,
-                )),
-            )
+            if owner.spiffe_id() != requester {
+                return Err(ConformanceError::Setup(format!(
+                    "{} belongs to {owner}, not to the requester {requester}",
+                    cert.display()
+                )));
+            }
+            Some((
+                der.as_ref().to_vec(),
+                DecryptionKey::from_files(cert, key).map_err(|e| setup(&e))?,
+            ))
         }
-        None => (
-            format!("spiffe://{trust_domain}/authority/onceonly-conformance"),
-            None,
-        ),
+        None => None,
     };
     let mut broker = Broker {
         client: ConnectorServiceClient::new(channel.clone()),
         signer,
+        authority,
         trust_domain,
         audience: connector.spiffe_id(),
         requester,
@@ -500,6 +670,11 @@ pub async fn run(target: Target) -> Result<Report, ConformanceError> {
     request.authorization_ticket = broker.sign(&claims);
     let replay = request.clone();
     let exchange_id = request.exchange_id.clone();
+    let signed_request = claims.req.clone();
+    let nonce = RequestClaims::read_unverified(&signed_request)
+        .map(|c| c.non)
+        .unwrap_or_default();
+    let signed_digest = onceonly_seal::digest_b64(signed_request.as_bytes());
     let (answer, _) = broker.call(request, standard).await;
     let opener = EvidenceOpener::new(verifier.clone(), None);
     let requester = broker.requester.clone();
@@ -511,10 +686,16 @@ pub async fn run(target: Target) -> Result<Report, ConformanceError> {
         requester: &requester,
         parameters: Some(&target.parameters),
         connector: Some(&target.connector_id),
+        encrypted: false,
+        request: Some(RequestBinding {
+            nonce: &nonce,
+            digest: &signed_digest,
+            issued_at: claims.iat,
+        }),
     };
     report.checks.push(Check {
         name: "valid-request".into(),
-        expected: "OK; a statement signed by this connector's certificate of the CA, binding digest, exchange, requester and subject".into(),
+        expected: "OK; a statement signed by this connector's certificate of the CA, binding digest, exchange, requester, subject and the signed request".into(),
         got: match &answer {
             Ok(response) => match response.evidence.as_ref().map(|e| opener.open(e, &expected)) {
                 Some(Ok(opened)) => format!("OK, statement of {} verified and bound", opened.connector),
@@ -534,6 +715,8 @@ pub async fn run(target: Target) -> Result<Report, ConformanceError> {
         &[ErrorReason::TicketReplayed],
     ));
 
+    signed_request_checks(&mut broker, &mut report, &signed_request, standard).await;
+
     // Encryption.
     match decryption {
         Some((der, key)) => {
@@ -544,8 +727,19 @@ pub async fn run(target: Target) -> Result<Report, ConformanceError> {
             let exchange_id = request.exchange_id.clone();
             let (answer, _) = broker.call(request, standard).await;
             let opener = EvidenceOpener::new(verifier.clone(), Some(key));
+            let signed_request = claims.req.clone();
+            let nonce = RequestClaims::read_unverified(&signed_request)
+                .map(|c| c.non)
+                .unwrap_or_default();
+            let signed_digest = onceonly_seal::digest_b64(signed_request.as_bytes());
             let expected = Expected {
                 exchange_id: &exchange_id,
+                encrypted: true,
+                request: Some(RequestBinding {
+                    nonce: &nonce,
+                    digest: &signed_digest,
+                    issued_at: claims.iat,
+                }),
                 ..expected
             };
             let opened = answer

@@ -51,8 +51,14 @@ struct Cli {
     /// A subject the register holds nothing about (checks NOT_FOUND).
     #[arg(long)]
     missing_subject: Option<String>,
-    /// An authority's encryption certificate of the trust domain (checks
-    /// encryption; the authority is then the requester).
+    /// An authority certificate of the trust domain: the requester, who
+    /// signs each request (the checks play it too).
+    #[arg(long)]
+    authority_cert: PathBuf,
+    /// Its private key.
+    #[arg(long)]
+    authority_key: PathBuf,
+    /// That authority's encryption certificate (checks encryption).
     #[arg(long, requires = "encryption_key")]
     encryption_cert: Option<PathBuf>,
     /// Its key.
@@ -102,6 +108,7 @@ async fn main() -> ExitCode {
         },
         parameters,
         missing_subject: cli.missing_subject,
+        authority: (cli.authority_cert, cli.authority_key),
         encryption: cli.encryption_cert.zip(cli.encryption_key),
         deadline: cli.deadline,
     };

@@ -21,6 +21,10 @@ fn arguments() -> Vec<&'static str> {
         "/nonexistent/broker.pem",
         "--broker-key",
         "/nonexistent/broker.key",
+        "--authority-cert",
+        "/nonexistent/authority.pem",
+        "--authority-key",
+        "/nonexistent/authority.key",
         "--evidence-type",
         "birth-certificate",
         "--subject",
@@ -37,6 +41,21 @@ fn a_usage_error_exits_2_and_names_the_fix() {
         .expect("runs");
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("DE_IDNR"));
+}
+
+#[test]
+fn the_requester_who_signs_is_a_required_argument() {
+    let without: Vec<&str> = arguments()
+        .into_iter()
+        .filter(|a| !a.contains("authority"))
+        .collect();
+    let output = conformance().args(without).output().expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--authority-cert"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]

@@ -72,6 +72,13 @@ pub struct ConnectorConfig {
     /// them.
     #[serde(default)]
     pub encryption_required_for: Vec<String>,
+    /// Whether to answer tickets that carry no request signed by the
+    /// authority (default false: refused, PERMISSION_DENIED,
+    /// SIGNED_REQUEST_MISSING, so that a broker cannot make up a request
+    /// this register answers). Set it only while authorities the broker
+    /// lets send unsigned requests still ask this register.
+    #[serde(default)]
+    pub accept_unsigned_requests: bool,
     /// Where to serve `GET /metrics` (Prometheus text format, plain HTTP,
     /// no certificate: keep it on loopback); none: no admin listener.
     #[serde(default)]
@@ -141,6 +148,7 @@ impl ConnectorConfig {
             connections: ConnectionLimits::default(),
             shutdown_grace: default_shutdown_grace(),
             encryption_required_for: Vec::new(),
+            accept_unsigned_requests: false,
             admin_listen: None,
             otlp_endpoint: None,
             trace_filter: default_trace_filter(),

@@ -68,6 +68,11 @@ pub struct EvidenceRequest {
     /// it with your own record (its `rul` names the broker's policy rule,
     /// `cid` the consent). Always set on requests the SDK hands over.
     pub ticket: Option<onceonly_seal::TicketClaims>,
+    /// The requesting authority's own signed request, verified against
+    /// this request (its claims, signer and digest): what the authority
+    /// itself asked for, keep it with your record too. None only where the
+    /// connector accepts unsigned requests and the authority sent none.
+    pub signed_request: Option<onceonly_seal::VerifiedRequest>,
 }
 
 /// What a register returns: the bytes and their media type. The SDK adds

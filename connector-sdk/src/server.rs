@@ -111,6 +111,13 @@ impl<C: Connector> ConnectorServer<C> {
         self
     }
 
+    /// Answer tickets without the authority's signed request (see
+    /// [`ConnectorConfig::accept_unsigned_requests`]).
+    pub fn accept_unsigned_requests(mut self, accept: bool) -> Self {
+        self.config.accept_unsigned_requests = accept;
+        self
+    }
+
     /// Serve metrics on `addr` (see [`ConnectorConfig::admin_listen`]).
     pub fn admin_listen(mut self, addr: SocketAddr) -> Self {
         self.config.admin_listen = Some(addr);
@@ -235,6 +242,7 @@ impl<C: Connector> BoundConnector<C> {
                 max_payload_size: usize::try_from(config.limits.max_payload_size.as_u64())
                     .unwrap_or(usize::MAX),
                 encryption_required_for: config.encryption_required_for.clone(),
+                accept_unsigned_requests: config.accept_unsigned_requests,
             },
             self.tls.clone(),
             self.signer,

@@ -23,7 +23,10 @@ use onceonly_proto::validate::{self, FieldViolation, Violations};
 use onceonly_seal::encryption::{Context, SUITE};
 use onceonly_seal::jws::SignerCell;
 use onceonly_seal::statement::EncryptionClaims;
-use onceonly_seal::{Recipient, StatementClaims, TicketError, TicketExpectation, TicketVerifier};
+use onceonly_seal::{
+    NonceBook, Recipient, RequestError, RequestFields, StatementClaims, TicketError,
+    TicketExpectation, TicketVerifier,
+};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tonic::{Code, Request, Response, Status};
@@ -54,6 +57,8 @@ pub(crate) struct ServiceLimits {
     pub max_payload_size: usize,
     /// Evidence types released only encrypted to the requester.
     pub encryption_required_for: Vec<String>,
+    /// Whether tickets without the authority's signed request are answered.
+    pub accept_unsigned_requests: bool,
 }
 
 /// The gRPC service wrapping a connector.
@@ -75,6 +80,9 @@ pub(crate) struct ConnectorGrpc<C> {
     signer: SignerCell,
     /// The broker's tickets, with the ones accepted (replays refused).
     tickets: TicketVerifier,
+    /// The nonces of the authorities' signed requests, each with the one
+    /// exchange it may serve.
+    nonces: NonceBook,
     /// Evidence types this register releases only encrypted.
     encryption_required: std::collections::HashSet<String>,
     permits: Arc<Semaphore>,
@@ -115,6 +123,7 @@ impl<C: Connector> ConnectorGrpc<C> {
             tls,
             signer,
             tickets: TicketVerifier::new(&broker),
+            nonces: NonceBook::default(),
             encryption_required: limits.encryption_required_for.iter().cloned().collect(),
             metrics: Arc::default(),
             permits: Arc::new(Semaphore::new(limits.concurrency.max(1))),
@@ -177,13 +186,44 @@ impl<C: Connector> ConnectorGrpc<C> {
             parameters: &parameters,
             encryption_certificate: &fingerprint,
         };
+        let now = onceonly_seal::unix_now();
         let ticket = self
             .tickets
-            .verify(&token, &trust, &expected, onceonly_seal::unix_now())
+            .verify(&token, &trust, &expected, now)
             .map_err(|refusal| {
                 tracing::warn!(%refusal, "authorization ticket refused");
                 ticket_status(&refusal)
             })?;
+        // The authority's own signature on what the ticket lets through:
+        // the broker's word alone does not make a request.
+        let signed_request = if ticket.req.is_empty() && self.limits.accept_unsigned_requests {
+            None
+        } else {
+            let fields = RequestFields {
+                requester: &request.requester_id,
+                request_id: None,
+                evidence_type: &request.evidence_type,
+                subject_scheme: request.subject.scheme,
+                subject_value: &request.subject.value,
+                purpose: &request.purpose,
+                legal_basis: &request.legal_basis,
+                jurisdiction: request.jurisdiction.as_deref().unwrap_or(""),
+                parameters: &parameters,
+                consent_id: None,
+                encryption_certificate: &fingerprint,
+            };
+            let verified = onceonly_seal::verify_request(&ticket.req, &trust, &fields, now)
+                .and_then(|verified| {
+                    self.nonces
+                        .claim(&verified.claims, &request.exchange_id, now)
+                        .map(|()| verified)
+                })
+                .map_err(|refusal| {
+                    tracing::warn!(%refusal, "the authority's signed request refused");
+                    signed_request_status(&refusal)
+                })?;
+            Some(verified)
+        };
         let recipient = if certificate.is_empty() {
             if self.encryption_required.contains(&request.evidence_type) {
                 // The register's own rule: a broker that mints itself a
@@ -211,6 +251,7 @@ impl<C: Connector> ConnectorGrpc<C> {
             Some(recipient)
         };
         request.ticket = Some(ticket);
+        request.signed_request = signed_request;
         Ok(Admitted { request, recipient })
     }
 
@@ -266,6 +307,7 @@ impl<C: Connector> ConnectorGrpc<C> {
             parameters: request.parameters,
             deadline: None,
             ticket: None,
+            signed_request: None,
         })
     }
 
@@ -368,11 +410,19 @@ impl<C: Connector> ConnectorGrpc<C> {
             prm: onceonly_seal::parameters_hash(&request.parameters),
             dig: onceonly_seal::base64_url(&digest),
             enc: encryption,
+            non: request
+                .signed_request
+                .as_ref()
+                .map(|signed| signed.claims.non.clone())
+                .unwrap_or_default(),
+            rqd: request
+                .signed_request
+                .as_ref()
+                .map(|signed| signed.digest.clone())
+                .unwrap_or_default(),
         };
-        let register_jws = self
-            .signer
-            .get(self.tls.generation())
-            .and_then(|signer| statement.sign(&signer))
+        let register_jws = statement
+            .sign(&self.signer.get(self.tls.generation()))
             .map_err(|e| sealing_failed(e.to_string()))?;
         Ok(Evidence {
             evidence_type: request.evidence_type.clone(),
@@ -406,6 +456,27 @@ impl<C: Connector> ConnectorGrpc<C> {
             .map_err(|too_short| too_short.status())?;
         Ok((deadline, work))
     }
+}
+
+/// PERMISSION_DENIED with the reason of each refusal of the authority's
+/// signed request.
+fn signed_request_status(refusal: &RequestError) -> Status {
+    let reason = match refusal {
+        RequestError::Missing => ErrorReason::SignedRequestMissing,
+        RequestError::Mismatch { .. } => ErrorReason::SignedRequestMismatch,
+        RequestError::TooMany(_) => {
+            return error(
+                Code::ResourceExhausted,
+                ErrorReason::LimitExceeded,
+                format!("{refusal}; retry later"),
+            );
+        }
+        RequestError::Invalid(_)
+        | RequestError::NotTheRequester { .. }
+        | RequestError::Expired(_)
+        | RequestError::Replayed { .. } => ErrorReason::SignedRequestInvalid,
+    };
+    error(Code::PermissionDenied, reason, refusal.to_string())
 }
 
 /// PERMISSION_DENIED with the reason of each ticket refusal.

@@ -69,7 +69,42 @@ def subject_hash(exchange_id, scheme_name, value):
     return b64url(hashlib.sha256(b"\0".join(parts)).digest())
 
 
-def check_statement(evidence, exchange_id, requester, subject_scheme, subject_value, ca_pem):
+def sign_request(request, requester, cert_pem, key_pem, subject_scheme, lifetime=120):
+    """Signs the request as the authority (RequestEvidenceRequest.signed_request):
+    a JWS with PyJWT and the key of its certificate, the chain in x5c. Returns
+    the token and its nonce."""
+    import secrets
+    import time
+
+    import jwt
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
+
+    key = load_pem_private_key(key_pem, password=None)
+    algorithm = "ES256" if isinstance(key, ec.EllipticCurvePrivateKey) else "EdDSA"
+    der = x509.load_pem_x509_certificate(cert_pem).public_bytes(Encoding.DER)
+    nonce = b64url(secrets.token_bytes(18))
+    now = int(time.time())
+    claims = {
+        "iss": requester,
+        "rid": request.request_id,
+        "non": nonce,
+        "iat": now,
+        "exp": now + lifetime,
+        "evt": request.evidence_type,
+        "sbh": subject_hash(nonce, subject_scheme, request.subject.value),
+        "pur": request.purpose,
+        "lgb": request.legal_basis,
+    }
+    if request.encryption_certificate:
+        claims["ecf"] = b64url(hashlib.sha256(request.encryption_certificate).digest())
+    headers = {"typ": "onceonly-request+jwt", "x5c": [base64.b64encode(der).decode()]}
+    token = jwt.encode(claims, key, algorithm=algorithm, headers=headers)
+    return token, nonce
+
+
+def check_statement(evidence, exchange_id, requester, subject_scheme, subject_value, ca_pem, signed=None):
     """Verifies the register's JWS and its binding; the claims, or raises."""
     import jwt
     from cryptography import x509
@@ -107,6 +142,11 @@ def check_statement(evidence, exchange_id, requester, subject_scheme, subject_va
         "dig": b64url(hashlib.sha256(carried).digest()),
         "med": evidence.media_type,
     }
+    if signed is not None:
+        # Bound to the request this authority signed: its nonce and digest.
+        token, nonce = signed
+        expected["non"] = nonce
+        expected["rqd"] = b64url(hashlib.sha256(token.encode()).digest())
     for claim, value in expected.items():
         if claims.get(claim) != value:
             raise ValueError(f"check binding: claim {claim} is {claims.get(claim)!r}, expected {value!r}")
@@ -164,6 +204,7 @@ def main():
         calls = [
             ("allowed", "birth-certificate", "§ 9 Abs. 1 BEEG", b""),
             ("denied", "vehicle-registration", "§ 9 Abs. 1 BEEG", b""),
+            ("unsigned", "birth-certificate", "§ 9 Abs. 1 BEEG", b""),
         ]
         if args.enc_cert:
             enc_der = x509.load_pem_x509_certificate(read(args.enc_cert)).public_bytes(Encoding.DER)
@@ -177,6 +218,10 @@ def main():
                 legal_basis=legal_basis,
                 encryption_certificate=encryption_certificate,
             )
+            signed = None
+            if name != "unsigned":
+                signed = sign_request(request, requester, read(args.cert), read(args.key), "SUBJECT_ID_SCHEME_DE_IDNR")
+                request.signed_request = signed[0]
             try:
                 response = stub.RequestEvidence(request, timeout=10)
                 found = response.evidence
@@ -191,9 +236,10 @@ def main():
                 }
                 try:
                     claims = check_statement(
-                        found, response.exchange_id, requester, "SUBJECT_ID_SCHEME_DE_IDNR", args.subject, read(args.ca)
+                        found, response.exchange_id, requester, "SUBJECT_ID_SCHEME_DE_IDNR", args.subject, read(args.ca), signed
                     )
                     line["signature_ok"] = True
+                    line["bound_to_nonce"] = claims.get("non") == signed[1]
                     line["signed_by"] = claims["iss"]
                 except Exception as failure:  # the check that failed, by name
                     line["signature_ok"] = False

@@ -79,17 +79,45 @@ pub fn connector_client(pki: &Pki, role: Role, id: &str, addr: SocketAddr) -> Ti
     TicketingClient {
         inner: ConnectorServiceClient::new(channel_as(pki, role, id, addr, None)),
         signer: Arc::new(Signer::from_files(&cert, &key).expect("broker signer")),
-        trust_domain: pki.trust_domain().to_owned(),
+        pki: pki.clone(),
         connector_id: None,
     }
 }
 
-/// See [`connector_client`].
+/// See [`connector_client`]. The ticket it adds carries the request signed
+/// by the requester, where the PKI holds the requester's certificate.
 pub struct TicketingClient {
     inner: ConnectorServiceClient<Channel>,
     signer: Arc<Signer>,
-    trust_domain: String,
+    pki: Pki,
     connector_id: Option<String>,
+}
+
+/// The request `forwarded` as its requester, an authority of `pki` (issued
+/// its certificate here where the PKI has none yet), would have signed it;
+/// "" where the requester is not an authority's SPIFFE id.
+pub fn signed_by_requester(pki: &Pki, forwarded: &ProvideEvidenceRequest) -> String {
+    let Some(id) = forwarded
+        .requester_id
+        .rsplit_once("/authority/")
+        .map(|(_, id)| id)
+    else {
+        return String::new();
+    };
+    let (cert, key) = pki.participant_paths(Role::Authority, id);
+    if !cert.exists() {
+        pki.issue(&onceonly_certs::IssueOptions::new(Role::Authority, id))
+            .expect("the requester's certificate");
+    }
+    let signer = Signer::from_files(&cert, &key).expect("the requester's signer");
+    onceonly_seal::RequestClaims::for_forwarded(
+        forwarded,
+        &forwarded.exchange_id,
+        onceonly_seal::unix_now(),
+        onceonly_seal::request::DEFAULT_LIFETIME,
+    )
+    .and_then(|claims| claims.sign(&signer))
+    .expect("sign the request as the authority")
 }
 
 impl TicketingClient {
@@ -112,12 +140,10 @@ impl TicketingClient {
                 }
             }
             if let Some(connector_id) = &self.connector_id {
-                request.get_mut().authorization_ticket = ticket_for(
-                    &self.signer,
-                    &self.trust_domain,
-                    connector_id,
-                    request.get_ref(),
-                );
+                let claims =
+                    ticket_with_request(&self.pki, &self.signer, connector_id, request.get_ref());
+                request.get_mut().authorization_ticket =
+                    claims.sign(&self.signer).expect("sign ticket");
             }
         }
         self.inner.provide_evidence(request).await
@@ -167,6 +193,21 @@ pub fn ticket_claims(
             "test-rule".into(),
             String::new(),
         )
+    }
+}
+
+/// [`ticket_claims`], carrying the request as its requester (an authority
+/// of `pki`) signed it ([`signed_by_requester`]): a ticket a connector
+/// answers.
+pub fn ticket_with_request(
+    pki: &Pki,
+    signer: &Signer,
+    connector_id: &str,
+    request: &ProvideEvidenceRequest,
+) -> TicketClaims {
+    TicketClaims {
+        req: signed_by_requester(pki, request),
+        ..ticket_claims(signer, pki.trust_domain(), connector_id, request)
     }
 }
 
@@ -385,5 +426,74 @@ pub async fn all_records(channel: Channel) -> Vec<onceonly_proto::v1::AuditRecor
             return records;
         }
         page_token = page.next_page_token;
+    }
+}
+
+/// An EvidenceService client for one authority that signs every request
+/// that carries no signature yet with the authority's certificate key, as
+/// a real authority's client does ([`onceonly_seal::sign_request`]). Tests
+/// of the signature checks set `signed_request` themselves, or use the
+/// plain client.
+#[derive(Clone)]
+pub struct AuthorityClient {
+    inner: onceonly_proto::v1::evidence_service_client::EvidenceServiceClient<Channel>,
+    signer: Arc<Signer>,
+}
+
+impl AuthorityClient {
+    /// A client on `channel` signing as the authority whose certificate
+    /// and key `pki` holds.
+    pub fn new(pki: &Pki, id: &str, channel: Channel) -> Self {
+        let (cert, key) = pki.participant_paths(Role::Authority, id);
+        AuthorityClient {
+            inner: onceonly_proto::v1::evidence_service_client::EvidenceServiceClient::new(channel),
+            signer: Arc::new(Signer::from_files(&cert, &key).expect("authority signer")),
+        }
+    }
+
+    /// The authority's signer.
+    pub fn signer(&self) -> &Signer {
+        &self.signer
+    }
+
+    /// RequestEvidence, signed where it is not yet.
+    pub async fn request_evidence(
+        &mut self,
+        request: impl tonic::IntoRequest<onceonly_proto::v1::RequestEvidenceRequest>,
+    ) -> Result<tonic::Response<onceonly_proto::v1::RequestEvidenceResponse>, tonic::Status> {
+        self.request_signed(request).await.0
+    }
+
+    /// RequestEvidence, signed where it is not yet, with what the answer's
+    /// statement must be bound to (None where the request came signed).
+    pub async fn request_signed(
+        &mut self,
+        request: impl tonic::IntoRequest<onceonly_proto::v1::RequestEvidenceRequest>,
+    ) -> (
+        Result<tonic::Response<onceonly_proto::v1::RequestEvidenceResponse>, tonic::Status>,
+        Option<onceonly_seal::SignedRequest>,
+    ) {
+        let mut request = request.into_request();
+        let signed = if request.get_ref().signed_request.is_empty() {
+            Some(
+                onceonly_seal::sign_request(
+                    request.get_mut(),
+                    &self.signer,
+                    onceonly_seal::request::DEFAULT_LIFETIME,
+                )
+                .expect("sign the request"),
+            )
+        } else {
+            None
+        };
+        (self.inner.request_evidence(request).await, signed)
+    }
+
+    /// ListEvidenceTypes.
+    pub async fn list_evidence_types(
+        &mut self,
+        request: impl tonic::IntoRequest<onceonly_proto::v1::ListEvidenceTypesRequest>,
+    ) -> Result<tonic::Response<onceonly_proto::v1::ListEvidenceTypesResponse>, tonic::Status> {
+        self.inner.list_evidence_types(request).await
     }
 }

@@ -19,7 +19,7 @@ use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
 use onceonly_registry_mock::{MockRegister, RegisterKind};
 use tonic::transport::Channel;
 
-use crate::{channel_as, start_connector};
+use crate::{AuthorityClient, channel_as, start_connector};
 
 /// The shipped sample policy.
 pub const SAMPLE_POLICY: &str = include_str!("../../broker/config/policy.toml");
@@ -295,8 +295,20 @@ impl World {
         channel_as(&self.pki, role, id, self.broker_addr(), Some(broker))
     }
 
-    /// An EvidenceService client for authority `id`.
-    pub fn authority(&self, id: &str) -> EvidenceServiceClient<Channel> {
+    /// An EvidenceService client for authority `id`, signing its requests.
+    pub fn authority(&self, id: &str) -> AuthorityClient {
+        AuthorityClient::new(&self.pki, id, self.channel(Role::Authority, id))
+    }
+
+    /// An EvidenceService client for authority `id` at the broker (or
+    /// replica) at `addr`, signing its requests.
+    pub fn authority_at(&self, addr: SocketAddr, id: &str) -> AuthorityClient {
+        AuthorityClient::new(&self.pki, id, self.channel_to(addr, Role::Authority, id))
+    }
+
+    /// An EvidenceService client for authority `id` that sends requests as
+    /// they are given: unsigned unless the test signs them.
+    pub fn authority_unsigned(&self, id: &str) -> EvidenceServiceClient<Channel> {
         EvidenceServiceClient::new(self.channel(Role::Authority, id))
     }
 

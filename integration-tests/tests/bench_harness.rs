@@ -24,6 +24,8 @@ fn onceonly_bench_prints_every_row_and_writes_json() {
         "| brokered, audit not flushed | 4 |",
         "| brokered, audit durable, encrypted to the requester | 4 |",
         "c=4: encrypted / clear (both signed) brokered throughput",
+        "| brokered, audit durable, unsigned requests | 4 |",
+        "c=4: signed / unsigned requests brokered throughput",
         "| raw flush (512-byte append + fdatasync) | 1 |",
         "c=4: brokered-durable / direct throughput",
         "| full handshakes |",
@@ -64,7 +66,7 @@ fn onceonly_bench_prints_every_row_and_writes_json() {
         generic_pg || stdout.contains("skipped: brokered via onceonly-connector, PostgreSQL:"),
         "neither the generic PostgreSQL rows nor why they were skipped:\n{stdout}"
     );
-    let expected = 11
+    let expected = 13
         + if proxied { 2 } else { 0 }
         + if replicated { 4 } else { 0 }
         + if generic_pg { 2 } else { 0 };

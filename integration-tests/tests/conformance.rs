@@ -54,6 +54,7 @@ fn target(world: &World, connector: SocketAddr, connector_id: &str, evidence_typ
         parameters: HashMap::new(),
         // A valid IDNr that neither sample register holds.
         missing_subject: Some("65432198704".into()),
+        authority: world.pki.participant_paths(Role::Authority, AUTHORITY),
         encryption: Some(world.pki.encryption_paths(AUTHORITY)),
         deadline: Duration::from_millis(500),
     }
@@ -265,6 +266,10 @@ async fn the_binary_prints_a_table_writes_json_and_says_so_in_its_exit_code() {
             .arg(&target.broker_cert)
             .arg("--broker-key")
             .arg(&target.broker_key)
+            .arg("--authority-cert")
+            .arg(&target.authority.0)
+            .arg("--authority-key")
+            .arg(&target.authority.1)
             .args(["--evidence-type", "birth-certificate", "--subject", ANNA])
             .args(["--missing-subject", "65432198704"])
             .arg("--encryption-cert")
@@ -315,4 +320,52 @@ async fn the_binary_prints_a_table_writes_json_and_says_so_in_its_exit_code() {
         .and_then(|c| c.iter().find(|c| c["name"] == "ticket-missing"))
         .expect("the check");
     assert_eq!(missing["pass"], false, "{missing}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_that_answers_unsigned_requests_fails_exactly_that_check() {
+    let world = World::start().await;
+    // The real civil register, its operator having set
+    // accept_unsigned_requests: a broker could make up requests it answers.
+    let lenient = onceonly_connector_sdk::ConnectorServer::builder(
+        onceonly_registry_mock::MockRegister::embedded(onceonly_registry_mock::RegisterKind::Civil)
+            .expect("civil register"),
+        world.pki.tls_files(Role::Connector, "civil-register"),
+    )
+    .allowed_broker("broker")
+    .accept_unsigned_requests(true)
+    .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
+    .bind()
+    .await
+    .expect("binds")
+    .spawn();
+    let report = check(target(
+        &world,
+        lenient.local_addr(),
+        "civil-register",
+        "birth-certificate",
+    ))
+    .await;
+    assert_eq!(
+        report.failed(),
+        vec!["signed-request-missing"],
+        "{}",
+        report.table()
+    );
+    // A signed request that is there is still checked in full.
+    for name in [
+        "signed-request-altered",
+        "signed-request-mismatch",
+        "signed-request-by-broker",
+        "signed-request-reused",
+    ] {
+        assert!(
+            report
+                .checks
+                .iter()
+                .any(|c| c.name == name && c.pass == Some(true)),
+            "{name}: {}",
+            report.table()
+        );
+    }
 }

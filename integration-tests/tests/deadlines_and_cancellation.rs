@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use onceonly_certs::Role;
 use onceonly_certs::tls::client_config;
+use onceonly_integration_tests::AuthorityClient;
 use onceonly_integration_tests::probe::{ProbeCounts, ProbeRegister};
 use onceonly_integration_tests::world::{AUTHORITIES, World, birth_certificate};
 use onceonly_integration_tests::{cuttable_channel, start_connector};
 use onceonly_proto::deadline::is_timer_expiry;
 use onceonly_proto::status::reason_of;
-use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
 use onceonly_proto::v1::{AuditRecord, ErrorReason, ExchangeOutcome, ListEvidenceTypesRequest};
 use tonic::Code;
 
@@ -84,7 +84,7 @@ async fn a_caller_that_drops_its_connection_leaves_one_cancelled_record() {
     let (config, _) =
         client_config(&world.pki.tls_files(Role::Authority, BERLIN)).expect("client TLS");
     let connection = cuttable_channel(config, world.broker_addr());
-    let mut client = EvidenceServiceClient::new(connection.channel.clone());
+    let mut client = AuthorityClient::new(&world.pki, BERLIN, connection.channel.clone());
     let call =
         tokio::spawn(async move { client.request_evidence(birth_certificate("vanish-1")).await });
     assert!(

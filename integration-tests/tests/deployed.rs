@@ -16,11 +16,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use onceonly_certs::Role;
+use onceonly_integration_tests::AuthorityClient;
 use onceonly_integration_tests::deployed::{Installation, Process, REGISTERS, Settings};
 use onceonly_integration_tests::otlp::Receiver;
 use onceonly_integration_tests::world::birth_certificate;
 use onceonly_integration_tests::{all_records, binary, scrape_metrics};
-use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
 use onceonly_proto::v1::{AuditRecord, ExchangeOutcome, RecordKind};
 
 const BROKER_UNIT: &str = "onceonly-broker.service";
@@ -318,11 +318,11 @@ async fn under_load_until_stopped(
     let stopped = Arc::new(AtomicBool::new(false));
     let mut callers = Vec::new();
     for caller in 0..CALLERS {
-        let mut client = EvidenceServiceClient::new(installation.channel(
-            broker.addr,
-            Role::Authority,
+        let mut client = AuthorityClient::new(
+            &installation.pki,
             AUTHORITY,
-        ));
+            installation.channel(broker.addr, Role::Authority, AUTHORITY),
+        );
         let (answers, stopped) = (answers.clone(), stopped.clone());
         callers.push(tokio::spawn(async move {
             let mut delivered = Vec::new();
@@ -399,10 +399,14 @@ async fn ask(
     authority: &str,
     request_id: &str,
 ) -> Result<(), tonic::Status> {
-    EvidenceServiceClient::new(installation.channel(broker.addr, Role::Authority, authority))
-        .request_evidence(birth_certificate(request_id))
-        .await
-        .map(drop)
+    AuthorityClient::new(
+        &installation.pki,
+        authority,
+        installation.channel(broker.addr, Role::Authority, authority),
+    )
+    .request_evidence(birth_certificate(request_id))
+    .await
+    .map(drop)
 }
 
 /// Every record, as the auditor sees them.
@@ -440,11 +444,11 @@ async fn exchanges_that_outlast_the_grace_period_are_cut_off_and_recorded() {
     let mut broker = installation.start(BROKER_UNIT, "broker");
     let mut calls = Vec::new();
     for n in 0..SLOW {
-        let mut client = EvidenceServiceClient::new(installation.channel(
-            broker.addr,
-            Role::Authority,
+        let mut client = AuthorityClient::new(
+            &installation.pki,
             AUTHORITY,
-        ));
+            installation.channel(broker.addr, Role::Authority, AUTHORITY),
+        );
         calls.push(tokio::spawn(async move {
             let mut request = tonic::Request::new(birth_certificate(&format!("slow-{n}")));
             request.set_timeout(Duration::from_secs(30));

@@ -739,11 +739,10 @@ async fn an_old_consent_row_written_back_does_not_undo_its_revocation() {
         .expect("the intruder writes the old row back");
     assert_eq!(written, 1);
     for (addr, replica) in [(world.broker_addr(), "replica-0"), (other, "replica-1")] {
-        let refused = match onceonly_proto::v1::evidence_service_client::EvidenceServiceClient::new(
-            world.channel_to(addr, onceonly_certs::Role::Authority, BERLIN),
-        )
-        .request_evidence(residence(&format!("after-write-back-{replica}")))
-        .await
+        let refused = match world
+            .authority_at(addr, BERLIN)
+            .request_evidence(residence(&format!("after-write-back-{replica}")))
+            .await
         {
             Ok(_) => panic!("{replica} released evidence on a consent revoked in the log"),
             Err(status) => status,

@@ -103,7 +103,7 @@ async fn a_python_grpcio_client_calls_the_broker_over_mutual_tls() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("json line"))
         .collect();
-    assert_eq!(lines.len(), 3, "{stdout}");
+    assert_eq!(lines.len(), 4, "{stdout}");
     assert_eq!(lines[0]["code"], "OK", "{stdout}");
     assert_eq!(lines[0]["digest_ok"], true, "{stdout}");
     assert_eq!(lines[0]["signature_ok"], true, "{stdout}");
@@ -112,13 +112,24 @@ async fn a_python_grpcio_client_calls_the_broker_over_mutual_tls() {
         "spiffe://onceonly.test/connector/civil-register"
     );
     assert_eq!(lines[0]["connector"], "civil-register");
+    // The request was signed with PyJWT and the statement names its nonce.
+    assert_eq!(lines[0]["bound_to_nonce"], true, "{stdout}");
     assert_eq!(lines[1]["code"], "PERMISSION_DENIED", "{stdout}");
+    // Unsigned, where the policy requires a signature.
+    assert_eq!(lines[2]["code"], "UNAUTHENTICATED", "{stdout}");
+    assert!(
+        lines[2]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("signed_request is empty")),
+        "{stdout}"
+    );
     // Encrypted to the authority: signature checked, plaintext recovered.
-    assert_eq!(lines[2]["code"], "OK", "{stdout}");
-    assert_eq!(lines[2]["encrypted"], true, "{stdout}");
-    assert_eq!(lines[2]["signature_ok"], true, "{stdout}");
-    assert_eq!(lines[2]["digest_ok"], true, "{stdout}");
-    assert_eq!(lines[2]["plaintext_has_surname"], true, "{stdout}");
+    assert_eq!(lines[3]["code"], "OK", "{stdout}");
+    assert_eq!(lines[3]["encrypted"], true, "{stdout}");
+    assert_eq!(lines[3]["signature_ok"], true, "{stdout}");
+    assert_eq!(lines[3]["bound_to_nonce"], true, "{stdout}");
+    assert_eq!(lines[3]["digest_ok"], true, "{stdout}");
+    assert_eq!(lines[3]["plaintext_has_surname"], true, "{stdout}");
     let records = world.audit_records().await;
     assert!(
         records

@@ -27,7 +27,6 @@ use onceonly_integration_tests::world::{
 use onceonly_merkle::sth::SignedTreeHead;
 use onceonly_proto::status::reason_of;
 use onceonly_proto::v1::audit_service_client::AuditServiceClient;
-use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
 use onceonly_proto::v1::{ErrorReason, GetSignedTreeHeadRequest};
 
 const MERGE_DELAY_MS: i64 = 4_000;
@@ -135,11 +134,7 @@ async fn killing_a_replica_and_then_the_sequencer_loses_nothing_and_forks_nothin
         );
         writers.push(tokio::spawn(async move {
             let mut target = w % addrs.len();
-            let mut client = EvidenceServiceClient::new(world.channel_to(
-                addrs[target],
-                Role::Authority,
-                AUTHORITIES[0],
-            ));
+            let mut client = world.authority_at(addrs[target], AUTHORITIES[0]);
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let id = format!("fo-{w}-{n}");
@@ -170,11 +165,7 @@ async fn killing_a_replica_and_then_the_sequencer_loses_nothing_and_forks_nothin
                     }
                     Err(_) => {
                         target = (target + 1) % addrs.len();
-                        client = EvidenceServiceClient::new(world.channel_to(
-                            addrs[target],
-                            Role::Authority,
-                            AUTHORITIES[0],
-                        ));
+                        client = world.authority_at(addrs[target], AUTHORITIES[0]);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }

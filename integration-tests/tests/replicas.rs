@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use onceonly_broker::auditor::{ReceiptStatus, check_receipt, load_public_key, verify_remote};
 use onceonly_certs::Role;
+use onceonly_integration_tests::AuthorityClient;
 use onceonly_integration_tests::postgres::TestPostgres;
 use onceonly_integration_tests::replicas::{
     MERGE_DELAY_MS, database, grant_residence, replicas, residence,
@@ -20,7 +21,6 @@ use onceonly_merkle::sth::SignedTreeHead;
 use onceonly_proto::status::reason_of;
 use onceonly_proto::v1::audit_service_client::AuditServiceClient;
 use onceonly_proto::v1::consent_service_client::ConsentServiceClient;
-use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
 use onceonly_proto::v1::{
     ErrorReason, GetInclusionProofRequest, GetSignedTreeHeadRequest, RevokeConsentRequest,
 };
@@ -29,8 +29,8 @@ use tonic::transport::Channel;
 
 const BERLIN: &str = AUTHORITIES[0];
 
-fn authority(world: &World, addr: SocketAddr) -> EvidenceServiceClient<Channel> {
-    EvidenceServiceClient::new(world.channel_to(addr, Role::Authority, BERLIN))
+fn authority(world: &World, addr: SocketAddr) -> AuthorityClient {
+    world.authority_at(addr, BERLIN)
 }
 
 fn portal(world: &World, addr: SocketAddr) -> ConsentServiceClient<Channel> {
@@ -770,7 +770,8 @@ async fn a_quota_holds_across_replicas() {
         );
     }
     // Another authority has no quota and is not affected.
-    EvidenceServiceClient::new(world.channel_to(b, Role::Authority, AUTHORITIES[1]))
+    world
+        .authority_at(b, AUTHORITIES[1])
         .request_evidence(birth_certificate("other-authority"))
         .await
         .expect("other callers are not limited");

@@ -14,7 +14,7 @@ use onceonly_certs::{IssueOptions, Pki, Role, TlsFiles};
 use onceonly_integration_tests::probe::{ProbeCounts, ProbeRegister};
 use onceonly_integration_tests::world::{ANNA, World, anna, birth_certificate};
 use onceonly_integration_tests::{
-    TRUST_DOMAIN, channel_as, channel_with, pki_with, start_connector, ticket_claims,
+    TRUST_DOMAIN, channel_as, channel_with, pki_with, start_connector, ticket_with_request,
 };
 use onceonly_proto::status::{reason_of, violated_fields};
 use onceonly_proto::v1::connector_service_client::ConnectorServiceClient;
@@ -71,6 +71,8 @@ fn expected(exchange_id: &str) -> Expected<'_> {
         requester: "spiffe://onceonly.test/authority/elterngeld-berlin",
         parameters: None,
         connector: Some("civil-register"),
+        encrypted: false,
+        request: None,
     }
 }
 
@@ -345,7 +347,7 @@ fn provide_request(exchange_id: &str) -> ProvideEvidenceRequest {
 async fn a_connector_refuses_missing_forged_expired_replayed_and_mismatched_tickets() {
     let (pki, _connector, counts, broker, mut client) = probed_connector().await;
     let claims = |request: &ProvideEvidenceRequest| {
-        ticket_claims(&broker, TRUST_DOMAIN, "civil-register", request)
+        ticket_with_request(&pki, &broker, "civil-register", request)
     };
 
     let mut refusals = Vec::new();
@@ -443,7 +445,7 @@ async fn a_connector_refuses_to_encrypt_to_a_certificate_not_the_requesters() {
     // for Berlin's request.
     let mut request = provide_request("ex-key");
     request.encryption_certificate = encryption_certificate(&pki, MUENCHEN);
-    request.authorization_ticket = ticket_claims(&broker, TRUST_DOMAIN, "civil-register", &request)
+    request.authorization_ticket = ticket_with_request(&pki, &broker, "civil-register", &request)
         .sign(&broker)
         .expect("sign");
     let status = client
@@ -460,7 +462,7 @@ async fn a_connector_refuses_to_encrypt_to_a_certificate_not_the_requesters() {
     // Berlin's own: encrypted, and the statement says to which certificate.
     let mut request = provide_request("ex-key-2");
     request.encryption_certificate = encryption_certificate(&pki, BERLIN);
-    request.authorization_ticket = ticket_claims(&broker, TRUST_DOMAIN, "civil-register", &request)
+    request.authorization_ticket = ticket_with_request(&pki, &broker, "civil-register", &request)
         .sign(&broker)
         .expect("sign");
     let evidence = client

@@ -24,6 +24,7 @@ fn evidence_request_round_trips() {
         consent_id: String::new(),
         parameters: HashMap::from([("licence_plate".into(), "B-OO 1234".into())]),
         encryption_certificate: vec![0x30, 0x82],
+        signed_request: "eyJ.e30.c2ln".into(),
     };
     let bytes = request.encode_to_vec();
     let decoded = RequestEvidenceRequest::decode(bytes.as_slice()).expect("decodes");

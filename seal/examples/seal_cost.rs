@@ -81,6 +81,7 @@ fn measure(algorithm: KeyAlgorithm) -> anyhow::Result<()> {
         rul: "r".into(),
         cid: String::new(),
         ecf: String::new(),
+        req: String::new(),
     };
     println!("| step | µs |\n| --- | ---: |");
     time("sign a ticket (broker)", 500, |n| {
@@ -118,6 +119,8 @@ fn measure(algorithm: KeyAlgorithm) -> anyhow::Result<()> {
         prm: String::new(),
         dig: "x".into(),
         enc: None,
+        non: String::new(),
+        rqd: String::new(),
     };
     time("sign a statement (connector)", 500, |_| {
         statement.sign(&connector).expect("sign");

@@ -432,14 +432,24 @@ impl SignerCell {
     }
 
     /// The signer for TLS generation `generation`: the one loaded, or read
-    /// anew where the generation moved (kept as it was where the new files
-    /// cannot sign, logged by the caller).
-    pub fn get(&self, generation: u64) -> Result<std::sync::Arc<Signer>, JwsError> {
+    /// anew where the generation moved. Where the new files cannot sign,
+    /// the signer loaded before stays in use (logged once, as an error),
+    /// and the files are read again at the next generation: a bad reload
+    /// never stops the signing.
+    pub fn get(&self, generation: u64) -> std::sync::Arc<Signer> {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if current.0 != generation {
-            let signer = Signer::from_files(&self.cert, &self.key)?;
-            *current = (generation, std::sync::Arc::new(signer));
+            current.0 = generation;
+            match Signer::from_files(&self.cert, &self.key) {
+                Ok(signer) => current.1 = std::sync::Arc::new(signer),
+                Err(error) => tracing::error!(
+                    %error,
+                    cert = %self.cert.display(),
+                    key = %self.key.display(),
+                    "the reloaded certificate and key cannot sign; signing on with the ones loaded before"
+                ),
+            }
         }
-        Ok(current.1.clone())
+        current.1.clone()
     }
 }

@@ -2,6 +2,9 @@
 //! but can neither read nor forge it (the NOOTS "abstract authorization"
 //! role of an intermediary):
 //!
+//! - [`request`]: the authority signs each request (a JWT binding what it
+//!   asks, with a fresh nonce); the broker and the connector both check
+//!   it, so nobody between authority and register can make one up.
 //! - [`ticket`]: for every request it forwards, the broker signs a
 //!   short-lived authorization ticket (a JWT, RFC 7519, i.e. a JWS, RFC 7515)
 //!   binding who asked for what about whom and why, under which policy rule
@@ -27,6 +30,7 @@
 pub mod encryption;
 pub mod jws;
 pub mod opener;
+pub mod request;
 pub mod statement;
 pub mod subject;
 pub mod ticket;
@@ -34,6 +38,10 @@ pub mod ticket;
 pub use encryption::{DecryptionKey, Recipient, RecipientError};
 pub use jws::{JwsError, Signer};
 pub use opener::{EvidenceOpener, Expected, OpenError, OpenedEvidence};
+pub use request::{
+    NonceBook, RequestBinding, RequestClaims, RequestError, RequestFields, SignedRequest,
+    VerifiedRequest, sign_request, verify_request,
+};
 pub use statement::StatementClaims;
 pub use subject::{parameters_hash, subject_hash};
 pub use ticket::{TicketClaims, TicketError, TicketExpectation, TicketVerifier};

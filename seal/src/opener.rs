@@ -6,6 +6,7 @@
 //! failure names the check that failed.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -14,6 +15,7 @@ use onceonly_proto::v1::{Evidence, SubjectIdScheme};
 
 use crate::encryption::{Context, DecryptionKey, RecipientError};
 use crate::jws::JwsError;
+use crate::request::{LEEWAY_SECS, RequestBinding};
 use crate::statement::StatementClaims;
 
 /// What the evidence must be bound to.
@@ -36,6 +38,13 @@ pub struct Expected<'a> {
     /// one; otherwise any connector of the trust domain, as the envelope
     /// names it.
     pub connector: Option<&'a str>,
+    /// Whether the request named an encryption certificate: then evidence
+    /// in clear is refused, whoever sent it.
+    pub encrypted: bool,
+    /// The signed request this answers, where the authority signed one
+    /// ([`crate::SignedRequest::binding`]): the statement must name its
+    /// nonce and digest, and be issued after it.
+    pub request: Option<RequestBinding<'a>>,
 }
 
 /// Why evidence was not accepted; each names the check that failed.
@@ -66,6 +75,10 @@ pub enum OpenError {
     /// Decryption failed.
     #[error("check decryption: {0}")]
     Decrypt(RecipientError),
+    /// Issued too long ago (or ahead of this clock) to be the answer to a
+    /// request now, or before the request it claims to answer.
+    #[error("check freshness: {0}")]
+    Stale(String),
 }
 
 /// Evidence whose every check passed.
@@ -136,6 +149,24 @@ pub fn check_statement(
             field: "parameters (prm)",
         });
     }
+    if let Some(request) = expected.request {
+        if claims.non != request.nonce {
+            return Err(OpenError::Binding {
+                field: "request nonce (non)",
+            });
+        }
+        if claims.rqd != request.digest {
+            return Err(OpenError::Binding {
+                field: "signed request (rqd)",
+            });
+        }
+        if claims.iat < request.issued_at.saturating_sub(LEEWAY_SECS) {
+            return Err(OpenError::Stale(format!(
+                "the register issued it at {}, before the request was signed at {}",
+                claims.iat, request.issued_at
+            )));
+        }
+    }
     if let Some(connector) = expected.connector
         && verified.signer.id() != connector
     {
@@ -144,6 +175,11 @@ pub fn check_statement(
         });
     }
     match (&claims.enc, &evidence.encrypted_payload) {
+        (None, None) if expected.encrypted => {
+            return Err(OpenError::Encryption(
+                "the evidence came in clear, though the request asked for it encrypted".into(),
+            ));
+        }
         (None, None) => {
             if claims.dig != crate::digest_b64(&evidence.payload) {
                 return Err(OpenError::Digest { what: "payload" });
@@ -189,14 +225,30 @@ pub fn check_statement(
 pub struct EvidenceOpener {
     trust: Arc<IdentityVerifier>,
     key: Option<DecryptionKey>,
+    max_age: Duration,
 }
+
+/// How old evidence an [`EvidenceOpener`] accepts unless told otherwise.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(600);
 
 impl EvidenceOpener {
     /// Checks against `trust` (the trust domain's CA and CRL, e.g.
     /// [`onceonly_certs::tls::identity_verifier`]); `key` decrypts evidence
     /// encrypted to this authority.
     pub fn new(trust: Arc<IdentityVerifier>, key: Option<DecryptionKey>) -> Self {
-        EvidenceOpener { trust, key }
+        EvidenceOpener {
+            trust,
+            key,
+            max_age: DEFAULT_MAX_AGE,
+        }
+    }
+
+    /// Accepts evidence the register issued at most `max_age` ago
+    /// (default [`DEFAULT_MAX_AGE`]): older evidence is not taken as the
+    /// answer to a request made now, whatever else it is bound to.
+    pub fn with_max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = max_age;
+        self
     }
 
     /// Verifies, checks the binding, and decrypts `evidence`.
@@ -206,6 +258,21 @@ impl EvidenceOpener {
         expected: &Expected<'_>,
     ) -> Result<OpenedEvidence, OpenError> {
         let (statement, connector) = check_statement(evidence, &self.trust, expected)?;
+        let now = crate::unix_now();
+        let max_age = i64::try_from(self.max_age.as_secs()).unwrap_or(i64::MAX);
+        if statement.iat > now.saturating_add(LEEWAY_SECS) {
+            return Err(OpenError::Stale(format!(
+                "the register says it issued it at {}, ahead of this clock ({now})",
+                statement.iat
+            )));
+        }
+        if now.saturating_sub(statement.iat) > max_age {
+            return Err(OpenError::Stale(format!(
+                "the register issued it at {}, {} s ago, more than the {max_age} s accepted",
+                statement.iat,
+                now.saturating_sub(statement.iat)
+            )));
+        }
         let payload = match &evidence.encrypted_payload {
             None => evidence.payload.clone(),
             Some(sealed) => {

@@ -20,6 +20,8 @@
 //! | `prm` | the parameters' hash ([`crate::parameters_hash`]), or absent |
 //! | `dig` | SHA-256 (base64url) of the bytes carried |
 //! | `enc` | where encrypted: `{"rcf": recipient certificate SHA-256, "ek": the HPKE encapsulated key, "suite": ...}` |
+//! | `non` | the nonce of the authority's signed request, or absent where it sent none |
+//! | `rqd` | SHA-256 (base64url) of the authority's signed request, or absent |
 
 use onceonly_certs::{IdentityVerifier, Role};
 use serde::{Deserialize, Serialize};
@@ -54,6 +56,12 @@ pub struct StatementClaims {
     /// Where the payload is encrypted to the requester.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enc: Option<EncryptionClaims>,
+    /// The nonce of the authority's signed request this answers.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub non: String,
+    /// SHA-256 (base64url) of that signed request.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rqd: String,
 }
 
 /// How the payload was encrypted.

@@ -24,6 +24,7 @@
 //! | `rul` | the id of the policy rule that allowed it |
 //! | `cid` | the consent that covered it, where one was needed |
 //! | `ecf` | SHA-256 (base64url) of the encryption certificate named, or absent |
+//! | `req` | the authority's signed request ([`crate::request`]), or absent where it sent none |
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
@@ -89,6 +90,10 @@ pub struct TicketClaims {
     /// was asked for.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ecf: String,
+    /// The authority's signed request, as it came; checked by the connector
+    /// ([`crate::request::verify_request`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub req: String,
 }
 
 impl TicketClaims {
@@ -120,11 +125,8 @@ impl TicketClaims {
             prm: crate::parameters_hash(&request.parameters),
             rul: rule,
             cid: consent,
-            ecf: if request.encryption_certificate.is_empty() {
-                String::new()
-            } else {
-                crate::digest_b64(&request.encryption_certificate)
-            },
+            ecf: crate::request::certificate_fingerprint(&request.encryption_certificate),
+            req: String::new(),
         }
     }
 

@@ -11,9 +11,10 @@ use onceonly_seal::encryption::{Context, SUITE};
 use onceonly_seal::jws::JwsError;
 use onceonly_seal::statement::EncryptionClaims;
 use onceonly_seal::{
-    DecryptionKey, EvidenceOpener, Expected, OpenError, Recipient, RecipientError, Signer,
-    StatementClaims, TicketClaims, TicketError, TicketExpectation, TicketVerifier, digest_b64,
-    subject_hash, unix_now,
+    DecryptionKey, EvidenceOpener, Expected, NonceBook, OpenError, Recipient, RecipientError,
+    RequestBinding, RequestClaims, RequestError, RequestFields, Signer, StatementClaims,
+    TicketClaims, TicketError, TicketExpectation, TicketVerifier, digest_b64, sign_request,
+    subject_hash, unix_now, verify_request,
 };
 
 const TD: &str = "onceonly.test";
@@ -72,6 +73,7 @@ fn ticket_claims() -> TicketClaims {
         rul: "berlin-birth".into(),
         cid: String::new(),
         ecf: String::new(),
+        req: String::new(),
     }
 }
 
@@ -304,6 +306,8 @@ fn expected() -> Expected<'static> {
         requester: BERLIN,
         parameters: None,
         connector: None,
+        encrypted: false,
+        request: None,
     }
 }
 
@@ -345,6 +349,8 @@ fn signed_evidence(setup: &Setup, payload: &[u8], recipient: Option<&Recipient>)
         prm: String::new(),
         dig: digest_b64(&carried),
         enc,
+        non: String::new(),
+        rqd: String::new(),
     };
     Evidence {
         evidence_type: "birth-certificate".into(),
@@ -630,4 +636,382 @@ fn tokens_outside_what_we_sign_are_refused_before_their_signature_counts() {
     TicketVerifier::new(BROKER)
         .verify(&good, &setup.trust, &expectation(&sbh), unix_now())
         .expect("the untouched token");
+}
+
+/// Evidence for "ex-1" whose statement, issued at `iat`, names the signed
+/// request by `nonce` and `digest`.
+fn evidence_answering(setup: &Setup, nonce: &str, digest: &str, iat: i64) -> Evidence {
+    let payload = br#"{"name":"Anna"}"#;
+    let statement = StatementClaims {
+        iss: CIVIL.into(),
+        sub: BERLIN.into(),
+        iat,
+        xid: "ex-1".into(),
+        evt: "birth-certificate".into(),
+        sbh: subject_hash("ex-1", SubjectIdScheme::DeIdnr, ANNA),
+        med: "application/json".into(),
+        prm: String::new(),
+        dig: digest_b64(payload),
+        enc: None,
+        non: nonce.into(),
+        rqd: digest.into(),
+    };
+    Evidence {
+        evidence_type: "birth-certificate".into(),
+        payload: payload.to_vec(),
+        media_type: "application/json".into(),
+        connector_id: "civil-register".into(),
+        register_jws: statement
+            .sign(&signer(setup, Role::Connector, "civil-register"))
+            .expect("sign"),
+        ..Default::default()
+    }
+}
+
+fn berlin_request() -> onceonly_proto::v1::RequestEvidenceRequest {
+    onceonly_proto::v1::RequestEvidenceRequest {
+        request_id: "r-1".into(),
+        evidence_type: "birth-certificate".into(),
+        subject: Some(onceonly_proto::v1::SubjectId {
+            scheme: SubjectIdScheme::DeIdnr.into(),
+            value: ANNA.into(),
+        }),
+        purpose: "parental-allowance".into(),
+        legal_basis: "§ 9 Abs. 1 BEEG".into(),
+        parameters: [("copy".to_owned(), "certified".to_owned())].into(),
+        ..Default::default()
+    }
+}
+
+/// The fields of `request` as the broker checks them (caller Berlin).
+fn fields_of(
+    request: &onceonly_proto::v1::RequestEvidenceRequest,
+    parameters: &str,
+) -> RequestFields<'static> {
+    let leak = |s: &str| -> &'static str { Box::leak(s.to_owned().into_boxed_str()) };
+    let subject = request.subject.clone().unwrap_or_default();
+    RequestFields {
+        requester: BERLIN,
+        request_id: Some(leak(&request.request_id)),
+        evidence_type: leak(&request.evidence_type),
+        subject_scheme: subject.scheme(),
+        subject_value: leak(&subject.value),
+        purpose: leak(&request.purpose),
+        legal_basis: leak(&request.legal_basis),
+        jurisdiction: leak(&request.jurisdiction),
+        parameters: leak(parameters),
+        consent_id: Some(leak(&request.consent_id)),
+        encryption_certificate: "",
+    }
+}
+
+#[test]
+fn a_signed_request_verifies_for_its_request_and_each_changed_field_is_named() {
+    let setup = setup();
+    let berlin = signer(&setup, Role::Authority, "elterngeld-berlin");
+    let mut request = berlin_request();
+    let signed = sign_request(
+        &mut request,
+        &berlin,
+        onceonly_seal::request::DEFAULT_LIFETIME,
+    )
+    .expect("sign");
+    assert_eq!(request.signed_request, signed.token);
+    let parameters = onceonly_seal::parameters_hash(&request.parameters);
+    let now = unix_now();
+    let verified = verify_request(
+        &signed.token,
+        &setup.trust,
+        &fields_of(&request, &parameters),
+        now,
+    )
+    .expect("verifies");
+    assert_eq!(verified.digest, signed.digest);
+    assert_eq!(verified.claims.non, signed.nonce);
+    assert!(verified.claims.non.len() >= 22);
+    // Each field the claims repeat, changed in the request.
+    type Change = fn(&mut onceonly_proto::v1::RequestEvidenceRequest);
+    let changes: Vec<(&str, Change)> = vec![
+        ("rid", |r| r.request_id = "r-2".into()),
+        ("evt", |r| r.evidence_type = "proof-of-residence".into()),
+        ("sbh", |r| {
+            r.subject.as_mut().expect("subject").value = "10000000000".into()
+        }),
+        ("pur", |r| r.purpose = "other".into()),
+        ("lgb", |r| r.legal_basis = "other".into()),
+        ("jur", |r| r.jurisdiction = "DE-BY".into()),
+        ("cid", |r| r.consent_id = "c-1".into()),
+    ];
+    for (claim, change) in changes {
+        let mut changed = request.clone();
+        change(&mut changed);
+        let refused = verify_request(
+            &signed.token,
+            &setup.trust,
+            &fields_of(&changed, &parameters),
+            now,
+        )
+        .expect_err(claim);
+        assert!(
+            matches!(refused, RequestError::Mismatch { claim: c, .. } if c == claim),
+            "{claim}: {refused:?}"
+        );
+    }
+    let refused = verify_request(
+        &signed.token,
+        &setup.trust,
+        &fields_of(&request, "another-parameters-hash"),
+        now,
+    )
+    .expect_err("parameters");
+    assert!(matches!(
+        refused,
+        RequestError::Mismatch { claim: "prm", .. }
+    ));
+    let refused = verify_request(
+        &signed.token,
+        &setup.trust,
+        &RequestFields {
+            encryption_certificate: "a-certificate",
+            ..fields_of(&request, &parameters)
+        },
+        now,
+    )
+    .expect_err("encryption certificate");
+    assert!(matches!(
+        refused,
+        RequestError::Mismatch { claim: "ecf", .. }
+    ));
+}
+
+#[test]
+fn signed_requests_of_others_out_of_time_or_altered_are_refused_by_name() {
+    let setup = setup();
+    let berlin = signer(&setup, Role::Authority, "elterngeld-berlin");
+    let request = berlin_request();
+    let parameters = onceonly_seal::parameters_hash(&request.parameters);
+    let fields = fields_of(&request, &parameters);
+    let now = unix_now();
+    let lifetime = onceonly_seal::request::DEFAULT_LIFETIME;
+    let claims = RequestClaims::for_request(&request, BERLIN, now, lifetime).expect("claims");
+    let verify = |token: &str| verify_request(token, &setup.trust, &fields, now);
+
+    assert!(matches!(verify(""), Err(RequestError::Missing)));
+    verify(&claims.sign(&berlin).expect("sign")).expect("the authority's own");
+
+    // Another authority's signature on Berlin's request.
+    let other = signer(&setup, Role::Authority, "other-authority");
+    let by_other = RequestClaims {
+        iss: other.participant().spiffe_id(),
+        ..claims.clone()
+    };
+    assert!(matches!(
+        verify(&by_other.sign(&other).expect("sign")),
+        Err(RequestError::NotTheRequester { .. })
+    ));
+    // Berlin's claims, signed with another key that names Berlin as iss.
+    assert!(matches!(
+        verify(&claims.sign(&other).expect("sign")),
+        Err(RequestError::NotTheRequester { .. })
+    ));
+    // A broker (or connector) key is no authority's.
+    let broker = signer(&setup, Role::Broker, "broker");
+    assert!(matches!(
+        verify(&claims.sign(&broker).expect("sign")),
+        Err(RequestError::Invalid(JwsError::WrongSigner { .. }))
+    ));
+    // Out of time: expired, too long-lived, from the future.
+    for (what, iat, exp) in [
+        ("expired", now - 900, now - 600),
+        ("a day long", now, now + 86_400),
+        ("from the future", now + 60, now + 120),
+        ("exp before iat", now, now - 1),
+    ] {
+        let timed = RequestClaims {
+            iat,
+            exp,
+            ..claims.clone()
+        };
+        assert!(
+            matches!(
+                verify(&timed.sign(&berlin).expect("sign")),
+                Err(RequestError::Expired(_))
+            ),
+            "{what}"
+        );
+    }
+    // A nonce too short to be fresh.
+    let short = RequestClaims {
+        non: "abc".into(),
+        sbh: subject_hash("abc", SubjectIdScheme::DeIdnr, ANNA),
+        ..claims.clone()
+    };
+    assert!(matches!(
+        verify(&short.sign(&berlin).expect("sign")),
+        Err(RequestError::Invalid(JwsError::Malformed(_)))
+    ));
+    // The claims edited, the signature kept.
+    let token = claims.sign(&berlin).expect("sign");
+    let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+    let widened = RequestClaims {
+        pur: "anything".into(),
+        ..claims.clone()
+    };
+    parts[1] = base64_url(&serde_json::to_vec(&widened).expect("json"));
+    assert!(matches!(
+        verify_request(
+            &parts.join("."),
+            &setup.trust,
+            &RequestFields {
+                purpose: "anything",
+                ..fields
+            },
+            now
+        ),
+        Err(RequestError::Invalid(JwsError::BadSignature))
+    ));
+}
+
+#[test]
+fn a_nonce_answers_one_exchange_until_it_expires() {
+    let book = NonceBook::default();
+    let now = unix_now();
+    let claims = RequestClaims::for_request(
+        &berlin_request(),
+        BERLIN,
+        now,
+        std::time::Duration::from_secs(60),
+    )
+    .expect("claims");
+    book.claim(&claims, "ex-1", now).expect("first");
+    book.claim(&claims, "ex-1", now)
+        .expect("a retry of the same exchange");
+    assert_eq!(
+        book.claim(&claims, "ex-2", now),
+        Err(RequestError::Replayed {
+            first: "ex-1".into()
+        })
+    );
+    // Forgotten once expired (and the leeway passed): by then the request
+    // itself is refused as expired.
+    book.claim(&claims, "ex-2", claims.exp + 6)
+        .expect("forgotten after expiry");
+}
+
+#[test]
+fn a_statement_must_name_the_request_it_answers_and_be_fresh() {
+    let setup = setup();
+    let opener = EvidenceOpener::new(setup.trust.clone(), None);
+    let now = unix_now();
+    let binding = RequestBinding {
+        nonce: "the-nonce-of-the-request-1",
+        digest: "the-digest",
+        issued_at: now - 10,
+    };
+    let answering = Expected {
+        request: Some(binding),
+        ..expected()
+    };
+    let evidence = evidence_answering(&setup, binding.nonce, binding.digest, now);
+    opener.open(&evidence, &answering).expect("bound and fresh");
+    // Asked encrypted, came in clear (signed so by the register): refused.
+    assert!(matches!(
+        opener.open(
+            &evidence,
+            &Expected {
+                encrypted: true,
+                ..answering
+            }
+        ),
+        Err(OpenError::Encryption(_))
+    ));
+
+    for (what, evidence, field) in [
+        (
+            "another request's nonce",
+            evidence_answering(&setup, "another-nonce-of-a-request", binding.digest, now),
+            "request nonce (non)",
+        ),
+        (
+            "another request's digest",
+            evidence_answering(&setup, binding.nonce, "another-digest", now),
+            "signed request (rqd)",
+        ),
+        (
+            "no request named",
+            evidence_answering(&setup, "", "", now),
+            "request nonce (non)",
+        ),
+    ] {
+        assert_eq!(
+            opener.open(&evidence, &answering).expect_err(what),
+            OpenError::Binding { field },
+            "{what}"
+        );
+    }
+    // Issued before the request was signed: an old answer.
+    let before = evidence_answering(&setup, binding.nonce, binding.digest, now - 60);
+    assert!(matches!(
+        opener.open(&before, &answering),
+        Err(OpenError::Stale(_))
+    ));
+    // Older than the authority accepts, whatever it names.
+    let old = evidence_answering(&setup, "", "", now - 3600);
+    assert!(matches!(
+        opener.open(&old, &expected()),
+        Err(OpenError::Stale(_))
+    ));
+    EvidenceOpener::new(setup.trust.clone(), None)
+        .with_max_age(std::time::Duration::from_secs(7200))
+        .open(&old, &expected())
+        .expect("within a window the authority widened");
+    // From the future.
+    let ahead = evidence_answering(&setup, "", "", now + 600);
+    assert!(matches!(
+        opener.open(&ahead, &expected()),
+        Err(OpenError::Stale(_))
+    ));
+}
+
+#[test]
+fn a_signer_cell_signs_on_with_its_key_when_a_reload_brings_files_that_cannot_sign() {
+    let setup = setup();
+    let dir = tempfile::tempdir().expect("dir");
+    let (cert, key) = setup
+        .pki
+        .participant_paths(Role::Connector, "civil-register");
+    let (cert_copy, key_copy) = (dir.path().join("c.pem"), dir.path().join("c.key"));
+    std::fs::copy(&cert, &cert_copy).expect("copy");
+    std::fs::copy(&key, &key_copy).expect("copy");
+    let cell = onceonly_seal::jws::SignerCell::load(&cert_copy, &key_copy, 0).expect("loads");
+    let before = cell.get(0);
+    // A reload (generation 1) that finds a key file that is no key.
+    std::fs::write(&key_copy, "not a key").expect("write");
+    for _ in 0..3 {
+        let after = cell.get(1);
+        assert!(
+            std::sync::Arc::ptr_eq(&before, &after),
+            "the signer loaded before signs on"
+        );
+        let token = StatementClaims {
+            iss: CIVIL.into(),
+            sub: BERLIN.into(),
+            iat: unix_now(),
+            xid: "ex-1".into(),
+            evt: "birth-certificate".into(),
+            sbh: subject_hash("ex-1", SubjectIdScheme::DeIdnr, ANNA),
+            med: "application/json".into(),
+            prm: String::new(),
+            dig: digest_b64(b"x"),
+            enc: None,
+            non: String::new(),
+            rqd: String::new(),
+        }
+        .sign(&after)
+        .expect("signs");
+        StatementClaims::verify(&token, &setup.trust).expect("verifies");
+    }
+    // The files repaired, the next reload takes them.
+    std::fs::copy(&key, &key_copy).expect("copy");
+    assert!(!std::sync::Arc::ptr_eq(&before, &cell.get(2)));
 }

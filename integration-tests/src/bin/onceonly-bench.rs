@@ -41,13 +41,14 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 use onceonly_certs::{MtlsConnector, Pki, Role};
-use onceonly_integration_tests::ticket_for;
+use onceonly_integration_tests::ticket_claims;
 use onceonly_proto::v1::connector_service_client::ConnectorServiceClient;
 use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
 use onceonly_proto::v1::{
     ProvideEvidenceRequest, RequestEvidenceRequest, SubjectId, SubjectIdScheme,
 };
 use onceonly_seal::Signer;
+use onceonly_seal::TicketClaims;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::Channel;
@@ -149,6 +150,8 @@ async fn serve_as_civil(
         pki.tls_files(Role::Connector, "civil-register"),
     )
     .allowed_broker("broker")
+    // For the unsigned-requests row, beside the signed ones.
+    .accept_unsigned_requests(true)
     .listen("127.0.0.1:0".parse()?)
     .concurrency(1024)
     .bind()
@@ -310,11 +313,21 @@ struct Report {
 #[derive(Clone)]
 enum Target {
     /// To the connector, as the broker would call it: each request with a
-    /// ticket the broker's key signs.
-    Direct(Vec<ConnectorServiceClient<Channel>>, Arc<Signer>),
+    /// ticket the broker's key (the first) signs, carrying the request the
+    /// authority's key (the second) signs.
+    Direct(
+        Vec<ConnectorServiceClient<Channel>>,
+        Arc<Signer>,
+        Arc<Signer>,
+    ),
     /// Through a broker, the evidence encrypted to this certificate where
-    /// one is given.
-    Brokered(Vec<EvidenceServiceClient<Channel>>, Arc<Vec<u8>>),
+    /// one is given, each request signed by the authority where a signer is
+    /// given (as a real authority's client does: a new signature a call).
+    Brokered(
+        Vec<EvidenceServiceClient<Channel>>,
+        Arc<Vec<u8>>,
+        Option<Arc<Signer>>,
+    ),
 }
 
 fn subject() -> Option<SubjectId> {
@@ -340,7 +353,7 @@ async fn call(target: &Target, slot: usize, id: u64) -> Result<(), String> {
         )
     };
     match target {
-        Target::Direct(clients, broker) => {
+        Target::Direct(clients, broker, authority) => {
             let mut client = clients[slot % clients.len()].clone();
             let mut request = ProvideEvidenceRequest {
                 exchange_id: format!("ex-{id}"),
@@ -351,26 +364,47 @@ async fn call(target: &Target, slot: usize, id: u64) -> Result<(), String> {
                 requester_id: "spiffe://onceonly.test/authority/bench".into(),
                 ..Default::default()
             };
-            request.authorization_ticket =
-                ticket_for(broker, "onceonly.test", "civil-register", &request);
+            let signed = onceonly_seal::RequestClaims::for_forwarded(
+                &request,
+                &request.exchange_id,
+                onceonly_seal::unix_now(),
+                onceonly_seal::request::DEFAULT_LIFETIME,
+            )
+            .and_then(|claims| claims.sign(authority))
+            .map_err(|e| e.to_string())?;
+            request.authorization_ticket = TicketClaims {
+                req: signed,
+                ..ticket_claims(broker, "onceonly.test", "civil-register", &request)
+            }
+            .sign(broker)
+            .map_err(|e| e.to_string())?;
             client
                 .provide_evidence(request)
                 .await
                 .map(drop)
                 .map_err(refused)
         }
-        Target::Brokered(clients, encrypt_to) => {
+        Target::Brokered(clients, encrypt_to, sign_as) => {
             let mut client = clients[slot % clients.len()].clone();
+            let mut request = RequestEvidenceRequest {
+                request_id: format!("bench-{id}"),
+                evidence_type: "birth-certificate".into(),
+                subject: subject(),
+                purpose: "parental-allowance".into(),
+                legal_basis: "§ 9 Abs. 1 BEEG".into(),
+                encryption_certificate: encrypt_to.as_ref().clone(),
+                ..Default::default()
+            };
+            if let Some(signer) = sign_as {
+                onceonly_seal::sign_request(
+                    &mut request,
+                    signer,
+                    onceonly_seal::request::DEFAULT_LIFETIME,
+                )
+                .map_err(|e| e.to_string())?;
+            }
             client
-                .request_evidence(RequestEvidenceRequest {
-                    request_id: format!("bench-{id}"),
-                    evidence_type: "birth-certificate".into(),
-                    subject: subject(),
-                    purpose: "parental-allowance".into(),
-                    legal_basis: "§ 9 Abs. 1 BEEG".into(),
-                    encryption_certificate: encrypt_to.as_ref().clone(),
-                    ..Default::default()
-                })
+                .request_evidence(request)
                 .await
                 .map(drop)
                 .map_err(refused)
@@ -609,7 +643,11 @@ async fn start_replicated(
                     .map(EvidenceServiceClient::new),
             );
         }
-        Ok(Target::Brokered(clients, Arc::new(Vec::new())))
+        Ok(Target::Brokered(
+            clients,
+            Arc::new(Vec::new()),
+            Some(bench_authority(pki)?),
+        ))
     };
     let one = brokered(&[replicas[0].addr])?;
     let two = brokered(&[replicas[1].addr, replicas[2].addr])?;
@@ -619,6 +657,12 @@ async fn start_replicated(
         one,
         two,
     })
+}
+
+/// The bench authority's signer (its certificate and key in `pki`).
+fn bench_authority(pki: &Pki) -> anyhow::Result<Arc<Signer>> {
+    let (cert, key) = pki.participant_paths(Role::Authority, "bench");
+    Ok(Arc::new(Signer::from_files(&cert, &key)?))
 }
 
 /// Where the generic connector's rows read from.
@@ -750,7 +794,7 @@ fn write_broker_config_with(
     )?;
     std::fs::write(
         dir.join("policy.toml"),
-        "[[rule]]\nid = \"bench\"\ncallers = [\"bench\"]\nevidence_types = [\"birth-certificate\"]\npurposes = [\"parental-allowance\"]\nlegal_bases = [\"§ 9 Abs. 1 BEEG\"]\nconsent = \"not-required\"\n\n# A quota far above the load: every request pays for the check.\n[[quota]]\nid = \"bench\"\ncallers = [\"bench\"]\nper_second = 1000000\nburst = 1000000\n",
+        "[[rule]]\nid = \"bench\"\ncallers = [\"bench\"]\nevidence_types = [\"birth-certificate\"]\npurposes = [\"parental-allowance\"]\nlegal_bases = [\"§ 9 Abs. 1 BEEG\"]\nconsent = \"not-required\"\n\n# The unsigned-requests row measures what signing costs.\n[signed_requests]\nunsigned_allowed = [\"bench\"]\n\n# A quota far above the load: every request pays for the check.\n[[quota]]\nid = \"bench\"\ncallers = [\"bench\"]\nper_second = 1000000\nburst = 1000000\n",
     )?;
     let path = dir.join("broker.toml");
     std::fs::write(
@@ -868,6 +912,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let (broker_cert, broker_key) = pki.participant_paths(Role::Broker, "broker");
     let broker_signer = Arc::new(Signer::from_files(&broker_cert, &broker_key)?);
+    let authority_signer = bench_authority(&pki)?;
     // As the broker calls the register: its certificate, a ticket a call.
     let as_broker_to = |addr: SocketAddr| -> anyhow::Result<Target> {
         Ok(Target::Direct(
@@ -876,6 +921,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(ConnectorServiceClient::new)
                 .collect(),
             broker_signer.clone(),
+            authority_signer.clone(),
         ))
     };
     let direct = as_broker_to(connector.addr)?;
@@ -886,19 +932,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .remove(0)
         .as_ref()
         .to_vec();
-    let brokered_to = |broker: &Server, encrypt_to: Vec<u8>| -> anyhow::Result<Target> {
-        Ok(Target::Brokered(
-            channels(&pki, Role::Authority, "bench", broker.addr)?
-                .into_iter()
-                .map(EvidenceServiceClient::new)
-                .collect(),
-            Arc::new(encrypt_to),
-        ))
-    };
+    let brokered_to =
+        |broker: &Server, encrypt_to: Vec<u8>, signed: bool| -> anyhow::Result<Target> {
+            Ok(Target::Brokered(
+                channels(&pki, Role::Authority, "bench", broker.addr)?
+                    .into_iter()
+                    .map(EvidenceServiceClient::new)
+                    .collect(),
+                Arc::new(encrypt_to),
+                signed.then(|| authority_signer.clone()),
+            ))
+        };
     let brokered = [
-        brokered_to(&brokers[0], Vec::new())?,
-        brokered_to(&brokers[1], Vec::new())?,
-        brokered_to(&brokers[0], encryption_certificate)?,
+        brokered_to(&brokers[0], Vec::new(), true)?,
+        brokered_to(&brokers[1], Vec::new(), true)?,
+        brokered_to(&brokers[0], encryption_certificate, true)?,
+        brokered_to(&brokers[0], Vec::new(), false)?,
     ];
 
     let haproxy = match start_haproxy(&pki, work.path(), connector.addr).await {
@@ -916,7 +965,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     for source in [GenericSource::Sqlite, GenericSource::Postgres] {
         match start_generic(&pki, work.path(), source).await {
             Ok(started) => {
-                let target = brokered_to(&started.broker, Vec::new())?;
+                let target = brokered_to(&started.broker, Vec::new(), true)?;
                 generic.push((target, started));
             }
             Err(why) => println!("skipped: {}: {why:#}", source.scenario()),
@@ -970,6 +1019,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     seconds,
                     &[brokers[0].pid()],
                     "brokered, audit durable",
+                )
+                .await,
+            );
+        }
+        if wanted("brokered, audit durable, unsigned requests") {
+            rows.push(
+                measure(
+                    &brokered[3],
+                    concurrency,
+                    seconds,
+                    &[brokers[0].pid()],
+                    "brokered, audit durable, unsigned requests",
                 )
                 .await,
             );
@@ -1117,6 +1178,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     g.requests_per_second / b.requests_per_second,
                 ));
             }
+        }
+        if let (Some(b), Some(u)) = (
+            find("brokered, audit durable"),
+            find("brokered, audit durable, unsigned"),
+        ) {
+            ratios.push((
+                format!("c={concurrency}: signed / unsigned requests brokered throughput"),
+                b.requests_per_second / u.requests_per_second,
+            ));
+            ratios.push((
+                format!("c={concurrency}: signed p50 - unsigned p50 (ms)"),
+                b.p50_ms - u.p50_ms,
+            ));
         }
         if let (Some(b), Some(e)) = (
             find("brokered, audit durable"),

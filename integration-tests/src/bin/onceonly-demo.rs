@@ -115,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
     );
     show(
         authority
-            .request_evidence(ask("demo-1", "birth-certificate", "§ 9 Abs. 1 BEEG"))
+            .request_signed(ask("demo-1", "birth-certificate", "§ 9 Abs. 1 BEEG"))
             .await,
         &civil,
     );
@@ -132,7 +132,7 @@ async fn main() -> anyhow::Result<()> {
         .remove(0)
         .as_ref()
         .to_vec();
-    show(authority.request_evidence(sealed).await, &civil);
+    show(authority.request_signed(sealed).await, &civil);
 
     step(
         6,
@@ -140,7 +140,7 @@ async fn main() -> anyhow::Result<()> {
     );
     show(
         authority
-            .request_evidence(ask("demo-2", "vehicle-registration", "§ 9 Abs. 1 BEEG"))
+            .request_signed(ask("demo-2", "vehicle-registration", "§ 9 Abs. 1 BEEG"))
             .await,
         &civil,
     );
@@ -151,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
     );
     show(
         authority
-            .request_evidence(ask(
+            .request_signed(ask(
                 "demo-3",
                 "proof-of-residence",
                 "Art. 6 Abs. 1 lit. a DSGVO",
@@ -186,7 +186,7 @@ async fn main() -> anyhow::Result<()> {
     step(9, "The office asks again");
     show(
         authority
-            .request_evidence(ask(
+            .request_signed(ask(
                 "demo-4",
                 "proof-of-residence",
                 "Art. 6 Abs. 1 lit. a DSGVO",
@@ -204,7 +204,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     show(
         authority
-            .request_evidence(ask(
+            .request_signed(ask(
                 "demo-5",
                 "proof-of-residence",
                 "Art. 6 Abs. 1 lit. a DSGVO",
@@ -233,7 +233,7 @@ async fn main() -> anyhow::Result<()> {
     show(
         world
             .authority(BAFOEG)
-            .request_evidence(school_leaving_certificate("demo-6", ANNA))
+            .request_signed(school_leaving_certificate("demo-6", ANNA))
             .await,
         &Asker {
             opener: &bafoeg_opener,
@@ -317,7 +317,10 @@ struct Asker<'a> {
 }
 
 fn show(
-    result: Result<tonic::Response<onceonly_proto::v1::RequestEvidenceResponse>, tonic::Status>,
+    (result, signed): (
+        Result<tonic::Response<onceonly_proto::v1::RequestEvidenceResponse>, tonic::Status>,
+        Option<onceonly_seal::SignedRequest>,
+    ),
     asker: &Asker<'_>,
 ) {
     match result {
@@ -363,11 +366,18 @@ fn show(
                 requester: &format!("spiffe://onceonly.test/authority/{}", asker.authority),
                 parameters: Some(&Default::default()),
                 connector: Some(asker.connector),
+                // Asked encrypted (the office's own signed request says so):
+                // clear evidence is then refused.
+                encrypted: signed
+                    .as_ref()
+                    .and_then(|s| onceonly_seal::RequestClaims::read_unverified(&s.token))
+                    .is_some_and(|claims| !claims.ecf.is_empty()),
+                request: signed.as_ref().map(onceonly_seal::SignedRequest::binding),
             };
             let payload = match asker.opener.open(&evidence, &expected) {
                 Ok(opened) => {
                     println!(
-                        "      the office verified: signed by {} (certificate issued by the CA), bound to this exchange, requester and subject{}",
+                        "      the office verified: signed by {} (certificate issued by the CA), bound to this exchange, requester, subject and the request the office signed{}",
                         opened.connector,
                         if opened.was_encrypted {
                             "; decrypted with its own key"
