@@ -303,6 +303,12 @@ impl BrokerConfig {
             *slot = relative_to(path, slot);
         }
         self.tls.crl = self.tls.crl.as_ref().map(|crl| relative_to(path, crl));
+        // The highest CRL number accepted is kept with the data, so that an
+        // older list is refused after a restart too.
+        self.tls.crl_number_file = Some(match &self.tls.crl_number_file {
+            Some(file) => relative_to(path, file),
+            None => self.data_dir.join("crl-number"),
+        });
         if let StorageConfig::Postgres(postgres) = &mut self.storage {
             for file in [
                 &mut postgres.password_file,

@@ -374,13 +374,13 @@ impl Broker {
             Ok(signed) => signed,
             Err(refusal) => return self.audit_and_answer(exchange, Err(refusal)).await,
         };
-        if let Some(signed) = &signed {
-            exchange.record.signed_request_sha256 =
-                Sha256::digest(&request.signed_request).to_vec();
-            debug_assert_eq!(
-                signed.digest,
-                onceonly_seal::base64_url(&exchange.record.signed_request_sha256)
-            );
+        if signed.is_some() {
+            // What the authority signed (its header and claims), as the
+            // register's statement names it (rqd).
+            exchange.record.signed_request_sha256 = Sha256::digest(
+                onceonly_seal::request::signing_input(&request.signed_request),
+            )
+            .to_vec();
         }
 
         // Idempotency: a repeated request id gets the first outcome; where

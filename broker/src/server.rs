@@ -323,6 +323,8 @@ impl BoundBroker {
             health_reporter.clone(),
         ));
         let stop_crl_watcher = crl_watcher.abort_handle();
+        let expiry_closer =
+            tokio::spawn(onceonly_certs::tls::close_on_expiry(Arc::downgrade(&tls)));
 
         let (drain_started, drain_signal) = oneshot::channel::<()>();
         let shutting_down = broker.ready.clone();
@@ -399,7 +401,7 @@ impl BoundBroker {
             }
         };
         drop(sighup);
-        for task in [&watcher, &crl_watcher, &health_checker] {
+        for task in [&watcher, &crl_watcher, &health_checker, &expiry_closer] {
             task.abort();
         }
         if let Some(admin) = &admin_task {
@@ -409,7 +411,7 @@ impl BoundBroker {
         // Aborted tasks drop their futures (and handles on the broker) at
         // their next poll; wait for that, so that only exchanges still
         // writing their records hold the broker now.
-        for task in [watcher, crl_watcher, health_checker]
+        for task in [watcher, crl_watcher, health_checker, expiry_closer]
             .into_iter()
             .chain(admin_task)
         {
@@ -653,6 +655,11 @@ async fn watch_readiness(
                     tls.reverify();
                     broker.forwarder.tls().install_again();
                 }
+                CrlState::RolledBack => {
+                    tracing::error!(
+                        "the revocation list is older than one accepted before: every caller is refused until a newer one is loaded (SIGHUP)"
+                    );
+                }
                 CrlState::Stale { next_update, .. } => {
                     tracing::warn!(
                         next_update,
@@ -662,7 +669,10 @@ async fn watch_readiness(
                 CrlState::Fresh { .. } | CrlState::None => {}
             }
         }
-        let crl_refusing = matches!(state, CrlState::Stale { refusing: true, .. });
+        let crl_refusing = matches!(
+            state,
+            CrlState::Stale { refusing: true, .. } | CrlState::RolledBack
+        );
         let audit_refusing = broker.audit.refusing();
         let ready = !crl_refusing && audit_refusing.is_none();
         if serving != Some(ready) {

@@ -296,6 +296,11 @@ impl ConnectionState {
         &self.chain
     }
 
+    /// The peer certificate's `notAfter` (Unix seconds), where known.
+    pub fn not_after(&self) -> Option<i64> {
+        self.not_after
+    }
+
     /// Stops serving the connection: calls on it are refused with
     /// `refusal`, and its stream ends.
     pub fn close(&self, refusal: PeerRefusal) {

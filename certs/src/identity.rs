@@ -359,6 +359,9 @@ pub struct IdentityVerifier {
     crl_next_update: Option<i64>,
     /// Whether a list past its `nextUpdate` refuses every certificate.
     refuse_when_stale: bool,
+    /// Why every certificate is refused whatever the list says: the list
+    /// is older than one accepted before (rolled back).
+    crl_rolled_back: Option<String>,
     /// Chains of signers verified lately ([`IdentityVerifier::verify_signer`]).
     signers:
         std::sync::Mutex<std::collections::HashMap<[u8; 32], (Participant, std::time::Instant)>>,
@@ -382,6 +385,10 @@ pub enum CrlState {
         /// When it goes stale.
         next_update: Option<i64>,
     },
+    /// Older (by number) than a list accepted before: every certificate is
+    /// refused until a newer one is loaded (the reason was logged when it
+    /// was loaded).
+    RolledBack,
     /// Past its `next_update`.
     Stale {
         /// When it went stale.
@@ -444,8 +451,17 @@ impl IdentityVerifier {
             webpki,
             crl_next_update: if has_crls { crl_next_update } else { None },
             refuse_when_stale: refuse_when_stale && has_crls,
+            crl_rolled_back: None,
             signers: Default::default(),
         })
+    }
+
+    /// This verifier refusing every certificate, for `reason`: its
+    /// revocation list is older than one accepted before, so nobody can
+    /// tell who was revoked since ([`CrlState::RolledBack`]).
+    pub fn refusing_all(mut self, reason: String) -> Self {
+        self.crl_rolled_back = Some(reason);
+        self
     }
 
     /// [`Self::verify`] for the signer of a token (a ticket, a statement):
@@ -512,6 +528,9 @@ impl IdentityVerifier {
         if !has_crl {
             return CrlState::None;
         }
+        if self.crl_rolled_back.is_some() {
+            return CrlState::RolledBack;
+        }
         match self.crl_next_update {
             Some(next_update) if next_update <= now => CrlState::Stale {
                 next_update,
@@ -558,6 +577,12 @@ impl IdentityVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<(), IdentityError> {
+        if let Some(reason) = &self.crl_rolled_back {
+            return Err(IdentityError::Certificate {
+                kind: RefusalKind::CrlStale,
+                reason: reason.clone(),
+            });
+        }
         self.webpki
             .verify_client_cert(end_entity, intermediates, now)
             .map(|_| ())
@@ -620,6 +645,11 @@ impl ClientCertVerifier for IdentityVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        if self.crl_rolled_back.is_some() {
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::ExpiredRevocationList,
+            ));
+        }
         let verified = self
             .webpki
             .verify_client_cert(end_entity, intermediates, now)?;

@@ -209,27 +209,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             id,
         } => {
             let pki = Pki::open(&cli.dir)?;
-            let cert = match (role, id) {
-                (Some(role), Some(id)) => Some(pki.participant_paths(role, &id).0),
-                _ => cert,
-            };
-            let serial = match (cert, serial) {
-                (Some(path), _) => {
+            // A participant revoked by name takes its encryption
+            // certificate with it (an authority's), in the same list.
+            let serials = match (role, id, cert, serial) {
+                (Some(role), Some(id), _, _) => pki.serials_of_participant(role, &id)?,
+                (_, _, Some(path), _) => {
                     let der = pki::load_certs(&path)?.remove(0);
-                    CertificateSummary::of(&der)?.serial
+                    vec![CertificateSummary::of(&der)?.serial]
                 }
-                (None, Some(serial)) => serial,
-                (None, None) => anyhow::bail!(
+                (_, _, None, Some(serial)) => vec![serial],
+                _ => anyhow::bail!(
                     "say what to revoke: --cert FILE, --serial HEX, or --role ROLE --id ID"
                 ),
             };
-            if pki.revoke(&serial)? {
-                println!(
-                    "revoked serial {serial}; {} updated",
-                    pki.crl_path().display()
-                );
-            } else {
-                println!("serial {serial} was already revoked");
+            let asked: Vec<&str> = serials.iter().map(String::as_str).collect();
+            let added = pki.revoke_all(&asked)?;
+            for serial in &serials {
+                let normalised = serial
+                    .trim_start_matches("0x")
+                    .to_ascii_lowercase()
+                    .replace(':', "");
+                if added.iter().any(|a| normalised.ends_with(a.as_str())) {
+                    println!(
+                        "revoked serial {serial}; {} updated",
+                        pki.crl_path().display()
+                    );
+                } else {
+                    println!("serial {serial} was already revoked");
+                }
             }
         }
         Command::Inspect {

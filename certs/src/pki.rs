@@ -96,6 +96,22 @@ pub enum PkiError {
         /// What does not match.
         reason: String,
     },
+    /// A revocation list older (by its CRL number) than one this
+    /// participant accepted before: a list from before a revocation would
+    /// admit the revoked again.
+    #[error(
+        "{path}: revocation list number {number} is older than number {highest}, accepted before{recorded}; an older list would admit certificates revoked since. Distribute the newest crl.pem (`onceonly-certs refresh-crl` signs a newer one)"
+    )]
+    CrlRolledBack {
+        /// The CRL file.
+        path: PathBuf,
+        /// Its number.
+        number: u64,
+        /// The highest number accepted before.
+        highest: u64,
+        /// Where that number is recorded (", as recorded in ..."), or "".
+        recorded: String,
+    },
     /// An identity part was invalid.
     #[error(transparent)]
     Identity(#[from] IdentityError),
@@ -316,6 +332,12 @@ pub struct TlsFiles {
     /// Run without a revocation list: an explicit opt-out, logged at start.
     #[serde(default)]
     pub allow_no_crl: bool,
+    /// A file that keeps the highest CRL number accepted, so that a list
+    /// older than it is refused after a restart too (within one process
+    /// it always is). The broker keeps it in its data directory unless
+    /// set; a connector where set.
+    #[serde(default)]
+    pub crl_number_file: Option<PathBuf>,
 }
 
 /// What a verifier does while its revocation list is stale.
@@ -349,6 +371,7 @@ impl TlsFiles {
             crl,
             crl_stale: CrlStalePolicy::Refuse,
             allow_no_crl: false,
+            crl_number_file: None,
         }
     }
 }
@@ -740,21 +763,56 @@ impl Pki {
     /// Puts `serial_hex` on the revocation list and re-signs it. Revoking a
     /// serial twice keeps the first revocation. Returns whether it was new.
     pub fn revoke(&self, serial_hex: &str) -> Result<bool, PkiError> {
-        let serial_hex = serial_hex
-            .trim()
-            .trim_start_matches("0x")
-            .to_ascii_lowercase();
-        let serial = hex::decode(serial_hex.replace(':', ""))
-            .map_err(|_| PkiError::UnknownSerial(format!("{serial_hex} (not hexadecimal)")))?;
-        let serial_hex = hex::encode(strip_sign_byte(&serial));
+        Ok(!self.revoke_all(&[serial_hex])?.is_empty())
+    }
+
+    /// Revokes every serial of `serials` (hex) in one new list; returns
+    /// those that were not revoked before.
+    pub fn revoke_all(&self, serials: &[&str]) -> Result<Vec<String>, PkiError> {
+        let mut wanted = Vec::new();
+        for serial_hex in serials {
+            let serial_hex = serial_hex
+                .trim()
+                .trim_start_matches("0x")
+                .to_ascii_lowercase();
+            let serial = hex::decode(serial_hex.replace(':', ""))
+                .map_err(|_| PkiError::UnknownSerial(format!("{serial_hex} (not hexadecimal)")))?;
+            wanted.push(hex::encode(strip_sign_byte(&serial)));
+        }
         let _lock = self.lock_crl()?;
         let (mut revoked, number) = self.revoked_serials()?;
-        if revoked.iter().any(|(s, _)| *s == serial_hex) {
-            return Ok(false);
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let mut added = Vec::new();
+        for serial_hex in wanted {
+            if !revoked.iter().any(|(s, _)| *s == serial_hex) && !added.contains(&serial_hex) {
+                added.push(serial_hex.clone());
+                revoked.push((serial_hex, now));
+            }
         }
-        revoked.push((serial_hex, OffsetDateTime::now_utc().unix_timestamp()));
-        self.write_crl(revoked, number + 1)?;
-        Ok(true)
+        if !added.is_empty() {
+            self.write_crl(revoked, number + 1)?;
+        }
+        Ok(added)
+    }
+
+    /// The serials to revoke when participant (`role`, `id`) is revoked:
+    /// its certificate and, for an authority, its encryption certificate,
+    /// which names the same identity and must not outlive it.
+    pub fn serials_of_participant(&self, role: Role, id: &str) -> Result<Vec<String>, PkiError> {
+        let mut paths = vec![self.participant_paths(role, id).0];
+        if role == Role::Authority {
+            let encryption = self.encryption_paths(id).0;
+            if encryption.exists() {
+                paths.push(encryption);
+            }
+        }
+        paths
+            .iter()
+            .map(|path| {
+                let der = load_certs(path)?.remove(0);
+                Ok(crate::inspect::CertificateSummary::of(&der)?.serial)
+            })
+            .collect()
     }
 
     fn write_crl(&self, revoked: Vec<(String, i64)>, number: u64) -> Result<(), PkiError> {
@@ -845,6 +903,92 @@ pub fn read_revocation_list(path: &Path) -> Result<RevocationList, PkiError> {
 }
 
 /// Checks that the revocation list `der` (read from `path`) was issued and
+/// The CRL number of a revocation list (0 where it carries none, or one
+/// beyond 64 bits, which `onceonly-certs` never writes).
+pub fn crl_number_of(der: &[u8]) -> u64 {
+    x509_parser::parse_x509_crl(der)
+        .ok()
+        .and_then(|(_, crl)| crl.crl_number().and_then(|n| u64::try_from(n).ok()))
+        .unwrap_or(0)
+}
+
+/// Refuses a revocation list whose number is below the highest accepted
+/// before under the same CA: in this process, and where `record` names a
+/// file, as recorded there (the file is raised to a higher number, written
+/// atomically). Lists without a number count as 0.
+pub fn check_crl_number(
+    path: &Path,
+    der: &[u8],
+    cas: &[CertificateDer<'_>],
+    record: Option<&Path>,
+) -> Result<u64, PkiError> {
+    use sha2::Digest;
+    type Floors = std::sync::Mutex<std::collections::HashMap<[u8; 32], u64>>;
+    static FLOORS: std::sync::OnceLock<Floors> = std::sync::OnceLock::new();
+    let number = crl_number_of(der);
+    let mut ca_id = sha2::Sha256::new();
+    for ca in cas {
+        ca_id.update(ca.as_ref());
+    }
+    let ca_id: [u8; 32] = ca_id.finalize().into();
+    let recorded = match record {
+        Some(file) => match std::fs::read_to_string(file) {
+            Ok(text) => text.trim().parse::<u64>().map_err(|_| PkiError::Malformed {
+                path: file.to_owned(),
+                reason: format!(
+                    "holds {:?}, not a CRL number; it records the highest accepted: restore it, or delete it to accept any list of the CA",
+                    text.trim()
+                ),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(source) => {
+                return Err(PkiError::Io {
+                    path: file.to_owned(),
+                    source,
+                });
+            }
+        },
+        None => 0,
+    };
+    let mut floors = FLOORS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let in_process = floors.get(&ca_id).copied().unwrap_or(0);
+    let highest = in_process.max(recorded);
+    if number < highest {
+        return Err(PkiError::CrlRolledBack {
+            path: path.to_owned(),
+            number,
+            highest,
+            recorded: match record {
+                Some(file) if recorded == highest => {
+                    format!(", as recorded in {}", file.display())
+                }
+                _ => String::new(),
+            },
+        });
+    }
+    floors.insert(ca_id, number);
+    if let Some(file) = record
+        && number > recorded
+    {
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let fresh = file.with_extension("new");
+        write_file(&fresh, format!("{number}\n").as_bytes(), false, true)?;
+        std::fs::rename(&fresh, file).map_err(|source| PkiError::Io {
+            path: file.to_owned(),
+            source,
+        })?;
+    }
+    Ok(number)
+}
+
 /// signed by one of `cas`, the trust domain's CA certificates. A list of
 /// another issuer would match no certificate: with unknown revocation
 /// status allowed, it would turn revocation off while looking current.

@@ -37,7 +37,7 @@ use crate::connection::{
 };
 use crate::identity::{CrlState, IdentityError, IdentityVerifier, Participant, explain_tls_error};
 use crate::pki::{
-    CrlStalePolicy, PkiError, TlsFiles, check_crl_issuer, load_certs, load_crl,
+    CrlStalePolicy, PkiError, TlsFiles, check_crl_issuer, check_crl_number, load_certs, load_crl,
     parse_revocation_list,
 };
 use crate::security::{RefusalKind, SecurityEvents};
@@ -118,8 +118,16 @@ fn load_own(
 }
 
 /// The revocation lists `files` name: one, or none where that was chosen
-/// explicitly (`allow_no_crl`, logged).
-fn load_crls(files: &TlsFiles) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+/// explicitly (`allow_no_crl`, logged). A list older (by number) than one
+/// accepted before is an error on a reload (`reloading`: the list in force
+/// stays); at start, where it is the only list there is, it is loaded with
+/// the reason returned, and the verifier built on it refuses every peer
+/// until a newer list is loaded (health says NOT_SERVING meanwhile).
+#[allow(clippy::type_complexity)]
+fn load_crls(
+    files: &TlsFiles,
+    reloading: bool,
+) -> Result<(Vec<CertificateRevocationListDer<'static>>, Option<String>), TlsError> {
     match &files.crl {
         Some(path) => {
             let crl = load_crl(path)?;
@@ -128,12 +136,22 @@ fn load_crls(files: &TlsFiles) -> Result<Vec<CertificateRevocationListDer<'stati
             parse_revocation_list(path, crl.as_ref())?;
             // And from our CA: another issuer's list matches no
             // certificate, so it would switch revocation off unnoticed.
-            check_crl_issuer(path, crl.as_ref(), &load_certs(&files.ca)?)?;
-            Ok(vec![crl])
+            let cas = load_certs(&files.ca)?;
+            check_crl_issuer(path, crl.as_ref(), &cas)?;
+            // And not older than one accepted before: a list from before a
+            // revocation would admit the revoked again.
+            match check_crl_number(path, crl.as_ref(), &cas, files.crl_number_file.as_deref()) {
+                Ok(_) => Ok((vec![crl], None)),
+                Err(rolled_back @ PkiError::CrlRolledBack { .. }) if !reloading => {
+                    tracing::error!(error = %rolled_back, "the only revocation list is older than one accepted before: every peer is refused until a newer list is loaded (SIGHUP)");
+                    Ok((vec![crl], Some(rolled_back.to_string())))
+                }
+                Err(other) => Err(other.into()),
+            }
         }
         None if files.allow_no_crl => {
             tracing::warn!(cert = %files.cert.display(), "running WITHOUT a revocation list (tls.allow_no_crl): revoked certificates are accepted");
-            Ok(Vec::new())
+            Ok((Vec::new(), None))
         }
         None => Err(TlsError::NoCrl {
             cert: files.cert.display().to_string(),
@@ -146,14 +164,26 @@ pub fn identity_verifier(
     files: &TlsFiles,
     trust_domain: &str,
 ) -> Result<IdentityVerifier, TlsError> {
+    identity_verifier_for(files, trust_domain, false)
+}
+
+fn identity_verifier_for(
+    files: &TlsFiles,
+    trust_domain: &str,
+    reloading: bool,
+) -> Result<IdentityVerifier, TlsError> {
     let roots = load_certs(&files.ca)?;
-    let crls = load_crls(files)?;
-    Ok(IdentityVerifier::with_crl_policy(
+    let (crls, rolled_back) = load_crls(files, reloading)?;
+    let verifier = IdentityVerifier::with_crl_policy(
         trust_domain,
         roots,
         crls,
         files.crl_stale == CrlStalePolicy::Refuse,
-    )?)
+    )?;
+    Ok(match rolled_back {
+        Some(reason) => verifier.refusing_all(reason),
+        None => verifier,
+    })
 }
 
 /// When a server judges a client certificate.
@@ -178,8 +208,16 @@ pub fn server_config(
     files: &TlsFiles,
     mode: ClientAuth,
 ) -> Result<(ServerConfig, Arc<IdentityVerifier>, Participant), TlsError> {
+    server_config_for(files, mode, false)
+}
+
+fn server_config_for(
+    files: &TlsFiles,
+    mode: ClientAuth,
+    reloading: bool,
+) -> Result<(ServerConfig, Arc<IdentityVerifier>, Participant), TlsError> {
     let (chain, key, me) = load_own(files)?;
-    let verifier = Arc::new(identity_verifier(files, me.trust_domain())?);
+    let verifier = Arc::new(identity_verifier_for(files, me.trust_domain(), reloading)?);
     let client_verifier: Arc<dyn ClientCertVerifier> = match mode {
         ClientAuth::Strict => verifier.clone(),
         ClientAuth::Deferred => Arc::new(DeferredVerifier(verifier.clone())),
@@ -248,12 +286,21 @@ impl ClientCertVerifier for DeferredVerifier {
 /// revocation list (or any, while the list is stale and the policy says
 /// refuse).
 pub fn client_config(files: &TlsFiles) -> Result<(Arc<ClientConfig>, Participant), TlsError> {
+    client_config_for(files, false)
+}
+
+fn client_config_for(
+    files: &TlsFiles,
+    reloading: bool,
+) -> Result<(Arc<ClientConfig>, Participant), TlsError> {
     let (chain, key, me) = load_own(files)?;
     let mut roots = RootCertStore::empty();
     for root in load_certs(&files.ca)? {
         roots.add(root)?;
     }
-    let crls = load_crls(files)?;
+    // A list rolled back at start: the server side of the same process
+    // refuses every peer, so nothing is asked of a server meanwhile.
+    let (crls, _rolled_back) = load_crls(files, reloading)?;
     let mut verifier =
         rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider());
     if !crls.is_empty() {
@@ -309,7 +356,7 @@ impl ReloadableClientTls {
     /// Reads the files into a configuration without putting it in force
     /// (to swap several configurations only when all of them load).
     pub fn prepare(&self) -> Result<Arc<ClientConfig>, TlsError> {
-        Ok(client_config(&self.files)?.0)
+        Ok(client_config_for(&self.files, true)?.0)
     }
 
     /// Makes connections opened so far count as old, so that they are
@@ -353,6 +400,8 @@ pub struct ReloadableServerTls {
     /// Counts reloads: a connection verified under an older configuration
     /// than the one in force when it is tracked is verified again.
     generation: AtomicU64,
+    /// Told of every connection tracked, for [`close_on_expiry`].
+    tracked: Arc<tokio::sync::Notify>,
 }
 
 /// A server configuration read from the files but not yet in force.
@@ -379,6 +428,7 @@ impl ReloadableServerTls {
             identity,
             connections: Mutex::new(Vec::new()),
             generation: AtomicU64::new(0),
+            tracked: Arc::default(),
         }))
     }
 
@@ -394,7 +444,7 @@ impl ReloadableServerTls {
 
     /// Reads the files into a configuration without putting it in force.
     pub fn prepare(&self) -> Result<PreparedServerTls, TlsError> {
-        let (config, verifier, _) = server_config(&self.files, self.mode)?;
+        let (config, verifier, _) = server_config_for(&self.files, self.mode, true)?;
         Ok(PreparedServerTls { config, verifier })
     }
 
@@ -434,6 +484,54 @@ impl ReloadableServerTls {
         closed
     }
 
+    /// Closes the open connections whose peer's certificate has expired
+    /// since their handshake (calls on them were refused already; now the
+    /// connection ends too); returns how many.
+    pub fn close_expired(&self) -> usize {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut closed = 0;
+        for connection in self.open_connections() {
+            if connection.closed().is_none()
+                && connection
+                    .not_after()
+                    .is_some_and(|not_after| not_after < now)
+            {
+                connection.close(PeerRefusal {
+                    kind: crate::security::RefusalKind::Expired,
+                    reason: "certificate has expired since the connection was opened".into(),
+                    claimed: connection
+                        .chain()
+                        .first()
+                        .and_then(|leaf| Participant::from_certificate(leaf).ok())
+                        .map(|p| p.spiffe_id()),
+                });
+                closed += 1;
+            }
+        }
+        if closed > 0 {
+            tracing::info!(
+                closed,
+                "connections closed: their peers' certificates expired"
+            );
+        }
+        closed
+    }
+
+    /// How many connections are open.
+    pub fn open_connection_count(&self) -> usize {
+        self.open_connections().len()
+    }
+
+    /// When the first open connection's peer certificate expires (Unix
+    /// seconds), among those not closed yet.
+    fn next_expiry(&self) -> Option<i64> {
+        self.open_connections()
+            .iter()
+            .filter(|c| c.closed().is_none())
+            .filter_map(|c| c.not_after())
+            .min()
+    }
+
     /// Ends every open connection (the server stops and its drain is
     /// over): calls still in flight are cancelled, which lets their
     /// handlers record them and finish. Returns how many were open.
@@ -463,6 +561,7 @@ impl ReloadableServerTls {
             }
             connections.push(Arc::downgrade(connection));
         }
+        self.tracked.notify_one();
         if self.generation.load(Ordering::SeqCst) != generation {
             let (_, verifier) = self.current();
             verify_open(&verifier, connection);
@@ -549,6 +648,30 @@ fn verify_open(verifier: &IdentityVerifier, connection: &ConnectionState) -> boo
 }
 
 pub use crate::connection::{PeerIdentity, PeerRefusal};
+
+/// Closes each open connection of `tls` once its peer's certificate
+/// expires: it looks again when the first one expires, when a connection
+/// is opened, and at least once a minute. Runs until aborted; holds `tls`
+/// only weakly.
+pub async fn close_on_expiry(tls: std::sync::Weak<ReloadableServerTls>) {
+    const AT_LEAST_EVERY: i64 = 60;
+    loop {
+        let Some(strong) = tls.upgrade() else { return };
+        strong.close_expired();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let wait = strong
+            .next_expiry()
+            .map_or(AT_LEAST_EVERY, |at| (at - now + 1).clamp(1, AT_LEAST_EVERY));
+        let tracked = strong.tracked.clone();
+        // Not held while waiting: the server's end ends this loop.
+        drop(strong);
+        let opened = tracked.notified();
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(wait.unsigned_abs())) => {}
+            () = opened => {}
+        }
+    }
+}
 
 /// The caller's verified identity from a tonic request, or why there is
 /// none (refused certificate, or a server not fed by [`MtlsIncoming`]).

@@ -222,3 +222,55 @@ fn a_failure_says_its_cause_once() {
         "{message}"
     );
 }
+
+#[test]
+fn revoking_an_authority_revokes_its_encryption_certificate_with_it() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki_dir = dir.path().join("pki");
+    success(&certs(&pki_dir, &["init", "--trust-domain", "land.test"]));
+    for extra in [&[][..], &["--encryption"][..]] {
+        let mut args = vec!["issue", "--role", "authority", "--id", "kfz"];
+        args.extend_from_slice(extra);
+        success(&certs(&pki_dir, &args));
+    }
+    success(&certs(
+        &pki_dir,
+        &["issue", "--role", "authority", "--id", "other"],
+    ));
+    let out = success(&certs(
+        &pki_dir,
+        &["revoke", "--role", "authority", "--id", "kfz"],
+    ));
+    assert_eq!(out.matches("revoked serial").count(), 2, "{out}");
+
+    let pki = Pki::open(&pki_dir).expect("pki");
+    let (revoked, _) = pki.revoked_serials().expect("crl");
+    let stored = pki.stored_certificates().expect("stored");
+    for encryption in [false, true] {
+        let serial = &stored
+            .iter()
+            .find(|c| c.participant.id() == "kfz" && c.encryption == encryption)
+            .expect("stored")
+            .serial_hex;
+        assert!(
+            revoked.iter().any(|(s, _)| s == serial),
+            "encryption {encryption}: {serial} not in {revoked:?}"
+        );
+    }
+    // The encryption certificate is refused as a recipient from then on.
+    let trust = onceonly_certs::tls::identity_verifier(
+        &pki.tls_files(Role::Authority, "other"),
+        "land.test",
+    )
+    .expect("trust");
+    let der = onceonly_certs::pki::load_certs(&pki.encryption_paths("kfz").0)
+        .expect("cert")
+        .remove(0);
+    assert!(trust.verify_encryption_certificate(&der).is_err());
+    // Revoking again changes nothing and says so.
+    let again = success(&certs(
+        &pki_dir,
+        &["revoke", "--role", "authority", "--id", "kfz"],
+    ));
+    assert_eq!(again.matches("already revoked").count(), 2, "{again}");
+}

@@ -223,3 +223,169 @@ async fn a_revocation_list_of_another_ca_is_refused_at_start_and_on_reload() {
     std::fs::write(pki.crl_path(), ours).expect("our list back");
     server_tls.reload().expect("our own list reloads");
 }
+
+#[tokio::test]
+async fn an_older_revocation_list_pushed_back_is_refused_and_the_revoked_stay_out() {
+    let pki = Pki::throwaway(
+        "onceonly.test",
+        &[(Role::Authority, "a"), (Role::Authority, "b")],
+    )
+    .expect("pki");
+    let record = tempfile::tempdir().expect("dir");
+    let number_file = record.path().join("state").join("crl-number");
+    let mut files = pki.tls_files(Role::Broker, "broker");
+    files.crl_number_file = Some(number_file.clone());
+    let before_revocation = std::fs::read(pki.crl_path()).expect("crl");
+
+    let server_tls = ReloadableServerTls::load(files.clone()).expect("tls");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let incoming = MtlsIncoming::new(listener, server_tls.clone(), Default::default());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(tonic_health::server::health_reporter().1)
+            .serve_with_incoming(incoming),
+    );
+
+    // "a" is revoked, and the newer list is in force.
+    pki.revoke(&serial_of(&pki, Role::Authority, "a"))
+        .expect("revoke");
+    server_tls.reload().expect("the newer list loads");
+    let (_, number) = pki.revoked_serials().expect("crl");
+    assert_eq!(
+        std::fs::read_to_string(&number_file)
+            .expect("recorded")
+            .trim(),
+        number.to_string(),
+        "the highest number is recorded"
+    );
+    assert_tls_alert(
+        &health_check(&pki, Role::Authority, "a", addr, None)
+            .await
+            .expect_err("revoked"),
+        "CertificateRevoked",
+    );
+
+    // The list from before the revocation, pushed back: refused loudly,
+    // the newer stays in force, "a" stays out. (The clients below keep the
+    // newer list: this process would refuse them the older one too.)
+    let newer = record.path().join("newer-crl.pem");
+    std::fs::copy(pki.crl_path(), &newer).expect("keep the newer list");
+    std::fs::write(pki.crl_path(), &before_revocation).expect("push back");
+    let refused = server_tls.reload().expect_err("an older list");
+    let message = refused.to_string();
+    assert!(
+        message.contains("older than number")
+            && message.contains(&pki.crl_path().display().to_string())
+            && message.contains("refresh-crl"),
+        "{message}"
+    );
+    let client = |id: &str| {
+        let mut files = pki.tls_files(Role::Authority, id);
+        files.crl = Some(newer.clone());
+        let (config, _) = tls::client_config(&files).expect("client tls");
+        let channel = MtlsConnector::new(config, None)
+            .channel(&addr.to_string(), Duration::from_secs(5))
+            .expect("channel");
+        HealthClient::new(channel)
+    };
+    assert_tls_alert(
+        &client("a")
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect_err("still revoked"),
+        "CertificateRevoked",
+    );
+    client("b")
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("b is served");
+
+    // Started on the older list, where it is the only one: every peer is
+    // refused, and the state says why, until a newer list is loaded.
+    let restarted = ReloadableServerTls::load(files.clone()).expect("starts");
+    assert_eq!(
+        restarted.crl_state(),
+        onceonly_certs::identity::CrlState::RolledBack
+    );
+    let b = pki.participant_paths(Role::Authority, "b").0;
+    let b = onceonly_certs::pki::load_certs(&b).expect("cert");
+    let refused = restarted
+        .verifier()
+        .verify(&b[0], &[])
+        .expect_err("nobody while rolled back");
+    assert_eq!(
+        refused.refusal_kind(),
+        onceonly_certs::security::RefusalKind::CrlStale
+    );
+    assert!(
+        refused.to_string().contains("older than number"),
+        "{refused}"
+    );
+    std::fs::copy(&newer, pki.crl_path()).expect("the newer list again");
+    restarted.reload().expect("the newer list loads");
+    restarted.verifier().verify(&b[0], &[]).expect("b again");
+
+    // A garbled record is named, not taken for zero.
+    std::fs::write(&number_file, "many").expect("garble");
+    let error = onceonly_certs::pki::check_crl_number(
+        &pki.crl_path(),
+        &before_revocation,
+        &onceonly_certs::pki::load_certs(&pki.ca_cert_path()).expect("ca"),
+        Some(&number_file),
+    )
+    .expect_err("garbled")
+    .to_string();
+    assert!(error.contains("not a CRL number"), "{error}");
+}
+
+#[tokio::test]
+async fn an_open_connection_is_closed_once_its_peers_certificate_expires() {
+    let pki = Pki::throwaway("onceonly.test", &[]).expect("pki");
+    let mut short = onceonly_certs::IssueOptions::new(Role::Authority, "short-lived");
+    short.not_before = Some(time::OffsetDateTime::now_utc() - time::Duration::seconds(5));
+    short.validity = Duration::from_secs(9);
+    pki.issue(&short)
+        .expect("a certificate valid for a few seconds more");
+    let (addr, server_tls) = serve(&pki).await;
+    let closer = tokio::spawn(tls::close_on_expiry(Arc::downgrade(&server_tls)));
+
+    let (config, _) =
+        tls::client_config(&pki.tls_files(Role::Authority, "short-lived")).expect("client tls");
+    let channel = MtlsConnector::new(config, None)
+        .channel(&addr.to_string(), Duration::from_secs(5))
+        .expect("channel");
+    let mut client = HealthClient::new(channel);
+    let ask = || HealthCheckRequest {
+        service: String::new(),
+    };
+    client.check(ask()).await.expect("served while valid");
+    assert_eq!(server_tls.open_connection_count(), 1);
+    // Past its notAfter (whole seconds) and the closer's next look: the
+    // connection is gone, without a reload or a call to notice it. (Calls
+    // on it were refused from its notAfter on already, by every service
+    // that asks for the peer's identity.)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while server_tls.open_connection_count() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the connection outlived its certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cert =
+        onceonly_certs::pki::load_certs(&pki.participant_paths(Role::Authority, "short-lived").0)
+            .expect("cert");
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert[0].as_ref()).expect("parses");
+    assert!(
+        time::OffsetDateTime::now_utc().unix_timestamp() >= parsed.validity().not_after.timestamp(),
+        "closed before it expired"
+    );
+    closer.abort();
+}

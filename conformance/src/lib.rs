@@ -674,7 +674,7 @@ pub async fn run(target: Target) -> Result<Report, ConformanceError> {
     let nonce = RequestClaims::read_unverified(&signed_request)
         .map(|c| c.non)
         .unwrap_or_default();
-    let signed_digest = onceonly_seal::digest_b64(signed_request.as_bytes());
+    let signed_digest = onceonly_seal::request::signed_digest(&signed_request);
     let (answer, _) = broker.call(request, standard).await;
     let opener = EvidenceOpener::new(verifier.clone(), None);
     let requester = broker.requester.clone();
@@ -731,7 +731,7 @@ pub async fn run(target: Target) -> Result<Report, ConformanceError> {
             let nonce = RequestClaims::read_unverified(&signed_request)
                 .map(|c| c.non)
                 .unwrap_or_default();
-            let signed_digest = onceonly_seal::digest_b64(signed_request.as_bytes());
+            let signed_digest = onceonly_seal::request::signed_digest(&signed_request);
             let expected = Expected {
                 exchange_id: &exchange_id,
                 encrypted: true,

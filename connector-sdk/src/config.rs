@@ -72,13 +72,15 @@ pub struct ConnectorConfig {
     /// them.
     #[serde(default)]
     pub encryption_required_for: Vec<String>,
-    /// Whether to answer tickets that carry no request signed by the
-    /// authority (default false: refused, PERMISSION_DENIED,
-    /// SIGNED_REQUEST_MISSING, so that a broker cannot make up a request
-    /// this register answers). Set it only while authorities the broker
-    /// lets send unsigned requests still ask this register.
+    /// Authorities (their ids) whose tickets this register answers without
+    /// a request the authority signed. Default none: such a ticket is
+    /// refused (PERMISSION_DENIED, SIGNED_REQUEST_MISSING), so that a broker
+    /// cannot make up a request this register answers. List an authority
+    /// only while the broker's policy lets it send unsigned requests
+    /// (`[signed_requests] unsigned_allowed`); for it, and only for it, the
+    /// broker's word is all a request rests on.
     #[serde(default)]
-    pub accept_unsigned_requests: bool,
+    pub accept_unsigned_from: Vec<String>,
     /// Where to serve `GET /metrics` (Prometheus text format, plain HTTP,
     /// no certificate: keep it on loopback); none: no admin listener.
     #[serde(default)]
@@ -148,7 +150,7 @@ impl ConnectorConfig {
             connections: ConnectionLimits::default(),
             shutdown_grace: default_shutdown_grace(),
             encryption_required_for: Vec::new(),
-            accept_unsigned_requests: false,
+            accept_unsigned_from: Vec::new(),
             admin_listen: None,
             otlp_endpoint: None,
             trace_filter: default_trace_filter(),
@@ -173,6 +175,10 @@ impl ConnectorConfig {
         tls.cert = relative_to(config_path, &tls.cert);
         tls.key = relative_to(config_path, &tls.key);
         tls.crl = tls.crl.as_ref().map(|crl| relative_to(config_path, crl));
+        tls.crl_number_file = tls
+            .crl_number_file
+            .as_ref()
+            .map(|file| relative_to(config_path, file));
     }
 
     /// Applies `ONCEONLY_CONNECTOR_*` overrides read through `env`.

@@ -111,10 +111,10 @@ impl<C: Connector> ConnectorServer<C> {
         self
     }
 
-    /// Answer tickets without the authority's signed request (see
-    /// [`ConnectorConfig::accept_unsigned_requests`]).
-    pub fn accept_unsigned_requests(mut self, accept: bool) -> Self {
-        self.config.accept_unsigned_requests = accept;
+    /// Answer these authorities' tickets without their signed request (see
+    /// [`ConnectorConfig::accept_unsigned_from`]).
+    pub fn accept_unsigned_from(mut self, authorities: &[&str]) -> Self {
+        self.config.accept_unsigned_from = authorities.iter().map(|a| (*a).to_owned()).collect();
         self
     }
 
@@ -242,7 +242,7 @@ impl<C: Connector> BoundConnector<C> {
                 max_payload_size: usize::try_from(config.limits.max_payload_size.as_u64())
                     .unwrap_or(usize::MAX),
                 encryption_required_for: config.encryption_required_for.clone(),
-                accept_unsigned_requests: config.accept_unsigned_requests,
+                accept_unsigned_from: config.accept_unsigned_from.clone(),
             },
             self.tls.clone(),
             self.signer,
@@ -285,6 +285,9 @@ impl<C: Connector> BoundConnector<C> {
         let reflection = reflection.max_decoding_message_size(MAX_REQUEST_MESSAGE);
         let incoming =
             MtlsIncoming::new(self.listener, self.tls.clone(), config.connections.clone());
+        let expiry_closer = tokio::spawn(onceonly_certs::tls::close_on_expiry(Arc::downgrade(
+            &self.tls,
+        )));
         let grace = config.shutdown_grace;
         let (drain_started, drain_signal) = oneshot::channel::<()>();
         let signal = async move {
@@ -315,6 +318,7 @@ impl<C: Connector> BoundConnector<C> {
                 tracing::warn!(?grace, connections = cut, "requests still in flight after the grace period; their connections are closed");
             }
         }
+        expiry_closer.abort();
         if let Some(admin) = admin_task {
             admin.abort();
         }

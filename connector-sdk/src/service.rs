@@ -57,8 +57,9 @@ pub(crate) struct ServiceLimits {
     pub max_payload_size: usize,
     /// Evidence types released only encrypted to the requester.
     pub encryption_required_for: Vec<String>,
-    /// Whether tickets without the authority's signed request are answered.
-    pub accept_unsigned_requests: bool,
+    /// Authorities (ids) whose tickets are answered without their signed
+    /// request.
+    pub accept_unsigned_from: Vec<String>,
 }
 
 /// The gRPC service wrapping a connector.
@@ -196,7 +197,11 @@ impl<C: Connector> ConnectorGrpc<C> {
             })?;
         // The authority's own signature on what the ticket lets through:
         // the broker's word alone does not make a request.
-        let signed_request = if ticket.req.is_empty() && self.limits.accept_unsigned_requests {
+        let unsigned_accepted = self.limits.accept_unsigned_from.iter().any(|id| {
+            Participant::new(trust.trust_domain(), Role::Authority, id)
+                .is_ok_and(|authority| authority.spiffe_id() == request.requester_id)
+        });
+        let signed_request = if ticket.req.is_empty() && unsigned_accepted {
             None
         } else {
             let fields = RequestFields {
@@ -214,9 +219,16 @@ impl<C: Connector> ConnectorGrpc<C> {
             };
             let verified = onceonly_seal::verify_request(&ticket.req, &trust, &fields, now)
                 .and_then(|verified| {
-                    self.nonces
-                        .claim(&verified.claims, &request.exchange_id, now)
-                        .map(|()| verified)
+                    // The consent the authority named is the one the
+                    // broker's ticket says covered it, where both name one.
+                    let (signed, ticketed) = (&verified.claims.cid, &ticket.cid);
+                    if !signed.is_empty() && !ticketed.is_empty() && signed != ticketed {
+                        return Err(RequestError::Mismatch {
+                            claim: "cid",
+                            field: "the ticket's consent (cid)",
+                        });
+                    }
+                    Ok(verified)
                 })
                 .map_err(|refusal| {
                     tracing::warn!(%refusal, "the authority's signed request refused");
@@ -250,6 +262,16 @@ impl<C: Connector> ConnectorGrpc<C> {
             }
             Some(recipient)
         };
+        // Last, once nothing else refuses it: the nonce serves this
+        // exchange (released again where it ends without evidence).
+        if let Some(verified) = &signed_request {
+            self.nonces
+                .claim(&verified.claims, &request.exchange_id, now)
+                .map_err(|refusal| {
+                    tracing::warn!(%refusal, "the authority's signed request refused");
+                    signed_request_status(&refusal)
+                })?;
+        }
         request.ticket = Some(ticket);
         request.signed_request = signed_request;
         Ok(Admitted { request, recipient })
@@ -458,6 +480,23 @@ impl<C: Connector> ConnectorGrpc<C> {
     }
 }
 
+/// A signed request's nonce claimed for one exchange: freed when dropped
+/// unless kept (evidence was issued).
+struct NonceHold<'a> {
+    book: &'a NonceBook,
+    request: Option<&'a onceonly_seal::RequestClaims>,
+    exchange_id: &'a str,
+    keep: bool,
+}
+
+impl Drop for NonceHold<'_> {
+    fn drop(&mut self) {
+        if let (false, Some(request)) = (self.keep, self.request) {
+            self.book.release(request, self.exchange_id);
+        }
+    }
+}
+
 /// PERMISSION_DENIED with the reason of each refusal of the authority's
 /// signed request.
 fn signed_request_status(refusal: &RequestError) -> Status {
@@ -627,6 +666,15 @@ impl<C: Connector> ConnectorGrpc<C> {
             } = self.admit(request.into_inner())?;
             evidence_request.deadline = Some(work_deadline.instant());
             let answered_for = evidence_request.clone();
+            // The signed request's nonce stays with this exchange only where
+            // evidence is issued: a failure, a refusal or a call the broker
+            // gave up frees it for the authority's retry (a new exchange).
+            let mut nonce = NonceHold {
+                book: &self.nonces,
+                request: answered_for.signed_request.as_ref().map(|s| &s.claims),
+                exchange_id: &answered_for.exchange_id,
+                keep: false,
+            };
 
             // Dropped at the deadline, or when the broker cancels the call
             // (tonic drops this future): either way the register's work is
@@ -653,6 +701,7 @@ impl<C: Connector> ConnectorGrpc<C> {
                 Ok(Err(status)) => Err(status),
                 Err(_elapsed) => Err(deadline_exceeded(&deadline)),
             };
+            nonce.keep = result.is_ok();
             let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
             match &result {
                 Ok(evidence) => tracing::info!(latency_ms, bytes = evidence.payload.len(), "evidence provided"),

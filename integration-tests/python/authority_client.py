@@ -146,7 +146,8 @@ def check_statement(evidence, exchange_id, requester, subject_scheme, subject_va
         # Bound to the request this authority signed: its nonce and digest.
         token, nonce = signed
         expected["non"] = nonce
-        expected["rqd"] = b64url(hashlib.sha256(token.encode()).digest())
+        # What the authority signed: the token up to its last '.'.
+        expected["rqd"] = b64url(hashlib.sha256(token.rsplit(".", 1)[0].encode()).digest())
     for claim, value in expected.items():
         if claims.get(claim) != value:
             raise ValueError(f"check binding: claim {claim} is {claims.get(claim)!r}, expected {value!r}")

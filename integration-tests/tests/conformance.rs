@@ -325,15 +325,15 @@ async fn the_binary_prints_a_table_writes_json_and_says_so_in_its_exit_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connector_that_answers_unsigned_requests_fails_exactly_that_check() {
     let world = World::start().await;
-    // The real civil register, its operator having set
-    // accept_unsigned_requests: a broker could make up requests it answers.
+    // The real civil register, its operator having listed the requester in
+    // accept_unsigned_from: a broker could make up requests it answers.
     let lenient = onceonly_connector_sdk::ConnectorServer::builder(
         onceonly_registry_mock::MockRegister::embedded(onceonly_registry_mock::RegisterKind::Civil)
             .expect("civil register"),
         world.pki.tls_files(Role::Connector, "civil-register"),
     )
     .allowed_broker("broker")
-    .accept_unsigned_requests(true)
+    .accept_unsigned_from(&[AUTHORITY])
     .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
     .bind()
     .await

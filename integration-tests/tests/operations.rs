@@ -484,3 +484,62 @@ async fn readiness_is_not_serving_while_the_broker_announces_its_shutdown() {
     }
     stopping.await.expect("task").expect("stops cleanly");
 }
+
+#[tokio::test]
+async fn a_broker_started_on_a_revocation_list_older_than_one_it_accepted_serves_nobody() {
+    let mut world = World::start().await;
+    wait_for_health(&world, ServingStatus::Serving).await;
+    let before_revocation = std::fs::read(world.pki.crl_path()).expect("crl");
+    // A revocation, loaded: the broker records the list's number.
+    let revoked = world
+        .pki
+        .participant_paths(Role::Authority, "gewerbeamt-muenchen")
+        .0;
+    let serial = onceonly_certs::inspect::CertificateSummary::of(
+        &onceonly_certs::pki::load_certs(&revoked).expect("cert")[0],
+    )
+    .expect("summary")
+    .serial;
+    world.pki.revoke(&serial).expect("revoke");
+    let newer = std::fs::read(world.pki.crl_path()).expect("crl");
+    world.running_broker().reload_tls().expect("the newer list");
+    let recorded = world.dir.path().join("data").join("crl-number");
+    let (_, number) = world.pki.revoked_serials().expect("crl");
+    assert_eq!(
+        std::fs::read_to_string(&recorded).expect("recorded").trim(),
+        number.to_string()
+    );
+
+    // Pushed back while it runs: refused, the newer stays in force.
+    std::fs::write(world.pki.crl_path(), &before_revocation).expect("push back");
+    let refused = world
+        .running_broker()
+        .reload_tls()
+        .expect_err("an older list");
+    assert!(
+        refused.to_string().contains("older than number"),
+        "{refused}"
+    );
+    wait_for_health(&world, ServingStatus::Serving).await;
+
+    // Restarted with the older list as the only one: NOT_SERVING, and
+    // every caller refused, until a newer list is loaded.
+    world.stop_broker().await;
+    world.start_broker().await;
+    wait_for_health(&world, ServingStatus::NotServing).await;
+    let status = world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("rolled-back-1"))
+        .await
+        .expect_err("nobody while the list is rolled back");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("older than number"), "{status:?}");
+    std::fs::write(world.pki.crl_path(), &newer).expect("the newer list");
+    world.running_broker().reload_tls().expect("reloads");
+    wait_for_health(&world, ServingStatus::Serving).await;
+    world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("rolled-back-2"))
+        .await
+        .expect("serving again");
+}

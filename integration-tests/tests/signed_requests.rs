@@ -224,7 +224,7 @@ async fn a_ticket_minted_with_a_valid_broker_key_for_a_request_no_authority_sign
         RequestClaims::read_unverified(&signed).expect("claims").non,
         "the statement names the request's nonce"
     );
-    assert_eq!(stated.rqd, onceonly_seal::digest_b64(signed.as_bytes()));
+    assert_eq!(stated.rqd, onceonly_seal::request::signed_digest(&signed));
     // A retry of the same exchange (a new ticket) is answered.
     let mut retry = first.clone();
     retry.authorization_ticket = TicketClaims {
@@ -281,7 +281,7 @@ async fn the_broker_checks_the_signed_request_first_and_records_its_digest() {
     let record = record_of(&world, "signed-ok").await;
     assert_eq!(
         record.signed_request_sha256,
-        Sha256::digest(signed.token.as_bytes()).to_vec()
+        Sha256::digest(onceonly_seal::request::signing_input(&signed.token)).to_vec()
     );
 
     // Not signed, where the policy requires it (the default).
@@ -496,4 +496,116 @@ async fn an_authority_the_policy_lets_send_unsigned_still_meets_the_registers_ru
         .await
         .expect_err("München must sign");
     assert_eq!(reason_of(&status), Some(ErrorReason::SignedRequestMissing));
+}
+
+#[tokio::test]
+async fn a_failed_exchange_frees_its_signed_request_for_the_retry_and_only_listed_authorities_go_unsigned()
+ {
+    let pki = pki_with(&[
+        (Role::Connector, "civil-register"),
+        (Role::Authority, BERLIN),
+        (Role::Authority, MUENCHEN),
+    ]);
+    // The civil register, answering Berlin's tickets without a signed
+    // request (its operator listed Berlin), nobody else's.
+    let civil = onceonly_connector_sdk::ConnectorServer::builder(
+        onceonly_registry_mock::MockRegister::embedded(onceonly_registry_mock::RegisterKind::Civil)
+            .expect("civil register"),
+        pki.tls_files(Role::Connector, "civil-register"),
+    )
+    .allowed_broker("broker")
+    .accept_unsigned_from(&[BERLIN])
+    .listen(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+    .bind()
+    .await
+    .expect("binds")
+    .spawn();
+    let broker = signer(&pki, Role::Broker, "broker");
+    let mut client = ConnectorServiceClient::new(channel_as(
+        &pki,
+        Role::Broker,
+        "broker",
+        civil.local_addr(),
+        None,
+    ));
+    let ticket = |request: &ProvideEvidenceRequest, req: String| {
+        TicketClaims {
+            req,
+            ..ticket_claims(&broker, TRUST_DOMAIN, "civil-register", request)
+        }
+        .sign(&broker)
+        .expect("sign")
+    };
+
+    // A subject the register does not hold: NOT_FOUND, no evidence, and
+    // the same signed request may be retried under a new exchange.
+    let mut nobody = forwarded("ex-nobody-1");
+    nobody.subject = Some(SubjectId {
+        scheme: SubjectIdScheme::DeIdnr.into(),
+        value: "86095742719".into(),
+    });
+    let signed = ticket_with_request(&pki, &broker, "civil-register", &nobody).req;
+    for exchange in ["ex-nobody-1", "ex-nobody-2"] {
+        let mut request = ProvideEvidenceRequest {
+            exchange_id: exchange.into(),
+            ..nobody.clone()
+        };
+        request.authorization_ticket = ticket(&request, signed.clone());
+        let status = client
+            .provide_evidence(request)
+            .await
+            .expect_err("not held");
+        assert_eq!(status.code(), Code::NotFound, "{exchange}: {status:?}");
+    }
+
+    // The consent the authority named must be the one the ticket names.
+    let mut request = forwarded("ex-consent");
+    let claims = RequestClaims {
+        cid: "consent-the-authority-named".into(),
+        ..RequestClaims::for_forwarded(
+            &request,
+            "r",
+            onceonly_seal::unix_now(),
+            onceonly_seal::request::DEFAULT_LIFETIME,
+        )
+        .expect("claims")
+    };
+    request.authorization_ticket = TicketClaims {
+        req: claims
+            .sign(&signer(&pki, Role::Authority, BERLIN))
+            .expect("sign"),
+        cid: "another-consent".into(),
+        ..ticket_claims(&broker, TRUST_DOMAIN, "civil-register", &request)
+    }
+    .sign(&broker)
+    .expect("sign");
+    let status = client
+        .provide_evidence(request)
+        .await
+        .expect_err("another consent");
+    assert_eq!(
+        reason_of(&status),
+        Some(ErrorReason::SignedRequestMismatch),
+        "{status:?}"
+    );
+
+    // Unsigned: answered for Berlin, listed; refused for München.
+    let mut berlin = forwarded("ex-unsigned-berlin");
+    berlin.authorization_ticket = ticket(&berlin, String::new());
+    client
+        .provide_evidence(berlin)
+        .await
+        .expect("Berlin is listed");
+    let mut muenchen = forwarded("ex-unsigned-muenchen");
+    muenchen.requester_id = format!("spiffe://{TRUST_DOMAIN}/authority/{MUENCHEN}");
+    muenchen.authorization_ticket = ticket(&muenchen, String::new());
+    let status = client
+        .provide_evidence(muenchen)
+        .await
+        .expect_err("München is not");
+    assert_eq!(
+        reason_of(&status),
+        Some(ErrorReason::SignedRequestMissing),
+        "{status:?}"
+    );
 }

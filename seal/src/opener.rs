@@ -18,6 +18,11 @@ use crate::jws::JwsError;
 use crate::request::{LEEWAY_SECS, RequestBinding};
 use crate::statement::StatementClaims;
 
+/// How far a register's clock may lag the authority's before evidence
+/// looks issued before the request it answers (the nonce binds it anyway;
+/// this refuses only what is plainly older).
+pub const STATEMENT_SKEW_SECS: i64 = 30;
+
 /// What the evidence must be bound to.
 #[derive(Debug, Clone, Copy)]
 pub struct Expected<'a> {
@@ -160,7 +165,7 @@ pub fn check_statement(
                 field: "signed request (rqd)",
             });
         }
-        if claims.iat < request.issued_at.saturating_sub(LEEWAY_SECS) {
+        if claims.iat < request.issued_at.saturating_sub(STATEMENT_SKEW_SECS) {
             return Err(OpenError::Stale(format!(
                 "the register issued it at {}, before the request was signed at {}",
                 claims.iat, request.issued_at

@@ -17,7 +17,7 @@
 //! | --- | --- |
 //! | `iss` | the authority's SPIFFE id (the signer) |
 //! | `rid` | the authority's `request_id` |
-//! | `non` | a fresh random nonce, base64url, 16 to 96 bytes |
+//! | `non` | a fresh random nonce, base64url, 22 to 64 characters (16 to 48 bytes) |
 //! | `iat`, `exp` | issue and expiry, Unix seconds, at most [`MAX_LIFETIME_SECS`] apart |
 //! | `evt` | the evidence type |
 //! | `sbh` | the subject hash ([`crate::subject_hash`]) salted with `non` |
@@ -53,7 +53,7 @@ pub const LEEWAY_SECS: i64 = 5;
 const NONCE_BYTES: usize = 18;
 
 /// The shortest nonce accepted (16 bytes in base64url) and the longest.
-const NONCE_LEN: std::ops::RangeInclusive<usize> = 22..=128;
+const NONCE_LEN: std::ops::RangeInclusive<usize> = 22..=64;
 
 /// What an authority signs. See the module docs for each claim.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +176,21 @@ pub fn certificate_fingerprint(der: &[u8]) -> String {
     }
 }
 
+/// The digest that names a signed request (`rqd`, and the audit record's
+/// `signed_request_sha256` in base64url): SHA-256 of what was signed, the
+/// token's header and claims (`header.claims`, ASCII) without its
+/// signature, so that a signature re-encoded by a party in between (an
+/// ECDSA signature has two valid forms) names the same request.
+pub fn signed_digest(token: &str) -> String {
+    crate::digest_b64(signing_input(token).as_bytes())
+}
+
+/// The part of a compact JWS its signature covers: all before the last
+/// '.'.
+pub fn signing_input(token: &str) -> &str {
+    token.rsplit_once('.').map_or(token, |(signed, _)| signed)
+}
+
 /// What an authority keeps of a request it signed, to check the answer
 /// against ([`SignedRequest::binding`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,7 +199,7 @@ pub struct SignedRequest {
     pub token: String,
     /// Its nonce.
     pub nonce: String,
-    /// SHA-256 (base64url) of the token.
+    /// Its digest ([`signed_digest`]).
     pub digest: String,
     /// When it was signed, Unix seconds.
     pub issued_at: i64,
@@ -206,7 +221,7 @@ impl SignedRequest {
 pub struct RequestBinding<'a> {
     /// The request's nonce (`non`).
     pub nonce: &'a str,
-    /// The token's SHA-256, base64url (`rqd`).
+    /// Its digest ([`signed_digest`], `rqd`).
     pub digest: &'a str,
     /// When the request was signed: evidence issued before cannot answer it.
     pub issued_at: i64,
@@ -229,7 +244,7 @@ pub fn sign_request(
     let token = claims.sign(signer)?;
     request.signed_request = token.clone();
     Ok(SignedRequest {
-        digest: crate::digest_b64(token.as_bytes()),
+        digest: signed_digest(&token),
         token,
         nonce: claims.non,
         issued_at: claims.iat,
@@ -310,7 +325,7 @@ pub struct VerifiedRequest {
     pub claims: RequestClaims,
     /// The authority that signed it.
     pub signer: Participant,
-    /// SHA-256 (base64url) of the token.
+    /// Its digest ([`signed_digest`]).
     pub digest: String,
 }
 
@@ -386,7 +401,7 @@ pub fn verify_request(
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
         return Err(RequestError::Invalid(JwsError::Malformed(
-            "non: a nonce is 22 to 128 base64url characters (16 random bytes or more)".into(),
+            "non: a nonce is 22 to 64 base64url characters (16 to 48 random bytes)".into(),
         )));
     }
     let subject_hash =
@@ -424,7 +439,7 @@ pub fn verify_request(
     Ok(VerifiedRequest {
         claims,
         signer: verified.signer,
-        digest: crate::digest_b64(token.as_bytes()),
+        digest: signed_digest(token),
     })
 }
 
@@ -439,8 +454,9 @@ pub struct NonceBook {
 
 #[derive(Debug, Default)]
 struct Nonces {
-    exchange_of: HashMap<String, String>,
-    by_expiry: BTreeMap<i64, Vec<String>>,
+    /// (issuer, nonce) to the exchange it serves.
+    exchange_of: HashMap<(String, String), String>,
+    by_expiry: BTreeMap<i64, Vec<(String, String)>>,
 }
 
 /// The most nonces a book holds at once (as the tickets' replay cache).
@@ -448,23 +464,25 @@ pub const MAX_NONCES: usize = crate::ticket::MAX_REMEMBERED;
 
 impl NonceBook {
     /// Records that `request`'s nonce serves `exchange_id`; Err where it
-    /// served another exchange before.
+    /// serves another exchange. Nonces are the signer's own: the key is
+    /// issuer and nonce, so one authority cannot use up another's.
     pub fn claim(
         &self,
         request: &RequestClaims,
         exchange_id: &str,
         now: i64,
     ) -> Result<(), RequestError> {
+        let key = (request.iss.clone(), request.non.clone());
         let mut book = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(entry) = book.by_expiry.first_entry() {
             if entry.key().saturating_add(LEEWAY_SECS) >= now {
                 break;
             }
-            for nonce in entry.remove() {
-                book.exchange_of.remove(&nonce);
+            for key in entry.remove() {
+                book.exchange_of.remove(&key);
             }
         }
-        if let Some(first) = book.exchange_of.get(&request.non) {
+        if let Some(first) = book.exchange_of.get(&key) {
             return if first == exchange_id {
                 Ok(())
             } else {
@@ -476,12 +494,25 @@ impl NonceBook {
         if book.exchange_of.len() >= MAX_NONCES {
             return Err(RequestError::TooMany(MAX_NONCES));
         }
-        book.exchange_of
-            .insert(request.non.clone(), exchange_id.to_owned());
-        book.by_expiry
-            .entry(request.exp)
-            .or_default()
-            .push(request.non.clone());
+        book.exchange_of.insert(key.clone(), exchange_id.to_owned());
+        book.by_expiry.entry(request.exp).or_default().push(key);
         Ok(())
+    }
+
+    /// Frees `request`'s nonce from `exchange_id`, which ended without
+    /// evidence (the register failed or refused): the authority's retry,
+    /// under a new exchange, may use the same signed request. Evidence
+    /// issued keeps the nonce bound.
+    pub fn release(&self, request: &RequestClaims, exchange_id: &str) {
+        let key = (request.iss.clone(), request.non.clone());
+        let mut book = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if book
+            .exchange_of
+            .get(&key)
+            .is_some_and(|first| first == exchange_id)
+        {
+            book.exchange_of.remove(&key);
+            // Its expiry entry stays, and removes nothing once it is due.
+        }
     }
 }

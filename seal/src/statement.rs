@@ -21,7 +21,7 @@
 //! | `dig` | SHA-256 (base64url) of the bytes carried |
 //! | `enc` | where encrypted: `{"rcf": recipient certificate SHA-256, "ek": the HPKE encapsulated key, "suite": ...}` |
 //! | `non` | the nonce of the authority's signed request, or absent where it sent none |
-//! | `rqd` | SHA-256 (base64url) of the authority's signed request, or absent |
+//! | `rqd` | the authority's signed request's digest ([`crate::request::signed_digest`]), or absent |
 
 use onceonly_certs::{IdentityVerifier, Role};
 use serde::{Deserialize, Serialize};
@@ -59,7 +59,7 @@ pub struct StatementClaims {
     /// The nonce of the authority's signed request this answers.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub non: String,
-    /// SHA-256 (base64url) of that signed request.
+    /// That signed request's digest ([`crate::request::signed_digest`]).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub rqd: String,
 }

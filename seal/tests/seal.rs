@@ -1015,3 +1015,55 @@ fn a_signer_cell_signs_on_with_its_key_when_a_reload_brings_files_that_cannot_si
     std::fs::copy(&key, &key_copy).expect("copy");
     assert!(!std::sync::Arc::ptr_eq(&before, &cell.get(2)));
 }
+
+#[test]
+fn a_nonce_is_its_signers_own_and_is_freed_by_an_exchange_without_evidence() {
+    let book = NonceBook::default();
+    let now = unix_now();
+    let berlin = RequestClaims::for_request(
+        &berlin_request(),
+        BERLIN,
+        now,
+        std::time::Duration::from_secs(60),
+    )
+    .expect("claims");
+    // Another authority signing the same nonce uses up nothing of Berlin's.
+    let other = RequestClaims {
+        iss: "spiffe://onceonly.test/authority/other-authority".into(),
+        ..berlin.clone()
+    };
+    book.claim(&other, "ex-0", now).expect("the other's");
+    book.claim(&berlin, "ex-1", now).expect("Berlin's own");
+    // Freed by the exchange that ended without evidence: the retry's.
+    book.release(&berlin, "ex-1");
+    book.claim(&berlin, "ex-2", now).expect("the retry");
+    // Only the exchange that holds it frees it.
+    book.release(&berlin, "ex-1");
+    assert!(matches!(
+        book.claim(&berlin, "ex-3", now),
+        Err(RequestError::Replayed { .. })
+    ));
+}
+
+#[test]
+fn the_digest_of_a_signed_request_does_not_depend_on_how_its_signature_is_written() {
+    let setup = setup();
+    let berlin = signer(&setup, Role::Authority, "elterngeld-berlin");
+    let mut request = berlin_request();
+    let signed = sign_request(
+        &mut request,
+        &berlin,
+        onceonly_seal::request::DEFAULT_LIFETIME,
+    )
+    .expect("sign");
+    let (signed_part, _) = signed.token.rsplit_once('.').expect("three parts");
+    assert_eq!(
+        signed.digest,
+        digest_b64(signed_part.as_bytes()),
+        "over header and claims"
+    );
+    assert_eq!(
+        onceonly_seal::request::signed_digest(&format!("{signed_part}.another-signature")),
+        signed.digest
+    );
+}

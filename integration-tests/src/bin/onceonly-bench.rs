@@ -151,7 +151,7 @@ async fn serve_as_civil(
     )
     .allowed_broker("broker")
     // For the unsigned-requests row, beside the signed ones.
-    .accept_unsigned_requests(true)
+    .accept_unsigned_from(&["bench"])
     .listen("127.0.0.1:0".parse()?)
     .concurrency(1024)
     .bind()
