@@ -211,6 +211,38 @@ pub fn ticket_with_request(
     }
 }
 
+/// Sends each of `refusals` (what, request, reason) to the connector and
+/// asserts it is refused with PERMISSION_DENIED and that reason, and that
+/// the probe register behind it (`counts`) never ran.
+pub async fn assert_refused_before_the_register(
+    client: &mut ConnectorServiceClient<Channel>,
+    refusals: Vec<(
+        &str,
+        ProvideEvidenceRequest,
+        onceonly_proto::v1::ErrorReason,
+    )>,
+    counts: &probe::ProbeCounts,
+) {
+    for (what, request, reason) in refusals {
+        let status = client.provide_evidence(request).await.expect_err(what);
+        assert_eq!(
+            status.code(),
+            tonic::Code::PermissionDenied,
+            "{what}: {status:?}"
+        );
+        assert_eq!(
+            onceonly_proto::status::reason_of(&status),
+            Some(reason),
+            "{what}: {status:?}"
+        );
+    }
+    assert_eq!(
+        counts.started.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the register's code ran for a refused request"
+    );
+}
+
 /// A client TLS configuration that trusts the PKI's CA but presents no
 /// certificate.
 pub fn anonymous_client_config(pki: &Pki) -> Arc<rustls::ClientConfig> {

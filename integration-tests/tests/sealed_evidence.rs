@@ -14,7 +14,8 @@ use onceonly_certs::{IssueOptions, Pki, Role, TlsFiles};
 use onceonly_integration_tests::probe::{ProbeCounts, ProbeRegister};
 use onceonly_integration_tests::world::{ANNA, World, anna, birth_certificate};
 use onceonly_integration_tests::{
-    TRUST_DOMAIN, channel_as, channel_with, pki_with, start_connector, ticket_with_request,
+    TRUST_DOMAIN, assert_refused_before_the_register, channel_as, channel_with, pki_with,
+    start_connector, ticket_with_request,
 };
 use onceonly_proto::status::{reason_of, violated_fields};
 use onceonly_proto::v1::connector_service_client::ConnectorServiceClient;
@@ -414,16 +415,7 @@ async fn a_connector_refuses_missing_forged_expired_replayed_and_mismatched_tick
         ErrorReason::TicketMismatch,
     ));
 
-    for (what, request, reason) in refusals {
-        let status = client.provide_evidence(request).await.expect_err(what);
-        assert_eq!(status.code(), Code::PermissionDenied, "{what}: {status:?}");
-        assert_eq!(reason_of(&status), Some(reason), "{what}: {status:?}");
-    }
-    assert_eq!(
-        counts.started.load(Ordering::SeqCst),
-        0,
-        "the register's code ran for a refused ticket"
-    );
+    assert_refused_before_the_register(&mut client, refusals, &counts).await;
 
     // A good ticket once; the same ticket again is a replay.
     let mut good = provide_request("ex-good");

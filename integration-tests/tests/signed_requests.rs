@@ -13,7 +13,8 @@ use onceonly_certs::{Pki, Role};
 use onceonly_integration_tests::probe::ProbeRegister;
 use onceonly_integration_tests::world::{ANNA, World, birth_certificate};
 use onceonly_integration_tests::{
-    TRUST_DOMAIN, channel_as, pki_with, start_connector, ticket_claims, ticket_with_request,
+    TRUST_DOMAIN, assert_refused_before_the_register, channel_as, pki_with, start_connector,
+    ticket_claims, ticket_with_request,
 };
 use onceonly_proto::status::{reason_of, violated_fields};
 use onceonly_proto::v1::connector_service_client::ConnectorServiceClient;
@@ -189,16 +190,7 @@ async fn a_ticket_minted_with_a_valid_broker_key_for_a_request_no_authority_sign
     .expect("sign");
     refusals.push(("expired", expired, ErrorReason::SignedRequestInvalid));
 
-    for (what, request, reason) in refusals {
-        let status = client.provide_evidence(request).await.expect_err(what);
-        assert_eq!(status.code(), Code::PermissionDenied, "{what}: {status:?}");
-        assert_eq!(reason_of(&status), Some(reason), "{what}: {status:?}");
-    }
-    assert_eq!(
-        counts.started.load(Ordering::SeqCst),
-        0,
-        "the register's code ran for a request no authority signed"
-    );
+    assert_refused_before_the_register(&mut client, refusals, &counts).await;
 
     // One signed request answers one exchange: the broker cannot run it
     // again under another exchange id (a new ticket for each).

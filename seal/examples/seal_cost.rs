@@ -9,9 +9,10 @@ use onceonly_certs::tls::identity_verifier;
 use onceonly_certs::{IssueOptions, KeyAlgorithm, Pki, Role};
 use onceonly_proto::v1::SubjectIdScheme;
 use onceonly_seal::encryption::Context;
+use onceonly_seal::request::DEFAULT_LIFETIME;
 use onceonly_seal::{
-    Recipient, Signer, StatementClaims, TicketClaims, TicketExpectation, TicketVerifier,
-    subject_hash, unix_now,
+    Recipient, RequestFields, Signer, StatementClaims, TicketClaims, TicketExpectation,
+    TicketVerifier, sign_request, subject_hash, unix_now, verify_request,
 };
 
 fn time(what: &str, rounds: u32, mut f: impl FnMut(u32)) {
@@ -129,6 +130,49 @@ fn measure(algorithm: KeyAlgorithm) -> anyhow::Result<()> {
     time("verify a statement (broker, authority)", 500, |_| {
         StatementClaims::verify(&signed, &trust).expect("verify");
     });
+    // The authority's signed request: signed once per request by the
+    // authority, verified by the broker and again by the connector.
+    let (cert, key) = pki.participant_paths(Role::Authority, "berlin");
+    let authority = Signer::from_files(&cert, &key)?;
+    let request = onceonly_proto::v1::RequestEvidenceRequest {
+        request_id: "r-1".into(),
+        evidence_type: "birth-certificate".into(),
+        subject: Some(onceonly_proto::v1::SubjectId {
+            scheme: SubjectIdScheme::DeIdnr.into(),
+            value: "86095742719".into(),
+        }),
+        purpose: "p".into(),
+        legal_basis: "l".into(),
+        ..Default::default()
+    };
+    time("sign a request (authority)", 500, |_| {
+        sign_request(&mut request.clone(), &authority, DEFAULT_LIFETIME).expect("sign");
+    });
+    let signed_request = sign_request(&mut request.clone(), &authority, DEFAULT_LIFETIME)?;
+    let fields = RequestFields {
+        requester: "spiffe://onceonly.test/authority/berlin",
+        request_id: Some("r-1"),
+        evidence_type: "birth-certificate",
+        subject_scheme: SubjectIdScheme::DeIdnr,
+        subject_value: "86095742719",
+        purpose: "p",
+        legal_basis: "l",
+        jurisdiction: "",
+        parameters: "",
+        consent_id: Some(""),
+        encryption_certificate: "",
+    };
+    time(
+        "verify a signed request (broker; the connector too)",
+        500,
+        |_| {
+            verify_request(&signed_request.token, &trust, &fields, unix_now()).expect("verify");
+        },
+    );
+    println!(
+        "| (a signed request is {} bytes; it rides in the ticket) | |",
+        signed_request.token.len()
+    );
     let (enc_cert, _) = pki.encryption_paths("berlin");
     let der = onceonly_certs::pki::load_certs(&enc_cert)?.remove(0);
     time("check an encryption certificate", 500, |_| {

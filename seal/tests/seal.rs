@@ -12,9 +12,9 @@ use onceonly_seal::jws::JwsError;
 use onceonly_seal::statement::EncryptionClaims;
 use onceonly_seal::{
     DecryptionKey, EvidenceOpener, Expected, NonceBook, OpenError, Recipient, RecipientError,
-    RequestBinding, RequestClaims, RequestError, RequestFields, Signer, StatementClaims,
-    TicketClaims, TicketError, TicketExpectation, TicketVerifier, digest_b64, sign_request,
-    subject_hash, unix_now, verify_request,
+    RequestBinding, RequestClaims, RequestError, RequestFields, SignedRequest, Signer,
+    StatementClaims, TicketClaims, TicketError, TicketExpectation, TicketVerifier, digest_b64,
+    sign_request, subject_hash, unix_now, verify_request,
 };
 
 const TD: &str = "onceonly.test";
@@ -705,10 +705,11 @@ fn fields_of(
     }
 }
 
-#[test]
-fn a_signed_request_verifies_for_its_request_and_each_changed_field_is_named() {
-    let setup = setup();
-    let berlin = signer(&setup, Role::Authority, "elterngeld-berlin");
+/// Berlin's request, signed by Berlin.
+fn signed_berlin_request(
+    setup: &Setup,
+) -> (onceonly_proto::v1::RequestEvidenceRequest, SignedRequest) {
+    let berlin = signer(setup, Role::Authority, "elterngeld-berlin");
     let mut request = berlin_request();
     let signed = sign_request(
         &mut request,
@@ -716,6 +717,13 @@ fn a_signed_request_verifies_for_its_request_and_each_changed_field_is_named() {
         onceonly_seal::request::DEFAULT_LIFETIME,
     )
     .expect("sign");
+    (request, signed)
+}
+
+#[test]
+fn a_signed_request_verifies_for_its_request_and_each_changed_field_is_named() {
+    let setup = setup();
+    let (request, signed) = signed_berlin_request(&setup);
     assert_eq!(request.signed_request, signed.token);
     let parameters = onceonly_seal::parameters_hash(&request.parameters);
     let now = unix_now();
@@ -1048,14 +1056,7 @@ fn a_nonce_is_its_signers_own_and_is_freed_by_an_exchange_without_evidence() {
 #[test]
 fn the_digest_of_a_signed_request_does_not_depend_on_how_its_signature_is_written() {
     let setup = setup();
-    let berlin = signer(&setup, Role::Authority, "elterngeld-berlin");
-    let mut request = berlin_request();
-    let signed = sign_request(
-        &mut request,
-        &berlin,
-        onceonly_seal::request::DEFAULT_LIFETIME,
-    )
-    .expect("sign");
+    let (_, signed) = signed_berlin_request(&setup);
     let (signed_part, _) = signed.token.rsplit_once('.').expect("three parts");
     assert_eq!(
         signed.digest,
