@@ -512,7 +512,7 @@ impl Broker {
         let subject = request.subject.clone().unwrap_or_default();
         let parameters = onceonly_seal::parameters_hash(&request.parameters);
         let encryption_certificate =
-            onceonly_seal::request::certificate_fingerprint(&request.encryption_certificate);
+            onceonly_seal::certificate_fingerprint(&request.encryption_certificate);
         let fields = RequestFields {
             requester: &caller.spiffe_id(),
             request_id: Some(&request.request_id),

@@ -810,7 +810,13 @@ impl Pki {
             .iter()
             .map(|path| {
                 let der = load_certs(path)?.remove(0);
-                Ok(crate::inspect::CertificateSummary::of(&der)?.serial)
+                let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| {
+                    PkiError::Malformed {
+                        path: path.clone(),
+                        reason: format!("not a certificate: {e}"),
+                    }
+                })?;
+                Ok(hex::encode(strip_sign_byte(cert.raw_serial())))
             })
             .collect()
     }

@@ -57,6 +57,16 @@ pub fn digest_b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(bytes))
 }
 
+/// The SHA-256 (base64url) of an encryption certificate, "" for none: how
+/// requests, tickets and statements name one.
+pub fn certificate_fingerprint(der: &[u8]) -> String {
+    if der.is_empty() {
+        String::new()
+    } else {
+        digest_b64(der)
+    }
+}
+
 /// `bytes` in base64url without padding.
 pub fn base64_url(bytes: &[u8]) -> String {
     use base64::Engine;

@@ -120,7 +120,7 @@ impl RequestClaims {
             jur: request.jurisdiction.clone(),
             prm: crate::parameters_hash(&request.parameters),
             cid: request.consent_id.clone(),
-            ecf: certificate_fingerprint(&request.encryption_certificate),
+            ecf: crate::certificate_fingerprint(&request.encryption_certificate),
         })
     }
 
@@ -163,16 +163,6 @@ impl RequestClaims {
     /// Signs the claims as a signed request.
     pub fn sign(&self, signer: &Signer) -> Result<String, JwsError> {
         signer.sign(REQUEST_TYPE, self)
-    }
-}
-
-/// The SHA-256 (base64url) of an encryption certificate, "" for none: how
-/// requests, tickets and statements name one.
-pub fn certificate_fingerprint(der: &[u8]) -> String {
-    if der.is_empty() {
-        String::new()
-    } else {
-        crate::digest_b64(der)
     }
 }
 
@@ -459,8 +449,9 @@ struct Nonces {
     by_expiry: BTreeMap<i64, Vec<(String, String)>>,
 }
 
-/// The most nonces a book holds at once (as the tickets' replay cache).
-pub const MAX_NONCES: usize = crate::ticket::MAX_REMEMBERED;
+/// The most nonces a book holds at once (as many as tickets the replay
+/// cache remembers).
+pub const MAX_NONCES: usize = 1_000_000;
 
 impl NonceBook {
     /// Records that `request`'s nonce serves `exchange_id`; Err where it

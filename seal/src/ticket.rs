@@ -125,7 +125,7 @@ impl TicketClaims {
             prm: crate::parameters_hash(&request.parameters),
             rul: rule,
             cid: consent,
-            ecf: crate::request::certificate_fingerprint(&request.encryption_certificate),
+            ecf: crate::certificate_fingerprint(&request.encryption_certificate),
             req: String::new(),
         }
     }
