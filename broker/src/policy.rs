@@ -143,6 +143,8 @@ struct PortalEntry {
 pub struct Rule {
     /// Its id, quoted in audit logs and denials.
     pub id: String,
+    /// The line of its `id` in the policy file, for findings about it.
+    pub line: usize,
     /// Authority ids it covers (groups expanded).
     pub callers: BTreeSet<String>,
     /// Evidence types.
@@ -311,6 +313,7 @@ impl Policy {
                 }
             }
             rules.push(Rule {
+                line: line_and_column(text, entry.id.span().start).0,
                 id,
                 callers,
                 evidence_types: entry.evidence_types.into_inner().into_iter().collect(),
@@ -500,6 +503,22 @@ impl Policy {
             }
         }
         allowed
+    }
+
+    /// The rules, in the file's order (the order [`Policy::decide`] reads
+    /// them in).
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The authorities that may send unsigned requests.
+    pub fn unsigned_allowed(&self) -> &BTreeSet<String> {
+        &self.unsigned_allowed
+    }
+
+    /// The evidence types released only encrypted.
+    pub fn encryption_required(&self) -> &BTreeSet<String> {
+        &self.encryption_required
     }
 
     /// The number of rules.

@@ -114,6 +114,41 @@ pub fn verify_dir(data_dir: &Path, public_key: &[u8]) -> Result<VerifiedLog, Tam
     verify_dir_against(data_dir, public_key, None)
 }
 
+/// Reads every record of a data directory's log, in order, handing each
+/// with its index to `visit`; returns how many. Reads only the log file
+/// (a live broker may append meanwhile; a torn last frame ends the read),
+/// and checks no signature: for looking at what the log holds (what a
+/// policy change would have decided, say), with [`verify_dir`] for proof.
+pub fn read_dir_records(
+    data_dir: &Path,
+    mut visit: impl FnMut(u64, AuditRecord),
+) -> Result<u64, Tamper> {
+    let path = data_dir.join(segment::FILE_NAME);
+    let unreadable =
+        |e: &dyn std::fmt::Display| Tamper::Unreadable(format!("{}: {e}", path.display()));
+    let file = File::open(&path).map_err(|e| unreadable(&e))?;
+    let file_len = file.metadata().map_err(|e| unreadable(&e))?.len();
+    let mut offset = 0;
+    let mut index = 0u64;
+    loop {
+        match segment::read_at(&file, offset, file_len).map_err(|e| unreadable(&e))? {
+            segment::Read::End | segment::Read::Torn { .. } => return Ok(index),
+            segment::Read::Malformed { reason } => {
+                return Err(unreadable(&format!("byte {offset}: {reason}")));
+            }
+            segment::Read::Frame { frame, len, .. } => {
+                for bytes in &frame.records {
+                    let record = AuditRecord::decode(bytes.as_slice())
+                        .map_err(|e| unreadable(&format!("record {index}: {e}")))?;
+                    visit(index, record);
+                    index += 1;
+                }
+                offset += len;
+            }
+        }
+    }
+}
+
 /// [`verify_dir`], and that the log still holds the records of `saved`, a
 /// head the auditor kept from an earlier check: a log cut back by whole
 /// batches, or rewritten and re-signed, is only found this way.
