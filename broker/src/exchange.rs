@@ -773,6 +773,8 @@ impl Broker {
         let subject = request.subject.clone().unwrap_or_default();
         let mut id = [0u8; 12];
         rand::rng().fill_bytes(&mut id);
+        // The policy this exchange is decided under, named in its record.
+        let policy = self.policy.current();
         let record = AuditRecord {
             exchange_id: format!("ex-{}", hex::encode(id)),
             request_id: printable(&request.request_id, validate::MAX_REQUEST_ID_LEN),
@@ -788,6 +790,8 @@ impl Broker {
             },
             jurisdiction: printable(&request.jurisdiction, validate::MAX_TEXT_LEN),
             trace_id: trace.trace_id(),
+            policy_sha256: policy.sha256().to_vec(),
+            policy_version: policy.version(),
             ..Default::default()
         };
         Exchange {
@@ -796,7 +800,7 @@ impl Broker {
             deadline,
             work_deadline: deadline,
             trace,
-            policy: self.policy.current(),
+            policy,
         }
     }
 

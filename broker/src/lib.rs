@@ -44,6 +44,8 @@ pub mod idempotency;
 pub mod keys;
 pub mod metrics;
 pub mod policy;
+pub mod policy_diff;
+pub mod policy_log;
 pub mod pseudonym;
 pub mod quota;
 pub mod refusal;

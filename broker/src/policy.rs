@@ -181,8 +181,15 @@ pub struct Policy {
     portals: BTreeMap<String, BTreeSet<String>>,
     /// Evidence types released only encrypted to the requester.
     encryption_required: BTreeSet<String>,
-    /// Authorities that may send requests they did not sign.
+    /// Authorities that may send unsigned requests.
     unsigned_allowed: BTreeSet<String>,
+    /// SHA-256 of the text it was parsed from.
+    sha256: [u8; 32],
+    /// That text.
+    text: Arc<str>,
+    /// Its version at this broker ([`PolicyStore`] counts them; 0 until
+    /// it is in force with a history).
+    version: u64,
 }
 
 impl Policy {
@@ -342,7 +349,28 @@ impl Policy {
             portals,
             encryption_required,
             unsigned_allowed,
+            sha256: {
+                use sha2::Digest;
+                sha2::Sha256::digest(text.as_bytes()).into()
+            },
+            text: Arc::from(text),
+            version: 0,
         })
+    }
+
+    /// SHA-256 of the text it was parsed from: its name in the log.
+    pub fn sha256(&self) -> &[u8; 32] {
+        &self.sha256
+    }
+
+    /// The text it was parsed from.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Its version at this broker (0 where no history is kept).
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// Whether `caller_id` must sign its requests: every authority must,
@@ -541,7 +569,10 @@ fn known<'a>(names: impl Iterator<Item = &'a str>) -> String {
     }
 }
 
-/// The policy in force, reloadable from its file.
+/// The policy in force, reloadable from its file, with its history: every
+/// policy put in force is kept under its digest in a folder beside the log
+/// (where [`PolicyStore::keep_history`] named one) and waits, as an
+/// [`Applied`], for the broker to write its log entry.
 #[derive(Debug)]
 pub struct PolicyStore {
     path: PathBuf,
@@ -549,7 +580,28 @@ pub struct PolicyStore {
     routing: Arc<RoutingTable>,
     /// Reloads tried, whether they took or not.
     reloads: std::sync::atomic::AtomicU64,
+    /// Where texts are kept, by digest.
+    history: std::sync::OnceLock<PathBuf>,
+    /// Policies put in force whose log entries are not written yet.
+    applied: std::sync::Mutex<Vec<Applied>>,
+    /// Told when one is added.
+    applied_notify: tokio::sync::Notify,
 }
+
+/// A policy put in force, for its log entry.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// The policy (its digest, version and text).
+    pub policy: Arc<Policy>,
+    /// Who or what applied it.
+    pub by: String,
+    /// The policy in force before it, where there was one.
+    pub previous: Option<Arc<Policy>>,
+}
+
+/// The file in the history folder naming the version in force and its
+/// digest: "<version> <hex>".
+const CURRENT: &str = "current";
 
 impl PolicyStore {
     /// Loads the policy at `path`; fails where it does not check.
@@ -566,7 +618,105 @@ impl PolicyStore {
             current: RwLock::new(Arc::new(policy)),
             routing,
             reloads: std::sync::atomic::AtomicU64::new(0),
+            history: std::sync::OnceLock::new(),
+            applied: std::sync::Mutex::new(Vec::new()),
+            applied_notify: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Keeps the history in `dir` (the data directory's `policies`): the
+    /// policy in force gets its version (the one recorded there, or one
+    /// more where its text differs), its text is kept under its digest,
+    /// and it waits for its log entry, applied by `by`.
+    pub fn keep_history(&self, dir: &Path, by: &str) -> Result<(), ConfigFileError> {
+        std::fs::create_dir_all(dir).map_err(|source| ConfigFileError::Read {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let _ = self.history.set(dir.to_owned());
+        let recorded = std::fs::read_to_string(dir.join(CURRENT))
+            .ok()
+            .and_then(|line| {
+                let (version, hex) = line.trim().split_once(' ')?;
+                Some((version.parse::<u64>().ok()?, hex.to_owned()))
+            });
+        let policy = self.current();
+        let version = match recorded {
+            Some((version, hex)) if hex == hex::encode(policy.sha256) => version,
+            Some((version, _)) => version + 1,
+            None => 1,
+        };
+        self.put_in_force((*policy).clone(), version, by, None)
+    }
+
+    /// Keeps `policy`'s text, puts it in force as `version`, and queues
+    /// its log entry.
+    fn put_in_force(
+        &self,
+        mut policy: Policy,
+        version: u64,
+        by: &str,
+        previous: Option<Arc<Policy>>,
+    ) -> Result<(), ConfigFileError> {
+        policy.version = version;
+        if let Some(dir) = self.history.get() {
+            let hex = hex::encode(policy.sha256);
+            let file = dir.join(format!("{hex}.toml"));
+            let current = dir.join(CURRENT);
+            let kept = if file.exists() {
+                Ok(())
+            } else {
+                write_synced(&file, policy.text.as_bytes())
+            }
+            .and_then(|()| write_synced(&current, format!("{version} {hex}\n").as_bytes()));
+            kept.map_err(|source| ConfigFileError::Read {
+                path: file.clone(),
+                source,
+            })?;
+        }
+        let policy = Arc::new(policy);
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = policy.clone();
+        if self.history.get().is_some() {
+            self.applied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Applied {
+                    policy,
+                    by: by.to_owned(),
+                    previous,
+                });
+            self.applied_notify.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The policies put in force whose log entries are still to be
+    /// written, oldest first; waits for one where there is none.
+    pub async fn next_applied(&self) -> Vec<Applied> {
+        loop {
+            let taken = self.take_applied();
+            if !taken.is_empty() {
+                return taken;
+            }
+            self.applied_notify.notified().await;
+        }
+    }
+
+    /// Puts back entries that could not be written, before any newer.
+    pub fn requeue(&self, mut entries: Vec<Applied>) {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        entries.append(&mut applied);
+        *applied = entries;
+        self.applied_notify.notify_one();
+    }
+
+    /// The policies put in force whose log entries are still to be
+    /// written, without waiting.
+    pub fn take_applied(&self) -> Vec<Applied> {
+        std::mem::take(&mut *self.applied.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn read(path: &Path, routing: &RoutingTable) -> Result<Policy, ConfigFileError> {
@@ -587,15 +737,23 @@ impl PolicyStore {
 
     /// Re-reads the file; on any error the policy in force stays.
     pub fn reload(&self) -> Result<usize, ConfigFileError> {
+        self.reload_by("a change of the policy file")
+    }
+
+    /// [`Self::reload`], saying who or what asked for it in the log entry.
+    pub fn reload_by(&self, by: &str) -> Result<usize, ConfigFileError> {
         let tried = Self::read(&self.path, &self.routing);
         self.reloads
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let policy = tried?;
         let rules = policy.len();
-        *self
-            .current
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(policy);
+        let before = self.current();
+        let version = if policy.sha256 == before.sha256 {
+            before.version
+        } else {
+            before.version + 1
+        };
+        self.put_in_force(policy, version, by, Some(before))?;
         Ok(rules)
     }
 
@@ -609,6 +767,21 @@ impl PolicyStore {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Writes `bytes` to `path` and flushes it to the disk before returning:
+/// a new file beside, synced, then renamed over.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let fresh = path.with_extension("new");
+    let mut file = std::fs::File::create(&fresh)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&fresh, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -838,5 +1011,61 @@ consent = "required"
         .expect("write");
         assert_eq!(store.reload().expect("reloads"), 1);
         assert_eq!(store.current().len(), 1);
+    }
+
+    #[test]
+    fn each_policy_put_in_force_is_kept_by_digest_and_counted_once_per_text() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("policy.toml");
+        let history = dir.path().join("data/policies");
+        std::fs::write(&path, POLICY).expect("write");
+        let store = PolicyStore::load(&path, Arc::new(routing())).expect("loads");
+        assert!(store.take_applied().is_empty(), "no history kept yet");
+        store.keep_history(&history, "start").expect("history");
+        let first = store.current();
+        assert_eq!(first.version(), 1);
+        let kept = history.join(format!("{}.toml", hex::encode(first.sha256())));
+        assert_eq!(std::fs::read_to_string(&kept).expect("kept"), POLICY);
+        let applied = store.take_applied();
+        assert_eq!(applied.len(), 1);
+        assert_eq!(applied[0].by, "start");
+
+        // The same text again: an entry, the same version.
+        store.reload_by("SIGHUP").expect("reloads");
+        assert_eq!(store.current().version(), 1);
+        // Another text: the next version, with what changed.
+        let shorter = POLICY
+            .split("[[rule]]\nid = \"residence")
+            .next()
+            .expect("part");
+        std::fs::write(&path, shorter).expect("write");
+        store.reload_by("SIGHUP").expect("reloads");
+        assert_eq!(store.current().version(), 2);
+        let applied = store.take_applied();
+        assert_eq!(
+            applied
+                .iter()
+                .map(|a| a.policy.version())
+                .collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(
+            applied[1].previous.as_ref().map(|p| p.version()),
+            Some(1),
+            "the entry knows what it replaced"
+        );
+        // Entries that could not be written go back before newer ones.
+        store.requeue(applied.clone());
+        assert_eq!(store.take_applied().len(), 2);
+
+        // A restart on the same data directory resumes the count; on a
+        // new text, one more.
+        let again = PolicyStore::load(&path, Arc::new(routing())).expect("loads");
+        again.keep_history(&history, "start").expect("history");
+        assert_eq!(again.current().version(), 2);
+        std::fs::write(&path, POLICY).expect("write");
+        let third = PolicyStore::load(&path, Arc::new(routing())).expect("loads");
+        third.keep_history(&history, "start").expect("history");
+        assert_eq!(third.current().version(), 3);
     }
 }

@@ -182,6 +182,18 @@ impl BoundBroker {
             idempotency: config.idempotency.clone(),
             append_seed,
         }));
+        // The policy in force at start is the first entry of this run's
+        // policy history, written before anything is served.
+        broker.policy.keep_history(
+            &config.data_dir.join(crate::policy_log::FOLDER),
+            "the broker's start",
+        )?;
+        crate::policy_log::write_pending(&broker)
+            .await
+            .map_err(|e| StartError::Storage {
+                what: "the audit log (the policy's entry)".into(),
+                reason: e.to_string(),
+            })?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -316,6 +328,7 @@ impl BoundBroker {
         // its last handle is gone, and the process with it.
         let sighup = reload_on_sighup.then(|| spawn_sighup_reload(&broker, tls.clone()));
         let watcher = tokio::spawn(watch_policy(broker.policy.clone()));
+        let policy_entries = tokio::spawn(crate::policy_log::keep_writing(broker.clone()));
         let health_checker = tokio::spawn(check_connectors(broker.clone()));
         let crl_watcher = tokio::spawn(watch_readiness(
             tls.clone(),
@@ -401,7 +414,13 @@ impl BoundBroker {
             }
         };
         drop(sighup);
-        for task in [&watcher, &crl_watcher, &health_checker, &expiry_closer] {
+        for task in [
+            &watcher,
+            &crl_watcher,
+            &health_checker,
+            &expiry_closer,
+            &policy_entries,
+        ] {
             task.abort();
         }
         if let Some(admin) = &admin_task {
@@ -411,9 +430,15 @@ impl BoundBroker {
         // Aborted tasks drop their futures (and handles on the broker) at
         // their next poll; wait for that, so that only exchanges still
         // writing their records hold the broker now.
-        for task in [watcher, crl_watcher, health_checker, expiry_closer]
-            .into_iter()
-            .chain(admin_task)
+        for task in [
+            watcher,
+            crl_watcher,
+            health_checker,
+            expiry_closer,
+            policy_entries,
+        ]
+        .into_iter()
+        .chain(admin_task)
         {
             let _ = task.await;
         }
@@ -535,13 +560,13 @@ async fn watch_policy(policy: Arc<PolicyStore>) {
         let now = stamp(policy.path());
         if now != last {
             last = now;
-            reload_policy(&policy);
+            reload_policy(&policy, "a change of the policy file");
         }
     }
 }
 
-fn reload_policy(policy: &PolicyStore) {
-    match policy.reload() {
+fn reload_policy(policy: &PolicyStore, by: &str) {
+    match policy.reload_by(by) {
         Ok(rules) => tracing::info!(rules, file = %policy.path().display(), "policy reloaded"),
         Err(error) => {
             tracing::error!(%error, "policy NOT reloaded; the previous policy stays in force")
@@ -580,7 +605,7 @@ fn spawn_sighup_reload(
         let Some(broker) = broker.upgrade() else {
             return;
         };
-        reload_policy(&broker.policy);
+        reload_policy(&broker.policy, "SIGHUP");
         if let Err(error) = reload_tls(&broker, &tls) {
             tracing::error!(%error, "TLS NOT (fully) reloaded; the previous configuration stays");
         }

@@ -101,7 +101,8 @@ async fn an_audit_recomputes_the_tree_and_proves_the_log_extends_the_saved_head(
         .await
         .expect("first audit");
     let saved = first.head.expect("non-empty");
-    assert_eq!(first.entries_checked, 5);
+    // Five exchanges, after the policy's entry from the broker's start.
+    assert_eq!(first.entries_checked, 6);
     let saved_path = world.dir.path().join("saved-head.json");
     SavedHead::store(&saved, &saved_path).expect("save");
 
@@ -116,8 +117,8 @@ async fn an_audit_recomputes_the_tree_and_proves_the_log_extends_the_saved_head(
         .await
         .expect("second audit");
     assert!(second.consistent_with_saved);
-    assert_eq!(second.entries_checked, 12);
-    assert_eq!(second.head.expect("head").tree_size, 12);
+    assert_eq!(second.entries_checked, 13);
+    assert_eq!(second.head.expect("head").tree_size, 13);
 
     // A different history, signed with the broker's own key (a fork, as a
     // broker whose key leaked or whose operator rewrote the log would sign),

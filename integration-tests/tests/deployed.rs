@@ -139,14 +139,16 @@ async fn the_shipped_binaries_stop_on_sigterm_reload_on_sighup_and_lose_no_recor
         .rfind(|line| line.contains("\"audit log opened\""))
         .map(str::to_owned)
         .expect("the start logs what it opened");
+    // (The start's own policy entry came after the log was opened.)
     assert!(
-        opened.contains(&format!("\"records\":{}", records.len()))
+        opened.contains(&format!("\"records\":{}", records.len() - 1))
             && opened.contains("\"index_rebuilt\":false")
             && opened.contains("\"torn_tail_cut_bytes\":0"),
         "{opened}"
     );
     let mut by_exchange: HashMap<&str, Vec<&AuditRecord>> = HashMap::new();
-    for record in &records {
+    // Exchanges only: the policy's entries (one per start) name none.
+    for record in records.iter().filter(|r| !r.exchange_id.is_empty()) {
         by_exchange
             .entry(record.exchange_id.as_str())
             .or_default()

@@ -104,7 +104,8 @@ async fn metrics_after_real_exchanges_count_what_happened() {
         1.0
     );
     assert!(!text.contains("no-such-type"));
-    assert_eq!(value(&samples, "onceonly_audit_tree_size{}"), 5.0);
+    // Five exchanges and the policy's entry from the start.
+    assert_eq!(value(&samples, "onceonly_audit_tree_size{}"), 6.0);
     assert_eq!(
         value(&samples, "onceonly_exchange_duration_seconds_count{}"),
         5.0

@@ -13,9 +13,12 @@
 //! Parsing and deciding are the broker's own ([`onceonly_broker::policy`]),
 //! so what the tools say is what the broker would do.
 
-pub mod diff;
 pub mod dry_run;
 pub mod lint;
+
+/// What an edit changes, in words: the broker's own account, which it
+/// also writes into the log entry of each policy it applies.
+pub use onceonly_broker::policy_diff as diff;
 
 use std::path::Path;
 

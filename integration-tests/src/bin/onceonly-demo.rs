@@ -451,6 +451,7 @@ fn print_trail(records: &[AuditRecord]) {
                 RecordKind::ConsentsListed => "LISTED".into(),
                 RecordKind::HistoryRead => "READ".into(),
                 RecordKind::KeyHandover => "NEW KEY".into(),
+                RecordKind::PolicyApplied => format!("POLICY v{}", r.policy_version),
             },
             format!("{code:?}"),
             if r.connector_id.is_empty() {

@@ -101,6 +101,21 @@ enum Command {
         #[arg(long)]
         save_head: Option<PathBuf>,
     },
+    /// Show the policy text that decided the exchange logged at INDEX (or
+    /// that a policy entry at INDEX applied), from a data directory (or a
+    /// copy): the log is verified end to end with the public key first,
+    /// then the text the broker kept under the record's digest is checked
+    /// against it, and printed.
+    PolicyAt {
+        /// The log index of the record.
+        index: u64,
+        /// The broker's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The broker's audit public key (audit.key.pub).
+        #[arg(long)]
+        public_key: PathBuf,
+    },
     /// Check an audit receipt (a replica's signed promise to include an
     /// exchange's record, from RequestEvidenceResponse.audit_receipt):
     /// offline against the public key, then, unless --offline, prove the
@@ -719,6 +734,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::PolicyAt {
+            index,
+            data_dir,
+            public_key,
+        } => {
+            let public_key = read_public_key(&public_key)?;
+            print!("{}", policy_at(index, &data_dir, &public_key)?);
+        }
         Command::VerifyDir {
             data_dir,
             public_key,
@@ -746,6 +769,93 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What `policy-at` prints: the record at `index`, the policy entry that
+/// put its policy in force, and the text, after proving the log and the
+/// text's digest.
+fn policy_at(index: u64, data_dir: &Path, public_key: &[u8]) -> anyhow::Result<String> {
+    use sha2::Digest;
+    let verified = verify_dir_against(data_dir, public_key, None)
+        .map_err(|tamper| anyhow::anyhow!("NOT VERIFIED: {tamper}"))?;
+    if index >= verified.records {
+        anyhow::bail!(
+            "the log holds {} records: there is no record {index}",
+            verified.records
+        );
+    }
+    let mut record = None;
+    let mut entries = Vec::new();
+    onceonly_audit_log::verify::read_dir_records(data_dir, |at, read| {
+        if read.kind() == RecordKind::PolicyApplied && at <= index {
+            entries.push((at, read.clone()));
+        }
+        if at == index {
+            record = Some(read);
+        }
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let record = record.ok_or_else(|| anyhow::anyhow!("record {index} could not be read"))?;
+    if record.policy_sha256.is_empty() {
+        anyhow::bail!(
+            "record {index} names no policy (written before the broker kept its policy history, or not an exchange)"
+        );
+    }
+    let hex = hex::encode(&record.policy_sha256);
+    let file = data_dir.join("policies").join(format!("{hex}.toml"));
+    let text = std::fs::read_to_string(&file).with_context(|| {
+        format!(
+            "the policy text record {index} names is not kept at {}",
+            file.display()
+        )
+    })?;
+    if sha2::Sha256::digest(text.as_bytes()).as_slice() != record.policy_sha256.as_slice() {
+        anyhow::bail!(
+            "NOT VERIFIED: {} does not hash to the digest record {index} names ({hex}): the kept text was altered",
+            file.display()
+        );
+    }
+    let mut out = String::new();
+    if record.kind() == RecordKind::PolicyApplied {
+        out.push_str(&format!(
+            "record {index}: policy version {} (sha256 {hex}) put in force by {}\n",
+            record.policy_version, record.policy_applied_by
+        ));
+    } else {
+        out.push_str(&format!(
+            "record {index}: exchange {} by {}, {} under rule {:?} of policy version {} (sha256 {hex})\n",
+            record.exchange_id,
+            record.caller_id,
+            if record.policy_rule.is_empty() {
+                "refused"
+            } else {
+                "decided"
+            },
+            record.policy_rule,
+            record.policy_version
+        ));
+        if let Some((at, entry)) = entries
+            .iter()
+            .rev()
+            .find(|(_, entry)| entry.policy_sha256 == record.policy_sha256)
+        {
+            out.push_str(&format!(
+                "that policy was put in force at record {at} by {}\n",
+                entry.policy_applied_by
+            ));
+            for change in &entry.policy_changes {
+                out.push_str(&format!("  changed: {change}\n"));
+            }
+        }
+    }
+    out.push_str(&format!(
+        "verified: the log's {} records hash to its signed tree heads, and the text below hashes to the digest record {index} names\n---\n{text}",
+        verified.records
+    ));
+    if !text.ends_with('\n') {
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 /// Writes records in the chosen format (to stdout, or to a buffer in tests).

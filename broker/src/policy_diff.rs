@@ -1,11 +1,13 @@
 //! What an edit of the policy changes, in words a person who owns the
 //! rules reads: rules added, removed and changed (who, what, why, under
 //! which norm, with whose consent), their order where it decides, and the
-//! policy-wide settings (signed requests, encryption).
+//! policy-wide settings (signed requests, encryption). The broker writes
+//! it into the log entry of each policy it applies; `onceonly-policy diff`
+//! prints it before.
 
 use std::collections::BTreeSet;
 
-use onceonly_broker::policy::{ConsentRequirement, Policy, Rule};
+use crate::policy::{ConsentRequirement, Policy, Rule};
 
 /// The changes from `old` to `new`, one sentence each, in the new file's
 /// order (removed rules last).
