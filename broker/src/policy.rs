@@ -586,6 +586,9 @@ pub struct PolicyStore {
     applied: std::sync::Mutex<Vec<Applied>>,
     /// Told when one is added.
     applied_notify: tokio::sync::Notify,
+    /// Held from reading a file to putting it in force: the file watcher
+    /// and SIGHUP may reload at once, and versions must follow one order.
+    reloading: std::sync::Mutex<()>,
 }
 
 /// A policy put in force, for its log entry.
@@ -621,6 +624,7 @@ impl PolicyStore {
             history: std::sync::OnceLock::new(),
             applied: std::sync::Mutex::new(Vec::new()),
             applied_notify: tokio::sync::Notify::new(),
+            reloading: std::sync::Mutex::new(()),
         }
     }
 
@@ -633,6 +637,7 @@ impl PolicyStore {
             path: dir.to_owned(),
             source,
         })?;
+        let _reloading = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let _ = self.history.set(dir.to_owned());
         let recorded = std::fs::read_to_string(dir.join(CURRENT))
             .ok()
@@ -641,12 +646,25 @@ impl PolicyStore {
                 Some((version.parse::<u64>().ok()?, hex.to_owned()))
             });
         let policy = self.current();
-        let version = match recorded {
-            Some((version, hex)) if hex == hex::encode(policy.sha256) => version,
-            Some((version, _)) => version + 1,
-            None => 1,
+        let (version, previous) = match recorded {
+            Some((version, hex)) if hex == hex::encode(policy.sha256) => (version, None),
+            Some((version, hex)) => {
+                // Changed while the broker was down: the entry says what
+                // changed against the text it last had in force, where that
+                // is kept and still reads.
+                let kept = dir.join(format!("{hex}.toml"));
+                let previous = std::fs::read_to_string(&kept)
+                    .ok()
+                    .and_then(|text| Policy::parse(&kept, &text, &self.routing).ok())
+                    .map(|mut previous| {
+                        previous.version = version;
+                        Arc::new(previous)
+                    });
+                (version + 1, previous)
+            }
+            None => (1, None),
         };
-        self.put_in_force((*policy).clone(), version, by, None)
+        self.put_in_force((*policy).clone(), version, by, previous)
     }
 
     /// Keeps `policy`'s text, puts it in force as `version`, and queues
@@ -663,15 +681,25 @@ impl PolicyStore {
             let hex = hex::encode(policy.sha256);
             let file = dir.join(format!("{hex}.toml"));
             let current = dir.join(CURRENT);
-            let kept = if file.exists() {
-                Ok(())
-            } else {
-                write_synced(&file, policy.text.as_bytes())
+            // Kept once; a kept copy that no longer hashes to its name (the
+            // disk, or someone with it) is written again.
+            let intact = std::fs::read(&file).is_ok_and(|kept| {
+                use sha2::Digest;
+                sha2::Sha256::digest(&kept).as_slice() == policy.sha256
+            });
+            if !intact {
+                write_synced(&file, policy.text.as_bytes()).map_err(|source| {
+                    ConfigFileError::Read {
+                        path: file.clone(),
+                        source,
+                    }
+                })?;
             }
-            .and_then(|()| write_synced(&current, format!("{version} {hex}\n").as_bytes()));
-            kept.map_err(|source| ConfigFileError::Read {
-                path: file.clone(),
-                source,
+            write_synced(&current, format!("{version} {hex}\n").as_bytes()).map_err(|source| {
+                ConfigFileError::Read {
+                    path: current.clone(),
+                    source,
+                }
             })?;
         }
         let policy = Arc::new(policy);
@@ -693,15 +721,30 @@ impl PolicyStore {
         Ok(())
     }
 
-    /// The policies put in force whose log entries are still to be
-    /// written, oldest first; waits for one where there is none.
-    pub async fn next_applied(&self) -> Vec<Applied> {
+    /// The oldest policy put in force whose log entry is still to be
+    /// written, left in the queue until [`Self::written`] says it is (so
+    /// that an entry is never lost between being taken and written);
+    /// waits for one where there is none.
+    pub async fn next_applied(&self) -> Applied {
         loop {
-            let taken = self.take_applied();
-            if !taken.is_empty() {
-                return taken;
+            let first = self
+                .applied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .first()
+                .cloned();
+            if let Some(first) = first {
+                return first;
             }
             self.applied_notify.notified().await;
+        }
+    }
+
+    /// The oldest queued entry was written: takes it from the queue.
+    pub fn written(&self) {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        if !applied.is_empty() {
+            applied.remove(0);
         }
     }
 
@@ -742,6 +785,7 @@ impl PolicyStore {
 
     /// [`Self::reload`], saying who or what asked for it in the log entry.
     pub fn reload_by(&self, by: &str) -> Result<usize, ConfigFileError> {
+        let _reloading = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let tried = Self::read(&self.path, &self.routing);
         self.reloads
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -773,8 +817,15 @@ impl PolicyStore {
 /// a new file beside, synced, then renamed over.
 fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let fresh = path.with_extension("new");
-    let mut file = std::fs::File::create(&fresh)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // A name of its own, created new and never through a link: nothing
+    // placed in the folder beforehand is written through.
+    let fresh = path.with_extension(format!("new-{}", rand::random::<u64>()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc_o_nofollow())
+        .open(&fresh)?;
     file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&fresh, path)?;
@@ -782,6 +833,13 @@ fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// `O_NOFOLLOW` on Linux (where the broker runs); create_new already
+/// refuses an existing link, this refuses a link in its last component on
+/// every path too.
+const fn libc_o_nofollow() -> i32 {
+    0o400000
 }
 
 #[cfg(test)]
@@ -1067,5 +1125,23 @@ consent = "required"
         let third = PolicyStore::load(&path, Arc::new(routing())).expect("loads");
         third.keep_history(&history, "start").expect("history");
         assert_eq!(third.current().version(), 3);
+        // Changed while the broker was down: the entry knows the text
+        // before, kept under its digest.
+        let applied = third.take_applied();
+        assert_eq!(
+            applied[0].previous.as_ref().map(|p| (p.version(), p.len())),
+            Some((2, 1))
+        );
+        // A kept text that no longer hashes to its name is written again.
+        std::fs::write(&kept, "altered").expect("alter");
+        let fourth = PolicyStore::load(&path, Arc::new(routing())).expect("loads");
+        fourth.keep_history(&history, "start").expect("history");
+        assert_eq!(std::fs::read_to_string(&kept).expect("kept"), POLICY);
+        // No temporary files left behind.
+        let names: Vec<String> = std::fs::read_dir(&history)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.contains(".new")), "{names:?}");
     }
 }

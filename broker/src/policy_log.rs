@@ -37,42 +37,45 @@ pub fn entry(broker_id: &str, applied: &Applied) -> AuditRecord {
     }
 }
 
-/// Writes the entries of the policies put in force so far; Err (the
-/// entries kept for the next try) where the log refuses.
+/// Writes the entries of the policies put in force so far (at start,
+/// and at the end of serving, after [`keep_writing`] stopped); Err where
+/// the log refuses, the entries left queued.
 pub async fn write_pending(broker: &Broker) -> Result<usize, onceonly_store::AuditError> {
     let pending = broker.policy.take_applied();
-    write(broker, pending).await
-}
-
-async fn write(
-    broker: &Broker,
-    pending: Vec<Applied>,
-) -> Result<usize, onceonly_store::AuditError> {
-    let me = broker.tls.identity().spiffe_id();
-    let count = pending.len();
     for (written, applied) in pending.iter().enumerate() {
-        if let Err(error) = broker.audit.append(entry(&me, applied)).await {
+        if let Err(error) = write_one(broker, applied).await {
             broker.policy.requeue(pending[written..].to_vec());
             return Err(error);
         }
-        tracing::info!(
-            version = applied.policy.version(),
-            sha256 = %hex::encode(applied.policy.sha256()),
-            by = %applied.by,
-            "policy in force, recorded in the audit log"
-        );
     }
-    Ok(count)
+    Ok(pending.len())
+}
+
+async fn write_one(broker: &Broker, applied: &Applied) -> Result<(), onceonly_store::AuditError> {
+    let me = broker.tls.identity().spiffe_id();
+    broker.audit.append(entry(&me, applied)).await?;
+    tracing::info!(
+        version = applied.policy.version(),
+        sha256 = %hex::encode(applied.policy.sha256()),
+        by = %applied.by,
+        "policy in force, recorded in the audit log"
+    );
+    Ok(())
 }
 
 /// Writes each policy's entry as it is put in force, for as long as the
-/// broker serves (aborted at its end); a refused append is tried again.
+/// broker serves (aborted at its end; [`write_pending`] then writes what
+/// is left); a refused append is tried again. An entry leaves the queue
+/// only once written.
 pub async fn keep_writing(broker: Arc<Broker>) {
     loop {
-        let pending = broker.policy.next_applied().await;
-        if let Err(error) = write(&broker, pending).await {
-            tracing::error!(%error, "the policy's log entry could not be written yet; trying again");
-            tokio::time::sleep(Duration::from_secs(1)).await;
+        let applied = broker.policy.next_applied().await;
+        match write_one(&broker, &applied).await {
+            Ok(()) => broker.policy.written(),
+            Err(error) => {
+                tracing::error!(%error, "the policy's log entry could not be written yet; trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
     }
 }

@@ -442,6 +442,11 @@ impl BoundBroker {
         {
             let _ = task.await;
         }
+        // A policy put in force whose entry the stopped task had not
+        // written yet is written now, before the log closes.
+        if let Err(error) = crate::policy_log::write_pending(&broker).await {
+            tracing::error!(%error, "the last policy's log entry could not be written");
+        }
         // The audit writer ends once the last handle to the log is gone;
         // waiting for it means every batch is flushed and the data
         // directory closed before we return. Exchanges cut off by the

@@ -141,7 +141,7 @@ async fn each_policy_in_force_is_logged_and_policy_at_proves_which_text_decided_
         String::from_utf8_lossy(&shown.stderr)
     );
     assert!(
-        out.contains("rule \"koeln-birth\" of policy version 2"),
+        out.contains("allowed by rule \"koeln-birth\" of policy version 2"),
         "{out}"
     );
     assert!(

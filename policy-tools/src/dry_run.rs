@@ -11,9 +11,16 @@
 //!   quota, ...) and the log's other records are skipped and counted.
 //!
 //! A rule that needs consent allows the replayed request only where the
-//! record shows a consent then; where the old decision needed none, the
-//! log cannot tell, and the request counts as refused for want of a
-//! consent on record. Subjects appear only as the log's pseudonyms.
+//! record shows a consent then, and refuses it where the record shows
+//! there was none (`CONSENT_MISSING`, also when a consent was revoked while
+//! the register answered); where the record cannot tell (the old decision
+//! needed no consent, or its consent check did not finish), the decision
+//! is counted as undetermined, not as a change. Subjects appear only as
+//! the log's pseudonyms.
+//!
+//! What it does not replay: the policy's other settings (`[signed_requests]`,
+//! `[encryption]`, quotas), whose refusals come before or beside the rules;
+//! `onceonly-policy diff` names changes to them.
 
 use std::collections::BTreeMap;
 
@@ -149,6 +156,9 @@ pub struct Report {
     /// Records in the window the policy did not decide (refused before it
     /// looked, replays of a request id, consent and audit events).
     pub skipped: u64,
+    /// Decisions the edited policy would make only on a consent the log
+    /// does not show either way: not counted as changes.
+    pub undetermined: u64,
     /// The decisions that would change, in log order.
     pub changed: Vec<Changed>,
 }
@@ -173,6 +183,12 @@ impl Report {
             self.skipped,
             self.changed.len()
         );
+        if self.undetermined > 0 {
+            out.push_str(&format!(
+                "{} decision(s) cannot be told: the edited policy asks for a consent the log does not show either way\n",
+                self.undetermined
+            ));
+        }
         for ((rule, direction), count) in self.by_rule() {
             out.push_str(&format!("\nrule {rule:?}: {count} {direction}\n"));
             for changed in self
@@ -244,15 +260,19 @@ pub fn replay(
                 rule,
                 consent: ConsentRequirement::Required,
             } => {
-                if !record.consent_id.is_empty() {
-                    Outcome::Allowed { rule }
-                } else if record.error_reason() == ErrorReason::ConsentMissing {
+                if record.error_reason() == ErrorReason::ConsentMissing {
                     Outcome::RefusedNoConsent { rule }
+                } else if !record.consent_id.is_empty() {
+                    Outcome::Allowed { rule }
                 } else {
                     Outcome::RefusedConsentNotOnRecord { rule }
                 }
             }
         };
+        if matches!(after, Outcome::RefusedConsentNotOnRecord { .. }) {
+            report.undetermined += 1;
+            continue;
+        }
         if before.allowed() != after.allowed() {
             report.changed.push(Changed {
                 index,

@@ -33,6 +33,8 @@ pub enum Kind {
     UnknownAuthority,
     /// The rule lets more authorities ask than the threshold.
     Broad,
+    /// The rule names too many combinations to be checked for shadowing.
+    NotChecked,
 }
 
 /// One finding, at the line of the rule it is about.
@@ -105,46 +107,65 @@ pub fn check(policy: &Policy, options: &Options) -> Vec<Finding> {
                 ),
             );
         }
-        if let Some(deciders) = shadowed_by(rules, position) {
-            finding(
+        match shadowed_by(rules, position) {
+            Shadowing::Shadowed(deciders) => finding(
                 Kind::Shadowed,
                 format!(
-                    "decides nothing: rule(s) {} decide every request it names first (a rule without consent before one with; otherwise the earlier one). Remove it, or narrow the earlier rule",
+                    "decides nothing: rule(s) {} decide every request it names first (a rule without consent before one with; otherwise the earlier one). Remove it, or narrow the earlier rule (it still shows in ListEvidenceTypes)",
                     deciders.into_iter().collect::<Vec<_>>().join(", ")
                 ),
-            );
+            ),
+            Shadowing::TooMany => finding(
+                Kind::NotChecked,
+                format!(
+                    "names more than {MAX_COMBINATIONS} caller x evidence type x purpose x legal basis combinations, too many to check whether earlier rules shadow it: split it"
+                ),
+            ),
+            Shadowing::Decides => {}
         }
     }
     findings
 }
 
-/// The rules that decide every request rule `position` names, where they
-/// do (so it decides none); None where it decides some, or where it names
-/// too many combinations to work out.
-fn shadowed_by(rules: &[Rule], position: usize) -> Option<BTreeSet<String>> {
+/// Whether a rule decides anything.
+enum Shadowing {
+    /// It decides some request.
+    Decides,
+    /// These rules decide every request it names.
+    Shadowed(BTreeSet<String>),
+    /// Too many combinations to work out.
+    TooMany,
+}
+
+/// Whether rule `position` decides any request it names.
+fn shadowed_by(rules: &[Rule], position: usize) -> Shadowing {
     let rule = &rules[position];
-    let combinations = rule.callers.len()
-        * rule.evidence_types.len()
-        * rule.purposes.len()
-        * rule.legal_bases.len();
-    if combinations > MAX_COMBINATIONS {
-        return None;
+    let combinations = [
+        rule.evidence_types.len(),
+        rule.purposes.len(),
+        rule.legal_bases.len(),
+    ]
+    .into_iter()
+    .try_fold(rule.callers.len(), usize::checked_mul);
+    if combinations.is_none_or(|n| n > MAX_COMBINATIONS) {
+        return Shadowing::TooMany;
     }
     let mut deciders = BTreeSet::new();
     for caller in &rule.callers {
         for evidence_type in &rule.evidence_types {
             for purpose in &rule.purposes {
                 for legal_basis in &rule.legal_bases {
-                    let decider = decider(rules, caller, evidence_type, purpose, legal_basis)?;
-                    if decider == position {
-                        return None;
+                    match decider(rules, caller, evidence_type, purpose, legal_basis) {
+                        Some(decider) if decider != position => {
+                            deciders.insert(rules[decider].id.clone());
+                        }
+                        _ => return Shadowing::Decides,
                     }
-                    deciders.insert(rules[decider].id.clone());
                 }
             }
         }
     }
-    Some(deciders)
+    Shadowing::Shadowed(deciders)
 }
 
 /// Which rule decides a request, as [`Policy::decide`] does: the first

@@ -228,6 +228,21 @@ fn record(index: u64, caller: &str, evidence_type: &str, outcome: &str) -> (u64,
         ("birth-certificate", "invalid") => {
             ("§ 9 Abs. 1 BEEG", "", ErrorReason::InvalidRequest, "")
         }
+        // A consent revoked while the register answered: the record keeps
+        // the consent it was allowed under, and says it went missing.
+        ("proof-of-residence", "revoked-meanwhile") => (
+            "Art. 6 Abs. 1 lit. a DSGVO",
+            "residence",
+            ErrorReason::ConsentMissing,
+            "cns-2",
+        ),
+        // Allowed by the rule, the consent check did not finish.
+        ("proof-of-residence", "consent-store-down") => (
+            "Art. 6 Abs. 1 lit. a DSGVO",
+            "residence",
+            ErrorReason::BrokerUnavailable,
+            "",
+        ),
         other => panic!("{other:?}"),
     };
     (
@@ -258,10 +273,32 @@ fn a_dry_run_lists_exactly_the_decisions_that_change() {
         record(4, "elterngeld-muenchen", "proof-of-residence", "allowed"),
         record(5, "elterngeld-berlin", "proof-of-residence", "no-consent"),
         record(6, "elterngeld-muenchen", "birth-certificate", "invalid"),
+        record(
+            7,
+            "elterngeld-berlin",
+            "proof-of-residence",
+            "revoked-meanwhile",
+        ),
+        record(
+            8,
+            "elterngeld-berlin",
+            "proof-of-residence",
+            "consent-store-down",
+        ),
     ];
-    // Unchanged: nothing changes.
+    // Unchanged: nothing changes; the one the log cannot tell is said so.
     let same = replay(records.clone(), &policy(BASE), &Window::default());
-    assert_eq!((same.replayed, same.skipped, same.changed.len()), (6, 1, 0));
+    assert_eq!(
+        (
+            same.replayed,
+            same.skipped,
+            same.changed.len(),
+            same.undetermined
+        ),
+        (8, 1, 0, 1),
+        "{:#?}",
+        same.changed
+    );
 
     // München out of the group: its allowed decisions are refused now.
     let without_muenchen = policy(&BASE.replace(
@@ -296,7 +333,7 @@ fn a_dry_run_lists_exactly_the_decisions_that_change() {
             .iter()
             .map(|c| (c.index, c.direction()))
             .collect::<Vec<_>>(),
-        vec![(5, "refused -> allowed")]
+        vec![(5, "refused -> allowed"), (7, "refused -> allowed")]
     );
 
     // A window by index.

@@ -787,7 +787,7 @@ fn policy_at(index: u64, data_dir: &Path, public_key: &[u8]) -> anyhow::Result<S
     let mut record = None;
     let mut entries = Vec::new();
     onceonly_audit_log::verify::read_dir_records(data_dir, |at, read| {
-        if read.kind() == RecordKind::PolicyApplied && at <= index {
+        if read.kind() == RecordKind::PolicyApplied {
             entries.push((at, read.clone()));
         }
         if at == index {
@@ -823,29 +823,46 @@ fn policy_at(index: u64, data_dir: &Path, public_key: &[u8]) -> anyhow::Result<S
         ));
     } else {
         out.push_str(&format!(
-            "record {index}: exchange {} by {}, {} under rule {:?} of policy version {} (sha256 {hex})\n",
+            "record {index}: exchange {} by {}, outcome {:?}{}, {} of policy version {} (sha256 {hex})\n",
             record.exchange_id,
             record.caller_id,
-            if record.policy_rule.is_empty() {
-                "refused"
-            } else {
-                "decided"
+            record.outcome(),
+            match record.error_reason() {
+                ErrorReason::Unspecified => String::new(),
+                reason => format!(" ({})", reason.as_str_name().trim_start_matches("ERROR_REASON_")),
             },
-            record.policy_rule,
+            if record.policy_rule.is_empty() {
+                "no rule allowing it".to_owned()
+            } else {
+                format!("allowed by rule {:?}", record.policy_rule)
+            },
             record.policy_version
         ));
-        if let Some((at, entry)) = entries
+        // The entry that put this version in force: the latest before the
+        // record, or (written a moment after the policy took effect) the
+        // first after it.
+        let same = |entry: &AuditRecord| {
+            entry.policy_sha256 == record.policy_sha256
+                && entry.policy_version == record.policy_version
+                && entry.replica == record.replica
+        };
+        let entry = entries
             .iter()
             .rev()
-            .find(|(_, entry)| entry.policy_sha256 == record.policy_sha256)
-        {
-            out.push_str(&format!(
-                "that policy was put in force at record {at} by {}\n",
-                entry.policy_applied_by
-            ));
-            for change in &entry.policy_changes {
-                out.push_str(&format!("  changed: {change}\n"));
-            }
+            .find(|(at, entry)| *at <= index && same(entry))
+            .or_else(|| entries.iter().find(|(_, entry)| same(entry)));
+        let Some((at, entry)) = entry else {
+            anyhow::bail!(
+                "NOT PROVEN: no entry in the log puts policy version {} (sha256 {hex}) in force",
+                record.policy_version
+            );
+        };
+        out.push_str(&format!(
+            "that policy was put in force at record {at} by {}\n",
+            entry.policy_applied_by
+        ));
+        for change in &entry.policy_changes {
+            out.push_str(&format!("  changed: {change}\n"));
         }
     }
     out.push_str(&format!(
