@@ -137,4 +137,26 @@ async fn a_dry_run_over_hundreds_of_real_exchanges_lists_exactly_what_a_change_r
         !table.contains("82281866209"),
         "subjects only as pseudonyms: {table}"
     );
+
+    // The same, asked of the broker through the auditor's API.
+    let output = std::process::Command::new(binary("onceonly-policy", "onceonly-policy"))
+        .arg("dry-run")
+        .arg(&file)
+        .arg("--broker")
+        .arg(world.broker_addr().to_string())
+        .arg("--pki")
+        .arg(world.pki.dir())
+        .args(["--id", onceonly_integration_tests::world::AUDITOR])
+        .arg("--routing")
+        .arg(world.dir.path().join("routing.toml"))
+        .output()
+        .expect("runs");
+    let over_api = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{over_api}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(over_api.contains("replayed 300 decision(s)"), "{over_api}");
+    assert!(over_api.contains("100 would change"), "{over_api}");
 }

@@ -56,13 +56,27 @@ enum Command {
     },
     /// Decide the exchanges in the audit log again under an edited policy
     /// and list every decision that would change, grouped by rule. Reads
-    /// the broker's data directory (or a copy), never writing to it.
+    /// the broker's data directory (or a copy), never writing to it, or
+    /// asks the broker as an auditor (--broker, for replicas too).
     DryRun {
         /// The edited policy.
         new: PathBuf,
         /// The broker's data directory (its audit log).
+        #[arg(long, required_unless_present = "broker", conflicts_with = "broker")]
+        data_dir: Option<PathBuf>,
+        /// The broker (host:port), asked through the auditor's API.
+        #[arg(long, requires = "pki", requires = "id")]
+        broker: Option<String>,
+        /// The broker's participant id [default: broker].
+        #[arg(long, default_value = "broker")]
+        broker_id: String,
+        /// A PKI directory (onceonly-certs --dir) holding your auditor
+        /// certificate, the CA and the CRL.
         #[arg(long)]
-        data_dir: PathBuf,
+        pki: Option<PathBuf>,
+        /// Your auditor id in it.
+        #[arg(long)]
+        id: Option<String>,
         /// The routing table [default: routing.toml beside the policy].
         #[arg(long)]
         routing: Option<PathBuf>,
@@ -172,6 +186,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::DryRun {
             new,
             data_dir,
+            broker,
+            broker_id,
+            pki,
+            id,
             routing,
             days,
             from,
@@ -187,9 +205,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 to_index: to,
             };
             let mut records = Vec::new();
-            onceonly_audit_log::verify::read_dir_records(&data_dir, |index, record| {
-                records.push((index, record));
-            })?;
+            match (data_dir, broker, pki, id) {
+                (Some(data_dir), _, _, _) => {
+                    onceonly_audit_log::verify::read_dir_records(&data_dir, |index, record| {
+                        records.push((index, record));
+                    })?;
+                }
+                (None, Some(broker), Some(pki), Some(id)) => {
+                    records = records_from_broker(&broker, &broker_id, &pki, &id)?;
+                }
+                _ => anyhow::bail!("give --data-dir, or --broker with --pki and --id"),
+            }
             let report = dry_run::replay(records, &policy, &window);
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -198,6 +224,53 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Every record of the broker at `broker`, asked as auditor `id` of the
+/// PKI in `pki` (QueryRecords, page by page), with its log index.
+fn records_from_broker(
+    broker: &str,
+    broker_id: &str,
+    pki: &Path,
+    id: &str,
+) -> anyhow::Result<Vec<(u64, onceonly_proto::v1::AuditRecord)>> {
+    use onceonly_proto::v1::QueryRecordsRequest;
+    use onceonly_proto::v1::audit_service_client::AuditServiceClient;
+    let pki = Pki::open(pki)?;
+    let (config, me) = onceonly_certs::tls::client_config(&pki.tls_files(Role::Auditor, id))?;
+    let expected = onceonly_certs::Participant::new(me.trust_domain(), Role::Broker, broker_id)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let channel = onceonly_certs::MtlsConnector::new(config, Some(expected))
+            .channel(broker, std::time::Duration::from_secs(10))?;
+        let mut auditor = AuditServiceClient::new(channel);
+        let mut records = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = auditor
+                .query_records(QueryRecordsRequest {
+                    page_token: page_token.clone(),
+                    page_size: 1000,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|status| {
+                    anyhow::anyhow!(
+                        "the broker refused the query: {:?}: {}",
+                        status.code(),
+                        status.message()
+                    )
+                })?
+                .into_inner();
+            records.extend(page.records.into_iter().map(|r| (r.log_index, r)));
+            if page.next_page_token.is_empty() {
+                return Ok(records);
+            }
+            page_token = page.next_page_token;
+        }
+    })
 }
 
 /// The ids of the authorities the CA in `dir` issued certificates to.
