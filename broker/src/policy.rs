@@ -492,8 +492,27 @@ impl Policy {
         purpose: &str,
         legal_basis: &str,
     ) -> Decision {
-        let mut decision = Decision::Deny;
-        for rule in &self.rules {
+        match self.deciding_rule(caller_id, evidence_type, purpose, legal_basis) {
+            Some(rule) => Decision::Allow {
+                rule: self.rules[rule].id.clone(),
+                consent: self.rules[rule].consent,
+            },
+            None => Decision::Deny,
+        }
+    }
+
+    /// Which rule decides a request (its position): the first matching
+    /// rule that needs no consent, else the first matching one; None where
+    /// none matches. [`Policy::decide`] and the policy linter both ask it.
+    pub fn deciding_rule(
+        &self,
+        caller_id: &str,
+        evidence_type: &str,
+        purpose: &str,
+        legal_basis: &str,
+    ) -> Option<usize> {
+        let mut first_with_consent = None;
+        for (index, rule) in self.rules.iter().enumerate() {
             let matches = rule.callers.contains(caller_id)
                 && rule.evidence_types.contains(evidence_type)
                 && rule.purposes.contains(purpose)
@@ -502,19 +521,11 @@ impl Policy {
                 continue;
             }
             if rule.consent == ConsentRequirement::NotRequired {
-                return Decision::Allow {
-                    rule: rule.id.clone(),
-                    consent: ConsentRequirement::NotRequired,
-                };
+                return Some(index);
             }
-            if decision == Decision::Deny {
-                decision = Decision::Allow {
-                    rule: rule.id.clone(),
-                    consent: ConsentRequirement::Required,
-                };
-            }
+            first_with_consent.get_or_insert(index);
         }
-        decision
+        first_with_consent
     }
 
     /// The evidence types `caller_id` may request for some purpose, with

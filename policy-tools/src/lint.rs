@@ -14,7 +14,7 @@
 
 use std::collections::BTreeSet;
 
-use onceonly_broker::policy::{ConsentRequirement, Policy, Rule};
+use onceonly_broker::policy::Policy;
 
 /// The most caller x evidence type x purpose x legal basis combinations a
 /// rule's shadowing is worked out for; a rule naming more is not checked
@@ -107,7 +107,7 @@ pub fn check(policy: &Policy, options: &Options) -> Vec<Finding> {
                 ),
             );
         }
-        match shadowed_by(rules, position) {
+        match shadowed_by(policy, position) {
             Shadowing::Shadowed(deciders) => finding(
                 Kind::Shadowed,
                 format!(
@@ -138,7 +138,8 @@ enum Shadowing {
 }
 
 /// Whether rule `position` decides any request it names.
-fn shadowed_by(rules: &[Rule], position: usize) -> Shadowing {
+fn shadowed_by(policy: &Policy, position: usize) -> Shadowing {
+    let rules = policy.rules();
     let rule = &rules[position];
     let combinations = [
         rule.evidence_types.len(),
@@ -155,7 +156,7 @@ fn shadowed_by(rules: &[Rule], position: usize) -> Shadowing {
         for evidence_type in &rule.evidence_types {
             for purpose in &rule.purposes {
                 for legal_basis in &rule.legal_bases {
-                    match decider(rules, caller, evidence_type, purpose, legal_basis) {
+                    match policy.deciding_rule(caller, evidence_type, purpose, legal_basis) {
                         Some(decider) if decider != position => {
                             deciders.insert(rules[decider].id.clone());
                         }
@@ -166,30 +167,4 @@ fn shadowed_by(rules: &[Rule], position: usize) -> Shadowing {
         }
     }
     Shadowing::Shadowed(deciders)
-}
-
-/// Which rule decides a request, as [`Policy::decide`] does: the first
-/// matching rule that needs no consent, else the first matching one.
-fn decider(
-    rules: &[Rule],
-    caller: &str,
-    evidence_type: &str,
-    purpose: &str,
-    legal_basis: &str,
-) -> Option<usize> {
-    let mut first_with_consent = None;
-    for (index, rule) in rules.iter().enumerate() {
-        let matches = rule.callers.contains(caller)
-            && rule.evidence_types.contains(evidence_type)
-            && rule.purposes.contains(purpose)
-            && rule.legal_bases.contains(legal_basis);
-        if !matches {
-            continue;
-        }
-        if rule.consent == ConsentRequirement::NotRequired {
-            return Some(index);
-        }
-        first_with_consent.get_or_insert(index);
-    }
-    first_with_consent
 }
