@@ -306,18 +306,9 @@ pub fn pseudonym_key_check(config: &BrokerConfig) -> Result<String, KeyError> {
 /// Writes the check value to `path` (via a synced draft and a rename, so a
 /// crash leaves no half-written file), creating the data directory.
 fn write_check(path: &Path, value: &str) -> Result<(), KeyError> {
-    use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let draft = suffixed(path, ".new");
-    std::fs::File::create(&draft)
-        .and_then(|mut file| {
-            file.write_all(format!("{value}\n").as_bytes())?;
-            file.sync_all()
-        })
-        .map_err(io(&draft))?;
-    std::fs::rename(&draft, path).map_err(io(path))?;
-    sync_dir(path)
+    onceonly_certs::pki::replace_synced(path, format!("{value}\n").as_bytes()).map_err(io(path))
 }
 
 /// The 32 secret bytes of the pseudonym key at `path`, which must exist.

@@ -699,19 +699,18 @@ impl PolicyStore {
                 sha2::Sha256::digest(&kept).as_slice() == policy.sha256
             });
             if !intact {
-                write_synced(&file, policy.text.as_bytes()).map_err(|source| {
-                    ConfigFileError::Read {
+                onceonly_certs::pki::replace_synced(&file, policy.text.as_bytes()).map_err(
+                    |source| ConfigFileError::Read {
                         path: file.clone(),
                         source,
-                    }
-                })?;
+                    },
+                )?;
             }
-            write_synced(&current, format!("{version} {hex}\n").as_bytes()).map_err(|source| {
-                ConfigFileError::Read {
+            onceonly_certs::pki::replace_synced(&current, format!("{version} {hex}\n").as_bytes())
+                .map_err(|source| ConfigFileError::Read {
                     path: current.clone(),
                     source,
-                }
-            })?;
+                })?;
         }
         let policy = Arc::new(policy);
         *self
@@ -822,35 +821,6 @@ impl PolicyStore {
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
-
-/// Writes `bytes` to `path` and flushes it to the disk before returning:
-/// a new file beside, synced, then renamed over.
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    // A name of its own, created new and never through a link: nothing
-    // placed in the folder beforehand is written through.
-    let fresh = path.with_extension(format!("new-{}", rand::random::<u64>()));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc_o_nofollow())
-        .open(&fresh)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&fresh, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
-/// `O_NOFOLLOW` on Linux (where the broker runs); create_new already
-/// refuses an existing link, this refuses a link in its last component on
-/// every path too.
-const fn libc_o_nofollow() -> i32 {
-    0o400000
 }
 
 #[cfg(test)]

@@ -224,19 +224,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let asked: Vec<&str> = serials.iter().map(String::as_str).collect();
             let added = pki.revoke_all(&asked)?;
-            // `added` holds serials as the list writes them (lower-case hex,
-            // no colons, no sign byte); a serial given may be written
-            // otherwise.
-            let plain = |serial: &str| {
-                let hex = serial
-                    .trim()
-                    .trim_start_matches("0x")
-                    .to_ascii_lowercase()
-                    .replace(':', "");
-                hex.strip_prefix("00").map(str::to_owned).unwrap_or(hex)
-            };
             for serial in &serials {
-                if added.iter().any(|a| plain(a) == plain(serial)) {
+                // `added` holds serials as the list writes them.
+                let listed = pki::normalized_serial(serial).unwrap_or_else(|_| serial.clone());
+                if added.contains(&listed) {
                     println!(
                         "revoked serial {serial}; {} updated",
                         pki.crl_path().display()

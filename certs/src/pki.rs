@@ -769,16 +769,10 @@ impl Pki {
     /// Revokes every serial of `serials` (hex) in one new list; returns
     /// those that were not revoked before.
     pub fn revoke_all(&self, serials: &[&str]) -> Result<Vec<String>, PkiError> {
-        let mut wanted = Vec::new();
-        for serial_hex in serials {
-            let serial_hex = serial_hex
-                .trim()
-                .trim_start_matches("0x")
-                .to_ascii_lowercase();
-            let serial = hex::decode(serial_hex.replace(':', ""))
-                .map_err(|_| PkiError::UnknownSerial(format!("{serial_hex} (not hexadecimal)")))?;
-            wanted.push(hex::encode(strip_sign_byte(&serial)));
-        }
+        let wanted = serials
+            .iter()
+            .map(|serial| normalized_serial(serial))
+            .collect::<Result<Vec<_>, _>>()?;
         let _lock = self.lock_crl()?;
         let (mut revoked, number) = self.revoked_serials()?;
         let now = OffsetDateTime::now_utc().unix_timestamp();
@@ -860,18 +854,10 @@ impl Pki {
             key_identifier_method: KeyIdMethod::Sha256,
         };
         let crl = params.signed_by(&self.issuer()?)?;
-        let fresh = self.dir.join("crl.pem.new");
-        write_file(&fresh, crl.pem()?.as_bytes(), false, true)?;
-        fs::rename(&fresh, self.crl_path()).map_err(|source| PkiError::Io {
+        replace_synced(&self.crl_path(), crl.pem()?.as_bytes()).map_err(|source| PkiError::Io {
             path: self.crl_path(),
             source,
-        })?;
-        fs::File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(|source| PkiError::Io {
-                path: self.dir.clone(),
-                source,
-            })
+        })
     }
 }
 
@@ -985,9 +971,7 @@ pub fn check_crl_number(
                 source,
             })?;
         }
-        let fresh = file.with_extension("new");
-        write_file(&fresh, format!("{number}\n").as_bytes(), false, true)?;
-        std::fs::rename(&fresh, file).map_err(|source| PkiError::Io {
+        replace_synced(file, format!("{number}\n").as_bytes()).map_err(|source| PkiError::Io {
             path: file.to_owned(),
             source,
         })?;
@@ -1292,6 +1276,49 @@ fn write_file(path: &Path, contents: &[u8], secret: bool, overwrite: bool) -> Re
     file.write_all(contents).map_err(io)?;
     file.sync_all().map_err(io)
 }
+
+/// A serial as the revocation list writes it: lower-case hex without
+/// colons, `0x` or sign byte; Err where `serial` is not hexadecimal.
+pub fn normalized_serial(serial: &str) -> Result<String, PkiError> {
+    let serial_hex = serial.trim().trim_start_matches("0x").to_ascii_lowercase();
+    let serial = hex::decode(serial_hex.replace(':', ""))
+        .map_err(|_| PkiError::UnknownSerial(format!("{serial_hex} (not hexadecimal)")))?;
+    Ok(hex::encode(strip_sign_byte(&serial)))
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves the old file or the
+/// new one, never half of either, and the new one survives once this
+/// returns: a draft beside it under a name of its own (created new, mode
+/// 0644, never through a link), synced, renamed over, the folder synced.
+pub fn replace_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut draft_name = path.as_os_str().to_owned();
+    draft_name.push(format!(".new-{}", rand::random::<u64>()));
+    let draft = PathBuf::from(draft_name);
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o644).custom_flags(O_NOFOLLOW);
+    }
+    let written = options.open(&draft).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()
+    });
+    if let Err(error) = written.and_then(|()| fs::rename(&draft, path)) {
+        let _ = fs::remove_file(&draft);
+        return Err(error);
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::File::open(dir)?.sync_all()
+}
+
+/// `O_NOFOLLOW` (Linux): a link in the path's last component is refused.
+#[cfg(unix)]
+const O_NOFOLLOW: i32 = 0o400000;
 
 pub use crate::identity::crl_next_update;
 

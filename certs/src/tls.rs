@@ -488,22 +488,16 @@ impl ReloadableServerTls {
     /// since their handshake (calls on them were refused already; now the
     /// connection ends too); returns how many.
     pub fn close_expired(&self) -> usize {
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let mut closed = 0;
         for connection in self.open_connections() {
+            // The refusal its calls already get once it expired, naming
+            // who the certificate claims to be.
             if connection.closed().is_none()
-                && connection
-                    .not_after()
-                    .is_some_and(|not_after| not_after < now)
+                && let Some(expired) = connection.refusal()
             {
                 connection.close(PeerRefusal {
-                    kind: crate::security::RefusalKind::Expired,
-                    reason: "certificate has expired since the connection was opened".into(),
-                    claimed: connection
-                        .chain()
-                        .first()
-                        .and_then(|leaf| Participant::from_certificate(leaf).ok())
-                        .map(|p| p.spiffe_id()),
+                    claimed: claimed_by(connection.chain()),
+                    ..expired
                 });
                 closed += 1;
             }
@@ -638,13 +632,19 @@ fn verify_open(verifier: &IdentityVerifier, connection: &ConnectionState) -> boo
             connection.close(PeerRefusal {
                 kind: e.refusal_kind(),
                 reason: e.to_string(),
-                claimed: Participant::from_certificate(end_entity)
-                    .ok()
-                    .map(|p| p.spiffe_id()),
+                claimed: claimed_by(connection.chain()),
             });
             false
         }
     }
+}
+
+/// Who a peer's certificate claims to be (its SPIFFE id), where it says.
+fn claimed_by(chain: &[CertificateDer<'_>]) -> Option<String> {
+    chain
+        .first()
+        .and_then(|leaf| Participant::from_certificate(leaf).ok())
+        .map(|p| p.spiffe_id())
 }
 
 pub use crate::connection::{PeerIdentity, PeerRefusal};

@@ -84,6 +84,10 @@ pub(crate) struct ConnectorGrpc<C> {
     /// The nonces of the authorities' signed requests, each with the one
     /// exchange it may serve.
     nonces: NonceBook,
+    /// The SPIFFE ids of the authorities whose tickets are answered
+    /// without their signed request (`accept_unsigned_from`), worked out
+    /// once rather than on every request.
+    unsigned_accepted: std::collections::HashSet<String>,
     /// Evidence types this register releases only encrypted.
     encryption_required: std::collections::HashSet<String>,
     permits: Arc<Semaphore>,
@@ -125,6 +129,12 @@ impl<C: Connector> ConnectorGrpc<C> {
             signer,
             tickets: TicketVerifier::new(&broker),
             nonces: NonceBook::default(),
+            unsigned_accepted: limits
+                .accept_unsigned_from
+                .iter()
+                .filter_map(|id| Participant::new(me.trust_domain(), Role::Authority, id).ok())
+                .map(|authority| authority.spiffe_id())
+                .collect(),
             encryption_required: limits.encryption_required_for.iter().cloned().collect(),
             metrics: Arc::default(),
             permits: Arc::new(Semaphore::new(limits.concurrency.max(1))),
@@ -163,11 +173,7 @@ impl<C: Connector> ConnectorGrpc<C> {
         let token = std::mem::take(&mut request.authorization_ticket);
         let certificate = std::mem::take(&mut request.encryption_certificate);
         let mut request = self.validate(request)?;
-        let fingerprint = if certificate.is_empty() {
-            String::new()
-        } else {
-            onceonly_seal::digest_b64(&certificate)
-        };
+        let fingerprint = onceonly_seal::certificate_fingerprint(&certificate);
         let trust = self.tls.verifier();
         let subject_hash = onceonly_seal::subject_hash(
             &request.exchange_id,
@@ -197,11 +203,9 @@ impl<C: Connector> ConnectorGrpc<C> {
             })?;
         // The authority's own signature on what the ticket lets through:
         // the broker's word alone does not make a request.
-        let unsigned_accepted = self.limits.accept_unsigned_from.iter().any(|id| {
-            Participant::new(trust.trust_domain(), Role::Authority, id)
-                .is_ok_and(|authority| authority.spiffe_id() == request.requester_id)
-        });
-        let signed_request = if ticket.req.is_empty() && unsigned_accepted {
+        let answered_unsigned =
+            ticket.req.is_empty() && self.unsigned_accepted.contains(&request.requester_id);
+        let signed_request = if answered_unsigned {
             None
         } else {
             let fields = RequestFields {

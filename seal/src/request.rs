@@ -56,7 +56,7 @@ const NONCE_BYTES: usize = 18;
 const NONCE_LEN: std::ops::RangeInclusive<usize> = 22..=64;
 
 /// What an authority signs. See the module docs for each claim.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestClaims {
     /// The authority's SPIFFE id.
     pub iss: String,
