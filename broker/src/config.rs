@@ -123,6 +123,9 @@ pub struct BrokerConfig {
     /// The admin listener (metrics).
     #[serde(default)]
     pub admin: Admin,
+    /// The console for policy staff and auditors (off by default).
+    #[serde(default)]
+    pub console: ConsoleConfig,
     /// Connector endpoints' circuit breakers and health checks.
     #[serde(default)]
     pub circuit: crate::circuit::CircuitConfig,
@@ -192,6 +195,19 @@ impl Default for Admin {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
         }
     }
+}
+
+/// The console: the policy and the audit log in a browser, for policy
+/// staff, auditors and data-protection officers. Served by the broker over
+/// HTTPS with the API's own certificate, trust domain and revocation list:
+/// a person is their client certificate (`policy-admin` or `auditor`
+/// role), with no passwords.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Where the console listens, e.g. "127.0.0.1:8443"; none (the
+    /// default): no console.
+    pub listen: Option<SocketAddr>,
 }
 
 /// Request limits.

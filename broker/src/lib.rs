@@ -7,7 +7,9 @@
 //! - [`config`] reads `broker.toml`;
 //! - [`routing`] is the evidence-type catalogue and where each type is served;
 //! - [`policy`] says who may fetch what, why, and with whose consent, and
-//!   [`quota`] how often;
+//!   [`quota`] how often; [`policy_review`] lints an edited policy and
+//!   replays logged decisions under it, and [`console`] shows both to
+//!   policy staff, and the log to auditors, in a browser;
 //! - [`refusal`] is every way an exchange ends without evidence, classed
 //!   once into a gRPC status and an audit outcome;
 //! - [`consent`] names and seals the subjects of consents, and
@@ -38,6 +40,7 @@ pub mod admin;
 pub mod circuit;
 pub mod config;
 pub mod consent;
+pub mod console;
 pub mod exchange;
 pub mod forward;
 pub mod idempotency;
@@ -46,6 +49,7 @@ pub mod metrics;
 pub mod policy;
 pub mod policy_diff;
 pub mod policy_log;
+pub mod policy_review;
 pub mod pseudonym;
 pub mod quota;
 pub mod refusal;

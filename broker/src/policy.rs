@@ -602,6 +602,34 @@ pub struct PolicyStore {
     reloading: std::sync::Mutex<()>,
 }
 
+/// Why [`PolicyStore::apply_text`] put nothing in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Another policy was put in force since the change was reviewed.
+    #[error(
+        "the policy in force changed (it is now version {version}) since this change was reviewed; review it again against the policy in force"
+    )]
+    Changed {
+        /// The version in force now.
+        version: u64,
+    },
+    /// The text is the policy in force.
+    #[error("this text is the policy in force already; nothing to apply")]
+    Unchanged,
+    /// The policy file was edited since the policy in force was read from
+    /// it (an edit not reloaded yet, or one the broker refused).
+    #[error(
+        "{path} was edited by hand and differs from the policy in force; reload it (or undo the edit), then review the change again"
+    )]
+    FileEdited {
+        /// The policy file.
+        path: PathBuf,
+    },
+    /// The text does not check, or the file could not be written.
+    #[error(transparent)]
+    Invalid(#[from] ConfigFileError),
+}
+
 /// A policy put in force, for its log entry.
 #[derive(Debug, Clone)]
 pub struct Applied {
@@ -750,6 +778,15 @@ impl PolicyStore {
         }
     }
 
+    /// Whether the log entry of `version` is still queued (not written).
+    pub fn entry_pending(&self, version: u64) -> bool {
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|applied| applied.policy.version() == version)
+    }
+
     /// The oldest queued entry was written: takes it from the queue.
     pub fn written(&self) {
         let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
@@ -809,6 +846,82 @@ impl PolicyStore {
         };
         self.put_in_force(policy, version, by, Some(before))?;
         Ok(rules)
+    }
+
+    /// [`Self::reload_by`], only where the file's text differs from the
+    /// policy in force: the file watcher's reload, so that a file written
+    /// again with the same text (by [`Self::apply_text`], say) puts nothing
+    /// in force and writes no log entry. Ok(None) where unchanged.
+    pub fn reload_if_changed(&self, by: &str) -> Result<Option<usize>, ConfigFileError> {
+        let _reloading = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let tried = Self::read(&self.path, &self.routing);
+        self.reloads
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let policy = tried?;
+        let before = self.current();
+        if policy.sha256 == before.sha256 {
+            return Ok(None);
+        }
+        let rules = policy.len();
+        self.put_in_force(policy, before.version + 1, by, Some(before))?;
+        Ok(Some(rules))
+    }
+
+    /// Puts `text` in force as the policy `by` applied (the console's
+    /// apply): checked as a reload checks the file, then written to the
+    /// policy file (synced, replaced whole) and put in force under one
+    /// lock, so that the file watcher cannot claim it. Only where the
+    /// policy in force is still `expected_sha256` (what the person
+    /// reviewed the change against): [`ApplyError::Changed`] otherwise.
+    /// Returns the policy now in force.
+    pub fn apply_text(
+        &self,
+        text: &str,
+        expected_sha256: &[u8; 32],
+        by: &str,
+    ) -> Result<Arc<Policy>, ApplyError> {
+        let _reloading = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let before = self.current();
+        if before.sha256 != *expected_sha256 {
+            return Err(ApplyError::Changed {
+                version: before.version,
+            });
+        }
+        let policy = Policy::parse(&self.path, text, &self.routing)?;
+        if policy.sha256 == before.sha256 {
+            return Err(ApplyError::Unchanged);
+        }
+        // A hand edit of the file not yet reloaded (or refused) is not
+        // overwritten unseen.
+        let on_disk = std::fs::read(&self.path).map_err(|source| ConfigFileError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
+        {
+            use sha2::Digest;
+            if sha2::Sha256::digest(&on_disk).as_slice() != before.sha256 {
+                return Err(ApplyError::FileEdited {
+                    path: self.path.clone(),
+                });
+            }
+        }
+        let written = onceonly_certs::pki::replace_synced(&self.path, text.as_bytes());
+        let put = written
+            .map_err(|source| ConfigFileError::Read {
+                path: self.path.clone(),
+                source,
+            })
+            .and_then(|()| self.put_in_force(policy, before.version + 1, by, Some(before.clone())));
+        if let Err(error) = put {
+            // Nothing applied means nothing applied: the file goes back to
+            // the policy in force, or the file watcher would put the text
+            // in force in nobody's name.
+            if let Err(restore) = onceonly_certs::pki::replace_synced(&self.path, &on_disk) {
+                tracing::error!(file = %self.path.display(), %restore, "the policy file could not be restored after a failed apply; check it before the next reload");
+            }
+            return Err(error.into());
+        }
+        Ok(self.current())
     }
 
     /// Reloads tried so far (from the file watcher or SIGHUP), whether the
@@ -1124,5 +1237,69 @@ consent = "required"
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
         assert!(names.iter().all(|n| !n.contains(".new")), "{names:?}");
+    }
+
+    #[test]
+    fn applying_a_text_checks_it_writes_the_file_and_names_who_applied_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("policy.toml");
+        std::fs::write(&path, POLICY).expect("write");
+        let store = PolicyStore::load(&path, Arc::new(routing())).expect("loads");
+        store
+            .keep_history(&dir.path().join("policies"), "start")
+            .expect("history");
+        store.take_applied();
+        let reviewed = *store.current().sha256();
+        let shorter = POLICY
+            .split("[[rule]]\nid = \"residence")
+            .next()
+            .expect("part");
+
+        // Refused, nothing written, nothing in force: a text that does not
+        // check, the text in force, a review against another policy.
+        assert!(matches!(
+            store.apply_text("[[rule]]\nid = \"x\"\n", &reviewed, "anna"),
+            Err(ApplyError::Invalid(_))
+        ));
+        assert!(matches!(
+            store.apply_text(POLICY, &reviewed, "anna"),
+            Err(ApplyError::Unchanged)
+        ));
+        assert!(matches!(
+            store.apply_text(shorter, &[7; 32], "anna"),
+            Err(ApplyError::Changed { version: 1 })
+        ));
+        assert_eq!(std::fs::read_to_string(&path).expect("file"), POLICY);
+        assert_eq!(store.current().version(), 1);
+        assert!(store.take_applied().is_empty());
+
+        // Applied: in force, in the file, one entry by the person.
+        let now = store
+            .apply_text(shorter, &reviewed, "anna")
+            .expect("applies");
+        assert_eq!((now.version(), now.len()), (2, 1));
+        assert_eq!(std::fs::read_to_string(&path).expect("file"), shorter);
+        let applied = store.take_applied();
+        assert_eq!(applied.len(), 1);
+        assert_eq!(applied[0].by, "anna");
+        // The file watcher, seeing the file it wrote, puts nothing in force.
+        assert_eq!(store.reload_if_changed("watcher").expect("reads"), None);
+        assert!(store.take_applied().is_empty());
+        // A review of the old policy can no longer be applied.
+        assert!(matches!(
+            store.apply_text(POLICY, &reviewed, "bert"),
+            Err(ApplyError::Changed { version: 2 })
+        ));
+        // A hand edit not reloaded yet is not overwritten.
+        std::fs::write(&path, POLICY).expect("write");
+        assert!(matches!(
+            store.apply_text(&format!("# reworded\n{POLICY}"), now.sha256(), "bert"),
+            Err(ApplyError::FileEdited { .. })
+        ));
+        assert_eq!(std::fs::read_to_string(&path).expect("file"), POLICY);
+        // An edit of the file is the watcher's to apply, once.
+        assert_eq!(store.reload_if_changed("watcher").expect("reads"), Some(2));
+        assert_eq!(store.current().version(), 3);
+        assert_eq!(store.take_applied()[0].by, "watcher");
     }
 }

@@ -139,6 +139,10 @@ pub struct BoundBroker {
     max_request_message: usize,
     /// The admin listener (metrics), where enabled.
     admin: Option<(TcpListener, SocketAddr)>,
+    /// The console's listener, where configured.
+    console: Option<(TcpListener, SocketAddr)>,
+    /// The audit log's public key, with which the console checks heads.
+    audit_public_key: Vec<u8>,
 }
 
 impl BoundBroker {
@@ -158,7 +162,7 @@ impl BoundBroker {
             writer: audit_writer,
             append_seed,
         } = crate::storage::open(config, audit_key, &pseudonyms).await?;
-        let revocations = crate::revocations::start(&stores.audit, audit_public_key)
+        let revocations = crate::revocations::start(&stores.audit, audit_public_key.clone())
             .await
             .map_err(|e| StartError::Storage {
                 what: "the audit log (reading consent revocations)".into(),
@@ -205,20 +209,13 @@ impl BoundBroker {
             addr: config.listen,
             source,
         })?;
-        let admin = if config.admin.enabled {
-            let listener = TcpListener::bind(config.admin.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.admin.listen,
-                    source,
-                })?;
-            let addr = listener.local_addr().map_err(|source| StartError::Bind {
-                addr: config.admin.listen,
-                source,
-            })?;
-            Some((listener, addr))
-        } else {
-            None
+        let admin = match config.admin.enabled {
+            true => Some(bind_extra(config.admin.listen).await?),
+            false => None,
+        };
+        let console = match config.console.listen {
+            Some(addr) => Some(bind_extra(addr).await?),
+            None => None,
         };
         Ok(BoundBroker {
             broker,
@@ -228,6 +225,8 @@ impl BoundBroker {
             identity,
             audit_writer,
             admin,
+            console,
+            audit_public_key,
             grace: config.shutdown_grace,
             announce: config.shutdown_announce,
             connections: config.connections.clone(),
@@ -244,6 +243,11 @@ impl BoundBroker {
     /// The admin listener's address (metrics), where enabled.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(|(_, addr)| *addr)
+    }
+
+    /// The console's address, where configured.
+    pub fn console_addr(&self) -> Option<SocketAddr> {
+        self.console.as_ref().map(|(_, addr)| *addr)
     }
 
     /// The broker's identity.
@@ -298,7 +302,19 @@ impl BoundBroker {
             connections,
             max_request_message,
             admin,
+            console,
+            audit_public_key,
         } = self;
+        let console_task = console.map(|(listener, addr)| {
+            tracing::info!(%addr, "console on https://{addr}/ (client certificate required)");
+            crate::console::spawn(
+                listener,
+                tls.clone(),
+                connections.clone(),
+                broker.clone(),
+                audit_public_key,
+            )
+        });
         let admin_task = admin.map(|(listener, addr)| {
             let registry = Arc::new(crate::admin::registry(&broker, tls.clone()));
             tracing::info!(%addr, "metrics on http://{addr}/metrics, readiness on /ready");
@@ -423,8 +439,8 @@ impl BoundBroker {
         ] {
             task.abort();
         }
-        if let Some(admin) = &admin_task {
-            admin.abort();
+        for task in admin_task.iter().chain(&console_task) {
+            task.abort();
         }
         drop(serving);
         // Aborted tasks drop their futures (and handles on the broker) at
@@ -439,6 +455,7 @@ impl BoundBroker {
         ]
         .into_iter()
         .chain(admin_task)
+        .chain(console_task)
         {
             let _ = task.await;
         }
@@ -475,6 +492,7 @@ impl BoundBroker {
     pub fn spawn(self) -> RunningBroker {
         let local_addr = self.local_addr;
         let admin_addr = self.admin_addr();
+        let console_addr = self.console_addr();
         let tls = self.tls.clone();
         let broker = Arc::downgrade(&self.broker);
         let (stop, stopped) = oneshot::channel::<()>();
@@ -484,6 +502,7 @@ impl BoundBroker {
         RunningBroker {
             local_addr,
             admin_addr,
+            console_addr,
             tls,
             broker,
             stop: Some(stop),
@@ -492,10 +511,22 @@ impl BoundBroker {
     }
 }
 
+/// Binds a listener beside the API's (admin, console).
+async fn bind_extra(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    Ok((listener, bound))
+}
+
 /// A broker serving in the background (tests, the demo).
 pub struct RunningBroker {
     local_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    console_addr: Option<SocketAddr>,
     tls: Arc<ReloadableServerTls>,
     broker: std::sync::Weak<Broker>,
     stop: Option<oneshot::Sender<()>>,
@@ -511,6 +542,11 @@ impl RunningBroker {
     /// The admin listener's address (metrics), where enabled.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// The console's address, where configured.
+    pub fn console_addr(&self) -> Option<SocketAddr> {
+        self.console_addr
     }
 
     /// The server TLS configuration.
@@ -565,7 +601,15 @@ async fn watch_policy(policy: Arc<PolicyStore>) {
         let now = stamp(policy.path());
         if now != last {
             last = now;
-            reload_policy(&policy, "a change of the policy file");
+            match policy.reload_if_changed("a change of the policy file") {
+                Ok(Some(rules)) => {
+                    tracing::info!(rules, file = %policy.path().display(), "policy reloaded")
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::error!(%error, "policy NOT reloaded; the previous policy stays in force")
+                }
+            }
         }
     }
 }

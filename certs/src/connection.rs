@@ -480,6 +480,28 @@ pub struct PeerIdentity {
     pub activity: Option<Arc<ConnectionState>>,
 }
 
+impl PeerIdentity {
+    /// Who the peer is; or why not: its certificate was refused, or the
+    /// connection was judged again since (a revocation list or an expiry
+    /// reached it).
+    pub fn verified(&self) -> Result<&Participant, PeerRefusal> {
+        match &self.identity {
+            Ok(participant) => match self
+                .activity
+                .as_ref()
+                .and_then(|connection| connection.refusal())
+            {
+                Some(refusal) => Err(PeerRefusal {
+                    claimed: Some(participant.spiffe_id()),
+                    ..refusal
+                }),
+                None => Ok(participant),
+            },
+            Err(refusal) => Err(refusal.clone()),
+        }
+    }
+}
+
 /// Why a peer's certificate was refused, and whom it claimed to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerRefusal {

@@ -39,17 +39,21 @@ pub enum Role {
     Broker,
     /// The broker's operator.
     Admin,
+    /// Policy staff: the people who turn law into the broker's policy,
+    /// and apply it through the console.
+    PolicyAdmin,
 }
 
 impl Role {
     /// Every role, in a fixed order.
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 7] = [
         Role::Authority,
         Role::Connector,
         Role::Auditor,
         Role::Portal,
         Role::Broker,
         Role::Admin,
+        Role::PolicyAdmin,
     ];
 
     /// The role's name as it appears in SPIFFE ids.
@@ -61,6 +65,7 @@ impl Role {
             Role::Portal => "portal",
             Role::Broker => "broker",
             Role::Admin => "admin",
+            Role::PolicyAdmin => "policy-admin",
         }
     }
 

@@ -62,7 +62,8 @@ enum Command {
     },
     /// Issue a participant certificate and key: <dir>/<role>/<id>.pem and .key.
     Issue {
-        /// authority, connector, auditor, portal, broker or admin.
+        /// authority, connector, auditor, portal, broker, admin or
+        /// policy-admin (policy staff, in the console).
         #[arg(long)]
         role: Role,
         /// The participant's id: letters, digits, '.', '-', '_'.

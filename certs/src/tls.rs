@@ -677,24 +677,7 @@ pub async fn close_on_expiry(tls: std::sync::Weak<ReloadableServerTls>) {
 /// none (refused certificate, or a server not fed by [`MtlsIncoming`]).
 pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<&Participant, PeerRefusal> {
     match request.extensions().get::<PeerIdentity>() {
-        Some(PeerIdentity {
-            identity: Ok(participant),
-            activity,
-            ..
-        }) => match activity
-            .as_ref()
-            .and_then(|connection| connection.refusal())
-        {
-            Some(refusal) => Err(PeerRefusal {
-                claimed: Some(participant.spiffe_id()),
-                ..refusal
-            }),
-            None => Ok(participant),
-        },
-        Some(PeerIdentity {
-            identity: Err(refusal),
-            ..
-        }) => Err(refusal.clone()),
+        Some(peer) => peer.verified(),
         None => Err(PeerRefusal {
             kind: RefusalKind::NoCertificate,
             reason: "not a mutual-TLS connection".into(),

@@ -233,6 +233,10 @@ impl Installation {
                     "listen = \"127.0.0.1:9464\"",
                     "listen = \"127.0.0.1:0\"".into(),
                 ),
+                (
+                    "listen = \"127.0.0.1:8443\"",
+                    "listen = \"127.0.0.1:0\"".into(),
+                ),
                 ("[telemetry]\n", format!("[telemetry]\n{telemetry}")),
             ],
         );

@@ -2,6 +2,7 @@
 //! on `127.0.0.1:0`, and gRPC channels presenting a chosen participant's
 //! certificate over mutual TLS.
 
+pub mod browser;
 pub mod deployed;
 pub mod otlp;
 pub mod postgres;

@@ -62,6 +62,8 @@ pub fn birth_certificate(request_id: &str) -> onceonly_proto::v1::RequestEvidenc
 pub const PORTAL: &str = "buergerportal";
 /// The auditor's id.
 pub const AUDITOR: &str = "datenschutz";
+/// Policy staff's id (role policy-admin).
+pub const POLICY_ADMIN: &str = "referat-recht";
 
 /// A running installation.
 pub struct World {
@@ -101,7 +103,11 @@ impl World {
     /// Like [`World::start`], with `settings` added to the broker's
     /// configuration.
     pub async fn start_with(settings: BrokerSettings) -> World {
-        let mut participants = vec![(Role::Portal, PORTAL), (Role::Auditor, AUDITOR)];
+        let mut participants = vec![
+            (Role::Portal, PORTAL),
+            (Role::Auditor, AUDITOR),
+            (Role::PolicyAdmin, POLICY_ADMIN),
+        ];
         participants.extend(AUTHORITIES.iter().map(|a| (Role::Authority, *a)));
         for kind in [
             RegisterKind::Civil,
@@ -267,6 +273,15 @@ impl World {
             .expect("the broker's exchanges never ended");
     }
 
+    /// The console's address (`https://127.0.0.1:<port>`).
+    pub fn console_url(&self) -> String {
+        let addr = self
+            .running_broker()
+            .console_addr()
+            .expect("the test broker has a console");
+        format!("https://{addr}")
+    }
+
     /// The broker's admin listener (metrics).
     pub fn admin_addr(&self) -> SocketAddr {
         self.running_broker()
@@ -353,6 +368,9 @@ crl = {crl:?}
 {tls}
 
 [admin]
+listen = "127.0.0.1:0"
+
+[console]
 listen = "127.0.0.1:0"
 
 [limits]

@@ -13,8 +13,7 @@
 //! Parsing and deciding are the broker's own ([`onceonly_broker::policy`]),
 //! so what the tools say is what the broker would do.
 
-pub mod dry_run;
-pub mod lint;
+pub use onceonly_broker::policy_review::{dry_run, lint};
 
 /// What an edit changes, in words: the broker's own account, which it
 /// also writes into the log entry of each policy it applies.

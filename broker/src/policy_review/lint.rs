@@ -1,6 +1,6 @@
 //! What in a policy can never take effect, or reaches further than meant.
 //! The broker refuses what is wrong outright (unknown evidence types,
-//! undefined groups, empty lists: [`onceonly_broker::policy::Policy::parse`]);
+//! undefined groups, empty lists: [`crate::policy::Policy::parse`]);
 //! these are the findings a file that loads can still have:
 //!
 //! - a rule that can never match: its callers are an empty group;
@@ -14,7 +14,7 @@
 
 use std::collections::BTreeSet;
 
-use onceonly_broker::policy::Policy;
+use crate::policy::Policy;
 
 /// The most caller x evidence type x purpose x legal basis combinations a
 /// rule's shadowing is worked out for; a rule naming more is not checked

@@ -24,7 +24,7 @@
 
 use std::collections::BTreeMap;
 
-use onceonly_broker::policy::{ConsentRequirement, Decision, Policy};
+use crate::policy::{ConsentRequirement, Decision, Policy};
 use onceonly_proto::v1::{AuditRecord, ErrorReason, RecordKind};
 
 /// Which records to replay.
