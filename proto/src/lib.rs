@@ -17,6 +17,7 @@ pub mod status;
 pub mod telemetry;
 pub mod time;
 pub mod validate;
+pub mod xml;
 
 /// Package `onceonly.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -257,20 +257,7 @@ fn normalise_plate(plate: &str) -> String {
 }
 
 /// Escapes text for XML element content and attributes.
-pub fn xml_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use onceonly_proto::xml::escape as xml_escape;
 
 fn element(out: &mut String, indent: usize, name: &str, value: &str) {
     let _ = writeln!(out, "{:indent$}<{name}>{}</{name}>", "", xml_escape(value));

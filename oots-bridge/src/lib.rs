@@ -1,0 +1,19 @@
+//! The OOTS bridge: EU evidence requests (EDM QueryRequests, ebRS/RegRep 4
+//! XML, carried between eDelivery AS4 access points) answered through the
+//! broker, in the role of Germany's intermediary platform.
+//!
+//! - [`edm`]: the EDM documents: a request read by namespace and slot
+//!   name, with hostile XML refused; the answers; the error codes;
+//! - [`mapping`]: which EU request is which onceonly request;
+//! - [`transport`]: the access point's backend interface (the Domibus WS
+//!   plugin), behind a trait;
+//! - [`bridge`]: one request in, one answer out, each request `@id`
+//!   answered once.
+//!
+//! Not yet here (issue 26): the broker as the evidence source, the preview
+//! pages and the service binary.
+
+pub mod bridge;
+pub mod edm;
+pub mod mapping;
+pub mod transport;

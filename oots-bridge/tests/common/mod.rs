@@ -1,0 +1,61 @@
+//! The reference EDM request the bridge's tests start from, written from
+//! the specification's field lists.
+
+#![allow(dead_code)]
+
+use onceonly_oots_bridge::edm::{NS_QUERY, NS_RIM, NS_SDG};
+
+pub const ID: &str = "urn:uuid:0b8f2a4e-5c1d-4e7a-9a53-2f6c8d1e7b40";
+pub const CLASSIFICATION: &str =
+    "https://sr.oots.tech.ec.europa.eu/evidencetypeclassifications/DE/5f4e2a3c-birth";
+
+/// Replaces in the reference request: (what, with).
+pub fn request_with(changes: &[(&str, &str)]) -> String {
+    let mut xml = reference_request();
+    for (from, to) in changes {
+        assert!(xml.contains(from), "the reference request holds {from:?}");
+        xml = xml.replacen(from, to, 1);
+    }
+    xml
+}
+
+/// A request as another member state's procedure portal sends it, with
+/// prefixes of its own choosing (q, r, p instead of query, rim, sdg).
+pub fn reference_request() -> String {
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<q:QueryRequest xmlns:q="{NS_QUERY}" xmlns:r="{NS_RIM}" xmlns:p="{NS_SDG}"
+    xmlns:x="http://www.w3.org/2001/XMLSchema-instance" id="{ID}">
+  <r:Slot name="IssueDateTime"><r:SlotValue x:type="r:DateTimeValueType"><r:Value>2026-12-05T10:00:00Z</r:Value></r:SlotValue></r:Slot>
+  <r:Slot name="SpecificationIdentifier"><r:SlotValue x:type="r:StringValueType"><r:Value>oots-edm:v2.0</r:Value></r:SlotValue></r:Slot>
+  <r:Slot name="Procedure"><r:SlotValue x:type="r:InternationalStringValueType"><r:Value><r:LocalizedString xml:lang="EN" value="T1"/></r:Value></r:SlotValue></r:Slot>
+  <r:Slot name="PossibilityForPreview"><r:SlotValue x:type="r:BooleanValueType"><r:Value>true</r:Value></r:SlotValue></r:Slot>
+  <r:Slot name="ExplicitRequestGiven"><r:SlotValue x:type="r:BooleanValueType"><r:Value>true</r:Value></r:SlotValue></r:Slot>
+  <r:Slot name="Requirements"><r:SlotValue x:type="r:CollectionValueType"><r:Element x:type="r:AnyValueType">
+    <p:Requirement><p:Identifier>https://sr.oots.tech.ec.europa.eu/requirements/proof-of-birth</p:Identifier><p:Name lang="EN">Proof of birth</p:Name></p:Requirement>
+  </r:Element></r:SlotValue></r:Slot>
+  <r:Slot name="EvidenceRequester"><r:SlotValue x:type="r:CollectionValueType"><r:Element x:type="r:AnyValueType">
+    <p:Agent><p:Identifier schemeID="urn:cef.eu:names:identifier:EAS:9930">AT123456789</p:Identifier><p:Name lang="DE">Stadt Wien, Magistratsabteilung 35</p:Name><p:Classification>ER</p:Classification></p:Agent>
+  </r:Element></r:SlotValue></r:Slot>
+  <r:Slot name="EvidenceProvider"><r:SlotValue x:type="r:AnyValueType">
+    <p:Agent><p:Identifier schemeID="urn:cef.eu:names:identifier:EAS:9930">DE987654321</p:Identifier><p:Name>NOOTS Intermediäre Plattform</p:Name></p:Agent>
+  </r:SlotValue></r:Slot>
+  <q:ResponseOption returnType="LeafClassWithRepositoryItem"/>
+  <q:Query queryDefinition="DocumentQuery">
+    <r:Slot name="NaturalPerson"><r:SlotValue x:type="r:AnyValueType"><p:Person>
+      <p:LevelOfAssurance>High</p:LevelOfAssurance>
+      <p:Identifier schemeID="eidas">DE/AT/82281866209</p:Identifier>
+      <p:FamilyName>Schneider</p:FamilyName>
+      <p:GivenName>Anna Lena</p:GivenName>
+      <p:DateOfBirth>1990-03-14</p:DateOfBirth>
+    </p:Person></r:SlotValue></r:Slot>
+    <r:Slot name="EvidenceRequest"><r:SlotValue x:type="r:AnyValueType"><p:DataServiceEvidenceType>
+      <p:Identifier>urn:uuid:7d1c3b8e-birth-certificate</p:Identifier>
+      <p:EvidenceTypeClassification>{CLASSIFICATION}</p:EvidenceTypeClassification>
+      <p:Title lang="EN">Birth certificate</p:Title>
+      <p:DistributedAs><p:Format>application/json</p:Format></p:DistributedAs>
+    </p:DataServiceEvidenceType></r:SlotValue></r:Slot>
+  </q:Query>
+</q:QueryRequest>"#
+    )
+}
