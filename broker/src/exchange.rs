@@ -792,6 +792,17 @@ impl Broker {
             trace_id: trace.trace_id(),
             policy_sha256: policy.sha256().to_vec(),
             policy_version: policy.version(),
+            // Kept as sent where they check; validation refuses the rest.
+            correlation_ids: if validate::correlation_ids(
+                "correlation_ids",
+                &request.correlation_ids,
+            )
+            .is_ok()
+            {
+                request.correlation_ids.clone()
+            } else {
+                Vec::new()
+            },
             ..Default::default()
         };
         Exchange {
@@ -1101,7 +1112,11 @@ pub fn validate(routing: &RoutingTable, request: &RequestEvidenceRequest) -> Res
             "jurisdiction",
             &request.jurisdiction,
         ))
-        .check(validate::optional_text("consent_id", &request.consent_id));
+        .check(validate::optional_text("consent_id", &request.consent_id))
+        .check(validate::correlation_ids(
+            "correlation_ids",
+            &request.correlation_ids,
+        ));
     if request.parameters.len() > validate::MAX_PARAMETERS {
         violations.push(FieldViolation::new(
             "parameters",

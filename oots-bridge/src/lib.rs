@@ -8,12 +8,17 @@
 //! - [`transport`]: the access point's backend interface (the Domibus WS
 //!   plugin), behind a trait;
 //! - [`bridge`]: one request in, one answer out, each request `@id`
-//!   answered once.
+//!   answered once;
+//! - [`broker`]: the broker as the evidence source, the bridge in the role
+//!   of an authority.
 //!
-//! Not yet here (issue 26): the broker as the evidence source, the preview
-//! pages and the service binary.
+//! - [`config`]: `bridge.toml`; the `onceonly-oots-bridge` binary serves it.
+//!
+//! Not yet here (issue 26): the citizen's preview.
 
 pub mod bridge;
+pub mod broker;
+pub mod config;
 pub mod edm;
 pub mod mapping;
 pub mod transport;

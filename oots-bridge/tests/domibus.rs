@@ -8,104 +8,18 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use common::access_point::{AccessPoint, read_submitted, retrieved, serve};
 
-use base64::Engine;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use common::{CLASSIFICATION, ID, reference_request, request_with};
 use onceonly_oots_bridge::bridge::{Bridge, EDM_MIME, EvidenceSource, Fetched};
 use onceonly_oots_bridge::edm::request::Agent;
-use onceonly_oots_bridge::edm::{EdmError, Limits, NS_RIM, NS_XLINK, QueryRequest};
+use onceonly_oots_bridge::edm::{EdmError, NS_RIM, NS_XLINK, QueryRequest};
 use onceonly_oots_bridge::mapping::{Entry, Mapping};
 use onceonly_oots_bridge::transport::Message;
-use onceonly_oots_bridge::transport::domibus::{
-    DomibusWs, NS_EBMS, NS_SOAP, NS_WSPLUGIN, read_retrieved,
-};
-
-/// What the fake access point holds: messages waiting, answers submitted.
-#[derive(Default)]
-struct AccessPoint {
-    pending: Mutex<Vec<(String, String)>>,
-    submitted: Mutex<Vec<String>>,
-}
-
-fn soap(body: &str) -> String {
-    format!(
-        r#"<?xml version="1.0" encoding="UTF-8"?><env:Envelope xmlns:env="{NS_SOAP}" xmlns:w="{NS_WSPLUGIN}"><env:Body>{body}</env:Body></env:Envelope>"#
-    )
-}
-
-/// A retrieveMessage answer holding `request` as the access point gives it.
-fn retrieved(request: &str, conversation: &str) -> String {
-    let value = base64::engine::general_purpose::STANDARD.encode(request);
-    format!(
-        r#"<?xml version="1.0" encoding="UTF-8"?><s:Envelope xmlns:s="{NS_SOAP}" xmlns:w="{NS_WSPLUGIN}" xmlns:e="{NS_EBMS}"><s:Header><e:Messaging><e:UserMessage>
-<e:CollaborationInfo><e:Service type="urn:oasis:names:tc:ebcore:ebrs:ebms:binding:1.0">QueryManager</e:Service><e:Action>ExecuteQueryRequest</e:Action><e:ConversationId>{conversation}</e:ConversationId></e:CollaborationInfo>
-<e:MessageProperties><e:Property name="originalSender">urn:cef.eu:names:identifier:EAS:9930:AT123456789</e:Property><e:Property name="finalRecipient">urn:cef.eu:names:identifier:EAS:9930:DE987654321</e:Property><e:Property name="ExchangeId">ex-42</e:Property></e:MessageProperties>
-<e:PayloadInfo><e:PartInfo href="cid:message"><e:PartProperties><e:Property name="MimeType">application/x-ebrs+xml</e:Property></e:PartProperties></e:PartInfo></e:PayloadInfo>
-</e:UserMessage></e:Messaging></s:Header><s:Body><w:retrieveMessageResponse><payload payloadId="cid:message"><value>{value}</value></payload></w:retrieveMessageResponse></s:Body></s:Envelope>"#
-    )
-}
-
-async fn serve(point: Arc<AccessPoint>) -> String {
-    let app = axum::Router::new().route(
-        "/wsplugin",
-        axum::routing::post(move |body: String| {
-            let point = point.clone();
-            async move {
-                let document = roxmltree::Document::parse(&body).expect("the bridge sends XML");
-                let operation = document
-                    .descendants()
-                    .find(|d| d.tag_name().namespace() == Some(NS_WSPLUGIN))
-                    .map(|d| d.tag_name().name().to_owned())
-                    .unwrap_or_default();
-                let answer = match operation.as_str() {
-                    "listPendingMessagesRequest" => {
-                        let ids: String = point
-                            .pending
-                            .lock()
-                            .expect("lock")
-                            .iter()
-                            .map(|(id, _)| format!("<messageID>{id}</messageID>"))
-                            .collect();
-                        soap(&format!("<w:listPendingMessagesResponse>{ids}</w:listPendingMessagesResponse>"))
-                    }
-                    "retrieveMessageRequest" => {
-                        let wanted = document
-                            .descendants()
-                            .find(|d| d.tag_name().name() == "messageID")
-                            .and_then(|d| d.text())
-                            .unwrap_or_default()
-                            .to_owned();
-                        let mut pending = point.pending.lock().expect("lock");
-                        let at = pending.iter().position(|(id, _)| *id == wanted).expect("a pending message");
-                        pending.remove(at).1
-                    }
-                    "submitRequest" => {
-                        let mut submitted = point.submitted.lock().expect("lock");
-                        submitted.push(body.clone());
-                        soap(&format!(
-                            "<w:submitResponse><messageID>answer-{}</messageID></w:submitResponse>",
-                            submitted.len()
-                        ))
-                    }
-                    other => soap(&format!(
-                        r#"<env:Fault><env:Code><env:Value>env:Sender</env:Value></env:Code><env:Reason><env:Text xml:lang="en">unknown operation {other}</env:Text></env:Reason></env:Fault>"#
-                    )),
-                };
-                ([("content-type", "application/soap+xml")], answer)
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    format!("http://{addr}/wsplugin")
-}
+use onceonly_oots_bridge::transport::domibus::DomibusWs;
 
 /// A fixed evidence source, counting its calls.
 #[derive(Default)]
@@ -157,23 +71,6 @@ fn provider() -> Agent {
         name: "NOOTS Intermediäre Plattform".into(),
         classification: "IP".into(),
     }
-}
-
-/// A submitted answer, read as the access point reads it.
-fn read_submitted(envelope: &str) -> Message {
-    // The submitRequest carries the same payload shape as a retrieved
-    // message; read it with the bridge's own reader after renaming.
-    let as_retrieved = envelope.replace("ws:submitRequest", "ws:retrieveMessageResponse");
-    read_retrieved(
-        "submitted",
-        &as_retrieved,
-        &Limits {
-            max_bytes: 1 << 24,
-            max_value: 1 << 24,
-            ..Limits::default()
-        },
-    )
-    .expect("a well-formed submission")
 }
 
 #[tokio::test]

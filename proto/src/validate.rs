@@ -686,3 +686,79 @@ mod media_type_tests {
         );
     }
 }
+
+/// The most correlation ids a request may carry.
+pub const MAX_CORRELATION_IDS: usize = 8;
+
+/// Checks a request's correlation ids: at most [`MAX_CORRELATION_IDS`],
+/// names of 1 to 64 letters, digits, '.', '_', '-' and unique, values
+/// printable and at most 256 characters.
+pub fn correlation_ids(
+    field: &str,
+    ids: &[crate::v1::CorrelationId],
+) -> Result<(), FieldViolation> {
+    if ids.len() > MAX_CORRELATION_IDS {
+        return Err(FieldViolation::new(
+            field,
+            format!("at most {MAX_CORRELATION_IDS} correlation ids"),
+        ));
+    }
+    for (n, id) in ids.iter().enumerate() {
+        let name_ok = (1..=64).contains(&id.name.len())
+            && id
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !name_ok {
+            return Err(FieldViolation::new(
+                format!("{field}[{n}].name"),
+                "1 to 64 of letters, digits, '.', '_', '-'",
+            ));
+        }
+        if id.value.is_empty()
+            || id.value.chars().count() > 256
+            || id.value.chars().any(char::is_control)
+        {
+            return Err(FieldViolation::new(
+                format!("{field}[{n}].value"),
+                "1 to 256 printable characters",
+            ));
+        }
+        if ids[..n].iter().any(|other| other.name == id.name) {
+            return Err(FieldViolation::new(
+                format!("{field}[{n}].name"),
+                format!("{:?} is named twice", id.name),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod correlation_tests {
+    use super::correlation_ids;
+    use crate::v1::CorrelationId;
+
+    fn id(name: &str, value: &str) -> CorrelationId {
+        CorrelationId {
+            name: name.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn correlation_ids_are_bounded_named_plainly_and_unique() {
+        assert!(correlation_ids("c", &[id("oots.conversation_id", "conv-1")]).is_ok());
+        assert!(correlation_ids("c", &[]).is_ok());
+        let refused = |ids: &[CorrelationId]| correlation_ids("c", ids).expect_err("refused").field;
+        assert_eq!(refused(&[id("", "x")]), "c[0].name");
+        assert_eq!(refused(&[id("a b", "x")]), "c[0].name");
+        assert_eq!(refused(&[id(&"n".repeat(65), "x")]), "c[0].name");
+        assert_eq!(refused(&[id("a", "")]), "c[0].value");
+        assert_eq!(refused(&[id("a", "line\nbreak")]), "c[0].value");
+        assert_eq!(refused(&[id("a", &"v".repeat(257))]), "c[0].value");
+        assert_eq!(refused(&[id("a", "1"), id("a", "2")]), "c[1].name");
+        let many: Vec<_> = (0..9).map(|n| id(&format!("n{n}"), "v")).collect();
+        assert_eq!(refused(&many), "c");
+    }
+}

@@ -25,6 +25,10 @@ fn evidence_request_round_trips() {
         parameters: HashMap::from([("licence_plate".into(), "B-OO 1234".into())]),
         encryption_certificate: vec![0x30, 0x82],
         signed_request: "eyJ.e30.c2ln".into(),
+        correlation_ids: vec![onceonly_proto::v1::CorrelationId {
+            name: "oots.conversation_id".into(),
+            value: "conv-1".into(),
+        }],
     };
     let bytes = request.encode_to_vec();
     let decoded = RequestEvidenceRequest::decode(bytes.as_slice()).expect("decodes");

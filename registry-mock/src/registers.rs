@@ -133,7 +133,10 @@ impl MockRegister {
         let subject = &request.subject.value;
         match (&self.records, request.evidence_type.as_str()) {
             (Records::Civil(persons), evidence) => {
-                let person = persons.get(subject).ok_or(ProvideError::SubjectNotFound)?;
+                let person = match request.subject.scheme {
+                    SubjectIdScheme::Eidas => match_person(persons, request)?,
+                    _ => persons.get(subject).ok_or(ProvideError::SubjectNotFound)?,
+                };
                 if person.information_block {
                     return Err(ProvideError::SubjectBlocked(
                         "a blocking notice (Auskunftssperre) is registered for this person".into(),
@@ -180,17 +183,27 @@ impl MockRegister {
 
 impl Connector for MockRegister {
     fn evidence_types(&self) -> Vec<EvidenceTypeInfo> {
-        use SubjectIdScheme::{DeCommercialRegister, DeIdnr};
+        use SubjectIdScheme::{DeCommercialRegister, DeIdnr, Eidas};
+        let matched_on = |name: &str, description: &str| EvidenceParameter {
+            name: name.into(),
+            description: description.into(),
+            required: false,
+        };
         match self.kind {
             RegisterKind::Civil => vec![
                 EvidenceTypeInfo {
                     description:
-                        "Birth certificate (Geburtsurkunde) from the civil status register".into(),
+                        "Birth certificate (Geburtsurkunde) from the civil status register; by IDNr, or by eIDAS identifier with the person's family name and date of birth (EU requests)".into(),
+                    parameters: vec![
+                        matched_on("family_name", "with an eIDAS identifier: the family name, as in the register"),
+                        matched_on("given_names", "with an eIDAS identifier: the given names (optional)"),
+                        matched_on("date_of_birth", "with an eIDAS identifier: YYYY-MM-DD"),
+                    ],
                     ..evidence_type(
                         "birth-certificate",
                         "Birth certificate",
                         &["application/xml"],
-                        &[DeIdnr],
+                        &[DeIdnr, Eidas],
                     )
                 },
                 EvidenceTypeInfo {
@@ -245,6 +258,39 @@ impl Connector for MockRegister {
         self.faults.apply(&request.subject.value).await?;
         tracing::debug!(exchange_id = %request.exchange_id, "register lookup");
         self.lookup(&request)
+    }
+}
+
+/// The person an eIDAS identifier names, matched on what the requesting
+/// member state sent with it (`family_name` and `date_of_birth`, and
+/// `given_names` where given): the register keeps no eIDAS identifiers.
+/// No match, or several, is said as such; never a guess.
+fn match_person<'a>(
+    persons: &'a HashMap<String, Person>,
+    request: &EvidenceRequest,
+) -> Result<&'a Person, ProvideError> {
+    let wanted = |name: &str| {
+        request
+            .parameters
+            .get(name)
+            .map(|v| v.trim().to_lowercase())
+    };
+    let (Some(family_name), Some(date_of_birth)) = (wanted("family_name"), wanted("date_of_birth"))
+    else {
+        return Err(ProvideError::SubjectNotFound);
+    };
+    let given_names = wanted("given_names");
+    let mut matches = persons.values().filter(|p| {
+        p.family_name.to_lowercase() == family_name
+            && p.date_of_birth == date_of_birth
+            && given_names
+                .as_ref()
+                .is_none_or(|g| p.given_names.to_lowercase() == *g)
+    });
+    match (matches.next(), matches.next()) {
+        (Some(person), None) => Ok(person),
+        (None, _) => Err(ProvideError::SubjectNotFound),
+        (Some(_), Some(_)) => Err(ProvideError::AmbiguousSubject),
     }
 }
 
@@ -359,6 +405,82 @@ mod tests {
                 "{number}"
             );
         }
+    }
+
+    fn eidas_request(parameters: &[(&str, &str)]) -> EvidenceRequest {
+        EvidenceRequest {
+            exchange_id: "x".into(),
+            evidence_type: "birth-certificate".into(),
+            subject: onceonly_connector_sdk::Subject {
+                scheme: SubjectIdScheme::Eidas,
+                value: "DE/AT/7f3c9e21a4b8".into(),
+            },
+            jurisdiction: None,
+            purpose: "oots:T1".into(),
+            legal_basis: "Art. 14 VO (EU) 2018/1724".into(),
+            requester_id: "spiffe://onceonly.test/authority/oots-bridge".into(),
+            parameters: parameters
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            deadline: None,
+            ticket: None,
+            signed_request: None,
+        }
+    }
+
+    #[test]
+    fn a_person_named_by_eidas_identifier_is_matched_on_name_and_birth_date_never_guessed() {
+        let civil = MockRegister::embedded(RegisterKind::Civil).expect("civil");
+        let found = civil
+            .lookup(&eidas_request(&[
+                ("family_name", "schneider"),
+                ("date_of_birth", "1990-03-14"),
+            ]))
+            .expect("Anna");
+        assert!(String::from_utf8_lossy(&found.bytes).contains("Schneider"));
+        for missing in [
+            &[("family_name", "Schneider")][..],
+            &[
+                ("family_name", "Schneider"),
+                ("date_of_birth", "1990-03-15"),
+            ],
+            &[
+                ("family_name", "Schneider"),
+                ("date_of_birth", "1990-03-14"),
+                ("given_names", "Petra"),
+            ],
+        ] {
+            assert!(matches!(
+                civil.lookup(&eidas_request(missing)),
+                Err(ProvideError::SubjectNotFound)
+            ));
+        }
+        // Two of one name and birth date: said, not guessed; the given
+        // names tell them apart.
+        let twins = r#"{"register": "twins", "persons": [PERSON_A, PERSON_B]}"#
+            .replace("PERSON_A", &person_json("82281866209", "Jonas"))
+            .replace("PERSON_B", &person_json("21641045750", "Lukas"));
+        let register = MockRegister::from_json(RegisterKind::Civil, "twins", &twins).expect("data");
+        let both = [("family_name", "Weber"), ("date_of_birth", "2001-06-01")];
+        assert!(matches!(
+            register.lookup(&eidas_request(&both)),
+            Err(ProvideError::AmbiguousSubject)
+        ));
+        let jonas = register
+            .lookup(&eidas_request(&[
+                both[0],
+                both[1],
+                ("given_names", "Jonas"),
+            ]))
+            .expect("one");
+        assert!(String::from_utf8_lossy(&jonas.bytes).contains("Jonas"));
+    }
+
+    fn person_json(idnr: &str, given: &str) -> String {
+        format!(
+            r#"{{"idnr": "{idnr}", "family_name": "Weber", "given_names": "{given}", "sex": "M", "date_of_birth": "2001-06-01", "place_of_birth": "Berlin", "registry_office": "Berlin-Mitte", "birth_register_number": "G 1/2001", "mother": "M", "father": "F", "nationality": "DE", "address": {{"street": "S", "house_number": "1", "postal_code": "10115", "city": "Berlin", "municipality_key": "11000000", "state": "DE-BE"}}, "registered_since": "2001-06-01", "information_block": false}}"#
+        )
     }
 
     #[test]

@@ -136,7 +136,7 @@ impl EdmError {
             _ => ErrorCode::Query,
         };
         EdmError::new(code, format!("The evidence provider refused: {message}"))
-            .with_detail(reason.as_str_name())
+            .with_detail(reason.reason())
     }
 
     /// With `detail`.

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod access_point;
+pub mod world;
+
 use onceonly_oots_bridge::edm::{NS_QUERY, NS_RIM, NS_SDG};
 
 pub const ID: &str = "urn:uuid:0b8f2a4e-5c1d-4e7a-9a53-2f6c8d1e7b40";
@@ -44,7 +47,7 @@ pub fn reference_request() -> String {
   <q:Query queryDefinition="DocumentQuery">
     <r:Slot name="NaturalPerson"><r:SlotValue x:type="r:AnyValueType"><p:Person>
       <p:LevelOfAssurance>High</p:LevelOfAssurance>
-      <p:Identifier schemeID="eidas">DE/AT/82281866209</p:Identifier>
+      <p:Identifier schemeID="eidas">DE/AT/7f3c9e21a4b8</p:Identifier>
       <p:FamilyName>Schneider</p:FamilyName>
       <p:GivenName>Anna Lena</p:GivenName>
       <p:DateOfBirth>1990-03-14</p:DateOfBirth>
@@ -58,4 +61,15 @@ pub fn reference_request() -> String {
   </q:Query>
 </q:QueryRequest>"#
     )
+}
+
+/// The reference request, changed by `changes`, asking for the birth
+/// certificate as the register issues it (XML).
+pub fn asked(changes: &[(&str, &str)]) -> String {
+    let mut all = vec![(
+        "<p:Format>application/json</p:Format>",
+        "<p:Format>application/xml</p:Format>",
+    )];
+    all.extend_from_slice(changes);
+    request_with(&all)
 }

@@ -1,0 +1,144 @@
+//! `onceonly-oots-bridge`: answers EU evidence requests from an access
+//! point's Domibus WS plugin through the broker, until SIGTERM or Ctrl-C.
+//!
+//! Exit codes: 0 stopped, 1 a configuration or start error (the message
+//! names the file, line and fix), 2 usage error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use onceonly_certs::identity::Role;
+use onceonly_oots_bridge::bridge::Bridge;
+use onceonly_oots_bridge::broker::BrokerSource;
+use onceonly_oots_bridge::config::BridgeConfig;
+use onceonly_oots_bridge::mapping::Mapping;
+use onceonly_oots_bridge::transport::domibus::DomibusWs;
+use onceonly_seal::{DecryptionKey, EvidenceOpener, Signer};
+
+/// The OOTS bridge.
+#[derive(Debug, Parser)]
+#[command(name = "onceonly-oots-bridge", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Poll the access point and answer its requests until SIGTERM.
+    Serve {
+        /// The configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check the configuration, the mapping and the certificates without
+    /// serving.
+    Check {
+        /// The configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+type Prepared = (BridgeConfig, Bridge<DomibusWs, BrokerSource>);
+
+fn prepare(path: &std::path::Path) -> anyhow::Result<Prepared> {
+    let config = BridgeConfig::load(path)?;
+    let mapping = Mapping::load(&config.mapping)?;
+    let (client, me) = onceonly_certs::tls::client_config(&config.tls)?;
+    if me.role() != Role::Authority {
+        anyhow::bail!(
+            "{}: tls.cert is for {me}; the bridge asks the broker as an authority (onceonly-certs issue --role authority --id oots-bridge)",
+            path.display()
+        );
+    }
+    let verifier = onceonly_certs::tls::identity_verifier(&config.tls, me.trust_domain())?;
+    let opener = EvidenceOpener::new(
+        Arc::new(verifier),
+        Some(DecryptionKey::from_files(
+            &config.encryption.cert,
+            &config.encryption.key,
+        )?),
+    );
+    let certificate = onceonly_certs::pki::load_certs(&config.encryption.cert)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{}: no certificate", config.encryption.cert.display()))?
+        .as_ref()
+        .to_vec();
+    let channel = onceonly_certs::tls::MtlsConnector::new(client, None).channel(
+        &config.broker.to_string(),
+        std::time::Duration::from_secs(5),
+    )?;
+    let source = BrokerSource::new(
+        channel,
+        Arc::new(Signer::from_files(&config.tls.cert, &config.tls.key)?),
+        Arc::new(opener),
+        certificate,
+        config.deadlines.broker(),
+    );
+    let transport = DomibusWs::new(config.access_point.endpoint.parse()?);
+    let provider = config.provider_agent();
+    Ok((config, Bridge::new(transport, source, mapping, provider)))
+}
+
+async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
+    let (config, bridge) = prepare(path)?;
+    tracing::info!(
+        broker = %config.broker,
+        access_point = %config.access_point.endpoint,
+        "OOTS bridge polling"
+    );
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(config.access_point.poll_interval);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                match bridge.poll_once().await {
+                    Ok(0) => {}
+                    Ok(answered) => tracing::info!(answered, "answered requests"),
+                    Err(error) => tracing::warn!(%error, "the access point could not be polled; trying again"),
+                }
+            }
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    tracing::info!("OOTS bridge stopped");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "onceonly=info,onceonly_oots_bridge=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve { config } => serve(&config).await,
+            Command::Check { config } => {
+                prepare(&config).map(|_| println!("{}: ok", config.display()))
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

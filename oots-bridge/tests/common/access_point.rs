@@ -1,0 +1,130 @@
+//! A fake Domibus WS plugin endpoint (SOAP 1.2 over HTTP, on loopback)
+//! for the bridge's tests: messages waiting, retrieved whole, answers
+//! submitted and kept for the test to read.
+
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use onceonly_oots_bridge::edm::Limits;
+use onceonly_oots_bridge::transport::Message;
+use onceonly_oots_bridge::transport::domibus::{NS_EBMS, NS_SOAP, NS_WSPLUGIN, read_retrieved};
+
+/// What the fake access point holds: messages waiting, answers submitted.
+#[derive(Default)]
+pub struct AccessPoint {
+    pub pending: Mutex<Vec<(String, String)>>,
+    pub submitted: Mutex<Vec<String>>,
+}
+
+fn soap(body: &str) -> String {
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?><env:Envelope xmlns:env="{NS_SOAP}" xmlns:w="{NS_WSPLUGIN}"><env:Body>{body}</env:Body></env:Envelope>"#
+    )
+}
+
+/// A retrieveMessage answer holding `request` as the access point gives it.
+pub fn retrieved(request: &str, conversation: &str) -> String {
+    let value = base64::engine::general_purpose::STANDARD.encode(request);
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?><s:Envelope xmlns:s="{NS_SOAP}" xmlns:w="{NS_WSPLUGIN}" xmlns:e="{NS_EBMS}"><s:Header><e:Messaging><e:UserMessage>
+<e:CollaborationInfo><e:Service type="urn:oasis:names:tc:ebcore:ebrs:ebms:binding:1.0">QueryManager</e:Service><e:Action>ExecuteQueryRequest</e:Action><e:ConversationId>{conversation}</e:ConversationId></e:CollaborationInfo>
+<e:MessageProperties><e:Property name="originalSender">urn:cef.eu:names:identifier:EAS:9930:AT123456789</e:Property><e:Property name="finalRecipient">urn:cef.eu:names:identifier:EAS:9930:DE987654321</e:Property><e:Property name="ExchangeId">ex-42</e:Property></e:MessageProperties>
+<e:PayloadInfo><e:PartInfo href="cid:message"><e:PartProperties><e:Property name="MimeType">application/x-ebrs+xml</e:Property></e:PartProperties></e:PartInfo></e:PayloadInfo>
+</e:UserMessage></e:Messaging></s:Header><s:Body><w:retrieveMessageResponse><payload payloadId="cid:message"><value>{value}</value></payload></w:retrieveMessageResponse></s:Body></s:Envelope>"#
+    )
+}
+
+pub async fn serve(point: Arc<AccessPoint>) -> String {
+    let app = axum::Router::new().route(
+        "/wsplugin",
+        axum::routing::post(move |body: String| {
+            let point = point.clone();
+            async move {
+                let document = roxmltree::Document::parse(&body).expect("the bridge sends XML");
+                let operation = document
+                    .descendants()
+                    .find(|d| d.tag_name().namespace() == Some(NS_WSPLUGIN))
+                    .map(|d| d.tag_name().name().to_owned())
+                    .unwrap_or_default();
+                let answer = match operation.as_str() {
+                    "listPendingMessagesRequest" => {
+                        let ids: String = point
+                            .pending
+                            .lock()
+                            .expect("lock")
+                            .iter()
+                            .map(|(id, _)| format!("<messageID>{id}</messageID>"))
+                            .collect();
+                        soap(&format!("<w:listPendingMessagesResponse>{ids}</w:listPendingMessagesResponse>"))
+                    }
+                    "retrieveMessageRequest" => {
+                        let wanted = document
+                            .descendants()
+                            .find(|d| d.tag_name().name() == "messageID")
+                            .and_then(|d| d.text())
+                            .unwrap_or_default()
+                            .to_owned();
+                        let mut pending = point.pending.lock().expect("lock");
+                        let at = pending.iter().position(|(id, _)| *id == wanted).expect("a pending message");
+                        pending.remove(at).1
+                    }
+                    "submitRequest" => {
+                        let mut submitted = point.submitted.lock().expect("lock");
+                        submitted.push(body.clone());
+                        soap(&format!(
+                            "<w:submitResponse><messageID>answer-{}</messageID></w:submitResponse>",
+                            submitted.len()
+                        ))
+                    }
+                    other => soap(&format!(
+                        r#"<env:Fault><env:Code><env:Value>env:Sender</env:Value></env:Code><env:Reason><env:Text xml:lang="en">unknown operation {other}</env:Text></env:Reason></env:Fault>"#
+                    )),
+                };
+                ([("content-type", "application/soap+xml")], answer)
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}/wsplugin")
+}
+
+/// A submitted answer, read as the access point reads it.
+pub fn read_submitted(envelope: &str) -> Message {
+    // The submitRequest carries the same payload shape as a retrieved
+    // message; read it with the bridge's own reader after renaming.
+    let as_retrieved = envelope.replace("ws:submitRequest", "ws:retrieveMessageResponse");
+    read_retrieved(
+        "submitted",
+        &as_retrieved,
+        &Limits {
+            max_bytes: 1 << 24,
+            max_value: 1 << 24,
+            ..Limits::default()
+        },
+    )
+    .expect("a well-formed submission")
+}
+
+/// Every answer submitted so far, read.
+pub fn submitted(point: &AccessPoint) -> Vec<Message> {
+    point
+        .submitted
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|e| read_submitted(e))
+        .collect()
+}
+
+/// The EDM document of a submitted answer.
+pub fn document(message: &Message) -> String {
+    String::from_utf8(message.payloads[0].bytes.clone()).expect("utf-8")
+}
