@@ -1,10 +1,19 @@
 //! One EU request in, one answer out: the EDM document read and checked,
 //! mapped, the evidence fetched from an [`EvidenceSource`] (the broker, in
 //! service), and the QueryResponse or the EDM error sent back over the
-//! [`Transport`]. A request delivered twice (the same `@id`) is answered
-//! once, the same way both times.
+//! [`Transport`].
+//!
+//! - A request delivered twice (the same sender, `@id` and document) is
+//!   answered once, the same way both times; another document under an
+//!   `@id` already answered is refused (EDM:ERR:0003), never given the
+//!   first one's answer. The memory of answers is bounded.
+//! - Only `ExecuteQueryRequest` messages are answered; anything else is
+//!   logged and left, so two systems never answer each other's errors.
+//! - Each message stands alone: one that cannot be retrieved or answered
+//!   does not stop the others, and an answer the access point did not
+//!   take is sent again at the next poll.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Mutex;
 
@@ -16,6 +25,37 @@ use crate::transport::{Message, Payload, Transport, TransportError};
 
 /// The MIME type of EDM documents.
 pub const EDM_MIME: &str = "application/x-ebrs+xml";
+
+/// The ebMS action of an evidence request.
+pub const EXECUTE_QUERY_REQUEST: &str = "ExecuteQueryRequest";
+
+/// How many answers the bridge remembers for requests delivered again.
+const REMEMBERED: usize = 10_000;
+
+/// Answers given, by (original sender, request `@id`), with the digest of
+/// the document they answered; the oldest forgotten first.
+#[derive(Default)]
+struct Answered {
+    by_request: HashMap<(String, String), ([u8; 32], Message)>,
+    order: VecDeque<(String, String)>,
+}
+
+impl Answered {
+    fn remember(&mut self, key: (String, String), digest: [u8; 32], answer: Message) {
+        if self
+            .by_request
+            .insert(key.clone(), (digest, answer))
+            .is_none()
+        {
+            self.order.push_back(key);
+        }
+        while self.order.len() > REMEMBERED {
+            if let Some(oldest) = self.order.pop_front() {
+                self.by_request.remove(&oldest);
+            }
+        }
+    }
+}
 
 /// Evidence fetched for a request.
 #[derive(Debug, Clone)]
@@ -47,8 +87,9 @@ pub struct Bridge<T, S> {
     /// Who the bridge is to the EU (the evidence provider).
     provider: Agent,
     limits: Limits,
-    /// Answers given, by request `@id`.
-    answered: Mutex<HashMap<String, Message>>,
+    answered: Mutex<Answered>,
+    /// Answers the access point did not take yet.
+    outbox: Mutex<Vec<Message>>,
 }
 
 impl<T: Transport, S: EvidenceSource> Bridge<T, S> {
@@ -60,7 +101,8 @@ impl<T: Transport, S: EvidenceSource> Bridge<T, S> {
             mapping,
             provider,
             limits: Limits::default(),
-            answered: Mutex::new(HashMap::new()),
+            answered: Mutex::new(Answered::default()),
+            outbox: Mutex::new(Vec::new()),
         }
     }
 
@@ -69,15 +111,45 @@ impl<T: Transport, S: EvidenceSource> Bridge<T, S> {
         &self.source
     }
 
-    /// Answers every message waiting at the access point; how many.
+    /// Sends answers left over, then answers every request waiting at the
+    /// access point; how many were answered. Err only where the access
+    /// point cannot list its messages.
     pub async fn poll_once(&self) -> Result<usize, TransportError> {
-        let pending = self.transport.pending().await?;
-        for message_id in &pending {
-            let incoming = self.transport.retrieve(message_id).await?;
-            let answer = self.answer(&incoming).await;
-            self.transport.submit(&answer).await?;
+        let left = std::mem::take(&mut *self.outbox.lock().unwrap_or_else(|p| p.into_inner()));
+        for answer in left {
+            self.send(answer).await;
         }
-        Ok(pending.len())
+        let pending = self.transport.pending().await?;
+        let mut answered = 0;
+        for message_id in &pending {
+            let incoming = match self.transport.retrieve(message_id).await {
+                Ok(incoming) => incoming,
+                Err(error) => {
+                    tracing::error!(%message_id, %error, "a pending message could not be retrieved; the others go on");
+                    continue;
+                }
+            };
+            if incoming.action != EXECUTE_QUERY_REQUEST {
+                tracing::warn!(%message_id, action = %incoming.action, "not an evidence request: not answered");
+                continue;
+            }
+            let answer = self.answer(&incoming).await;
+            self.send(answer).await;
+            answered += 1;
+        }
+        Ok(answered)
+    }
+
+    /// Submits `answer`; keeps it for the next poll where the access point
+    /// does not take it.
+    async fn send(&self, answer: Message) {
+        if let Err(error) = self.transport.submit(&answer).await {
+            tracing::error!(%error, conversation = %answer.conversation_id, "the answer was not taken; it is sent again at the next poll");
+            self.outbox
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(answer);
+        }
     }
 
     /// The reply to `incoming`.
@@ -100,15 +172,32 @@ impl<T: Transport, S: EvidenceSource> Bridge<T, S> {
                 );
             }
         };
-        if let Some(done) = self
+        let key = (
+            incoming
+                .property("originalSender")
+                .unwrap_or_default()
+                .to_owned(),
+            request.id.clone(),
+        );
+        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, document.as_bytes())
+            .as_ref()
+            .try_into()
+            .unwrap_or_default();
+        if let Some((first, done)) = self
             .answered
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&request.id)
+            .by_request
+            .get(&key)
         {
-            let mut again = done.clone();
-            again.conversation_id = incoming.conversation_id.clone();
-            return again;
+            if *first == digest {
+                return done.clone();
+            }
+            let reused = EdmError::invalid(
+                "R-BRIDGE-ID",
+                "this id was used for another request already; every request needs an id of its own",
+            );
+            return self.failure(incoming, &request, &reused);
         }
         let mut remembered = true;
         let reply = match self.mapping.find(&request) {
@@ -145,7 +234,7 @@ impl<T: Transport, S: EvidenceSource> Bridge<T, S> {
             self.answered
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(request.id.clone(), reply.clone());
+                .remember(key, digest, reply.clone());
         }
         reply
     }

@@ -111,8 +111,19 @@ fn refusal(status: &tonic::Status) -> EdmError {
     ) {
         return EdmError::new(ErrorCode::Timeout, "the register did not answer in time");
     }
-    let reason = onceonly_proto::status::reason_of(status).unwrap_or(ErrorReason::Unspecified);
-    EdmError::from_broker(reason, status.message())
+    let reason = match onceonly_proto::status::reason_of(status) {
+        Some(reason) => reason,
+        // No answer from the broker at all (down, unreachable): a later
+        // request may be answered.
+        None if status.code() == tonic::Code::Unavailable => ErrorReason::BrokerUnavailable,
+        None => ErrorReason::Unspecified,
+    };
+    tracing::warn!(
+        ?reason,
+        message = status.message(),
+        "the broker refused the bridge's request"
+    );
+    EdmError::from_broker(reason)
 }
 
 impl EvidenceSource for BrokerSource {

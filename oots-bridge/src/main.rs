@@ -93,17 +93,25 @@ async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     );
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(config.access_point.poll_interval);
+    let interrupt = tokio::signal::ctrl_c();
+    tokio::pin!(interrupt);
+    // A signal also ends a poll under way: a message retrieved and not yet
+    // answered then goes unanswered, and its requester times out (T1) and
+    // may ask again; waiting could hold a stop for the broker's deadline.
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                match bridge.poll_once().await {
-                    Ok(0) => {}
-                    Ok(answered) => tracing::info!(answered, "answered requests"),
-                    Err(error) => tracing::warn!(%error, "the access point could not be polled; trying again"),
-                }
-            }
+            _ = tick.tick() => {}
             _ = terminate.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = &mut interrupt => break,
+        }
+        tokio::select! {
+            polled = bridge.poll_once() => match polled {
+                Ok(0) => {}
+                Ok(answered) => tracing::info!(answered, "answered requests"),
+                Err(error) => tracing::warn!(%error, "the access point could not be polled; trying again"),
+            },
+            _ = terminate.recv() => break,
+            _ = &mut interrupt => break,
         }
     }
     tracing::info!("OOTS bridge stopped");

@@ -32,9 +32,22 @@ pub struct Entry {
     #[serde(default)]
     pub preview: bool,
     /// Whether the request must say the user asked explicitly
-    /// (`ExplicitRequestGiven`; default false).
-    #[serde(default)]
+    /// (`ExplicitRequestGiven`; default true).
+    #[serde(default = "required")]
     pub explicit_request_required: bool,
+}
+
+fn required() -> bool {
+    true
+}
+
+/// At most this much of a requester's text is repeated in an answer.
+fn shown(text: &str) -> String {
+    let mut shown: String = text.chars().take(100).collect();
+    if shown.len() < text.len() {
+        shown.push('…');
+    }
+    shown
 }
 
 /// The mapping file.
@@ -73,6 +86,14 @@ impl Mapping {
                     "list the SDG Annex II procedure codes it is provided for, e.g. [\"T1\"]",
                 ));
             }
+            if entry.preview {
+                return Err(ConfigFileError::invalid(
+                    path,
+                    format!("{key}.preview"),
+                    "the citizen's preview is not offered yet",
+                    "leave preview out (or false) until the bridge offers it: with it, evidence would go out unpreviewed",
+                ));
+            }
             if self.evidence[..n]
                 .iter()
                 .any(|other| other.classification == entry.classification)
@@ -91,6 +112,12 @@ impl Mapping {
     /// The entry that answers `request`, or the EDM error that says why
     /// none does.
     pub fn find(&self, request: &QueryRequest) -> Result<&Entry, EdmError> {
+        if request.preview_location.is_some() || request.return_location.is_some() {
+            return Err(EdmError::new(
+                ErrorCode::UnsupportedCapability,
+                "this provider offers no preview",
+            ));
+        }
         let entry = self
             .evidence
             .iter()
@@ -100,7 +127,7 @@ impl Mapping {
                     ErrorCode::ObjectNotFound,
                     format!(
                         "no evidence of the type {} is provided here",
-                        request.evidence.classification
+                        shown(&request.evidence.classification)
                     ),
                 )
             })?;
@@ -109,7 +136,8 @@ impl Mapping {
                 "R-BRIDGE-PROCEDURE",
                 format!(
                     "the evidence type {} is not provided for the procedure {:?}",
-                    entry.classification, request.procedure
+                    entry.classification,
+                    shown(&request.procedure)
                 ),
             ));
         }
@@ -126,7 +154,7 @@ impl Mapping {
                 format!(
                     "the evidence is provided as {}, not as {}",
                     entry.format,
-                    request.evidence.formats.join(", ")
+                    shown(&request.evidence.formats.join(", "))
                 ),
             ));
         }

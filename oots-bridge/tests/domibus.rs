@@ -98,6 +98,21 @@ async fn requests_polled_from_the_access_point_are_answered_in_their_conversatio
             "m4".to_owned(),
             retrieved("this is not an EDM document", "conv-4"),
         ),
+        // Another request under the first one's id.
+        (
+            "m5".to_owned(),
+            retrieved(
+                &request_with(&[("<p:FamilyName>Schneider", "<p:FamilyName>Schmidt")]),
+                "conv-5",
+            ),
+        ),
+        // Not an evidence request: an error another system sent. Left
+        // unanswered, so two systems never answer each other's errors.
+        (
+            "m6".to_owned(),
+            retrieved(&reference_request(), "conv-6")
+                .replace(">ExecuteQueryRequest<", ">ExceptionResponse<"),
+        ),
     ]);
     let source = Fixed::default();
     let bridge = Bridge::new(
@@ -106,7 +121,7 @@ async fn requests_polled_from_the_access_point_are_answered_in_their_conversatio
         mapping(dir.path()),
         provider(),
     );
-    assert_eq!(bridge.poll_once().await.expect("polled"), 4);
+    assert_eq!(bridge.poll_once().await.expect("polled"), 5);
     assert!(point.pending.lock().expect("lock").is_empty());
     let submitted: Vec<Message> = point
         .submitted
@@ -115,7 +130,8 @@ async fn requests_polled_from_the_access_point_are_answered_in_their_conversatio
         .iter()
         .map(|e| read_submitted(e))
         .collect();
-    assert_eq!(submitted.len(), 4);
+    assert_eq!(submitted.len(), 5);
+    assert!(submitted.iter().all(|m| m.conversation_id != "conv-6"));
 
     // The answer: same conversation, parties swapped, exchange id kept,
     // the EDM document first, the evidence the document references next.
@@ -163,6 +179,12 @@ async fn requests_polled_from_the_access_point_are_answered_in_their_conversatio
     let broken = String::from_utf8(submitted[3].payloads[0].bytes.clone()).expect("utf-8");
     assert!(broken.contains(r#"code="EDM:ERR:0003""#), "{broken}");
     assert!(broken.contains(r#"detail="R-BRIDGE-XML""#), "{broken}");
+    // Another document under an id already answered: refused, and no
+    // evidence of the first request goes to it.
+    let reused = String::from_utf8(submitted[4].payloads[0].bytes.clone()).expect("utf-8");
+    assert_eq!(submitted[4].payloads.len(), 1, "no evidence");
+    assert!(reused.contains(r#"detail="R-BRIDGE-ID""#), "{reused}");
+    assert_eq!(bridge_calls(&bridge), 1);
 }
 
 fn bridge_calls(bridge: &Bridge<DomibusWs, Fixed>) -> usize {
@@ -195,4 +217,34 @@ async fn an_access_point_that_faults_or_is_away_is_named() {
         .expect_err("refused")
         .to_string();
     assert!(error.contains("127.0.0.1:9"), "{error}");
+}
+
+#[tokio::test]
+async fn an_answer_the_access_point_does_not_take_is_sent_again_at_the_next_poll() {
+    let dir = tempfile::tempdir().expect("dir");
+    let point = Arc::new(AccessPoint::default());
+    let endpoint = serve(point.clone()).await;
+    point
+        .pending
+        .lock()
+        .expect("lock")
+        .push(("m1".to_owned(), retrieved(&reference_request(), "conv-1")));
+    point.refuse_submits.store(1, Ordering::SeqCst);
+    let bridge = Bridge::new(
+        DomibusWs::new(endpoint.parse().expect("uri")),
+        Fixed::default(),
+        mapping(dir.path()),
+        provider(),
+    );
+    assert_eq!(bridge.poll_once().await.expect("polled"), 1);
+    assert!(
+        point.submitted.lock().expect("lock").is_empty(),
+        "refused once"
+    );
+    // Nothing pending now; the answer left over goes first.
+    assert_eq!(bridge.poll_once().await.expect("polled"), 0);
+    let submitted = point.submitted.lock().expect("lock").clone();
+    assert_eq!(submitted.len(), 1);
+    assert_eq!(read_submitted(&submitted[0]).action, "ExecuteQueryResponse");
+    assert_eq!(bridge_calls(&bridge), 1, "fetched once");
 }

@@ -431,7 +431,6 @@ procedures = ["T1", "T2"]
 evidence_type = "birth-certificate"
 legal_basis = "Art. 14 Abs. 1 VO (EU) 2018/1724"
 format = "application/json"
-preview = true
 explicit_request_required = true
 "#
         ),
@@ -478,6 +477,23 @@ explicit_request_required = true
         ErrorCode::UnsupportedCapability
     );
 
+    // The second round of a preview: not offered, EDM:ERR:0007.
+    let second_round = parse(&request_with(&[(
+        r#"<r:Slot name="Requirements">"#,
+        r#"<r:Slot name="PreviewLocation"><r:SlotValue x:type="r:StringValueType"><r:Value>https://x.example/p</r:Value></r:SlotValue></r:Slot><r:Slot name="Requirements">"#,
+    )]))
+    .expect("valid");
+    assert_eq!(
+        mapping.find(&second_round).expect_err("no preview").code,
+        ErrorCode::UnsupportedCapability
+    );
+    // A mapping asking for a preview is refused until the bridge offers
+    // one: evidence would otherwise go out unpreviewed.
+    let text = std::fs::read_to_string(&path).expect("read");
+    std::fs::write(&path, format!("{text}preview = true\n")).expect("write");
+    let error = Mapping::load(&path).expect_err("preview").to_string();
+    assert!(error.contains("preview"), "{error}");
+
     // A mapping with an error names the file and the fix.
     std::fs::write(&path, "[[evidence]]\nclassification = \"x\"\nprocedures = []\nevidence_type = \"t\"\nlegal_basis = \"l\"\nformat = \"f\"\n").expect("write");
     let error = Mapping::load(&path).expect_err("no procedures").to_string();
@@ -494,14 +510,21 @@ fn the_brokers_refusals_map_once_to_edm_errors() {
     for (reason, code) in [
         (R::SubjectNotFound, ErrorCode::ObjectNotFound),
         (R::AmbiguousSubject, ErrorCode::ObjectNotFound),
+        (R::SubjectBlocked, ErrorCode::ObjectNotFound),
+        (R::NoRoute, ErrorCode::ObjectNotFound),
         (R::DeadlineExceeded, ErrorCode::Timeout),
-        (R::SignedRequestInvalid, ErrorCode::Authentication),
+        (R::ConnectorUnavailable, ErrorCode::Timeout),
+        (R::BrokerUnavailable, ErrorCode::Timeout),
+        (R::SignedRequestInvalid, ErrorCode::Query),
         (R::InvalidRequest, ErrorCode::InvalidRequest),
-        (R::NoRoute, ErrorCode::UnresolvedReference),
         (R::PolicyDenied, ErrorCode::Query),
     ] {
-        let error = EdmError::from_broker(reason, "because");
+        let error = EdmError::from_broker(reason);
         assert_eq!(error.code, code, "{reason:?}");
         assert_eq!(error.detail.as_deref(), Some(reason.reason()));
+        assert!(
+            !error.message.contains("register"),
+            "no internal words: {error}"
+        );
     }
 }

@@ -717,7 +717,10 @@ pub fn correlation_ids(
         }
         if id.value.is_empty()
             || id.value.chars().count() > 256
-            || id.value.chars().any(char::is_control)
+            || id
+                .value
+                .chars()
+                .any(|c| c.is_control() || is_bidi_control(c))
         {
             return Err(FieldViolation::new(
                 format!("{field}[{n}].value"),

@@ -111,32 +111,49 @@ impl EdmError {
         }
     }
 
-    /// The EDM error for a broker refusal of `reason` (its gRPC message in
-    /// `message`): mapped once, here.
-    pub fn from_broker(reason: ErrorReason, message: &str) -> Self {
+    /// The EDM error for a broker refusal of `reason`: mapped once, here.
+    /// The requester reads a fixed message per code and the reason's name
+    /// in `detail`; the broker's own words (which may name registers,
+    /// policies or a blocking notice) stay in the bridge's log.
+    pub fn from_broker(reason: ErrorReason) -> Self {
         use ErrorReason as R;
-        let code = match reason {
-            // The register has no such person, or several (never a guess),
-            // or the bridge asked for a type nobody serves.
-            R::SubjectNotFound | R::AmbiguousSubject | R::NotFound | R::UnknownEvidenceType => {
-                ErrorCode::ObjectNotFound
-            }
-            R::DeadlineExceeded | R::DeadlineTooShort => ErrorCode::Timeout,
-            R::Unauthenticated | R::SignedRequestMissing | R::SignedRequestInvalid => {
-                ErrorCode::Authentication
-            }
-            R::InvalidRequest | R::SignedRequestMismatch | R::RequestIdReused => {
-                ErrorCode::InvalidRequest
-            }
-            R::NoRoute => ErrorCode::UnresolvedReference,
-            R::EncryptionCertificateRefused => ErrorCode::UnsupportedCapability,
-            // Refusals for who asked (policy, consent, quota) and the
-            // provider's own failures: the request cannot be answered as
-            // it stands; the EDM has no closer code for them.
-            _ => ErrorCode::Query,
+        let (code, message) = match reason {
+            // No such person, several (never a guess), or one whose record
+            // is blocked: the requester cannot tell these apart.
+            R::SubjectNotFound | R::AmbiguousSubject | R::SubjectBlocked | R::NotFound => (
+                ErrorCode::ObjectNotFound,
+                "no evidence about this person can be provided",
+            ),
+            R::UnknownEvidenceType | R::NoRoute => (
+                ErrorCode::ObjectNotFound,
+                "this evidence is not provided here",
+            ),
+            // The provider could not answer now; a later request may be
+            // answered.
+            R::DeadlineExceeded
+            | R::DeadlineTooShort
+            | R::ConnectorUnavailable
+            | R::ConnectorCircuitOpen
+            | R::BrokerUnavailable
+            | R::AuditUnavailable
+            | R::Overloaded
+            | R::QuotaExceeded
+            | R::Cancelled => (
+                ErrorCode::Timeout,
+                "the evidence provider could not answer in time; ask again later",
+            ),
+            R::InvalidRequest | R::RequestIdReused => (
+                ErrorCode::InvalidRequest,
+                "the request cannot be answered as it stands",
+            ),
+            // Who may fetch what (policy, consent), and the provider's own
+            // failures (its credentials, bad evidence).
+            _ => (
+                ErrorCode::Query,
+                "the evidence provider cannot answer this request",
+            ),
         };
-        EdmError::new(code, format!("The evidence provider refused: {message}"))
-            .with_detail(reason.reason())
+        EdmError::new(code, message).with_detail(reason.reason())
     }
 
     /// With `detail`.

@@ -181,6 +181,18 @@ fn agent_in(slot_value: Node<'_, '_>, slot_name: &str) -> Result<Agent, EdmError
     Ok(agent)
 }
 
+/// `urn:uuid:` and a UUID in canonical form (8-4-4-4-12 hex digits).
+fn is_urn_uuid(id: &str) -> bool {
+    let Some(uuid) = id.strip_prefix("urn:uuid:") else {
+        return false;
+    };
+    uuid.len() == 36
+        && uuid.bytes().enumerate().all(|(n, b)| match n {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
+}
+
 impl QueryRequest {
     /// Reads and checks a QueryRequest document.
     pub fn parse(xml: &str, limits: &Limits) -> Result<QueryRequest, EdmError> {
@@ -208,10 +220,10 @@ impl QueryRequest {
                 EdmError::invalid("R-BRIDGE-ID", "the QueryRequest has no id attribute")
             })?
             .to_owned();
-        if !id.starts_with("urn:uuid:") {
+        if !is_urn_uuid(&id) {
             return Err(EdmError::invalid(
                 "R-BRIDGE-ID",
-                format!("the QueryRequest's id must be a urn:uuid:, not {id:?}"),
+                "the QueryRequest's id must be a urn:uuid: with a UUID in its canonical form",
             ));
         }
         let text = |name: &str| slot(root, name).and_then(value_text);
@@ -303,12 +315,13 @@ impl QueryRequest {
             given_name: sdg_text(person_node, "GivenName").unwrap_or_default(),
             date_of_birth: sdg_text(person_node, "DateOfBirth").unwrap_or_default(),
         };
-        if person.identifier.is_none()
-            && (person.family_name.is_empty() || person.date_of_birth.is_empty())
+        if person.family_name.is_empty()
+            || person.given_name.is_empty()
+            || person.date_of_birth.is_empty()
         {
             return Err(EdmError::invalid(
                 "R-BRIDGE-SLOT-NaturalPerson",
-                "the person needs an eIDAS identifier, or a family name and a date of birth",
+                "the person needs a family name, a given name and a date of birth: the register matches on all three",
             ));
         }
         let evidence_node = slot(query, "EvidenceRequest")

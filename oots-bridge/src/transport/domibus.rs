@@ -28,6 +28,9 @@ pub const SERVICE: &str = "QueryManager";
 /// Its type.
 pub const SERVICE_TYPE: &str = "urn:oasis:names:tc:ebcore:ebrs:ebms:binding:1.0";
 
+/// How long one call to the access point may take.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The largest SOAP answer read (an EDM document and its evidence).
 const MAX_ANSWER: usize = 16 * 1024 * 1024;
 
@@ -69,17 +72,25 @@ impl DomibusWs {
             )
             .body(Full::new(Bytes::from(envelope)))
             .map_err(|e| unreachable(e.to_string()))?;
-        let response = self
-            .client
-            .request(request)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let status = response.status();
-        let body = Limited::new(response.into_body(), MAX_ANSWER)
-            .collect()
-            .await
-            .map_err(|e| unreachable(e.to_string()))?
-            .to_bytes();
+        // One deadline for the whole call: a hung access point must not
+        // hold the bridge (or its shutdown).
+        let exchanged = tokio::time::timeout(CALL_TIMEOUT, async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?
+                .to_bytes();
+            Ok::<_, TransportError>((status, body))
+        })
+        .await
+        .map_err(|_| unreachable(format!("no answer within {CALL_TIMEOUT:?}")))?;
+        let (status, body) = exchanged?;
         let text = String::from_utf8(body.to_vec()).map_err(|_| TransportError::Malformed {
             operation,
             reason: "not UTF-8".into(),

@@ -16,6 +16,8 @@ use onceonly_oots_bridge::transport::domibus::{NS_EBMS, NS_SOAP, NS_WSPLUGIN, re
 pub struct AccessPoint {
     pub pending: Mutex<Vec<(String, String)>>,
     pub submitted: Mutex<Vec<String>>,
+    /// How many submissions to refuse with a SOAP fault, from the next.
+    pub refuse_submits: std::sync::atomic::AtomicUsize,
 }
 
 fn soap(body: &str) -> String {
@@ -69,6 +71,20 @@ pub async fn serve(point: Arc<AccessPoint>) -> String {
                         let mut pending = point.pending.lock().expect("lock");
                         let at = pending.iter().position(|(id, _)| *id == wanted).expect("a pending message");
                         pending.remove(at).1
+                    }
+                    "submitRequest"
+                        if point
+                            .refuse_submits
+                            .fetch_update(
+                                std::sync::atomic::Ordering::SeqCst,
+                                std::sync::atomic::Ordering::SeqCst,
+                                |n| n.checked_sub(1),
+                            )
+                            .is_ok() =>
+                    {
+                        soap(
+                            r#"<env:Fault><env:Code><env:Value>env:Receiver</env:Value></env:Code><env:Reason><env:Text xml:lang="en">the access point is busy</env:Text></env:Reason></env:Fault>"#,
+                        )
                     }
                     "submitRequest" => {
                         let mut submitted = point.submitted.lock().expect("lock");
