@@ -78,9 +78,11 @@ fn person_parameters(request: &QueryRequest) -> HashMap<String, String> {
     .collect()
 }
 
-/// The OOTS exchange's ids, for the broker's audit record (the request's
-/// `@id` is its request id).
-fn correlation_ids(message: &Message) -> Vec<CorrelationId> {
+/// The OOTS exchange's ids and who asked, for the broker's audit record
+/// (the request's `@id` is its request id): the record then names the EU
+/// requester behind the bridge, as its access point and the request state
+/// it (AS4 authenticates the access points, not the authority).
+fn correlation_ids(message: &Message, request: &QueryRequest) -> Vec<CorrelationId> {
     [
         (
             "oots.conversation_id",
@@ -88,12 +90,18 @@ fn correlation_ids(message: &Message) -> Vec<CorrelationId> {
         ),
         ("oots.exchange_id", message.property("ExchangeId")),
         ("oots.message_id", Some(message.message_id.as_str())),
+        ("oots.original_sender", message.property("originalSender")),
+        (
+            "oots.requester",
+            Some(request.requester.identifier.as_str()),
+        ),
     ]
     .into_iter()
     .filter_map(|(name, value)| {
+        // What the broker accepts: printable, no bidirectional controls.
         let value: String = value?
             .chars()
-            .filter(|c| !c.is_control())
+            .filter(|c| !c.is_control() && !onceonly_proto::validate::is_bidi_control(*c))
             .take(256)
             .collect();
         (!value.is_empty()).then(|| CorrelationId {
@@ -151,7 +159,7 @@ impl EvidenceSource for BrokerSource {
             legal_basis: entry.legal_basis.clone(),
             parameters: parameters.clone(),
             encryption_certificate: self.encryption_certificate.clone(),
-            correlation_ids: correlation_ids(message),
+            correlation_ids: correlation_ids(message, request),
             ..Default::default()
         };
         let signed =

@@ -168,6 +168,11 @@ async fn eu_requests_are_answered_through_the_broker_with_the_registers_evidence
             ("oots.conversation_id", "conv-1"),
             ("oots.exchange_id", "ex-42"),
             ("oots.message_id", "m1"),
+            (
+                "oots.original_sender",
+                "urn:cef.eu:names:identifier:EAS:9930:AT123456789"
+            ),
+            ("oots.requester", "AT123456789"),
         ]
     );
 
