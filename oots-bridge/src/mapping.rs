@@ -31,6 +31,10 @@ pub struct Entry {
     /// the request allows a preview (default false).
     #[serde(default)]
     pub preview: bool,
+    /// The eIDAS level of assurance the user's authentication must reach
+    /// (`low`, `substantial` or `high`; default `substantial`).
+    #[serde(default = "substantial")]
+    pub level_of_assurance: Assurance,
     /// Whether the request must say the user asked explicitly
     /// (`ExplicitRequestGiven`; default true).
     #[serde(default = "required")]
@@ -39,6 +43,37 @@ pub struct Entry {
 
 fn required() -> bool {
     true
+}
+
+fn substantial() -> Assurance {
+    Assurance::Substantial
+}
+
+/// An eIDAS level of assurance, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Assurance {
+    /// Low.
+    Low,
+    /// Substantial.
+    Substantial,
+    /// High.
+    High,
+}
+
+impl Assurance {
+    /// The level a request states, as a word ("High") or an eIDAS URI
+    /// (`http://eidas.europa.eu/LoA/high`); None where it states none
+    /// this reads.
+    pub fn stated(text: &str) -> Option<Assurance> {
+        let word = text.rsplit('/').next().unwrap_or_default().trim();
+        match word.to_ascii_lowercase().as_str() {
+            "low" => Some(Assurance::Low),
+            "substantial" => Some(Assurance::Substantial),
+            "high" => Some(Assurance::High),
+            _ => None,
+        }
+    }
 }
 
 /// At most this much of a requester's text is repeated in an answer.
@@ -138,6 +173,17 @@ impl Mapping {
                     "the evidence type {} is not provided for the procedure {:?}",
                     entry.classification,
                     shown(&request.procedure)
+                ),
+            ));
+        }
+        let stated = Assurance::stated(&request.person.level_of_assurance);
+        if stated.is_none_or(|level| level < entry.level_of_assurance) {
+            return Err(EdmError::new(
+                ErrorCode::Authentication,
+                format!(
+                    "this evidence needs the user authenticated at eIDAS level {:?} or higher, not {:?}",
+                    entry.level_of_assurance,
+                    shown(&request.person.level_of_assurance)
                 ),
             ));
         }

@@ -477,6 +477,29 @@ explicit_request_required = true
         ErrorCode::UnsupportedCapability
     );
 
+    // The user's authentication below what the evidence needs (the
+    // default, substantial): EDM:ERR:0001; an eIDAS URI reads too.
+    for (stated, refused) in [
+        ("Low", true),
+        ("", true),
+        ("somewhat", true),
+        ("http://eidas.europa.eu/LoA/substantial", false),
+        ("High", false),
+    ] {
+        let request = parse(&request_with(&[(
+            "<p:LevelOfAssurance>High</p:LevelOfAssurance>",
+            &format!("<p:LevelOfAssurance>{stated}</p:LevelOfAssurance>"),
+        )]))
+        .expect("valid");
+        match mapping.find(&request) {
+            Err(error) => {
+                assert!(refused, "{stated}: {error}");
+                assert_eq!(error.code, ErrorCode::Authentication);
+            }
+            Ok(_) => assert!(!refused, "{stated} was let through"),
+        }
+    }
+
     // The second round of a preview: not offered, EDM:ERR:0007.
     let second_round = parse(&request_with(&[(
         r#"<r:Slot name="Requirements">"#,
