@@ -832,20 +832,8 @@ impl PolicyStore {
 
     /// [`Self::reload`], saying who or what asked for it in the log entry.
     pub fn reload_by(&self, by: &str) -> Result<usize, ConfigFileError> {
-        let _reloading = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
-        let tried = Self::read(&self.path, &self.routing);
-        self.reloads
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let policy = tried?;
-        let rules = policy.len();
-        let before = self.current();
-        let version = if policy.sha256 == before.sha256 {
-            before.version
-        } else {
-            before.version + 1
-        };
-        self.put_in_force(policy, version, by, Some(before))?;
-        Ok(rules)
+        self.reload_from_file(by, true)
+            .map(|rules| rules.unwrap_or_default())
     }
 
     /// [`Self::reload_by`], only where the file's text differs from the
@@ -853,17 +841,32 @@ impl PolicyStore {
     /// again with the same text (by [`Self::apply_text`], say) puts nothing
     /// in force and writes no log entry. Ok(None) where unchanged.
     pub fn reload_if_changed(&self, by: &str) -> Result<Option<usize>, ConfigFileError> {
+        self.reload_from_file(by, false)
+    }
+
+    /// Reads the file and puts it in force as `by` applied it: the same
+    /// text again only where `even_unchanged` (then under its version).
+    /// The rules put in force; None where the text was unchanged and left.
+    fn reload_from_file(
+        &self,
+        by: &str,
+        even_unchanged: bool,
+    ) -> Result<Option<usize>, ConfigFileError> {
         let _reloading = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let tried = Self::read(&self.path, &self.routing);
         self.reloads
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let policy = tried?;
-        let before = self.current();
-        if policy.sha256 == before.sha256 {
-            return Ok(None);
-        }
         let rules = policy.len();
-        self.put_in_force(policy, before.version + 1, by, Some(before))?;
+        let before = self.current();
+        let version = if policy.sha256 != before.sha256 {
+            before.version + 1
+        } else if even_unchanged {
+            before.version
+        } else {
+            return Ok(None);
+        };
+        self.put_in_force(policy, version, by, Some(before))?;
         Ok(Some(rules))
     }
 

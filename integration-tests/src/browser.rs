@@ -99,13 +99,6 @@ fn allow_certificate_auto_selection() {
         });
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 impl Browser {
     /// A browser trusting `pki`'s CA and holding the certificate of `who`
     /// (role, id) where given.
@@ -136,7 +129,7 @@ impl Browser {
                 .args(["-d", &db, "-W", "", "-i"])
                 .arg(&p12));
         }
-        let port = free_port();
+        let port = crate::free_port().expect("a free port");
         let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
             // Its own process group, so that Chromium goes with it.

@@ -34,6 +34,14 @@ pub fn pki_with(participants: &[(Role, &str)]) -> onceonly_certs::pki::Throwaway
     Pki::throwaway(TRUST_DOMAIN, participants).expect("throw-away PKI")
 }
 
+/// A loopback port free now, for a server a test starts as a process of
+/// its own (PostgreSQL, chromedriver).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// Starts `connector` with the certificate of connector `id` on a free
 /// loopback port.
 pub async fn start_connector<C: Connector>(pki: &Pki, id: &str, connector: C) -> RunningConnector {

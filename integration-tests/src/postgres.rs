@@ -61,7 +61,7 @@ impl TestPostgres {
         // A free port is bound, read and released, so another process may
         // take it before the server does: try a few.
         for _ in 0..5 {
-            server.port = free_port()?;
+            server.port = crate::free_port()?;
             match server.start_again() {
                 Ok(()) => return Ok(server),
                 Err(e) => last = Some(e),
@@ -252,10 +252,4 @@ fn user_id(user: &str) -> anyhow::Result<u32> {
         .trim()
         .parse()
         .with_context(|| format!("no user {user}: PostgreSQL will not run as root"))
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }

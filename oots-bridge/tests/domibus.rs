@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::provider;
+
 use common::access_point::{AccessPoint, read_submitted, retrieved, serve};
 
 use std::sync::Arc;
@@ -62,15 +64,6 @@ fn mapping(dir: &std::path::Path) -> Mapping {
     )
     .expect("write");
     Mapping::load(&path).expect("mapping")
-}
-
-fn provider() -> Agent {
-    Agent {
-        identifier: "DE987654321".into(),
-        scheme: "urn:cef.eu:names:identifier:EAS:9930".into(),
-        name: "NOOTS Intermediäre Plattform".into(),
-        classification: "IP".into(),
-    }
 }
 
 #[tokio::test]

@@ -15,6 +15,8 @@ use onceonly_oots_bridge::mapping::Mapping;
 
 mod common;
 
+use common::provider;
+
 use common::{CLASSIFICATION, ID, reference_request, request_with};
 
 fn parse(xml: &str) -> Result<QueryRequest, onceonly_oots_bridge::edm::EdmError> {
@@ -251,15 +253,6 @@ fn hostile_xml_is_refused_before_it_costs_memory() {
     // Not XML.
     let refused = QueryRequest::parse("<q:QueryRequest", &limits).expect_err("broken");
     assert_eq!(refused.code, ErrorCode::InvalidRequest);
-}
-
-fn provider() -> Agent {
-    Agent {
-        identifier: "DE987654321".into(),
-        scheme: "urn:cef.eu:names:identifier:EAS:9930".into(),
-        name: "NOOTS Intermediäre Plattform".into(),
-        classification: "IP".into(),
-    }
 }
 
 fn slot_text(node: roxmltree::Node<'_, '_>, name: &str) -> Option<String> {

@@ -11,12 +11,11 @@ use std::time::Duration;
 
 use common::access_point::{AccessPoint, document, retrieved, serve, submitted};
 use common::world::{BRIDGE, LEGAL_BASIS, admit_bridge};
-use common::{CLASSIFICATION, ID, asked};
+use common::{CLASSIFICATION, ID, asked, provider};
 use onceonly_certs::identity::Role;
 use onceonly_integration_tests::world::World;
 use onceonly_oots_bridge::bridge::Bridge;
 use onceonly_oots_bridge::broker::BrokerSource;
-use onceonly_oots_bridge::edm::request::Agent;
 use onceonly_oots_bridge::mapping::Mapping;
 use onceonly_oots_bridge::transport::domibus::DomibusWs;
 use onceonly_proto::v1::{ErrorReason, ExchangeOutcome};
@@ -79,12 +78,7 @@ format = "application/xml"
         DomibusWs::new(endpoint.parse().expect("uri")),
         source,
         Mapping::load(&mapping_path).expect("mapping"),
-        Agent {
-            identifier: "DE987654321".into(),
-            scheme: "urn:cef.eu:names:identifier:EAS:9930".into(),
-            name: "NOOTS Intermediäre Plattform".into(),
-            classification: "IP".into(),
-        },
+        provider(),
     )
 }
 

@@ -123,8 +123,9 @@ pub struct LookupForm {
     subject: String,
 }
 
-/// Checks a look-up form, records the read of the person's history, and
-/// returns their pseudonym; or the page that says why not.
+/// Checks a look-up form (an auditor's, from a console page), records the
+/// read of the person's history, and returns their pseudonym; or the page
+/// that says why not.
 async fn look_up(
     viewer: &Viewer,
     console: &Console,
@@ -133,7 +134,7 @@ async fn look_up(
     form: &LookupForm,
 ) -> Result<Vec<u8>, Response> {
     viewer
-        .check_change(console, headers, uri, &form.csrf)
+        .permit_change(&[Role::Auditor], console, headers, uri, &form.csrf)
         .map_err(|refusal| *refusal)?;
     let subject = subject_of(&form.scheme, &form.subject)
         .map_err(|message| refused(viewer.lang, StatusCode::BAD_REQUEST, &message, None))?;
@@ -162,9 +163,6 @@ pub async fn records_of(
     uri: Uri,
     Form(form): Form<LookupForm>,
 ) -> Response {
-    if let Err(refusal) = viewer.require(&[Role::Auditor]) {
-        return *refusal;
-    }
     match look_up(&viewer, &console, &headers, &uri, &form).await {
         Ok(pseudonym) => {
             let query = RecordsQuery {
@@ -597,9 +595,6 @@ pub async fn history(
     uri: Uri,
     Form(form): Form<LookupForm>,
 ) -> Response {
-    if let Err(refusal) = viewer.require(&[Role::Auditor]) {
-        return *refusal;
-    }
     let lang = viewer.lang;
     let pseudonym = match look_up(&viewer, &console, &headers, &uri, &form).await {
         Ok(pseudonym) => pseudonym,
@@ -611,33 +606,15 @@ pub async fn history(
     };
     // Every page of their records (looks and consents are records of
     // theirs too, and must not push exchanges off the first page).
-    let mut records = Vec::new();
-    let mut start = 0;
-    let mut more = false;
-    loop {
-        match console
-            .broker
-            .audit
-            .query(filter.clone(), start, 1000)
-            .await
+    let (mut records, more) =
+        match super::records_matching(&console.broker, filter, MOST_HISTORY, |r| {
+            r.kind() == RecordKind::Unspecified
+        })
+        .await
         {
-            Ok((page, next)) => {
-                records.extend(
-                    page.into_iter()
-                        .filter(|r| r.kind() == RecordKind::Unspecified),
-                );
-                match next {
-                    Some(_) if records.len() >= MOST_HISTORY => {
-                        more = true;
-                        break;
-                    }
-                    Some(next) => start = next,
-                    None => break,
-                }
-            }
+            Ok(found) => found,
             Err(error) => return failed(&viewer, &error),
-        }
-    }
+        };
     records.reverse();
     layout(
         lang,

@@ -31,9 +31,6 @@ const DEFAULT_DAYS: u32 = 30;
 /// A rule letting more authorities than this ask is reported as broad.
 const BROAD: usize = 10;
 
-/// Records read from the log per step of a dry run.
-const PAGE: usize = 1000;
-
 /// The most records one review replays; past that, the page says the dry
 /// run stopped short (and `onceonly-policy dry-run` does the whole log).
 const MOST_REPLAYED: usize = 200_000;
@@ -295,21 +292,15 @@ async fn logged_since(
         received_after: Some(since),
         ..crate::audit::AuditFilter::default()
     };
-    let mut records = Vec::new();
-    let mut start = 0;
-    loop {
-        let (page, next) = console
-            .broker
-            .audit
-            .query(filter.clone(), start, PAGE)
-            .await?;
-        records.extend(page.into_iter().map(|record| (record.log_index, record)));
-        match next {
-            Some(_) if records.len() >= MOST_REPLAYED => return Ok((records, true)),
-            Some(next) => start = next,
-            None => return Ok((records, false)),
-        }
-    }
+    let (records, more) =
+        super::records_matching(&console.broker, filter, MOST_REPLAYED, |_| true).await?;
+    Ok((
+        records
+            .into_iter()
+            .map(|record| (record.log_index, record))
+            .collect(),
+        more,
+    ))
 }
 
 /// `GET` of a form's target (a language switch, a reload): back to the

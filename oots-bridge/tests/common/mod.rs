@@ -6,6 +6,7 @@
 pub mod access_point;
 pub mod world;
 
+use onceonly_oots_bridge::edm::request::Agent;
 use onceonly_oots_bridge::edm::{NS_QUERY, NS_RIM, NS_SDG};
 
 pub const ID: &str = "urn:uuid:0b8f2a4e-5c1d-4e7a-9a53-2f6c8d1e7b40";
@@ -72,4 +73,14 @@ pub fn asked(changes: &[(&str, &str)]) -> String {
     )];
     all.extend_from_slice(changes);
     request_with(&all)
+}
+
+/// The bridge as the EU sees it, in the tests.
+pub fn provider() -> Agent {
+    Agent {
+        identifier: "DE987654321".into(),
+        scheme: "urn:cef.eu:names:identifier:EAS:9930".into(),
+        name: "NOOTS Intermediäre Plattform".into(),
+        classification: "IP".into(),
+    }
 }
