@@ -282,6 +282,11 @@ async fn malformed_requests_are_invalid_argument_naming_the_field() {
     unknown_type.evidence_type = "passport".into();
     let mut no_purpose = birth_certificate("invalid-purpose");
     no_purpose.purpose.clear();
+    let mut bad_correlation = birth_certificate("invalid-correlation");
+    bad_correlation.correlation_ids = vec![onceonly_proto::v1::CorrelationId {
+        name: "oots.conversation_id".into(),
+        value: "line\nbreak".into(),
+    }];
     for (request, field, reason) in [
         (bad_idnr, "subject.value", ErrorReason::InvalidRequest),
         (
@@ -290,6 +295,11 @@ async fn malformed_requests_are_invalid_argument_naming_the_field() {
             ErrorReason::UnknownEvidenceType,
         ),
         (no_purpose, "purpose", ErrorReason::InvalidRequest),
+        (
+            bad_correlation,
+            "correlation_ids[0].value",
+            ErrorReason::InvalidRequest,
+        ),
     ] {
         let id = request.request_id.clone();
         let status = authority
@@ -304,10 +314,11 @@ async fn malformed_requests_are_invalid_argument_naming_the_field() {
             "{id}: {}",
             status.message()
         );
-        assert_recorded(
-            &record_of(&world, &id).await,
-            ExchangeOutcome::Rejected,
-            Code::InvalidArgument,
+        let record = record_of(&world, &id).await;
+        assert_recorded(&record, ExchangeOutcome::Rejected, Code::InvalidArgument);
+        assert!(
+            record.correlation_ids.is_empty(),
+            "ids that do not check are not kept: {record:?}"
         );
     }
 }
