@@ -5,9 +5,15 @@
 //! the call fails with UNAVAILABLE (AUDIT_UNAVAILABLE) and changes nothing.
 //! The records carry the subject as its pseudonym, like every record, so
 //! they show in that subject's view.
+//!
+//! Also here: the steps of a subject's preview of evidence an authority
+//! received (the OOTS bridge's citizen preview), each tied to the caller's
+//! own exchange that delivered the evidence.
 
 use onceonly_certs::Participant;
-use onceonly_proto::v1::{AuditRecord, RecordKind, SubjectId};
+use onceonly_proto::v1::{
+    AuditRecord, CorrelationId, ExchangeOutcome, PreviewStep, RecordKind, SubjectId,
+};
 use rand::RngCore;
 use tonic::Code;
 
@@ -84,6 +90,91 @@ impl Broker {
         })
     }
 
+    /// The records matching `filter` that `keep` keeps, in log order, read in
+    /// pages through the log's index; at most `most` of them, and whether
+    /// more were left unread.
+    pub async fn records_matching(
+        &self,
+        filter: crate::audit::AuditFilter,
+        most: usize,
+        keep: impl Fn(&onceonly_proto::v1::AuditRecord) -> bool,
+    ) -> Result<(Vec<onceonly_proto::v1::AuditRecord>, bool), crate::audit::AuditError> {
+        const PAGE: usize = 1000;
+        let mut records = Vec::new();
+        let mut start = 0;
+        loop {
+            let (page, next) = self.audit.query(filter.clone(), start, PAGE).await?;
+            records.extend(page.into_iter().filter(|record| keep(record)));
+            match next {
+                Some(_) if records.len() >= most => return Ok((records, true)),
+                Some(next) => start = next,
+                None => return Ok((records, false)),
+            }
+        }
+    }
+
+    /// Records `step` of `caller`'s preview of the evidence its exchange
+    /// `exchange_id` delivered about `subject`: NOT_FOUND, nothing
+    /// recorded, where no such exchange of the caller's delivered evidence
+    /// about this subject in the last 24 hours.
+    pub async fn record_preview_step(
+        &self,
+        caller: &Participant,
+        exchange_id: &str,
+        subject: &SubjectId,
+        step: PreviewStep,
+        correlation_ids: Vec<CorrelationId>,
+    ) -> Result<crate::storage::Appended, ServiceRefusal> {
+        const LOOKED_BACK_SECONDS: i64 = 86_400;
+        let pseudonym = self.pseudonyms.pseudonym(subject.scheme, &subject.value);
+        let filter = crate::audit::AuditFilter {
+            subject_pseudonym: Some(pseudonym.clone()),
+            caller_id: Some(caller.spiffe_id()),
+            received_after: Some(now_ms() / 1000 - LOOKED_BACK_SECONDS),
+            ..Default::default()
+        };
+        // The exchange, and the steps recorded of it so far.
+        let (found, _) = self
+            .records_matching(filter, 64, |record| match record.kind() {
+                RecordKind::Unspecified => {
+                    record.exchange_id == exchange_id
+                        && record.outcome() == ExchangeOutcome::Delivered
+                }
+                RecordKind::PreviewStep => record.preview_of_exchange_id == exchange_id,
+                _ => false,
+            })
+            .await?;
+        let Some(exchange) = found
+            .iter()
+            .find(|record| record.kind() == RecordKind::Unspecified)
+            .cloned()
+        else {
+            return Err(ServiceRefusal::UnknownExchange(exchange_id.to_owned()));
+        };
+        let last = found
+            .iter()
+            .rfind(|record| record.kind() == RecordKind::PreviewStep)
+            .map(|record| record.preview_step());
+        if !may_follow(last, step) {
+            return Err(ServiceRefusal::StepOutOfOrder { last, step });
+        }
+        let record = AuditRecord {
+            kind: RecordKind::PreviewStep as i32,
+            preview_step: step as i32,
+            preview_of_exchange_id: exchange.exchange_id,
+            evidence_type: exchange.evidence_type,
+            purpose: exchange.purpose,
+            legal_basis: exchange.legal_basis,
+            connector_id: exchange.connector_id,
+            correlation_ids,
+            ..self.access_record(RecordKind::PreviewStep, caller, subject, Access::default())
+        };
+        self.audit.append(record).await.map_err(|audit_error| {
+            tracing::error!(%audit_error, ?step, caller = %caller, "preview step not recorded: refused");
+            ServiceRefusal::NotRecorded
+        })
+    }
+
     /// Records, best effort, that an access recorded as asked for then
     /// failed (`failure`), so the log does not claim a change that did not
     /// happen.
@@ -126,6 +217,55 @@ impl Broker {
             purpose: access.purpose,
             consent_authority_id: access.consent_authority_id,
             ..Default::default()
+        }
+    }
+}
+
+/// Whether `step` may follow `last` in a preview: OFFERED first, SHOWN at
+/// each sign-in, then ACCEPTED, DECLINED or EXPIRED (EXPIRED also straight
+/// after OFFERED), and FORWARDED only after ACCEPTED, once. (Two steps of
+/// one exchange recorded at the same moment are not ordered against each
+/// other: the bridge records one step of a preview at a time.)
+pub fn may_follow(last: Option<PreviewStep>, step: PreviewStep) -> bool {
+    use PreviewStep as S;
+    matches!(
+        (last, step),
+        (None, S::Offered)
+            | (Some(S::Offered), S::Shown | S::Expired)
+            | (
+                Some(S::Shown),
+                S::Shown | S::Accepted | S::Declined | S::Expired
+            )
+            | (Some(S::Accepted), S::Forwarded)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_follow;
+    use onceonly_proto::v1::PreviewStep as S;
+
+    #[test]
+    fn a_preview_goes_offered_shown_decided_then_forwarded_only_if_accepted() {
+        for (last, step, allowed) in [
+            (None, S::Offered, true),
+            (None, S::Shown, false),
+            (None, S::Forwarded, false),
+            (Some(S::Offered), S::Offered, false),
+            (Some(S::Offered), S::Shown, true),
+            (Some(S::Offered), S::Expired, true),
+            (Some(S::Offered), S::Accepted, false),
+            (Some(S::Shown), S::Shown, true),
+            (Some(S::Shown), S::Accepted, true),
+            (Some(S::Shown), S::Declined, true),
+            (Some(S::Shown), S::Forwarded, false),
+            (Some(S::Accepted), S::Forwarded, true),
+            (Some(S::Accepted), S::Declined, false),
+            (Some(S::Declined), S::Forwarded, false),
+            (Some(S::Expired), S::Accepted, false),
+            (Some(S::Forwarded), S::Forwarded, false),
+        ] {
+            assert_eq!(may_follow(last, step), allowed, "{step:?} after {last:?}");
         }
     }
 }

@@ -624,6 +624,18 @@ pub enum ServiceRefusal {
     /// The audit log failed, or cannot answer this.
     #[error(transparent)]
     Audit(#[from] AuditError),
+    /// No exchange of the caller's with this id delivered evidence about
+    /// the subject lately.
+    #[error("no delivered exchange {0:?} of the caller's about this subject")]
+    UnknownExchange(String),
+    /// A preview step that cannot follow the one recorded before it.
+    #[error("preview step {step:?} cannot follow {last:?}")]
+    StepOutOfOrder {
+        /// The step recorded last, if any.
+        last: Option<onceonly_proto::v1::PreviewStep>,
+        /// The step asked for.
+        step: onceonly_proto::v1::PreviewStep,
+    },
     /// No record with the leaf hash asked for is in the tree of this size.
     #[error("no record with this leaf hash in the tree of {tree_size} records")]
     LeafNotFound {
@@ -732,6 +744,22 @@ impl ServiceRefusal {
                     "the audit log is unavailable; retry",
                 )
             }
+            ServiceRefusal::UnknownExchange(exchange_id) => error(
+                Code::NotFound,
+                ErrorReason::NotFound,
+                format!(
+                    "no exchange {exchange_id:?} of yours delivered evidence about this subject in the last 24 hours; name the exchange_id RequestEvidence answered, with the same subject"
+                ),
+            ),
+            ServiceRefusal::StepOutOfOrder { last, step } => error(
+                Code::FailedPrecondition,
+                ErrorReason::InvalidRequest,
+                format!(
+                    "{} cannot follow {}: a preview goes OFFERED, SHOWN (at each sign-in), then ACCEPTED, DECLINED or EXPIRED, and FORWARDED once, only after ACCEPTED",
+                    step.as_str_name(),
+                    last.map_or("nothing", |l| l.as_str_name())
+                ),
+            ),
             ServiceRefusal::LeafNotFound { tree_size } => error(
                 Code::NotFound,
                 ErrorReason::NotFound,

@@ -86,6 +86,51 @@ impl EvidenceService for EvidenceGrpc {
             .collect();
         Ok(Response::new(ListEvidenceTypesResponse { evidence_types }))
     }
+
+    async fn record_preview_step(
+        &self,
+        request: Request<RecordPreviewStepRequest>,
+    ) -> Result<Response<RecordPreviewStepResponse>, Status> {
+        let caller = require_role(&self.0, &request, &[Role::Authority], "RecordPreviewStep")?;
+        let step_request = request.into_inner();
+        let step = PreviewStep::try_from(step_request.step)
+            .ok()
+            .filter(|s| *s != PreviewStep::Unspecified);
+        let mut violations = Violations::new();
+        violations
+            .check(validate::subject(step_request.subject.as_ref(), "subject"))
+            .check(validate::request_id(
+                "exchange_id",
+                &step_request.exchange_id,
+            ))
+            .check(validate::correlation_ids(
+                "correlation_ids",
+                &step_request.correlation_ids,
+            ));
+        if step.is_none() {
+            violations.push(FieldViolation::new(
+                "step",
+                "name a step: OFFERED, SHOWN, ACCEPTED, DECLINED, EXPIRED or FORWARDED",
+            ));
+        }
+        violations.into_result().map_err(ServiceRefusal::Invalid)?;
+        let (Some(step), Some(subject)) = (step, step_request.subject) else {
+            return Err(ServiceRefusal::invalid("step", "required").into());
+        };
+        let appended = self
+            .0
+            .record_preview_step(
+                &caller,
+                &step_request.exchange_id,
+                &subject,
+                step,
+                step_request.correlation_ids,
+            )
+            .await?;
+        Ok(Response::new(RecordPreviewStepResponse {
+            audit_log_index: appended.index.unwrap_or_default(),
+        }))
+    }
 }
 
 /// `ConsentService`, for portals (and auditors, read-only).

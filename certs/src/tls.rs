@@ -201,6 +201,22 @@ pub enum ClientAuth {
     Deferred,
 }
 
+/// A TLS 1.3 server configuration for a site people open in their own
+/// browsers (the OOTS bridge's preview page): the chain and key in PEM,
+/// no client certificate asked for, HTTP/2 or HTTP/1.1. The certificate
+/// is the site's (a web PKI certificate for its host, in service), not a
+/// participant's of the trust domain.
+pub fn web_server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
+    let chain = load_certs(cert)?;
+    let key = load_key(key)?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// A TLS 1.3 server configuration asking for a client certificate of our
 /// trust domain (the trust domain is our own certificate's), and the
 /// verifier that judges it.

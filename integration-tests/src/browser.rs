@@ -217,6 +217,68 @@ impl Browser {
         }
     }
 
+    /// The value of the field `css` names.
+    pub async fn value_of(&self, css: &str) -> String {
+        self.client()
+            .find(fantoccini::Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
+            .attr("value")
+            .await
+            .expect("read")
+            .unwrap_or_default()
+    }
+
+    /// Opens `page` (HTML) as served by another origin (a server on
+    /// another loopback port: the attacker's site), and waits until the
+    /// browser has left it for a page starting with `leads_to`; that
+    /// page's text.
+    pub async fn visit_foreign_page(&self, page: String, leads_to: &str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let foreign = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let app = axum::Router::new().route(
+                "/",
+                axum::routing::get(move || {
+                    let page = page.clone();
+                    async move { axum::response::Html(page) }
+                }),
+            );
+            let _ = axum::serve(listener, app).await;
+        });
+        self.client()
+            .goto(&format!("http://{foreign}/"))
+            .await
+            .expect("opens");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let at = self.client().current_url().await.expect("url");
+            if at.as_str().starts_with(leads_to) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the foreign page did not lead to {leads_to}: at {at}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        server.abort();
+        self.text().await
+    }
+
+    /// Types `text` into the field `css` names.
+    pub async fn type_into(&self, css: &str, text: &str) {
+        self.client()
+            .find(fantoccini::Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
+            .send_keys(text)
+            .await
+            .expect("typed");
+    }
+
     /// Clicks `button` (a submit), waits for the page that has `expect`,
     /// and returns its text.
     pub async fn submit(&self, button: &str, expect: &str) -> String {

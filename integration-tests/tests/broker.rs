@@ -955,3 +955,140 @@ fn time_now() -> i64 {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
 }
+
+/// RecordPreviewStep records a step only of the caller's own delivered
+/// exchange about the same subject; everything else is refused with the
+/// precise code, and leaves no record.
+#[tokio::test]
+async fn preview_steps_are_recorded_only_for_the_callers_own_delivered_exchange() {
+    use onceonly_proto::v1::{CorrelationId, PreviewStep, RecordKind, RecordPreviewStepRequest};
+    let world = World::start().await;
+    let delivered = world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("preview-1"))
+        .await
+        .expect("delivered")
+        .into_inner();
+    let step = |exchange_id: &str, subject: &str, step: PreviewStep| RecordPreviewStepRequest {
+        exchange_id: exchange_id.into(),
+        subject: idnr(subject),
+        step: step.into(),
+        correlation_ids: vec![CorrelationId {
+            name: "oots.exchange_id".into(),
+            value: "ex-42".into(),
+        }],
+    };
+    world.settle().await;
+    let before = world.audit_records().await.len();
+    let berlin = || EvidenceServiceClient::new(world.channel(Role::Authority, BERLIN));
+    let refusals = [
+        (
+            berlin(),
+            step("ex-0123456789abcdef", ANNA, PreviewStep::Shown),
+            Code::NotFound,
+            "no exchange",
+        ),
+        (
+            berlin(),
+            step(&delivered.exchange_id, NOBODY, PreviewStep::Shown),
+            Code::NotFound,
+            "no exchange",
+        ),
+        (
+            EvidenceServiceClient::new(world.channel(Role::Authority, AUTHORITIES[1])),
+            step(&delivered.exchange_id, ANNA, PreviewStep::Shown),
+            Code::NotFound,
+            "no exchange",
+        ),
+        (
+            berlin(),
+            step(&delivered.exchange_id, ANNA, PreviewStep::Unspecified),
+            Code::InvalidArgument,
+            "step",
+        ),
+        (
+            berlin(),
+            step("", ANNA, PreviewStep::Shown),
+            Code::InvalidArgument,
+            "exchange_id",
+        ),
+        (
+            EvidenceServiceClient::new(world.channel(Role::Portal, PORTAL)),
+            step(&delivered.exchange_id, ANNA, PreviewStep::Shown),
+            Code::PermissionDenied,
+            "RecordPreviewStep",
+        ),
+    ];
+    for (mut client, request, code, says) in refusals {
+        let status = client
+            .record_preview_step(request.clone())
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), code, "{request:?}: {status:?}");
+        assert!(
+            status.message().contains(says)
+                || violated_fields(&status).iter().any(|f| f.contains(says)),
+            "{request:?}: {status:?}"
+        );
+    }
+    world.settle().await;
+    assert_eq!(
+        world.audit_records().await.len(),
+        before,
+        "a refused step leaves no record"
+    );
+
+    // Out of order: refused, FAILED_PRECONDITION.
+    let out_of_order = |s: PreviewStep| {
+        let request = step(&delivered.exchange_id, ANNA, s);
+        let mut client = berlin();
+        async move {
+            let status = client
+                .record_preview_step(request)
+                .await
+                .expect_err("out of order");
+            assert_eq!(status.code(), Code::FailedPrecondition, "{s:?}: {status:?}");
+            assert!(status.message().contains("cannot follow"), "{status:?}");
+        }
+    };
+    out_of_order(PreviewStep::Accepted).await;
+    for s in [
+        PreviewStep::Offered,
+        PreviewStep::Shown,
+        PreviewStep::Accepted,
+    ] {
+        berlin()
+            .record_preview_step(step(&delivered.exchange_id, ANNA, s))
+            .await
+            .expect("recorded");
+    }
+    out_of_order(PreviewStep::Offered).await;
+    out_of_order(PreviewStep::Declined).await;
+    world.settle().await;
+    let records = world.audit_records().await;
+    let exchange = records
+        .iter()
+        .find(|r| r.exchange_id == delivered.exchange_id)
+        .expect("the exchange");
+    let steps: Vec<&AuditRecord> = records
+        .iter()
+        .filter(|r| r.kind() == RecordKind::PreviewStep)
+        .collect();
+    assert_eq!(
+        steps.iter().map(|r| r.preview_step()).collect::<Vec<_>>(),
+        [
+            PreviewStep::Offered,
+            PreviewStep::Shown,
+            PreviewStep::Accepted
+        ]
+    );
+    for record in steps {
+        assert_eq!(record.preview_of_exchange_id, delivered.exchange_id);
+        assert_eq!(record.caller_id, exchange.caller_id);
+        assert_eq!(record.subject_pseudonym, exchange.subject_pseudonym);
+        assert_eq!(record.evidence_type, "birth-certificate");
+        assert_eq!(record.purpose, PURPOSE);
+        assert_eq!(record.correlation_ids[0].value, "ex-42");
+        assert!(record.payload_sha256.is_empty(), "a step releases nothing");
+    }
+}

@@ -443,44 +443,12 @@ async fn a_change_posted_from_another_origin_is_refused_and_nothing_changes() {
 <script>document.getElementById("f").submit();</script></body></html>"#,
             text = edited.replace('&', "&amp;").replace('<', "&lt;"),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let evil = listener.local_addr().expect("addr");
-        let server = tokio::spawn(async move {
-            let app = axum::Router::new().route(
-                "/",
-                axum::routing::get(move || {
-                    let page = page.clone();
-                    async move { axum::response::Html(page) }
-                }),
-            );
-            let _ = axum::serve(listener, app).await;
-        });
-        browser
-            .client()
-            .goto(&format!("http://{evil}/"))
-            .await
-            .expect("opens");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        let landed = loop {
-            let at = browser.client().current_url().await.expect("url");
-            if at.as_str().starts_with(&url) || tokio::time::Instant::now() > deadline {
-                break at;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        assert!(
-            landed.as_str().starts_with(&url),
-            "the form was posted: {landed}"
-        );
-        let text = browser.text().await;
+        let text = browser.visit_foreign_page(page, &url).await;
         assert!(
             text.contains("did not come from a page of the console"),
             "{name}: {text}"
         );
         browser.screenshot(&format!("csrf-refused-{name}")).await;
-        server.abort();
         let now = broker.policy.current();
         assert_eq!(
             now.sha256(),

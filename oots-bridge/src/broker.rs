@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
 use onceonly_proto::v1::{
-    CorrelationId, ErrorReason, RequestEvidenceRequest, SubjectId, SubjectIdScheme,
+    CorrelationId, ErrorReason, PreviewStep, RecordPreviewStepRequest, RequestEvidenceRequest,
+    SubjectId, SubjectIdScheme,
 };
 use onceonly_seal::{EvidenceOpener, Expected, Signer};
 use tonic::transport::Channel;
@@ -28,6 +29,7 @@ use crate::bridge::{EvidenceSource, Fetched};
 use crate::edm::request::Agent;
 use crate::edm::{EdmError, ErrorCode, QueryRequest};
 use crate::mapping::{Entry, Mapping};
+use crate::preview::Preview;
 use crate::transport::Message;
 
 /// How long a signed request is good for.
@@ -221,6 +223,38 @@ impl EvidenceSource for BrokerSource {
                 classification: String::new(),
             },
             issuing_date: issued,
+            exchange_id: response.exchange_id,
         })
+    }
+
+    async fn record_step(&self, preview: &Preview, step: PreviewStep) -> Result<(), EdmError> {
+        let unrecorded = |why: String| {
+            EdmError::new(
+                ErrorCode::Timeout,
+                format!("the preview's step could not be recorded: {why}"),
+            )
+        };
+        let subject = preview
+            .request
+            .person
+            .identifier
+            .clone()
+            .ok_or_else(|| unrecorded("no eIDAS identifier".into()))?;
+        let mut call = tonic::Request::new(RecordPreviewStepRequest {
+            exchange_id: preview.exchange_id.clone(),
+            subject: Some(SubjectId {
+                scheme: SubjectIdScheme::Eidas.into(),
+                value: subject,
+            }),
+            step: step.into(),
+            correlation_ids: correlation_ids(&preview.first, &preview.request),
+        });
+        call.set_timeout(Duration::from_secs(10));
+        self.client
+            .clone()
+            .record_preview_step(call)
+            .await
+            .map(|_| ())
+            .map_err(|status| unrecorded(status.message().to_owned()))
     }
 }

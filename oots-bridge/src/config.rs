@@ -33,6 +33,46 @@ pub struct BridgeConfig {
     /// The OOTS deadlines.
     #[serde(default)]
     pub deadlines: Deadlines,
+    /// The citizen's preview pages; needed where the mapping asks for a
+    /// preview.
+    pub preview: Option<PreviewConfig>,
+}
+
+/// Where the preview pages are served, and how people sign in there.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviewConfig {
+    /// The address to listen on, e.g. "0.0.0.0:8444".
+    pub listen: SocketAddr,
+    /// The pages' public address as people's browsers reach them, e.g.
+    /// "https://preview.example.de" (no trailing slash).
+    pub public_url: String,
+    /// The site's certificate chain (PEM): in service, a web PKI
+    /// certificate for the public address's host.
+    pub cert: PathBuf,
+    /// Its key (PEM).
+    pub key: PathBuf,
+    /// For tests and demonstrations only: people sign in with these codes
+    /// (no eID integration ships yet; see THREAT_MODEL.md).
+    #[serde(default)]
+    pub test_sign_in: Vec<TestIdentity>,
+}
+
+/// A code that signs one person in at the test sign-in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestIdentity {
+    /// The code.
+    pub code: String,
+    /// The person's eIDAS identifier.
+    pub identifier: String,
+    /// The level of assurance the sign-in counts as (default "high").
+    #[serde(default = "high")]
+    pub level_of_assurance: crate::mapping::Assurance,
+}
+
+fn high() -> crate::mapping::Assurance {
+    crate::mapping::Assurance::High
 }
 
 /// The encryption certificate and key (PEM).
@@ -72,10 +112,14 @@ pub struct ProviderAgent {
     pub name: String,
 }
 
+/// The longest T2 or T3 the bridge takes.
+const MOST_PREVIEW_WAIT: Duration = Duration::from_secs(6 * 3600);
+
 /// The OOTS deadlines (TDD: T1 5 minutes for a round trip without
-/// preview); the broker is given what T1 leaves after a margin for the
+/// preview, T2 15 minutes for the user to reach the preview, T3 40 minutes
+/// to decide); the broker is given what T1 leaves after a margin for the
 /// answer's way back, so a late register is EDM:ERR:0005 before the
-/// requester gives up.
+/// requester gives up. The requester waits a minute longer than each.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Deadlines {
@@ -85,6 +129,14 @@ pub struct Deadlines {
     /// What the bridge keeps of T1 for the answer's way back (default "30s").
     #[serde(with = "humantime_serde")]
     pub margin: Duration,
+    /// T2: how long the person has to reach the preview and sign in
+    /// (default "15m").
+    #[serde(with = "humantime_serde")]
+    pub t2: Duration,
+    /// T3: how long the person has to decide once signed in (default
+    /// "40m").
+    #[serde(with = "humantime_serde")]
+    pub t3: Duration,
 }
 
 impl Default for Deadlines {
@@ -92,6 +144,8 @@ impl Default for Deadlines {
         Deadlines {
             t1: Duration::from_secs(300),
             margin: Duration::from_secs(30),
+            t2: Duration::from_secs(15 * 60),
+            t3: Duration::from_secs(40 * 60),
         }
     }
 }
@@ -118,6 +172,48 @@ impl BridgeConfig {
             *slot = relative_to(path, slot);
         }
         config.tls.crl = config.tls.crl.as_ref().map(|crl| relative_to(path, crl));
+        if let Some(preview) = &mut config.preview {
+            preview.cert = relative_to(path, &preview.cert);
+            preview.key = relative_to(path, &preview.key);
+            preview.public_url = preview.public_url.trim_end_matches('/').to_owned();
+            if preview
+                .public_url
+                .parse::<http::Uri>()
+                .ok()
+                .is_none_or(|uri| uri.scheme_str() != Some("https") || uri.host().is_none())
+            {
+                return Err(ConfigFileError::invalid(
+                    path,
+                    "preview.public_url",
+                    format!("{:?} is not an https:// address", preview.public_url),
+                    "give the address people's browsers reach the preview at, e.g. \"https://preview.example.de\"",
+                ));
+            }
+            if preview.test_sign_in.is_empty() {
+                return Err(ConfigFileError::invalid(
+                    path,
+                    "preview.test_sign_in",
+                    "no way for people to sign in at the preview is configured",
+                    "no eID sign-in ships yet: list [[preview.test_sign_in]] codes for a test or demonstration, or leave [preview] out and map no evidence with preview = true",
+                ));
+            }
+        }
+        for (key, value) in [
+            ("deadlines.t2", config.deadlines.t2),
+            ("deadlines.t3", config.deadlines.t3),
+        ] {
+            if value.is_zero() || value > MOST_PREVIEW_WAIT {
+                return Err(ConfigFileError::invalid(
+                    path,
+                    key,
+                    format!(
+                        "{} is not between 1 s and 6 h",
+                        humantime::format_duration(value)
+                    ),
+                    "give a duration such as \"15m\" (OOTS: T2 15 minutes, T3 40 minutes); the broker records a preview's steps only for exchanges of the last 24 hours",
+                ));
+            }
+        }
         if config.deadlines.broker().is_zero() {
             return Err(ConfigFileError::invalid(
                 path,

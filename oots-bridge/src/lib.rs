@@ -12,13 +12,17 @@
 //! - [`broker`]: the broker as the evidence source, the bridge in the role
 //!   of an authority.
 //!
+//! - [`evidence`]: the evidence once fetched and checked;
+//! - [`preview`]: the citizen's preview of the evidence before it is sent,
+//!   and the person's sign-in behind a trait; [`pages`]: its web pages;
 //! - [`config`]: `bridge.toml`; the `onceonly-oots-bridge` binary serves it.
-//!
-//! Not yet here (issue 26): the citizen's preview.
 
 pub mod bridge;
 pub mod broker;
 pub mod config;
 pub mod edm;
+pub mod evidence;
 pub mod mapping;
+pub mod pages;
+pub mod preview;
 pub mod transport;

@@ -14,6 +14,8 @@ use onceonly_oots_bridge::bridge::Bridge;
 use onceonly_oots_bridge::broker::BrokerSource;
 use onceonly_oots_bridge::config::BridgeConfig;
 use onceonly_oots_bridge::mapping::Mapping;
+use onceonly_oots_bridge::preview::sign_in::{Person, TestSignIn};
+use onceonly_oots_bridge::preview::{PreviewSettings, PreviewSpace};
 use onceonly_oots_bridge::transport::domibus::DomibusWs;
 use onceonly_seal::{DecryptionKey, EvidenceOpener, Signer};
 
@@ -47,6 +49,15 @@ type Prepared = (BridgeConfig, Bridge<DomibusWs, BrokerSource>);
 fn prepare(path: &std::path::Path) -> anyhow::Result<Prepared> {
     let config = BridgeConfig::load(path)?;
     let mapping = Mapping::load(&config.mapping)?;
+    if config.preview.is_none()
+        && let Some(n) = mapping.evidence.iter().position(|entry| entry.preview)
+    {
+        anyhow::bail!(
+            "{}: evidence[{n}] asks for the citizen's preview, and {} has no [preview] section; add one (see oots-bridge/config/bridge.toml) or set preview = false",
+            config.mapping.display(),
+            path.display()
+        );
+    }
     let (client, me) = onceonly_certs::tls::client_config(&config.tls)?;
     if me.role() != Role::Authority {
         anyhow::bail!(
@@ -81,11 +92,56 @@ fn prepare(path: &std::path::Path) -> anyhow::Result<Prepared> {
     );
     let transport = DomibusWs::new(config.access_point.endpoint.parse()?);
     let provider = config.provider_agent();
-    Ok((config, Bridge::new(transport, source, mapping, provider)))
+    let mut bridge = Bridge::new(transport, source, mapping, provider);
+    if let Some(preview) = &config.preview {
+        // Checked here, so that `check` finds a bad certificate too.
+        onceonly_certs::tls::web_server_config(&preview.cert, &preview.key)?;
+        bridge = bridge.with_preview(Arc::new(PreviewSpace::new(PreviewSettings {
+            public_url: preview.public_url.clone(),
+            reach_within: config.deadlines.t2,
+            decide_within: config.deadlines.t3,
+        })));
+    }
+    Ok((config, bridge))
+}
+
+/// Serves the preview pages where configured.
+async fn serve_preview(
+    config: &BridgeConfig,
+    bridge: &Arc<Bridge<DomibusWs, BrokerSource>>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(preview) = &config.preview else {
+        return Ok(None);
+    };
+    let tls = onceonly_certs::tls::web_server_config(&preview.cert, &preview.key)?;
+    let listener = tokio::net::TcpListener::bind(preview.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("preview.listen {}: {e}", preview.listen))?;
+    tracing::warn!(
+        "the preview's sign-in is the TEST sign-in: anyone holding a code is that person; for tests and demonstrations only"
+    );
+    let sign_in = TestSignIn::with(preview.test_sign_in.iter().map(|identity| {
+        (
+            identity.code.clone(),
+            Person {
+                identifier: identity.identifier.clone(),
+                level_of_assurance: identity.level_of_assurance,
+            },
+        )
+    }));
+    tracing::info!(listen = %preview.listen, public_url = %preview.public_url, "preview pages served");
+    Ok(Some(onceonly_oots_bridge::pages::spawn(
+        listener,
+        tls,
+        bridge.clone(),
+        Arc::new(sign_in),
+    )))
 }
 
 async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     let (config, bridge) = prepare(path)?;
+    let bridge = Arc::new(bridge);
+    let pages = serve_preview(&config, &bridge).await?;
     tracing::info!(
         broker = %config.broker,
         access_point = %config.access_point.endpoint,
@@ -113,6 +169,9 @@ async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             _ = terminate.recv() => break,
             _ = &mut interrupt => break,
         }
+    }
+    if let Some(pages) = pages {
+        pages.abort();
     }
     tracing::info!("OOTS bridge stopped");
     Ok(())

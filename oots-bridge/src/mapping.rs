@@ -27,8 +27,10 @@ pub struct Entry {
     pub legal_basis: String,
     /// The evidence's MIME type as the register delivers it.
     pub format: String,
-    /// Whether the citizen previews the evidence before it is sent, where
-    /// the request allows a preview (default false).
+    /// Whether the citizen previews the evidence before it is sent (default
+    /// false). Where true, a request that does not allow a preview
+    /// (`PossibilityForPreview = false`) is refused: nothing goes out
+    /// unpreviewed.
     #[serde(default)]
     pub preview: bool,
     /// The eIDAS level of assurance the user's authentication must reach
@@ -121,14 +123,6 @@ impl Mapping {
                     "list the SDG Annex II procedure codes it is provided for, e.g. [\"T1\"]",
                 ));
             }
-            if entry.preview {
-                return Err(ConfigFileError::invalid(
-                    path,
-                    format!("{key}.preview"),
-                    "the citizen's preview is not offered yet",
-                    "leave preview out (or false) until the bridge offers it: with it, evidence would go out unpreviewed",
-                ));
-            }
             if self.evidence[..n]
                 .iter()
                 .any(|other| other.classification == entry.classification)
@@ -147,12 +141,6 @@ impl Mapping {
     /// The entry that answers `request`, or the EDM error that says why
     /// none does.
     pub fn find(&self, request: &QueryRequest) -> Result<&Entry, EdmError> {
-        if request.preview_location.is_some() || request.return_location.is_some() {
-            return Err(EdmError::new(
-                ErrorCode::UnsupportedCapability,
-                "this provider offers no preview",
-            ));
-        }
         let entry = self
             .evidence
             .iter()

@@ -13,46 +13,15 @@ use common::provider;
 use common::access_point::{AccessPoint, read_submitted, retrieved, serve};
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
+use common::fixed::Fixed;
 use common::{CLASSIFICATION, ID, reference_request, request_with};
-use onceonly_oots_bridge::bridge::{Bridge, EDM_MIME, EvidenceSource, Fetched};
-use onceonly_oots_bridge::edm::request::Agent;
-use onceonly_oots_bridge::edm::{EdmError, NS_RIM, NS_XLINK, QueryRequest};
-use onceonly_oots_bridge::mapping::{Entry, Mapping};
+use onceonly_oots_bridge::bridge::{Bridge, EDM_MIME};
+use onceonly_oots_bridge::edm::{NS_RIM, NS_XLINK};
+use onceonly_oots_bridge::mapping::Mapping;
 use onceonly_oots_bridge::transport::Message;
 use onceonly_oots_bridge::transport::domibus::DomibusWs;
-
-/// A fixed evidence source, counting its calls.
-#[derive(Default)]
-struct Fixed {
-    calls: AtomicUsize,
-}
-
-impl EvidenceSource for Fixed {
-    async fn fetch(
-        &self,
-        request: &QueryRequest,
-        entry: &Entry,
-        _: &Message,
-    ) -> Result<Fetched, EdmError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        Ok(Fetched {
-            bytes: format!(
-                r#"{{"evidence_type":"{}","family_name":"{}"}}"#,
-                entry.evidence_type, request.person.family_name
-            )
-            .into_bytes(),
-            issuing_authority: Agent {
-                identifier: "civil-register".into(),
-                scheme: "urn:onceonly:connector".into(),
-                name: "Melderegister Berlin".into(),
-                classification: String::new(),
-            },
-            issuing_date: "2026-12-05".into(),
-        })
-    }
-}
 
 fn mapping(dir: &std::path::Path) -> Mapping {
     let path = dir.join("mapping.toml");

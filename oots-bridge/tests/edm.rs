@@ -493,22 +493,11 @@ explicit_request_required = true
         }
     }
 
-    // The second round of a preview: not offered, EDM:ERR:0007.
-    let second_round = parse(&request_with(&[(
-        r#"<r:Slot name="Requirements">"#,
-        r#"<r:Slot name="PreviewLocation"><r:SlotValue x:type="r:StringValueType"><r:Value>https://x.example/p</r:Value></r:SlotValue></r:Slot><r:Slot name="Requirements">"#,
-    )]))
-    .expect("valid");
-    assert_eq!(
-        mapping.find(&second_round).expect_err("no preview").code,
-        ErrorCode::UnsupportedCapability
-    );
-    // A mapping asking for a preview is refused until the bridge offers
-    // one: evidence would otherwise go out unpreviewed.
+    // A mapping may ask for the citizen's preview (the bridge then needs
+    // its preview pages: see preview.rs).
     let text = std::fs::read_to_string(&path).expect("read");
     std::fs::write(&path, format!("{text}preview = true\n")).expect("write");
-    let error = Mapping::load(&path).expect_err("preview").to_string();
-    assert!(error.contains("preview"), "{error}");
+    assert!(Mapping::load(&path).expect("preview").evidence[0].preview);
 
     // A mapping with an error names the file and the fix.
     std::fs::write(&path, "[[evidence]]\nclassification = \"x\"\nprocedures = []\nevidence_type = \"t\"\nlegal_basis = \"l\"\nformat = \"f\"\n").expect("write");

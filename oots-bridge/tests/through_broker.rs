@@ -7,80 +7,12 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::access_point::{AccessPoint, document, retrieved, serve, submitted};
-use common::world::{BRIDGE, LEGAL_BASIS, admit_bridge};
-use common::{CLASSIFICATION, ID, asked, provider};
-use onceonly_certs::identity::Role;
+use common::world::{BRIDGE, bridge_for};
+use common::{ID, asked};
 use onceonly_integration_tests::world::World;
-use onceonly_oots_bridge::bridge::Bridge;
-use onceonly_oots_bridge::broker::BrokerSource;
-use onceonly_oots_bridge::mapping::Mapping;
-use onceonly_oots_bridge::transport::domibus::DomibusWs;
 use onceonly_proto::v1::{ErrorReason, ExchangeOutcome};
-use onceonly_seal::{DecryptionKey, EvidenceOpener, Signer};
-
-async fn bridge_for(
-    world: &World,
-    dir: &std::path::Path,
-    endpoint: &str,
-) -> Bridge<DomibusWs, BrokerSource> {
-    admit_bridge(world);
-    let pki = &world.pki;
-    let (cert, key) = pki.participant_paths(Role::Authority, BRIDGE);
-    let (enc_cert, enc_key) = pki.encryption_paths(BRIDGE);
-    let opener = EvidenceOpener::new(
-        Arc::new(
-            onceonly_certs::tls::identity_verifier(
-                &pki.tls_files(Role::Authority, BRIDGE),
-                "onceonly.test",
-            )
-            .expect("verifier"),
-        ),
-        Some(DecryptionKey::from_files(&enc_cert, &enc_key).expect("decryption key")),
-    );
-    let certificate = onceonly_certs::pki::load_certs(&enc_cert)
-        .expect("cert")
-        .remove(0)
-        .as_ref()
-        .to_vec();
-    let channel = onceonly_integration_tests::channel_as(
-        pki,
-        Role::Authority,
-        BRIDGE,
-        world.broker_addr(),
-        None,
-    );
-    let source = BrokerSource::new(
-        channel,
-        Arc::new(Signer::from_files(&cert, &key).expect("signer")),
-        Arc::new(opener),
-        certificate,
-        Duration::from_secs(10),
-    );
-    let mapping_path = dir.join("mapping.toml");
-    std::fs::write(
-        &mapping_path,
-        format!(
-            r#"
-[[evidence]]
-classification = "{CLASSIFICATION}"
-procedures = ["T1", "T2"]
-evidence_type = "birth-certificate"
-legal_basis = "{LEGAL_BASIS}"
-format = "application/xml"
-"#
-        ),
-    )
-    .expect("mapping");
-    Bridge::new(
-        DomibusWs::new(endpoint.parse().expect("uri")),
-        source,
-        Mapping::load(&mapping_path).expect("mapping"),
-        provider(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eu_requests_are_answered_through_the_broker_with_the_registers_evidence_or_the_right_error()
@@ -89,7 +21,7 @@ async fn eu_requests_are_answered_through_the_broker_with_the_registers_evidence
     let dir = tempfile::tempdir().expect("dir");
     let point = Arc::new(AccessPoint::default());
     let endpoint = serve(point.clone()).await;
-    let bridge = bridge_for(&world, dir.path(), &endpoint).await;
+    let bridge = bridge_for(&world, dir.path(), &endpoint, "");
 
     const NOBODY: &str = "urn:uuid:00000000-0000-4000-8000-000000000002";
     const T2: &str = "urn:uuid:00000000-0000-4000-8000-000000000003";

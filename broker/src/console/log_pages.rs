@@ -15,7 +15,9 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use maud::html;
 use onceonly_certs::Role;
-use onceonly_proto::v1::{AuditRecord, ExchangeOutcome, RecordKind, SubjectId, SubjectIdScheme};
+use onceonly_proto::v1::{
+    AuditRecord, ExchangeOutcome, PreviewStep, RecordKind, SubjectId, SubjectIdScheme,
+};
 use serde::Deserialize;
 
 use super::page::{Lang, failed, header_row, layout, refused, when};
@@ -97,6 +99,24 @@ fn kind_words(lang: Lang, record: &AuditRecord) -> String {
             .pick("log key handed over", "Protokollschlüssel übergeben")
             .into(),
         RecordKind::PolicyApplied => lang.pick("policy applied", "Regelwerk angewendet").into(),
+        RecordKind::PreviewStep => {
+            let step = match record.preview_step() {
+                PreviewStep::Offered => {
+                    lang.pick("held for preview", "zur Vorschau bereitgehalten")
+                }
+                PreviewStep::Shown => lang.pick("shown to the person", "der Person gezeigt"),
+                PreviewStep::Accepted => {
+                    lang.pick("accepted by the person", "von der Person angenommen")
+                }
+                PreviewStep::Declined => {
+                    lang.pick("declined by the person", "von der Person abgelehnt")
+                }
+                PreviewStep::Expired => lang.pick("preview expired", "Vorschau abgelaufen"),
+                PreviewStep::Forwarded => lang.pick("passed on", "weitergegeben"),
+                PreviewStep::Unspecified => "",
+            };
+            format!("{}: {step}", lang.pick("preview", "Vorschau"))
+        }
     }
 }
 
@@ -606,15 +626,16 @@ pub async fn history(
     };
     // Every page of their records (looks and consents are records of
     // theirs too, and must not push exchanges off the first page).
-    let (mut records, more) =
-        match super::records_matching(&console.broker, filter, MOST_HISTORY, |r| {
+    let (mut records, more) = match console
+        .broker
+        .records_matching(filter, MOST_HISTORY, |r| {
             r.kind() == RecordKind::Unspecified
         })
         .await
-        {
-            Ok(found) => found,
-            Err(error) => return failed(&viewer, &error),
-        };
+    {
+        Ok(found) => found,
+        Err(error) => return failed(&viewer, &error),
+    };
     records.reverse();
     layout(
         lang,

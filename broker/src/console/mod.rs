@@ -72,29 +72,6 @@ impl Console {
     }
 }
 
-/// The records matching `filter` that `keep` keeps, in log order, read in
-/// pages through the log's index; at most `most` of them, and whether
-/// more were left unread.
-async fn records_matching(
-    broker: &Broker,
-    filter: crate::audit::AuditFilter,
-    most: usize,
-    keep: impl Fn(&onceonly_proto::v1::AuditRecord) -> bool,
-) -> Result<(Vec<onceonly_proto::v1::AuditRecord>, bool), crate::audit::AuditError> {
-    const PAGE: usize = 1000;
-    let mut records = Vec::new();
-    let mut start = 0;
-    loop {
-        let (page, next) = broker.audit.query(filter.clone(), start, PAGE).await?;
-        records.extend(page.into_iter().filter(|record| keep(record)));
-        match next {
-            Some(_) if records.len() >= most => return Ok((records, true)),
-            Some(next) => start = next,
-            None => return Ok((records, false)),
-        }
-    }
-}
-
 /// The Content-Security-Policy of every answer: the stylesheet from the
 /// console itself, no script from anywhere, forms posting only here, and
 /// no framing.

@@ -292,8 +292,10 @@ async fn logged_since(
         received_after: Some(since),
         ..crate::audit::AuditFilter::default()
     };
-    let (records, more) =
-        super::records_matching(&console.broker, filter, MOST_REPLAYED, |_| true).await?;
+    let (records, more) = console
+        .broker
+        .records_matching(filter, MOST_REPLAYED, |_| true)
+        .await?;
     Ok((
         records
             .into_iter()

@@ -21,7 +21,12 @@
 //!    database with the callers' connections split between them; their
 //!    CPU is the replicas' together (PostgreSQL's own is not counted), and
 //!    the rows are skipped with the reason where PostgreSQL is missing;
-//! 7. the raw cost of one flush on this disk (the floor of a durable request);
+//! 7. bridged: EU requests as EDM XML through the OOTS bridge (in this
+//!    process: the XML read and checked, mapped, signed, asked of broker 2
+//!    with the evidence encrypted to the bridge, opened and checked against
+//!    the register's statement, and the QueryResponse XML written), beside
+//!    the brokered-encrypted row it builds on;
+//! 8. the raw cost of one flush on this disk (the floor of a durable request);
 //!
 //! with requests/s, latency p50/p90/p99/max (HDR histogram), the broker's
 //! CPU seconds per 1,000 requests and its peak RSS, and the ratios; then
@@ -42,6 +47,11 @@ use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 use onceonly_certs::{MtlsConnector, Pki, Role};
 use onceonly_integration_tests::ticket_claims;
+use onceonly_oots_bridge::bridge::Bridge;
+use onceonly_oots_bridge::broker::BrokerSource;
+use onceonly_oots_bridge::mapping::Mapping;
+use onceonly_oots_bridge::transport::domibus::DomibusWs;
+use onceonly_oots_bridge::transport::{Message, Payload};
 use onceonly_proto::v1::connector_service_client::ConnectorServiceClient;
 use onceonly_proto::v1::evidence_service_client::EvidenceServiceClient;
 use onceonly_proto::v1::{
@@ -328,6 +338,124 @@ enum Target {
         Arc<Vec<u8>>,
         Option<Arc<Signer>>,
     ),
+    /// An EDM QueryRequest (XML) answered by the OOTS bridge, through a
+    /// broker, with a QueryResponse (XML).
+    Bridged(Arc<Bridge<DomibusWs, BrokerSource>>),
+}
+
+/// The bridge's authority id.
+const BRIDGE: &str = "oots-bridge";
+/// The legal basis the bridge asks under.
+const OOTS_BASIS: &str = "Art. 14 Abs. 1 VO (EU) 2018/1724";
+/// The evidence type classification the bridged requests name.
+const CLASSIFICATION: &str =
+    "https://sr.oots.tech.ec.europa.eu/evidencetypeclassifications/DE/5f4e2a3c-birth";
+
+/// An EU request for Anna's birth certificate, as an access point hands it
+/// over: the EDM QueryRequest, request `id` of its own.
+fn edm_request(id: u64) -> Message {
+    use onceonly_oots_bridge::edm::{NS_QUERY, NS_RIM, NS_SDG};
+    let slot = |name: &str, kind: &str, value: &str| {
+        format!(
+            r#"<r:Slot name="{name}"><r:SlotValue x:type="r:{kind}"><r:Value>{value}</r:Value></r:SlotValue></r:Slot>"#
+        )
+    };
+    let xml = format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<q:QueryRequest xmlns:q="{NS_QUERY}" xmlns:r="{NS_RIM}" xmlns:p="{NS_SDG}" xmlns:x="http://www.w3.org/2001/XMLSchema-instance" id="urn:uuid:00000000-0000-4000-8000-{id:012x}">
+{}{}{}{}{}
+<r:Slot name="EvidenceRequester"><r:SlotValue x:type="r:CollectionValueType"><r:Element x:type="r:AnyValueType"><p:Agent><p:Identifier schemeID="urn:cef.eu:names:identifier:EAS:9930">AT123456789</p:Identifier><p:Name>Stadt Wien</p:Name><p:Classification>ER</p:Classification></p:Agent></r:Element></r:SlotValue></r:Slot>
+<r:Slot name="EvidenceProvider"><r:SlotValue x:type="r:AnyValueType"><p:Agent><p:Identifier schemeID="urn:cef.eu:names:identifier:EAS:9930">DE987654321</p:Identifier><p:Name>NOOTS</p:Name></p:Agent></r:SlotValue></r:Slot>
+<q:ResponseOption returnType="LeafClassWithRepositoryItem"/>
+<q:Query queryDefinition="DocumentQuery">
+<r:Slot name="NaturalPerson"><r:SlotValue x:type="r:AnyValueType"><p:Person><p:LevelOfAssurance>High</p:LevelOfAssurance><p:Identifier schemeID="eidas">DE/AT/7f3c9e21a4b8</p:Identifier><p:FamilyName>Schneider</p:FamilyName><p:GivenName>Anna Lena</p:GivenName><p:DateOfBirth>1990-03-14</p:DateOfBirth></p:Person></r:SlotValue></r:Slot>
+<r:Slot name="EvidenceRequest"><r:SlotValue x:type="r:AnyValueType"><p:DataServiceEvidenceType><p:Identifier>urn:uuid:7d1c3b8e-birth</p:Identifier><p:EvidenceTypeClassification>{CLASSIFICATION}</p:EvidenceTypeClassification><p:Title lang="EN">Birth certificate</p:Title><p:DistributedAs><p:Format>application/xml</p:Format></p:DistributedAs></p:DataServiceEvidenceType></r:SlotValue></r:Slot>
+</q:Query></q:QueryRequest>"#,
+        slot("IssueDateTime", "DateTimeValueType", "2026-12-05T10:00:00Z"),
+        slot(
+            "SpecificationIdentifier",
+            "StringValueType",
+            "oots-edm:v2.0"
+        ),
+        r#"<r:Slot name="Procedure"><r:SlotValue x:type="r:InternationalStringValueType"><r:Value><r:LocalizedString xml:lang="EN" value="T1"/></r:Value></r:SlotValue></r:Slot>"#,
+        slot("PossibilityForPreview", "BooleanValueType", "false"),
+        slot("ExplicitRequestGiven", "BooleanValueType", "true"),
+    );
+    Message {
+        message_id: format!("bench-{id}"),
+        conversation_id: format!("conversation-{id}"),
+        action: onceonly_oots_bridge::bridge::EXECUTE_QUERY_REQUEST.into(),
+        properties: vec![
+            (
+                "originalSender".into(),
+                "urn:cef.eu:names:identifier:EAS:9930:AT123456789".into(),
+            ),
+            (
+                "finalRecipient".into(),
+                "urn:cef.eu:names:identifier:EAS:9930:DE987654321".into(),
+            ),
+            ("ExchangeId".into(), format!("exchange-{id}")),
+        ],
+        payloads: vec![Payload {
+            content_id: "message".into(),
+            mime_type: onceonly_oots_bridge::bridge::EDM_MIME.into(),
+            bytes: xml.into_bytes(),
+        }],
+    }
+}
+
+/// The bridge in front of the broker at `broker`, as `onceonly-oots-bridge`
+/// builds it (its access point is not needed: the bench hands it each
+/// message).
+fn start_bridge(
+    pki: &Pki,
+    work: &Path,
+    broker: SocketAddr,
+) -> anyhow::Result<Arc<Bridge<DomibusWs, BrokerSource>>> {
+    let mut encryption = onceonly_certs::IssueOptions::new(Role::Authority, BRIDGE);
+    encryption.encryption = true;
+    pki.issue(&encryption)?;
+    let files = pki.tls_files(Role::Authority, BRIDGE);
+    let (enc_cert, enc_key) = pki.encryption_paths(BRIDGE);
+    let opener = onceonly_seal::EvidenceOpener::new(
+        Arc::new(onceonly_certs::tls::identity_verifier(
+            &files,
+            "onceonly.test",
+        )?),
+        Some(onceonly_seal::DecryptionKey::from_files(
+            &enc_cert, &enc_key,
+        )?),
+    );
+    let certificate = onceonly_certs::pki::load_certs(&enc_cert)?
+        .remove(0)
+        .as_ref()
+        .to_vec();
+    let (cert, key) = pki.participant_paths(Role::Authority, BRIDGE);
+    let source = BrokerSource::new(
+        channels(pki, Role::Authority, BRIDGE, broker)?.remove(0),
+        Arc::new(Signer::from_files(&cert, &key)?),
+        Arc::new(opener),
+        certificate,
+        Duration::from_secs(30),
+    );
+    let mapping = work.join("oots-mapping.toml");
+    std::fs::write(
+        &mapping,
+        format!(
+            "[[evidence]]\nclassification = \"{CLASSIFICATION}\"\nprocedures = [\"T1\"]\nevidence_type = \"birth-certificate\"\nlegal_basis = \"{OOTS_BASIS}\"\nformat = \"application/xml\"\n"
+        ),
+    )?;
+    Ok(Arc::new(Bridge::new(
+        DomibusWs::new("http://127.0.0.1:9/unused".parse()?),
+        source,
+        Mapping::load(&mapping)?,
+        onceonly_oots_bridge::edm::request::Agent {
+            identifier: "DE987654321".into(),
+            scheme: "urn:cef.eu:names:identifier:EAS:9930".into(),
+            name: "NOOTS".into(),
+            classification: "IP".into(),
+        },
+    )))
 }
 
 fn subject() -> Option<SubjectId> {
@@ -408,6 +536,18 @@ async fn call(target: &Target, slot: usize, id: u64) -> Result<(), String> {
                 .await
                 .map(drop)
                 .map_err(refused)
+        }
+        Target::Bridged(bridge) => {
+            let answer = bridge.answer(&edm_request(id)).await.ok_or("no answer")?;
+            if answer.action == "ExecuteQueryResponse" && answer.payloads.len() == 2 {
+                return Ok(());
+            }
+            let document = String::from_utf8_lossy(&answer.payloads[0].bytes).into_owned();
+            Err(document
+                .split("code=\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .map_or_else(|| "an answer without evidence".to_owned(), str::to_owned))
         }
     }
 }
@@ -789,12 +929,12 @@ fn write_broker_config_with(
     std::fs::write(
         dir.join("routing.toml"),
         format!(
-            "[connectors.civil-register]\nendpoints = [\"{connector}\"]\n[[evidence_types]]\nid = \"birth-certificate\"\nmedia_types = [\"application/xml\"]\nsubject_schemes = [\"DE_IDNR\"]\nroutes = [{{ connector = \"civil-register\" }}]\n"
+            "[connectors.civil-register]\nendpoints = [\"{connector}\"]\n[[evidence_types]]\nid = \"birth-certificate\"\nmedia_types = [\"application/xml\"]\nsubject_schemes = [\"DE_IDNR\", \"EIDAS\"]\nparameters = [{{ name = \"family_name\" }}, {{ name = \"given_names\" }}, {{ name = \"date_of_birth\" }}]\nroutes = [{{ connector = \"civil-register\" }}]\n"
         ),
     )?;
     std::fs::write(
         dir.join("policy.toml"),
-        "[[rule]]\nid = \"bench\"\ncallers = [\"bench\"]\nevidence_types = [\"birth-certificate\"]\npurposes = [\"parental-allowance\"]\nlegal_bases = [\"§ 9 Abs. 1 BEEG\"]\nconsent = \"not-required\"\n\n# The unsigned-requests row measures what signing costs.\n[signed_requests]\nunsigned_allowed = [\"bench\"]\n\n# A quota far above the load: every request pays for the check.\n[[quota]]\nid = \"bench\"\ncallers = [\"bench\"]\nper_second = 1000000\nburst = 1000000\n",
+        "[[rule]]\nid = \"bench\"\ncallers = [\"bench\"]\nevidence_types = [\"birth-certificate\"]\npurposes = [\"parental-allowance\"]\nlegal_bases = [\"§ 9 Abs. 1 BEEG\"]\nconsent = \"not-required\"\n\n# The bridged row: the OOTS bridge, for procedure T1.\n[[rule]]\nid = \"oots\"\ncallers = [\"oots-bridge\"]\nevidence_types = [\"birth-certificate\"]\npurposes = [\"oots:T1\"]\nlegal_bases = [\"Art. 14 Abs. 1 VO (EU) 2018/1724\"]\nconsent = \"not-required\"\n\n# The unsigned-requests row measures what signing costs.\n[signed_requests]\nunsigned_allowed = [\"bench\"]\n\n# A quota far above the load: every request pays for the check.\n[[quota]]\nid = \"bench\"\ncallers = [\"bench\"]\nper_second = 1000000\nburst = 1000000\n",
     )?;
     let path = dir.join("broker.toml");
     std::fs::write(
@@ -893,6 +1033,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "onceonly.test",
         &[
             (Role::Authority, "bench"),
+            (Role::Authority, BRIDGE),
             (Role::Connector, "civil-register"),
         ],
     )?;
@@ -949,6 +1090,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         brokered_to(&brokers[0], encryption_certificate, true)?,
         brokered_to(&brokers[0], Vec::new(), false)?,
     ];
+    let bridged = Target::Bridged(start_bridge(&pki, work.path(), brokers[0].addr)?);
 
     let haproxy = match start_haproxy(&pki, work.path(), connector.addr).await {
         Ok(haproxy) => Some((as_broker_to(haproxy.addr)?, haproxy)),
@@ -1059,6 +1201,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await,
             );
         }
+        if wanted("bridged") {
+            rows.push(
+                measure(
+                    &bridged,
+                    concurrency,
+                    seconds,
+                    &[brokers[0].pid()],
+                    "bridged: EDM XML in and out, through the broker, encrypted to the bridge",
+                )
+                .await,
+            );
+        }
         for (target, started) in generic.iter().filter(|(_, g)| wanted(g.source.scenario())) {
             rows.push(
                 measure(
@@ -1142,6 +1296,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ratios.push((
                 format!("c={concurrency}: brokered-durable p50 - direct p50 - one flush p50 (ms)"),
                 b.p50_ms - d.p50_ms - flush.p50_ms,
+            ));
+        }
+        if let (Some(e), Some(x), Some(d)) = (
+            find("brokered, audit durable, encrypted"),
+            find("bridged"),
+            find("direct"),
+        ) {
+            ratios.push((
+                format!("c={concurrency}: bridged (EDM XML) / brokered-encrypted gRPC throughput"),
+                x.requests_per_second / e.requests_per_second,
+            ));
+            ratios.push((
+                format!("c={concurrency}: bridged / direct throughput"),
+                x.requests_per_second / d.requests_per_second,
+            ));
+            ratios.push((
+                format!("c={concurrency}: bridged p50 - brokered-encrypted p50 (ms)"),
+                x.p50_ms - e.p50_ms,
             ));
         }
         if let (Some(b), Some(h)) = (find("brokered, audit durable"), find("proxied: HAProxy")) {

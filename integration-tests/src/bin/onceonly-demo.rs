@@ -452,6 +452,7 @@ fn print_trail(records: &[AuditRecord]) {
                 RecordKind::HistoryRead => "READ".into(),
                 RecordKind::KeyHandover => "NEW KEY".into(),
                 RecordKind::PolicyApplied => format!("POLICY v{}", r.policy_version),
+                RecordKind::PreviewStep => format!("PREVIEW {:?}", r.preview_step()).to_uppercase(),
             },
             format!("{code:?}"),
             if r.connector_id.is_empty() {

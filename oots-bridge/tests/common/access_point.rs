@@ -144,3 +144,25 @@ pub fn submitted(point: &AccessPoint) -> Vec<Message> {
 pub fn document(message: &Message) -> String {
     String::from_utf8(message.payloads[0].bytes.clone()).expect("utf-8")
 }
+
+/// Puts `message` at `point` as message `id`, lets `bridge` poll, and
+/// returns the EDM documents of the answers submitted meanwhile.
+pub async fn deliver<T, S>(
+    point: &AccessPoint,
+    bridge: &onceonly_oots_bridge::bridge::Bridge<T, S>,
+    id: &str,
+    message: String,
+) -> Vec<String>
+where
+    T: onceonly_oots_bridge::transport::Transport,
+    S: onceonly_oots_bridge::bridge::EvidenceSource,
+{
+    let before = submitted(point).len();
+    point
+        .pending
+        .lock()
+        .expect("lock")
+        .push((id.to_owned(), message));
+    bridge.poll_once().await.expect("polled");
+    submitted(point)[before..].iter().map(document).collect()
+}

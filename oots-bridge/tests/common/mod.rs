@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod access_point;
+pub mod fixed;
 pub mod world;
 
 use onceonly_oots_bridge::edm::request::Agent;
@@ -83,4 +84,101 @@ pub fn provider() -> Agent {
         name: "NOOTS Intermediäre Plattform".into(),
         classification: "IP".into(),
     }
+}
+
+/// The second request of a preview: `changes` applied to the reference
+/// request, under `id`, carrying `location` and where to send the person
+/// back.
+pub fn second_request(id: &str, location: &str, changes: &[(&str, &str)]) -> String {
+    let slots = format!(
+        r#"<r:Slot name="PreviewLocation"><r:SlotValue x:type="r:StringValueType"><r:Value>{location}</r:Value></r:SlotValue></r:Slot>
+  <r:Slot name="ReturnLocation"><r:SlotValue x:type="r:StringValueType"><r:Value>https://portal.wien.example/return?case=17</r:Value></r:SlotValue></r:Slot>
+  <r:Slot name="IssueDateTime">"#
+    );
+    let mut all = vec![
+        (ID, id),
+        (r#"<r:Slot name="IssueDateTime">"#, slots.as_str()),
+    ];
+    all.extend_from_slice(changes);
+    request_with(&all)
+}
+
+/// The `PreviewLocation` an EDM:ERR:0002 answer names.
+pub fn preview_location(document: &str) -> String {
+    let parsed = roxmltree::Document::parse(document).expect("an XML answer");
+    parsed
+        .descendants()
+        .find(|d| {
+            d.tag_name().namespace() == Some(NS_RIM)
+                && d.tag_name().name() == "Slot"
+                && d.attribute("name") == Some("PreviewLocation")
+        })
+        .and_then(|slot| {
+            slot.descendants()
+                .find(|d| d.tag_name().name() == "Value")
+                .and_then(|v| v.text())
+        })
+        .unwrap_or_else(|| panic!("no PreviewLocation in {document}"))
+        .to_owned()
+}
+
+/// The `code` (and `detail`) of an EDM error answer.
+pub fn error_of(document: &str) -> (String, String) {
+    let parsed = roxmltree::Document::parse(document).expect("an XML answer");
+    let exception = parsed
+        .descendants()
+        .find(|d| d.tag_name().name() == "Exception")
+        .unwrap_or_else(|| panic!("no exception in {document}"));
+    (
+        exception.attribute("code").unwrap_or_default().to_owned(),
+        exception.attribute("detail").unwrap_or_default().to_owned(),
+    )
+}
+
+/// GET `path` over TLS from the site at `addr` (HTTP/1.1), trusting only
+/// the CA at `ca`: the status, the headers (lower-case names) and the body.
+pub async fn https_get(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+    path: &str,
+) -> (u16, Vec<(String, String)>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in onceonly_certs::pki::load_certs(ca).expect("the CA") {
+        roots.add(cert).expect("a root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let mut tls = connector.connect(name, tcp).await.expect("TLS");
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("sent");
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw).await;
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a response");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("a status");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
 }
