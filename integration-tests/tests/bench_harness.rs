@@ -28,6 +28,8 @@ fn onceonly_bench_prints_every_row_and_writes_json() {
         "c=4: signed / unsigned requests brokered throughput",
         "| raw flush (512-byte append + fdatasync) | 1 |",
         "c=4: brokered-durable / direct throughput",
+        "| bridged: EDM XML in and out, through the broker, encrypted to the bridge | 4 |",
+        "c=4: bridged (EDM XML) / brokered-encrypted gRPC throughput",
         "| full handshakes |",
         "| with session resumption |",
     ] {
@@ -66,7 +68,7 @@ fn onceonly_bench_prints_every_row_and_writes_json() {
         generic_pg || stdout.contains("skipped: brokered via onceonly-connector, PostgreSQL:"),
         "neither the generic PostgreSQL rows nor why they were skipped:\n{stdout}"
     );
-    let expected = 13
+    let expected = 15
         + if proxied { 2 } else { 0 }
         + if replicated { 4 } else { 0 }
         + if generic_pg { 2 } else { 0 };
