@@ -89,11 +89,135 @@ pub struct EncryptionFiles {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessPoint {
-    /// The plugin's endpoint, e.g. "http://127.0.0.1:8080/domibus/services/wsplugin".
+    /// The plugin's endpoint: "https://ap.example.de/domibus/services/wsplugin",
+    /// or "http://127.0.0.1:8080/..." where it listens on the bridge's own
+    /// host (evidence never crosses a network in clear).
     pub endpoint: String,
+    /// For https: the CA certificates (PEM) the plugin's server certificate
+    /// must chain to (no system roots).
+    pub ca: Option<PathBuf>,
+    /// The bridge's client certificate towards the plugin (PEM), where it
+    /// asks for one; with `key`.
+    pub cert: Option<PathBuf>,
+    /// Its key (PEM).
+    pub key: Option<PathBuf>,
+    /// The plugin user the bridge signs in as (HTTP basic authentication),
+    /// where the plugin asks for one; with `password_file`.
+    pub username: Option<String>,
+    /// A file holding that user's password (one line; keep it 0600).
+    pub password_file: Option<PathBuf>,
     /// How often the bridge asks for pending messages (default "2s").
     #[serde(default = "default_poll", with = "humantime_serde")]
     pub poll_interval: Duration,
+}
+
+impl AccessPoint {
+    fn check(&self, path: &Path) -> Result<(), ConfigFileError> {
+        let invalid = |key: &str, problem: String, fix: &str| {
+            Err(ConfigFileError::invalid(path, key, problem, fix))
+        };
+        let Some(uri) = self
+            .endpoint
+            .parse::<http::Uri>()
+            .ok()
+            .filter(|uri| uri.host().is_some())
+        else {
+            return invalid(
+                "access_point.endpoint",
+                format!("{:?} is not an address", self.endpoint),
+                "give the WS plugin's address, e.g. \"https://ap.example.de/domibus/services/wsplugin\"",
+            );
+        };
+        let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+        let own_host = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        match uri.scheme_str() {
+            Some("https") if self.ca.is_none() => {
+                return invalid(
+                    "access_point.ca",
+                    "is missing for an https:// endpoint".into(),
+                    "name the PEM file of the CA that issued the WS plugin's server certificate",
+                );
+            }
+            Some("https") => {}
+            Some("http") if own_host => {}
+            Some("http") => {
+                return invalid(
+                    "access_point.endpoint",
+                    format!(
+                        "{:?} is plain HTTP to another host: evidence would cross the network in clear",
+                        self.endpoint
+                    ),
+                    "use https:// with access_point.ca (plain http:// only to 127.0.0.1, ::1 or localhost)",
+                );
+            }
+            _ => {
+                return invalid(
+                    "access_point.endpoint",
+                    format!("{:?} is not an http:// or https:// address", self.endpoint),
+                    "give the WS plugin's address, e.g. \"https://ap.example.de/domibus/services/wsplugin\"",
+                );
+            }
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            return invalid(
+                "access_point.cert",
+                "and access_point.key come together".into(),
+                "give both the client certificate and its key, or neither",
+            );
+        }
+        if self.username.is_some() != self.password_file.is_some() {
+            return invalid(
+                "access_point.username",
+                "and access_point.password_file come together".into(),
+                "give the plugin user and the file holding its password, or neither",
+            );
+        }
+        Ok(())
+    }
+
+    /// The transport to the plugin, as configured: its TLS (roots, client
+    /// certificate) and its user.
+    pub fn transport(&self) -> anyhow::Result<crate::transport::domibus::DomibusWs> {
+        use crate::transport::domibus::DomibusWs;
+        let endpoint: http::Uri = self.endpoint.parse()?;
+        let mut transport = match &self.ca {
+            None => DomibusWs::new(endpoint),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in onceonly_certs::pki::load_certs(ca)? {
+                    roots
+                        .add(cert)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", ca.display()))?;
+                }
+                let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots);
+                let tls = match (&self.cert, &self.key) {
+                    (Some(cert), Some(key)) => {
+                        use rustls::pki_types::pem::PemObject;
+                        let chain = onceonly_certs::pki::load_certs(cert)?;
+                        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+                        builder.with_client_auth_cert(chain, key)?
+                    }
+                    _ => builder.with_no_client_auth(),
+                };
+                DomibusWs::with_tls(endpoint, tls)
+            }
+        };
+        if let (Some(user), Some(file)) = (&self.username, &self.password_file) {
+            let password = std::fs::read_to_string(file).map_err(|e| {
+                anyhow::anyhow!("access_point.password_file {}: {e}", file.display())
+            })?;
+            transport = transport.with_basic_auth(user, password.trim_end_matches(['\r', '\n']));
+        }
+        Ok(transport)
+    }
 }
 
 fn default_poll() -> Duration {
@@ -230,22 +354,18 @@ impl BridgeConfig {
                 "give an interval such as \"2s\"",
             ));
         }
-        if config
-            .access_point
-            .endpoint
-            .parse::<http::Uri>()
-            .ok()
-            .is_none_or(|uri| uri.scheme_str() != Some("http") || uri.host().is_none())
+        config.access_point.check(path)?;
+        let access_point = &mut config.access_point;
+        for slot in [
+            &mut access_point.ca,
+            &mut access_point.cert,
+            &mut access_point.key,
+            &mut access_point.password_file,
+        ]
+        .into_iter()
+        .flatten()
         {
-            return Err(ConfigFileError::invalid(
-                path,
-                "access_point.endpoint",
-                format!(
-                    "{:?} is not an http:// address",
-                    config.access_point.endpoint
-                ),
-                "give the WS plugin's address, e.g. \"http://127.0.0.1:8080/domibus/services/wsplugin\" (the plugin listens on the access point's host; TLS to it is the next step)",
-            ));
+            *slot = relative_to(path, slot);
         }
         Ok(config)
     }
@@ -258,5 +378,58 @@ impl BridgeConfig {
             name: self.provider.name.clone(),
             classification: "IP".into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AccessPoint;
+    use std::path::Path;
+
+    fn access_point(endpoint: &str) -> AccessPoint {
+        AccessPoint {
+            endpoint: endpoint.into(),
+            ca: None,
+            cert: None,
+            key: None,
+            username: None,
+            password_file: None,
+            poll_interval: std::time::Duration::from_secs(2),
+        }
+    }
+
+    #[test]
+    fn evidence_crosses_no_network_in_clear_and_credentials_come_whole() {
+        let file = Path::new("bridge.toml");
+        let refused = |point: AccessPoint| point.check(file).expect_err("refused").to_string();
+        for own in [
+            "http://127.0.0.1:8080/wsplugin",
+            "http://[::1]:8080/wsplugin",
+            "http://localhost/wsplugin",
+        ] {
+            assert!(access_point(own).check(file).is_ok(), "{own}");
+        }
+        let said = refused(access_point("http://ap.example.de/wsplugin"));
+        assert!(
+            said.contains("bridge.toml") && said.contains("in clear") && said.contains("https://"),
+            "{said}"
+        );
+        let said = refused(access_point("https://ap.example.de/wsplugin"));
+        assert!(said.contains("access_point.ca"), "{said}");
+        let mut https = access_point("https://ap.example.de/wsplugin");
+        https.ca = Some("ca.pem".into());
+        assert!(https.check(file).is_ok());
+        let said = refused(AccessPoint {
+            cert: Some("c.pem".into()),
+            ..https.clone()
+        });
+        assert!(said.contains("access_point.cert"), "{said}");
+        let said = refused(AccessPoint {
+            username: Some("bridge".into()),
+            ..https.clone()
+        });
+        assert!(said.contains("access_point.username"), "{said}");
+        let said = refused(access_point("ftp://ap.example.de/x"));
+        assert!(said.contains("not an http:// or https://"), "{said}");
     }
 }

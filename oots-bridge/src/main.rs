@@ -90,7 +90,7 @@ fn prepare(path: &std::path::Path) -> anyhow::Result<Prepared> {
         certificate,
         config.deadlines.broker(),
     );
-    let transport = DomibusWs::new(config.access_point.endpoint.parse()?);
+    let transport = config.access_point.transport()?;
     let provider = config.provider_agent();
     let mut bridge = Bridge::new(transport, source, mapping, provider);
     if let Some(preview) = &config.preview {

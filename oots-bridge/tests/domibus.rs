@@ -210,3 +210,92 @@ async fn an_answer_the_access_point_does_not_take_is_sent_again_at_the_next_poll
     assert_eq!(read_submitted(&submitted[0]).action, "ExecuteQueryResponse");
     assert_eq!(bridge_calls(&bridge), 1, "fetched once");
 }
+
+/// The plugin on another host is reached over TLS only: its certificate
+/// checked against the CA the configuration names, the bridge's client
+/// certificate where the plugin asks for one, and the plugin user's
+/// credentials sent in the call. A plugin whose certificate another CA
+/// issued is not talked to; neither is plain HTTP to another host.
+#[tokio::test]
+async fn a_plugin_elsewhere_is_reached_over_tls_with_the_configured_roots_and_user() {
+    use onceonly_certs::identity::Role;
+    use onceonly_oots_bridge::config::AccessPoint as Configured;
+
+    let pki = onceonly_integration_tests::pki_with(&[(Role::Authority, "oots-bridge")]);
+    let (server_cert, server_key) = pki.participant_paths(Role::Broker, "broker");
+    let (client_cert, client_key) = pki.participant_paths(Role::Authority, "oots-bridge");
+    let dir = tempfile::tempdir().expect("dir");
+    let password = dir.path().join("password");
+    std::fs::write(&password, "s3cret\n").expect("password");
+    let point = Arc::new(AccessPoint::default());
+    let endpoint = common::access_point::serve_tls(
+        point.clone(),
+        &server_cert,
+        &server_key,
+        Some(&pki.ca_cert_path()),
+    )
+    .await;
+    point
+        .pending
+        .lock()
+        .expect("lock")
+        .push(("m1".to_owned(), retrieved(&reference_request(), "conv-1")));
+    let configured = Configured {
+        endpoint: endpoint.clone(),
+        ca: Some(pki.ca_cert_path()),
+        cert: Some(client_cert.clone()),
+        key: Some(client_key.clone()),
+        username: Some("oots-bridge".into()),
+        password_file: Some(password.clone()),
+        poll_interval: std::time::Duration::from_secs(1),
+    };
+    let bridge = Bridge::new(
+        configured.transport().expect("transport"),
+        Fixed::default(),
+        mapping(dir.path()),
+        provider(),
+    );
+    assert_eq!(bridge.poll_once().await.expect("polled over TLS"), 1);
+    assert_eq!(point.submitted.lock().expect("lock").len(), 1);
+    let sent = point.authorizations.lock().expect("lock").clone();
+    assert!(!sent.is_empty());
+    assert!(
+        sent.iter().all(|a| a == "Basic b290cy1icmlkZ2U6czNjcmV0"),
+        "oots-bridge:s3cret on every call: {sent:?}"
+    );
+
+    // Another CA's certificate: not talked to, and the error says why.
+    let other = onceonly_integration_tests::pki_with(&[]);
+    let wrong_roots = Configured {
+        ca: Some(other.ca_cert_path()),
+        ..configured.clone()
+    };
+    let bridge = Bridge::new(
+        wrong_roots.transport().expect("transport"),
+        Fixed::default(),
+        mapping(dir.path()),
+        provider(),
+    );
+    let refused = bridge
+        .poll_once()
+        .await
+        .expect_err("not trusted")
+        .to_string();
+    assert!(
+        refused.contains("certificate") || refused.contains("UnknownIssuer"),
+        "{refused}"
+    );
+    // Without the client certificate the plugin asks for: refused too.
+    let no_client = Configured {
+        cert: None,
+        key: None,
+        ..configured.clone()
+    };
+    let bridge = Bridge::new(
+        no_client.transport().expect("transport"),
+        Fixed::default(),
+        mapping(dir.path()),
+        provider(),
+    );
+    assert!(bridge.poll_once().await.is_err());
+}

@@ -4,10 +4,17 @@
 //! and properties, payloads base64 in `<payload><value>`), and answers
 //! with `submitMessage`. Answers are read with the same limits as EDM
 //! documents.
+//!
+//! Over HTTPS (the plugin's server certificate checked against the roots
+//! the configuration names, optionally a client certificate), or plain
+//! HTTP where the plugin listens on the bridge's own host; with HTTP basic
+//! authentication where the plugin asks for a user (Domibus's plugin
+//! users).
 
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -35,25 +42,83 @@ const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 const MAX_ANSWER: usize = 16 * 1024 * 1024;
 
 /// A Domibus access point's WS plugin.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DomibusWs {
     endpoint: http::Uri,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// The `Authorization` header's value, where the plugin asks for a user.
+    authorization: Option<http::HeaderValue>,
     limits: Limits,
 }
 
+impl std::fmt::Debug for DomibusWs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The credentials stay out of logs.
+        f.debug_struct("DomibusWs")
+            .field("endpoint", &self.endpoint)
+            .field("authorization", &self.authorization.as_ref().map(|_| "…"))
+            .finish()
+    }
+}
+
 impl DomibusWs {
-    /// The plugin at `endpoint` (e.g. `http://ap.example:8080/domibus/services/wsplugin`).
+    /// The plugin at `endpoint` over plain HTTP (e.g.
+    /// `http://127.0.0.1:8080/domibus/services/wsplugin`, on the bridge's
+    /// own host).
+    ///
+    /// # Panics
+    ///
+    /// Never in practice: rustls with ring offers its default protocol
+    /// versions.
     pub fn new(endpoint: http::Uri) -> Self {
+        let no_roots = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map(|builder| {
+            builder
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        });
+        match no_roots {
+            Ok(config) => DomibusWs::with_tls(endpoint, config),
+            // Not reached: ring offers the default versions.
+            Err(error) => panic!("rustls with ring: {error}"),
+        }
+    }
+
+    /// The plugin at `endpoint` (https:// or http://), TLS configured by
+    /// `tls` (its roots, and a client certificate where the plugin asks
+    /// for one).
+    pub fn with_tls(endpoint: http::Uri, tls: rustls::ClientConfig) -> Self {
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build();
         DomibusWs {
             endpoint,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            authorization: None,
             limits: Limits {
                 max_bytes: MAX_ANSWER,
                 max_value: MAX_ANSWER,
                 ..Limits::default()
             },
         }
+    }
+
+    /// Signs in to the plugin as `user` with `password` (HTTP basic
+    /// authentication; send it over HTTPS only, or on the own host).
+    pub fn with_basic_auth(mut self, user: &str, password: &str) -> Self {
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        self.authorization = http::HeaderValue::from_str(&format!("Basic {token}"))
+            .ok()
+            .map(|mut value| {
+                value.set_sensitive(true);
+                value
+            });
+        self
     }
 
     async fn call(
@@ -65,13 +130,18 @@ impl DomibusWs {
             endpoint: self.endpoint.to_string(),
             reason,
         };
-        let request = http::Request::post(self.endpoint.clone())
+        let mut request = http::Request::post(self.endpoint.clone())
             .header(
                 http::header::CONTENT_TYPE,
                 format!("application/soap+xml; charset=utf-8; action=\"{operation}\""),
             )
             .body(Full::new(Bytes::from(envelope)))
             .map_err(|e| unreachable(e.to_string()))?;
+        if let Some(authorization) = &self.authorization {
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, authorization.clone());
+        }
         // One deadline for the whole call: a hung access point must not
         // hold the bridge (or its shutdown).
         let exchanged = tokio::time::timeout(CALL_TIMEOUT, async {
@@ -79,7 +149,7 @@ impl DomibusWs {
                 .client
                 .request(request)
                 .await
-                .map_err(|e| unreachable(e.to_string()))?;
+                .map_err(|e| unreachable(error_chain(&e)))?;
             let status = response.status();
             let body = Limited::new(response.into_body(), MAX_ANSWER)
                 .collect()
@@ -106,6 +176,18 @@ impl DomibusWs {
         }
         Ok(text)
     }
+}
+
+/// An error with its causes (a TLS failure sits a few levels down).
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut said = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        said.push_str(": ");
+        said.push_str(&next.to_string());
+        cause = next.source();
+    }
+    said
 }
 
 fn envelope(header: &str, body: &str) -> String {

@@ -18,6 +18,8 @@ pub struct AccessPoint {
     pub submitted: Mutex<Vec<String>>,
     /// How many submissions to refuse with a SOAP fault, from the next.
     pub refuse_submits: std::sync::atomic::AtomicUsize,
+    /// The `Authorization` header of each call, where one was sent.
+    pub authorizations: Mutex<Vec<String>>,
 }
 
 fn soap(body: &str) -> String {
@@ -38,12 +40,23 @@ pub fn retrieved(request: &str, conversation: &str) -> String {
     )
 }
 
-pub async fn serve(point: Arc<AccessPoint>) -> String {
-    let app = axum::Router::new().route(
+/// The plugin's one route.
+fn router(point: Arc<AccessPoint>) -> axum::Router {
+    axum::Router::new().route(
         "/wsplugin",
-        axum::routing::post(move |body: String| {
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
             let point = point.clone();
             async move {
+                if let Some(authorization) = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                {
+                    point
+                        .authorizations
+                        .lock()
+                        .expect("lock")
+                        .push(authorization.to_owned());
+                }
                 let document = roxmltree::Document::parse(&body).expect("the bridge sends XML");
                 let operation = document
                     .descendants()
@@ -101,15 +114,84 @@ pub async fn serve(point: Arc<AccessPoint>) -> String {
                 ([("content-type", "application/soap+xml")], answer)
             }
         }),
-    );
+    )
+}
+
+/// Serves the plugin over plain HTTP on loopback: its endpoint.
+pub async fn serve(point: Arc<AccessPoint>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let app = router(point);
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
     format!("http://{addr}/wsplugin")
+}
+
+/// Serves the plugin over TLS with `cert` and `key` (PEM), on loopback,
+/// asking for a client certificate issued by `client_ca` where given: its
+/// endpoint.
+pub async fn serve_tls(
+    point: Arc<AccessPoint>,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_ca: Option<&std::path::Path>,
+) -> String {
+    use rustls::pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions");
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in onceonly_certs::pki::load_certs(ca).expect("CA") {
+                roots.add(cert).expect("root");
+            }
+            builder.with_client_cert_verifier(
+                rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .expect("verifier"),
+            )
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder
+        .with_single_cert(
+            onceonly_certs::pki::load_certs(cert).expect("cert"),
+            rustls::pki_types::PrivateKeyDer::from_pem_file(key).expect("key"),
+        )
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = router(point);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(stream),
+                    hyper_util::service::TowerToHyperService::new(app),
+                )
+                .await;
+            });
+        }
+    });
+    format!("https://127.0.0.1:{}/wsplugin", addr.port())
 }
 
 /// A submitted answer, read as the access point reads it.
