@@ -34,6 +34,44 @@ pub fn pki_with(participants: &[(Role, &str)]) -> onceonly_certs::pki::Throwaway
     Pki::throwaway(TRUST_DOMAIN, participants).expect("throw-away PKI")
 }
 
+/// Serves `router` over TLS (`config`) on a loopback port of its own until
+/// the task is aborted: the address, and the task. For the stand-ins of
+/// systems that are not ours (an HTTP API behind a register, an access
+/// point's WS plugin).
+pub async fn serve_router_tls(
+    router: axum::Router,
+    config: rustls::ServerConfig,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let router = router.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(tls),
+                    hyper_util::service::TowerToHyperService::new(router),
+                )
+                .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
 /// A loopback port free now, for a server a test starts as a process of
 /// its own (PostgreSQL, chromedriver).
 pub fn free_port() -> std::io::Result<u16> {

@@ -167,30 +167,7 @@ pub async fn serve_tls(
             rustls::pki_types::PrivateKeyDer::from_pem_file(key).expect("key"),
         )
         .expect("server config");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let app = router(point);
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (acceptor, app) = (acceptor.clone(), app.clone());
-            tokio::spawn(async move {
-                let Ok(stream) = acceptor.accept(stream).await else {
-                    return;
-                };
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(
-                    hyper_util::rt::TokioIo::new(stream),
-                    hyper_util::service::TowerToHyperService::new(app),
-                )
-                .await;
-            });
-        }
-    });
+    let (addr, _) = onceonly_integration_tests::serve_router_tls(router(point), config).await;
     format!("https://127.0.0.1:{}/wsplugin", addr.port())
 }
 
