@@ -133,9 +133,11 @@ impl Broker {
             received_after: Some(now_ms() / 1000 - LOOKED_BACK_SECONDS),
             ..Default::default()
         };
-        // The exchange, and the steps recorded of it so far.
+        // The exchange, and the steps recorded of it so far: all of them
+        // where there are at most MOST_PREVIEW_RECORDS, else the reading
+        // stopped early and the preview has had its share.
         let (found, _) = self
-            .records_matching(filter, 64, |record| match record.kind() {
+            .records_matching(filter, MOST_PREVIEW_RECORDS, |record| match record.kind() {
                 RecordKind::Unspecified => {
                     record.exchange_id == exchange_id
                         && record.outcome() == ExchangeOutcome::Delivered
@@ -151,6 +153,9 @@ impl Broker {
         else {
             return Err(ServiceRefusal::UnknownExchange(exchange_id.to_owned()));
         };
+        if found.len() >= MOST_PREVIEW_RECORDS {
+            return Err(ServiceRefusal::TooManySteps(MOST_PREVIEW_RECORDS - 1));
+        }
         let last = found
             .iter()
             .rfind(|record| record.kind() == RecordKind::PreviewStep)
@@ -220,6 +225,11 @@ impl Broker {
         }
     }
 }
+
+/// The most records of one preview read back: its exchange and the steps
+/// recorded of it; one step fewer than this may be recorded (a preview
+/// needs a handful: SHOWN repeats only at each sign-in).
+const MOST_PREVIEW_RECORDS: usize = 64;
 
 /// Whether `step` may follow `last` in a preview: OFFERED first, SHOWN at
 /// each sign-in, then ACCEPTED, DECLINED or EXPIRED (EXPIRED also straight

@@ -636,6 +636,9 @@ pub enum ServiceRefusal {
         /// The step asked for.
         step: onceonly_proto::v1::PreviewStep,
     },
+    /// The preview has had the most steps one may record.
+    #[error("the preview has its most steps ({0}) recorded")]
+    TooManySteps(usize),
     /// No record with the leaf hash asked for is in the tree of this size.
     #[error("no record with this leaf hash in the tree of {tree_size} records")]
     LeafNotFound {
@@ -758,6 +761,13 @@ impl ServiceRefusal {
                     "{} cannot follow {}: a preview goes OFFERED, SHOWN (at each sign-in), then ACCEPTED, DECLINED or EXPIRED, and FORWARDED once, only after ACCEPTED",
                     step.as_str_name(),
                     last.map_or("nothing", |l| l.as_str_name())
+                ),
+            ),
+            ServiceRefusal::TooManySteps(most) => error(
+                Code::FailedPrecondition,
+                ErrorReason::InvalidRequest,
+                format!(
+                    "this exchange's preview has its most steps ({most}) recorded already; a preview takes a handful: start a new request"
                 ),
             ),
             ServiceRefusal::LeafNotFound { tree_size } => error(

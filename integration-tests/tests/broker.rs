@@ -1091,4 +1091,30 @@ async fn preview_steps_are_recorded_only_for_the_callers_own_delivered_exchange(
         assert_eq!(record.correlation_ids[0].value, "ex-42");
         assert!(record.payload_sha256.is_empty(), "a step releases nothing");
     }
+
+    // One preview records a handful of steps, not without end: the
+    // broker reads a preview's records back to check the order, and that
+    // reading is bounded (63 steps: OFFERED, then SHOWN at each sign-in).
+    let another = world
+        .authority(BERLIN)
+        .request_evidence(birth_certificate("preview-2"))
+        .await
+        .expect("delivered")
+        .into_inner();
+    berlin()
+        .record_preview_step(step(&another.exchange_id, ANNA, PreviewStep::Offered))
+        .await
+        .expect("offered");
+    for _ in 0..62 {
+        berlin()
+            .record_preview_step(step(&another.exchange_id, ANNA, PreviewStep::Shown))
+            .await
+            .expect("shown again");
+    }
+    let status = berlin()
+        .record_preview_step(step(&another.exchange_id, ANNA, PreviewStep::Shown))
+        .await
+        .expect_err("the 64th step");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("most steps (63)"), "{status:?}");
 }
