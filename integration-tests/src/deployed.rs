@@ -21,6 +21,30 @@ use tonic::transport::Channel;
 
 use crate::binary;
 
+/// The command line of `key` (`ExecStart`, `ExecStartPre`) in the shipped
+/// unit `unit` (e.g. `onceonly-broker.service`), with the template's
+/// instance `%i`, binaries from this build and `/etc/onceonly` at `etc`.
+pub fn unit_command(unit: &str, key: &str, instance: &str, etc: &Path) -> Command {
+    let path = repository().join("deploy").join(unit);
+    let text = std::fs::read_to_string(&path).expect("the unit file");
+    let prefix = format!("{key}=");
+    let line = text
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("{} has no {key}=", path.display()));
+    let etc = format!("{}/", etc.display());
+    let mut words = line
+        .split_whitespace()
+        .map(|word| word.replace("%i", instance).replace("/etc/onceonly/", &etc));
+    let program = words.next().expect("a program");
+    let name = program
+        .strip_prefix("/usr/local/bin/")
+        .unwrap_or_else(|| panic!("{key} of {unit} runs {program}, not an installed binary"));
+    let mut command = Command::new(binary(name, name));
+    command.args(words);
+    command
+}
+
 /// The repository's root (for `deploy/` and the sample configurations).
 pub fn repository() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -257,28 +281,10 @@ impl Installation {
     }
 
     /// The command line of `key` (`ExecStart`, `ExecStartPre`) in the
-    /// shipped unit `unit` (e.g. `onceonly-broker.service`), with the
-    /// template's instance `%i`, binaries from this build and
-    /// `/etc/onceonly` under the root.
+    /// shipped unit `unit`, `/etc/onceonly` under the root (see
+    /// [`unit_command`]).
     pub fn unit_command(&self, unit: &str, key: &str, instance: &str) -> Command {
-        let path = repository().join("deploy").join(unit);
-        let text = std::fs::read_to_string(&path).expect("the unit file");
-        let prefix = format!("{key}=");
-        let line = text
-            .lines()
-            .find_map(|line| line.strip_prefix(&prefix))
-            .unwrap_or_else(|| panic!("{} has no {key}=", path.display()));
-        let etc = format!("{}/", self.etc().display());
-        let mut words = line
-            .split_whitespace()
-            .map(|word| word.replace("%i", instance).replace("/etc/onceonly/", &etc));
-        let program = words.next().expect("a program");
-        let name = program
-            .strip_prefix("/usr/local/bin/")
-            .unwrap_or_else(|| panic!("{key} of {unit} runs {program}, not an installed binary"));
-        let mut command = Command::new(binary(name, name));
-        command.args(words);
-        command
+        unit_command(unit, key, instance, &self.etc())
     }
 
     /// Starts `ExecStart` of `unit` as a process; stdout is scanned for

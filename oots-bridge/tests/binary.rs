@@ -1,7 +1,9 @@
-//! The bridge as it ships: `onceonly-oots-bridge serve` with a
-//! configuration made from the sample files, against a real broker and
-//! register and a fake Domibus WS plugin; it answers, and stops on
-//! SIGTERM with exit code 0. `check` names the file and the fix.
+//! The bridge as it ships: started from the command lines of its systemd
+//! unit (`deploy/onceonly-oots-bridge.service`: `check` before, `serve`)
+//! with a configuration made from the sample files where the unit looks
+//! for it, against a real broker and register and a fake Domibus WS
+//! plugin; it answers, and stops on SIGTERM with exit code 0. `check`
+//! names the file and the fix.
 
 mod common;
 
@@ -16,6 +18,13 @@ use onceonly_certs::identity::Role;
 use onceonly_integration_tests::world::World;
 
 const BIN: &str = env!("CARGO_BIN_EXE_onceonly-oots-bridge");
+const UNIT: &str = "onceonly-oots-bridge.service";
+
+/// The unit's `key` command line (`ExecStartPre`, `ExecStart`), its
+/// `/etc/onceonly` at `etc`.
+fn unit(etc: &std::path::Path, key: &str) -> Command {
+    onceonly_integration_tests::deployed::unit_command(UNIT, key, "", etc)
+}
 
 /// Sends SIGTERM to `bridge` and asserts that it exits 0 within 10 s.
 async fn stops_on_sigterm(bridge: &mut std::process::Child) {
@@ -38,17 +47,15 @@ async fn stops_on_sigterm(bridge: &mut std::process::Child) {
     assert!(exited.success(), "{exited:?}");
 }
 
-/// Puts the reference request at `point`, starts the shipped binary on
-/// `config`, and waits for its answer.
-async fn serve_first_request(point: &AccessPoint, config: &std::path::Path) -> std::process::Child {
+/// Puts the reference request at `point`, starts the shipped binary as
+/// its unit does (configuration under `etc`), and waits for its answer.
+async fn serve_first_request(point: &AccessPoint, etc: &std::path::Path) -> std::process::Child {
     point
         .pending
         .lock()
         .expect("lock")
         .push(("m1".to_owned(), retrieved(&asked(&[]), "conv-1")));
-    let bridge = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
+    let bridge = unit(etc, "ExecStart")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -74,7 +81,8 @@ fn sample(name: &str) -> String {
 }
 
 /// The sample `bridge.toml` pointed at `world`'s PKI and broker and the
-/// access point at `endpoint`, polling often.
+/// access point at `endpoint`, polling often, written where the unit
+/// looks for it with `etc` for `/etc/onceonly`.
 fn configure(world: &World, dir: &std::path::Path, endpoint: &str) -> std::path::PathBuf {
     let pki = world
         .pki
@@ -101,8 +109,10 @@ fn configure(world: &World, dir: &std::path::Path, endpoint: &str) -> std::path:
         assert!(text.contains(&from), "the sample holds {from}");
         text = text.replace(&from, &to);
     }
-    std::fs::write(dir.join("mapping.toml"), sample("mapping.toml")).expect("mapping");
-    let path = dir.join("bridge.toml");
+    let folder = dir.join("oots-bridge");
+    std::fs::create_dir_all(&folder).expect("oots-bridge/");
+    std::fs::write(folder.join("mapping.toml"), sample("mapping.toml")).expect("mapping");
+    let path = folder.join("bridge.toml");
     std::fs::write(&path, text).expect("bridge.toml");
     path
 }
@@ -117,18 +127,14 @@ async fn the_shipped_binary_answers_from_the_sample_configuration_and_stops_on_s
     let endpoint = serve(point.clone()).await;
     let config = configure(&world, dir.path(), &endpoint);
 
-    let checked = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .expect("runs");
+    let checked = unit(dir.path(), "ExecStartPre").output().expect("runs");
     assert!(
         checked.status.success(),
         "{}",
         String::from_utf8_lossy(&checked.stderr)
     );
 
-    let mut bridge = serve_first_request(&point, &config).await;
+    let mut bridge = serve_first_request(&point, dir.path()).await;
     let answer = &submitted(&point)[0];
     assert_eq!(
         answer.action,
@@ -141,7 +147,7 @@ async fn the_shipped_binary_answers_from_the_sample_configuration_and_stops_on_s
     stops_on_sigterm(&mut bridge).await;
 
     // A configuration with an error: the file, the key and the fix.
-    let broken = dir.path().join("broken.toml");
+    let broken = config.with_file_name("broken.toml");
     std::fs::write(
         &broken,
         std::fs::read_to_string(&config)
@@ -221,14 +227,10 @@ async fn the_shipped_binary_offers_the_preview_from_the_sample_section() {
     let endpoint = serve(point.clone()).await;
     let config = configure(&world, dir.path(), &endpoint);
     // A mapping asking for the preview, and no [preview]: refused.
-    let mapping = dir.path().join("mapping.toml");
+    let mapping = config.with_file_name("mapping.toml");
     let text = std::fs::read_to_string(&mapping).expect("mapping");
     std::fs::write(&mapping, text.replace("preview = false", "preview = true")).expect("mapping");
-    let refused = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .expect("runs");
+    let refused = unit(dir.path(), "ExecStartPre").output().expect("runs");
     assert_eq!(refused.status.code(), Some(1));
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(
@@ -239,7 +241,7 @@ async fn the_shipped_binary_offers_the_preview_from_the_sample_section() {
 
     let port = onceonly_integration_tests::free_port().expect("port");
     with_preview(&world, &config, port);
-    let mut bridge = serve_first_request(&point, &config).await;
+    let mut bridge = serve_first_request(&point, dir.path()).await;
     let answer = document(&submitted(&point)[0]);
     assert_eq!(error_of(&answer).0, "EDM:ERR:0002", "{answer}");
     let location = preview_location(&answer);
