@@ -1117,4 +1117,15 @@ async fn preview_steps_are_recorded_only_for_the_callers_own_delivered_exchange(
         .expect_err("the 64th step");
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert!(status.message().contains("most steps (63)"), "{status:?}");
+    world.settle().await;
+    assert_eq!(
+        world
+            .audit_records()
+            .await
+            .iter()
+            .filter(|r| r.preview_of_exchange_id == another.exchange_id)
+            .count(),
+        63,
+        "the refused step left no record"
+    );
 }
